@@ -1,0 +1,1 @@
+//! RetinaFace face detection: a CPU reference engine (the oracle) and CUDA kernels.
