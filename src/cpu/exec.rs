@@ -1,0 +1,103 @@
+//! Runs a graph on the CPU reference ops.
+
+use super::ops;
+use crate::model::graph::{Graph, Op, Stage, TensorId};
+use std::time::{Duration, Instant};
+
+/// Every tensor of one forward pass that is still alive at its end: the taps, and everything when
+/// `keep_all` was asked for. Each is [n, c, h, w].
+pub struct Activations {
+    pub n: usize,
+    pub input_h: usize,
+    pub input_w: usize,
+    pub tensors: Vec<Option<Vec<f32>>>,
+}
+
+impl Activations {
+    pub fn get(&self, t: TensorId) -> Option<&[f32]> {
+        self.tensors[t].as_deref()
+    }
+}
+
+/// Time spent per stage of the graph.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StageTimes {
+    pub backbone: Duration,
+    pub neck: Duration,
+    pub heads: Duration,
+}
+
+/// Runs `graph` on `input` ([n, 3, h, w], already normalised). Buffers are dropped after their last
+/// use unless they are taps (or `keep_all`).
+pub fn run(graph: &Graph, input: Vec<f32>, n: usize, h: usize, w: usize, keep_all: bool, times: Option<&mut StageTimes>) -> Activations {
+    let nt = graph.tensors.len();
+    let dims = |t: TensorId| {
+        let i = &graph.tensors[t];
+        (i.channels, i.height(h), i.width(w))
+    };
+    let mut last_use = vec![0usize; nt];
+    for (i, op) in graph.ops.iter().enumerate() {
+        let reads: Vec<TensorId> = match op {
+            Op::Conv(c) => std::iter::once(c.input).chain(c.residual).collect(),
+            Op::MaxPool { input, .. } => vec![*input],
+            Op::UpsampleAdd { src, .. } => vec![*src],
+        };
+        for t in reads {
+            last_use[t] = i;
+        }
+    }
+    let taps = &graph.taps;
+    let keep: Vec<bool> = (0..nt)
+        .map(|t| keep_all || taps.backbone.contains(&t) || taps.fpn.contains(&t) || taps.ssh.contains(&t) || taps.head.contains(&t))
+        .collect();
+
+    let mut bufs: Vec<Option<Vec<f32>>> = vec![None; nt];
+    bufs[graph.input] = Some(input);
+    let mut local_times = StageTimes::default();
+    for (i, op) in graph.ops.iter().enumerate() {
+        let start = Instant::now();
+        match op {
+            Op::Conv(c) => {
+                let (_, ih, iw) = dims(c.input);
+                let (oc, oh, ow) = dims(c.output);
+                let mut out = bufs[c.output].take().unwrap_or_else(|| vec![0.0; n * oc * oh * ow]);
+                let x = bufs[c.input].as_deref().unwrap_or_else(|| panic!("graph order: {} read before written", graph.tensors[c.input].name));
+                let r = c.residual.and_then(|r| bufs[r].as_deref());
+                ops::conv2d(c, x, n, ih, iw, &mut out, oc, r);
+                bufs[c.output] = Some(out);
+            }
+            Op::MaxPool { input, output } => {
+                let (ic, ih, iw) = dims(*input);
+                let (_, oh, ow) = dims(*output);
+                let mut out = vec![0.0; n * ic * oh * ow];
+                ops::max_pool_3x3s2(bufs[*input].as_deref().unwrap_or(&[]), n * ic, ih, iw, &mut out);
+                bufs[*output] = Some(out);
+            }
+            Op::UpsampleAdd { src, dst } => {
+                let (sc, sh, sw) = dims(*src);
+                let (_, dh, dw) = dims(*dst);
+                let mut d = bufs[*dst].take().unwrap_or_default();
+                ops::upsample_nearest_add(bufs[*src].as_deref().unwrap_or(&[]), sh, sw, &mut d, dh, dw);
+                debug_assert_eq!(d.len(), n * sc * dh * dw);
+                bufs[*dst] = Some(d);
+            }
+        }
+        for (t, &lu) in last_use.iter().enumerate() {
+            if lu == i && !keep[t] && t != Graph::op_output(op) {
+                bufs[t] = None;
+            }
+        }
+        let dt = start.elapsed();
+        match graph.op_stages[i] {
+            Stage::Backbone => local_times.backbone += dt,
+            Stage::Neck => local_times.neck += dt,
+            Stage::Heads => local_times.heads += dt,
+        }
+    }
+    if let Some(t) = times {
+        t.backbone += local_times.backbone;
+        t.neck += local_times.neck;
+        t.heads += local_times.heads;
+    }
+    Activations { n, input_h: h, input_w: w, tensors: bufs }
+}

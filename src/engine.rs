@@ -1,0 +1,183 @@
+//! The data path, top to bottom: image → tensor → backbone → FPN → SSH → heads → decode → NMS → detections.
+
+use crate::cpu::{exec, ops};
+use crate::detection::Detection;
+use crate::error::{Error, Result};
+use crate::image_io::{self, BgrImage, ResizeMode};
+use crate::model::{self, Graph};
+use crate::network::Network;
+use crate::post::{self, anchors, PostOptions, RawOutput};
+use crate::weights::{self, synthetic::SyntheticSource, StateDictSource, WeightsSpec};
+use std::time::{Duration, Instant};
+
+/// Detection settings: post-processing and the resize plan.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DetectOptions {
+    pub post: PostOptions,
+    pub resize: ResizeMode,
+}
+
+impl Default for DetectOptions {
+    fn default() -> Self {
+        DetectOptions { post: PostOptions::default(), resize: ResizeMode::Original }
+    }
+}
+
+/// Time per stage of a batch, for `retinaface bench`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timings {
+    pub preprocess: Duration,
+    pub backbone: Duration,
+    pub neck: Duration,
+    pub heads: Duration,
+    pub postprocess: Duration,
+}
+
+/// The network input size below which no face can be found is 1 pixel; above this many pixels
+/// (per image) the forward pass is refused rather than exhausting memory.
+pub const MAX_INPUT_PIXELS: usize = 64_000_000;
+
+pub struct Engine {
+    graph: Graph,
+}
+
+impl Engine {
+    /// Builds the network from a weights file or the synthetic recipe. `network` overrides what the
+    /// file says or its shapes imply; a mismatch is an error that names both.
+    pub fn new(spec: &WeightsSpec, network: Option<Network>) -> Result<Engine> {
+        let graph = match spec {
+            WeightsSpec::Synthetic { seed } => {
+                let net = network.ok_or_else(|| Error::InvalidArgument("synthetic weights need a network (--network)".into()))?;
+                model::build(net, &mut SyntheticSource { seed: *seed })?
+            }
+            WeightsSpec::File(path) => {
+                let sd = weights::load(path)?;
+                let inferred = weights::infer_network(&sd, path);
+                let net = match (network, inferred) {
+                    (Some(n), Ok(i)) if n != i => {
+                        return Err(Error::InvalidArgument(format!("weights {} are for {i}, not for --network {n}", path.display())));
+                    }
+                    (Some(n), _) => n,
+                    (None, r) => r?,
+                };
+                let mut src = StateDictSource::new(&sd, net);
+                let g = model::build(net, &mut src)?;
+                src.check_all_used()?;
+                g
+            }
+        };
+        Ok(Engine { graph })
+    }
+
+    pub fn network(&self) -> Network {
+        self.graph.network
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    fn check_batch(images: &[&BgrImage]) -> Result<(usize, usize)> {
+        let first = images.first().ok_or_else(|| Error::InvalidArgument("empty batch".into()))?;
+        let (h, w) = (first.height, first.width);
+        if let Some(o) = images.iter().find(|i| i.height != h || i.width != w) {
+            return Err(Error::InvalidArgument(format!("batch mixes image sizes {w}x{h} and {}x{}", o.width, o.height)));
+        }
+        if h == 0 || w == 0 || h * w > MAX_INPUT_PIXELS {
+            return Err(Error::InvalidArgument(format!("network input {w}x{h} is outside 1..={MAX_INPUT_PIXELS} pixels")));
+        }
+        Ok((h, w))
+    }
+
+    /// Runs the network on same-sized images; returns the activations (all of them with `keep_all`).
+    pub fn run_graph(&self, images: &[&BgrImage], keep_all: bool, timings: Option<&mut Timings>) -> Result<exec::Activations> {
+        let (h, w) = Self::check_batch(images)?;
+        let t0 = Instant::now();
+        let mut input = vec![0.0f32; images.len() * 3 * h * w];
+        for (img, dst) in images.iter().zip(input.chunks_mut(3 * h * w)) {
+            ops::preprocess(&img.data, h, w, dst);
+        }
+        let pre = t0.elapsed();
+        let mut st = exec::StageTimes::default();
+        let acts = exec::run(&self.graph, input, images.len(), h, w, keep_all, Some(&mut st));
+        if let Some(t) = timings {
+            t.preprocess += pre;
+            t.backbone += st.backbone;
+            t.neck += st.neck;
+            t.heads += st.heads;
+        }
+        Ok(acts)
+    }
+
+    /// The raw head outputs of each image in the goldens' layout.
+    pub fn raw_outputs(&self, acts: &exec::Activations) -> Vec<RawOutput> {
+        let (h, w) = (acts.input_h, acts.input_w);
+        let a = anchors::num_anchors(h, w);
+        (0..acts.n)
+            .map(|b| {
+                let mut raw = RawOutput { h, w, loc: vec![0.0; a * 4], conf: vec![0.0; a * 2], landmarks: vec![0.0; a * 10] };
+                let mut base = 0;
+                for t in self.graph.taps.head {
+                    let info = &self.graph.tensors[t];
+                    let (th, tw) = (info.height(h), info.width(w));
+                    let per_image = info.channels * th * tw;
+                    let head = &acts.get(t).unwrap_or(&[])[b * per_image..(b + 1) * per_image];
+                    let n = 2 * th * tw;
+                    ops::heads_to_anchors(
+                        head,
+                        th,
+                        tw,
+                        &mut raw.loc[base * 4..(base + n) * 4],
+                        &mut raw.conf[base * 2..(base + n) * 2],
+                        &mut raw.landmarks[base * 10..(base + n) * 10],
+                    );
+                    base += n;
+                }
+                raw
+            })
+            .collect()
+    }
+
+    /// Forward pass of same-sized network inputs.
+    pub fn forward(&self, images: &[&BgrImage]) -> Result<Vec<RawOutput>> {
+        let acts = self.run_graph(images, false, None)?;
+        Ok(self.raw_outputs(&acts))
+    }
+
+    /// Detections of one image, best first, in its own pixels.
+    pub fn detect(&self, img: &BgrImage, opts: &DetectOptions) -> Result<Vec<Detection>> {
+        Ok(self.detect_batch(std::slice::from_ref(img), opts, None)?.pop().unwrap_or_default())
+    }
+
+    /// Detections of each image. Images are resized by `opts.resize`, then run in batches of equal size.
+    pub fn detect_batch(&self, images: &[BgrImage], opts: &DetectOptions, mut timings: Option<&mut Timings>) -> Result<Vec<Vec<Detection>>> {
+        opts.post.validate()?;
+        let t0 = Instant::now();
+        let prepared: Vec<(std::borrow::Cow<'_, BgrImage>, f64)> = images.iter().map(|i| image_io::apply_resize(i, opts.resize)).collect();
+        if let Some(t) = timings.as_deref_mut() {
+            t.preprocess += t0.elapsed();
+        }
+        let mut results: Vec<Vec<Detection>> = vec![Vec::new(); images.len()];
+        let mut done = vec![false; images.len()];
+        for i in 0..prepared.len() {
+            if done[i] {
+                continue;
+            }
+            let size = (prepared[i].0.width, prepared[i].0.height);
+            let group: Vec<usize> = (i..prepared.len()).filter(|&j| !done[j] && (prepared[j].0.width, prepared[j].0.height) == size).collect();
+            let batch: Vec<&BgrImage> = group.iter().map(|&j| prepared[j].0.as_ref()).collect();
+            let acts = self.run_graph(&batch, false, timings.as_deref_mut())?;
+            let t1 = Instant::now();
+            let raws = self.raw_outputs(&acts);
+            let priors = anchors::priors(size.1, size.0);
+            for (raw, &j) in raws.iter().zip(&group) {
+                results[j] = post::postprocess(raw, &priors, prepared[j].1 as f32, &opts.post);
+                done[j] = true;
+            }
+            if let Some(t) = timings.as_deref_mut() {
+                t.postprocess += t1.elapsed();
+            }
+        }
+        Ok(results)
+    }
+}

@@ -1,0 +1,236 @@
+//! Image → BGR u8 pixels, as the reference's `cv2.imread(path, IMREAD_COLOR)` gives them: EXIF orientation
+//! applied, grey replicated to three channels, alpha dropped (not blended), 16-bit samples shifted right
+//! by 8. Decoding is bounded: dimensions and buffer size are checked before any pixel is decoded.
+//! Also the resize plans (original size, the reference's multi-scale protocol, a fixed longest side)
+//! with OpenCV's bilinear `INTER_LINEAR` in its fixed-point form.
+
+use crate::error::{Error, Result};
+use image::{DynamicImage, ImageDecoder, ImageReader};
+use std::io::Cursor;
+use std::path::Path;
+
+/// An 8-bit BGR image, rows top to bottom, pixels interleaved B, G, R (OpenCV's HWC layout).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BgrImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+impl BgrImage {
+    pub fn new(width: usize, height: usize, data: Vec<u8>) -> Result<Self> {
+        if data.len() != width * height * 3 {
+            return Err(Error::InvalidArgument(format!("BGR buffer of {} bytes does not hold {width}x{height}x3", data.len())));
+        }
+        Ok(BgrImage { width, height, data })
+    }
+
+    /// The `[x0, y0, w, h]` crop (the goldens' `crop`).
+    pub fn crop(&self, x0: usize, y0: usize, w: usize, h: usize) -> Result<BgrImage> {
+        if x0 + w > self.width || y0 + h > self.height {
+            return Err(Error::InvalidArgument(format!("crop [{x0}, {y0}, {w}, {h}] lies outside the {}x{} image", self.width, self.height)));
+        }
+        let mut data = Vec::with_capacity(w * h * 3);
+        for y in y0..y0 + h {
+            data.extend_from_slice(&self.data[(y * self.width + x0) * 3..(y * self.width + x0 + w) * 3]);
+        }
+        Ok(BgrImage { width: w, height: h, data })
+    }
+}
+
+/// Bounds on what a decode may allocate.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeLimits {
+    pub max_pixels: u64,
+    pub max_dimension: u32,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        DecodeLimits { max_pixels: 100_000_000, max_dimension: 32_768 }
+    }
+}
+
+pub fn load(path: &Path, limits: &DecodeLimits) -> Result<BgrImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode(&bytes, &path.display().to_string(), limits)
+}
+
+/// Decodes JPEG or PNG bytes. `source_name` names the input in errors.
+pub fn decode(bytes: &[u8], source_name: &str, limits: &DecodeLimits) -> Result<BgrImage> {
+    let err = |msg: String| Error::Image { source_name: source_name.to_string(), msg };
+    if bytes.is_empty() {
+        return Err(err("empty input".into()));
+    }
+    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| err(e.to_string()))?;
+    let format = reader.format().ok_or_else(|| err("not a JPEG or PNG image (unrecognised signature)".into()))?;
+    if !matches!(format, image::ImageFormat::Jpeg | image::ImageFormat::Png) {
+        return Err(err(format!("{format:?} images are not supported (JPEG and PNG are)")));
+    }
+    if format == image::ImageFormat::Jpeg {
+        check_jpeg_complete(bytes).map_err(err)?;
+    }
+    let mut decoder = reader.into_decoder().map_err(|e| err(format!("cannot read the header: {e}")))?;
+    let (w, h) = decoder.dimensions();
+    if w == 0 || h == 0 {
+        return Err(err(format!("image has zero size ({w}x{h})")));
+    }
+    if w > limits.max_dimension || h > limits.max_dimension || u64::from(w) * u64::from(h) > limits.max_pixels {
+        return Err(err(format!(
+            "{w}x{h} image exceeds the limits ({} pixels, {} per side)",
+            limits.max_pixels, limits.max_dimension
+        )));
+    }
+    let mut il = image::Limits::default();
+    il.max_image_width = Some(limits.max_dimension);
+    il.max_image_height = Some(limits.max_dimension);
+    il.max_alloc = Some(limits.max_pixels.saturating_mul(8).max(decoder.total_bytes()));
+    decoder.set_limits(il).map_err(|e| err(e.to_string()))?;
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| err(format!("corrupt or truncated image data: {e}")))?;
+    img.apply_orientation(orientation);
+    Ok(to_bgr(&img))
+}
+
+/// The `image` crate decodes a JPEG cut short without complaint, filling the rest with grey; OpenCV
+/// warns and does the same. A cut file is refused instead: it must end with the end-of-image marker
+/// (trailing bytes after it are allowed, as both decoders allow them).
+fn check_jpeg_complete(bytes: &[u8]) -> std::result::Result<(), String> {
+    let last_sos = bytes.windows(2).rposition(|m| m == [0xFF, 0xDA]);
+    let last_eoi = bytes.windows(2).rposition(|m| m == [0xFF, 0xD9]);
+    match (last_sos, last_eoi) {
+        (None, _) => Err("JPEG without image data (no start-of-scan marker)".into()),
+        (Some(s), Some(e)) if e > s => Ok(()),
+        _ => Err("truncated JPEG (no end-of-image marker after the image data)".into()),
+    }
+}
+
+/// OpenCV's IMREAD_COLOR conversion to BGR.
+fn to_bgr(img: &DynamicImage) -> BgrImage {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut data = Vec::with_capacity(w * h * 3);
+    match img {
+        DynamicImage::ImageLuma8(b) => b.pixels().for_each(|p| data.extend_from_slice(&[p[0]; 3])),
+        DynamicImage::ImageLumaA8(b) => b.pixels().for_each(|p| data.extend_from_slice(&[p[0]; 3])),
+        DynamicImage::ImageRgb8(b) => b.pixels().for_each(|p| data.extend_from_slice(&[p[2], p[1], p[0]])),
+        DynamicImage::ImageRgba8(b) => b.pixels().for_each(|p| data.extend_from_slice(&[p[2], p[1], p[0]])),
+        DynamicImage::ImageLuma16(b) => b.pixels().for_each(|p| data.extend_from_slice(&[(p[0] >> 8) as u8; 3])),
+        DynamicImage::ImageLumaA16(b) => b.pixels().for_each(|p| data.extend_from_slice(&[(p[0] >> 8) as u8; 3])),
+        DynamicImage::ImageRgb16(b) => b.pixels().for_each(|p| data.extend_from_slice(&[(p[2] >> 8) as u8, (p[1] >> 8) as u8, (p[0] >> 8) as u8])),
+        DynamicImage::ImageRgba16(b) => b.pixels().for_each(|p| data.extend_from_slice(&[(p[2] >> 8) as u8, (p[1] >> 8) as u8, (p[0] >> 8) as u8])),
+        other => other.to_rgb8().pixels().for_each(|p| data.extend_from_slice(&[p[2], p[1], p[0]])),
+    }
+    BgrImage { width: w, height: h, data }
+}
+
+/// How an image is sized before the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResizeMode {
+    /// The reference's default: the network runs at the image's own size.
+    Original,
+    /// WIDER FACE multi-scale protocol: shorter side to 1600 unless the longer would pass 2150.
+    MultiScale,
+    /// Longer side to N pixels.
+    LongSide(u32),
+}
+
+impl std::str::FromStr for ResizeMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "original" => Ok(ResizeMode::Original),
+            "multiscale" => Ok(ResizeMode::MultiScale),
+            _ => s
+                .strip_prefix("long-side:")
+                .and_then(|n| n.parse::<u32>().ok())
+                .filter(|&n| n >= 1)
+                .map(ResizeMode::LongSide)
+                .ok_or_else(|| Error::InvalidArgument(format!("resize mode `{s}`: expected original, multiscale or long-side:N"))),
+        }
+    }
+}
+
+/// The factor r the image is scaled by (1 for original size), computed in f64 as the reference does.
+pub fn resize_factor(mode: ResizeMode, h: usize, w: usize) -> f64 {
+    let (min, max) = (h.min(w) as f64, h.max(w) as f64);
+    match mode {
+        ResizeMode::Original => 1.0,
+        ResizeMode::MultiScale => {
+            let r = 1600.0 / min;
+            if (r * max).round() > 2150.0 { 2150.0 / max } else { r }
+        }
+        ResizeMode::LongSide(n) => n as f64 / max,
+    }
+}
+
+/// Applies `mode`: returns the network input and the factor r. No copy when r is 1.
+pub fn apply_resize(img: &BgrImage, mode: ResizeMode) -> (std::borrow::Cow<'_, BgrImage>, f64) {
+    let r = resize_factor(mode, img.height, img.width);
+    if r == 1.0 {
+        return (std::borrow::Cow::Borrowed(img), 1.0);
+    }
+    let ow = round_half_even(img.width as f64 * r).max(1.0) as usize;
+    let oh = round_half_even(img.height as f64 * r).max(1.0) as usize;
+    (std::borrow::Cow::Owned(resize_bilinear(img, ow, oh, r, r)), r)
+}
+
+fn round_half_even(v: f64) -> f64 {
+    let r = v.round();
+    if (v - v.trunc()).abs() == 0.5 && r % 2.0 != 0.0 { r - 1.0 } else { r }
+}
+
+const COEF_BITS: u32 = 11;
+const COEF_ONE: i32 = 1 << COEF_BITS;
+
+/// Per destination coordinate: source index and the two 11-bit weights, OpenCV's half-pixel rule
+/// `src = (dst + 0.5) / scale − 0.5`, clamped at the borders.
+fn linear_taps(dst_len: usize, src_len: usize, scale: f64) -> Vec<(usize, i32, i32)> {
+    let inv = 1.0 / scale;
+    (0..dst_len)
+        .map(|d| {
+            let f = ((d as f64 + 0.5) * inv - 0.5) as f32;
+            let mut s = f.floor() as i64;
+            let mut frac = f - s as f32;
+            if s < 0 {
+                s = 0;
+                frac = 0.0;
+            }
+            if s >= src_len as i64 - 1 {
+                s = src_len as i64 - 1;
+                frac = 0.0;
+            }
+            let a0 = ((1.0 - frac) * COEF_ONE as f32).round_ties_even() as i32;
+            (s as usize, a0, COEF_ONE - a0)
+        })
+        .collect()
+}
+
+/// OpenCV `resize(..., fx, fy, INTER_LINEAR)` on 8-bit BGR: horizontal pass to 32-bit sums, vertical pass
+/// with the rounding of its vectorised path `((s0>>4)·b0>>16 + (s1>>4)·b1>>16 + 2) >> 2`.
+pub fn resize_bilinear(img: &BgrImage, ow: usize, oh: usize, fx: f64, fy: f64) -> BgrImage {
+    let (w, h) = (img.width, img.height);
+    let xt = linear_taps(ow, w, fx);
+    let yt = linear_taps(oh, h, fy);
+    let hrow = |y: usize| -> Vec<i32> {
+        let src = &img.data[y * w * 3..(y + 1) * w * 3];
+        let mut out = vec![0i32; ow * 3];
+        for (dx, &(sx, a0, a1)) in xt.iter().enumerate() {
+            let sx1 = (sx + 1).min(w - 1);
+            for c in 0..3 {
+                out[dx * 3 + c] = src[sx * 3 + c] as i32 * a0 + src[sx1 * 3 + c] as i32 * a1;
+            }
+        }
+        out
+    };
+    let mut data = vec![0u8; ow * oh * 3];
+    for (dy, &(sy, b0, b1)) in yt.iter().enumerate() {
+        let r0 = hrow(sy);
+        let r1 = hrow((sy + 1).min(h - 1));
+        let dst = &mut data[dy * ow * 3..(dy + 1) * ow * 3];
+        for i in 0..ow * 3 {
+            let t = (((r0[i] >> 4) * b0) >> 16) + (((r1[i] >> 4) * b1) >> 16);
+            dst[i] = ((t + 2) >> 2).clamp(0, 255) as u8;
+        }
+    }
+    BgrImage { width: ow, height: oh, data }
+}

@@ -1,0 +1,138 @@
+//! The network as data: a list of ops over tensors, built once from the weights, run by a backend.
+//!
+//! Every tensor is [N, C, ceil(H/stride), ceil(W/stride)] for an input of N×3×H×W: each stride-2 layer
+//! of every network maps a size s to ceil(s/2), so a tensor's shape follows from its channel count and
+//! its stride alone, for any input size.
+
+use crate::network::Network;
+
+pub type TensorId = usize;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Act {
+    None,
+    /// LeakyReLU with this negative slope; 0 is ReLU.
+    Leaky(f32),
+    Relu6,
+}
+
+impl Act {
+    #[inline(always)]
+    pub fn apply(self, v: f32) -> f32 {
+        match self {
+            Act::None => v,
+            Act::Leaky(a) => {
+                if v >= 0.0 { v } else { v * a }
+            }
+            Act::Relu6 => v.clamp(0.0, 6.0),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub name: String,
+    pub channels: usize,
+    /// Downsampling factor relative to the network input.
+    pub stride: usize,
+}
+
+impl TensorInfo {
+    pub fn height(&self, input_h: usize) -> usize {
+        input_h.div_ceil(self.stride)
+    }
+    pub fn width(&self, input_w: usize) -> usize {
+        input_w.div_ceil(self.stride)
+    }
+}
+
+/// Convolution with its BatchNorm folded in: `out[:, off..off+cout] = act(conv(x, weight) + bias [+ residual])`.
+#[derive(Clone, Debug)]
+pub struct Conv {
+    /// The state-dict prefix of the conv, for messages and profiling.
+    pub name: String,
+    pub input: TensorId,
+    pub output: TensorId,
+    /// First output channel written (SSH branches write into one buffer at their channel offset).
+    pub out_channel_offset: usize,
+    pub cin: usize,
+    pub cout: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub groups: usize,
+    /// [cout, cin/groups, k, k], BatchNorm folded.
+    pub weight: Vec<f32>,
+    /// [cout].
+    pub bias: Vec<f32>,
+    /// Added before the activation (ResNet and MobileNetV2 shortcuts).
+    pub residual: Option<TensorId>,
+    pub act: Act,
+}
+
+#[derive(Clone, Debug)]
+pub enum Op {
+    Conv(Conv),
+    /// 3×3 stride-2 max-pool with padding 1 (padding is −∞).
+    MaxPool { input: TensorId, output: TensorId },
+    /// `dst += nearest_resize(src, size of dst)` with PyTorch's `nearest` index rule.
+    UpsampleAdd { src: TensorId, dst: TensorId },
+}
+
+/// Where a data-path stage's result lives.
+#[derive(Clone, Copy, Debug)]
+pub struct Taps {
+    pub backbone: [TensorId; 3],
+    pub fpn: [TensorId; 3],
+    pub ssh: [TensorId; 3],
+    /// Per level, the three heads as one 1×1 conv with 32 channels: per anchor j (0, 1), class logits at
+    /// `2j..2j+2`, box at `4 + 4j..`, landmarks at `12 + 10j..`.
+    pub head: [TensorId; 3],
+}
+
+pub const HEAD_CHANNELS: usize = 32;
+pub const HEAD_CLASS_OFFSET: usize = 0;
+pub const HEAD_BOX_OFFSET: usize = 4;
+pub const HEAD_LANDMARK_OFFSET: usize = 12;
+
+/// Which stage an op belongs to, for per-stage timings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Backbone,
+    Neck,
+    Heads,
+}
+
+#[derive(Clone, Debug)]
+pub struct Graph {
+    pub network: Network,
+    pub tensors: Vec<TensorInfo>,
+    pub ops: Vec<Op>,
+    pub op_stages: Vec<Stage>,
+    pub input: TensorId,
+    pub taps: Taps,
+}
+
+impl Graph {
+    pub fn op_output(op: &Op) -> TensorId {
+        match op {
+            Op::Conv(c) => c.output,
+            Op::MaxPool { output, .. } => *output,
+            Op::UpsampleAdd { dst, .. } => *dst,
+        }
+    }
+
+    /// Multiply-accumulates of one forward pass at H×W, batch 1.
+    pub fn macs(&self, h: usize, w: usize) -> u64 {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                Op::Conv(c) => {
+                    let t = &self.tensors[c.output];
+                    (t.height(h) * t.width(w) * c.cout * (c.cin / c.groups) * c.kernel * c.kernel) as u64
+                }
+                _ => 0,
+            })
+            .sum()
+    }
+}

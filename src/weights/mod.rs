@@ -1,0 +1,114 @@
+//! Weights: state dicts read from safetensors or PyTorch checkpoints, the two key layouts, the
+//! synthetic recipe, and the parameter source that checks every tensor the graph builder takes.
+
+pub mod layout;
+pub mod pth;
+pub mod safetensors_io;
+pub mod synthetic;
+
+use crate::error::{Error, Result};
+use crate::model::params::{ParamKind, ParamSource};
+use crate::network::Network;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// One tensor of a state dict, converted to f32 (integer tensors such as `num_batches_tracked` too).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// A state dict in the reference layout, plus the network name if the file recorded one.
+#[derive(Clone, Debug, Default)]
+pub struct StateDict {
+    pub tensors: BTreeMap<String, Tensor>,
+    pub network: Option<String>,
+}
+
+/// Loads a weights file: safetensors, or a PyTorch zip checkpoint (either layout), told apart by content.
+pub fn load(path: &Path) -> Result<StateDict> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let sd = if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(&[0x80, 0x02, 0x8a, 0x0a]) {
+        pth::parse_checkpoint(&bytes, path)?
+    } else if bytes.len() >= 8 {
+        safetensors_io::parse(&bytes, path)?
+    } else {
+        return Err(Error::WeightsFormat { path: path.into(), msg: format!("only {} bytes: neither safetensors nor a PyTorch checkpoint", bytes.len()) });
+    };
+    Ok(StateDict { tensors: layout::to_reference_layout(sd.tensors), network: sd.network })
+}
+
+/// Tells the network from the keys and shapes of a reference-layout state dict.
+pub fn infer_network(sd: &StateDict, path: &Path) -> Result<Network> {
+    if let Some(name) = &sd.network {
+        return name.parse();
+    }
+    let has = |k: &str| sd.tensors.contains_key(k);
+    let undetermined = |msg: &str| Error::NetworkUndetermined { path: path.into(), msg: msg.to_string() };
+    if has("fx.layer1.0.conv3.weight") {
+        Ok(Network::ResNet50)
+    } else if has("fx.layer3.5.conv1.weight") {
+        Ok(Network::ResNet34)
+    } else if has("fx.layer1.0.conv1.weight") {
+        Ok(Network::ResNet18)
+    } else if has("fx.features.0.0.weight") {
+        Ok(Network::MobileNetV2)
+    } else if let Some(t) = sd.tensors.get("fx.stage1.0.0.weight") {
+        match t.shape.first() {
+            Some(8) => Ok(Network::MobileNetV1_025),
+            Some(16) => Ok(Network::MobileNetV1_050),
+            Some(32) => Ok(Network::MobileNetV1),
+            other => Err(undetermined(&format!("MobileNetV1 stem `fx.stage1.0.0.weight` has {other:?} output channels, not 8, 16 or 32"))),
+        }
+    } else {
+        Err(undetermined("no backbone tensor of any known network (fx.conv1, fx.features.0, fx.stage1.0) found"))
+    }
+}
+
+/// Hands out a state dict's tensors to the graph builder, checking each, and then that none is left over.
+pub struct StateDictSource<'a> {
+    sd: &'a StateDict,
+    network: Network,
+    used: BTreeSet<String>,
+}
+
+impl<'a> StateDictSource<'a> {
+    pub fn new(sd: &'a StateDict, network: Network) -> Self {
+        StateDictSource { sd, network, used: BTreeSet::new() }
+    }
+
+    /// Errors on the first tensor the network did not take.
+    pub fn check_all_used(&self) -> Result<()> {
+        match self.sd.tensors.keys().find(|k| !self.used.contains(*k)) {
+            Some(k) => Err(Error::UnexpectedTensor { network: self.network.to_string(), name: k.clone() }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl ParamSource for StateDictSource<'_> {
+    fn take(&mut self, key: &str, shape: &[usize], _kind: ParamKind) -> Result<Vec<f32>> {
+        let network = self.network.to_string();
+        let t = self.sd.tensors.get(key).ok_or_else(|| Error::MissingTensor { network: network.clone(), name: key.to_string() })?;
+        if t.shape != shape {
+            return Err(Error::TensorShape { network, name: key.to_string(), expected: shape.to_vec(), found: t.shape.clone() });
+        }
+        if let Some((index, &value)) = t.data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::NonFiniteWeight { name: key.to_string(), index, value });
+        }
+        self.used.insert(key.to_string());
+        Ok(t.data.clone())
+    }
+
+    fn optional(&mut self, key: &str) {
+        self.used.insert(key.to_string());
+    }
+}
+
+/// Where the weights of an engine come from.
+#[derive(Clone, Debug)]
+pub enum WeightsSpec {
+    File(PathBuf),
+    Synthetic { seed: u64 },
+}
