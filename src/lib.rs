@@ -12,6 +12,7 @@
 
 pub mod cpu;
 pub mod detection;
+pub mod draw;
 pub mod engine;
 pub mod error;
 pub mod image_io;

@@ -1,1 +1,293 @@
-fn main() {}
+//! `retinaface`: detect, forward, bench.
+
+use clap::{Args, Parser, Subcommand};
+use retinaface::image_io::{self, DecodeLimits};
+use retinaface::post::anchors;
+use retinaface::weights::{safetensors_io, Tensor};
+use retinaface::{BgrImage, DetectOptions, Engine, Error, Network, PostOptions, ResizeMode, Result, Timings, WeightsSpec};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "retinaface", version, about = "RetinaFace face detection, faithful to the reference PyTorch implementation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Detect faces in images.
+    Detect(DetectArgs),
+    /// Raw head outputs (loc, softmaxed conf, landmarks) of one input tensor, in the goldens' layout.
+    Forward(ForwardArgs),
+    /// Throughput, latency percentiles and per-stage times of the forward pass.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Clone)]
+struct WeightsArgs {
+    /// Weights: the engine's safetensors, or a PyTorch checkpoint of either layout (read directly).
+    #[arg(long, conflicts_with = "synthetic_seed")]
+    weights: Option<PathBuf>,
+    /// Use the synthetic-weights recipe with this seed instead of a file (needs --network).
+    #[arg(long)]
+    synthetic_seed: Option<u64>,
+    /// Network; inferred from the weights when not given.
+    #[arg(long)]
+    network: Option<String>,
+    /// Backend: cpu, cuda or auto (auto picks CUDA when a GPU is present).
+    #[arg(long, default_value = "auto")]
+    backend: String,
+}
+
+impl WeightsArgs {
+    fn engine(&self) -> Result<Engine> {
+        let network = self.network.as_deref().map(str::parse::<Network>).transpose()?;
+        let spec = match (&self.weights, self.synthetic_seed) {
+            (Some(p), None) => WeightsSpec::File(p.clone()),
+            (None, Some(seed)) => WeightsSpec::Synthetic { seed },
+            _ => return Err(Error::InvalidArgument("give --weights PATH or --synthetic-seed S".into())),
+        };
+        match self.backend.as_str() {
+            "cpu" => {}
+            "auto" => eprintln!("backend auto: using cpu (this build runs the CPU backend)"),
+            "cuda" => return Err(Error::Cuda("the CUDA backend is not available in this build; use --backend cpu".into())),
+            other => return Err(Error::InvalidArgument(format!("backend `{other}`: expected cpu, cuda or auto"))),
+        }
+        Engine::new(&spec, network)
+    }
+}
+
+#[derive(Args)]
+struct DetectArgs {
+    /// JPEG or PNG files.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    #[command(flatten)]
+    weights: WeightsArgs,
+    #[arg(long, default_value_t = 0.02)]
+    conf_threshold: f32,
+    #[arg(long, default_value_t = 0.4)]
+    nms_threshold: f32,
+    #[arg(long, default_value_t = 5000)]
+    pre_nms_topk: usize,
+    #[arg(long, default_value_t = 750)]
+    post_nms_topk: usize,
+    /// Detections drawn and listed in the table have at least this score.
+    #[arg(long, default_value_t = 0.6)]
+    vis_threshold: f32,
+    /// original (the reference's default), multiscale (WIDER FACE protocol) or long-side:N.
+    #[arg(long, default_value = "original")]
+    resize: String,
+    /// One JSON object per image per line, with every detection the post-processing keeps.
+    #[arg(long)]
+    json: bool,
+    /// Write each image with its detections drawn into this directory.
+    #[arg(long)]
+    save_image: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ForwardArgs {
+    #[command(flatten)]
+    weights: WeightsArgs,
+    /// safetensors with `input_bgr_u8` [H, W, 3] u8.
+    #[arg(long)]
+    input: PathBuf,
+    /// safetensors to write `loc` [A,4], `conf` [A,2], `landmarks` [A,10], `priors` [A,4] (f32).
+    #[arg(long)]
+    output: PathBuf,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    weights: WeightsArgs,
+    /// Network input size WxH.
+    #[arg(long, default_value = "640x640")]
+    size: String,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Timed iterations (after one warm-up).
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Prints a line on stdout; a closed pipe (`| head`) ends the program quietly instead of panicking.
+fn emit(line: impl std::fmt::Display) {
+    use std::io::Write;
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{line}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Detect(a) => detect(a),
+        Command::Forward(a) => forward(a),
+        Command::Bench(a) => bench(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn detect(a: DetectArgs) -> Result<()> {
+    let engine = a.weights.engine()?;
+    let opts = DetectOptions {
+        post: PostOptions {
+            conf_threshold: a.conf_threshold,
+            nms_threshold: a.nms_threshold,
+            pre_nms_topk: Some(a.pre_nms_topk),
+            post_nms_topk: Some(a.post_nms_topk),
+        },
+        resize: a.resize.parse::<ResizeMode>()?,
+    };
+    if let Some(dir) = &a.save_image {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let mut failed = 0;
+    for path in &a.images {
+        let result = image_io::load(path, &DecodeLimits::default()).and_then(|img| {
+            let dets = engine.detect(&img, &opts)?;
+            Ok((img, dets))
+        });
+        let (mut img, dets) = match result {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed += 1;
+                continue;
+            }
+        };
+        if a.json {
+            let obj = serde_json::json!({"image": path, "width": img.width, "height": img.height, "detections": dets});
+            emit(&obj);
+        } else {
+            let shown: Vec<_> = dets.iter().filter(|d| d.score >= a.vis_threshold).collect();
+            emit(format!("{} ({}x{}): {} faces with score >= {} ({} detections kept)", path.display(), img.width, img.height, shown.len(), a.vis_threshold, dets.len()));
+            emit(format!("  {:>6}  {:>8} {:>8} {:>8} {:>8}", "score", "x1", "y1", "x2", "y2"));
+            for d in shown {
+                emit(format!("  {:>6.3}  {:>8.1} {:>8.1} {:>8.1} {:>8.1}", d.score, d.bbox[0], d.bbox[1], d.bbox[2], d.bbox[3]));
+            }
+        }
+        if let Some(dir) = &a.save_image {
+            retinaface::draw::draw_detections(&mut img, &dets, a.vis_threshold);
+            let name = path.file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("image.png"));
+            let out = dir.join(name);
+            retinaface::draw::save(&img, &out)?;
+            if !a.json {
+                emit(format!("  saved {}", out.display()));
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(Error::InvalidArgument(format!("{failed} of {} images failed", a.images.len())));
+    }
+    Ok(())
+}
+
+fn forward(a: ForwardArgs) -> Result<()> {
+    let engine = a.weights.engine()?;
+    let bytes = std::fs::read(&a.input).map_err(|e| Error::io(&a.input, e))?;
+    let bad = |msg: String| Error::WeightsFormat { path: a.input.clone(), msg };
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let t = st.tensor("input_bgr_u8").map_err(|_| bad("no tensor `input_bgr_u8`".into()))?;
+    let shape = t.shape();
+    if t.dtype() != safetensors::Dtype::U8 || shape.len() != 3 || shape[2] != 3 {
+        return Err(bad(format!("`input_bgr_u8` must be u8 [H, W, 3], found {:?} {shape:?}", t.dtype())));
+    }
+    let img = BgrImage::new(shape[1], shape[0], t.data().to_vec())?;
+    let raw = engine.forward(&[&img])?.pop().ok_or_else(|| bad("no output".into()))?;
+    let a_n = raw.conf.len() / 2;
+    let mut out = BTreeMap::new();
+    out.insert("loc".to_string(), Tensor { shape: vec![a_n, 4], data: raw.loc });
+    out.insert("conf".to_string(), Tensor { shape: vec![a_n, 2], data: raw.conf });
+    out.insert("landmarks".to_string(), Tensor { shape: vec![a_n, 10], data: raw.landmarks });
+    out.insert("priors".to_string(), Tensor { shape: vec![a_n, 4], data: anchors::priors(img.height, img.width) });
+    safetensors_io::save(&out, Some(engine.network().name()), &a.output)
+}
+
+fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let bad = || Error::InvalidArgument(format!("size `{s}`: expected WxH, e.g. 640x640"));
+    let (w, h) = s.split_once('x').ok_or_else(bad)?;
+    let (w, h) = (w.parse::<usize>().map_err(|_| bad())?, h.parse::<usize>().map_err(|_| bad())?);
+    if w == 0 || h == 0 {
+        return Err(bad());
+    }
+    Ok((w, h))
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let mut wa = a.weights.clone();
+    if wa.weights.is_none() && wa.synthetic_seed.is_none() {
+        wa.synthetic_seed = Some(1);
+    }
+    if wa.network.is_none() && wa.weights.is_none() {
+        return Err(Error::InvalidArgument("bench with synthetic weights needs --network".into()));
+    }
+    let engine = wa.engine()?;
+    let (w, h) = parse_size(&a.size)?;
+    if a.batch == 0 || a.iters == 0 {
+        return Err(Error::InvalidArgument("--batch and --iters must be at least 1".into()));
+    }
+    // A deterministic textured frame: the work does not depend on pixel values, only on the size.
+    let data: Vec<u8> = (0..w * h * 3).map(|i| ((i * 7919) % 251) as u8).collect();
+    let img = BgrImage::new(w, h, data)?;
+    let batch = vec![img; a.batch];
+    let opts = DetectOptions::default();
+    engine.detect_batch(&batch, &opts, None)?;
+    let mut lat = Vec::with_capacity(a.iters);
+    let mut t = Timings::default();
+    let start = Instant::now();
+    for _ in 0..a.iters {
+        let t0 = Instant::now();
+        engine.detect_batch(&batch, &opts, Some(&mut t))?;
+        lat.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let total = start.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((p / 100.0) * (lat.len() - 1) as f64).round() as usize];
+    let per = |d: std::time::Duration| d.as_secs_f64() * 1e3 / a.iters as f64;
+    let ips = (a.iters * a.batch) as f64 / total;
+    let gmacs = engine.graph().macs(h, w) as f64 / 1e9;
+    if a.json {
+        let obj = serde_json::json!({
+            "network": engine.network().name(), "backend": "cpu", "width": w, "height": h, "batch": a.batch, "iters": a.iters,
+            "threads": rayon::current_num_threads(), "images_per_s": ips,
+            "latency_ms": {"p50": pct(50.0), "p90": pct(90.0), "p99": pct(99.0), "min": lat[0]},
+            "stages_ms": {"preprocess": per(t.preprocess), "backbone": per(t.backbone), "fpn_ssh": per(t.neck), "heads": per(t.heads), "postprocess": per(t.postprocess)},
+            "gmacs_per_image": gmacs,
+        });
+        emit(&obj);
+    } else {
+        emit(format!("{} on cpu ({} threads), {w}x{h}, batch {}, {} iterations, {:.2} GMAC/image", engine.network(), rayon::current_num_threads(), a.batch, a.iters, gmacs));
+        emit(format!("  throughput   {ips:.2} images/s"));
+        emit(format!("  latency/batch p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  min {:.2} ms", pct(50.0), pct(90.0), pct(99.0), lat[0]));
+        emit(format!(
+            "  stages/batch preprocess {:.2} ms  backbone {:.2} ms  fpn+ssh {:.2} ms  heads {:.2} ms  postprocess {:.2} ms",
+            per(t.preprocess),
+            per(t.backbone),
+            per(t.neck),
+            per(t.heads),
+            per(t.postprocess)
+        ));
+    }
+    Ok(())
+}
+

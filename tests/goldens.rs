@@ -1,0 +1,100 @@
+//! Parity with the reference PyTorch outputs in ../shared/reference/goldens, for all 19 cases.
+//!
+//! Tolerances (max absolute error; values reach ~17):
+//! - raw head outputs (`loc`, `conf`, `landmarks`) from `input_bgr_u8`: 1e-4 (measured: ≤ 5e-5 real
+//!   weights, ≤ 3e-6 synthetic);
+//! - synthetic intermediates (`backbone.*`, `fpn.*`, `ssh.*`): 2e-5 (measured ≤ 1e-5);
+//! - priors: 1e-7 (they are computed the same way in f64 and rounded);
+//! - detections: every reference detection with score ≥ 0.1 found with IoU ≥ 0.99 and score within
+//!   1e-3, and none of ours with score ≥ 0.1 + 1e-3 without a reference partner.
+
+mod common;
+use common::*;
+use retinaface::post::{anchors, nms::iou, postprocess, PostOptions};
+use retinaface::{Detection, Engine};
+
+const RAW_TOL: f32 = 1e-4;
+const INTERMEDIATE_TOL: f32 = 2e-5;
+
+fn check_case(name: &str) -> Vec<String> {
+    let c = load_case(name);
+    let e = Engine::new(&c.weights, Some(c.network)).unwrap();
+    let acts = e.run_graph(&[&c.input], false, None).unwrap();
+    let raw = e.raw_outputs(&acts).pop().unwrap();
+    let mut failures = Vec::new();
+    let mut report = format!("{name}:");
+    for (k, v) in [("loc", &raw.loc), ("conf", &raw.conf), ("landmarks", &raw.landmarks)] {
+        let (d, _) = max_abs_diff(v, &c.tensors[k].1);
+        report += &format!(" {k} {d:.1e}");
+        if d > RAW_TOL {
+            failures.push(format!("{name}: {k} max abs error {d:e} > {RAW_TOL:e}"));
+        }
+    }
+    let priors = anchors::priors(c.input.height, c.input.width);
+    let (d, _) = max_abs_diff(&priors, &c.tensors["priors"].1);
+    if d > 1e-7 {
+        failures.push(format!("{name}: priors max abs error {d:e}"));
+    }
+    let taps = e.graph().taps;
+    let mut intermediates = 0;
+    for (stage, ts) in [("backbone", taps.backbone), ("fpn", taps.fpn), ("ssh", taps.ssh)] {
+        for (i, t) in ts.iter().enumerate() {
+            let Some((shape, g)) = c.tensors.get(&format!("{stage}.{i}")) else { continue };
+            intermediates += 1;
+            let ours = acts.get(*t).unwrap();
+            let info = &e.graph().tensors[*t];
+            assert_eq!(shape, &vec![info.channels, info.height(c.input.height), info.width(c.input.width)], "{name} {stage}.{i} shape");
+            let (d, _) = max_abs_diff(ours, g);
+            report += &format!(" {stage}.{i} {d:.1e}");
+            if d > INTERMEDIATE_TOL {
+                failures.push(format!("{name}: {stage}.{i} max abs error {d:e} > {INTERMEDIATE_TOL:e}"));
+            }
+        }
+    }
+    if name.starts_with("synthetic") {
+        assert_eq!(intermediates, 9, "{name}: synthetic goldens hold 9 intermediates");
+    }
+    println!("{report}");
+
+    let dets = postprocess(&raw, &priors, 1.0, &PostOptions::default());
+    failures.extend(compare_detections(name, &dets, &c.detections, 0.1, 0.99, 1e-3));
+    failures
+}
+
+/// Every reference detection with score ≥ `min_score` must have a partner in `ours` (IoU ≥ `min_iou`,
+/// score within `score_tol`), and every one of ours with score ≥ `min_score + score_tol` a partner in
+/// the reference.
+pub fn compare_detections(name: &str, ours: &[Detection], reference: &[Detection], min_score: f32, min_iou: f32, score_tol: f32) -> Vec<String> {
+    let mut failures = Vec::new();
+    let partner = |d: &Detection, pool: &[Detection]| pool.iter().any(|p| iou(&d.bbox, &p.bbox) >= min_iou && (d.score - p.score).abs() <= score_tol);
+    for r in reference.iter().filter(|r| r.score >= min_score) {
+        if !partner(r, ours) {
+            failures.push(format!("{name}: reference detection {:?} score {} not found", r.bbox, r.score));
+        }
+    }
+    for o in ours.iter().filter(|o| o.score >= min_score + score_tol) {
+        if !partner(o, reference) {
+            failures.push(format!("{name}: extra detection {:?} score {}", o.bbox, o.score));
+        }
+    }
+    failures
+}
+
+#[test]
+fn every_golden_case_matches_the_reference() {
+    let names = case_names();
+    assert_eq!(names.len(), 19, "the goldens hold 19 cases");
+    let failures: Vec<String> = names.iter().flat_map(|n| check_case(n)).collect();
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn crowd_with_real_weights_finds_the_reference_27_faces_above_half() {
+    let c = load_case("real-mv1_0.25-yakhyo-crowd");
+    let e = Engine::new(&c.weights, None).unwrap();
+    let dets = e.detect(&c.input, &Default::default()).unwrap();
+    let ours = dets.iter().filter(|d| d.score > 0.5).count();
+    let theirs = c.detections.iter().filter(|d| d.score > 0.5).count();
+    assert_eq!(theirs, 27);
+    assert_eq!(ours, 27);
+}
