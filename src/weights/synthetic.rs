@@ -60,3 +60,16 @@ impl ParamSource for SyntheticSource {
         Ok(synthetic_tensor(key, shape, kind, self.seed))
     }
 }
+
+/// The whole synthetic state dict of a network (every key the network reads, in the reference layout).
+pub fn state_dict(network: crate::network::Network, seed: u64) -> super::StateDict {
+    let tensors = crate::model::required_keys(network)
+        .into_iter()
+        .filter_map(|(key, shape, kind)| {
+            let kind = kind?;
+            let data = synthetic_tensor(&key, &shape, kind, seed);
+            Some((key, super::Tensor { shape, data }))
+        })
+        .collect();
+    super::StateDict { tensors, network: Some(network.name().to_string()) }
+}
