@@ -158,6 +158,7 @@ fn detect(a: DetectArgs) -> Result<()> {
         },
         resize: a.resize.parse::<ResizeMode>()?,
     };
+    opts.post.validate()?;
     if let Some(dir) = &a.save_image {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
