@@ -93,42 +93,69 @@ fn conv_gemm(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, oh: usize, ow
         }
         for co in co0..co0 + nco {
             let row = unsafe { std::slice::from_raw_parts_mut(out.get().add((b * out_channels + conv.out_channel_offset + co) * npix + p0), np) };
-            let bias = conv.bias[co];
-            match residual {
-                Some(r) => {
-                    let rr = &r[(b * conv.cout + co) * npix + p0..][..np];
-                    for (v, &res) in row.iter_mut().zip(rr) {
-                        *v = conv.act.apply(*v + bias + res);
-                    }
-                }
-                None => {
-                    for v in row.iter_mut() {
-                        *v = conv.act.apply(*v + bias);
-                    }
-                }
-            }
+            let res = residual.map(|r| &r[(b * conv.cout + co) * npix + p0..][..np]);
+            epilogue_fast(row, conv.bias[co], res, conv.act);
         }
     });
 }
 
+/// `v = act(v + bias [+ residual])` over a row, with the activation chosen once so the loop vectorises.
+#[inline(always)]
+fn epilogue(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Act) {
+    #[inline(always)]
+    fn run(row: &mut [f32], bias: f32, residual: Option<&[f32]>, f: impl Fn(f32) -> f32) {
+        match residual {
+            Some(r) => row.iter_mut().zip(r).for_each(|(v, &res)| *v = f(*v + bias + res)),
+            None => row.iter_mut().for_each(|v| *v = f(*v + bias)),
+        }
+    }
+    match act {
+        Act::None => run(row, bias, residual, |v| v),
+        Act::Leaky(a) if a == 0.0 => run(row, bias, residual, |v| v.max(0.0)),
+        Act::Leaky(a) => run(row, bias, residual, |v| if v >= 0.0 { v } else { v * a }),
+        Act::Relu6 => run(row, bias, residual, |v| v.clamp(0.0, 6.0)),
+    }
+}
+
 /// Rows (ci, ky, kx), columns the output pixels p0..p0+np (flattened y·ow + x); zero padding.
+/// Copies whole runs of each output row: for a given tap, the valid output columns form one interval.
 #[allow(clippy::too_many_arguments)]
 fn im2col(x: &[f32], cin: usize, h: usize, w: usize, k: usize, s: usize, p: usize, ow: usize, p0: usize, np: usize, cols: &mut [f32]) {
+    let p1 = p0 + np;
     for ci in 0..cin {
         let plane = &x[ci * h * w..(ci + 1) * h * w];
         for ky in 0..k {
             for kx in 0..k {
                 let row = &mut cols[((ci * k + ky) * k + kx) * np..][..np];
-                let (mut oy, mut ox) = (p0 / ow, p0 % ow);
-                for v in row.iter_mut() {
+                // Output columns whose input column ox·s + kx − p lies in [0, w).
+                let lo = p.saturating_sub(kx).div_ceil(s).min(ow);
+                let hi = if w + p > kx { ((w + p - kx - 1) / s + 1).min(ow) } else { 0 }.max(lo);
+                let mut pix = p0;
+                while pix < p1 {
+                    let (oy, ox0) = (pix / ow, pix % ow);
+                    let run = (ow - ox0).min(p1 - pix);
+                    let dst = &mut row[pix - p0..pix - p0 + run];
                     let iy = (oy * s + ky) as isize - p as isize;
-                    let ix = (ox * s + kx) as isize - p as isize;
-                    *v = if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w { plane[iy as usize * w + ix as usize] } else { 0.0 };
-                    ox += 1;
-                    if ox == ow {
-                        ox = 0;
-                        oy += 1;
+                    if iy < 0 || iy as usize >= h {
+                        dst.fill(0.0);
+                    } else {
+                        let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+                        let (a, b) = (lo.clamp(ox0, ox0 + run), hi.clamp(ox0, ox0 + run));
+                        dst[..a - ox0].fill(0.0);
+                        dst[b.max(a) - ox0..].fill(0.0);
+                        if a < b {
+                            let d = &mut dst[a - ox0..b - ox0];
+                            let first = a * s + kx - p;
+                            if s == 1 {
+                                d.copy_from_slice(&src[first..first + d.len()]);
+                            } else {
+                                for (j, v) in d.iter_mut().enumerate() {
+                                    *v = src[first + j * s];
+                                }
+                            }
+                        }
                     }
+                    pix += run;
                 }
             }
         }
@@ -137,38 +164,120 @@ fn im2col(x: &[f32], cin: usize, h: usize, w: usize, k: usize, s: usize, p: usiz
 
 #[allow(clippy::too_many_arguments)]
 fn conv_depthwise(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, oh: usize, ow: usize, out: SharedMut, out_channels: usize, residual: Option<&[f32]>) {
-    let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
+    let k = conv.kernel;
     let c = conv.cout;
-    (0..n * c).into_par_iter().for_each(|bc| {
+    (0..n * c).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, bc| {
         let (b, ch) = (bc / c, bc % c);
-        let plane = &x[bc * h * w..(bc + 1) * h * w];
-        let wk = &conv.weight[ch * k * k..(ch + 1) * k * k];
         let o = unsafe { std::slice::from_raw_parts_mut(out.get().add((b * out_channels + conv.out_channel_offset + ch) * oh * ow), oh * ow) };
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let mut acc = 0.0f32;
-                for ky in 0..k {
-                    let iy = (oy * s + ky) as isize - p as isize;
-                    if iy < 0 || iy as usize >= h {
-                        continue;
-                    }
-                    let row = &plane[iy as usize * w..];
-                    for kx in 0..k {
-                        let ix = (ox * s + kx) as isize - p as isize;
-                        if ix >= 0 && (ix as usize) < w {
-                            acc += wk[ky * k + kx] * row[ix as usize];
-                        }
-                    }
-                }
-                let mut v = acc + conv.bias[ch];
-                if let Some(r) = residual {
-                    v += r[(b * c + ch) * oh * ow + oy * ow + ox];
-                }
-                o[oy * ow + ox] = conv.act.apply(v);
-            }
-        }
+        let plane = DwPlane {
+            input: &x[bc * h * w..(bc + 1) * h * w],
+            weight: &conv.weight[ch * k * k..(ch + 1) * k * k],
+            bias: conv.bias[ch],
+            residual: residual.map(|r| &r[(b * c + ch) * oh * ow..(b * c + ch + 1) * oh * ow]),
+            k,
+            stride: conv.stride,
+            pad: conv.pad,
+            h,
+            w,
+            ow,
+            act: conv.act,
+        };
+        depthwise_plane_fast(&plane, o, scratch);
     });
 }
+
+struct DwPlane<'a> {
+    input: &'a [f32],
+    weight: &'a [f32],
+    bias: f32,
+    residual: Option<&'a [f32]>,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    h: usize,
+    w: usize,
+    ow: usize,
+    act: Act,
+}
+
+/// One depthwise output plane, a row at a time, tap by tap: each tap adds a shifted input row to the
+/// accumulator row, which vectorises; every output sums its taps in (ky, kx) order. For stride 2 the
+/// input row is first split into even and odd columns so every tap reads a contiguous run.
+#[inline(always)]
+fn depthwise_plane(d: &DwPlane<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
+    let (k, s, p, h, w, ow) = (d.k, d.stride, d.pad, d.h, d.w, d.ow);
+    let oh = out.len() / ow;
+    scratch.clear();
+    scratch.resize(ow + w + 1, 0.0);
+    let (acc, split) = scratch.split_at_mut(ow);
+    for oy in 0..oh {
+        acc.fill(0.0);
+        for ky in 0..k {
+            let iy = (oy * s + ky) as isize - p as isize;
+            if iy < 0 || iy as usize >= h {
+                continue;
+            }
+            let src = &d.input[iy as usize * w..(iy as usize + 1) * w];
+            let half = w.div_ceil(2);
+            if s == 2 {
+                let (even, odd) = split.split_at_mut(half);
+                for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(src.chunks_exact(2)) {
+                    *e = pair[0];
+                    *o = pair[1];
+                }
+                if w % 2 == 1 {
+                    even[half - 1] = src[w - 1];
+                }
+            }
+            for kx in 0..k {
+                let wv = d.weight[ky * k + kx];
+                let lo = p.saturating_sub(kx).div_ceil(s).min(ow);
+                let hi = if w + p > kx { ((w + p - kx - 1) / s + 1).min(ow) } else { 0 }.max(lo);
+                if lo >= hi {
+                    continue;
+                }
+                let first = lo * s + kx - p;
+                let run: &[f32] = if s == 1 {
+                    &src[first..first + (hi - lo)]
+                } else {
+                    let base = (first & 1) * half + first / 2;
+                    &split[base..base + (hi - lo)]
+                };
+                for (v, &xv) in acc[lo..hi].iter_mut().zip(run) {
+                    *v += wv * xv;
+                }
+            }
+        }
+        let orow = &mut out[oy * ow..(oy + 1) * ow];
+        orow.copy_from_slice(acc);
+        epilogue(orow, d.bias, d.residual.map(|r| &r[oy * ow..(oy + 1) * ow]), d.act);
+    }
+}
+
+/// `$name` runs `$body_fn` with AVX2 enabled when the processor has it: the crate is built for baseline
+/// x86-64, whose SSE2 halves the width of these loops. The body is `#[inline(always)]`, so it is compiled
+/// inside the AVX2 function. Only vector width changes (no FMA contraction): the results are the same bits.
+macro_rules! avx2_dispatch {
+    ($name:ident, $avx2:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        unsafe fn $avx2($($arg: $ty),*) {
+            $body_fn($($arg),*)
+        }
+
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the processor supports AVX2, checked just above.
+                return unsafe { $avx2($($arg),*) };
+            }
+            $body_fn($($arg),*)
+        }
+    };
+}
+
+avx2_dispatch!(depthwise_plane_fast, depthwise_plane_avx2, depthwise_plane, (d: &DwPlane<'_>, out: &mut [f32], scratch: &mut Vec<f32>));
+avx2_dispatch!(epilogue_fast, epilogue_avx2, epilogue, (row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Act));
 
 /// 3×3 stride-2 max-pool, padding 1 counted as −∞. `x` [n·c, h, w] → `out` [n·c, oh, ow].
 pub fn max_pool_3x3s2(x: &[f32], nc: usize, h: usize, w: usize, out: &mut [f32]) {
