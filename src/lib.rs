@@ -2,6 +2,7 @@
 
 pub mod detection;
 pub mod error;
+pub mod widerface;
 
 pub use detection::Detection;
 pub use error::{Error, Result};
