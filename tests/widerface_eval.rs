@@ -1,11 +1,14 @@
-//! WIDER FACE ground truth: the MAT reader on real files, on files it wrote, and on bad bytes.
+//! WIDER FACE evaluation: the reference APs, the script's edge cases, the MAT reader on bad bytes.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use retinaface::Error;
 use retinaface::widerface::mat::MatFile;
-use retinaface::widerface::{GroundTruth, Subset};
+use retinaface::widerface::{
+    Aps, GroundTruth, GtEvent, GtImage, PredBox, Predictions, Subset, evaluate, format_report, python_float_repr,
+};
 
 fn shared() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
@@ -21,6 +24,342 @@ fn err_text<T: std::fmt::Debug>(r: Result<T, Error>) -> String {
         Err(e) => e.to_string(),
     }
 }
+// ---------------------------------------------------------------------------------------------
+// (a) the reference APs
+
+#[test]
+fn seed1_matches_the_standard_script() {
+    let t0 = Instant::now();
+    let gt = GroundTruth::load(&reference().join("ground_truth")).expect("ground truth");
+    let t_gt = t0.elapsed();
+    let t1 = Instant::now();
+    let preds = Predictions::read_dir(&reference().join("predictions-seed1")).expect("predictions");
+    let t_preds = t1.elapsed();
+    let t2 = Instant::now();
+    let eval = evaluate(&gt, &preds).expect("evaluate");
+    let t_eval = t2.elapsed();
+    println!(
+        "load ground truth {:.1} ms, read predictions {:.1} ms, evaluate {:.1} ms, total {:.1} ms",
+        t_gt.as_secs_f64() * 1e3,
+        t_preds.as_secs_f64() * 1e3,
+        t_eval.as_secs_f64() * 1e3,
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+
+    // The README's counts.
+    assert_eq!(gt.events.len(), 61);
+    assert_eq!(gt.image_count(), 3226);
+    assert_eq!(gt.box_count(), 39708);
+    assert_eq!(gt.face_count(Subset::Easy), 7211);
+    assert_eq!(gt.face_count(Subset::Medium), 13319);
+    assert_eq!(gt.face_count(Subset::Hard), 31958);
+    assert_eq!(preds.image_count(), 3226);
+    assert_eq!(preds.box_count(), 41597);
+    assert_eq!(eval.easy.faces, 7211);
+    assert_eq!(eval.hard.faces, 31958);
+
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reference().join("expected.json")).expect("expected.json"))
+            .expect("json");
+    let aps = eval.aps();
+    for s in Subset::ALL {
+        let want = expected["seed1"][s.name()].as_f64().expect("expected value");
+        let got = aps.get(s);
+        println!(
+            "{:<6} AP {got:.4} (full {}, expected {}, difference {:e}{})",
+            s.label(),
+            python_float_repr(got),
+            python_float_repr(want),
+            got - want,
+            if got == want { ", bit for bit" } else { "" }
+        );
+        assert!((got - want).abs() <= 1e-12, "{} AP {got} differs from the script's {want}", s.label());
+    }
+    print!("{}", format_report(&aps));
+
+    // Curves: 1000 points per subset, recall rising, thresholds 0.999 .. 0.0.
+    for s in Subset::ALL {
+        let c = &eval.subset(s).curve;
+        assert_eq!(c.len(), 1000);
+        assert_eq!(c[0].threshold, 0.999);
+        assert_eq!(c[999].threshold, 0.0);
+        assert!(c.windows(2).all(|w| w[0].recall <= w[1].recall));
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let csv = tmp.path().join("curves.csv");
+    retinaface::widerface::write_curves_csv(&eval, &csv).expect("csv");
+    let text = std::fs::read_to_string(&csv).expect("read csv");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1001);
+    assert_eq!(
+        lines[0],
+        "threshold,easy_precision,easy_recall,medium_precision,medium_recall,hard_precision,hard_recall"
+    );
+    assert!(lines[1].starts_with("0.999,"));
+    assert!(lines[1000].starts_with("0.0,"));
+    let png = tmp.path().join("curves.png");
+    retinaface::widerface::write_curves_png(&eval, &png).expect("png");
+    let img = image::open(&png).expect("decode png").to_rgb8();
+    assert_eq!(img.dimensions(), (retinaface::widerface::plot::PLOT_WIDTH, retinaface::widerface::plot::PLOT_HEIGHT));
+    for s in Subset::ALL {
+        let colour = retinaface::widerface::plot::subset_colour(s);
+        let n = img.pixels().filter(|p| **p == colour).count();
+        assert!(n > 500, "{} curve has only {n} pixels of its colour", s.label());
+    }
+    if let Ok(dir) = std::env::var("WIDERFACE_PLOT_DIR") {
+        std::fs::copy(&png, Path::new(&dir).join("seed1-curves.png")).expect("copy plot");
+    }
+}
+
+#[test]
+fn report_prints_like_python() {
+    let aps = Aps { easy: 0.8339930831626076, medium: 0.8356818869153068, hard: 0.8312706775375872 };
+    assert_eq!(
+        format_report(&aps),
+        "Easy   Val AP: 0.8339930831626076\nMedium Val AP: 0.8356818869153068\nHard   Val AP: 0.8312706775375872\n"
+    );
+    assert_eq!(
+        serde_json::to_string(&aps).expect("json"),
+        r#"{"easy":0.8339930831626076,"medium":0.8356818869153068,"hard":0.8312706775375872}"#
+    );
+    for (x, repr) in [
+        (0.0, "0.0"),
+        (-0.0, "-0.0"),
+        (1.0, "1.0"),
+        (0.5, "0.5"),
+        (123.0, "123.0"),
+        (0.1 + 0.2, "0.30000000000000004"),
+        (1e-4, "0.0001"),
+        (1.5e-5, "1.5e-05"),
+        (1e-5, "1e-05"),
+        (1e15, "1000000000000000.0"),
+        (1e16, "1e+16"),
+        (1.2345e100, "1.2345e+100"),
+        (-2.5e-300, "-2.5e-300"),
+        (f64::NAN, "nan"),
+        (f64::INFINITY, "inf"),
+    ] {
+        assert_eq!(python_float_repr(x), repr, "repr of {x:e}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// (b) the script's rules on small cases
+
+fn pred(x: f64, y: f64, w: f64, h: f64, score: f64) -> PredBox {
+    PredBox { x, y, w, h, score }
+}
+
+fn face_pred(b: [f64; 4], score: f64) -> PredBox {
+    pred(b[0], b[1], b[2], b[3], score)
+}
+
+/// An image: name, boxes, 0-based kept indices for Easy, Medium, Hard.
+type ImageSpec<'a> = (&'a str, Vec<[f64; 4]>, [Vec<usize>; 3]);
+
+/// One event `0--Test` with the given images.
+fn gt_of(images: Vec<ImageSpec>) -> GroundTruth {
+    GroundTruth {
+        events: vec![GtEvent {
+            name: "0--Test".into(),
+            images: images.into_iter().map(|(name, boxes, kept)| GtImage { name: name.into(), boxes, kept }).collect(),
+        }],
+    }
+}
+
+fn preds_of(images: Vec<(&str, Vec<PredBox>)>) -> Predictions {
+    let mut p = Predictions::new();
+    for (name, boxes) in images {
+        p.insert("0--Test", name, boxes);
+    }
+    p
+}
+
+const F0: [f64; 4] = [10.0, 10.0, 20.0, 20.0];
+const F1: [f64; 4] = [100.0, 100.0, 20.0, 20.0];
+
+#[test]
+fn more_boxes_than_faces_and_ignored_faces() {
+    // Easy keeps F0, Medium keeps F1, Hard keeps both.
+    let gt = gt_of(vec![("a", vec![F0, F1], [vec![0], vec![1], vec![0, 1]])]);
+    // F0 found twice (the second a false positive: no fallback), then F1.
+    let preds = preds_of(vec![("a", vec![face_pred(F0, 0.9), pred(11.0, 10.0, 20.0, 20.0, 0.8), face_pred(F1, 0.7)])]);
+    let eval = evaluate(&gt, &preds).expect("evaluate");
+    // Normalised scores 1.0, 0.5, 0.0: the duplicate passes from t = 499, F1's box only at t = 999.
+    let hard = &eval.hard.curve;
+    assert_eq!((hard[498].proposals, hard[498].matched), (1, 1));
+    assert_eq!((hard[499].proposals, hard[499].matched), (2, 1));
+    assert_eq!((hard[999].proposals, hard[999].matched), (3, 2));
+    assert_eq!(eval.hard.ap, 0.5 + 0.5 * (2.0 / 3.0));
+    // Easy: the box on F1 (ignored) is dropped, not a false positive.
+    assert_eq!((eval.easy.curve[999].proposals, eval.easy.curve[999].matched), (2, 1));
+    assert_eq!(eval.easy.ap, 1.0);
+    // Medium: both boxes on F0 are dropped; no proposals (NaN precision) until t = 999.
+    assert!(eval.medium.curve[998].precision.is_nan());
+    assert_eq!((eval.medium.curve[999].proposals, eval.medium.curve[999].matched), (1, 1));
+    assert_eq!(eval.medium.ap, 1.0);
+}
+
+#[test]
+fn images_without_predictions_still_count_their_faces() {
+    let gt = gt_of(vec![
+        ("a", vec![F0, F1], [vec![0], vec![1], vec![0, 1]]),
+        ("b", vec![F0, F1], [vec![0, 1], vec![0, 1], vec![0, 1]]),
+        ("c", vec![], Default::default()),
+    ]);
+    let preds = preds_of(vec![
+        ("a", vec![face_pred(F0, 0.9), pred(11.0, 10.0, 20.0, 20.0, 0.8), face_pred(F1, 0.7)]),
+        ("b", vec![]),
+        // An image without faces: its boxes are not proposals.
+        ("c", vec![face_pred(F0, 0.75)]),
+    ]);
+    let eval = evaluate(&gt, &preds).expect("evaluate");
+    assert_eq!((eval.easy.faces, eval.medium.faces, eval.hard.faces), (3, 3, 4));
+    assert_eq!(eval.hard.ap, 0.25 + 0.25 * (2.0 / 3.0));
+    assert_eq!(eval.easy.ap, 1.0 / 3.0);
+    assert_eq!(eval.medium.ap, 1.0 / 3.0);
+}
+
+#[test]
+fn no_fallback_to_the_second_best_face_and_first_face_wins_ties() {
+    let g0 = [0.0, 0.0, 100.0, 100.0];
+    let g1 = [10.0, 0.0, 100.0, 100.0];
+    // The same box twice: the second stays a false positive although g1 overlaps it by > 0.5.
+    let gt = gt_of(vec![("a", vec![g0, g1], [vec![1], vec![0, 1], vec![0, 1]])]);
+    let preds = preds_of(vec![("a", vec![face_pred(g0, 0.9), face_pred(g0, 0.8)])]);
+    let eval = evaluate(&gt, &preds).expect("evaluate");
+    assert_eq!(eval.hard.ap, 0.5);
+    // Easy keeps only g1: both boxes go to g0 (ignored) and are dropped.
+    assert_eq!(eval.easy.curve[999].proposals, 0);
+    assert_eq!(eval.easy.ap, 0.0);
+
+    // A box exactly between g0 and g1 goes to g0, the first; with g0 ignored it is dropped.
+    let gt = gt_of(vec![("a", vec![g0, g1], [vec![1], vec![1], vec![1]])]);
+    let preds = preds_of(vec![("a", vec![pred(5.0, 0.0, 100.0, 100.0, 0.9), pred(500.0, 500.0, 10.0, 10.0, 0.5)])]);
+    let eval = evaluate(&gt, &preds).expect("evaluate");
+    assert_eq!((eval.easy.curve[999].proposals, eval.easy.curve[999].matched), (1, 0));
+    assert_eq!(eval.easy.ap, 0.0);
+}
+
+#[test]
+fn normalisation_covers_every_file_read() {
+    let gt = gt_of(vec![("a", vec![F0, F1], [vec![0, 1], vec![0, 1], vec![0, 1]])]);
+    let boxes = vec![face_pred(F0, 0.9), pred(500.0, 500.0, 10.0, 10.0, 0.8999)];
+    // Alone, the two scores normalise to 1 and 0: the false positive only counts at t = 999.
+    let eval = evaluate(&gt, &preds_of(vec![("a", boxes.clone())])).expect("evaluate");
+    assert_eq!(eval.hard.ap, 0.5);
+    // A file for an image not in the ground truth widens the range: both now pass together.
+    let mut preds = preds_of(vec![("a", boxes)]);
+    preds.insert("9--Other", "z", vec![pred(0.0, 0.0, 1.0, 1.0, 0.0001)]);
+    let eval = evaluate(&gt, &preds).expect("evaluate");
+    assert_eq!(eval.hard.ap, 0.25);
+}
+
+#[test]
+fn equal_scores_give_what_the_script_gives() {
+    // max - min = 0: every normalised score is NaN, nothing passes, the AP is 0 (numpy's result).
+    let gt = gt_of(vec![("a", vec![F0], [vec![0], vec![0], vec![0]])]);
+    for score in [0.5, 1.0] {
+        let eval = evaluate(&gt, &preds_of(vec![("a", vec![face_pred(F0, score)])])).expect("evaluate");
+        assert_eq!(eval.aps(), Aps { easy: 0.0, medium: 0.0, hard: 0.0 });
+    }
+    // No predictions at all: AP 0.
+    let eval = evaluate(&gt, &preds_of(vec![("a", vec![])])).expect("evaluate");
+    assert_eq!(eval.hard.ap, 0.0);
+}
+
+#[test]
+fn missing_predictions_and_bad_ground_truth_are_errors() {
+    let gt = gt_of(vec![("a", vec![F0], [vec![0], vec![0], vec![0]]), ("b", vec![F0], [vec![0], vec![0], vec![0]])]);
+    let msg = err_text(evaluate(&gt, &preds_of(vec![("a", vec![])])));
+    assert!(msg.contains("`b`") && msg.contains("0--Test"), "{msg}");
+    let mut other = Predictions::new();
+    other.insert("1--Other", "a", vec![]);
+    let msg = err_text(evaluate(&gt, &other));
+    assert!(msg.contains("no folder for event `0--Test`"), "{msg}");
+    let bad = gt_of(vec![("a", vec![F0], [vec![0], vec![1], vec![0]])]);
+    let msg = err_text(evaluate(&bad, &preds_of(vec![("a", vec![])])));
+    assert!(msg.contains("medium") && msg.contains("index 1"), "{msg}");
+}
+
+// Prediction directories.
+
+fn write_file(root: &Path, rel: &str, text: &str) -> PathBuf {
+    let path = root.join(rel);
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+#[test]
+fn prediction_files_parse_like_the_script() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    // Name from line 1 (after the last '/', '.jpg' stripped), not from the file name; count line
+    // ignored; lines whose first field is empty skipped; fields past the fifth ignored; CRLF.
+    write_file(
+        root,
+        "0--Test/whatever.txt",
+        "0--Test/a.jpg\r\nnot a count\r\n10 10 20 20 0.9 extra\r\n\r\n  ignored line\r\n11 10 20 20 0.8\r\n",
+    );
+    write_file(root, "0--Test/b.txt", "b\n0\n");
+    write_file(root, "0--Test/c.txt", "c\n1\n1e2 +5 .5 5. 0.75 \n");
+    write_file(root, "0--Test/c.txt.partial", "garbage");
+    write_file(root, "README", "loose files are skipped");
+    let preds = Predictions::read_dir(root).expect("read");
+    assert_eq!(preds.image_count(), 3);
+    assert_eq!(
+        preds.get("0--Test", "a").expect("a"),
+        &[pred(10.0, 10.0, 20.0, 20.0, 0.9), pred(11.0, 10.0, 20.0, 20.0, 0.8)]
+    );
+    assert_eq!(preds.get("0--Test", "b").expect("b"), &[]);
+    assert_eq!(preds.get("0--Test", "c").expect("c"), &[pred(100.0, 5.0, 0.5, 5.0, 0.75)]);
+
+    // A missing image file and a missing event folder are errors, as in the script.
+    let gt = gt_of(vec![
+        ("a", vec![F0], [vec![0], vec![0], vec![0]]),
+        ("b", vec![], Default::default()),
+        ("c", vec![], Default::default()),
+        ("d", vec![F1], [vec![0], vec![0], vec![0]]),
+    ]);
+    let msg = err_text(evaluate(&gt, &preds));
+    assert!(msg.contains("no file for image `d` in event folder `0--Test`"), "{msg}");
+    let mut gt2 = gt.clone();
+    gt2.events[0].images.pop();
+    gt2.events.push(GtEvent { name: "1--Missing".into(), images: vec![] });
+    let msg = err_text(evaluate(&gt2, &preds));
+    assert!(msg.contains("1--Missing"), "{msg}");
+    gt2.events.pop();
+    evaluate(&gt2, &preds).expect("complete predictions evaluate");
+}
+
+#[test]
+fn malformed_prediction_files_name_file_and_line() {
+    let cases = [
+        ("a\n2\n1 2 3 4 0.5\n1 2 x 4 0.5\n", "line 4: field 3 `x` is not a number"),
+        ("a\n1\n1 2 3 4\n", "line 3: expected 5 space-separated fields"),
+        ("a\n1\n1  2 3 4 0.5\n", "line 3: field 2 `` is not a number"),
+        ("a\n1\n1 2 3 4 nan\n", "line 3: field 5 `nan` is not a finite number"),
+        ("a\n1\n1\t2 3 4 0.5\n", "line 3: field 1 `1\t2` is not a number"),
+        ("", "empty prediction file"),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = write_file(tmp.path(), &format!("0--Test/case{i}.txt"), text);
+        let msg = err_text(Predictions::read_dir(tmp.path()));
+        assert!(msg.contains(&path.display().to_string()) && msg.contains(want), "case {i}: {msg}");
+    }
+    // Two files naming the same image.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    write_file(tmp.path(), "0--Test/a.txt", "a\n0\n");
+    write_file(tmp.path(), "0--Test/a_copy.txt", "0--Test/a.jpg\n0\n");
+    let msg = err_text(Predictions::read_dir(tmp.path()));
+    assert!(msg.contains("both name image `a`"), "{msg}");
+    // A missing directory.
+    let msg = err_text(Predictions::read_dir(&tmp.path().join("nope")));
+    assert!(msg.contains("nope"), "{msg}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // (c) the MAT reader: a tiny writer for tests, real files, bad bytes
 
