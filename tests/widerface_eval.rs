@@ -1,14 +1,17 @@
-//! WIDER FACE evaluation: the reference APs, the script's edge cases, the MAT reader on bad bytes.
+//! WIDER FACE evaluation: the reference APs, the script's edge cases, the MAT reader on bad bytes,
+//! and predict → evaluate on a small image tree.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use retinaface::Error;
 use retinaface::widerface::mat::MatFile;
 use retinaface::widerface::{
-    Aps, GroundTruth, GtEvent, GtImage, PredBox, Predictions, Subset, evaluate, format_report, python_float_repr,
+    Aps, GroundTruth, GtEvent, GtImage, PredBox, Predictions, Subset, evaluate, format_report, is_complete,
+    list_val_images, prediction_path, python_float_repr, run_predict, run_predict_pipelined,
 };
+use retinaface::{Detection, Error};
 
 fn shared() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
@@ -24,6 +27,7 @@ fn err_text<T: std::fmt::Debug>(r: Result<T, Error>) -> String {
         Err(e) => e.to_string(),
     }
 }
+
 // ---------------------------------------------------------------------------------------------
 // (a) the reference APs
 
@@ -608,4 +612,147 @@ fn mat_reader_rejects_truncated_and_corrupt_bytes() {
     let mut st = small.clone();
     st[144] = 2; // the cell's class byte → struct
     assert!(err_text(MatFile::parse(&st, "st")).contains("struct"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// (d) predict on a small tree, evaluate against ground truth written for it, resume
+
+/// The fake tree: two events made of copies of the shared photos.
+fn fake_tree(root: &Path) -> Vec<(&'static str, &'static str, &'static str)> {
+    let layout = [
+        ("0--Parade", "crowd", "crowd.jpg"),
+        ("0--Parade", "kids", "kids.jpg"),
+        ("1--Handshaking", "trio", "trio.jpg"),
+    ];
+    for (event, stem, src) in layout {
+        let dir = root.join(event);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::copy(shared().join("images").join(src), dir.join(format!("{stem}.jpg"))).expect("copy image");
+    }
+    std::fs::write(root.join("0--Parade/notes.txt"), "not an image").expect("write");
+    layout.to_vec()
+}
+
+/// Two faces per image, placed from the image size: A (found by the fake detector) and B (missed).
+fn faces_for(w: u32, h: u32) -> [[i32; 4]; 2] {
+    let (w, h) = (w as i32, h as i32);
+    [[w / 4, h / 4, w / 4, h / 4], [w / 2 + 10, h / 2 + 10, 40, 40]]
+}
+
+/// Decodes the image, finds face A exactly (score 0.9) and a false positive (score 0.3).
+fn fake_detect(path: &Path) -> retinaface::Result<Vec<Detection>> {
+    let img =
+        image::open(path).map_err(|e| Error::Image { source_name: path.display().to_string(), msg: e.to_string() })?;
+    let [a, _] = faces_for(img.width(), img.height());
+    let [x, y, w, h] = a.map(|v| v as f32);
+    Ok(vec![
+        Detection { bbox: [x, y, x + w, y + h], score: 0.9, landmarks: [0.0; 10] },
+        Detection { bbox: [1.0, 1.0, 5.5, 6.25], score: 0.3, landmarks: [0.0; 10] },
+    ])
+}
+
+#[test]
+fn predict_then_evaluate_and_resume() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let images = tmp.path().join("images");
+    let out = tmp.path().join("pred");
+    let gt_dir = tmp.path().join("gt");
+    std::fs::create_dir_all(&gt_dir).expect("mkdir");
+    let layout = fake_tree(&images);
+
+    let listed = list_val_images(&images).expect("list");
+    let names: Vec<(String, String)> = listed.iter().map(|i| (i.event.clone(), i.stem.clone())).collect();
+    assert_eq!(
+        names,
+        layout.iter().map(|(e, s, _)| (e.to_string(), s.to_string())).collect::<Vec<_>>(),
+        "sorted, images only"
+    );
+
+    // Ground truth for the tree, as MAT-files: Easy keeps A, Medium keeps B, Hard both.
+    let mut spec: GtSpec = Vec::new();
+    for (event, stem, _) in &layout {
+        let (w, h) = image::image_dimensions(images.join(event).join(format!("{stem}.jpg"))).expect("dims");
+        let faces = faces_for(w, h).to_vec();
+        let entry = (*stem, faces, [vec![1], vec![2], vec![1, 2]]);
+        match spec.iter_mut().find(|(e, _)| e == event) {
+            Some((_, imgs)) => imgs.push(entry),
+            None => spec.push((event, vec![entry])),
+        }
+    }
+    write_gt_mats(&gt_dir, &spec, true);
+
+    let calls = AtomicUsize::new(0);
+    let counting = |p: &Path| {
+        calls.fetch_add(1, Ordering::Relaxed);
+        fake_detect(p)
+    };
+    let first = run_predict(&images, &out, counting, false).expect("predict");
+    assert_eq!((first.total, first.skipped, first.predicted, first.detections), (3, 0, 3, 6));
+    assert_eq!(calls.load(Ordering::Relaxed), 3);
+    let crowd = std::fs::read_to_string(prediction_path(&out, "0--Parade", "crowd")).expect("read");
+    assert_eq!(crowd, "crowd\n2\n256.0 156.0 256.0 156.0 0.9\n1.0 1.0 4.5 5.2 0.3\n");
+
+    let eval = retinaface::widerface::evaluate_dirs(&out, &gt_dir).expect("evaluate");
+    // A matched everywhere it is kept; the false positive passes only at the lowest threshold;
+    // in Medium A's box lands on an ignored face and is dropped.
+    assert_eq!(eval.aps(), Aps { easy: 1.0, medium: 0.0, hard: 0.5 });
+    assert_eq!((eval.easy.faces, eval.medium.faces, eval.hard.faces), (3, 3, 6));
+
+    // A second run skips everything.
+    let second = run_predict(&images, &out, counting, false).expect("predict again");
+    assert_eq!((second.total, second.skipped, second.predicted), (3, 3, 0));
+    assert_eq!(calls.load(Ordering::Relaxed), 3);
+
+    // A removed file, an incomplete one and a leftover partial file: only the first two are redone.
+    let kids = prediction_path(&out, "0--Parade", "kids");
+    let trio = prediction_path(&out, "1--Handshaking", "trio");
+    std::fs::remove_file(&kids).expect("rm");
+    std::fs::write(&trio, "trio\n2\n1.0 1.0 2.0 2.0 0.5\n").expect("truncate");
+    assert!(!is_complete(&trio, "trio"));
+    std::fs::write(out.join("0--Parade/kids.txt.partial"), "kids\n2\n1.0").expect("partial");
+    let third =
+        run_predict_pipelined(&images, &out, |p| Ok(p.to_path_buf()), |_, p: PathBuf| fake_detect(&p), 2, 2, true)
+            .expect("pipelined predict");
+    assert_eq!((third.total, third.skipped, third.predicted), (3, 1, 2));
+    assert!(is_complete(&trio, "trio") && is_complete(&kids, "kids"));
+    let again = retinaface::widerface::evaluate_dirs(&out, &gt_dir).expect("evaluate");
+    assert_eq!(again.aps(), eval.aps());
+
+    // A detector error stops the run and names the image; nothing half-written is left behind.
+    std::fs::remove_file(&trio).expect("rm");
+    let msg = err_text(run_predict(&images, &out, |_: &Path| Err(Error::InvalidArgument("boom".into())), false));
+    assert!(msg.contains("trio.jpg") && msg.contains("boom"), "{msg}");
+    assert!(!trio.exists());
+    let msg = err_text(run_predict_pipelined(
+        &images,
+        &out,
+        |p| Ok(p.to_path_buf()),
+        |_, _: PathBuf| Err(Error::InvalidArgument("bang".into())),
+        3,
+        1,
+        false,
+    ));
+    assert!(msg.contains("trio.jpg") && msg.contains("bang"), "{msg}");
+
+    // An empty tree is an error.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).expect("mkdir");
+    assert!(err_text(run_predict(&empty, &out, fake_detect, false)).contains("no images found"));
+}
+
+#[test]
+fn prediction_writer_format() {
+    let d = |b: [f32; 4], s: f32| Detection { bbox: b, score: s, landmarks: [0.0; 10] };
+    let text = retinaface::widerface::format_prediction(
+        "img_1",
+        &[d([-0.26, 10.04, 20.5, 30.0], 0.99912345), d([1.0, 2.0, 3.0, 4.0], 0.02)],
+    )
+    .expect("format");
+    assert_eq!(text, "img_1\n2\n-0.3 10.0 20.8 20.0 0.99912345\n1.0 2.0 2.0 2.0 0.02\n");
+    let (name, boxes) = retinaface::widerface::parse_prediction_text(&text, Path::new("x.txt")).expect("parse");
+    assert_eq!(name, "img_1");
+    assert_eq!(boxes.len(), 2);
+    assert_eq!(retinaface::widerface::format_prediction("e", &[]).expect("format"), "e\n0\n");
+    let msg = err_text(retinaface::widerface::format_prediction("bad", &[d([f32::NAN, 0.0, 1.0, 1.0], 0.5)]));
+    assert!(msg.contains("bad") && msg.contains("non-finite"), "{msg}");
 }

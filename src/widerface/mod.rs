@@ -6,6 +6,7 @@ pub mod eval;
 pub mod ground_truth;
 pub mod mat;
 pub mod plot;
+pub mod predict;
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,10 @@ pub use eval::{
 pub use ground_truth::{GroundTruth, GtEvent, GtImage, Subset};
 pub use mat::MatFile;
 pub use plot::{render_curves, write_curves_png};
+pub use predict::{
+    PredictSummary, ValImage, format_prediction, is_complete, list_val_images, prediction_path, run_predict,
+    run_predict_pipelined, write_prediction,
+};
 
 /// The files of a `<dir>/<event>/<file>` tree that `keep` accepts, with their event folder names,
 /// sorted by event then path. Loose files in `dir` are skipped.
