@@ -161,35 +161,27 @@ fn text_width(s: &str) -> i32 {
     s.chars().count() as i32 * 6 * SCALE
 }
 
+/// The lit pixels of `s` in the 5x7 font: (character index, column, row).
+fn text_pixels(s: &str) -> impl Iterator<Item = (i32, i32, i32)> + '_ {
+    s.chars().enumerate().flat_map(|(i, ch)| {
+        let rows = glyph(ch);
+        (0..7).flat_map(move |gy| {
+            (0..5).filter(move |gx| rows[gy] & (0x10 >> gx) != 0).map(move |gx| (i as i32, gx, gy as i32))
+        })
+    })
+}
+
 /// Draws `s` with its top-left corner at (x, y).
 fn text(img: &mut RgbImage, x: i32, y: i32, s: &str, c: Rgb<u8>) {
-    for (i, ch) in s.chars().enumerate() {
-        let rows = glyph(ch);
-        for (gy, row) in rows.iter().enumerate() {
-            for gx in 0..5 {
-                if row & (0x10 >> gx) != 0 {
-                    let px = x + (i as i32 * 6 + gx) * SCALE;
-                    let py = y + gy as i32 * SCALE;
-                    fill_rect(img, px, py, SCALE, SCALE, c);
-                }
-            }
-        }
+    for (i, gx, gy) in text_pixels(s) {
+        fill_rect(img, x + (i * 6 + gx) * SCALE, y + gy * SCALE, SCALE, SCALE, c);
     }
 }
 
 /// Draws `s` rotated a quarter turn anticlockwise (reading upwards), starting at (x, y) bottom-left.
 fn text_vertical(img: &mut RgbImage, x: i32, y: i32, s: &str, c: Rgb<u8>) {
-    for (i, ch) in s.chars().enumerate() {
-        let rows = glyph(ch);
-        for (gy, row) in rows.iter().enumerate() {
-            for gx in 0..5 {
-                if row & (0x10 >> gx) != 0 {
-                    let px = x + gy as i32 * SCALE;
-                    let py = y - (i as i32 * 6 + gx) * SCALE;
-                    fill_rect(img, px, py, SCALE, SCALE, c);
-                }
-            }
-        }
+    for (i, gx, gy) in text_pixels(s) {
+        fill_rect(img, x + gy * SCALE, y - (i * 6 + gx) * SCALE, SCALE, SCALE, c);
     }
 }
 
