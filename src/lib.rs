@@ -20,6 +20,7 @@ pub mod model;
 pub mod network;
 pub mod post;
 pub mod weights;
+pub mod widerface;
 
 pub use detection::Detection;
 pub use engine::{DetectOptions, Engine, Timings};

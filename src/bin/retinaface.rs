@@ -25,6 +25,56 @@ enum Command {
     Forward(ForwardArgs),
     /// Throughput, latency percentiles and per-stage times of the forward pass.
     Bench(BenchArgs),
+    /// WIDER FACE validation: predict over the image tree, evaluate Easy / Medium / Hard AP.
+    Widerface {
+        #[command(subcommand)]
+        command: WiderfaceCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum WiderfaceCommand {
+    /// Detect over `DIR/<event>/<image>.jpg` and write `<out>/<event>/<image>.txt` (resumable).
+    Predict(PredictArgs),
+    /// Easy / Medium / Hard AP of a prediction tree against the four ground-truth .mat files.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    /// The validation image tree (WIDER_val/images).
+    #[arg(long)]
+    images: PathBuf,
+    /// Where the prediction files go.
+    #[arg(long)]
+    out: PathBuf,
+    /// original (r = 1) or multiscale (the reference's 1600/2150 protocol).
+    #[arg(long, default_value = "original")]
+    resize: String,
+    #[command(flatten)]
+    weights: WeightsArgs,
+    /// No progress line on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// The prediction tree.
+    #[arg(long)]
+    pred: PathBuf,
+    /// Directory with wider_face_val.mat and wider_{easy,medium,hard}_val.mat.
+    #[arg(long)]
+    gt: PathBuf,
+    /// Print {"easy": .., "medium": .., "hard": ..} instead of the three lines.
+    #[arg(long)]
+    json: bool,
+    /// Write the precision-recall curves as CSV.
+    #[arg(long)]
+    curves_csv: Option<PathBuf>,
+    /// Write a PNG plot of the three precision-recall curves.
+    #[arg(long)]
+    curves_png: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -137,6 +187,8 @@ fn main() -> ExitCode {
         Command::Detect(a) => detect(a),
         Command::Forward(a) => forward(a),
         Command::Bench(a) => bench(a),
+        Command::Widerface { command: WiderfaceCommand::Predict(a) } => widerface_predict(a),
+        Command::Widerface { command: WiderfaceCommand::Eval(a) } => widerface_eval(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -292,3 +344,47 @@ fn bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+
+fn widerface_predict(a: PredictArgs) -> Result<()> {
+    let resize = a.resize.parse::<ResizeMode>()?;
+    if !matches!(resize, ResizeMode::Original | ResizeMode::MultiScale) {
+        return Err(Error::InvalidArgument("WIDER FACE protocols are --resize original or multiscale".into()));
+    }
+    let engine = a.weights.engine()?;
+    // The reference evaluation protocol: score > 0.02, NMS 0.4, no top-k cap.
+    let opts = DetectOptions {
+        post: PostOptions { conf_threshold: 0.02, nms_threshold: 0.4, pre_nms_topk: None, post_nms_topk: None },
+        resize,
+    };
+    let limits = DecodeLimits::default();
+    let summary = retinaface::widerface::run_predict_pipelined(
+        &a.images,
+        &a.out,
+        |path: &std::path::Path| image_io::load(path, &limits),
+        |_: &std::path::Path, img: BgrImage| engine.detect(&img, &opts),
+        1,
+        4,
+        !a.quiet,
+    )?;
+    emit(format!(
+        "{} images: {} predicted, {} already done, {} detections, {:.1} s",
+        summary.total, summary.predicted, summary.skipped, summary.detections, summary.seconds
+    ));
+    Ok(())
+}
+
+fn widerface_eval(a: EvalArgs) -> Result<()> {
+    let eval = retinaface::widerface::evaluate_dirs(&a.pred, &a.gt)?;
+    if a.json {
+        emit(serde_json::to_string(&eval.aps()).map_err(|e| Error::WiderFace(e.to_string()))?);
+    } else {
+        emit(retinaface::widerface::format_report(&eval.aps()).trim_end());
+    }
+    if let Some(p) = &a.curves_csv {
+        retinaface::widerface::write_curves_csv(&eval, p)?;
+    }
+    if let Some(p) = &a.curves_png {
+        retinaface::widerface::write_curves_png(&eval, p)?;
+    }
+    Ok(())
+}
