@@ -20,6 +20,15 @@ fn preloaded_dir() -> Option<&'static Path> {
     DIR.get_or_init(|| {
         let p = PathBuf::from(std::env::var_os("RETINAFACE_NVRTC_LIB")?);
         let file = if p.is_dir() { p.join("libnvrtc.so.13") } else { p };
+        // NVRTC dlopens its builtins library by soname at compile time; outside LD_LIBRARY_PATH it is
+        // only found when already loaded, so load it first from the same directory.
+        if let Some(b) = file.parent().map(|d| d.join("libnvrtc-builtins.so.13.0")).filter(|b| b.exists()) {
+            // SAFETY: as below; the builtins library has no initialiser preconditions.
+            match unsafe { libloading::os::unix::Library::open(Some(&b), libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL) } {
+                Ok(l) => std::mem::forget(l),
+                Err(e) => eprintln!("retinaface: {}: {e}", b.display()),
+            }
+        }
         // SAFETY: loading NVRTC runs its initialisers, which have no preconditions.
         let lib = unsafe { libloading::os::unix::Library::open(Some(&file), libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL) };
         match lib {
