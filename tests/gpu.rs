@@ -5,6 +5,15 @@
 //! case; detections matched one to one within the same tolerance (order free only among scores equal
 //! within it, see tests/pipeline_sim.rs).
 
+/// Writes straight to the process's stderr: libtest captures `eprintln!` of passing tests, and a skip
+/// must be visible in a plain `cargo test` run.
+macro_rules! skip {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 mod common;
 
 use common::{case_names, load_case, max_abs_diff};
@@ -24,7 +33,7 @@ fn gpu_or_skip(test: &str) -> bool {
             if std::env::var("RETINAFACE_REQUIRE_GPU").is_ok_and(|v| v == "1") {
                 panic!("RETINAFACE_REQUIRE_GPU=1 but {e}");
             }
-            eprintln!("SKIP {test}: no GPU: {e}");
+            skip!("SKIP {test}: no GPU: {e}");
             false
         }
     }

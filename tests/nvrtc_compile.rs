@@ -5,6 +5,15 @@
 //! the PyPI wheels into .venv and sets it). Without NVRTC the test prints SKIP and passes, unless
 //! RETINAFACE_REQUIRE_NVRTC=1 (CI), where a missing NVRTC fails.
 
+/// Writes straight to the process's stderr: libtest captures `eprintln!` of passing tests, and a skip
+/// must be visible in a plain `cargo test` run.
+macro_rules! skip {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 use retinaface::cuda::{kernels, nvrtc};
 
 /// The kernels that run per pixel of every layer: a spill there costs every frame.
@@ -16,7 +25,7 @@ fn every_kernel_compiles_to_sass_without_spills() {
         if std::env::var("RETINAFACE_REQUIRE_NVRTC").is_ok_and(|v| v == "1") {
             panic!("RETINAFACE_REQUIRE_NVRTC=1 but {e}");
         }
-        eprintln!("SKIP every_kernel_compiles_to_sass_without_spills: {e}");
+        skip!("SKIP every_kernel_compiles_to_sass_without_spills: {e}");
         return;
     }
     let (maj, min) = nvrtc::version().expect("nvrtc version");
@@ -54,7 +63,7 @@ fn every_kernel_compiles_to_sass_without_spills() {
 #[test]
 fn compile_cache_hits_on_second_use() {
     if let Err(e) = nvrtc::available() {
-        eprintln!("SKIP compile_cache_hits_on_second_use: {e}");
+        skip!("SKIP compile_cache_hits_on_second_use: {e}");
         return;
     }
     let dir = std::env::temp_dir().join(format!("retinaface-kcache-{}", std::process::id()));

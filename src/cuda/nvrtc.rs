@@ -77,11 +77,10 @@ pub fn include_dirs() -> Vec<PathBuf> {
     let mut v = Vec::new();
     if let Some(p) = std::env::var_os("RETINAFACE_CUDA_INCLUDE") {
         v.push(PathBuf::from(p));
-    } else if let Some(inc) = preloaded_dir().and_then(Path::parent).map(|d| d.join("include")) {
-        if inc.is_dir() {
+    } else if let Some(inc) = preloaded_dir().and_then(Path::parent).map(|d| d.join("include"))
+        && inc.is_dir() {
             v.push(inc);
         }
-    }
     v
 }
 
@@ -224,23 +223,20 @@ pub fn compile_cached(family: &str, arch: &str) -> Result<Compiled> {
     let ver = format!("{maj}.{min}");
     let key = fnv1a(&[src.as_bytes(), arch.as_bytes(), opts.as_bytes(), ver.as_bytes()]);
     let path = cache_dir().map(|d| d.join(format!("{family}-{arch}-{key:016x}.cubin")));
-    if let Some(p) = &path {
-        if let Ok(cubin) = std::fs::read(p) {
-            if !cubin.is_empty() {
+    if let Some(p) = &path
+        && let Ok(cubin) = std::fs::read(p)
+            && !cubin.is_empty() {
                 return Ok(Compiled { cubin, log: String::new(), resources: Vec::new(), from_cache: true });
             }
-        }
-    }
     let c = compile(family, arch)?;
-    if let Some(p) = &path {
-        if let Some(dir) = p.parent() {
+    if let Some(p) = &path
+        && let Some(dir) = p.parent() {
             // Written to a temporary name and renamed, so a concurrent reader never sees half a file.
             let tmp = dir.join(format!(".{}.{}", p.file_name().and_then(|n| n.to_str()).unwrap_or("k"), std::process::id()));
             if std::fs::create_dir_all(dir).is_ok() && std::fs::write(&tmp, &c.cubin).is_ok() {
                 let _ = std::fs::rename(&tmp, p);
             }
         }
-    }
     Ok(c)
 }
 
