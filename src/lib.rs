@@ -11,6 +11,7 @@
 //! ```
 
 pub mod cpu;
+pub mod cuda;
 pub mod detection;
 pub mod draw;
 pub mod engine;

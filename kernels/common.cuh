@@ -1,0 +1,121 @@
+// common.cuh — what every kernel family shares: the launch-parameter structs (mirrored field for field
+// by src/cuda/params.rs; each kernel takes exactly one of them by value, so the host has one launch
+// path for every kernel, on the GPU and in the simulation) and the fused activation.
+//
+// Layout (see kernels/README.md): activations are NHWC f32, i.e. [n][y][x][c] with c contiguous.
+// On Hopper the convolutions are implicit GEMMs whose reduction dimension (ky, kx, ci) is contiguous
+// in ci, so a warp's loads of one pixel's channels are coalesced, and the same layout feeds the
+// tensor-core (mma/wgmma) path, which wants K-contiguous tiles. Scalar types go through `act_t` so
+// the f16 path is a typedef and a conversion at load/store, not a rewrite.
+//
+// Pointers are plain 64-bit device addresses (host addresses in the simulation). Every struct is a
+// multiple of 8 bytes with no implicit padding, so the Rust mirror can be a byte-exact Pod.
+#pragma once
+
+typedef float act_t;
+
+#define ACT_NONE 0
+#define ACT_LEAKY 1
+#define ACT_RELU6 2
+
+// The CPU reference's Act::apply: LeakyReLU (slope 0 is ReLU), ReLU6 as clamp(0, 6), or identity.
+__device__ __forceinline__ float apply_act(float v, int act, float slope) {
+    if (act == ACT_LEAKY) return v >= 0.0f ? v : v * slope;
+    if (act == ACT_RELU6) return fminf(fmaxf(v, 0.0f), 6.0f);
+    return v;
+}
+
+struct PreprocessParams {
+    const unsigned char* src;  // [n][h][w][3] BGR u8 (OpenCV's HWC order)
+    float* dst;                // [n][h][w][3] f32, minus the means
+    int total;                 // n·h·w·3
+    int pad0;
+};
+
+struct ConvParams {
+    const float* x;         // [n][h][w][cin]
+    const float* wt;        // groups 1: [k][k][cin][cout]; depthwise: [k][k][c]
+    const float* bias;      // [cout]
+    const float* residual;  // [n][oh][ow][cout] or null
+    float* y;               // [n][oh][ow][out_ctot], written at channels out_coff..out_coff+cout
+    int n, h, w, cin;
+    int oh, ow, cout, k;
+    int stride, pad, out_ctot, out_coff;
+    int act;
+    float slope;
+};
+
+struct PoolParams {
+    const float* x;  // [n][h][w][c]
+    float* y;        // [n][oh][ow][c]
+    int n, h, w, c;
+    int oh, ow;
+};
+
+struct UpsampleAddParams {
+    const float* src;  // [n][sh][sw][c]
+    float* dst;        // [n][dh][dw][c], dst += nearest(src)
+    int n, sh, sw, dh;
+    int dw, c;
+};
+
+struct HeadParams {
+    const float* x;     // [n][h][w][c] (the level's SSH output)
+    const float* wt;    // [c][32]
+    const float* bias;  // [32]
+    float* loc;         // [n][A][4]
+    float* conf;        // [n][A][2], softmaxed
+    float* landm;       // [n][A][10]
+    int n, h, w, c;
+    int anchor_base, num_anchors;
+};
+
+struct SelectParams {
+    const float* conf;         // [n][A][2]
+    unsigned long long* keys;  // [n][A]: the first count[i] entries are the candidates of image i
+    int* count;                // [n], zeroed before the launch
+    int n, num_anchors;
+    float threshold;
+    int pad0;
+};
+
+struct TopkParams {
+    const unsigned long long* keys;  // [n][A]
+    const int* count;                // [n]
+    int* order;                      // [n][k] anchor indices, best first
+    int* kept;                       // [n] = min(count, k)
+    int n, num_anchors, k, pad0;
+};
+
+struct DecodeParams {
+    const int* order;   // [n][k]
+    const int* kept;    // [n]
+    const float* loc;   // [n][A][4]
+    const float* conf;  // [n][A][2]
+    const float* landm; // [n][A][10]
+    float* boxes;       // [n][k][4] x1 y1 x2 y2 in pixels
+    float* scores;      // [n][k]
+    float* lands;       // [n][k][10]
+    int n, num_anchors, k, img_h;
+    int img_w;
+    float resize;
+};
+
+struct NmsMaskParams {
+    const float* boxes;        // [n][k][4]
+    const int* kept;           // [n]
+    unsigned long long* mask;  // [n][k][words]: bit j of row i = IoU(i, j) > threshold and j > i
+    int n, k, words;
+    float threshold;
+};
+
+struct NmsReduceParams {
+    const unsigned long long* mask;  // [n][k][words]
+    const int* kept;                 // [n]
+    const float* boxes;              // [n][k][4]
+    const float* scores;             // [n][k]
+    const float* lands;              // [n][k][10]
+    float* dets;                     // [n][max_out][15]: box, score, landmarks
+    int* det_count;                  // [n]
+    int n, k, words, max_out;
+};

@@ -1,0 +1,153 @@
+// conv.cu — the convolution family, BatchNorm already folded into weight and bias, with the epilogue
+// fused: y[.., out_coff + co] = act(conv(x, w)[co] + bias[co] (+ residual[co])). The channel offset
+// lets the SSH branches write their slices of one buffer (no concat copy); the residual is added
+// before the activation (ResNet, MobileNetV2 shortcuts), in the CPU reference's order.
+//
+// Layout: x [n][h][w][cin], y [n][oh][ow][out_ctot], residual [n][oh][ow][cout] (NHWC f32).
+//
+// conv1x1 / conv3x3 / conv_kxk (groups 1): implicit GEMM. M = n·oh·ow output pixels (the batch is
+//   folded into M), N = cout, K = k·k·cin ordered (ky, kx, ci), weights [K][cout] (host repacks
+//   OIHW → HWIO). A block computes a 64×64 (pixel × channel) tile with 256 threads, each a 4×4 micro-
+//   tile (pixels ty + 16i, channels tx + 16j: conflict-free shared reads); K advances 16 at a time
+//   through shared memory (A gathered on the fly from x with zero padding, ci contiguous so a warp's
+//   loads coalesce; B rows of w coalesced over cout). The 3×3 and 1×1 entry points fix k at compile
+//   time so the (ky, kx, ci) decomposition folds; the 7×7 stem uses the runtime-k entry.
+//   Launch: grid (ceil(M/64), ceil(cout/64)), block 256. Shared: 2·16·64·4 B = 8 KiB.
+//   Cost: 2·M·cout·K FLOPs; reads M·K·4 B of x per 64 output channels (L2 absorbs the k² reuse),
+//   K·cout·4 B of w per 64 pixels, writes M·cout·4 B.
+//   The f16 path replaces the inner 16-step loop by mma.sync m16n8k16 on the same tiles.
+//
+// conv_depthwise (groups = cin = cout): one output element per thread, channel fastest, weights
+//   [k][k][c]; summed over (ky, kx) in the CPU reference's order. Launch: 1-D over n·oh·ow·c, 256
+//   threads. Cost: 2·k² FLOPs per output, k² reads (neighbouring pixels hit in L1).
+#include "common.cuh"
+
+#define CONV_BM 64
+#define CONV_BN 64
+#define CONV_BK 16
+
+// KS > 0: kernel size fixed at compile time; KS == 0: runtime p.k.
+template <int KS>
+__device__ __forceinline__ void conv_igemm(const ConvParams& p) {
+    __shared__ float As[CONV_BK][CONV_BM];
+    __shared__ float Bs[CONV_BK][CONV_BN];
+    const int k = KS > 0 ? KS : p.k;
+    const int tid = threadIdx.x;
+    const int tx = tid % 16, ty = tid / 16;
+    const long long M = (long long)p.n * p.oh * p.ow;
+    const int K = k * k * p.cin;
+    const long long m0 = (long long)blockIdx.x * CONV_BM;
+    const int n0 = blockIdx.y * CONV_BN;
+
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+
+    // The A element each thread loads: pixel am (+16 per step q), reduction index ak within the tile.
+    // Thread tid loads pixels (tid / 16) + 16q and reduction column tid % 16: 16 consecutive threads
+    // read 16 consecutive ci of one pixel.
+    const int ak = tid % CONV_BK;
+    int a_b[4], a_iy0[4], a_ix0[4];
+    bool a_ok[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const long long m = m0 + tid / CONV_BK + 16 * q;
+        a_ok[q] = m < M;
+        const long long mm = a_ok[q] ? m : 0;
+        const int ox = (int)(mm % p.ow);
+        const long long r = mm / p.ow;
+        const int oy = (int)(r % p.oh);
+        a_b[q] = (int)(r / p.oh);
+        a_iy0[q] = oy * p.stride - p.pad;
+        a_ix0[q] = ox * p.stride - p.pad;
+    }
+
+    for (int k0 = 0; k0 < K; k0 += CONV_BK) {
+        // Gather A: 64 pixels × 16 reduction indices.
+        const int kg = k0 + ak;
+        int ci = kg, ky = 0, kx = 0;
+        if (k != 1) {
+            ci = kg % p.cin;
+            const int t = kg / p.cin;
+            kx = t % k;
+            ky = t / k;
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            float v = 0.0f;
+            const int iy = a_iy0[q] + ky, ix = a_ix0[q] + kx;
+            if (a_ok[q] && kg < K && iy >= 0 && iy < p.h && ix >= 0 && ix < p.w)
+                v = p.x[(((long long)a_b[q] * p.h + iy) * p.w + ix) * p.cin + ci];
+            As[ak][tid / CONV_BK + 16 * q] = v;
+        }
+        // Load B: 16 reduction rows × 64 output channels.
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int e = tid + 256 * q;
+            const int kk = e / CONV_BN, nn = e % CONV_BN;
+            const int kr = k0 + kk, co = n0 + nn;
+            Bs[kk][nn] = (kr < K && co < p.cout) ? p.wt[(long long)kr * p.cout + co] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < CONV_BK; ++kk) {
+            float a[4], b[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+
+    // Epilogue: bias, residual, activation, store at the channel offset.
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const long long m = m0 + ty + 16 * i;
+        if (m >= M) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int co = n0 + tx + 16 * j;
+            if (co >= p.cout) continue;
+            float v = acc[i][j] + p.bias[co];
+            if (p.residual) v += p.residual[m * p.cout + co];
+            p.y[m * p.out_ctot + p.out_coff + co] = apply_act(v, p.act, p.slope);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) conv1x1(const ConvParams p) { conv_igemm<1>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv3x3(const ConvParams p) { conv_igemm<3>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_kxk(const ConvParams p) { conv_igemm<0>(p); }
+
+extern "C" __global__ void __launch_bounds__(256) conv_depthwise(const ConvParams p) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long total = (long long)p.n * p.oh * p.ow * p.cout;
+    if (i >= total) return;
+    const int ch = (int)(i % p.cout);
+    long long r = i / p.cout;
+    const int ox = (int)(r % p.ow);
+    r /= p.ow;
+    const int oy = (int)(r % p.oh);
+    const int b = (int)(r / p.oh);
+    const int k = p.k;
+    float acc = 0.0f;
+    for (int ky = 0; ky < k; ++ky) {
+        const int iy = oy * p.stride + ky - p.pad;
+        if (iy < 0 || iy >= p.h) continue;
+        for (int kx = 0; kx < k; ++kx) {
+            const int ix = ox * p.stride + kx - p.pad;
+            if (ix < 0 || ix >= p.w) continue;
+            acc = fmaf(p.wt[(ky * k + kx) * p.cout + ch], p.x[(((long long)b * p.h + iy) * p.w + ix) * p.cin + ch], acc);
+        }
+    }
+    float v = acc + p.bias[ch];
+    if (p.residual) v += p.residual[i];
+    p.y[(r * p.ow + ox) * (long long)p.out_ctot + p.out_coff + ch] = apply_act(v, p.act, p.slope);
+}

@@ -1,0 +1,550 @@
+//! The one graph executor over [`KernelRunner`]: the same code runs the network in the CPU simulation
+//! (tests) and on the GPU. Weights are repacked for the NHWC kernels and uploaded once; every buffer a
+//! frame needs is allocated once per (batch, height, width) and reused, so a steady stream of frames
+//! allocates nothing. Post-processing runs on the device too; only detections come back.
+
+use super::params::*;
+use super::runner::{DevBuf, KernelRunner, KernelRunnerExt, LaunchDims};
+use crate::detection::Detection;
+use crate::engine::MAX_INPUT_PIXELS;
+use crate::error::{Error, Result};
+use crate::image_io::BgrImage;
+use crate::model::graph::{Conv, Graph, Op, TensorId};
+use crate::post::{anchors, PostOptions, RawOutput};
+use std::collections::HashMap;
+
+/// Which device runs the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The CPU simulation of the CUDA kernels (feature `cuda-sim`): slow, for tests.
+    Simulation,
+    /// A GPU, by ordinal.
+    Cuda { ordinal: usize },
+}
+
+struct PostBufs {
+    k: usize,
+    max_out: usize,
+    keys: DevBuf,
+    count: DevBuf,
+    order: DevBuf,
+    kept: DevBuf,
+    boxes: DevBuf,
+    scores: DevBuf,
+    lands: DevBuf,
+    mask: DevBuf,
+    dets: DevBuf,
+    det_count: DevBuf,
+}
+
+impl PostBufs {
+    fn all(&self) -> [DevBuf; 10] {
+        [self.keys, self.count, self.order, self.kept, self.boxes, self.scores, self.lands, self.mask, self.dets, self.det_count]
+    }
+}
+
+struct Plan {
+    input_u8: DevBuf,
+    /// NHWC f32 per graph tensor; None for the 32-channel head tensors, which the heads kernel fuses away.
+    tensors: Vec<Option<DevBuf>>,
+    num_anchors: usize,
+    loc: DevBuf,
+    conf: DevBuf,
+    landm: DevBuf,
+    post: Option<PostBufs>,
+}
+
+impl Plan {
+    fn scratch(&self) -> Vec<DevBuf> {
+        let mut v: Vec<DevBuf> = self.tensors.iter().flatten().copied().collect();
+        v.extend([self.loc, self.conf, self.landm]);
+        v
+    }
+}
+
+pub struct GpuEngine {
+    runner: Box<dyn KernelRunner>,
+    graph: Graph,
+    /// Per op: the repacked weight and the bias of a conv.
+    weights: Vec<Option<(DevBuf, DevBuf)>>,
+    /// Per op: the pyramid level when the conv is a head.
+    head_level: Vec<Option<usize>>,
+    plans: HashMap<(usize, usize, usize), Plan>,
+    last: Option<(usize, usize, usize)>,
+}
+
+/// OIHW → HWIO ([k][k][cin][cout]) for the implicit GEMM; [k][k][c] for depthwise.
+fn repack(c: &Conv) -> Vec<f32> {
+    let k = c.kernel;
+    let cin_g = c.cin / c.groups;
+    let mut out = vec![0.0f32; c.weight.len()];
+    if c.groups == 1 {
+        for co in 0..c.cout {
+            for ci in 0..cin_g {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        out[((ky * k + kx) * cin_g + ci) * c.cout + co] = c.weight[((co * cin_g + ci) * k + ky) * k + kx];
+                    }
+                }
+            }
+        }
+    } else {
+        for ch in 0..c.cout {
+            for ky in 0..k {
+                for kx in 0..k {
+                    out[(ky * k + kx) * c.cout + ch] = c.weight[(ch * k + ky) * k + kx];
+                }
+            }
+        }
+    }
+    out
+}
+
+fn dim(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{what} = {v} exceeds the kernels' 32-bit indices")))
+}
+
+impl GpuEngine {
+    /// Builds the executor for `graph` on `backend`; uploads the weights.
+    pub fn new(graph: &Graph, backend: Backend) -> Result<GpuEngine> {
+        let runner: Box<dyn KernelRunner> = match backend {
+            Backend::Simulation => {
+                #[cfg(feature = "cuda-sim")]
+                {
+                    Box::new(super::sim::SimRunner::new())
+                }
+                #[cfg(not(feature = "cuda-sim"))]
+                {
+                    return Err(Error::Cuda("this build has no CUDA simulation (feature cuda-sim is off)".into()));
+                }
+            }
+            Backend::Cuda { ordinal } => {
+                let mut r = super::gpu::GpuRunner::new(ordinal)?;
+                r.load_all()?;
+                Box::new(r)
+            }
+        };
+        GpuEngine::with_runner(graph, runner)
+    }
+
+    /// Builds the executor over any runner.
+    pub fn with_runner(graph: &Graph, mut runner: Box<dyn KernelRunner>) -> Result<GpuEngine> {
+        let mut head_level = vec![None; graph.ops.len()];
+        let mut weights = Vec::with_capacity(graph.ops.len());
+        for (i, op) in graph.ops.iter().enumerate() {
+            match op {
+                Op::Conv(c) => {
+                    if let Some(l) = graph.taps.head.iter().position(|&t| t == c.output) {
+                        let t = &graph.tensors[c.output];
+                        if t.stride != anchors::STEPS[l] || c.kernel != 1 || c.cout != crate::model::graph::HEAD_CHANNELS || c.groups != 1 {
+                            return Err(Error::Cuda(format!("head {} is not a 1x1 conv to 32 channels at stride {}", c.name, anchors::STEPS[l])));
+                        }
+                        head_level[i] = Some(l);
+                    }
+                    if c.groups != 1 && !(c.groups == c.cin && c.groups == c.cout) {
+                        return Err(Error::Cuda(format!("conv {}: only dense and depthwise convolutions have kernels", c.name)));
+                    }
+                    let w = runner.alloc_f32(&repack(c))?;
+                    let b = runner.alloc_f32(&c.bias)?;
+                    weights.push(Some((w, b)));
+                }
+                _ => weights.push(None),
+            }
+        }
+        Ok(GpuEngine { runner, graph: graph.clone(), weights, head_level, plans: HashMap::new(), last: None })
+    }
+
+    pub fn describe(&self) -> String {
+        self.runner.describe()
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    fn check_batch(images: &[&BgrImage]) -> Result<(usize, usize)> {
+        let first = images.first().ok_or_else(|| Error::InvalidArgument("empty batch".into()))?;
+        let (h, w) = (first.height, first.width);
+        if let Some(o) = images.iter().find(|i| i.height != h || i.width != w) {
+            return Err(Error::InvalidArgument(format!("batch mixes image sizes {w}x{h} and {}x{}", o.width, o.height)));
+        }
+        if h == 0 || w == 0 || h * w > MAX_INPUT_PIXELS {
+            return Err(Error::InvalidArgument(format!("network input {w}x{h} is outside 1..={MAX_INPUT_PIXELS} pixels")));
+        }
+        Ok((h, w))
+    }
+
+    fn plan(&mut self, n: usize, h: usize, w: usize) -> Result<()> {
+        if self.plans.contains_key(&(n, h, w)) {
+            return Ok(());
+        }
+        let r = &mut self.runner;
+        let input_u8 = r.alloc(n * h * w * 3)?;
+        let mut tensors = Vec::with_capacity(self.graph.tensors.len());
+        for (t, info) in self.graph.tensors.iter().enumerate() {
+            if self.graph.taps.head.contains(&t) {
+                tensors.push(None);
+            } else {
+                tensors.push(Some(r.alloc(4 * n * info.channels * info.height(h) * info.width(w))?));
+            }
+        }
+        let a = anchors::num_anchors(h, w);
+        let loc = r.alloc(4 * n * a * 4)?;
+        let conf = r.alloc(4 * n * a * 2)?;
+        let landm = r.alloc(4 * n * a * 10)?;
+        self.plans.insert((n, h, w), Plan { input_u8, tensors, num_anchors: a, loc, conf, landm, post: None });
+        Ok(())
+    }
+
+    /// Runs preprocessing, the network and the heads; leaves loc/conf/landm on the device.
+    fn forward(&mut self, images: &[&BgrImage]) -> Result<(usize, usize, usize)> {
+        let (h, w) = Self::check_batch(images)?;
+        let n = images.len();
+        dim(n * h * w * 3, "batch elements")?;
+        self.plan(n, h, w)?;
+        self.last = Some((n, h, w));
+        let plan = self.plans.get(&(n, h, w)).ok_or_else(|| Error::Cuda("plan vanished".into()))?;
+        let r = &mut self.runner;
+        if r.is_simulation() {
+            // Every intermediate starts as NaN, so an element a kernel forgot to write poisons the outputs.
+            for b in plan.scratch() {
+                r.poison(b)?;
+            }
+        }
+        let per = h * w * 3;
+        for (i, img) in images.iter().enumerate() {
+            r.upload(plan.input_u8, i * per, &img.data)?;
+        }
+        let g = &self.graph;
+        let buf = |t: TensorId| plan.tensors[t].ok_or_else(|| Error::Cuda(format!("tensor {} has no buffer", g.tensors[t].name)));
+        let total = n * per;
+        let input = buf(g.input)?;
+        r.launch("preprocess_bgr", LaunchDims::linear(total, 256), &PreprocessParams { src: plan.input_u8.ptr, dst: input.ptr, total: dim(total, "input")?, pad0: 0 })?;
+        let dims = |t: TensorId| {
+            let i = &g.tensors[t];
+            (i.channels, i.height(h), i.width(w))
+        };
+        let mut anchor_base = [0usize; 3];
+        for l in 1..3 {
+            let (_, fh, fw) = dims(g.taps.head[l - 1]);
+            anchor_base[l] = anchor_base[l - 1] + 2 * fh * fw;
+        }
+        for (i, op) in g.ops.iter().enumerate() {
+            match op {
+                Op::Conv(c) => {
+                    let (ic, ih, iw) = dims(c.input);
+                    let (oc, oh, ow) = dims(c.output);
+                    let expect = |s: usize| (s + 2 * c.pad - c.kernel) / c.stride + 1;
+                    if ic != c.cin || expect(ih) != oh || expect(iw) != ow || c.out_channel_offset + c.cout > oc {
+                        return Err(Error::Cuda(format!("conv {}: tensor shapes do not match the op", c.name)));
+                    }
+                    let (wb, bb) = self.weights[i].ok_or_else(|| Error::Cuda(format!("conv {} has no weights", c.name)))?;
+                    let x = buf(c.input)?;
+                    if let Some(l) = self.head_level[i] {
+                        let p = HeadParams {
+                            x: x.ptr,
+                            wt: wb.ptr,
+                            bias: bb.ptr,
+                            loc: plan.loc.ptr,
+                            conf: plan.conf.ptr,
+                            landm: plan.landm.ptr,
+                            n: dim(n, "batch")?,
+                            h: dim(oh, "height")?,
+                            w: dim(ow, "width")?,
+                            c: dim(c.cin, "channels")?,
+                            anchor_base: dim(anchor_base[l], "anchors")?,
+                            num_anchors: dim(plan.num_anchors, "anchors")?,
+                        };
+                        r.launch("heads_level", LaunchDims { grid: [(n * oh * ow).div_ceil(8) as u32, 1, 1], block: [256, 1, 1] }, &p)?;
+                        continue;
+                    }
+                    let (act, slope) = act_code(c.act);
+                    let p = ConvParams {
+                        x: x.ptr,
+                        wt: wb.ptr,
+                        bias: bb.ptr,
+                        residual: match c.residual {
+                            Some(t) => buf(t)?.ptr,
+                            None => 0,
+                        },
+                        y: buf(c.output)?.ptr,
+                        n: dim(n, "batch")?,
+                        h: dim(ih, "height")?,
+                        w: dim(iw, "width")?,
+                        cin: dim(c.cin, "channels")?,
+                        oh: dim(oh, "height")?,
+                        ow: dim(ow, "width")?,
+                        cout: dim(c.cout, "channels")?,
+                        k: dim(c.kernel, "kernel")?,
+                        stride: dim(c.stride, "stride")?,
+                        pad: dim(c.pad, "pad")?,
+                        out_ctot: dim(oc, "channels")?,
+                        out_coff: dim(c.out_channel_offset, "channel offset")?,
+                        act,
+                        slope,
+                    };
+                    dim(n * oh * ow * oc, "output elements")?;
+                    if c.groups != 1 {
+                        r.launch("conv_depthwise", LaunchDims::linear(n * oh * ow * c.cout, 256), &p)?;
+                    } else {
+                        let name = match c.kernel {
+                            1 => "conv1x1",
+                            3 => "conv3x3",
+                            _ => "conv_kxk",
+                        };
+                        r.launch(name, LaunchDims { grid: [(n * oh * ow).div_ceil(64) as u32, c.cout.div_ceil(64) as u32, 1], block: [256, 1, 1] }, &p)?;
+                    }
+                }
+                Op::MaxPool { input, output } => {
+                    let (ic, ih, iw) = dims(*input);
+                    let (_, oh, ow) = dims(*output);
+                    let p = PoolParams { x: buf(*input)?.ptr, y: buf(*output)?.ptr, n: n as i32, h: ih as i32, w: iw as i32, c: ic as i32, oh: oh as i32, ow: ow as i32 };
+                    r.launch("maxpool3x3s2", LaunchDims::linear(n * oh * ow * ic, 256), &p)?;
+                }
+                Op::UpsampleAdd { src, dst } => {
+                    let (sc, sh, sw) = dims(*src);
+                    let (dc, dh, dw) = dims(*dst);
+                    if sc != dc {
+                        return Err(Error::Cuda("upsample-add of tensors with different channel counts".into()));
+                    }
+                    let p = UpsampleAddParams { src: buf(*src)?.ptr, dst: buf(*dst)?.ptr, n: n as i32, sh: sh as i32, sw: sw as i32, dh: dh as i32, dw: dw as i32, c: dc as i32 };
+                    r.launch("upsample_nearest_add", LaunchDims::linear(n * dh * dw * dc, 256), &p)?;
+                }
+            }
+        }
+        Ok((n, h, w))
+    }
+
+    /// The raw head outputs of each image (loc, softmaxed conf, landmarks) in the goldens' layout.
+    pub fn raw_outputs(&mut self, images: &[&BgrImage]) -> Result<Vec<RawOutput>> {
+        let (n, h, w) = self.forward(images)?;
+        let plan = self.plans.get(&(n, h, w)).ok_or_else(|| Error::Cuda("plan vanished".into()))?;
+        let a = plan.num_anchors;
+        let (lb, cb, mb) = (plan.loc, plan.conf, plan.landm);
+        let loc = self.runner.download_f32(lb, n * a * 4)?;
+        let conf = self.runner.download_f32(cb, n * a * 2)?;
+        let landm = self.runner.download_f32(mb, n * a * 10)?;
+        if self.runner.is_simulation() {
+            for (name, v) in [("loc", &loc), ("conf", &conf), ("landmarks", &landm)] {
+                if let Some(i) = v.iter().position(|x| x.is_nan()) {
+                    return Err(Error::Cuda(format!("simulation: {name}[{i}] is NaN: an element was never written (or read unwritten memory)")));
+                }
+            }
+        }
+        Ok((0..n)
+            .map(|b| RawOutput {
+                h,
+                w,
+                loc: loc[b * a * 4..(b + 1) * a * 4].to_vec(),
+                conf: conf[b * a * 2..(b + 1) * a * 2].to_vec(),
+                landmarks: landm[b * a * 10..(b + 1) * a * 10].to_vec(),
+            })
+            .collect())
+    }
+
+    /// A tensor of the last forward pass, converted to NCHW [n, c, h, w] (for tests and debugging).
+    pub fn tensor_nchw(&mut self, t: TensorId) -> Result<Vec<f32>> {
+        let (n, h, w) = self.last.ok_or_else(|| Error::InvalidArgument("no forward pass has run".into()))?;
+        let plan = self.plans.get(&(n, h, w)).ok_or_else(|| Error::Cuda("plan vanished".into()))?;
+        let b = plan.tensors.get(t).copied().flatten().ok_or_else(|| Error::InvalidArgument(format!("tensor {t} is not kept on the device")))?;
+        let info = &self.graph.tensors[t];
+        let (c, th, tw) = (info.channels, info.height(h), info.width(w));
+        let nhwc = self.runner.download_f32(b, n * th * tw * c)?;
+        Ok(nhwc_to_nchw(&nhwc, n, th, tw, c))
+    }
+
+    /// Detections of each image (network-input sized, boxes in its pixels), best first.
+    pub fn detect(&mut self, images: &[&BgrImage], post: &PostOptions) -> Result<Vec<Vec<Detection>>> {
+        self.detect_scaled(images, post, 1.0)
+    }
+
+    /// Like [`Self::detect`] for images that were resized by `resize` before the network: boxes and
+    /// landmarks are divided by it, as the reference does.
+    pub fn detect_scaled(&mut self, images: &[&BgrImage], post: &PostOptions, resize: f32) -> Result<Vec<Vec<Detection>>> {
+        post.validate()?;
+        let (h, w) = Self::check_batch(images)?;
+        post_sizes(h, w, post)?;
+        let (n, h, w) = self.forward(images)?;
+        let plan = self.plans.get_mut(&(n, h, w)).ok_or_else(|| Error::Cuda("plan vanished".into()))?;
+        run_post(self.runner.as_mut(), &mut plan.post, [plan.loc, plan.conf, plan.landm], n, h, w, post, resize)
+    }
+}
+
+/// (anchors, candidates k, detections kept) for an h×w input; an error past the device NMS's limit.
+fn post_sizes(h: usize, w: usize, post: &PostOptions) -> Result<(usize, usize, usize)> {
+    let a = anchors::num_anchors(h, w);
+    let k = a.min(post.pre_nms_topk.unwrap_or(a));
+    if k > NMS_MAX_CANDIDATES {
+        return Err(Error::InvalidArgument(format!(
+            "the CUDA NMS takes at most {NMS_MAX_CANDIDATES} candidates per image; this input has {a} anchors: set pre_nms_topk (the default is 5000)"
+        )));
+    }
+    Ok((a, k, k.min(post.post_nms_topk.unwrap_or(k))))
+}
+
+/// Post-processing of raw outputs already on the device ([loc, conf, landm], each [n][A][d]):
+/// threshold, top-k, decode, NMS, compaction; downloads only the detections.
+#[allow(clippy::too_many_arguments)]
+fn run_post(r: &mut dyn KernelRunner, slot: &mut Option<PostBufs>, raw: [DevBuf; 3], n: usize, h: usize, w: usize, post: &PostOptions, resize: f32) -> Result<Vec<Vec<Detection>>> {
+    post.validate()?;
+    if !(resize.is_finite() && resize > 0.0) {
+        return Err(Error::InvalidArgument(format!("resize factor {resize} is not a positive number")));
+    }
+    let (a, k, max_out) = post_sizes(h, w, post)?;
+    if k == 0 || max_out == 0 {
+        return Ok(vec![Vec::new(); n]);
+    }
+    let words = k.div_ceil(64);
+    let [loc, conf, landm] = raw;
+    if slot.as_ref().is_none_or(|p| p.k != k || p.max_out != max_out) {
+        if let Some(old) = slot.take() {
+            for b in old.all() {
+                r.free(b)?;
+            }
+        }
+        *slot = Some(PostBufs {
+            k,
+            max_out,
+            keys: r.alloc(8 * n * a)?,
+            count: r.alloc(4 * n)?,
+            order: r.alloc(4 * n * k)?,
+            kept: r.alloc(4 * n)?,
+            boxes: r.alloc(4 * n * k * 4)?,
+            scores: r.alloc(4 * n * k)?,
+            lands: r.alloc(4 * n * k * 10)?,
+            mask: r.alloc(8 * n * k * words)?,
+            dets: r.alloc(4 * n * max_out * 15)?,
+            det_count: r.alloc(4 * n)?,
+        });
+    }
+    let pb = slot.as_ref().ok_or_else(|| Error::Cuda("post buffers vanished".into()))?;
+    if r.is_simulation() {
+        for b in pb.all() {
+            r.poison(b)?;
+        }
+    }
+    r.memset(pb.count, 0)?;
+    let (ni, ai, ki, wi) = (dim(n, "batch")?, dim(a, "anchors")?, dim(k, "candidates")?, dim(words, "words")?);
+    let per_image = |blocks: usize, threads: u32| LaunchDims { grid: [blocks.max(1) as u32, n as u32, 1], block: [threads, 1, 1] };
+    r.launch(
+        "select_candidates",
+        per_image(a.div_ceil(256), 256),
+        &SelectParams { conf: conf.ptr, keys: pb.keys.ptr, count: pb.count.ptr, n: ni, num_anchors: ai, threshold: post.conf_threshold, pad0: 0 },
+    )?;
+    r.launch("topk_rank", per_image(a.div_ceil(256), 256), &TopkParams { keys: pb.keys.ptr, count: pb.count.ptr, order: pb.order.ptr, kept: pb.kept.ptr, n: ni, num_anchors: ai, k: ki, pad0: 0 })?;
+    r.launch(
+        "decode_sorted",
+        per_image(k.div_ceil(128), 128),
+        &DecodeParams {
+            order: pb.order.ptr,
+            kept: pb.kept.ptr,
+            loc: loc.ptr,
+            conf: conf.ptr,
+            landm: landm.ptr,
+            boxes: pb.boxes.ptr,
+            scores: pb.scores.ptr,
+            lands: pb.lands.ptr,
+            n: ni,
+            num_anchors: ai,
+            k: ki,
+            img_h: dim(h, "height")?,
+            img_w: dim(w, "width")?,
+            resize,
+        },
+    )?;
+    r.launch(
+        "nms_mask",
+        LaunchDims { grid: [words as u32, words as u32, n as u32], block: [64, 1, 1] },
+        &NmsMaskParams { boxes: pb.boxes.ptr, kept: pb.kept.ptr, mask: pb.mask.ptr, n: ni, k: ki, words: wi, threshold: post.nms_threshold },
+    )?;
+    r.launch(
+        "nms_reduce",
+        LaunchDims { grid: [n as u32, 1, 1], block: [128, 1, 1] },
+        &NmsReduceParams {
+            mask: pb.mask.ptr,
+            kept: pb.kept.ptr,
+            boxes: pb.boxes.ptr,
+            scores: pb.scores.ptr,
+            lands: pb.lands.ptr,
+            dets: pb.dets.ptr,
+            det_count: pb.det_count.ptr,
+            n: ni,
+            k: ki,
+            words: wi,
+            max_out: dim(max_out, "post_nms_topk")?,
+        },
+    )?;
+    let counts = r.download_i32(pb.det_count, n)?;
+    let dets = r.download_f32(pb.dets, n * max_out * 15)?;
+    let mut out = Vec::with_capacity(n);
+    for (b, &c) in counts.iter().enumerate() {
+        let c = usize::try_from(c).ok().filter(|&c| c <= max_out).ok_or_else(|| Error::Cuda(format!("device returned {c} detections for image {b}")))?;
+        let mut v = Vec::with_capacity(c);
+        for d in dets[b * max_out * 15..][..c * 15].chunks_exact(15) {
+            if r.is_simulation() && d.iter().any(|x| x.is_nan()) {
+                return Err(Error::Cuda(format!("simulation: a detection of image {b} holds NaN (unwritten element)")));
+            }
+            let mut landmarks = [0.0f32; 10];
+            landmarks.copy_from_slice(&d[5..15]);
+            v.push(Detection { bbox: [d[0], d[1], d[2], d[3]], score: d[4], landmarks });
+        }
+        out.push(v);
+    }
+    Ok(out)
+}
+
+/// The device post-processing on raw outputs from the host (all of one size), for tests and for
+/// callers that run the network elsewhere. Allocates per call.
+pub fn device_postprocess(r: &mut dyn KernelRunner, raws: &[RawOutput], post: &PostOptions, resize: f32) -> Result<Vec<Vec<Detection>>> {
+    let first = raws.first().ok_or_else(|| Error::InvalidArgument("no raw outputs".into()))?;
+    let (h, w) = (first.h, first.w);
+    let a = anchors::num_anchors(h, w);
+    if raws.iter().any(|x| x.h != h || x.w != w || x.loc.len() != a * 4 || x.conf.len() != a * 2 || x.landmarks.len() != a * 10) {
+        return Err(Error::InvalidArgument("raw outputs of different sizes, or not matching their h×w".into()));
+    }
+    let n = raws.len();
+    let cat = |f: &dyn Fn(&RawOutput) -> &Vec<f32>| raws.iter().flat_map(|x| f(x).iter().copied()).collect::<Vec<f32>>();
+    let loc = r.alloc_f32(&cat(&|x| &x.loc))?;
+    let conf = r.alloc_f32(&cat(&|x| &x.conf))?;
+    let landm = r.alloc_f32(&cat(&|x| &x.landmarks))?;
+    let mut slot = None;
+    let res = run_post(r, &mut slot, [loc, conf, landm], n, h, w, post, resize);
+    let mut bufs = vec![loc, conf, landm];
+    if let Some(pb) = slot {
+        bufs.extend(pb.all());
+    }
+    for b in bufs {
+        r.free(b)?;
+    }
+    res
+}
+
+/// [n, h, w, c] → [n, c, h, w].
+pub fn nhwc_to_nchw(x: &[f32], n: usize, h: usize, w: usize, c: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    for b in 0..n {
+        for y in 0..h {
+            for xx in 0..w {
+                for ch in 0..c {
+                    out[((b * c + ch) * h + y) * w + xx] = x[((b * h + y) * w + xx) * c + ch];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// [n, c, h, w] → [n, h, w, c].
+pub fn nchw_to_nhwc(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            for y in 0..h {
+                for xx in 0..w {
+                    out[((b * h + y) * w + xx) * c + ch] = x[((b * c + ch) * h + y) * w + xx];
+                }
+            }
+        }
+    }
+    out
+}
