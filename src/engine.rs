@@ -37,8 +37,35 @@ pub struct Timings {
 /// (per image) the forward pass is refused rather than exhausting memory.
 pub const MAX_INPUT_PIXELS: usize = 64_000_000;
 
+/// Which backend runs the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    Cpu,
+    /// The first CUDA GPU; an error when there is none.
+    Cuda,
+    /// CUDA when a GPU and NVRTC are present, else the CPU.
+    Auto,
+    /// The CUDA kernels run in the CPU simulation (slow; for checking kernels without a GPU).
+    CudaSim,
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(BackendChoice::Cpu),
+            "cuda" => Ok(BackendChoice::Cuda),
+            "auto" => Ok(BackendChoice::Auto),
+            "cuda-sim" => Ok(BackendChoice::CudaSim),
+            other => Err(Error::InvalidArgument(format!("backend `{other}`: expected cpu, cuda, auto or cuda-sim"))),
+        }
+    }
+}
+
 pub struct Engine {
     graph: Graph,
+    /// The CUDA executor when a CUDA backend was chosen; the CPU runs the graph otherwise.
+    gpu: Option<std::sync::Mutex<crate::cuda::GpuEngine>>,
 }
 
 impl Engine {
@@ -66,7 +93,52 @@ impl Engine {
                 g
             }
         };
-        Ok(Engine { graph })
+        Ok(Engine { graph, gpu: None })
+    }
+
+    /// Moves execution to `choice`; returns a line saying what runs (for `auto`, what was picked and why).
+    pub fn set_backend(&mut self, choice: BackendChoice) -> Result<String> {
+        use crate::cuda::{Backend, GpuEngine};
+        let (backend, note) = match choice {
+            BackendChoice::Cpu => {
+                self.gpu = None;
+                return Ok(format!("backend cpu ({} threads)", rayon::current_num_threads()));
+            }
+            BackendChoice::CudaSim => (Backend::Simulation, String::new()),
+            BackendChoice::Cuda => {
+                crate::cuda::gpu_status()?;
+                (Backend::Cuda { ordinal: 0 }, String::new())
+            }
+            BackendChoice::Auto => match crate::cuda::gpu_status() {
+                Ok(_) => (Backend::Cuda { ordinal: 0 }, "auto: ".to_string()),
+                Err(e) => {
+                    self.gpu = None;
+                    return Ok(format!("backend auto: cpu ({} threads), no usable GPU: {e}", rayon::current_num_threads()));
+                }
+            },
+        };
+        let gpu = GpuEngine::new(&self.graph, backend)?;
+        let line = format!("backend {note}{}", gpu.describe());
+        self.gpu = Some(std::sync::Mutex::new(gpu));
+        Ok(line)
+    }
+
+    /// What runs the network: "cpu (2 threads)", "cuda:0 NVIDIA H200 (sm_90)", "simulation (...)".
+    pub fn backend_description(&self) -> String {
+        match self.gpu() {
+            Some(Ok(g)) => g.describe(),
+            Some(Err(e)) => e.to_string(),
+            None => format!("cpu ({} threads)", rayon::current_num_threads()),
+        }
+    }
+
+    /// True when a CUDA backend (device or simulation) runs the network.
+    pub fn on_gpu(&self) -> bool {
+        self.gpu.is_some()
+    }
+
+    fn gpu(&self) -> Option<Result<std::sync::MutexGuard<'_, crate::cuda::GpuEngine>>> {
+        self.gpu.as_ref().map(|m| m.lock().map_err(|_| Error::Cuda("a previous GPU call panicked".into())))
     }
 
     pub fn network(&self) -> Network {
@@ -140,6 +212,10 @@ impl Engine {
 
     /// Forward pass of same-sized network inputs.
     pub fn forward(&self, images: &[&BgrImage]) -> Result<Vec<RawOutput>> {
+        if let Some(gpu) = self.gpu() {
+            Self::check_batch(images)?;
+            return gpu?.raw_outputs(images);
+        }
         let acts = self.run_graph(images, false, None)?;
         Ok(self.raw_outputs(&acts))
     }
@@ -163,9 +239,23 @@ impl Engine {
             if done[i] {
                 continue;
             }
+            // One batch per network input size and resize factor (different originals can share a size).
+            let key = |j: usize| (prepared[j].0.width, prepared[j].0.height, prepared[j].1.to_bits());
             let size = (prepared[i].0.width, prepared[i].0.height);
-            let group: Vec<usize> = (i..prepared.len()).filter(|&j| !done[j] && (prepared[j].0.width, prepared[j].0.height) == size).collect();
+            let group: Vec<usize> = (i..prepared.len()).filter(|&j| !done[j] && key(j) == key(i)).collect();
             let batch: Vec<&BgrImage> = group.iter().map(|&j| prepared[j].0.as_ref()).collect();
+            if let Some(gpu) = self.gpu() {
+                let t1 = Instant::now();
+                let dets = gpu?.detect_scaled(&batch, &opts.post, prepared[i].1 as f32)?;
+                for (d, &j) in dets.into_iter().zip(&group) {
+                    results[j] = d;
+                    done[j] = true;
+                }
+                if let Some(t) = timings.as_deref_mut() {
+                    t.backbone += t1.elapsed();
+                }
+                continue;
+            }
             let acts = self.run_graph(&batch, false, timings.as_deref_mut())?;
             let t1 = Instant::now();
             let raws = self.raw_outputs(&acts);

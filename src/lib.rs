@@ -24,7 +24,7 @@ pub mod weights;
 pub mod widerface;
 
 pub use detection::Detection;
-pub use engine::{DetectOptions, Engine, Timings};
+pub use engine::{BackendChoice, DetectOptions, Engine, Timings};
 pub use error::{Error, Result};
 pub use image_io::{BgrImage, ResizeMode};
 pub use network::Network;

@@ -110,3 +110,37 @@ fn command_line_errors_name_the_problem() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn backends_cuda_sim_matches_cpu_and_cuda_without_a_gpu_is_a_clean_error() {
+    let img = shared().join("images/trio.jpg");
+    let run = |backend: &str| bin().args(["detect", "--json", "--backend", backend, "--weights", &weights()]).arg(&img).output().unwrap();
+    let cpu = run("cpu");
+    let sim = run("cuda-sim");
+    assert!(cpu.status.success() && sim.status.success(), "{}", String::from_utf8_lossy(&sim.stderr));
+    assert!(String::from_utf8_lossy(&sim.stderr).contains("simulation"));
+    let dets = |o: &std::process::Output| -> Vec<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["detections"].as_array().unwrap().clone()
+    };
+    let (a, b) = (dets(&cpu), dets(&sim));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x["score"].as_f64().unwrap() - y["score"].as_f64().unwrap()).abs() < 1e-5);
+        for (p, q) in x["box"].as_array().unwrap().iter().zip(y["box"].as_array().unwrap()) {
+            assert!((p.as_f64().unwrap() - q.as_f64().unwrap()).abs() < 1e-3);
+        }
+    }
+    if retinaface::cuda::gpu_status().is_err() {
+        let cuda = run("cuda");
+        assert!(!cuda.status.success());
+        let err = String::from_utf8_lossy(&cuda.stderr);
+        assert!(err.contains("CUDA") && !err.contains("panicked"), "{err}");
+        let auto = run("auto");
+        assert!(auto.status.success());
+        assert!(String::from_utf8_lossy(&auto.stderr).contains("backend auto: cpu"));
+        assert_eq!(dets(&auto), a);
+    } else {
+        println!("a GPU is present: the no-GPU error path is not exercised here");
+    }
+}

@@ -4,7 +4,7 @@ use clap::{Args, Parser, Subcommand};
 use retinaface::image_io::{self, DecodeLimits};
 use retinaface::post::anchors;
 use retinaface::weights::{safetensors_io, Tensor};
-use retinaface::{BgrImage, DetectOptions, Engine, Error, Network, PostOptions, ResizeMode, Result, Timings, WeightsSpec};
+use retinaface::{BackendChoice, BgrImage, DetectOptions, Engine, Error, Network, PostOptions, ResizeMode, Result, Timings, WeightsSpec};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -88,7 +88,8 @@ struct WeightsArgs {
     /// Network; inferred from the weights when not given.
     #[arg(long)]
     network: Option<String>,
-    /// Backend: cpu, cuda or auto (auto picks CUDA when a GPU is present).
+    /// Backend: cpu, cuda, auto (CUDA when a GPU is present, else cpu) or cuda-sim (the CUDA kernels in
+    /// the CPU simulation: slow, for checking kernels without a GPU).
     #[arg(long, default_value = "auto")]
     backend: String,
 }
@@ -101,13 +102,11 @@ impl WeightsArgs {
             (None, Some(seed)) => WeightsSpec::Synthetic { seed },
             _ => return Err(Error::InvalidArgument("give --weights PATH or --synthetic-seed S".into())),
         };
-        match self.backend.as_str() {
-            "cpu" => {}
-            "auto" => eprintln!("backend auto: using cpu (this build runs the CPU backend)"),
-            "cuda" => return Err(Error::Cuda("the CUDA backend is not available in this build; use --backend cpu".into())),
-            other => return Err(Error::InvalidArgument(format!("backend `{other}`: expected cpu, cuda or auto"))),
-        }
-        Engine::new(&spec, network)
+        let choice = self.backend.parse::<BackendChoice>()?;
+        let mut engine = Engine::new(&spec, network)?;
+        let line = engine.set_backend(choice)?;
+        eprintln!("{line}");
+        Ok(engine)
     }
 }
 
@@ -321,15 +320,15 @@ fn bench(a: BenchArgs) -> Result<()> {
     let gmacs = engine.graph().macs(h, w) as f64 / 1e9;
     if a.json {
         let obj = serde_json::json!({
-            "network": engine.network().name(), "backend": "cpu", "width": w, "height": h, "batch": a.batch, "iters": a.iters,
-            "threads": rayon::current_num_threads(), "images_per_s": ips,
+            "network": engine.network().name(), "backend": engine.backend_description(), "width": w, "height": h, "batch": a.batch, "iters": a.iters,
+            "images_per_s": ips,
             "latency_ms": {"p50": pct(50.0), "p90": pct(90.0), "p99": pct(99.0), "min": lat[0]},
             "stages_ms": {"preprocess": per(t.preprocess), "backbone": per(t.backbone), "fpn_ssh": per(t.neck), "heads": per(t.heads), "postprocess": per(t.postprocess)},
             "gmacs_per_image": gmacs,
         });
         emit(&obj);
     } else {
-        emit(format!("{} on cpu ({} threads), {w}x{h}, batch {}, {} iterations, {:.2} GMAC/image", engine.network(), rayon::current_num_threads(), a.batch, a.iters, gmacs));
+        emit(format!("{} on {}, {w}x{h}, batch {}, {} iterations, {:.2} GMAC/image", engine.network(), engine.backend_description(), a.batch, a.iters, gmacs));
         emit(format!("  throughput   {ips:.2} images/s"));
         emit(format!("  latency/batch p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  min {:.2} ms", pct(50.0), pct(90.0), pct(99.0), lat[0]));
         emit(format!(

@@ -121,6 +121,11 @@ impl GpuRunner {
     }
 }
 
+// SAFETY: the module and function handles belong to the context, not to a thread, and every entry
+// point (alloc, free, copies, launch, synchronize, drop) makes the context current on the calling
+// thread first; `&mut self` keeps two threads from using the runner at once.
+unsafe impl Send for GpuRunner {}
+
 impl Drop for GpuRunner {
     fn drop(&mut self) {
         if self.bind().is_err() {

@@ -35,7 +35,7 @@ impl LaunchDims {
     }
 }
 
-pub trait KernelRunner {
+pub trait KernelRunner: Send {
     /// "cuda:0 NVIDIA H200 (sm_90)" or "simulation (N CPU threads)".
     fn describe(&self) -> String;
     /// True for the CPU simulation: the executor then poisons scratch memory before each run.
