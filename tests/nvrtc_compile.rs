@@ -1,7 +1,7 @@
 //! Compiles every kernel family with NVRTC for sm_80 and sm_90 straight to SASS, fails on any compile
 //! error and on register spills in the hot kernels, and prints the ptxas resource table.
 //!
-//! Needs NVRTC: set RETINAFACE_NVRTC_LIB to libnvrtc.so.13 or its directory (tools/ci-nvrtc.sh installs
+//! Needs NVRTC: set RETINAFACE_NVRTC_LIB to libnvrtc.so.13 or its directory (.ci/run installs
 //! the PyPI wheels into .venv and sets it). Without NVRTC the test prints SKIP and passes, unless
 //! RETINAFACE_REQUIRE_NVRTC=1 (CI), where a missing NVRTC fails.
 

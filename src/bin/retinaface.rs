@@ -25,11 +25,23 @@ enum Command {
     Forward(ForwardArgs),
     /// Throughput, latency percentiles and per-stage times of the forward pass.
     Bench(BenchArgs),
+    /// Write the synthetic-weights recipe's state dict for a network as safetensors (reference layout).
+    Synthetic(SyntheticArgs),
     /// WIDER FACE validation: predict over the image tree, evaluate Easy / Medium / Hard AP.
     Widerface {
         #[command(subcommand)]
         command: WiderfaceCommand,
     },
+}
+
+#[derive(Args)]
+struct SyntheticArgs {
+    #[arg(long)]
+    network: String,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long)]
+    output: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -186,6 +198,7 @@ fn main() -> ExitCode {
         Command::Detect(a) => detect(a),
         Command::Forward(a) => forward(a),
         Command::Bench(a) => bench(a),
+        Command::Synthetic(a) => synthetic(a),
         Command::Widerface { command: WiderfaceCommand::Predict(a) } => widerface_predict(a),
         Command::Widerface { command: WiderfaceCommand::Eval(a) } => widerface_eval(a),
     };
@@ -385,5 +398,13 @@ fn widerface_eval(a: EvalArgs) -> Result<()> {
     if let Some(p) = &a.curves_png {
         retinaface::widerface::write_curves_png(&eval, p)?;
     }
+    Ok(())
+}
+
+fn synthetic(a: SyntheticArgs) -> Result<()> {
+    let network: Network = a.network.parse()?;
+    let sd = retinaface::weights::synthetic::state_dict(network, a.seed);
+    safetensors_io::save(&sd.tensors, Some(network.name()), &a.output)?;
+    emit(format!("{}: {} tensors of {network}, seed {}", a.output.display(), sd.tensors.len(), a.seed));
     Ok(())
 }

@@ -28,10 +28,11 @@ thread_local! {
     static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Columns of the im2col matrix budgeted per task: about 1 MiB of f32, so a task's panel stays in L2.
-const COLUMN_BUDGET: usize = 1 << 18;
-/// Tasks wanted per convolution, so small maps still spread over every core.
-const MIN_TASKS: usize = 16;
+/// Elements of the im2col matrix budgeted per task (4 MiB of f32): wide enough panels that packing the
+/// weights, which every task repeats, stays a small part of the work.
+const COLUMN_BUDGET: usize = 1 << 20;
+/// Tasks wanted per convolution, so small maps still spread over the cores (a few per core).
+const MIN_TASKS: usize = 8;
 
 /// `out[n, off + co, y, x] = act(Σ w[co, ci, ky, kx] · x[n, g·cin_g + ci, y·s + ky − p, x·s + kx − p] + bias[co] + residual[n, co, y, x])`.
 ///
@@ -79,7 +80,7 @@ fn conv_gemm(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, oh: usize, ow
         let c_ptr = unsafe { out.get().add(((b * out_channels + conv.out_channel_offset + co0) * npix) + p0) };
         let a = &conv.weight[co0 * depth..];
         let gemm = |bmat: *const f32, rsb: isize| unsafe {
-            matrixmultiply::sgemm(nco, depth, np, 1.0, a.as_ptr(), depth as isize, 1, bmat, rsb, 1, 0.0, c_ptr, npix as isize, 1);
+            sgemm(nco, depth, np, a.as_ptr(), depth as isize, bmat, rsb, c_ptr, npix as isize);
         };
         if direct {
             gemm(xb[p0..].as_ptr(), (h * w) as isize);
@@ -115,6 +116,15 @@ fn epilogue(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Act) {
         Act::Leaky(a) => run(row, bias, residual, |v| if v >= 0.0 { v } else { v * a }),
         Act::Relu6 => run(row, bias, residual, |v| v.clamp(0.0, 6.0)),
     }
+}
+
+/// `C[m×n] = A[m×k] · B[k×n]`, all row-major with the given row strides, on the calling thread.
+///
+/// # Safety
+/// The pointers must cover the matrices their sizes and strides describe; C must not alias A or B.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm(m: usize, k: usize, n: usize, a: *const f32, rsa: isize, b: *const f32, rsb: isize, c: *mut f32, rsc: isize) {
+    unsafe { matrixmultiply::sgemm(m, k, n, 1.0, a, rsa, 1, b, rsb, 1, 0.0, c, rsc, 1) };
 }
 
 /// Rows (ci, ky, kx), columns the output pixels p0..p0+np (flattened y·ow + x); zero padding.
