@@ -169,9 +169,13 @@ pub fn apply_resize(img: &BgrImage, mode: ResizeMode) -> (std::borrow::Cow<'_, B
     if r == 1.0 {
         return (std::borrow::Cow::Borrowed(img), 1.0);
     }
-    let ow = round_half_even(img.width as f64 * r).max(1.0) as usize;
-    let oh = round_half_even(img.height as f64 * r).max(1.0) as usize;
+    let (ow, oh) = resized_dims(img.width, img.height, r);
     (std::borrow::Cow::Owned(resize_bilinear(img, ow, oh, r, r)), r)
+}
+
+/// The output size OpenCV gives `resize(src, None, fx=r, fy=r)`: each side times r, rounded half to even.
+pub fn resized_dims(w: usize, h: usize, r: f64) -> (usize, usize) {
+    (round_half_even(w as f64 * r).max(1.0) as usize, round_half_even(h as f64 * r).max(1.0) as usize)
 }
 
 fn round_half_even(v: f64) -> f64 {
@@ -182,25 +186,31 @@ fn round_half_even(v: f64) -> f64 {
 const COEF_BITS: u32 = 11;
 const COEF_ONE: i32 = 1 << COEF_BITS;
 
-/// Per destination coordinate: source index and the two 11-bit weights, OpenCV's half-pixel rule
-/// `src = (dst + 0.5) / scale − 0.5`, clamped at the borders.
-fn linear_taps(dst_len: usize, src_len: usize, scale: f64) -> Vec<(usize, i32, i32)> {
+/// Per destination coordinate: the two source indices and their 11-bit weights, OpenCV's half-pixel
+/// rule `src = (dst + 0.5) / scale − 0.5`. Columns (`clamp_weights`) are clamped as OpenCV clamps them:
+/// past an edge the weight goes wholly to the edge pixel. Rows are not: OpenCV keeps the fraction and
+/// clamps only the row indices, so an edge row is blended with itself (which rounds differently).
+fn linear_taps(dst_len: usize, src_len: usize, scale: f64, clamp_weights: bool) -> Vec<(usize, usize, i32, i32)> {
     let inv = 1.0 / scale;
+    let last = src_len as i64 - 1;
     (0..dst_len)
         .map(|d| {
             let f = ((d as f64 + 0.5) * inv - 0.5) as f32;
             let mut s = f.floor() as i64;
             let mut frac = f - s as f32;
-            if s < 0 {
-                s = 0;
-                frac = 0.0;
-            }
-            if s >= src_len as i64 - 1 {
-                s = src_len as i64 - 1;
-                frac = 0.0;
+            if clamp_weights {
+                if s < 0 {
+                    s = 0;
+                    frac = 0.0;
+                }
+                if s >= last {
+                    s = last;
+                    frac = 0.0;
+                }
             }
             let a0 = ((1.0 - frac) * COEF_ONE as f32).round_ties_even() as i32;
-            (s as usize, a0, COEF_ONE - a0)
+            let a1 = (frac * COEF_ONE as f32).round_ties_even() as i32;
+            (s.clamp(0, last) as usize, (s + 1).clamp(0, last) as usize, a0, a1)
         })
         .collect()
 }
@@ -209,27 +219,56 @@ fn linear_taps(dst_len: usize, src_len: usize, scale: f64) -> Vec<(usize, i32, i
 /// with the rounding of its vectorised path `((s0>>4)·b0>>16 + (s1>>4)·b1>>16 + 2) >> 2`.
 pub fn resize_bilinear(img: &BgrImage, ow: usize, oh: usize, fx: f64, fy: f64) -> BgrImage {
     let (w, h) = (img.width, img.height);
-    let xt = linear_taps(ow, w, fx);
-    let yt = linear_taps(oh, h, fy);
+    if 1.0 / fx == 2.0 && 1.0 / fy == 2.0 {
+        // OpenCV switches an exact 2x linear downscale to its fast area path.
+        return halve_area(img, ow, oh);
+    }
+    let xt = linear_taps(ow, w, fx, true);
+    let yt = linear_taps(oh, h, fy, false);
     let hrow = |y: usize| -> Vec<i32> {
         let src = &img.data[y * w * 3..(y + 1) * w * 3];
         let mut out = vec![0i32; ow * 3];
-        for (dx, &(sx, a0, a1)) in xt.iter().enumerate() {
-            let sx1 = (sx + 1).min(w - 1);
+        for (dx, &(sx0, sx1, a0, a1)) in xt.iter().enumerate() {
             for c in 0..3 {
-                out[dx * 3 + c] = src[sx * 3 + c] as i32 * a0 + src[sx1 * 3 + c] as i32 * a1;
+                out[dx * 3 + c] = src[sx0 * 3 + c] as i32 * a0 + src[sx1 * 3 + c] as i32 * a1;
             }
         }
         out
     };
     let mut data = vec![0u8; ow * oh * 3];
-    for (dy, &(sy, b0, b1)) in yt.iter().enumerate() {
-        let r0 = hrow(sy);
-        let r1 = hrow((sy + 1).min(h - 1));
+    for (dy, &(sy0, sy1, b0, b1)) in yt.iter().enumerate() {
+        let r0 = hrow(sy0);
+        let r1 = hrow(sy1);
         let dst = &mut data[dy * ow * 3..(dy + 1) * ow * 3];
         for i in 0..ow * 3 {
             let t = (((r0[i] >> 4) * b0) >> 16) + (((r1[i] >> 4) * b1) >> 16);
             dst[i] = ((t + 2) >> 2).clamp(0, 255) as u8;
+        }
+    }
+    BgrImage { width: ow, height: oh, data }
+}
+
+/// OpenCV's fast INTER_AREA for an exact 2x downscale: the mean of each 2×2 block, `(Σ + 2) >> 2`; a
+/// block cut by the image edge averages the pixels it has, rounded half to even.
+fn halve_area(img: &BgrImage, ow: usize, oh: usize) -> BgrImage {
+    let (w, h) = (img.width, img.height);
+    let mut data = vec![0u8; ow * oh * 3];
+    for dy in 0..oh {
+        for dx in 0..ow {
+            for c in 0..3 {
+                let (mut sum, mut count) = (0u32, 0u32);
+                for sy in (2 * dy)..(2 * dy + 2).min(h) {
+                    for sx in (2 * dx)..(2 * dx + 2).min(w) {
+                        sum += img.data[(sy * w + sx) * 3 + c] as u32;
+                        count += 1;
+                    }
+                }
+                data[(dy * ow + dx) * 3 + c] = match count {
+                    4 => ((sum + 2) >> 2) as u8,
+                    0 => 0,
+                    _ => (sum as f32 / count as f32).round_ties_even() as u8,
+                };
+            }
         }
     }
     BgrImage { width: ow, height: oh, data }

@@ -2,7 +2,7 @@
 //! correct answer, never a panic.
 
 use image::{ImageEncoder, RgbImage};
-use retinaface::image_io::{apply_resize, decode, resize_factor, DecodeLimits, ResizeMode};
+use retinaface::image_io::{self, apply_resize, decode, resize_factor, DecodeLimits, ResizeMode};
 use retinaface::{BgrImage, DetectOptions, Engine, Network, WeightsSpec};
 
 fn err_of(bytes: &[u8]) -> String {
@@ -179,5 +179,30 @@ fn tiny_and_odd_images_run_without_panicking() {
     let batched = real.detect_batch(&imgs, &DetectOptions::default(), None).unwrap();
     for (img, got) in imgs.iter().zip(&batched) {
         assert_eq!(&real.detect(img, &DetectOptions::default()).unwrap(), got);
+    }
+}
+
+/// Against OpenCV's own output: tests/fixtures/opencv_resize.json holds random images and what
+/// `cv2.resize(src, None, None, fx=r, fy=r, interpolation=cv2.INTER_LINEAR)` (OpenCV 5.0, x86-64) made
+/// of them (tools/opencv_resize_fixture.py). Sizes and every pixel must agree exactly, including OpenCV's
+/// unclamped edge rows and its switch to the area path for an exact 2x downscale.
+#[test]
+fn bilinear_resize_matches_opencv() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/opencv_resize.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for c in v["cases"].as_array().unwrap() {
+        let (w, h, r) = (c["width"].as_u64().unwrap() as usize, c["height"].as_u64().unwrap() as usize, c["factor"].as_f64().unwrap());
+        let src: Vec<u8> = c["src"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u8).collect();
+        let want: Vec<u8> = c["dst"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u8).collect();
+        let (dw, dh) = (c["dst_width"].as_u64().unwrap() as usize, c["dst_height"].as_u64().unwrap() as usize);
+        let img = BgrImage::new(w, h, src).unwrap();
+        let (ow, oh) = image_io::resized_dims(w, h, r);
+        assert_eq!((ow, oh), (dw, dh), "{w}x{h} x{r}: output size");
+        let got = image_io::resize_bilinear(&img, ow, oh, r, r);
+        let diffs: Vec<i32> = got.data.iter().zip(&want).map(|(a, b)| (*a as i32 - *b as i32).abs()).collect();
+        let max = *diffs.iter().max().unwrap();
+        let equal = diffs.iter().filter(|&&d| d == 0).count() as f64 / diffs.len() as f64;
+        println!("{w}x{h} x{r:.4}: max diff {max}, {:.2}% equal", equal * 100.0);
+        assert_eq!(max, 0, "{w}x{h} x{r}: max diff {max}, {:.2}% equal", equal * 100.0);
     }
 }
