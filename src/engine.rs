@@ -62,6 +62,19 @@ impl std::str::FromStr for BackendChoice {
     }
 }
 
+/// The common size of a batch: equal sizes, at least one image, within the pixel bound.
+pub(crate) fn check_batch(images: &[&BgrImage]) -> Result<(usize, usize)> {
+    let first = images.first().ok_or_else(|| Error::InvalidArgument("empty batch".into()))?;
+    let (h, w) = (first.height, first.width);
+    if let Some(o) = images.iter().find(|i| i.height != h || i.width != w) {
+        return Err(Error::InvalidArgument(format!("batch mixes image sizes {w}x{h} and {}x{}", o.width, o.height)));
+    }
+    if h == 0 || w == 0 || h * w > MAX_INPUT_PIXELS {
+        return Err(Error::InvalidArgument(format!("network input {w}x{h} is outside 1..={MAX_INPUT_PIXELS} pixels")));
+    }
+    Ok((h, w))
+}
+
 pub struct Engine {
     graph: Graph,
     /// The CUDA executor when a CUDA backend was chosen; the CPU runs the graph otherwise.
@@ -149,21 +162,9 @@ impl Engine {
         &self.graph
     }
 
-    fn check_batch(images: &[&BgrImage]) -> Result<(usize, usize)> {
-        let first = images.first().ok_or_else(|| Error::InvalidArgument("empty batch".into()))?;
-        let (h, w) = (first.height, first.width);
-        if let Some(o) = images.iter().find(|i| i.height != h || i.width != w) {
-            return Err(Error::InvalidArgument(format!("batch mixes image sizes {w}x{h} and {}x{}", o.width, o.height)));
-        }
-        if h == 0 || w == 0 || h * w > MAX_INPUT_PIXELS {
-            return Err(Error::InvalidArgument(format!("network input {w}x{h} is outside 1..={MAX_INPUT_PIXELS} pixels")));
-        }
-        Ok((h, w))
-    }
-
     /// Runs the network on same-sized images; returns the activations (all of them with `keep_all`).
     pub fn run_graph(&self, images: &[&BgrImage], keep_all: bool, timings: Option<&mut Timings>) -> Result<exec::Activations> {
-        let (h, w) = Self::check_batch(images)?;
+        let (h, w) = check_batch(images)?;
         let t0 = Instant::now();
         let mut input = vec![0.0f32; images.len() * 3 * h * w];
         for (img, dst) in images.iter().zip(input.chunks_mut(3 * h * w)) {
@@ -213,7 +214,7 @@ impl Engine {
     /// Forward pass of same-sized network inputs.
     pub fn forward(&self, images: &[&BgrImage]) -> Result<Vec<RawOutput>> {
         if let Some(gpu) = self.gpu() {
-            Self::check_batch(images)?;
+            check_batch(images)?;
             return gpu?.raw_outputs(images);
         }
         let acts = self.run_graph(images, false, None)?;

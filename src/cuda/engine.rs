@@ -6,7 +6,6 @@
 use super::params::*;
 use super::runner::{DevBuf, KernelRunner, KernelRunnerExt, LaunchDims};
 use crate::detection::Detection;
-use crate::engine::MAX_INPUT_PIXELS;
 use crate::error::{Error, Result};
 use crate::image_io::BgrImage;
 use crate::model::graph::{Conv, Graph, Op, TensorId};
@@ -162,18 +161,6 @@ impl GpuEngine {
         &self.graph
     }
 
-    fn check_batch(images: &[&BgrImage]) -> Result<(usize, usize)> {
-        let first = images.first().ok_or_else(|| Error::InvalidArgument("empty batch".into()))?;
-        let (h, w) = (first.height, first.width);
-        if let Some(o) = images.iter().find(|i| i.height != h || i.width != w) {
-            return Err(Error::InvalidArgument(format!("batch mixes image sizes {w}x{h} and {}x{}", o.width, o.height)));
-        }
-        if h == 0 || w == 0 || h * w > MAX_INPUT_PIXELS {
-            return Err(Error::InvalidArgument(format!("network input {w}x{h} is outside 1..={MAX_INPUT_PIXELS} pixels")));
-        }
-        Ok((h, w))
-    }
-
     fn plan(&mut self, n: usize, h: usize, w: usize) -> Result<()> {
         if self.plans.contains_key(&(n, h, w)) {
             return Ok(());
@@ -198,7 +185,7 @@ impl GpuEngine {
 
     /// Runs preprocessing, the network and the heads; leaves loc/conf/landm on the device.
     fn forward(&mut self, images: &[&BgrImage]) -> Result<(usize, usize, usize)> {
-        let (h, w) = Self::check_batch(images)?;
+        let (h, w) = crate::engine::check_batch(images)?;
         let n = images.len();
         dim(n * h * w * 3, "batch elements")?;
         self.plan(n, h, w)?;
@@ -362,7 +349,7 @@ impl GpuEngine {
     /// landmarks are divided by it, as the reference does.
     pub fn detect_scaled(&mut self, images: &[&BgrImage], post: &PostOptions, resize: f32) -> Result<Vec<Vec<Detection>>> {
         post.validate()?;
-        let (h, w) = Self::check_batch(images)?;
+        let (h, w) = crate::engine::check_batch(images)?;
         post_sizes(h, w, post)?;
         let (n, h, w) = self.forward(images)?;
         let plan = self.plans.get_mut(&(n, h, w)).ok_or_else(|| Error::Cuda("plan vanished".into()))?;
