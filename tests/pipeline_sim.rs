@@ -114,3 +114,28 @@ fn batch_of_two_matches_cpu_engine_in_simulation() {
         println!("image {b}: {} detections; score max error {s:.2e}, geometry {g:.2e}; {swaps} near-tie reorderings", got_dets[b].len());
     }
 }
+
+/// Every network through the simulated CUDA pipeline: the seven synthetic golden cases at the odd size
+/// 301x203 (stems, depthwise, Relu6 and residual epilogues, max-pool, every FPN/SSH/head shape), raw
+/// outputs against the reference within the CPU path's raw tolerance, 1e-4 absolute.
+#[test]
+fn every_network_in_simulation_matches_the_goldens() {
+    let mut failures = Vec::new();
+    for net in retinaface::Network::ALL {
+        let case = load_case(&format!("synthetic-{}-seed1-301x203", net.name()));
+        let cpu = Engine::new(&case.weights, Some(case.network)).unwrap();
+        let mut gpu = GpuEngine::new(cpu.graph(), Backend::Simulation).unwrap();
+        let t0 = Instant::now();
+        let raw = gpu.raw_outputs(&[&case.input]).unwrap().pop().unwrap();
+        let mut line = format!("{net}: {:.1?}", t0.elapsed());
+        for (k, v) in [("loc", &raw.loc), ("conf", &raw.conf), ("landmarks", &raw.landmarks)] {
+            let (d, _) = max_abs_diff(v, &case.tensors[k].1);
+            line += &format!(" {k} {d:.1e}");
+            if d > 1e-4 {
+                failures.push(format!("{net}: {k} max abs error {d:e}"));
+            }
+        }
+        println!("{line}");
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
