@@ -160,3 +160,10 @@ pub fn png_of(img: &retinaface::BgrImage) -> Vec<u8> {
         .expect("encode png");
     out
 }
+
+impl Resp {
+    /// The `error` field, or "" when the body is not a JSON error (for collecting mixed answers).
+    pub fn error_or_empty(&self) -> String {
+        serde_json::from_slice::<serde_json::Value>(&self.body).ok().and_then(|v| v["error"].as_str().map(str::to_string)).unwrap_or_default()
+    }
+}
