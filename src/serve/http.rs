@@ -310,7 +310,10 @@ async fn detect(State(s): St, q: Result<Query<HashMap<String, String>>, axum::ex
     let r = async {
         let q = q.map_err(|e| ApiError::bad(format!("bad query string: {e}")))?;
         match content_type(&headers).as_deref() {
-            None | Some("image/jpeg" | "image/jpg" | "image/png" | "application/octet-stream" | "") => {}
+            // The bytes are sniffed anyway; the type only has to not contradict them.
+            // `application/x-www-form-urlencoded` is what `curl --data-binary @photo.jpg` sends
+            // unless told otherwise: refusing it would fail the most common first try.
+            None | Some("image/jpeg" | "image/jpg" | "image/png" | "application/octet-stream" | "application/x-www-form-urlencoded" | "") => {}
             Some(ct) if ct.starts_with("multipart/") => {
                 return Err(ApiError::new(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
