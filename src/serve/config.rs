@@ -187,3 +187,38 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(flags: &[&str]) -> Result<Config> {
+        Config::from_args(&ServeArgs::parse_from_flags(flags.iter().copied())?)
+    }
+
+    #[test]
+    fn defaults_follow_the_issue_and_triton() {
+        let c = cfg(&["--synthetic-seed", "1", "--network", "mobilenetv1_0.25"]).expect("defaults");
+        assert_eq!(c.listen.port(), 8000);
+        assert_eq!(c.metrics_listen.port(), 8002);
+        assert_eq!(c.max_batch, 8);
+        assert_eq!(c.queue_timeout, Some(Duration::from_millis(5000)));
+        assert_eq!(c.detect, DetectOptions::default());
+        assert!(c.decode_workers >= 1);
+    }
+
+    #[test]
+    fn bad_flags_are_named_in_the_error() {
+        let err = |flags: &[&str]| cfg(flags).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err(&["--synthetic-seed", "1", "--max-batch", "0"]).contains("--max-batch 0"));
+        assert!(err(&["--synthetic-seed", "1", "--max-queue", "0"]).contains("--max-queue"));
+        assert!(err(&["--synthetic-seed", "1", "--resize", "huge"]).contains("resize mode `huge`"));
+        assert!(err(&["--synthetic-seed", "1", "--resize", "long-side:100000"]).contains("at most"));
+        assert!(err(&["--synthetic-seed", "1", "--max-image-pixels", "0"]).contains("--max-image-pixels"));
+        assert!(err(&["--synthetic-seed", "1", "--header-read-timeout-ms", "0"]).contains("slow clients"));
+        assert!(err(&["--synthetic-seed", "1", "--network", "vgg"]).contains("unknown network `vgg`"));
+        assert!(err(&["--weights", "a.pth", "--synthetic-seed", "1"]).contains("cannot be used with"));
+        assert!(err(&[]).contains("--weights"), "{}", err(&[]));
+        assert!(err(&["--synthetic-seed", "1", "--backend", "tpu"]).contains("tpu"));
+    }
+}

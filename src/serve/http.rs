@@ -553,3 +553,35 @@ fn infer_response(model: &str, id: Option<Value>, outputs: &[(&'static str, bool
     r.headers_mut().insert(HEADER_LEN, HeaderValue::from(hlen));
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_tensor_elements_with_and_without_length_prefix() {
+        let jpeg = Bytes::from_static(&[0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3]);
+        assert_eq!(split_bytes_tensor(jpeg.clone(), 1).expect("raw"), vec![jpeg.clone()]);
+        let mut two = Vec::new();
+        for e in [&b"abc"[..], &b"de"[..]] {
+            two.extend_from_slice(&(e.len() as u32).to_le_bytes());
+            two.extend_from_slice(e);
+        }
+        let got = split_bytes_tensor(Bytes::from(two.clone()), 2).expect("two");
+        assert_eq!(got, vec![Bytes::from_static(b"abc"), Bytes::from_static(b"de")]);
+        // One element short, or bytes left over: errors that say so.
+        let e = split_bytes_tensor(Bytes::from(two.clone()), 3).err().expect("short");
+        assert!(e.msg.contains("element 2"), "{}", e.msg);
+        two.push(0);
+        let e = split_bytes_tensor(Bytes::from(two), 2).err().expect("extra");
+        assert!(e.msg.contains("left after"), "{}", e.msg);
+    }
+
+    #[test]
+    fn sniffing_tells_unsupported_from_empty() {
+        assert_eq!(sniff(b"", "x").err().map(|e| e.status), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(sniff(b"GIF89a", "x").err().map(|e| e.status), Some(StatusCode::UNSUPPORTED_MEDIA_TYPE));
+        assert!(sniff(b"\x89PNG\r\n\x1a\nrest", "x").is_ok());
+        assert!(sniff(&[0xFF, 0xD8, 0xFF, 0xD9], "x").is_ok(), "JPEG-looking: the decoder gives the precise 400");
+    }
+}
