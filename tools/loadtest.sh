@@ -38,7 +38,7 @@ command -v python3 >/dev/null || { echo "python3 is needed to summarise oha's JS
 
 if [ -z "${SERVER:-}" ]; then
     cargo build --release --bin retinaface --example serve >&2
-    if target/release/retinaface serve --help >/dev/null 2>&1; then
+    if target/release/retinaface serve --help 2>/dev/null | grep -q -- --max-queue-delay-us; then
         SERVER="target/release/retinaface serve"
     else
         SERVER="target/release/examples/serve"
@@ -82,12 +82,12 @@ run() {
     local c0 e0 c1 e1
     c0=$(metric nv_inference_count)
     e0=$(metric nv_inference_exec_count)
-    oha --no-tui --output-format json -m POST -T image/jpeg -D "$IMAGE" "$@" "$URL" >"$WORK/oha.json"
+    oha --no-tui --output-format json --stats-success-breakdown --wait-ongoing-requests-after-deadline -m POST -T image/jpeg -D "$IMAGE" "$@" "$URL" >"$WORK/oha.json"
     c1=$(metric nv_inference_count)
     e1=$(metric nv_inference_exec_count)
-    python3 - "$WORK/oha.json" "$label" "$mode" "$load" "$((c1 - c0))" "$((e1 - e0))" <<'PY'
+    python3 - "$WORK/oha.json" "$label" "$mode" "$load" "$((c1 - c0))" "$((e1 - e0))" "$(cut -d' ' -f1 /proc/loadavg)" <<'PY'
 import json, sys
-path, label, mode, load, infers, execs = sys.argv[1:7]
+path, label, mode, load, infers, execs, loadavg = sys.argv[1:8]
 r = json.load(open(path))
 codes = {int(k): v for k, v in (r.get("statusCodeDistribution") or {}).items()}
 errors = sum((r.get("errorDistribution") or {}).values())
@@ -100,7 +100,7 @@ ms = lambda k: "%.0f" % (1000 * lat[k]) if lat.get(k) is not None else "-"
 five = sum(v for k, v in codes.items() if 500 <= k and k != 503)
 other = sum(v for k, v in codes.items() if k not in (200, 503) and not 500 <= k)
 batch = "%.2f" % (int(infers) / int(execs)) if int(execs) else "-"
-print(f"| {label} | {mode} | {load} | {ok / secs:.1f} | {ms('p50')} | {ms('p90')} | {ms('p99')} | {ok} | {codes.get(503, 0)} | {five} | {other + errors} | {batch} |")
+print(f"| {label} | {mode} | {load} | {ok / secs:.1f} | {ms('p50')} | {ms('p90')} | {ms('p99')} | {ok} | {codes.get(503, 0)} | {five} | {other + errors} | {batch} | {loadavg} |")
 with open(path + ".okps", "w") as f:
     f.write(str(ok / secs))
 PY
@@ -110,8 +110,10 @@ okps() { cat "$WORK/oha.json.okps"; }
 
 echo "server: $SERVER; image: $IMAGE; weights: $WEIGHTS; $(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
 echo
-echo "| run | batching | load | ok/s | p50 ms | p90 ms | p99 ms | 200 | 503 | 5xx | other errors | mean batch |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+# The last column is the machine's 1-minute load average after the run: above ~3 on 2 CPUs
+# (server + oha) something else was competing for the cores.
+echo "| run | batching | load | ok/s | p50 ms | p90 ms | p99 ms | 200 | 503 | 5xx | other errors | mean batch | loadavg |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 
 # 1. Sweep with batching.
 start_server --max-batch "$BATCH" --max-queue-delay-us 2000
@@ -126,12 +128,12 @@ done
 rate=$(python3 -c "print(max(1, round(2 * $cap)))")
 run overload "max-batch $BATCH" "open loop ${rate}/s (2x cap ${cap%.*}/s), c=$((MAX_QUEUE * 3))" \
     -q "$rate" --latency-correction -c "$((MAX_QUEUE * 3))" -z "${OVERLOAD_S}s"
-# 3. Recovery: half the capacity, straight after.
+# 3. Recovery: half the capacity, straight after: latency should be back to the light-load level.
 half=$(python3 -c "print(max(1, round(0.5 * $cap)))")
 run recovery "max-batch $BATCH" "open loop ${half}/s, c=16" -q "$half" --latency-correction -c 16 -z "${RECOVER_S}s"
 
-# 4. Soak at 70% of capacity; the server's RSS is sampled every 5 s.
-soak_rate=$(python3 -c "print(max(1, round(0.7 * $cap)))")
+# 4. Soak at half the capacity; the server's RSS is sampled every 5 s.
+soak_rate=$half
 rss0=$(rss_kib)
 ( while sleep 5; do rss_kib >>"$WORK/rss" 2>/dev/null || break; done ) &
 sampler=$!

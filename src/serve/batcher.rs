@@ -44,7 +44,9 @@ struct Job {
     enqueued: Instant,
     deadline: Option<Instant>,
     reply: oneshot::Sender<Reply>,
-    _slot: Slot,
+    /// Held while queued; dropped when the batch starts, so `--max-queue` bounds waiting requests
+    /// and Triton's pending count excludes the ones executing.
+    slot: Option<Slot>,
 }
 
 type Key = (usize, usize);
@@ -152,7 +154,7 @@ impl Batcher {
         if st.shutdown {
             let _ = tx.send(Err(ExecError::ShuttingDown));
         } else {
-            st.buckets.entry(key).or_default().push_back(Job { id, image, scale, enqueued: Instant::now(), deadline, reply: tx, _slot: slot });
+            st.buckets.entry(key).or_default().push_back(Job { id, image, scale, enqueued: Instant::now(), deadline, reply: tx, slot: Some(slot) });
             self.cv.notify_all();
         }
         drop(st);
@@ -221,7 +223,8 @@ impl Batcher {
                         }
                         // Expired or abandoned requests are answered here and never run.
                         let mut batch = Vec::with_capacity(taken.len());
-                        for job in taken {
+                        for mut job in taken {
+                            job.slot = None;
                             if job.reply.is_closed() {
                                 continue;
                             }
