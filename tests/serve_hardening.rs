@@ -280,6 +280,24 @@ fn slow_clients_are_cut_by_the_header_and_body_timeouts() {
     let closed_at = closed_at.expect("server never cut the trickled headers");
     assert!(closed_at >= Duration::from_millis(400) && closed_at < Duration::from_secs(3), "cut after {closed_at:?}");
 
+    // An idle keep-alive connection is closed by the same header timer (it runs while hyper waits
+    // for the next request's head), so idle sockets cannot pile up.
+    let mut s = connect(a);
+    s.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n").expect("request");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).expect("response");
+        assert!(n > 0, "closed before answering");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+    let t0 = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "no more bytes: the server closes the idle connection");
+    assert!(t0.elapsed() >= Duration::from_millis(400) && t0.elapsed() < Duration::from_secs(3), "closed after {:?}", t0.elapsed());
+
     // Body trickled: 100 bytes per 100 ms of a declared 100000 → 408 after ~0.8 s.
     let mut s = connect(a);
     s.write_all(b"POST /v1/detect HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\nContent-Type: image/jpeg\r\n\r\n").expect("head");
