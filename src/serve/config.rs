@@ -62,7 +62,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 20 * 1024 * 1024)]
     pub max_body_bytes: usize,
     /// Largest decoded image, in pixels (checked from the header, before any pixel is decoded).
-    #[arg(long, default_value_t = 40_000_000)]
+    /// The forward pass's memory grows with pixels times batch size: lower this or --max-batch to
+    /// bound it (default 4096x4096).
+    #[arg(long, default_value_t = 16_777_216)]
     pub max_image_pixels: u64,
     /// Resize before the network: original, multiscale or long-side:N (as `retinaface detect`).
     #[arg(long, default_value = "original")]
