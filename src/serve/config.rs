@@ -147,8 +147,10 @@ impl Config {
         if a.max_batch == 0 || a.max_batch > 256 {
             return bad(format!("--max-batch {} is not in 1..=256", a.max_batch));
         }
-        if a.max_queue == 0 {
-            return bad("--max-queue must be at least 1".into());
+        // A v2 request may carry up to --max-batch images, all admitted at once: a smaller queue
+        // would refuse such a request forever.
+        if a.max_queue < a.max_batch {
+            return bad(format!("--max-queue {} must be at least --max-batch {}", a.max_queue, a.max_batch));
         }
         if a.max_body_bytes == 0 {
             return bad("--max-body-bytes must be at least 1".into());
@@ -213,7 +215,7 @@ mod tests {
     fn bad_flags_are_named_in_the_error() {
         let err = |flags: &[&str]| cfg(flags).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err(&["--synthetic-seed", "1", "--max-batch", "0"]).contains("--max-batch 0"));
-        assert!(err(&["--synthetic-seed", "1", "--max-queue", "0"]).contains("--max-queue"));
+        assert!(err(&["--synthetic-seed", "1", "--max-queue", "0"]).contains("--max-queue 0 must be at least --max-batch 8"));
         assert!(err(&["--synthetic-seed", "1", "--resize", "huge"]).contains("resize mode `huge`"));
         assert!(err(&["--synthetic-seed", "1", "--resize", "long-side:100000"]).contains("at most"));
         assert!(err(&["--synthetic-seed", "1", "--max-image-pixels", "0"]).contains("--max-image-pixels"));
