@@ -20,6 +20,7 @@ pub mod image_io;
 pub mod model;
 pub mod network;
 pub mod post;
+pub mod serve;
 pub mod weights;
 pub mod widerface;
 

@@ -25,6 +25,8 @@ enum Command {
     Forward(ForwardArgs),
     /// Throughput, latency percentiles and per-stage times of the forward pass.
     Bench(BenchArgs),
+    /// HTTP inference server: KServe v2 / Triton protocol, /v1/detect, dynamic batching, metrics.
+    Serve(retinaface::serve::ServeArgs),
     /// Write the synthetic-weights recipe's state dict for a network as safetensors (reference layout).
     Synthetic(SyntheticArgs),
     /// WIDER FACE validation: predict over the image tree, evaluate Easy / Medium / Hard AP.
@@ -199,6 +201,7 @@ fn main() -> ExitCode {
         Command::Forward(a) => forward(a),
         Command::Bench(a) => bench(a),
         Command::Synthetic(a) => synthetic(a),
+        Command::Serve(a) => retinaface::serve::run(a),
         Command::Widerface { command: WiderfaceCommand::Predict(a) } => widerface_predict(a),
         Command::Widerface { command: WiderfaceCommand::Eval(a) } => widerface_eval(a),
     };

@@ -1,0 +1,238 @@
+//! `retinaface serve` flags and the validated settings the server runs with.
+
+use crate::error::{Error, Result};
+use crate::image_io::{DecodeLimits, ResizeMode};
+use crate::network::Network;
+use crate::weights::WeightsSpec;
+use crate::DetectOptions;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Compute backend: `cuda` needs a GPU (an error otherwise), `auto` takes CUDA when a GPU is present and
+/// the CPU otherwise, saying which in the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+impl Backend {
+    pub fn choice(self) -> crate::engine::BackendChoice {
+        match self {
+            Backend::Cpu => crate::engine::BackendChoice::Cpu,
+            Backend::Cuda => crate::engine::BackendChoice::Cuda,
+            Backend::Auto => crate::engine::BackendChoice::Auto,
+        }
+    }
+}
+
+/// Flags of `retinaface serve`. The CLI flattens this into its `serve` subcommand.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Weights file (.pth or .safetensors).
+    #[arg(long, conflicts_with = "synthetic_seed", required_unless_present = "synthetic_seed")]
+    pub weights: Option<PathBuf>,
+    /// Use the reproducible synthetic weights with this seed instead of a file (needs --network).
+    #[arg(long)]
+    pub synthetic_seed: Option<u64>,
+    /// Network name; inferred from the weights file when omitted.
+    #[arg(long)]
+    pub network: Option<String>,
+    /// Compute backend: cpu, cuda (needs a GPU) or auto (CUDA when a GPU is present, else cpu).
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+    /// Address to listen on. The default listens on every interface, as a container needs.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: IpAddr,
+    /// HTTP port of the inference API (0 picks a free port).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Port of the Prometheus endpoint `/metrics` (Triton's default 8002; 0 picks a free port).
+    /// `/metrics` is also served on the main port.
+    #[arg(long, default_value_t = 8002)]
+    pub metrics_port: u16,
+    /// Model name in the /v2/models/{name} routes.
+    #[arg(long, default_value = "retinaface")]
+    pub model_name: String,
+    /// Largest batch the dynamic batcher forms (1 disables batching).
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
+    /// How long the oldest queued request may wait for its batch to fill, in microseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub max_queue_delay_us: u64,
+    /// Requests admitted but not yet executing (decoding or queued); one more is refused with 503 at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// A request still queued after this long is answered 503 and never executed (0: no timeout).
+    #[arg(long, default_value_t = 5000)]
+    pub queue_timeout_ms: u64,
+    /// Largest request body; a larger declared Content-Length is refused with 413 before it is read.
+    #[arg(long, default_value_t = 20 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Largest decoded image, in pixels (checked from the header, before any pixel is decoded).
+    /// The forward pass's memory grows with pixels times batch size: lower this or --max-batch to
+    /// bound it (default 4096x4096).
+    #[arg(long, default_value_t = 16_777_216)]
+    pub max_image_pixels: u64,
+    /// Resize before the network: original, multiscale or long-side:N (as `retinaface detect`).
+    #[arg(long, default_value = "original")]
+    pub resize: String,
+    /// Threads that decode images, off the async runtime (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub decode_workers: usize,
+    /// Time a client has to send the request line and headers.
+    #[arg(long, default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+    /// Time a client has to send the whole body once the headers are in.
+    #[arg(long, default_value_t = 30_000)]
+    pub body_read_timeout_ms: u64,
+    /// On SIGTERM, how long in-flight requests may take to finish before the server exits anyway.
+    #[arg(long, default_value_t = 30_000)]
+    pub shutdown_timeout_ms: u64,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl ServeArgs {
+    /// Parses flags as the CLI would (without the program name), for tests and embedding.
+    pub fn parse_from_flags<I, T>(flags: I) -> Result<ServeArgs>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        let all = std::iter::once(std::ffi::OsString::from("serve")).chain(flags.into_iter().map(Into::into));
+        <Wrapper as clap::Parser>::try_parse_from(all).map(|w| w.args).map_err(|e| Error::InvalidArgument(e.to_string()))
+    }
+}
+
+/// Upper bound on the long side of `--resize long-side:N`: keeps every network input under the
+/// engine's pixel limit.
+const MAX_LONG_SIDE: u32 = 8000;
+
+/// The settings the server runs with, checked once at start.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub weights: WeightsSpec,
+    pub network: Option<Network>,
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub model_name: String,
+    pub max_batch: usize,
+    pub max_queue_delay: Duration,
+    pub max_queue: usize,
+    pub queue_timeout: Option<Duration>,
+    pub max_body_bytes: usize,
+    pub decode_limits: DecodeLimits,
+    pub detect: DetectOptions,
+    pub decode_workers: usize,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    pub fn from_args(a: &ServeArgs) -> Result<Config> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        let weights = match (&a.weights, a.synthetic_seed) {
+            (Some(p), None) => WeightsSpec::File(p.clone()),
+            (None, Some(seed)) => WeightsSpec::Synthetic { seed },
+            _ => return bad("give exactly one of --weights PATH and --synthetic-seed S".into()),
+        };
+        let network = a.network.as_deref().map(str::parse::<Network>).transpose()?;
+        if a.max_batch == 0 || a.max_batch > 256 {
+            return bad(format!("--max-batch {} is not in 1..=256", a.max_batch));
+        }
+        // A v2 request may carry up to --max-batch images, all admitted at once: a smaller queue
+        // would refuse such a request forever.
+        if a.max_queue < a.max_batch {
+            return bad(format!("--max-queue {} must be at least --max-batch {}", a.max_queue, a.max_batch));
+        }
+        if a.max_body_bytes == 0 {
+            return bad("--max-body-bytes must be at least 1".into());
+        }
+        if a.max_image_pixels == 0 || a.max_image_pixels > crate::engine::MAX_INPUT_PIXELS as u64 {
+            return bad(format!("--max-image-pixels {} is not in 1..={}", a.max_image_pixels, crate::engine::MAX_INPUT_PIXELS));
+        }
+        let resize: ResizeMode = a.resize.parse()?;
+        if let ResizeMode::LongSide(n) = resize
+            && n > MAX_LONG_SIDE
+        {
+            return bad(format!("--resize long-side:{n}: at most {MAX_LONG_SIDE}"));
+        }
+        for (name, v) in [("--header-read-timeout-ms", a.header_read_timeout_ms), ("--body-read-timeout-ms", a.body_read_timeout_ms)] {
+            if v == 0 {
+                return bad(format!("{name} must be at least 1 (slow clients must be cut)"));
+            }
+        }
+        let decode_workers = if a.decode_workers == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) } else { a.decode_workers };
+        Ok(Config {
+            weights,
+            network,
+            listen: SocketAddr::new(a.host, a.port),
+            metrics_listen: SocketAddr::new(a.host, a.metrics_port),
+            model_name: a.model_name.clone(),
+            max_batch: a.max_batch,
+            max_queue_delay: Duration::from_micros(a.max_queue_delay_us),
+            max_queue: a.max_queue,
+            queue_timeout: (a.queue_timeout_ms > 0).then(|| Duration::from_millis(a.queue_timeout_ms)),
+            max_body_bytes: a.max_body_bytes,
+            decode_limits: DecodeLimits { max_pixels: a.max_image_pixels, ..DecodeLimits::default() },
+            detect: DetectOptions { resize, ..DetectOptions::default() },
+            decode_workers,
+            header_read_timeout: Duration::from_millis(a.header_read_timeout_ms),
+            body_read_timeout: Duration::from_millis(a.body_read_timeout_ms),
+            shutdown_timeout: Duration::from_millis(a.shutdown_timeout_ms),
+            log_format: a.log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(flags: &[&str]) -> Result<Config> {
+        Config::from_args(&ServeArgs::parse_from_flags(flags.iter().copied())?)
+    }
+
+    #[test]
+    fn defaults_follow_the_issue_and_triton() {
+        let c = cfg(&["--synthetic-seed", "1", "--network", "mobilenetv1_0.25"]).expect("defaults");
+        assert_eq!(c.listen.port(), 8000);
+        assert_eq!(c.metrics_listen.port(), 8002);
+        assert_eq!(c.max_batch, 8);
+        assert_eq!(c.queue_timeout, Some(Duration::from_millis(5000)));
+        assert_eq!(c.detect, DetectOptions::default());
+        assert!(c.decode_workers >= 1);
+    }
+
+    #[test]
+    fn bad_flags_are_named_in_the_error() {
+        let err = |flags: &[&str]| cfg(flags).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err(&["--synthetic-seed", "1", "--max-batch", "0"]).contains("--max-batch 0"));
+        assert!(err(&["--synthetic-seed", "1", "--max-queue", "0"]).contains("--max-queue 0 must be at least --max-batch 8"));
+        assert!(err(&["--synthetic-seed", "1", "--resize", "huge"]).contains("resize mode `huge`"));
+        assert!(err(&["--synthetic-seed", "1", "--resize", "long-side:100000"]).contains("at most"));
+        assert!(err(&["--synthetic-seed", "1", "--max-image-pixels", "0"]).contains("--max-image-pixels"));
+        assert!(err(&["--synthetic-seed", "1", "--header-read-timeout-ms", "0"]).contains("slow clients"));
+        assert!(err(&["--synthetic-seed", "1", "--network", "vgg"]).contains("unknown network `vgg`"));
+        assert!(err(&["--weights", "a.pth", "--synthetic-seed", "1"]).contains("cannot be used with"));
+        assert!(err(&[]).contains("--weights"), "{}", err(&[]));
+        assert!(err(&["--synthetic-seed", "1", "--backend", "tpu"]).contains("tpu"));
+    }
+}

@@ -1,0 +1,587 @@
+//! HTTP API: the Open Inference Protocol (KServe v2 / Triton HTTP) with Triton's binary tensor data
+//! extension, `POST /v1/detect`, and `/metrics`. Every error is `{"error": "..."}`: 400 bad request,
+//! 404 unknown model or route, 408 body too slow, 413 too large, 415 not a JPEG/PNG, 503 overload,
+//! queue timeout or shutting down; 500 only when the engine itself fails.
+
+use super::batcher::{Batcher, ExecError};
+use super::config::Config;
+use super::metrics::{FailureReason, Metrics};
+use crate::detection::Detection;
+use crate::image_io::{self, BgrImage};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::Engine as _;
+use futures_util::future::join_all;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::Semaphore;
+
+pub struct AppState {
+    pub cfg: Arc<Config>,
+    pub batcher: Arc<Batcher>,
+    pub metrics: Arc<Metrics>,
+    pub ready: AtomicBool,
+    /// Bounds concurrent decodes: decoding runs on tokio's blocking threads, never on the async workers.
+    pub decode_pool: Arc<Semaphore>,
+    pub network: String,
+}
+
+type St = State<Arc<AppState>>;
+
+/// A client-visible error.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub msg: String,
+    reason: FailureReason,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+        let reason = match status {
+            StatusCode::SERVICE_UNAVAILABLE => FailureReason::Rejected,
+            StatusCode::INTERNAL_SERVER_ERROR => FailureReason::Backend,
+            _ => FailureReason::Other,
+        };
+        ApiError { status, msg: msg.into(), reason }
+    }
+    fn bad(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, msg)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(json!({ "error": self.msg }))).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // Overload is transient: tell well-behaved clients to come back shortly.
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        r
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2/models/{name}", get(model_metadata))
+        .route("/v2/models/{name}/ready", get(model_ready))
+        .route("/v2/models/{name}/infer", post(infer))
+        .route("/v2/models/{name}/versions/{version}", get(model_metadata_v))
+        .route("/v2/models/{name}/versions/{version}/ready", get(model_ready_v))
+        .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
+        .route("/v1/detect", post(detect))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// The Prometheus endpoint alone, for `--metrics-port`.
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    Router::new().route("/metrics", get(metrics)).fallback(not_found).with_state(state)
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no route {}", uri.path()))
+}
+
+async fn live() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn ready(State(s): St) -> StatusCode {
+    if s.ready.load(Ordering::Acquire) { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+}
+
+async fn server_metadata() -> axum::Json<Value> {
+    axum::Json(json!({
+        "name": "retinaface",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data"],
+    }))
+}
+
+fn check_model(s: &AppState, name: &str, version: Option<&str>) -> Result<(), ApiError> {
+    if name != s.cfg.model_name {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("unknown model `{name}` (this server has `{}`)", s.cfg.model_name)));
+    }
+    if let Some(v) = version
+        && v != "1"
+    {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("model `{name}` has no version `{v}` (only 1)")));
+    }
+    Ok(())
+}
+
+const OUTPUTS: [(&str, &str); 4] = [("num_detections", "INT32"), ("boxes", "FP32"), ("scores", "FP32"), ("landmarks", "FP32")];
+
+async fn model_metadata(State(s): St, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
+    check_model(&s, &name, None)?;
+    Ok(axum::Json(json!({
+        "name": s.cfg.model_name,
+        "versions": ["1"],
+        "platform": format!("retinaface_{}", s.network),
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [
+            {"name": "num_detections", "datatype": "INT32", "shape": [-1]},
+            {"name": "boxes", "datatype": "FP32", "shape": [-1, -1, 4]},
+            {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "landmarks", "datatype": "FP32", "shape": [-1, -1, 10]},
+        ],
+    })))
+}
+
+async fn model_metadata_v(st: St, Path((name, version)): Path<(String, String)>) -> Result<axum::Json<Value>, ApiError> {
+    check_model(&st.0, &name, Some(&version))?;
+    model_metadata(st, Path(name)).await
+}
+
+async fn model_ready(State(s): St, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    check_model(&s, &name, None)?;
+    Ok(if s.ready.load(Ordering::Acquire) { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE })
+}
+
+async fn model_ready_v(st: St, Path((name, version)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+    check_model(&st.0, &name, Some(&version))?;
+    model_ready(st, Path(name)).await
+}
+
+async fn metrics(State(s): St) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render(&s.cfg.model_name)).into_response()
+}
+
+/// Reads the body under the size limit and the body timeout. A declared Content-Length over the
+/// limit is refused before a byte of the body is read; a chunked body is cut as soon as it passes it.
+async fn read_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let limit = s.cfg.max_body_bytes;
+    let too_large = |n: String| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body of {n} bytes exceeds the limit of {limit} bytes"));
+    if let Some(len) = headers.get(header::CONTENT_LENGTH) {
+        let len: u64 = len.to_str().ok().and_then(|v| v.trim().parse().ok()).ok_or_else(|| ApiError::bad("Content-Length is not a number"))?;
+        if len > limit as u64 {
+            return Err(too_large(len.to_string()));
+        }
+    }
+    let read = async {
+        let mut body = body;
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ApiError::bad(format!("reading the request body: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Err(too_large(format!("more than {}", buf.len() + data.len())));
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(Bytes::from(buf))
+    };
+    match tokio::time::timeout(s.cfg.body_read_timeout, read).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("request body not received within {} ms", s.cfg.body_read_timeout.as_millis()),
+        )),
+    }
+}
+
+/// One decoded request image: the network input and what is needed to report in original pixels.
+struct Decoded {
+    input: BgrImage,
+    scale: f64,
+    width: usize,
+    height: usize,
+}
+
+fn sniff(bytes: &[u8], what: &str) -> Result<(), ApiError> {
+    if bytes.is_empty() {
+        return Err(ApiError::bad(format!("{what}: empty image")));
+    }
+    let jpeg = bytes.starts_with(&[0xFF, 0xD8, 0xFF]) || bytes == [0xFF, 0xD8];
+    let png = bytes.starts_with(b"\x89PNG\r\n\x1a\n");
+    if !jpeg && !png {
+        return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("{what}: not a JPEG or PNG image (unrecognised signature)")));
+    }
+    Ok(())
+}
+
+/// Decodes and resizes on the bounded decode pool, off the async workers.
+async fn decode(s: &AppState, bytes: Bytes, what: String) -> Result<Decoded, ApiError> {
+    sniff(&bytes, &what)?;
+    let permit = s.decode_pool.clone().acquire_owned().await.map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"))?;
+    let limits = s.cfg.decode_limits;
+    let mode = s.cfg.detect.resize;
+    let task = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let img = image_io::decode(&bytes, &what, &limits).map_err(|e| ApiError::bad(e.to_string()))?;
+        let (width, height) = (img.width, img.height);
+        let (resized, scale) = image_io::apply_resize(&img, mode);
+        let resized = match resized {
+            std::borrow::Cow::Owned(o) => Some(o),
+            std::borrow::Cow::Borrowed(_) => None,
+        };
+        Ok(Decoded { input: resized.unwrap_or(img), scale, width, height })
+    });
+    match task.await {
+        Ok(r) => r,
+        // A panic inside the image decoder: the input is to blame, the server carries on.
+        Err(e) => Err(ApiError::bad(format!("image could not be decoded (decoder failed: {e})"))),
+    }
+}
+
+/// What is reported of an image besides its detections: its size after EXIF orientation.
+struct ImageInfo {
+    width: usize,
+    height: usize,
+}
+
+/// Admission, decode, queue, wait: the path every image takes. The `n` images of one request are
+/// admitted together or not at all, and all decoded before any is queued.
+async fn detect_images(s: &AppState, images: Vec<(Bytes, String)>) -> Result<Vec<(ImageInfo, Vec<Detection>)>, ApiError> {
+    let admitted_at = Instant::now();
+    let slots = s.batcher.admit(images.len()).ok_or_else(|| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("server overloaded: the queue holds its maximum of {} requests", s.cfg.max_queue))
+    })?;
+    let decoded: Vec<Decoded> = join_all(images.into_iter().map(|(b, what)| decode(s, b, what))).await.into_iter().collect::<Result<_, _>>()?;
+    let mut infos = Vec::with_capacity(decoded.len());
+    let mut tickets = Vec::with_capacity(decoded.len());
+    for (d, slot) in decoded.into_iter().zip(slots) {
+        infos.push(ImageInfo { width: d.width, height: d.height });
+        tickets.push(s.batcher.submit(slot, d.input, d.scale, admitted_at));
+    }
+    let results = join_all(tickets.into_iter().map(|t| t.wait())).await;
+    infos
+        .into_iter()
+        .zip(results)
+        .map(|(info, r)| {
+            let dets = r.map_err(|e| match e {
+                ExecError::QueueTimeout => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("request timed out in the queue after {} ms", s.cfg.queue_timeout.map_or(0, |t| t.as_millis())),
+                ),
+                ExecError::ShuttingDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"),
+                ExecError::Backend(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("inference failed: {m}")),
+            })?;
+            Ok((info, dets))
+        })
+        .collect()
+}
+
+/// Counts the outcome in the metrics, logs it, and turns it into a response.
+fn finish(s: &AppState, started: Instant, route: &'static str, r: Result<Response, ApiError>) -> Response {
+    let us = started.elapsed().as_micros() as u64;
+    match r {
+        Ok(resp) => {
+            s.metrics.request_success.fetch_add(1, Ordering::Relaxed);
+            s.metrics.request_duration_us.fetch_add(us, Ordering::Relaxed);
+            tracing::debug!(route, status = 200, us, "request done");
+            resp
+        }
+        Err(e) => {
+            s.metrics.fail(e.reason);
+            if e.status.is_server_error() && e.status != StatusCode::SERVICE_UNAVAILABLE {
+                tracing::error!(route, status = e.status.as_u16(), error = %e.msg, "request failed");
+            } else {
+                tracing::info!(route, status = e.status.as_u16(), error = %e.msg, "request refused");
+            }
+            e.into_response()
+        }
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> Option<String> {
+    headers.get(header::CONTENT_TYPE).map(|v| {
+        let v = v.to_str().unwrap_or("");
+        v.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+    })
+}
+
+async fn detect(State(s): St, q: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let r = async {
+        let q = q.map_err(|e| ApiError::bad(format!("bad query string: {e}")))?;
+        match content_type(&headers).as_deref() {
+            // The bytes are sniffed anyway; the type only has to not contradict them.
+            // `application/x-www-form-urlencoded` is what `curl --data-binary @photo.jpg` sends
+            // unless told otherwise: refusing it would fail the most common first try.
+            None | Some("image/jpeg" | "image/jpg" | "image/png" | "application/octet-stream" | "application/x-www-form-urlencoded" | "") => {}
+            Some(ct) if ct.starts_with("multipart/") => {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "multipart forms are not accepted: send the image as the raw body (curl --data-binary @photo.jpg)",
+                ));
+            }
+            Some(ct) => {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    format!("Content-Type {ct} is not supported: send image/jpeg, image/png or application/octet-stream"),
+                ));
+            }
+        }
+        let bytes = read_body(&s, &headers, body).await?;
+        let name = q.0.get("image").cloned().unwrap_or_else(|| "request".to_string());
+        let mut res = detect_images(&s, vec![(bytes, "request body".to_string())]).await?;
+        let (d, dets) = res.pop().ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no result"))?;
+        let out = json!({ "image": name, "width": d.width, "height": d.height, "detections": dets });
+        Ok(axum::Json(out).into_response())
+    }
+    .await;
+    finish(&s, started, "/v1/detect", r)
+}
+
+async fn infer(st: St, Path(name): Path<String>, headers: HeaderMap, body: Body) -> Response {
+    infer_impl(st, name, None, headers, body).await
+}
+
+async fn infer_v(st: St, Path((name, version)): Path<(String, String)>, headers: HeaderMap, body: Body) -> Response {
+    infer_impl(st, name, Some(version), headers, body).await
+}
+
+const HEADER_LEN: &str = "inference-header-content-length";
+
+async fn infer_impl(State(s): St, name: String, version: Option<String>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let r = async {
+        check_model(&s, &name, version.as_deref())?;
+        let bytes = read_body(&s, &headers, body).await?;
+        let req = parse_infer(&bytes, &headers, s.cfg.max_batch)?;
+        let n = req.images.len();
+        let images = req.images.into_iter().enumerate().map(|(i, b)| (b, format!("input `image` element {i}"))).collect();
+        let res = detect_images(&s, images).await?;
+        Ok(infer_response(&s.cfg.model_name, req.id, &req.outputs, n, &res))
+    }
+    .await;
+    finish(&s, started, "/v2/infer", r)
+}
+
+struct InferRequest {
+    id: Option<Value>,
+    images: Vec<Bytes>,
+    /// Requested outputs in order, each with whether it goes as binary data.
+    outputs: Vec<(&'static str, bool)>,
+}
+
+fn as_bool(v: Option<&Value>) -> Result<Option<bool>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(ApiError::bad(format!("expected a boolean parameter, got {other}"))),
+    }
+}
+
+/// Parses a v2 inference request: JSON alone, or (binary data extension) a JSON header of
+/// `Inference-Header-Content-Length` bytes followed by the inputs' raw bytes.
+fn parse_infer(body: &Bytes, headers: &HeaderMap, max_batch: usize) -> Result<InferRequest, ApiError> {
+    let (json_part, mut binary) = match headers.get(HEADER_LEN) {
+        Some(v) => {
+            let n: usize = v.to_str().ok().and_then(|v| v.trim().parse().ok()).ok_or_else(|| ApiError::bad("Inference-Header-Content-Length is not a number"))?;
+            if n > body.len() {
+                return Err(ApiError::bad(format!("Inference-Header-Content-Length {n} exceeds the body's {} bytes", body.len())));
+            }
+            (body.slice(..n), body.slice(n..))
+        }
+        None => (body.clone(), Bytes::new()),
+    };
+    let v: Value = serde_json::from_slice(&json_part).map_err(|e| ApiError::bad(format!("inference request is not valid JSON: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| ApiError::bad("inference request must be a JSON object"))?;
+    let id = obj.get("id").cloned();
+    let inputs = obj.get("inputs").and_then(Value::as_array).ok_or_else(|| ApiError::bad("inference request has no `inputs` array"))?;
+    let [input] = inputs.as_slice() else {
+        return Err(ApiError::bad(format!("expected exactly one input (`image`), got {}", inputs.len())));
+    };
+    let iname = input.get("name").and_then(Value::as_str).unwrap_or("");
+    if iname != "image" {
+        return Err(ApiError::bad(format!("unknown input `{iname}`: this model takes one BYTES input named `image`")));
+    }
+    let dtype = input.get("datatype").and_then(Value::as_str).unwrap_or("");
+    if dtype != "BYTES" {
+        return Err(ApiError::bad(format!("input `image` has datatype `{dtype}`, expected BYTES (the encoded JPEG or PNG file)")));
+    }
+    let shape: Vec<i64> = input
+        .get("shape")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().map(|d| d.as_i64().unwrap_or(-1)).collect())
+        .ok_or_else(|| ApiError::bad("input `image` has no `shape`"))?;
+    if shape.is_empty() || shape.iter().any(|&d| d < 1) {
+        return Err(ApiError::bad(format!("input `image` has shape {shape:?}; expected [N] or [N, 1] with N >= 1")));
+    }
+    let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d as usize)).unwrap_or(usize::MAX);
+    if n > max_batch {
+        return Err(ApiError::bad(format!("input `image` holds {n} images; at most {max_batch} (--max-batch) per request")));
+    }
+    let bin_size = input.get("parameters").and_then(|p| p.get("binary_data_size"));
+    let images: Vec<Bytes> = match bin_size {
+        Some(sz) => {
+            let sz = sz.as_u64().ok_or_else(|| ApiError::bad("binary_data_size is not a number"))? as usize;
+            if sz > binary.len() {
+                return Err(ApiError::bad(format!("input `image` declares {sz} bytes of binary data, the body holds {}", binary.len())));
+            }
+            let data = binary.split_to(sz);
+            split_bytes_tensor(data, n)?
+        }
+        None => {
+            let data = input.get("data").ok_or_else(|| ApiError::bad("input `image` has neither `data` nor binary_data_size"))?;
+            let mut flat = Vec::new();
+            flatten(data, &mut flat);
+            if flat.len() != n {
+                return Err(ApiError::bad(format!("input `image` has {} elements, its shape says {n}", flat.len())));
+            }
+            flat.into_iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let s = match e {
+                        Value::String(s) => s.as_str(),
+                        Value::Object(o) => o.get("b64").and_then(Value::as_str).unwrap_or(""),
+                        _ => "",
+                    };
+                    base64::engine::general_purpose::STANDARD
+                        .decode(s.trim())
+                        .map(Bytes::from)
+                        .map_err(|e| ApiError::bad(format!("input `image` element {i}: JSON BYTES elements must be the base64 of the image file ({e}); or send raw bytes with the binary data extension")))
+                })
+                .collect::<Result<_, _>>()?
+        }
+    };
+    if !binary.is_empty() {
+        return Err(ApiError::bad(format!("{} bytes of binary data follow the inputs they were declared for", binary.len())));
+    }
+    let default_binary = as_bool(obj.get("parameters").and_then(|p| p.get("binary_data_output")))?.unwrap_or(false);
+    let outputs = match obj.get("outputs").and_then(Value::as_array) {
+        None => OUTPUTS.iter().map(|(n, _)| (*n, default_binary)).collect(),
+        Some(list) => list
+            .iter()
+            .map(|o| {
+                let name = o.get("name").and_then(Value::as_str).unwrap_or("");
+                let known = OUTPUTS.iter().find(|(n, _)| *n == name).ok_or_else(|| {
+                    ApiError::bad(format!("unknown output `{name}` (outputs: num_detections, boxes, scores, landmarks)"))
+                })?;
+                let bin = as_bool(o.get("parameters").and_then(|p| p.get("binary_data")))?.unwrap_or(default_binary);
+                Ok((known.0, bin))
+            })
+            .collect::<Result<_, ApiError>>()?,
+    };
+    Ok(InferRequest { id, images, outputs })
+}
+
+fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+    match v {
+        Value::Array(a) => a.iter().for_each(|x| flatten(x, out)),
+        other => out.push(other),
+    }
+}
+
+/// A BYTES tensor in binary form is its elements each preceded by a 4-byte little-endian length
+/// (what Triton clients send). A lone raw JPEG/PNG (no length prefix) is accepted too, for clients
+/// that send the file as is: its first bytes can never be read as a matching length.
+fn split_bytes_tensor(mut data: Bytes, n: usize) -> Result<Vec<Bytes>, ApiError> {
+    let prefixed = data.len() >= 4 && u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize <= data.len() - 4;
+    if n == 1 && !prefixed {
+        return Ok(vec![data]);
+    }
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        if data.len() < 4 {
+            return Err(ApiError::bad(format!("binary BYTES element {i}: missing its 4-byte length")));
+        }
+        let len = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
+        let _ = data.split_to(4);
+        if len > data.len() {
+            return Err(ApiError::bad(format!("binary BYTES element {i}: declares {len} bytes, {} remain", data.len())));
+        }
+        out.push(data.split_to(len));
+    }
+    if !data.is_empty() {
+        return Err(ApiError::bad(format!("binary BYTES tensor: {} bytes left after its {n} elements", data.len())));
+    }
+    Ok(out)
+}
+
+/// Outputs for N images padded to the largest detection count K: num_detections [N],
+/// boxes [N, K, 4], scores [N, K], landmarks [N, K, 10]; rows past num_detections are zeros.
+fn infer_response(model: &str, id: Option<Value>, outputs: &[(&'static str, bool)], n: usize, res: &[(ImageInfo, Vec<Detection>)]) -> Response {
+    let k = res.iter().map(|(_, d)| d.len()).max().unwrap_or(0);
+    let floats = |width: usize, f: &dyn Fn(&Detection) -> Vec<f32>| -> Vec<f32> {
+        let mut v = vec![0.0f32; n * k * width];
+        for (i, (_, dets)) in res.iter().enumerate() {
+            for (j, d) in dets.iter().enumerate() {
+                v[(i * k + j) * width..(i * k + j + 1) * width].copy_from_slice(&f(d));
+            }
+        }
+        v
+    };
+    let boxes = floats(4, &|d| d.bbox.to_vec());
+    let scores = floats(1, &|d| vec![d.score]);
+    let landmarks = floats(10, &|d| d.landmarks.to_vec());
+    let counts: Vec<i32> = res.iter().map(|(_, d)| d.len() as i32).collect();
+    let mut binary: Vec<u8> = Vec::new();
+    let mut outs = Vec::new();
+    for &(name, bin) in outputs {
+        let (shape, dtype, json_data, raw): (Vec<usize>, &str, Value, Vec<u8>) = match name {
+            "num_detections" => (vec![n], "INT32", json!(counts), counts.iter().flat_map(|c| c.to_le_bytes()).collect()),
+            "boxes" => (vec![n, k, 4], "FP32", json!(boxes), boxes.iter().flat_map(|c| c.to_le_bytes()).collect()),
+            "scores" => (vec![n, k], "FP32", json!(scores), scores.iter().flat_map(|c| c.to_le_bytes()).collect()),
+            _ => (vec![n, k, 10], "FP32", json!(landmarks), landmarks.iter().flat_map(|c| c.to_le_bytes()).collect()),
+        };
+        if bin {
+            outs.push(json!({"name": name, "datatype": dtype, "shape": shape, "parameters": {"binary_data_size": raw.len()}}));
+            binary.extend_from_slice(&raw);
+        } else {
+            outs.push(json!({"name": name, "datatype": dtype, "shape": shape, "data": json_data}));
+        }
+    }
+    let mut head = json!({"model_name": model, "model_version": "1", "outputs": outs});
+    if let Some(id) = id {
+        head["id"] = id;
+    }
+    let head = head.to_string().into_bytes();
+    if binary.is_empty() {
+        return ([(header::CONTENT_TYPE, "application/json")], head).into_response();
+    }
+    let hlen = head.len();
+    let mut body = head;
+    body.extend_from_slice(&binary);
+    let mut r = ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response();
+    r.headers_mut().insert(HEADER_LEN, HeaderValue::from(hlen));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_tensor_elements_with_and_without_length_prefix() {
+        let jpeg = Bytes::from_static(&[0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3]);
+        assert_eq!(split_bytes_tensor(jpeg.clone(), 1).expect("raw"), vec![jpeg.clone()]);
+        let mut two = Vec::new();
+        for e in [&b"abc"[..], &b"de"[..]] {
+            two.extend_from_slice(&(e.len() as u32).to_le_bytes());
+            two.extend_from_slice(e);
+        }
+        let got = split_bytes_tensor(Bytes::from(two.clone()), 2).expect("two");
+        assert_eq!(got, vec![Bytes::from_static(b"abc"), Bytes::from_static(b"de")]);
+        // One element short, or bytes left over: errors that say so.
+        let e = split_bytes_tensor(Bytes::from(two.clone()), 3).err().expect("short");
+        assert!(e.msg.contains("element 2"), "{}", e.msg);
+        two.push(0);
+        let e = split_bytes_tensor(Bytes::from(two), 2).err().expect("extra");
+        assert!(e.msg.contains("left after"), "{}", e.msg);
+    }
+
+    #[test]
+    fn sniffing_tells_unsupported_from_empty() {
+        assert_eq!(sniff(b"", "x").err().map(|e| e.status), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(sniff(b"GIF89a", "x").err().map(|e| e.status), Some(StatusCode::UNSUPPORTED_MEDIA_TYPE));
+        assert!(sniff(b"\x89PNG\r\n\x1a\nrest", "x").is_ok());
+        assert!(sniff(&[0xFF, 0xD8, 0xFF, 0xD9], "x").is_ok(), "JPEG-looking: the decoder gives the precise 400");
+    }
+}

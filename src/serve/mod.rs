@@ -1,0 +1,291 @@
+//! `retinaface serve`: an inference server on tokio + hyper with an axum router.
+//!
+//! Connections are accepted and driven by hyper directly (not `axum::serve`) because `axum::serve`
+//! sets no header-read timeout and exposes no way to set one; here every connection gets the explicit
+//! `--header-read-timeout-ms`, and handlers bound the body read with `--body-read-timeout-ms`.
+//!
+//! Threads: the async runtime (two workers: it only parses and routes), a bounded pool of blocking
+//! threads that decode images, and one executor thread that runs batches on the engine (whose
+//! forward pass is itself parallel on rayon's pool).
+
+pub mod batcher;
+pub mod config;
+pub mod http;
+pub mod metrics;
+
+pub use batcher::Gate;
+pub use config::{Backend, Config, LogFormat, ServeArgs};
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use batcher::Batcher;
+use http::AppState;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use metrics::Metrics;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+/// Hooks for tests only; the CLI never sets them.
+#[doc(hidden)]
+#[derive(Default, Clone)]
+pub struct TestHooks {
+    /// While this gate is closed the executor takes nothing from the queue ("all workers blocked").
+    pub executor_gate: Option<Arc<Gate>>,
+}
+
+/// A running server. Dropping it without `shutdown` leaves the server running until the process ends.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    stop: Arc<Notify>,
+    state: Arc<AppState>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl ServerHandle {
+    /// Loads the engine, binds both ports and starts serving on background threads; returns once
+    /// the server accepts connections. With port 0 the OS picks free ports: see `addr`.
+    pub fn start(args: ServeArgs) -> Result<ServerHandle> {
+        Self::start_inner(args, TestHooks::default(), false)
+    }
+
+    /// As `start`, and SIGTERM/SIGINT start the graceful shutdown (what `run` does, without blocking).
+    pub fn start_with_signals(args: ServeArgs) -> Result<ServerHandle> {
+        Self::start_inner(args, TestHooks::default(), true)
+    }
+
+    #[doc(hidden)]
+    pub fn start_with_hooks(args: ServeArgs, hooks: TestHooks, handle_signals: bool) -> Result<ServerHandle> {
+        Self::start_inner(args, hooks, handle_signals)
+    }
+
+    /// Whether `/v2/health/ready` answers 200 (false from the start of shutdown).
+    pub fn is_ready(&self) -> bool {
+        self.state.ready.load(Ordering::Acquire)
+    }
+
+    /// Address of the inference API.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Address of the Prometheus endpoint.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// The server's metrics, for tests that check what ran.
+    pub fn metrics(&self) -> &Metrics {
+        &self.state.metrics
+    }
+
+    /// Starts the graceful shutdown SIGTERM starts (readiness false, no new connections, in-flight
+    /// requests finished) and waits for it.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.stop.notify_one();
+        self.join_inner()
+    }
+
+    /// Waits until the server stops (after SIGTERM/SIGINT when started by `run`).
+    pub fn join(mut self) -> Result<()> {
+        self.join_inner()
+    }
+
+    fn join_inner(&mut self) -> Result<()> {
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| Error::InvalidArgument("server thread panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+
+    fn start_inner(args: ServeArgs, hooks: TestHooks, handle_signals: bool) -> Result<ServerHandle> {
+        let cfg = Arc::new(Config::from_args(&args)?);
+        let t0 = Instant::now();
+        let mut engine = Engine::new(&cfg.weights, cfg.network)?;
+        let backend = engine.set_backend(args.backend.choice())?;
+        let engine = Arc::new(engine);
+        let backend = backend.trim_start_matches("backend ");
+        tracing::info!(network = %engine.network(), ms = t0.elapsed().as_millis() as u64, %backend, "engine loaded");
+
+        let bind = |a: SocketAddr| -> Result<std::net::TcpListener> {
+            let l = std::net::TcpListener::bind(a).map_err(|e| Error::io(format!("listen on {a}"), e))?;
+            l.set_nonblocking(true).map_err(|e| Error::io(format!("listen on {a}"), e))?;
+            Ok(l)
+        };
+        let api = bind(cfg.listen)?;
+        let met = bind(cfg.metrics_listen)?;
+        let addr = api.local_addr().map_err(|e| Error::io("local address", e))?;
+        let metrics_addr = met.local_addr().map_err(|e| Error::io("local address", e))?;
+
+        let metrics = Arc::new(Metrics::default());
+        let batcher = Batcher::new(cfg.max_batch, cfg.max_queue_delay, cfg.max_queue, cfg.queue_timeout, metrics.clone());
+        let state = Arc::new(AppState {
+            cfg: cfg.clone(),
+            batcher: batcher.clone(),
+            metrics,
+            ready: AtomicBool::new(false),
+            decode_pool: Arc::new(tokio::sync::Semaphore::new(cfg.decode_workers)),
+            network: engine.network().to_string(),
+        });
+
+        let exec = {
+            let (batcher, engine, opts, gate) = (batcher.clone(), engine.clone(), cfg.detect, hooks.executor_gate.clone());
+            std::thread::Builder::new()
+                .name("retinaface-exec".into())
+                .spawn(move || batcher.run_executor(&engine, &opts, gate.as_deref()))
+                .map_err(|e| Error::io("executor thread", e))?
+        };
+
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(cfg.decode_workers + 2)
+            .thread_name("retinaface-http")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("tokio runtime", e))?;
+        let stop = Arc::new(Notify::new());
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let thread = {
+            let (state, stop) = (state.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("retinaface-serve".into())
+                .spawn(move || -> Result<()> {
+                    let r = rt.block_on(serve_until_stopped(state.clone(), api, met, stop, handle_signals, started_tx));
+                    // Every connection is closed: let the executor finish what is queued, then stop.
+                    batcher.shutdown();
+                    exec.join().map_err(|_| Error::InvalidArgument("executor thread panicked".into()))?;
+                    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+                    tracing::info!("server stopped");
+                    r
+                })
+                .map_err(|e| Error::io("server thread", e))?
+        };
+        match started_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return match thread.join() {
+                    Ok(Err(e)) => Err(e),
+                    _ => Err(Error::InvalidArgument("server thread ended before it started".into())),
+                };
+            }
+        }
+        tracing::info!(%addr, %metrics_addr, model = %cfg.model_name, max_batch = cfg.max_batch, max_queue = cfg.max_queue, "serving");
+        Ok(ServerHandle { addr, metrics_addr, stop, state, thread: Some(thread) })
+    }
+}
+
+/// Runs the server until SIGTERM or SIGINT, then drains in-flight requests and returns Ok.
+pub fn run(args: ServeArgs) -> Result<()> {
+    init_tracing(args.log_format);
+    ServerHandle::start_inner(args, TestHooks::default(), true)?.join()
+}
+
+/// Installs the log subscriber (RUST_LOG filters, default info) unless the program already has one.
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: escape codes in a collected log file are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let _ = match format {
+        LogFormat::Text => b.try_init(),
+        LogFormat::Json => b.json().try_init(),
+    };
+}
+
+async fn serve_until_stopped(
+    state: Arc<AppState>,
+    api: std::net::TcpListener,
+    met: std::net::TcpListener,
+    stop: Arc<Notify>,
+    handle_signals: bool,
+    started: std::sync::mpsc::Sender<Result<()>>,
+) -> Result<()> {
+    let listeners = (TcpListener::from_std(api), TcpListener::from_std(met));
+    let (api, met) = match listeners {
+        (Ok(a), Ok(m)) => (a, m),
+        (Err(e), _) | (_, Err(e)) => {
+            let err = Error::io("listener", e);
+            let _ = started.send(Err(Error::InvalidArgument(err.to_string())));
+            return Err(err);
+        }
+    };
+    let signal = async {
+        if !handle_signals {
+            return std::future::pending::<&'static str>().await;
+        }
+        signal_received().await
+    };
+    let graceful = GracefulShutdown::new();
+    let api_router = http::router(state.clone());
+    let met_router = http::metrics_router(state.clone());
+    state.ready.store(true, Ordering::Release);
+    let _ = started.send(Ok(()));
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            r = api.accept() => accept(r, &api_router, &graceful, &state),
+            r = met.accept() => accept(r, &met_router, &graceful, &state),
+            _ = stop.notified() => { tracing::info!("shutdown requested"); break; }
+            s = &mut signal => { tracing::info!(signal = s, "shutting down"); break; }
+        }
+    }
+    // Readiness goes false first so load balancers stop sending; listeners close; then connections
+    // finish their in-flight requests (idle keep-alive ones close at once).
+    state.ready.store(false, Ordering::Release);
+    drop(api);
+    drop(met);
+    let t = state.cfg.shutdown_timeout;
+    if tokio::time::timeout(t, graceful.shutdown()).await.is_err() {
+        tracing::warn!(timeout_ms = t.as_millis() as u64, "in-flight requests did not finish in time; closing anyway");
+    }
+    Ok(())
+}
+
+fn accept(r: std::io::Result<(tokio::net::TcpStream, SocketAddr)>, router: &axum::Router, graceful: &GracefulShutdown, state: &AppState) {
+    let (stream, peer) = match r {
+        Ok(x) => x,
+        Err(e) => {
+            // Typically EMFILE or a connection reset before accept: log and keep accepting.
+            tracing::warn!(error = %e, "accept failed");
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let svc = TowerToHyperService::new(router.clone());
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new()).header_read_timeout(state.cfg.header_read_timeout).keep_alive(true);
+    let conn = graceful.watch(b.serve_connection(TokioIo::new(stream), svc));
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%peer, error = %e, "connection closed with an error");
+        }
+    });
+}
+
+#[cfg(unix)]
+async fn signal_received() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        },
+        _ => {
+            tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
+            std::future::pending().await
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn signal_received() -> &'static str {
+    let _ = tokio::signal::ctrl_c().await;
+    "ctrl-c"
+}
