@@ -180,6 +180,10 @@ struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Time the network alone (raw loc / conf / landmarks, as a PyTorch or ONNX model returns them):
+    /// no resize, decoding or NMS.
+    #[arg(long)]
+    forward_only: bool,
 }
 
 /// Prints a line on stdout; a closed pipe (`| head`) ends the program quietly instead of panicking.
@@ -319,13 +323,25 @@ fn bench(a: BenchArgs) -> Result<()> {
     let img = BgrImage::new(w, h, data)?;
     let batch = vec![img; a.batch];
     let opts = DetectOptions::default();
-    engine.detect_batch(&batch, &opts, None)?;
-    let mut lat = Vec::with_capacity(a.iters);
+    let refs: Vec<&BgrImage> = batch.iter().collect();
     let mut t = Timings::default();
+    let run = |t: Option<&mut Timings>| -> Result<()> {
+        if a.forward_only && engine.on_gpu() {
+            engine.forward(&refs).map(|_| ())
+        } else if a.forward_only {
+            let acts = engine.run_graph(&refs, false, t)?;
+            engine.raw_outputs(&acts);
+            Ok(())
+        } else {
+            engine.detect_batch(&batch, &opts, t).map(|_| ())
+        }
+    };
+    run(None)?;
+    let mut lat = Vec::with_capacity(a.iters);
     let start = Instant::now();
     for _ in 0..a.iters {
         let t0 = Instant::now();
-        engine.detect_batch(&batch, &opts, Some(&mut t))?;
+        run(Some(&mut t))?;
         lat.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     let total = start.elapsed().as_secs_f64();

@@ -53,14 +53,32 @@ pub fn run(graph: &Graph, input: Vec<f32>, n: usize, h: usize, w: usize, keep_al
 
     let mut bufs: Vec<Option<Vec<f32>>> = vec![None; nt];
     bufs[graph.input] = Some(input);
+    // Buffers of dead tensors are reused for new ones: no allocation and no zeroing after the first
+    // few ops. Every op overwrites all of its output (SSH's three branches cover all channels).
+    let mut pool: Vec<Vec<f32>> = Vec::new();
+    let take = |pool: &mut Vec<Vec<f32>>, len: usize| -> Vec<f32> {
+        let best = (0..pool.len()).filter(|&i| pool[i].capacity() >= len).min_by_key(|&i| pool[i].capacity());
+        match best {
+            Some(i) => {
+                let mut v = pool.swap_remove(i);
+                // Stale values stay until overwritten; only growth past the old length is zero-filled.
+                v.resize(len, 0.0);
+                v
+            }
+            None => vec![0.0; len],
+        }
+    };
     let mut local_times = StageTimes::default();
+    // RETINAFACE_PROFILE=1 prints each op's time (slowest first) after the pass, for tuning.
+    let profile = std::env::var_os("RETINAFACE_PROFILE").is_some_and(|v| v == "1");
+    let mut op_times: Vec<(f64, String)> = Vec::new();
     for (i, op) in graph.ops.iter().enumerate() {
         let start = Instant::now();
         match op {
             Op::Conv(c) => {
                 let (_, ih, iw) = dims(c.input);
                 let (oc, oh, ow) = dims(c.output);
-                let mut out = bufs[c.output].take().unwrap_or_else(|| vec![0.0; n * oc * oh * ow]);
+                let mut out = bufs[c.output].take().unwrap_or_else(|| take(&mut pool, n * oc * oh * ow));
                 let x = bufs[c.input].as_deref().unwrap_or_else(|| panic!("graph order: {} read before written", graph.tensors[c.input].name));
                 let r = c.residual.and_then(|r| bufs[r].as_deref());
                 ops::conv2d(c, x, n, ih, iw, &mut out, oc, r);
@@ -69,7 +87,7 @@ pub fn run(graph: &Graph, input: Vec<f32>, n: usize, h: usize, w: usize, keep_al
             Op::MaxPool { input, output } => {
                 let (ic, ih, iw) = dims(*input);
                 let (_, oh, ow) = dims(*output);
-                let mut out = vec![0.0; n * ic * oh * ow];
+                let mut out = take(&mut pool, n * ic * oh * ow);
                 ops::max_pool_3x3s2(bufs[*input].as_deref().unwrap_or(&[]), n * ic, ih, iw, &mut out);
                 bufs[*output] = Some(out);
             }
@@ -84,14 +102,32 @@ pub fn run(graph: &Graph, input: Vec<f32>, n: usize, h: usize, w: usize, keep_al
         }
         for (t, &lu) in last_use.iter().enumerate() {
             if lu == i && !keep[t] && t != Graph::op_output(op) {
-                bufs[t] = None;
+                if let Some(v) = bufs[t].take() {
+                    pool.push(v);
+                }
             }
         }
         let dt = start.elapsed();
+        if profile {
+            let what = match op {
+                Op::Conv(c) => format!("conv {} {}x{} s{} g{} {}->{}", c.name, c.kernel, c.kernel, c.stride, c.groups, c.cin, c.cout),
+                Op::MaxPool { .. } => "maxpool".to_string(),
+                Op::UpsampleAdd { .. } => "upsample+add".to_string(),
+            };
+            op_times.push((dt.as_secs_f64() * 1e3, what));
+        }
         match graph.op_stages[i] {
             Stage::Backbone => local_times.backbone += dt,
             Stage::Neck => local_times.neck += dt,
             Stage::Heads => local_times.heads += dt,
+        }
+    }
+    if profile {
+        op_times.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let total: f64 = op_times.iter().map(|t| t.0).sum();
+        eprintln!("profile: {} ops, {total:.2} ms at {n}x3x{h}x{w}", op_times.len());
+        for (ms, what) in op_times.iter().take(25) {
+            eprintln!("  {ms:8.2} ms  {:5.1}%  {what}", ms / total * 100.0);
         }
     }
     if let Some(t) = times {

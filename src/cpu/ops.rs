@@ -28,9 +28,9 @@ thread_local! {
     static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Elements of the im2col matrix budgeted per task (4 MiB of f32): wide enough panels that packing the
-/// weights, which every task repeats, stays a small part of the work.
-const COLUMN_BUDGET: usize = 1 << 20;
+/// Elements of the im2col matrix budgeted per task (1 MiB of f32): the panel a task writes and the GEMM
+/// then reads stays in the core's L2.
+const COLUMN_BUDGET: usize = 1 << 18;
 /// Tasks wanted per convolution, so small maps still spread over the cores (a few per core).
 const MIN_TASKS: usize = 8;
 
@@ -47,7 +47,9 @@ pub fn conv2d(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: &mut [f
     if let Some(r) = residual {
         assert_eq!(r.len(), n * conv.cout * oh * ow, "conv {} residual size", conv.name);
     }
-    if conv.groups == 1 {
+    if conv.groups == 1 && k == 3 && s == 1 && p == 1 {
+        conv3x3_shifted(conv, x, n, h, w, SharedMut(out.as_mut_ptr()), out_channels, residual);
+    } else if conv.groups == 1 {
         conv_gemm(conv, x, n, h, w, oh, ow, SharedMut(out.as_mut_ptr()), out_channels, residual);
     } else {
         assert!(conv.groups == conv.cin && conv.groups == conv.cout, "only depthwise grouped convolutions are used");
@@ -124,7 +126,81 @@ fn epilogue(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Act) {
 /// The pointers must cover the matrices their sizes and strides describe; C must not alias A or B.
 #[allow(clippy::too_many_arguments)]
 unsafe fn sgemm(m: usize, k: usize, n: usize, a: *const f32, rsa: isize, b: *const f32, rsb: isize, c: *mut f32, rsc: isize) {
-    unsafe { matrixmultiply::sgemm(m, k, n, 1.0, a, rsa, 1, b, rsb, 1, 0.0, c, rsc, 1) };
+    // gemm's convention: dst = alpha·dst + beta·lhs·rhs; with read_dst false, dst is only written.
+    unsafe { gemm::gemm(m, n, k, c, 1, rsc, false, a, 1, rsa, b, 1, rsb, 0.0f32, 1.0f32, false, false, false, gemm::Parallelism::None) };
+}
+
+/// 3×3, stride 1, padding 1, without im2col: the input is copied once into a zero-padded plane of width
+/// w + 2, in which tap (ky, kx) of every output pixel of a row band is one contiguous run. So the conv is
+/// nine GEMMs accumulating into the band, `C += W[:, :, ky, kx] · X_pad[:, shifted]`, computed over the
+/// padded width (two junk columns per row, dropped by the epilogue).
+#[allow(clippy::too_many_arguments)]
+fn conv3x3_shifted(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: SharedMut, out_channels: usize, residual: Option<&[f32]>) {
+    let cin = conv.cin;
+    let (hp, wp) = (h + 2, w + 2);
+    let plane = hp * wp;
+    // Two spare floats: the junk columns of the last row of the last channel read past its plane.
+    let mut padded = vec![0.0f32; n * cin * plane + 2];
+    padded[..n * cin * plane].par_chunks_mut(plane).enumerate().for_each(|(bc, dst)| {
+        let src = &x[bc * h * w..(bc + 1) * h * w];
+        for y in 0..h {
+            dst[(y + 1) * wp + 1..(y + 1) * wp + 1 + w].copy_from_slice(&src[y * w..(y + 1) * w]);
+        }
+    });
+    let band_rows = (COLUMN_BUDGET / (conv.cout.min(256) * wp)).clamp(1, h);
+    let row_tasks = h.div_ceil(band_rows);
+    let co_tasks = (MIN_TASKS.div_ceil(n * row_tasks)).min(conv.cout.div_ceil(16)).max(1);
+    let co_chunk = conv.cout.div_ceil(co_tasks);
+    let tasks: Vec<(usize, usize, usize)> =
+        (0..n).flat_map(|b| (0..row_tasks).flat_map(move |rt| (0..co_tasks).map(move |ct| (b, rt, ct)))).collect();
+    let padded = &padded;
+    tasks.into_par_iter().for_each_init(Vec::new, |band: &mut Vec<f32>, (b, rt, ct)| {
+        let y0 = rt * band_rows;
+        let rows = band_rows.min(h - y0);
+        let co0 = ct * co_chunk;
+        let nco = co_chunk.min(conv.cout.saturating_sub(co0));
+        if nco == 0 || rows == 0 {
+            return;
+        }
+        let np = rows * wp;
+        band.resize(nco * np, 0.0);
+        let xb = &padded[b * cin * plane..];
+        for t in 0..9 {
+            let (ky, kx) = (t / 3, t % 3);
+            unsafe {
+                gemm::gemm(
+                    nco,
+                    np,
+                    cin,
+                    band.as_mut_ptr(),
+                    1,
+                    np as isize,
+                    t > 0,
+                    conv.weight.as_ptr().add(co0 * cin * 9 + t),
+                    9,
+                    (cin * 9) as isize,
+                    xb.as_ptr().add((y0 + ky) * wp + kx),
+                    1,
+                    plane as isize,
+                    1.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            };
+        }
+        for co in co0..co0 + nco {
+            for r in 0..rows {
+                let y = y0 + r;
+                let row = unsafe { std::slice::from_raw_parts_mut(out.get().add((b * out_channels + conv.out_channel_offset + co) * h * w + y * w), w) };
+                row.copy_from_slice(&band[(co - co0) * np + r * wp..][..w]);
+                let res = residual.map(|rr| &rr[(b * conv.cout + co) * h * w + y * w..][..w]);
+                epilogue_fast(row, conv.bias[co], res, conv.act);
+            }
+        }
+    });
 }
 
 /// Rows (ci, ky, kx), columns the output pixels p0..p0+np (flattened y·ow + x); zero padding.
@@ -374,5 +450,98 @@ pub fn preprocess(bgr: &[u8], h: usize, w: usize, out: &mut [f32]) {
 pub fn activation(x: &mut [f32], act: Act) {
     for v in x {
         *v = act.apply(*v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition, one output at a time, in f64: what every fast path must agree with.
+    fn conv_naive(c: &Conv, x: &[f32], n: usize, h: usize, w: usize, out_channels: usize, residual: Option<&[f32]>, out: &mut [f32]) {
+        let (k, s, p) = (c.kernel, c.stride, c.pad);
+        let (oh, ow) = (out_size(h, k, s, p), out_size(w, k, s, p));
+        let cg = c.cin / c.groups;
+        let og = c.cout / c.groups;
+        for b in 0..n {
+            for co in 0..c.cout {
+                let g = co / og;
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc = 0.0f64;
+                        for ci in 0..cg {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let (iy, ix) = ((oy * s + ky) as isize - p as isize, (ox * s + kx) as isize - p as isize);
+                                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                        let xv = x[((b * c.cin + g * cg + ci) * h + iy as usize) * w + ix as usize] as f64;
+                                        acc += xv * c.weight[((co * cg + ci) * k + ky) * k + kx] as f64;
+                                    }
+                                }
+                            }
+                        }
+                        let mut v = acc as f32 + c.bias[co];
+                        if let Some(r) = residual {
+                            v += r[((b * c.cout + co) * oh + oy) * ow + ox];
+                        }
+                        out[((b * out_channels + c.out_channel_offset + co) * oh + oy) * ow + ox] = c.act.apply(v);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_conv_path_matches_the_definition() {
+        let mut seed = 99u64;
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / 16777216.0) * 2.0 - 1.0
+        };
+        // (n, cin, cout, k, stride, groups, h, w, act, residual, channel offset within a wider output)
+        let cases = [
+            (2, 5, 7, 3, 1, 1, 9, 13, Act::Leaky(0.1), true, 3),   // shifted 3x3 path, batch, residual, offset
+            (1, 16, 33, 3, 1, 1, 17, 6, Act::Relu6, false, 0),     // shifted, odd sizes
+            (2, 3, 8, 3, 2, 1, 11, 7, Act::Leaky(0.0), false, 0),  // im2col, stride 2 (the MobileNet stem)
+            (1, 3, 16, 7, 2, 1, 15, 9, Act::Leaky(0.0), false, 0), // 7x7 stem
+            (2, 12, 20, 1, 1, 1, 5, 9, Act::None, true, 4),        // direct 1x1 GEMM
+            (1, 12, 20, 1, 2, 1, 9, 5, Act::None, false, 0),       // 1x1 stride 2 (downsample)
+            (2, 10, 10, 3, 1, 10, 7, 11, Act::Relu6, true, 0),     // depthwise stride 1
+            (1, 9, 9, 3, 2, 9, 8, 13, Act::Leaky(0.1), false, 2),  // depthwise stride 2, odd width
+        ];
+        for (n, cin, cout, k, stride, groups, h, w, act, with_res, off) in cases {
+            let conv = Conv {
+                name: "test".into(),
+                input: 0,
+                output: 1,
+                out_channel_offset: off,
+                cin,
+                cout,
+                kernel: k,
+                stride,
+                pad: (k - 1) / 2,
+                groups,
+                weight: (0..cout * (cin / groups) * k * k).map(|_| rnd()).collect(),
+                bias: (0..cout).map(|_| rnd()).collect(),
+                residual: None,
+                act,
+            };
+            let x: Vec<f32> = (0..n * cin * h * w).map(|_| rnd() * 3.0).collect();
+            let (oh, ow) = (out_size(h, k, stride, conv.pad), out_size(w, k, stride, conv.pad));
+            let res: Option<Vec<f32>> = with_res.then(|| (0..n * cout * oh * ow).map(|_| rnd()).collect());
+            let oc = cout + off + 1;
+            let mut want = vec![f32::NAN; n * oc * oh * ow];
+            let mut got = want.clone();
+            conv_naive(&conv, &x, n, h, w, oc, res.as_deref(), &mut want);
+            conv2d(&conv, &x, n, h, w, &mut got, oc, res.as_deref());
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                let c = (i / (oh * ow)) % oc;
+                if c < off || c >= off + cout {
+                    assert!(g.is_nan(), "case k{k} s{stride} g{groups}: channel {c} outside the conv was written");
+                } else {
+                    assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "case k{k} s{stride} g{groups} {h}x{w}: element {i}: {g} vs {e}");
+                }
+            }
+        }
     }
 }
