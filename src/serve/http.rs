@@ -244,6 +244,20 @@ struct ImageInfo {
     height: usize,
 }
 
+struct CancelGuard<'a> {
+    metrics: &'a Metrics,
+    armed: bool,
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.metrics.fail(FailureReason::Canceled);
+            tracing::info!("client went away while its images decoded; request dropped before it ran");
+        }
+    }
+}
+
 /// Admission, decode, queue, wait: the path every image takes. The `n` images of one request are
 /// admitted together or not at all, and all decoded before any is queued.
 async fn detect_images(s: &AppState, images: Vec<(Bytes, String)>) -> Result<Vec<(ImageInfo, Vec<Detection>)>, ApiError> {
@@ -251,7 +265,11 @@ async fn detect_images(s: &AppState, images: Vec<(Bytes, String)>) -> Result<Vec
     let slots = s.batcher.admit(images.len()).ok_or_else(|| {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("server overloaded: the queue holds its maximum of {} requests", s.cfg.max_queue))
     })?;
-    let decoded: Vec<Decoded> = join_all(images.into_iter().map(|(b, what)| decode(s, b, what))).await.into_iter().collect::<Result<_, _>>()?;
+    // If the client goes away while its images decode, hyper drops this future: the slots are freed and
+    // nothing runs, and this guard counts the request as cancelled. Once queued, the tickets do that.
+    let mut cancelled = CancelGuard { metrics: &s.metrics, armed: true };
+    let decoded: Vec<Decoded> = join_all(images.into_iter().map(|(b, what)| decode(s, b, what))).await.into_iter().collect::<Result<_, _>>().inspect_err(|_| cancelled.armed = false)?;
+    cancelled.armed = false;
     let mut infos = Vec::with_capacity(decoded.len());
     let mut tickets = Vec::with_capacity(decoded.len());
     for (d, slot) in decoded.into_iter().zip(slots) {
