@@ -79,6 +79,8 @@ pub struct Engine {
     graph: Graph,
     /// The CUDA executor when a CUDA backend was chosen; the CPU runs the graph otherwise.
     gpu: Option<std::sync::Mutex<crate::cuda::GpuEngine>>,
+    /// The CPU path's spare activation buffers, reused from frame to frame.
+    pool: std::sync::Mutex<exec::BufferPool>,
 }
 
 impl Engine {
@@ -106,7 +108,7 @@ impl Engine {
                 g
             }
         };
-        Ok(Engine { graph, gpu: None })
+        Ok(Engine { graph, gpu: None, pool: Default::default() })
     }
 
     /// Moves execution to `choice`; returns a line saying what runs (for `auto`, what was picked and why).
@@ -166,13 +168,18 @@ impl Engine {
     pub fn run_graph(&self, images: &[&BgrImage], keep_all: bool, timings: Option<&mut Timings>) -> Result<exec::Activations> {
         let (h, w) = check_batch(images)?;
         let t0 = Instant::now();
-        let mut input = vec![0.0f32; images.len() * 3 * h * w];
+        // Concurrent passes each take the spare buffers there are and give theirs back after.
+        let mut pool = std::mem::take(&mut *self.pool.lock().map_err(|_| Error::InvalidArgument("a previous pass panicked".into()))?);
+        let mut input = pool.take(images.len() * 3 * h * w);
         for (img, dst) in images.iter().zip(input.chunks_mut(3 * h * w)) {
             ops::preprocess(&img.data, h, w, dst);
         }
         let pre = t0.elapsed();
         let mut st = exec::StageTimes::default();
-        let acts = exec::run(&self.graph, input, images.len(), h, w, keep_all, Some(&mut st));
+        let acts = exec::run(&self.graph, input, images.len(), h, w, keep_all, Some(&mut st), &mut pool);
+        if let Ok(mut p) = self.pool.lock() {
+            p.merge(pool);
+        }
         if let Some(t) = timings {
             t.preprocess += pre;
             t.backbone += st.backbone;
@@ -211,6 +218,15 @@ impl Engine {
             .collect()
     }
 
+    /// Returns a pass's remaining buffers to the pool for the next frame.
+    pub fn recycle(&self, acts: exec::Activations) {
+        if let Ok(mut p) = self.pool.lock() {
+            for v in acts.tensors.into_iter().flatten() {
+                p.give(v);
+            }
+        }
+    }
+
     /// Forward pass of same-sized network inputs.
     pub fn forward(&self, images: &[&BgrImage]) -> Result<Vec<RawOutput>> {
         if let Some(gpu) = self.gpu() {
@@ -218,7 +234,9 @@ impl Engine {
             return gpu?.raw_outputs(images);
         }
         let acts = self.run_graph(images, false, None)?;
-        Ok(self.raw_outputs(&acts))
+        let raws = self.raw_outputs(&acts);
+        self.recycle(acts);
+        Ok(raws)
     }
 
     /// Detections of one image, best first, in its own pixels.
@@ -260,6 +278,7 @@ impl Engine {
             let acts = self.run_graph(&batch, false, timings.as_deref_mut())?;
             let t1 = Instant::now();
             let raws = self.raw_outputs(&acts);
+            self.recycle(acts);
             let priors = anchors::priors(size.1, size.0);
             for (raw, &j) in raws.iter().zip(&group) {
                 results[j] = post::postprocess(raw, &priors, prepared[j].1 as f32, &opts.post);

@@ -331,6 +331,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         } else if a.forward_only {
             let acts = engine.run_graph(&refs, false, t)?;
             engine.raw_outputs(&acts);
+            engine.recycle(acts);
             Ok(())
         } else {
             engine.detect_batch(&batch, &opts, t).map(|_| ())

@@ -19,6 +19,43 @@ impl Activations {
     }
 }
 
+/// Spare f32 buffers kept between passes.
+#[derive(Default)]
+pub struct BufferPool {
+    free: Vec<Vec<f32>>,
+}
+
+/// More buffers than any network here has tensors alive at once, times a few batch shapes.
+const POOL_MAX_BUFFERS: usize = 256;
+
+impl BufferPool {
+    /// The smallest spare buffer that holds `len` values, resized to `len` (its old values stay; only
+    /// growth is zero-filled), or a new one.
+    pub fn take(&mut self, len: usize) -> Vec<f32> {
+        let best = (0..self.free.len()).filter(|&i| self.free[i].capacity() >= len).min_by_key(|&i| self.free[i].capacity());
+        match best {
+            Some(i) => {
+                let mut v = self.free.swap_remove(i);
+                v.resize(len, 0.0);
+                v
+            }
+            None => vec![0.0; len],
+        }
+    }
+
+    pub fn give(&mut self, v: Vec<f32>) {
+        if self.free.len() < POOL_MAX_BUFFERS && v.capacity() > 0 {
+            self.free.push(v);
+        }
+    }
+
+    pub fn merge(&mut self, other: BufferPool) {
+        for v in other.free {
+            self.give(v);
+        }
+    }
+}
+
 /// Time spent per stage of the graph.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StageTimes {
@@ -29,7 +66,7 @@ pub struct StageTimes {
 
 /// Runs `graph` on `input` ([n, 3, h, w], already normalised). Buffers are dropped after their last
 /// use unless they are taps (or `keep_all`).
-pub fn run(graph: &Graph, input: Vec<f32>, n: usize, h: usize, w: usize, keep_all: bool, times: Option<&mut StageTimes>) -> Activations {
+pub fn run(graph: &Graph, input: Vec<f32>, n: usize, h: usize, w: usize, keep_all: bool, times: Option<&mut StageTimes>, pool: &mut BufferPool) -> Activations {
     let nt = graph.tensors.len();
     let dims = |t: TensorId| {
         let i = &graph.tensors[t];
@@ -53,21 +90,10 @@ pub fn run(graph: &Graph, input: Vec<f32>, n: usize, h: usize, w: usize, keep_al
 
     let mut bufs: Vec<Option<Vec<f32>>> = vec![None; nt];
     bufs[graph.input] = Some(input);
-    // Buffers of dead tensors are reused for new ones: no allocation and no zeroing after the first
-    // few ops. Every op overwrites all of its output (SSH's three branches cover all channels).
-    let mut pool: Vec<Vec<f32>> = Vec::new();
-    let take = |pool: &mut Vec<Vec<f32>>, len: usize| -> Vec<f32> {
-        let best = (0..pool.len()).filter(|&i| pool[i].capacity() >= len).min_by_key(|&i| pool[i].capacity());
-        match best {
-            Some(i) => {
-                let mut v = pool.swap_remove(i);
-                // Stale values stay until overwritten; only growth past the old length is zero-filled.
-                v.resize(len, 0.0);
-                v
-            }
-            None => vec![0.0; len],
-        }
-    };
+    // Buffers of dead tensors (and of earlier passes, through `pool`) are reused for new ones, so a
+    // steady stream of frames neither allocates nor faults in fresh pages. Every op overwrites all of
+    // its output (SSH's three branches cover all channels), so stale values never show.
+    let take = |pool: &mut BufferPool, len: usize| -> Vec<f32> { pool.take(len) };
     let mut local_times = StageTimes::default();
     // RETINAFACE_PROFILE=1 prints each op's time (slowest first) after the pass, for tuning.
     let profile = std::env::var_os("RETINAFACE_PROFILE").is_some_and(|v| v == "1");
@@ -78,7 +104,7 @@ pub fn run(graph: &Graph, input: Vec<f32>, n: usize, h: usize, w: usize, keep_al
             Op::Conv(c) => {
                 let (_, ih, iw) = dims(c.input);
                 let (oc, oh, ow) = dims(c.output);
-                let mut out = bufs[c.output].take().unwrap_or_else(|| take(&mut pool, n * oc * oh * ow));
+                let mut out = bufs[c.output].take().unwrap_or_else(|| take(pool, n * oc * oh * ow));
                 let x = bufs[c.input].as_deref().unwrap_or_else(|| panic!("graph order: {} read before written", graph.tensors[c.input].name));
                 let r = c.residual.and_then(|r| bufs[r].as_deref());
                 ops::conv2d(c, x, n, ih, iw, &mut out, oc, r);
@@ -87,7 +113,7 @@ pub fn run(graph: &Graph, input: Vec<f32>, n: usize, h: usize, w: usize, keep_al
             Op::MaxPool { input, output } => {
                 let (ic, ih, iw) = dims(*input);
                 let (_, oh, ow) = dims(*output);
-                let mut out = take(&mut pool, n * ic * oh * ow);
+                let mut out = take(pool, n * ic * oh * ow);
                 ops::max_pool_3x3s2(bufs[*input].as_deref().unwrap_or(&[]), n * ic, ih, iw, &mut out);
                 bufs[*output] = Some(out);
             }
@@ -103,7 +129,7 @@ pub fn run(graph: &Graph, input: Vec<f32>, n: usize, h: usize, w: usize, keep_al
         for (t, &lu) in last_use.iter().enumerate() {
             if lu == i && !keep[t] && t != Graph::op_output(op) {
                 if let Some(v) = bufs[t].take() {
-                    pool.push(v);
+                    pool.give(v);
                 }
             }
         }

@@ -47,7 +47,9 @@ pub fn conv2d(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: &mut [f
     if let Some(r) = residual {
         assert_eq!(r.len(), n * conv.cout * oh * ow, "conv {} residual size", conv.name);
     }
-    if conv.groups == 1 && k == 3 && s == 1 && p == 1 {
+    if conv.groups == 1 && conv.cin * k * k <= DIRECT_MAX_TAPS {
+        conv_direct_small(conv, x, n, h, w, oh, ow, SharedMut(out.as_mut_ptr()), out_channels, residual);
+    } else if conv.groups == 1 && k == 3 && s == 1 && p == 1 {
         conv3x3_shifted(conv, x, n, h, w, SharedMut(out.as_mut_ptr()), out_channels, residual);
     } else if conv.groups == 1 {
         conv_gemm(conv, x, n, h, w, oh, ow, SharedMut(out.as_mut_ptr()), out_channels, residual);
@@ -128,6 +130,110 @@ fn epilogue(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Act) {
 unsafe fn sgemm(m: usize, k: usize, n: usize, a: *const f32, rsa: isize, b: *const f32, rsb: isize, c: *mut f32, rsc: isize) {
     // gemm's convention: dst = alpha·dst + beta·lhs·rhs; with read_dst false, dst is only written.
     unsafe { gemm::gemm(m, n, k, c, 1, rsc, false, a, 1, rsa, b, 1, rsb, 0.0f32, 1.0f32, false, false, false, gemm::Parallelism::None) };
+}
+
+/// Convolutions with at most this many taps per output (cin·k·k) are computed directly: a GEMM with so
+/// short a reduction spends its time packing (the 3→8 stem, 8→16 pointwise layers of MobileNet x0.25).
+const DIRECT_MAX_TAPS: usize = 32;
+
+/// Direct convolution over bands of output rows: for each output row, every input row a tap needs is
+/// read once and added, weighted, into the accumulator rows of all output channels (which stay in L1),
+/// so the input is streamed once rather than once per output channel. Taps in (ci, ky, kx) order.
+#[allow(clippy::too_many_arguments)]
+fn conv_direct_small(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, oh: usize, ow: usize, out: SharedMut, out_channels: usize, residual: Option<&[f32]>) {
+    let band = oh.div_ceil(MIN_TASKS.div_ceil(n)).max(1);
+    let bands = oh.div_ceil(band);
+    (0..n * bands).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, task| {
+        let (b, bi) = (task / bands, task % bands);
+        let rows = bi * band..((bi + 1) * band).min(oh);
+        let d = DirectBand {
+            conv,
+            input: &x[b * conv.cin * h * w..(b + 1) * conv.cin * h * w],
+            residual: residual.map(|r| &r[b * conv.cout * oh * ow..(b + 1) * conv.cout * oh * ow]),
+            out,
+            out_base: (b * out_channels + conv.out_channel_offset) * oh * ow,
+            h,
+            w,
+            oh,
+            ow,
+        };
+        direct_band_fast(&d, rows.start, rows.end, scratch);
+    });
+}
+
+struct DirectBand<'a> {
+    conv: &'a Conv,
+    /// All input channels of one image.
+    input: &'a [f32],
+    /// [cout, oh, ow] of the same image.
+    residual: Option<&'a [f32]>,
+    out: SharedMut,
+    /// Offset of this image's first output channel in `out`.
+    out_base: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+}
+
+#[inline(always)]
+fn direct_band(d: &DirectBand<'_>, y0: usize, y1: usize, scratch: &mut Vec<f32>) {
+    let c = d.conv;
+    let (k, s, p, h, w, ow) = (c.kernel, c.stride, c.pad, d.h, d.w, d.ow);
+    let half = w.div_ceil(2);
+    scratch.clear();
+    scratch.resize(c.cout * ow + w + 1, 0.0);
+    let (acc, split) = scratch.split_at_mut(c.cout * ow);
+    for oy in y0..y1 {
+        acc.fill(0.0);
+        for ci in 0..c.cin {
+            let plane = &d.input[ci * h * w..(ci + 1) * h * w];
+            for ky in 0..k {
+                let iy = (oy * s + ky) as isize - p as isize;
+                if iy < 0 || iy as usize >= h {
+                    continue;
+                }
+                let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+                if s == 2 {
+                    let (even, odd) = split.split_at_mut(half);
+                    for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(src.chunks_exact(2)) {
+                        *e = pair[0];
+                        *o = pair[1];
+                    }
+                    if w % 2 == 1 {
+                        even[half - 1] = src[w - 1];
+                    }
+                }
+                for kx in 0..k {
+                    let lo = p.saturating_sub(kx).div_ceil(s).min(ow);
+                    let hi = if w + p > kx { ((w + p - kx - 1) / s + 1).min(ow) } else { 0 }.max(lo);
+                    if lo >= hi {
+                        continue;
+                    }
+                    let first = lo * s + kx - p;
+                    let tap = (ci * k + ky) * k + kx;
+                    for co in 0..c.cout {
+                        let wv = c.weight[co * c.cin * k * k + tap];
+                        let a = &mut acc[co * ow + lo..co * ow + hi];
+                        match s {
+                            1 => a.iter_mut().zip(&src[first..]).for_each(|(v, &xv)| *v += wv * xv),
+                            2 => {
+                                let base = (first & 1) * half + first / 2;
+                                a.iter_mut().zip(&split[base..]).for_each(|(v, &xv)| *v += wv * xv)
+                            }
+                            // Other strides do not occur in these networks; gather them plainly.
+                            _ => a.iter_mut().enumerate().for_each(|(j, v)| *v += wv * src[first + j * s]),
+                        }
+                    }
+                }
+            }
+        }
+        for co in 0..c.cout {
+            let orow = unsafe { std::slice::from_raw_parts_mut(d.out.get().add(d.out_base + co * d.oh * ow + oy * ow), ow) };
+            orow.copy_from_slice(&acc[co * ow..(co + 1) * ow]);
+            epilogue(orow, c.bias[co], d.residual.map(|r| &r[co * d.oh * ow + oy * ow..][..ow]), c.act);
+        }
+    }
 }
 
 /// 3×3, stride 1, padding 1, without im2col: the input is copied once into a zero-padded plane of width
@@ -364,6 +470,7 @@ macro_rules! avx2_dispatch {
 
 avx2_dispatch!(depthwise_plane_fast, depthwise_plane_avx2, depthwise_plane, (d: &DwPlane<'_>, out: &mut [f32], scratch: &mut Vec<f32>));
 avx2_dispatch!(epilogue_fast, epilogue_avx2, epilogue, (row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Act));
+avx2_dispatch!(direct_band_fast, direct_band_avx2, direct_band, (d: &DirectBand<'_>, y0: usize, y1: usize, scratch: &mut Vec<f32>));
 
 /// 3×3 stride-2 max-pool, padding 1 counted as −∞. `x` [n·c, h, w] → `out` [n·c, oh, ow].
 pub fn max_pool_3x3s2(x: &[f32], nc: usize, h: usize, w: usize, out: &mut [f32]) {
@@ -504,8 +611,12 @@ mod tests {
             (1, 16, 33, 3, 1, 1, 17, 6, Act::Relu6, false, 0),     // shifted, odd sizes
             (2, 3, 8, 3, 2, 1, 11, 7, Act::Leaky(0.0), false, 0),  // im2col, stride 2 (the MobileNet stem)
             (1, 3, 16, 7, 2, 1, 15, 9, Act::Leaky(0.0), false, 0), // 7x7 stem
-            (2, 12, 20, 1, 1, 1, 5, 9, Act::None, true, 4),        // direct 1x1 GEMM
-            (1, 12, 20, 1, 2, 1, 9, 5, Act::None, false, 0),       // 1x1 stride 2 (downsample)
+            (2, 12, 20, 1, 1, 1, 5, 9, Act::None, true, 4),        // 1x1, few channels: direct path
+            (2, 40, 20, 1, 1, 1, 5, 9, Act::None, true, 4),        // 1x1 GEMM straight on the input
+            (1, 3, 5, 3, 1, 1, 6, 7, Act::Leaky(0.1), true, 1),    // 3x3 s1, 27 taps: direct path
+            (1, 12, 20, 1, 2, 1, 9, 5, Act::None, false, 0),       // 1x1 stride 2, direct path
+            (1, 64, 20, 1, 2, 1, 9, 5, Act::None, false, 0),       // 1x1 stride 2 (downsample), im2col GEMM
+            (1, 8, 6, 3, 2, 1, 9, 9, Act::Leaky(0.1), false, 0),   // 3x3 s2 with 72 taps: im2col GEMM
             (2, 10, 10, 3, 1, 10, 7, 11, Act::Relu6, true, 0),     // depthwise stride 1
             (1, 9, 9, 3, 2, 9, 8, 13, Act::Leaky(0.1), false, 2),  // depthwise stride 2, odd width
         ];

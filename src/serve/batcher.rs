@@ -288,6 +288,7 @@ fn run_batch(engine: &Engine, opts: &DetectOptions, jobs: &[Job]) -> Result<(Vec
     let acts = engine.run_graph(&images, false, Some(&mut t)).map_err(|e| e.to_string())?;
     let t1 = Instant::now();
     let raws = engine.raw_outputs(&acts);
+    engine.recycle(acts);
     let (w, h) = (images[0].width, images[0].height);
     let priors = post::anchors::priors(h, w);
     let dets = raws.iter().zip(jobs).map(|(raw, j)| post::postprocess(raw, &priors, j.scale as f32, &opts.post)).collect();
