@@ -132,6 +132,30 @@ unsafe fn sgemm(m: usize, k: usize, n: usize, a: *const f32, rsa: isize, b: *con
     unsafe { gemm::gemm(m, n, k, c, 1, rsc, false, a, 1, rsa, b, 1, rsb, 0.0f32, 1.0f32, false, false, false, gemm::Parallelism::None) };
 }
 
+/// The output columns `lo..hi` whose input column `ox·s + kx − p` lies inside `[0, w)`.
+#[inline(always)]
+fn valid_columns(kx: usize, s: usize, p: usize, w: usize, ow: usize) -> (usize, usize) {
+    let lo = p.saturating_sub(kx).div_ceil(s).min(ow);
+    let hi = if w + p > kx { ((w + p - kx - 1) / s + 1).min(ow) } else { 0 }.max(lo);
+    (lo, hi)
+}
+
+/// Splits a row into its even columns (first `ceil(w/2)` slots of `split`) and odd columns (after
+/// them), so a stride-2 tap reads one contiguous run.
+#[inline(always)]
+fn split_even_odd(src: &[f32], split: &mut [f32]) {
+    let w = src.len();
+    let half = w.div_ceil(2);
+    let (even, odd) = split.split_at_mut(half);
+    for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(src.chunks_exact(2)) {
+        *e = pair[0];
+        *o = pair[1];
+    }
+    if w % 2 == 1 {
+        even[half - 1] = src[w - 1];
+    }
+}
+
 /// Convolutions with at most this many taps per output (cin·k·k) are computed directly: a GEMM with so
 /// short a reduction spends its time packing (the 3→8 stem, 8→16 pointwise layers of MobileNet x0.25).
 const DIRECT_MAX_TAPS: usize = 32;
@@ -195,18 +219,10 @@ fn direct_band(d: &DirectBand<'_>, y0: usize, y1: usize, scratch: &mut Vec<f32>)
                 }
                 let src = &plane[iy as usize * w..(iy as usize + 1) * w];
                 if s == 2 {
-                    let (even, odd) = split.split_at_mut(half);
-                    for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(src.chunks_exact(2)) {
-                        *e = pair[0];
-                        *o = pair[1];
-                    }
-                    if w % 2 == 1 {
-                        even[half - 1] = src[w - 1];
-                    }
+                    split_even_odd(src, split);
                 }
                 for kx in 0..k {
-                    let lo = p.saturating_sub(kx).div_ceil(s).min(ow);
-                    let hi = if w + p > kx { ((w + p - kx - 1) / s + 1).min(ow) } else { 0 }.max(lo);
+                    let (lo, hi) = valid_columns(kx, s, p, w, ow);
                     if lo >= hi {
                         continue;
                     }
@@ -320,8 +336,7 @@ fn im2col(x: &[f32], cin: usize, h: usize, w: usize, k: usize, s: usize, p: usiz
             for kx in 0..k {
                 let row = &mut cols[((ci * k + ky) * k + kx) * np..][..np];
                 // Output columns whose input column ox·s + kx − p lies in [0, w).
-                let lo = p.saturating_sub(kx).div_ceil(s).min(ow);
-                let hi = if w + p > kx { ((w + p - kx - 1) / s + 1).min(ow) } else { 0 }.max(lo);
+                let (lo, hi) = valid_columns(kx, s, p, w, ow);
                 let mut pix = p0;
                 while pix < p1 {
                     let (oy, ox0) = (pix / ow, pix % ow);
@@ -412,19 +427,11 @@ fn depthwise_plane(d: &DwPlane<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
             let src = &d.input[iy as usize * w..(iy as usize + 1) * w];
             let half = w.div_ceil(2);
             if s == 2 {
-                let (even, odd) = split.split_at_mut(half);
-                for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(src.chunks_exact(2)) {
-                    *e = pair[0];
-                    *o = pair[1];
-                }
-                if w % 2 == 1 {
-                    even[half - 1] = src[w - 1];
-                }
+                split_even_odd(src, split);
             }
             for kx in 0..k {
                 let wv = d.weight[ky * k + kx];
-                let lo = p.saturating_sub(kx).div_ceil(s).min(ow);
-                let hi = if w + p > kx { ((w + p - kx - 1) / s + 1).min(ow) } else { 0 }.max(lo);
+                let (lo, hi) = valid_columns(kx, s, p, w, ow);
                 if lo >= hi {
                     continue;
                 }
