@@ -93,7 +93,6 @@ pub fn run(graph: &Graph, input: Vec<f32>, n: usize, h: usize, w: usize, keep_al
     // Buffers of dead tensors (and of earlier passes, through `pool`) are reused for new ones, so a
     // steady stream of frames neither allocates nor faults in fresh pages. Every op overwrites all of
     // its output (SSH's three branches cover all channels), so stale values never show.
-    let take = |pool: &mut BufferPool, len: usize| -> Vec<f32> { pool.take(len) };
     let mut local_times = StageTimes::default();
     // RETINAFACE_PROFILE=1 prints each op's time (slowest first) after the pass, for tuning.
     let profile = std::env::var_os("RETINAFACE_PROFILE").is_some_and(|v| v == "1");
@@ -104,7 +103,7 @@ pub fn run(graph: &Graph, input: Vec<f32>, n: usize, h: usize, w: usize, keep_al
             Op::Conv(c) => {
                 let (_, ih, iw) = dims(c.input);
                 let (oc, oh, ow) = dims(c.output);
-                let mut out = bufs[c.output].take().unwrap_or_else(|| take(pool, n * oc * oh * ow));
+                let mut out = bufs[c.output].take().unwrap_or_else(|| pool.take(n * oc * oh * ow));
                 let x = bufs[c.input].as_deref().unwrap_or_else(|| panic!("graph order: {} read before written", graph.tensors[c.input].name));
                 let r = c.residual.and_then(|r| bufs[r].as_deref());
                 ops::conv2d(c, x, n, ih, iw, &mut out, oc, r);
@@ -113,7 +112,7 @@ pub fn run(graph: &Graph, input: Vec<f32>, n: usize, h: usize, w: usize, keep_al
             Op::MaxPool { input, output } => {
                 let (ic, ih, iw) = dims(*input);
                 let (_, oh, ow) = dims(*output);
-                let mut out = take(pool, n * ic * oh * ow);
+                let mut out = pool.take(n * ic * oh * ow);
                 ops::max_pool_3x3s2(bufs[*input].as_deref().unwrap_or(&[]), n * ic, ih, iw, &mut out);
                 bufs[*output] = Some(out);
             }

@@ -560,13 +560,6 @@ pub fn preprocess(bgr: &[u8], h: usize, w: usize, out: &mut [f32]) {
     }
 }
 
-/// `act` applied in place (kept for kernel tests of standalone activations).
-pub fn activation(x: &mut [f32], act: Act) {
-    for v in x {
-        *v = act.apply(*v);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
