@@ -147,11 +147,6 @@ impl Engine {
         }
     }
 
-    /// True when a CUDA backend (device or simulation) runs the network.
-    pub fn on_gpu(&self) -> bool {
-        self.gpu.is_some()
-    }
-
     fn gpu(&self) -> Option<Result<std::sync::MutexGuard<'_, crate::cuda::GpuEngine>>> {
         self.gpu.as_ref().map(|m| m.lock().map_err(|_| Error::Cuda("a previous GPU call panicked".into())))
     }
@@ -229,14 +224,58 @@ impl Engine {
 
     /// Forward pass of same-sized network inputs.
     pub fn forward(&self, images: &[&BgrImage]) -> Result<Vec<RawOutput>> {
+        self.forward_timed(images, None)
+    }
+
+    /// `forward`, adding the CPU path's per-stage times to `timings` (the GPU reports none by stage).
+    pub fn forward_timed(&self, images: &[&BgrImage], timings: Option<&mut Timings>) -> Result<Vec<RawOutput>> {
         if let Some(gpu) = self.gpu() {
             check_batch(images)?;
             return gpu?.raw_outputs(images);
         }
-        let acts = self.run_graph(images, false, None)?;
+        let acts = self.run_graph(images, false, timings)?;
         let raws = self.raw_outputs(&acts);
         self.recycle(acts);
         Ok(raws)
+    }
+
+    /// Detections of same-sized network inputs, already resized; `scales[i]` is the factor image i was
+    /// resized by, so its boxes come back in its original pixels. The batcher of `retinaface serve` and
+    /// `detect_batch` both end here, on whichever backend runs the network.
+    pub fn detect_resized(&self, images: &[&BgrImage], scales: &[f64], post: &PostOptions, mut timings: Option<&mut Timings>) -> Result<Vec<Vec<Detection>>> {
+        if images.len() != scales.len() {
+            return Err(Error::InvalidArgument(format!("{} images but {} resize factors", images.len(), scales.len())));
+        }
+        if let Some(gpu) = self.gpu() {
+            let mut gpu = gpu?;
+            let t1 = Instant::now();
+            // The device post-processing takes one factor per call: one call per distinct factor.
+            let mut results = vec![Vec::new(); images.len()];
+            let mut done = vec![false; images.len()];
+            for i in 0..images.len() {
+                if done[i] {
+                    continue;
+                }
+                let group: Vec<usize> = (i..images.len()).filter(|&j| !done[j] && scales[j] == scales[i]).collect();
+                let batch: Vec<&BgrImage> = group.iter().map(|&j| images[j]).collect();
+                for (d, &j) in gpu.detect_scaled(&batch, post, scales[i] as f32)?.into_iter().zip(&group) {
+                    results[j] = d;
+                    done[j] = true;
+                }
+            }
+            if let Some(t) = timings.as_deref_mut() {
+                t.backbone += t1.elapsed();
+            }
+            return Ok(results);
+        }
+        let raws = self.forward_timed(images, timings.as_deref_mut())?;
+        let t1 = Instant::now();
+        let priors = anchors::priors(images[0].height, images[0].width);
+        let dets = raws.iter().zip(scales).map(|(raw, &r)| post::postprocess(raw, &priors, r as f32, post)).collect();
+        if let Some(t) = timings {
+            t.postprocess += t1.elapsed();
+        }
+        Ok(dets)
     }
 
     /// Detections of one image, best first, in its own pixels.
@@ -258,34 +297,14 @@ impl Engine {
             if done[i] {
                 continue;
             }
-            // One batch per network input size and resize factor (different originals can share a size).
-            let key = |j: usize| (prepared[j].0.width, prepared[j].0.height, prepared[j].1.to_bits());
-            let size = (prepared[i].0.width, prepared[i].0.height);
-            let group: Vec<usize> = (i..prepared.len()).filter(|&j| !done[j] && key(j) == key(i)).collect();
+            // One batch per network input size (resized images of different originals can share one).
+            let size = |j: usize| (prepared[j].0.width, prepared[j].0.height);
+            let group: Vec<usize> = (i..prepared.len()).filter(|&j| !done[j] && size(j) == size(i)).collect();
             let batch: Vec<&BgrImage> = group.iter().map(|&j| prepared[j].0.as_ref()).collect();
-            if let Some(gpu) = self.gpu() {
-                let t1 = Instant::now();
-                let dets = gpu?.detect_scaled(&batch, &opts.post, prepared[i].1 as f32)?;
-                for (d, &j) in dets.into_iter().zip(&group) {
-                    results[j] = d;
-                    done[j] = true;
-                }
-                if let Some(t) = timings.as_deref_mut() {
-                    t.backbone += t1.elapsed();
-                }
-                continue;
-            }
-            let acts = self.run_graph(&batch, false, timings.as_deref_mut())?;
-            let t1 = Instant::now();
-            let raws = self.raw_outputs(&acts);
-            self.recycle(acts);
-            let priors = anchors::priors(size.1, size.0);
-            for (raw, &j) in raws.iter().zip(&group) {
-                results[j] = post::postprocess(raw, &priors, prepared[j].1 as f32, &opts.post);
+            let scales: Vec<f64> = group.iter().map(|&j| prepared[j].1).collect();
+            for (d, &j) in self.detect_resized(&batch, &scales, &opts.post, timings.as_deref_mut())?.into_iter().zip(&group) {
+                results[j] = d;
                 done[j] = true;
-            }
-            if let Some(t) = timings.as_deref_mut() {
-                t.postprocess += t1.elapsed();
             }
         }
         Ok(results)

@@ -251,3 +251,25 @@ fn a_batch_gives_each_image_what_it_gets_alone() {
     assert_eq!(metric(a, "nv_inference_count"), 4.0, "of four images");
     server.shutdown().expect("shutdown");
 }
+
+/// The batcher runs on the engine's backend: with the CUDA kernels (here in the CPU simulation) the
+/// server answers what the CPU library answers, within the CUDA path's tolerance.
+#[test]
+fn batches_run_on_the_chosen_backend() {
+    let server = start(&["--backend", "cuda-sim"]);
+    let engine = engine();
+    let bytes = read_image("trio.jpg");
+    let r = detect(server.addr(), &bytes);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (_, want) = expected(&engine, "trio.jpg", &bytes);
+    let got = detections(&r.json());
+    assert_eq!(got.len(), want.len());
+    // The kernels sum in another order than the CPU ops: bit-identical answers would mean the batcher
+    // ran the CPU path despite the backend chosen.
+    assert_ne!(got, want, "the answer came from the CPU path");
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g.score - w.score).abs() < 1e-5, "{g:?} vs {w:?}");
+        assert!(g.bbox.iter().zip(&w.bbox).all(|(a, b)| (a - b).abs() < 1e-3), "{g:?} vs {w:?}");
+    }
+    server.shutdown().expect("shutdown");
+}

@@ -326,13 +326,8 @@ fn bench(a: BenchArgs) -> Result<()> {
     let refs: Vec<&BgrImage> = batch.iter().collect();
     let mut t = Timings::default();
     let run = |t: Option<&mut Timings>| -> Result<()> {
-        if a.forward_only && engine.on_gpu() {
-            engine.forward(&refs).map(|_| ())
-        } else if a.forward_only {
-            let acts = engine.run_graph(&refs, false, t)?;
-            engine.raw_outputs(&acts);
-            engine.recycle(acts);
-            Ok(())
+        if a.forward_only {
+            engine.forward_timed(&refs, t).map(|_| ())
         } else {
             engine.detect_batch(&batch, &opts, t).map(|_| ())
         }

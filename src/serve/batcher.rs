@@ -16,7 +16,6 @@ use super::metrics::Metrics;
 use crate::detection::Detection;
 use crate::engine::{DetectOptions, Engine, Timings};
 use crate::image_io::BgrImage;
-use crate::post;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -280,19 +279,13 @@ impl Batcher {
     }
 }
 
-/// The same calls as `Engine::detect_batch` on already-resized inputs, so a batched request gets
-/// exactly what `retinaface detect` gives for the image alone.
+/// The same call `Engine::detect_batch` makes on already-resized inputs, on the engine's backend, so a
+/// batched request gets exactly what `retinaface detect` gives for the image alone.
 fn run_batch(engine: &Engine, opts: &DetectOptions, jobs: &[Job]) -> Result<(Vec<Vec<Detection>>, Timings), String> {
     let mut t = Timings::default();
     let images: Vec<&BgrImage> = jobs.iter().map(|j| &j.image).collect();
-    let acts = engine.run_graph(&images, false, Some(&mut t)).map_err(|e| e.to_string())?;
-    let t1 = Instant::now();
-    let raws = engine.raw_outputs(&acts);
-    engine.recycle(acts);
-    let (w, h) = (images[0].width, images[0].height);
-    let priors = post::anchors::priors(h, w);
-    let dets = raws.iter().zip(jobs).map(|(raw, j)| post::postprocess(raw, &priors, j.scale as f32, &opts.post)).collect();
-    t.postprocess = t1.elapsed();
+    let scales: Vec<f64> = jobs.iter().map(|j| j.scale).collect();
+    let dets = engine.detect_resized(&images, &scales, &opts.post, Some(&mut t)).map_err(|e| e.to_string())?;
     Ok((dets, t))
 }
 

@@ -16,6 +16,8 @@ pub enum Backend {
     Cpu,
     Cuda,
     Auto,
+    /// The CUDA kernels in the CPU simulation (slow): the GPU path end to end without a GPU.
+    CudaSim,
 }
 
 impl Backend {
@@ -24,6 +26,7 @@ impl Backend {
             Backend::Cpu => crate::engine::BackendChoice::Cpu,
             Backend::Cuda => crate::engine::BackendChoice::Cuda,
             Backend::Auto => crate::engine::BackendChoice::Auto,
+            Backend::CudaSim => crate::engine::BackendChoice::CudaSim,
         }
     }
 }
@@ -40,7 +43,7 @@ pub struct ServeArgs {
     /// Network name; inferred from the weights file when omitted.
     #[arg(long)]
     pub network: Option<String>,
-    /// Compute backend: cpu, cuda (needs a GPU) or auto (CUDA when a GPU is present, else cpu).
+    /// Compute backend: cpu, cuda (needs a GPU), auto (CUDA when a GPU is present, else cpu) or cuda-sim.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
     /// Address to listen on. The default listens on every interface, as a container needs.

@@ -18,7 +18,10 @@ pub fn real_weights() -> PathBuf {
 }
 
 fn args(flags: &[&str]) -> ServeArgs {
-    let mut all: Vec<String> = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--backend", "cpu"].iter().map(|s| s.to_string()).collect();
+    let mut all: Vec<String> = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"].iter().map(|s| s.to_string()).collect();
+    if !flags.contains(&"--backend") {
+        all.extend(["--backend".to_string(), "cpu".to_string()]);
+    }
     if !flags.iter().any(|f| *f == "--weights" || *f == "--synthetic-seed") {
         all.push("--weights".into());
         all.push(real_weights().display().to_string());
