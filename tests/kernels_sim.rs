@@ -65,6 +65,7 @@ fn conv(name: &str, cin: usize, cout: usize, k: usize, stride: usize, groups: us
         bias: rng.vec(cout, 0.5),
         residual: None,
         act,
+        packed: Default::default(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! checked against. Threaded with rayon over independent output regions; every output element is
 //! computed by one task in a fixed order, so results do not depend on the thread count.
 
+use super::igemm;
 use crate::model::graph::{Act, Conv, HEAD_BOX_OFFSET, HEAD_CLASS_OFFSET, HEAD_LANDMARK_OFFSET};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -13,13 +14,13 @@ pub fn out_size(size: usize, kernel: usize, stride: usize, pad: usize) -> usize 
 
 /// A raw pointer that tasks writing disjoint parts of one buffer may share.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+pub(super) struct SharedMut(pub(super) *mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
     // A method, not a field access, so closures capture the Send + Sync wrapper rather than the raw pointer.
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -32,7 +33,7 @@ thread_local! {
 /// then reads stays in the core's L2.
 const COLUMN_BUDGET: usize = 1 << 18;
 /// Tasks wanted per convolution, so small maps still spread over the cores (a few per core).
-const MIN_TASKS: usize = 8;
+pub(super) const MIN_TASKS: usize = 8;
 
 /// `out[n, off + co, y, x] = act(Σ w[co, ci, ky, kx] · x[n, g·cin_g + ci, y·s + ky − p, x·s + kx − p] + bias[co] + residual[n, co, y, x])`.
 ///
@@ -47,15 +48,52 @@ pub fn conv2d(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: &mut [f
     if let Some(r) = residual {
         assert_eq!(r.len(), n * conv.cout * oh * ow, "conv {} residual size", conv.name);
     }
-    if conv.groups == 1 && conv.cin * k * k <= DIRECT_MAX_TAPS {
-        conv_direct_small(conv, x, n, h, w, oh, ow, SharedMut(out.as_mut_ptr()), out_channels, residual);
-    } else if conv.groups == 1 && k == 3 && s == 1 && p == 1 {
-        conv3x3_shifted(conv, x, n, h, w, SharedMut(out.as_mut_ptr()), out_channels, residual);
-    } else if conv.groups == 1 {
-        conv_gemm(conv, x, n, h, w, oh, ow, SharedMut(out.as_mut_ptr()), out_channels, residual);
+    conv2d_on(choose_path(conv), conv, x, n, h, w, out, out_channels, residual);
+}
+
+/// The ways `conv2d` computes a convolution; each gives the definition's values up to f32 rounding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ConvPath {
+    /// Implicit GEMM with the AVX-512 micro-kernel (`igemm`), for any dense convolution.
+    Igemm,
+    /// Few taps per output: direct accumulation, all output channels at once.
+    DirectSmall,
+    /// 3×3 stride 1: nine shifted GEMMs on a padded plane.
+    Shifted3x3,
+    /// im2col + GEMM (or GEMM straight on the input for 1×1 stride 1).
+    Im2colGemm,
+    Depthwise,
+}
+
+fn choose_path(conv: &Conv) -> ConvPath {
+    let k = conv.kernel;
+    if conv.groups != 1 {
+        ConvPath::Depthwise
+    } else if igemm::available() && igemm::preferred(conv) {
+        ConvPath::Igemm
+    } else if conv.cin * k * k <= DIRECT_MAX_TAPS {
+        ConvPath::DirectSmall
+    } else if k == 3 && conv.stride == 1 && conv.pad == 1 {
+        ConvPath::Shifted3x3
     } else {
-        assert!(conv.groups == conv.cin && conv.groups == conv.cout, "only depthwise grouped convolutions are used");
-        conv_depthwise(conv, x, n, h, w, oh, ow, SharedMut(out.as_mut_ptr()), out_channels, residual);
+        ConvPath::Im2colGemm
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv2d_on(path: ConvPath, conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: &mut [f32], out_channels: usize, residual: Option<&[f32]>) {
+    let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
+    let (oh, ow) = (out_size(h, k, s, p), out_size(w, k, s, p));
+    let out = SharedMut(out.as_mut_ptr());
+    match path {
+        ConvPath::Igemm => igemm::conv(conv, x, n, h, w, out, out_channels, residual),
+        ConvPath::DirectSmall => conv_direct_small(conv, x, n, h, w, oh, ow, out, out_channels, residual),
+        ConvPath::Shifted3x3 => conv3x3_shifted(conv, x, n, h, w, out, out_channels, residual),
+        ConvPath::Im2colGemm => conv_gemm(conv, x, n, h, w, oh, ow, out, out_channels, residual),
+        ConvPath::Depthwise => {
+            assert!(conv.groups == conv.cin && conv.groups == conv.cout, "only depthwise grouped convolutions are used");
+            conv_depthwise(conv, x, n, h, w, oh, ow, out, out_channels, residual)
+        }
     }
 }
 
@@ -457,14 +495,14 @@ fn depthwise_plane(d: &DwPlane<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
 /// x86-64, whose SSE2 halves the width of these loops. The body is `#[inline(always)]`, so it is compiled
 /// inside the AVX2 function. Only vector width changes (no FMA contraction): the results are the same bits.
 macro_rules! avx2_dispatch {
-    ($name:ident, $avx2:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*)) => {
+    ($vis:vis $name:ident, $avx2:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*)) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2")]
         unsafe fn $avx2($($arg: $ty),*) {
             $body_fn($($arg),*)
         }
 
-        fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: the processor supports AVX2, checked just above.
@@ -476,27 +514,47 @@ macro_rules! avx2_dispatch {
 }
 
 avx2_dispatch!(depthwise_plane_fast, depthwise_plane_avx2, depthwise_plane, (d: &DwPlane<'_>, out: &mut [f32], scratch: &mut Vec<f32>));
-avx2_dispatch!(epilogue_fast, epilogue_avx2, epilogue, (row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Act));
+avx2_dispatch!(max_pool_plane_fast, max_pool_plane_avx2, max_pool_plane, (plane: &[f32], h: usize, w: usize, o: &mut [f32], scratch: &mut Vec<f32>));
+avx2_dispatch!(pub(super) epilogue_fast, epilogue_avx2, epilogue, (row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Act));
 avx2_dispatch!(direct_band_fast, direct_band_avx2, direct_band, (d: &DirectBand<'_>, y0: usize, y1: usize, scratch: &mut Vec<f32>));
 
 /// 3×3 stride-2 max-pool, padding 1 counted as −∞. `x` [n·c, h, w] → `out` [n·c, oh, ow].
 pub fn max_pool_3x3s2(x: &[f32], nc: usize, h: usize, w: usize, out: &mut [f32]) {
     let (oh, ow) = (out_size(h, 3, 2, 1), out_size(w, 3, 2, 1));
     assert_eq!(out.len(), nc * oh * ow);
-    out.par_chunks_mut(oh * ow).enumerate().for_each(|(i, o)| {
-        let plane = &x[i * h * w..(i + 1) * h * w];
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let mut m = f32::NEG_INFINITY;
-                for iy in (oy * 2).saturating_sub(1)..(oy * 2 + 2).min(h) {
-                    for ix in (ox * 2).saturating_sub(1)..(ox * 2 + 2).min(w) {
-                        m = m.max(plane[iy * w + ix]);
-                    }
-                }
-                o[oy * ow + ox] = m;
-            }
-        }
+    out.par_chunks_mut(oh * ow).enumerate().for_each_init(Vec::new, |scratch: &mut Vec<f32>, (i, o)| {
+        max_pool_plane_fast(&x[i * h * w..(i + 1) * h * w], h, w, o, scratch);
     });
+}
+
+/// One plane, a row at a time: the column-wise max of the (up to) three input rows, which vectorises,
+/// then split into even and odd columns so output x takes max(odd[x−1], even[x], odd[x]) from runs.
+#[inline(always)]
+fn max_pool_plane(plane: &[f32], h: usize, w: usize, o: &mut [f32], scratch: &mut Vec<f32>) {
+    let ow = out_size(w, 3, 2, 1);
+    let half = w.div_ceil(2);
+    scratch.clear();
+    scratch.resize(w + 2 * half, 0.0);
+    let (vmax, split) = scratch.split_at_mut(w);
+    for (oy, orow) in o.chunks_exact_mut(ow).enumerate() {
+        let rows = (oy * 2).saturating_sub(1)..(oy * 2 + 2).min(h);
+        vmax.copy_from_slice(&plane[rows.start * w..(rows.start + 1) * w]);
+        for iy in rows.start + 1..rows.end {
+            vmax.iter_mut().zip(&plane[iy * w..(iy + 1) * w]).for_each(|(m, &v)| *m = m.max(v));
+        }
+        split_even_odd(vmax, split);
+        let (even, odd) = split.split_at(half);
+        let odd = &odd[..w / 2];
+        // Column 2x−1 (odd[x−1]) exists for x ≥ 1, column 2x+1 (odd[x]) while 2x+1 < w.
+        orow[0] = if odd.is_empty() { even[0] } else { even[0].max(odd[0]) };
+        let both = odd.len().min(ow);
+        for x in 1..both {
+            orow[x] = odd[x - 1].max(even[x]).max(odd[x]);
+        }
+        for x in both.max(1)..ow {
+            orow[x] = odd[x - 1].max(even[x]);
+        }
+    }
 }
 
 /// PyTorch's `nearest` source index for an explicit output size: `min(floor(dst · (in/out as f32)), in − 1)`.
@@ -619,6 +677,10 @@ mod tests {
             (1, 8, 6, 3, 2, 1, 9, 9, Act::Leaky(0.1), false, 0),   // 3x3 s2 with 72 taps: im2col GEMM
             (2, 10, 10, 3, 1, 10, 7, 11, Act::Relu6, true, 0),     // depthwise stride 1
             (1, 9, 9, 3, 2, 9, 8, 13, Act::Leaky(0.1), false, 2),  // depthwise stride 2, odd width
+            (1, 40, 27, 3, 1, 1, 8, 8, Act::Leaky(0.1), true, 1),  // 3x3 with K = 360: two reduction passes
+            (2, 300, 13, 1, 1, 1, 4, 8, Act::Relu6, false, 0),     // 1x1 over 32 pixels (copied planes), K = 300
+            (1, 20, 14, 1, 1, 1, 8, 8, Act::None, true, 0),        // 1x1, 64 pixels: copied planes, few channels
+            (1, 5, 30, 5, 2, 1, 13, 10, Act::Leaky(0.0), false, 0), // 5x5 stride 2: four phases, two taps deep
         ];
         for (n, cin, cout, k, stride, groups, h, w, act, with_res, off) in cases {
             let conv = Conv {
@@ -636,23 +698,78 @@ mod tests {
                 bias: (0..cout).map(|_| rnd()).collect(),
                 residual: None,
                 act,
+                packed: Default::default(),
             };
             let x: Vec<f32> = (0..n * cin * h * w).map(|_| rnd() * 3.0).collect();
             let (oh, ow) = (out_size(h, k, stride, conv.pad), out_size(w, k, stride, conv.pad));
             let res: Option<Vec<f32>> = with_res.then(|| (0..n * cout * oh * ow).map(|_| rnd()).collect());
             let oc = cout + off + 1;
             let mut want = vec![f32::NAN; n * oc * oh * ow];
-            let mut got = want.clone();
             conv_naive(&conv, &x, n, h, w, oc, res.as_deref(), &mut want);
-            conv2d(&conv, &x, n, h, w, &mut got, oc, res.as_deref());
-            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                let c = (i / (oh * ow)) % oc;
-                if c < off || c >= off + cout {
-                    assert!(g.is_nan(), "case k{k} s{stride} g{groups}: channel {c} outside the conv was written");
-                } else {
-                    assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "case k{k} s{stride} g{groups} {h}x{w}: element {i}: {g} vs {e}");
+            let mut paths = vec![choose_path(&conv)];
+            paths.extend(fallback_paths(&conv));
+            if igemm::available() && igemm::handles(&conv) {
+                paths.push(ConvPath::Igemm);
+            }
+            for path in paths {
+                let mut got = vec![f32::NAN; n * oc * oh * ow];
+                conv2d_on(path, &conv, &x, n, h, w, &mut got, oc, res.as_deref());
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    let c = (i / (oh * ow)) % oc;
+                    if c < off || c >= off + cout {
+                        assert!(g.is_nan(), "{path:?} k{k} s{stride} g{groups}: channel {c} outside the conv was written");
+                    } else {
+                        assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "{path:?} k{k} s{stride} g{groups} {h}x{w}: element {i}: {g} vs {e}");
+                    }
                 }
             }
         }
+        assert!(!igemm::available() || cases.iter().any(|c| c.5 == 1), "the AVX-512 path was exercised");
+    }
+
+    #[test]
+    fn max_pool_matches_the_definition() {
+        let mut seed = 7u64;
+        for (h, w) in [(1, 1), (1, 2), (2, 3), (3, 4), (5, 7), (8, 8), (9, 16), (17, 33)] {
+            let x: Vec<f32> = (0..2 * h * w)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    (seed >> 40) as f32 / 16777216.0 - 0.5
+                })
+                .collect();
+            let (oh, ow) = (out_size(h, 3, 2, 1), out_size(w, 3, 2, 1));
+            let mut got = vec![f32::NAN; 2 * oh * ow];
+            max_pool_3x3s2(&x, 2, h, w, &mut got);
+            for c in 0..2 {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut m = f32::NEG_INFINITY;
+                        for iy in (2 * oy) as isize - 1..=(2 * oy) as isize + 1 {
+                            for ix in (2 * ox) as isize - 1..=(2 * ox) as isize + 1 {
+                                if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                    m = m.max(x[(c * h + iy as usize) * w + ix as usize]);
+                                }
+                            }
+                        }
+                        assert_eq!(got[(c * oh + oy) * ow + ox], m, "{h}x{w} channel {c} at ({oy}, {ox})");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every path other than the micro-kernel that computes `conv` (what a processor without AVX-512 runs).
+    fn fallback_paths(conv: &Conv) -> Vec<ConvPath> {
+        if conv.groups != 1 {
+            return vec![ConvPath::Depthwise];
+        }
+        let mut paths = vec![ConvPath::Im2colGemm];
+        if conv.cin * conv.kernel * conv.kernel <= DIRECT_MAX_TAPS {
+            paths.push(ConvPath::DirectSmall);
+        }
+        if conv.kernel == 3 && conv.stride == 1 && conv.pad == 1 {
+            paths.push(ConvPath::Shifted3x3);
+        }
+        paths
     }
 }

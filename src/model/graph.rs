@@ -68,6 +68,8 @@ pub struct Conv {
     /// Added before the activation (ResNet and MobileNetV2 shortcuts).
     pub residual: Option<TensorId>,
     pub act: Act,
+    /// The CPU backend's repacking of `weight` for its AVX-512 kernel, made on first use.
+    pub packed: std::sync::OnceLock<Vec<f32>>,
 }
 
 #[derive(Clone, Debug)]

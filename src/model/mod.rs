@@ -140,6 +140,7 @@ impl<'a> Builder<'a> {
             bias,
             residual,
             act,
+            packed: Default::default(),
         }));
         output
     }

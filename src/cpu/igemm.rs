@@ -1,0 +1,331 @@
+//! Dense convolution (groups 1, stride 1 or 2, any kernel size) as an implicit GEMM with an AVX-512
+//! micro-kernel, used when the processor has AVX-512F.
+//!
+//! `out[co, pixel] = Σ_k W[co, k] · B[k, pixel]` with k = (ci, ky, kx). B is never materialised: the
+//! input is copied once into zero-padded *phase planes* (for stride 2 the padded plane is split into its
+//! four even/odd row/column phases), in which tap k of every output pixel of the flattened grid
+//! `oy·wq + ox` lies at `offset[k] + oy·wq + ox`. So each step of the reduction loads NR consecutive
+//! floats at a per-k offset, and the micro-kernel reads its B operand straight from the planes, with no
+//! packing and no im2col. Columns `ox ≥ ow` of the grid are junk, computed and dropped. A 1×1 stride-1
+//! convolution reads its input in place (the grid is the input plane itself).
+//!
+//! The weights are packed once per convolution (`Conv::packed`) as [cout/MR][K][MR], so a micro-tile
+//! broadcasts MR consecutive floats per step.
+//!
+//! Each output sums its products in k order, in one thread: results do not depend on the thread
+//! count, and differ from the definition only by f32 rounding (fused multiply-adds).
+
+use super::ops::{MIN_TASKS, SharedMut, epilogue_fast, out_size};
+use crate::model::graph::Conv;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Output channels per micro-tile (rows of broadcast weights).
+pub const MR: usize = 12;
+/// Output pixels per micro-tile: two 16-lane registers. MR·NR/16 = 24 accumulators of the 32 registers.
+pub const NR: usize = 32;
+/// Reduction steps per pass over a task's tiles: the MR×KC weight panel (12 KiB) stays in L1 while
+/// every tile of the task uses it.
+const KC: usize = 256;
+/// Floats of accumulator band per task (1 MiB): the band and the planes it reads stay in L2.
+const BAND_BUDGET: usize = 1 << 18;
+
+thread_local! {
+    static PLANES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether this processor runs the micro-kernel.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether `conv` has a shape this path computes.
+pub fn handles(conv: &Conv) -> bool {
+    conv.groups == 1 && (conv.stride == 1 || conv.stride == 2)
+}
+
+/// Whether this path is the faster one for `conv` (measured on AVX-512 Xeons): for 1×1 stride-1
+/// convolutions with 64 or more input channels, a packed GEMM straight on the input is ahead, as its
+/// B panel is contiguous while each step here reads another channel plane.
+pub fn preferred(conv: &Conv) -> bool {
+    handles(conv) && !(conv.kernel == 1 && conv.stride == 1 && conv.cin >= 64)
+}
+
+/// `weight` [cout, K] as [cout.div_ceil(MR)][K][MR], rows past cout zero.
+pub fn pack_weights(weight: &[f32], cout: usize, depth: usize) -> Vec<f32> {
+    let blocks = cout.div_ceil(MR);
+    let mut packed = vec![0.0f32; blocks * depth * MR];
+    for co in 0..cout {
+        let (blk, r) = (co / MR, co % MR);
+        for k in 0..depth {
+            packed[(blk * depth + k) * MR + r] = weight[co * depth + k];
+        }
+    }
+    packed
+}
+
+/// Where tap k of grid pixel 0 lies in the planes of one image, and the grid's shape.
+struct Geometry {
+    /// Phase planes per input channel: 1, or 4 (2 when the kernel is 1 wide) for stride 2.
+    phases_y: usize,
+    phases_x: usize,
+    hq: usize,
+    wq: usize,
+    /// Floats per image in the planes buffer.
+    image_stride: usize,
+    /// Per k = (ci, ky, kx).
+    offsets: Vec<u32>,
+    /// Grid pixels per image: oh·wq.
+    grid: usize,
+    /// Whether the planes are the input itself (1×1, stride 1).
+    in_place: bool,
+}
+
+fn geometry(conv: &Conv, h: usize, w: usize, oh: usize) -> Geometry {
+    let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
+    let (hp, wp) = (h + 2 * p, w + 2 * p);
+    let (phases_y, phases_x) = (k.min(s), k.min(s));
+    let (hq, wq) = (hp.div_ceil(s), wp.div_ceil(s));
+    let in_place = k == 1 && s == 1 && p == 0 && conflict_free(h * w);
+    let plane = if in_place { h * w } else { conflict_free_stride(hq * wq) };
+    let mut offsets = Vec::with_capacity(conv.cin * k * k);
+    for ci in 0..conv.cin {
+        for ky in 0..k {
+            for kx in 0..k {
+                let phase = (ky % s) * phases_x + kx % s;
+                offsets.push(((ci * phases_y * phases_x + phase) * plane + (ky / s) * wq + kx / s) as u32);
+            }
+        }
+    }
+    Geometry { phases_y, phases_x, hq, wq, image_stride: conv.cin * phases_y * phases_x * plane, offsets, grid: oh * wq, in_place }
+}
+
+/// Whether planes `stride` floats apart spread a tile's rows over the L1 sets. A micro-tile reads the
+/// same columns of KC consecutive planes; when the stride is a multiple of 128 bytes, those lines fall
+/// in at most half of the 64 sets and evict each other (a 40×40 map is 6400 bytes: 16 sets).
+fn conflict_free(stride: usize) -> bool {
+    stride % 32 != 0
+}
+
+/// The smallest stride of at least `len` floats that is conflict-free: an odd number of cache lines.
+fn conflict_free_stride(len: usize) -> usize {
+    let lines = len.div_ceil(16);
+    (lines | 1) * 16
+}
+
+/// Fills `planes` [n][cin][phases][hq][wq] (plus zeroed slack) from `x` [n, cin, h, w]: every element,
+/// padding included, is written, so the buffer may hold old values.
+fn fill_planes(g: &Geometry, conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, planes: &mut Vec<f32>) {
+    let (s, p) = (conv.stride, conv.pad);
+    let plane = g.image_stride / (conv.cin * g.phases_y * g.phases_x);
+    let nph = g.phases_y * g.phases_x;
+    // The junk columns of the last rows read up to (k−1)/s rows and columns past an image's last plane.
+    let slack = (conv.kernel / s + 1) * g.wq + NR;
+    let total = n * g.image_stride + slack;
+    planes.resize(total, 0.0);
+    let (body, tail) = planes.split_at_mut(n * g.image_stride);
+    tail.fill(0.0);
+    body.par_chunks_mut(plane).enumerate().for_each(|(idx, dst)| {
+        let (bc, phase) = (idx / nph, idx % nph);
+        let (a, b) = (phase / g.phases_x, phase % g.phases_x);
+        let src = &x[bc * h * w..(bc + 1) * h * w];
+        dst[g.hq * g.wq..].fill(0.0);
+        for qy in 0..g.hq {
+            let row = &mut dst[qy * g.wq..(qy + 1) * g.wq];
+            let iy = (qy * s + a) as isize - p as isize;
+            if iy < 0 || iy as usize >= h {
+                row.fill(0.0);
+                continue;
+            }
+            let srow = &src[iy as usize * w..(iy as usize + 1) * w];
+            // Columns qx with input column qx·s + b − p inside [0, w).
+            let lo = p.saturating_sub(b).div_ceil(s).min(g.wq);
+            let hi = (w + p).saturating_sub(b).div_ceil(s).clamp(lo, g.wq);
+            row[..lo].fill(0.0);
+            row[hi..].fill(0.0);
+            let first = lo * s + b - p;
+            let run = &mut row[lo..hi];
+            if s == 1 {
+                run.copy_from_slice(&srow[first..first + run.len()]);
+            } else {
+                for (j, v) in run.iter_mut().enumerate() {
+                    *v = srow[first + j * s];
+                }
+            }
+        }
+    });
+}
+
+/// The convolution of `ops::conv2d`, on the micro-kernel. Call only when `available()` and `handles(conv)`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn conv(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: SharedMut, out_channels: usize, residual: Option<&[f32]>) {
+    let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
+    let (oh, ow) = (out_size(h, k, s, p), out_size(w, k, s, p));
+    let depth = conv.cin * k * k;
+    let packed = conv.packed.get_or_init(|| pack_weights(&conv.weight, conv.cout, depth));
+    let g = geometry(conv, h, w, oh);
+    // Taken rather than borrowed: a nested call on this thread (rayon work stealing) gets its own.
+    let mut owned = PLANES.with(|c| c.take());
+    let (src, image_stride): (&[f32], usize) = if g.in_place {
+        (x, conv.cin * h * w)
+    } else {
+        fill_planes(&g, conv, x, n, h, w, &mut owned);
+        (&owned, g.image_stride)
+    };
+
+    let blocks = conv.cout.div_ceil(MR);
+    let tiles = g.grid.div_ceil(NR);
+    let chunk_tiles = (BAND_BUDGET / (blocks * MR * NR)).clamp(1, tiles);
+    let pix_tasks = tiles.div_ceil(chunk_tiles);
+    let co_tasks = MIN_TASKS.div_ceil(n * pix_tasks).clamp(1, blocks);
+    let blocks_per_task = blocks.div_ceil(co_tasks);
+    let co_tasks = blocks.div_ceil(blocks_per_task);
+    let task = Task { conv, g: &g, src, image_stride, packed, depth, out, out_channels, residual, oh, ow };
+    (0..n * pix_tasks * co_tasks).into_par_iter().for_each_init(Vec::new, |band: &mut Vec<f32>, t| {
+        let (b, rest) = (t / (pix_tasks * co_tasks), t % (pix_tasks * co_tasks));
+        let (pt, ct) = (rest / co_tasks, rest % co_tasks);
+        let tile0 = pt * chunk_tiles;
+        let ntiles = chunk_tiles.min(tiles - tile0);
+        let blk0 = ct * blocks_per_task;
+        let nblk = blocks_per_task.min(blocks - blk0);
+        task.run(b, tile0, ntiles, blk0, nblk, band);
+    });
+    PLANES.with(|c| *c.borrow_mut() = owned);
+}
+
+struct Task<'a> {
+    conv: &'a Conv,
+    g: &'a Geometry,
+    src: &'a [f32],
+    image_stride: usize,
+    packed: &'a [f32],
+    depth: usize,
+    out: SharedMut,
+    out_channels: usize,
+    residual: Option<&'a [f32]>,
+    oh: usize,
+    ow: usize,
+}
+
+impl Task<'_> {
+    /// Output blocks blk0..blk0+nblk over grid tiles tile0..tile0+ntiles of image b.
+    fn run(&self, b: usize, tile0: usize, ntiles: usize, blk0: usize, nblk: usize, band: &mut Vec<f32>) {
+        let ld = ntiles * NR;
+        band.resize(nblk * MR * ld, 0.0);
+        let px0 = tile0 * NR;
+        let img = &self.src[b * self.image_stride..];
+        for kc0 in (0..self.depth).step_by(KC) {
+            let kc = KC.min(self.depth - kc0);
+            let offsets = &self.g.offsets[kc0..kc0 + kc];
+            // Tile-major: a tile's B rows (KC·NR floats) stay in L1 while every weight block of the task
+            // passes over them; the first block's pass also prefetches the next tile's rows.
+            for t in 0..ntiles {
+                let px = px0 + t * NR;
+                let valid = NR.min(self.g.grid - px);
+                for j in 0..nblk {
+                    let a = &self.packed[((blk0 + j) * self.depth + kc0) * MR..][..kc * MR];
+                    let c = &mut band[j * MR * ld + t * NR..];
+                    // SAFETY: `available()` was checked by the caller; every B read lies at
+                    // offset[k] + px + lane with lane < valid, inside the image's planes (or their slack).
+                    unsafe { tile_dispatch(a, offsets, &img[px..], c, ld, kc0 > 0, valid, j == 0) };
+                }
+            }
+        }
+        self.store(b, px0, ld, blk0, nblk, band);
+    }
+
+    /// Copies the band's valid pixels (ox < ow) to the output and applies bias, residual and activation.
+    fn store(&self, b: usize, px0: usize, ld: usize, blk0: usize, nblk: usize, band: &[f32]) {
+        let (conv, wq, ow, oh) = (self.conv, self.g.wq, self.ow, self.oh);
+        let px1 = (px0 + ld).min(self.g.grid);
+        let co_end = ((blk0 + nblk) * MR).min(conv.cout);
+        for co in blk0 * MR..co_end {
+            let brow = &band[(co - blk0 * MR) * ld..][..ld];
+            for oy in px0 / wq..px1.div_ceil(wq) {
+                let lo = (oy * wq).max(px0);
+                let hi = (oy * wq + ow).min(px1);
+                if lo >= hi {
+                    continue;
+                }
+                let ox = lo - oy * wq;
+                let o = ((b * self.out_channels + conv.out_channel_offset + co) * oh + oy) * ow + ox;
+                // SAFETY: each output pixel of each channel belongs to exactly one task's band.
+                let orow = unsafe { std::slice::from_raw_parts_mut(self.out.get().add(o), hi - lo) };
+                orow.copy_from_slice(&brow[lo - px0..hi - px0]);
+                let res = self.residual.map(|r| &r[((b * conv.cout + co) * oh + oy) * ow + ox..][..hi - lo]);
+                epilogue_fast(orow, conv.bias[co], res, conv.act);
+            }
+        }
+    }
+}
+
+/// One micro-tile: `C[r, 0..NR] (+)= Σ_k a[k·MR + r] · src[offset[k] + 0..NR]` for r < MR, C rows `ldc`
+/// apart. Lanes ≥ `valid` of B are not read (and their C values are junk).
+///
+/// # Safety
+/// AVX-512F must be available; `src` must cover `offset[k] + valid` for every k; `c` must cover MR rows
+/// of NR floats `ldc` apart; `a` must hold `offsets.len() · MR` floats.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_dispatch(a: &[f32], offsets: &[u32], src: &[f32], c: &mut [f32], ldc: usize, accumulate: bool, valid: usize, prefetch: bool) {
+    debug_assert!(a.len() >= offsets.len() * MR && c.len() >= (MR - 1) * ldc + NR);
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        if valid == NR && prefetch {
+            tile::<false, true>(a.as_ptr(), offsets, src.as_ptr(), c.as_mut_ptr(), ldc, accumulate, valid)
+        } else if valid == NR {
+            tile::<false, false>(a.as_ptr(), offsets, src.as_ptr(), c.as_mut_ptr(), ldc, accumulate, valid)
+        } else {
+            tile::<true, false>(a.as_ptr(), offsets, src.as_ptr(), c.as_mut_ptr(), ldc, accumulate, valid)
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("the AVX-512 path is only chosen on x86-64")
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile<const MASKED: bool, const PREFETCH: bool>(a: *const f32, offsets: &[u32], src: *const f32, c: *mut f32, ldc: usize, accumulate: bool, valid: usize) {
+    // SAFETY: the caller's contract (see `tile_dispatch`).
+    unsafe {
+        use std::arch::x86_64::*;
+        let m0: __mmask16 = if valid >= 16 { 0xffff } else { ((1u32 << valid) - 1) as u16 };
+        let m1: __mmask16 = if valid >= 32 { 0xffff } else if valid > 16 { ((1u32 << (valid - 16)) - 1) as u16 } else { 0 };
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        if accumulate {
+            for (r, row) in acc.iter_mut().enumerate() {
+                row[0] = _mm512_loadu_ps(c.add(r * ldc));
+                row[1] = _mm512_loadu_ps(c.add(r * ldc + 16));
+            }
+        }
+        let mut ap = a;
+        for &off in offsets {
+            let bp = src.add(off as usize);
+            if PREFETCH {
+                _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(NR) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(NR + 16) as *const i8);
+            }
+            let (b0, b1) = if MASKED {
+                (_mm512_maskz_loadu_ps(m0, bp), _mm512_maskz_loadu_ps(m1, bp.add(16)))
+            } else {
+                (_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(16)))
+            };
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*ap.add(r));
+                row[0] = _mm512_fmadd_ps(av, b0, row[0]);
+                row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+            }
+            ap = ap.add(MR);
+        }
+        for (r, row) in acc.iter().enumerate() {
+            _mm512_storeu_ps(c.add(r * ldc), row[0]);
+            _mm512_storeu_ps(c.add(r * ldc + 16), row[1]);
+        }
+    }
+}
