@@ -20,12 +20,16 @@ use crate::model::graph::Conv;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// Output channels per micro-tile (rows of broadcast weights).
-pub const MR: usize = 12;
-/// Output pixels per micro-tile: two 16-lane registers. MR·NR/16 = 24 accumulators of the 32 registers.
-pub const NR: usize = 32;
-/// Reduction steps per pass over a task's tiles: the MR×KC weight panel (12 KiB) stays in L1 while
-/// every tile of the task uses it.
+/// Output channels per micro-tile (rows of broadcast weights). Every channel count of these networks is
+/// a multiple of 8, so no row of a tile is wasted (12×32 tiles wasted 11% of the 64-channel layers).
+pub const MR: usize = 8;
+/// 16-lane registers per row of a micro-tile: MR·V = 24 accumulators, 3 B vectors and a broadcast of
+/// the 32 registers; per reduction step 3 B loads and 8 broadcasts feed 24 FMAs.
+const V: usize = 3;
+/// Output pixels per micro-tile.
+pub const NR: usize = 16 * V;
+/// Reduction steps per pass over a task's tiles: a tile's B rows (at most KC·NR floats, 48 KiB for a 1×1
+/// convolution, much less for 3×3 whose taps share lines) stay in L1 while every weight block uses them.
 const KC: usize = 256;
 /// Floats of accumulator band per task (1 MiB): the band and the planes it reads stay in L2.
 const BAND_BUDGET: usize = 1 << 18;
@@ -122,15 +126,17 @@ fn conflict_free_stride(len: usize) -> usize {
 
 /// Fills `planes` [n][cin][phases][hq][wq] (plus zeroed slack) from `x` [n, cin, h, w]: every element,
 /// padding included, is written, so the buffer may hold old values.
-fn fill_planes(g: &Geometry, conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, planes: &mut Vec<f32>) {
+fn fill_planes(g: &Geometry, conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, planes: &mut Vec<f32>) -> usize {
     let (s, p) = (conv.stride, conv.pad);
     let plane = g.image_stride / (conv.cin * g.phases_y * g.phases_x);
     let nph = g.phases_y * g.phases_x;
     // The junk columns of the last rows read up to (k−1)/s rows and columns past an image's last plane.
     let slack = (conv.kernel / s + 1) * g.wq + NR;
     let total = n * g.image_stride + slack;
-    planes.resize(total, 0.0);
-    let (body, tail) = planes.split_at_mut(n * g.image_stride);
+    // Start on a cache line, so B loads at multiples of 16 floats from a plane start are not split.
+    planes.resize(total + 15, 0.0);
+    let start = planes.as_ptr().align_offset(64).min(15);
+    let (body, tail) = planes[start..start + total].split_at_mut(n * g.image_stride);
     tail.fill(0.0);
     body.par_chunks_mut(plane).enumerate().for_each(|(idx, dst)| {
         let (bc, phase) = (idx / nph, idx % nph);
@@ -161,6 +167,7 @@ fn fill_planes(g: &Geometry, conv: &Conv, x: &[f32], n: usize, h: usize, w: usiz
             }
         }
     });
+    start
 }
 
 /// The convolution of `ops::conv2d`, on the micro-kernel. Call only when `available()` and `handles(conv)`.
@@ -176,13 +183,17 @@ pub(super) fn conv(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: Sh
     let (src, image_stride): (&[f32], usize) = if g.in_place {
         (x, conv.cin * h * w)
     } else {
-        fill_planes(&g, conv, x, n, h, w, &mut owned);
-        (&owned, g.image_stride)
+        let start = fill_planes(&g, conv, x, n, h, w, &mut owned);
+        (&owned[start..], g.image_stride)
     };
 
     let blocks = conv.cout.div_ceil(MR);
     let tiles = g.grid.div_ceil(NR);
-    let chunk_tiles = (BAND_BUDGET / (blocks * MR * NR)).clamp(1, tiles);
+    // Split the pixels into even chunks (within the band budget, and into MIN_TASKS when each still gets
+    // a few tiles); split the output channels only when that is not enough tasks.
+    let max_chunk = (BAND_BUDGET / (blocks * MR * NR)).clamp(1, tiles);
+    let want = tiles.div_ceil(max_chunk).max(MIN_TASKS.div_ceil(n).min(tiles / 4));
+    let chunk_tiles = tiles.div_ceil(want.max(1));
     let pix_tasks = tiles.div_ceil(chunk_tiles);
     let co_tasks = MIN_TASKS.div_ceil(n * pix_tasks).clamp(1, blocks);
     let blocks_per_task = blocks.div_ceil(co_tasks);
@@ -295,37 +306,41 @@ unsafe fn tile<const MASKED: bool, const PREFETCH: bool>(a: *const f32, offsets:
     // SAFETY: the caller's contract (see `tile_dispatch`).
     unsafe {
         use std::arch::x86_64::*;
-        let m0: __mmask16 = if valid >= 16 { 0xffff } else { ((1u32 << valid) - 1) as u16 };
-        let m1: __mmask16 = if valid >= 32 { 0xffff } else if valid > 16 { ((1u32 << (valid - 16)) - 1) as u16 } else { 0 };
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut masks = [0xffffu16; V];
+        for (v, m) in masks.iter_mut().enumerate() {
+            let lanes = valid.saturating_sub(16 * v).min(16);
+            *m = ((1u32 << lanes) - 1) as u16;
+        }
+        let mut acc = [[_mm512_setzero_ps(); V]; MR];
         if accumulate {
             for (r, row) in acc.iter_mut().enumerate() {
-                row[0] = _mm512_loadu_ps(c.add(r * ldc));
-                row[1] = _mm512_loadu_ps(c.add(r * ldc + 16));
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(c.add(r * ldc + 16 * v));
+                }
             }
         }
         let mut ap = a;
         for &off in offsets {
             let bp = src.add(off as usize);
-            if PREFETCH {
-                _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(NR) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(NR + 16) as *const i8);
+            let mut b = [_mm512_setzero_ps(); V];
+            for (v, x) in b.iter_mut().enumerate() {
+                if PREFETCH {
+                    _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(NR + 16 * v) as *const i8);
+                }
+                *x = if MASKED { _mm512_maskz_loadu_ps(masks[v], bp.add(16 * v)) } else { _mm512_loadu_ps(bp.add(16 * v)) };
             }
-            let (b0, b1) = if MASKED {
-                (_mm512_maskz_loadu_ps(m0, bp), _mm512_maskz_loadu_ps(m1, bp.add(16)))
-            } else {
-                (_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(16)))
-            };
             for (r, row) in acc.iter_mut().enumerate() {
                 let av = _mm512_set1_ps(*ap.add(r));
-                row[0] = _mm512_fmadd_ps(av, b0, row[0]);
-                row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+                for (x, bv) in row.iter_mut().zip(&b) {
+                    *x = _mm512_fmadd_ps(av, *bv, *x);
+                }
             }
             ap = ap.add(MR);
         }
         for (r, row) in acc.iter().enumerate() {
-            _mm512_storeu_ps(c.add(r * ldc), row[0]);
-            _mm512_storeu_ps(c.add(r * ldc + 16), row[1]);
+            for (v, x) in row.iter().enumerate() {
+                _mm512_storeu_ps(c.add(r * ldc + 16 * v), *x);
+            }
         }
     }
 }
