@@ -38,16 +38,22 @@ thread_local! {
     static PLANES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Whether this processor runs the micro-kernel.
+/// Whether convolutions run on the micro-kernel: the processor has AVX-512F and `RETINAFACE_CPU_AVX512`
+/// is not `0` (which selects the portable paths, to compare them or to rule this one out).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        let wanted = std::env::var("RETINAFACE_CPU_AVX512").map_or(true, |v| v != "0");
+        #[cfg(target_arch = "x86_64")]
+        {
+            wanted && std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = wanted;
+            false
+        }
+    })
 }
 
 /// Whether `conv` has a shape this path computes.
@@ -115,7 +121,7 @@ fn geometry(conv: &Conv, h: usize, w: usize, oh: usize) -> Geometry {
 /// same columns of KC consecutive planes; when the stride is a multiple of 128 bytes, those lines fall
 /// in at most half of the 64 sets and evict each other (a 40×40 map is 6400 bytes: 16 sets).
 fn conflict_free(stride: usize) -> bool {
-    stride % 32 != 0
+    !stride.is_multiple_of(32)
 }
 
 /// The smallest stride of at least `len` floats that is conflict-free: an odd number of cache lines.
