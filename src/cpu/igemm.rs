@@ -65,6 +65,16 @@ pub fn preferred(conv: &Conv) -> bool {
     handles(conv) && !(conv.kernel == 1 && conv.stride == 1 && conv.cin >= 64)
 }
 
+/// Whether one image's planes are small enough for the 32-bit tap offsets (they are for every input the
+/// image limits admit; a larger one takes the portable paths).
+pub fn fits(conv: &Conv, h: usize, w: usize) -> bool {
+    let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
+    let phases = k.min(s) * k.min(s);
+    // Plus the rounding of `conflict_free_stride`.
+    let plane = (h + 2 * p).div_ceil(s) * (w + 2 * p).div_ceil(s) + 32;
+    conv.cin.saturating_mul(phases).saturating_mul(plane).saturating_add(plane) < u32::MAX as usize
+}
+
 /// `weight` [cout, K] as [cout.div_ceil(MR)][K][MR], rows past cout zero.
 pub fn pack_weights(weight: &[f32], cout: usize, depth: usize) -> Vec<f32> {
     let blocks = cout.div_ceil(MR);
@@ -335,5 +345,59 @@ unsafe fn tile<const MASKED: bool, const PREFETCH: bool>(a: *const f32, offsets:
                 _mm512_storeu_ps(c.add(r * ldc + 16 * v), *x);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::graph::Act;
+
+    fn conv(cin: usize, k: usize, s: usize) -> Conv {
+        Conv {
+            name: "t".into(),
+            input: 0,
+            output: 1,
+            out_channel_offset: 0,
+            cin,
+            cout: 8,
+            kernel: k,
+            stride: s,
+            pad: k / 2,
+            groups: 1,
+            weight: vec![0.0; 8 * cin * k * k],
+            bias: vec![0.0; 8],
+            residual: None,
+            act: Act::None,
+            packed: Default::default(),
+        }
+    }
+
+    #[test]
+    fn offsets_stay_within_32_bits_or_the_portable_path_is_taken() {
+        assert!(fits(&conv(512, 3, 1), 640, 640));
+        assert!(fits(&conv(3, 7, 2), 4096, 4096));
+        assert!(!fits(&conv(300, 3, 1), 4096, 4096));
+        assert!(!fits(&conv(3, 3, 2), 40000, 40000));
+        // Where it fits, the largest offset plus a full grid indeed stays below 2^32.
+        let c = conv(1000, 3, 1);
+        let (h, w) = (2000, 2000);
+        assert!(fits(&c, h, w));
+        let g = geometry(&c, h, w, h);
+        assert!((*g.offsets.last().unwrap() as usize) + g.grid < u32::MAX as usize);
+    }
+
+    #[test]
+    fn packing_puts_mr_output_channels_side_by_side() {
+        let (cout, depth) = (11, 3);
+        let w: Vec<f32> = (0..cout * depth).map(|i| i as f32).collect();
+        let p = pack_weights(&w, cout, depth);
+        assert_eq!(p.len(), 2 * depth * MR);
+        for co in 0..cout {
+            for k in 0..depth {
+                assert_eq!(p[((co / MR) * depth + k) * MR + co % MR], w[co * depth + k]);
+            }
+        }
+        assert!(p[depth * MR..].chunks(MR).all(|row| row[cout - MR..].iter().all(|&v| v == 0.0)));
     }
 }

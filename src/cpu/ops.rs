@@ -48,7 +48,7 @@ pub fn conv2d(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: &mut [f
     if let Some(r) = residual {
         assert_eq!(r.len(), n * conv.cout * oh * ow, "conv {} residual size", conv.name);
     }
-    conv2d_on(choose_path(conv), conv, x, n, h, w, out, out_channels, residual);
+    conv2d_on(choose_path(conv, h, w), conv, x, n, h, w, out, out_channels, residual);
 }
 
 /// The ways `conv2d` computes a convolution; each gives the definition's values up to f32 rounding.
@@ -65,11 +65,11 @@ enum ConvPath {
     Depthwise,
 }
 
-fn choose_path(conv: &Conv) -> ConvPath {
+fn choose_path(conv: &Conv, h: usize, w: usize) -> ConvPath {
     let k = conv.kernel;
     if conv.groups != 1 {
         ConvPath::Depthwise
-    } else if igemm::available() && igemm::preferred(conv) {
+    } else if igemm::available() && igemm::preferred(conv) && igemm::fits(conv, h, w) {
         ConvPath::Igemm
     } else if conv.cin * k * k <= DIRECT_MAX_TAPS {
         ConvPath::DirectSmall
@@ -706,9 +706,9 @@ mod tests {
             let oc = cout + off + 1;
             let mut want = vec![f32::NAN; n * oc * oh * ow];
             conv_naive(&conv, &x, n, h, w, oc, res.as_deref(), &mut want);
-            let mut paths = vec![choose_path(&conv)];
+            let mut paths = vec![choose_path(&conv, h, w)];
             paths.extend(fallback_paths(&conv));
-            if igemm::available() && igemm::handles(&conv) {
+            if igemm::available() && igemm::handles(&conv) && igemm::fits(&conv, h, w) {
                 paths.push(ConvPath::Igemm);
             }
             for path in paths {
