@@ -28,6 +28,9 @@ pub const MR: usize = 8;
 const V: usize = 3;
 /// Output pixels per micro-tile.
 pub const NR: usize = 16 * V;
+/// Reduction steps per pass over a task's tiles: a tile's B rows (at most KC·NR floats, 48 KiB for a 1×1
+/// convolution, much less for 3×3 whose taps share lines) stay in L1 while every weight block uses them.
+const KC: usize = 256;
 /// Floats of accumulator band per task (1 MiB): the band and the planes it reads stay in L2.
 const BAND_BUDGET: usize = 1 << 18;
 
@@ -125,7 +128,7 @@ fn geometry(conv: &Conv, h: usize, w: usize, oh: usize) -> Geometry {
 }
 
 /// Whether planes `stride` floats apart spread a tile's rows over the L1 sets. A micro-tile reads the
-/// same columns of consecutive planes; when the stride is a multiple of 128 bytes, those lines fall
+/// same columns of KC consecutive planes; when the stride is a multiple of 128 bytes, those lines fall
 /// in at most half of the 64 sets and evict each other (a 40×40 map is 6400 bytes: 16 sets).
 fn conflict_free(stride: usize) -> bool {
     !stride.is_multiple_of(32)
@@ -245,18 +248,21 @@ impl Task<'_> {
         band.resize(nblk * MR * ld, 0.0);
         let px0 = tile0 * NR;
         let img = &self.src[b * self.image_stride..];
-        // Tile-major: the weight blocks of the task pass over a tile while its B rows are in L1/L2; the
-        // first block's pass also prefetches the next tile's rows. The whole reduction runs in registers
-        // (splitting it into passes, to keep B in L1, measured no faster and costs a band round trip).
-        for t in 0..ntiles {
-            let px = px0 + t * NR;
-            let valid = NR.min(self.g.grid - px);
-            for j in 0..nblk {
-                let a = &self.packed[(blk0 + j) * self.depth * MR..][..self.depth * MR];
-                let c = &mut band[j * MR * ld + t * NR..];
-                // SAFETY: `available()` was checked by the caller; every B read lies at
-                // offset[k] + px + lane with lane < valid, inside the image's planes (or their slack).
-                unsafe { tile_dispatch(a, &self.g.offsets, &img[px..], c, ld, valid, j == 0) };
+        for kc0 in (0..self.depth).step_by(KC) {
+            let kc = KC.min(self.depth - kc0);
+            let offsets = &self.g.offsets[kc0..kc0 + kc];
+            // Tile-major: a tile's B rows (KC·NR floats) stay in L1 while every weight block of the task
+            // passes over them; the first block's pass also prefetches the next tile's rows.
+            for t in 0..ntiles {
+                let px = px0 + t * NR;
+                let valid = NR.min(self.g.grid - px);
+                for j in 0..nblk {
+                    let a = &self.packed[((blk0 + j) * self.depth + kc0) * MR..][..kc * MR];
+                    let c = &mut band[j * MR * ld + t * NR..];
+                    // SAFETY: `available()` was checked by the caller; every B read lies at
+                    // offset[k] + px + lane with lane < valid, inside the image's planes (or their slack).
+                    unsafe { tile_dispatch(a, offsets, &img[px..], c, ld, kc0 > 0, valid, j == 0) };
+                }
             }
         }
         self.store(b, px0, ld, blk0, nblk, band);
@@ -287,23 +293,23 @@ impl Task<'_> {
     }
 }
 
-/// One micro-tile: `C[r, 0..NR] = Σ_k a[k·MR + r] · src[offset[k] + 0..NR]` for r < MR, C rows `ldc`
+/// One micro-tile: `C[r, 0..NR] (+)= Σ_k a[k·MR + r] · src[offset[k] + 0..NR]` for r < MR, C rows `ldc`
 /// apart. Lanes ≥ `valid` of B are not read (and their C values are junk).
 ///
 /// # Safety
 /// AVX-512F must be available; `src` must cover `offset[k] + valid` for every k; `c` must cover MR rows
 /// of NR floats `ldc` apart; `a` must hold `offsets.len() · MR` floats.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_dispatch(a: &[f32], offsets: &[u32], src: &[f32], c: &mut [f32], ldc: usize, valid: usize, prefetch: bool) {
+unsafe fn tile_dispatch(a: &[f32], offsets: &[u32], src: &[f32], c: &mut [f32], ldc: usize, accumulate: bool, valid: usize, prefetch: bool) {
     debug_assert!(a.len() >= offsets.len() * MR && c.len() >= (MR - 1) * ldc + NR);
     #[cfg(target_arch = "x86_64")]
     unsafe {
         if valid == NR && prefetch {
-            tile::<false, true>(a.as_ptr(), offsets, src.as_ptr(), c.as_mut_ptr(), ldc, valid)
+            tile::<false, true>(a.as_ptr(), offsets, src.as_ptr(), c.as_mut_ptr(), ldc, accumulate, valid)
         } else if valid == NR {
-            tile::<false, false>(a.as_ptr(), offsets, src.as_ptr(), c.as_mut_ptr(), ldc, valid)
+            tile::<false, false>(a.as_ptr(), offsets, src.as_ptr(), c.as_mut_ptr(), ldc, accumulate, valid)
         } else {
-            tile::<true, false>(a.as_ptr(), offsets, src.as_ptr(), c.as_mut_ptr(), ldc, valid)
+            tile::<true, false>(a.as_ptr(), offsets, src.as_ptr(), c.as_mut_ptr(), ldc, accumulate, valid)
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -312,7 +318,7 @@ unsafe fn tile_dispatch(a: &[f32], offsets: &[u32], src: &[f32], c: &mut [f32], 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile<const MASKED: bool, const PREFETCH: bool>(a: *const f32, offsets: &[u32], src: *const f32, c: *mut f32, ldc: usize, valid: usize) {
+unsafe fn tile<const MASKED: bool, const PREFETCH: bool>(a: *const f32, offsets: &[u32], src: *const f32, c: *mut f32, ldc: usize, accumulate: bool, valid: usize) {
     // SAFETY: the caller's contract (see `tile_dispatch`).
     unsafe {
         use std::arch::x86_64::*;
@@ -322,6 +328,13 @@ unsafe fn tile<const MASKED: bool, const PREFETCH: bool>(a: *const f32, offsets:
             *m = ((1u32 << lanes) - 1) as u16;
         }
         let mut acc = [[_mm512_setzero_ps(); V]; MR];
+        if accumulate {
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(c.add(r * ldc + 16 * v));
+                }
+            }
+        }
         let mut ap = a;
         for &off in offsets {
             let bp = src.add(off as usize);

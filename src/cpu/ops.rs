@@ -677,7 +677,7 @@ mod tests {
             (1, 8, 6, 3, 2, 1, 9, 9, Act::Leaky(0.1), false, 0),   // 3x3 s2 with 72 taps: im2col GEMM
             (2, 10, 10, 3, 1, 10, 7, 11, Act::Relu6, true, 0),     // depthwise stride 1
             (1, 9, 9, 3, 2, 9, 8, 13, Act::Leaky(0.1), false, 2),  // depthwise stride 2, odd width
-            (1, 40, 27, 3, 1, 1, 8, 8, Act::Leaky(0.1), true, 1),  // 3x3 with K = 360
+            (1, 40, 27, 3, 1, 1, 8, 8, Act::Leaky(0.1), true, 1),  // 3x3 with K = 360: two reduction passes
             (2, 300, 13, 1, 1, 1, 4, 8, Act::Relu6, false, 0),     // 1x1 over 32 pixels (copied planes), K = 300
             (1, 20, 14, 1, 1, 1, 8, 8, Act::None, true, 0),        // 1x1, 64 pixels: copied planes, few channels
             (1, 5, 30, 5, 2, 1, 13, 10, Act::Leaky(0.0), false, 0), // 5x5 stride 2: four phases, two taps deep
