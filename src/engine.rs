@@ -117,7 +117,7 @@ impl Engine {
         let (backend, note) = match choice {
             BackendChoice::Cpu => {
                 self.gpu = None;
-                return Ok(format!("backend cpu ({} threads)", rayon::current_num_threads()));
+                return Ok(format!("backend {}", crate::cpu::describe()));
             }
             BackendChoice::CudaSim => (Backend::Simulation, String::new()),
             BackendChoice::Cuda => {
@@ -128,7 +128,7 @@ impl Engine {
                 Ok(_) => (Backend::Cuda { ordinal: 0 }, "auto: ".to_string()),
                 Err(e) => {
                     self.gpu = None;
-                    return Ok(format!("backend auto: cpu ({} threads), no usable GPU: {e}", rayon::current_num_threads()));
+                    return Ok(format!("backend auto: {}, no usable GPU: {e}", crate::cpu::describe()));
                 }
             },
         };
@@ -138,12 +138,12 @@ impl Engine {
         Ok(line)
     }
 
-    /// What runs the network: "cpu (2 threads)", "cuda:0 NVIDIA H200 (sm_90)", "simulation (...)".
+    /// What runs the network: "cpu (2 threads, AVX-512 conv kernel)", "cuda:0 NVIDIA H200 (sm_90)", "simulation (...)".
     pub fn backend_description(&self) -> String {
         match self.gpu() {
             Some(Ok(g)) => g.describe(),
             Some(Err(e)) => e.to_string(),
-            None => format!("cpu ({} threads)", rayon::current_num_threads()),
+            None => crate::cpu::describe(),
         }
     }
 
