@@ -4,6 +4,7 @@
 //!     cargo bench --bench conv_shapes                               # the chosen paths
 //!     RETINAFACE_CPU_AVX512=0 cargo bench --bench conv_shapes       # the portable paths, to compare
 //!     RAYON_NUM_THREADS=1 cargo bench --bench conv_shapes           # one core
+//!     cargo bench --bench conv_shapes -- layer3 layer4              # names containing these
 //!
 //! Best of 20 runs after a warm-up: on a shared machine the minimum is the figure least disturbed by
 //! other tenants; run both variants back to back and compare ratios.
@@ -28,8 +29,12 @@ fn main() {
         ("MobileNetV1 1x1 128->128", 128, 128, 1, 1, 160, 160),
         ("MobileNetV1 1x1 512->512", 512, 512, 1, 1, 40, 40),
     ];
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     println!("{:<26} {:>22} {:>10} {:>8}", "conv", "shape", "best ms", "GFLOPS");
     for (what, cin, cout, k, s, h, w) in shapes {
+        if !filter.is_empty() && !filter.iter().any(|f| what.contains(f.as_str())) {
+            continue;
+        }
         let conv = Conv {
             name: what.into(),
             input: 0,
