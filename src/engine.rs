@@ -75,6 +75,19 @@ pub(crate) fn check_batch(images: &[&BgrImage]) -> Result<(usize, usize)> {
     Ok((h, w))
 }
 
+/// Indices 0..n grouped by equal `key`, groups in order of first appearance, indices ascending.
+fn groups<K: PartialEq>(n: usize, key: impl Fn(usize) -> K) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(K, Vec<usize>)> = Vec::new();
+    for j in 0..n {
+        let k = key(j);
+        match groups.iter_mut().find(|(g, _)| *g == k) {
+            Some((_, members)) => members.push(j),
+            None => groups.push((k, vec![j])),
+        }
+    }
+    groups.into_iter().map(|(_, members)| members).collect()
+}
+
 pub struct Engine {
     graph: Graph,
     /// The CUDA executor when a CUDA backend was chosen; the CPU runs the graph otherwise.
@@ -251,16 +264,10 @@ impl Engine {
             let t1 = Instant::now();
             // The device post-processing takes one factor per call: one call per distinct factor.
             let mut results = vec![Vec::new(); images.len()];
-            let mut done = vec![false; images.len()];
-            for i in 0..images.len() {
-                if done[i] {
-                    continue;
-                }
-                let group: Vec<usize> = (i..images.len()).filter(|&j| !done[j] && scales[j] == scales[i]).collect();
+            for group in groups(images.len(), |j| scales[j]) {
                 let batch: Vec<&BgrImage> = group.iter().map(|&j| images[j]).collect();
-                for (d, &j) in gpu.detect_scaled(&batch, post, scales[i] as f32)?.into_iter().zip(&group) {
+                for (d, &j) in gpu.detect_scaled(&batch, post, scales[group[0]] as f32)?.into_iter().zip(&group) {
                     results[j] = d;
-                    done[j] = true;
                 }
             }
             if let Some(t) = timings.as_deref_mut() {
@@ -292,21 +299,24 @@ impl Engine {
             t.preprocess += t0.elapsed();
         }
         let mut results: Vec<Vec<Detection>> = vec![Vec::new(); images.len()];
-        let mut done = vec![false; images.len()];
-        for i in 0..prepared.len() {
-            if done[i] {
-                continue;
-            }
-            // One batch per network input size (resized images of different originals can share one).
-            let size = |j: usize| (prepared[j].0.width, prepared[j].0.height);
-            let group: Vec<usize> = (i..prepared.len()).filter(|&j| !done[j] && size(j) == size(i)).collect();
+        // One batch per network input size (resized images of different originals can share one).
+        for group in groups(prepared.len(), |j| (prepared[j].0.width, prepared[j].0.height)) {
             let batch: Vec<&BgrImage> = group.iter().map(|&j| prepared[j].0.as_ref()).collect();
             let scales: Vec<f64> = group.iter().map(|&j| prepared[j].1).collect();
             for (d, &j) in self.detect_resized(&batch, &scales, &opts.post, timings.as_deref_mut())?.into_iter().zip(&group) {
                 results[j] = d;
-                done[j] = true;
             }
         }
         Ok(results)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn groups_keep_first_appearance_order() {
+        let keys = [3, 1, 3, 2, 1, 3];
+        assert_eq!(super::groups(keys.len(), |j| keys[j]), vec![vec![0, 2, 5], vec![1, 4], vec![3]]);
+        assert!(super::groups(0, |j| j).is_empty());
     }
 }
