@@ -15,7 +15,7 @@
 //! Each output sums its products in k order, in one thread: results do not depend on the thread
 //! count, and differ from the definition only by f32 rounding (fused multiply-adds).
 
-use super::ops::{MIN_TASKS, SharedMut, epilogue_fast, out_size};
+use super::ops::{MIN_TASKS, SharedMut, out_size, store_grid, valid_columns};
 use crate::model::graph::Conv;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -71,11 +71,9 @@ pub fn preferred(conv: &Conv) -> bool {
 /// Whether one image's planes are small enough for the 32-bit tap offsets (they are for every input the
 /// image limits admit; a larger one takes the portable paths).
 pub fn fits(conv: &Conv, h: usize, w: usize) -> bool {
-    let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
-    let phases = k.min(s) * k.min(s);
-    // Plus the rounding of `conflict_free_stride`.
-    let plane = (h + 2 * p).div_ceil(s) * (w + 2 * p).div_ceil(s) + 32;
-    conv.cin.saturating_mul(phases).saturating_mul(plane).saturating_add(plane) < u32::MAX as usize
+    let l = Layout::new(conv, h, w);
+    // The largest offset, plus a grid (at most a plane) read from it.
+    conv.cin.saturating_mul(l.phases * l.phases).saturating_mul(l.plane).saturating_add(l.plane) < u32::MAX as usize
 }
 
 /// `weight` [cout, K] as [cout.div_ceil(MR)][K][MR], rows past cout zero.
@@ -91,40 +89,54 @@ pub fn pack_weights(weight: &[f32], cout: usize, depth: usize) -> Vec<f32> {
     packed
 }
 
-/// Where tap k of grid pixel 0 lies in the planes of one image, and the grid's shape.
-struct Geometry {
-    /// Phase planes per input channel: 1, or 4 (2 when the kernel is 1 wide) for stride 2.
-    phases_y: usize,
-    phases_x: usize,
+/// The shape of one input channel's planes.
+struct Layout {
+    /// Phase planes per axis: 1, or 2 for stride 2 (except a 1-wide kernel, which reads phase 0 only).
+    phases: usize,
+    /// Rows and columns of a phase plane (the zero-padded input, split by phase).
     hq: usize,
     wq: usize,
+    /// Floats from one plane to the next: hq·wq rounded up to a conflict-free stride, or h·w in place.
+    plane: usize,
+    /// Whether the planes are the input itself (1×1, stride 1, with a conflict-free plane size).
+    in_place: bool,
+}
+
+impl Layout {
+    fn new(conv: &Conv, h: usize, w: usize) -> Layout {
+        let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
+        let (hq, wq) = ((h + 2 * p).div_ceil(s), (w + 2 * p).div_ceil(s));
+        let in_place = k == 1 && s == 1 && p == 0 && conflict_free(h * w);
+        let plane = if in_place { h * w } else { conflict_free_stride(hq * wq) };
+        Layout { phases: k.min(s), hq, wq, plane, in_place }
+    }
+}
+
+/// Where tap k of grid pixel 0 lies in the planes of one image, and the grid's shape.
+struct Geometry {
+    l: Layout,
     /// Floats per image in the planes buffer.
     image_stride: usize,
     /// Per k = (ci, ky, kx).
     offsets: Vec<u32>,
     /// Grid pixels per image: oh·wq.
     grid: usize,
-    /// Whether the planes are the input itself (1×1, stride 1).
-    in_place: bool,
 }
 
 fn geometry(conv: &Conv, h: usize, w: usize, oh: usize) -> Geometry {
-    let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
-    let (hp, wp) = (h + 2 * p, w + 2 * p);
-    let (phases_y, phases_x) = (k.min(s), k.min(s));
-    let (hq, wq) = (hp.div_ceil(s), wp.div_ceil(s));
-    let in_place = k == 1 && s == 1 && p == 0 && conflict_free(h * w);
-    let plane = if in_place { h * w } else { conflict_free_stride(hq * wq) };
+    let (k, s) = (conv.kernel, conv.stride);
+    let l = Layout::new(conv, h, w);
+    let per_channel = l.phases * l.phases;
     let mut offsets = Vec::with_capacity(conv.cin * k * k);
     for ci in 0..conv.cin {
         for ky in 0..k {
             for kx in 0..k {
-                let phase = (ky % s) * phases_x + kx % s;
-                offsets.push(((ci * phases_y * phases_x + phase) * plane + (ky / s) * wq + kx / s) as u32);
+                let phase = (ky % s) * l.phases + kx % s;
+                offsets.push(((ci * per_channel + phase) * l.plane + (ky / s) * l.wq + kx / s) as u32);
             }
         }
     }
-    Geometry { phases_y, phases_x, hq, wq, image_stride: conv.cin * phases_y * phases_x * plane, offsets, grid: oh * wq, in_place }
+    Geometry { image_stride: conv.cin * per_channel * l.plane, offsets, grid: oh * l.wq, l }
 }
 
 /// Whether planes `stride` floats apart spread a tile's rows over the L1 sets. A micro-tile reads the
@@ -143,33 +155,31 @@ fn conflict_free_stride(len: usize) -> usize {
 /// Fills `planes` [n][cin][phases][hq][wq] (plus zeroed slack) from `x` [n, cin, h, w]: every element,
 /// padding included, is written, so the buffer may hold old values.
 fn fill_planes(g: &Geometry, conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, planes: &mut Vec<f32>) -> usize {
-    let (s, p) = (conv.stride, conv.pad);
-    let plane = g.image_stride / (conv.cin * g.phases_y * g.phases_x);
-    let nph = g.phases_y * g.phases_x;
+    let (s, p, l) = (conv.stride, conv.pad, &g.l);
+    let nph = l.phases * l.phases;
     // The junk columns of the last rows read up to (k−1)/s rows and columns past an image's last plane.
-    let slack = (conv.kernel / s + 1) * g.wq + NR;
+    let slack = (conv.kernel / s + 1) * l.wq + NR;
     let total = n * g.image_stride + slack;
     // Start on a cache line, so B loads at multiples of 16 floats from a plane start are not split.
     planes.resize(total + 15, 0.0);
     let start = planes.as_ptr().align_offset(64).min(15);
     let (body, tail) = planes[start..start + total].split_at_mut(n * g.image_stride);
     tail.fill(0.0);
-    body.par_chunks_mut(plane).enumerate().for_each(|(idx, dst)| {
+    body.par_chunks_mut(l.plane).enumerate().for_each(|(idx, dst)| {
         let (bc, phase) = (idx / nph, idx % nph);
-        let (a, b) = (phase / g.phases_x, phase % g.phases_x);
+        let (a, b) = (phase / l.phases, phase % l.phases);
         let src = &x[bc * h * w..(bc + 1) * h * w];
-        dst[g.hq * g.wq..].fill(0.0);
-        for qy in 0..g.hq {
-            let row = &mut dst[qy * g.wq..(qy + 1) * g.wq];
+        dst[l.hq * l.wq..].fill(0.0);
+        // Columns qx whose input column qx·s + b − p lies inside [0, w).
+        let (lo, hi) = valid_columns(b, s, p, w, l.wq);
+        for qy in 0..l.hq {
+            let row = &mut dst[qy * l.wq..(qy + 1) * l.wq];
             let iy = (qy * s + a) as isize - p as isize;
             if iy < 0 || iy as usize >= h {
                 row.fill(0.0);
                 continue;
             }
             let srow = &src[iy as usize * w..(iy as usize + 1) * w];
-            // Columns qx with input column qx·s + b − p inside [0, w).
-            let lo = p.saturating_sub(b).div_ceil(s).min(g.wq);
-            let hi = (w + p).saturating_sub(b).div_ceil(s).clamp(lo, g.wq);
             row[..lo].fill(0.0);
             row[hi..].fill(0.0);
             let first = lo * s + b - p;
@@ -196,11 +206,11 @@ pub(super) fn conv(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: Sh
     let g = geometry(conv, h, w, oh);
     // Taken rather than borrowed: a nested call on this thread (rayon work stealing) gets its own.
     let mut owned = PLANES.with(|c| c.take());
-    let (src, image_stride): (&[f32], usize) = if g.in_place {
-        (x, conv.cin * h * w)
+    let src: &[f32] = if g.l.in_place {
+        x
     } else {
         let start = fill_planes(&g, conv, x, n, h, w, &mut owned);
-        (&owned[start..], g.image_stride)
+        &owned[start..]
     };
 
     let blocks = conv.cout.div_ceil(MR);
@@ -214,7 +224,7 @@ pub(super) fn conv(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: Sh
     let co_tasks = MIN_TASKS.div_ceil(n * pix_tasks).clamp(1, blocks);
     let blocks_per_task = blocks.div_ceil(co_tasks);
     let co_tasks = blocks.div_ceil(blocks_per_task);
-    let task = Task { conv, g: &g, src, image_stride, packed, depth, out, out_channels, residual, oh, ow };
+    let task = Task { conv, g: &g, src, packed, depth, out, out_channels, residual, oh, ow };
     (0..n * pix_tasks * co_tasks).into_par_iter().for_each_init(Vec::new, |band: &mut Vec<f32>, t| {
         let (b, rest) = (t / (pix_tasks * co_tasks), t % (pix_tasks * co_tasks));
         let (pt, ct) = (rest / co_tasks, rest % co_tasks);
@@ -231,7 +241,6 @@ struct Task<'a> {
     conv: &'a Conv,
     g: &'a Geometry,
     src: &'a [f32],
-    image_stride: usize,
     packed: &'a [f32],
     depth: usize,
     out: SharedMut,
@@ -247,7 +256,7 @@ impl Task<'_> {
         let ld = ntiles * NR;
         band.resize(nblk * MR * ld, 0.0);
         let px0 = tile0 * NR;
-        let img = &self.src[b * self.image_stride..];
+        let img = &self.src[b * self.g.image_stride..];
         for kc0 in (0..self.depth).step_by(KC) {
             let kc = KC.min(self.depth - kc0);
             let offsets = &self.g.offsets[kc0..kc0 + kc];
@@ -270,25 +279,13 @@ impl Task<'_> {
 
     /// Copies the band's valid pixels (ox < ow) to the output and applies bias, residual and activation.
     fn store(&self, b: usize, px0: usize, ld: usize, blk0: usize, nblk: usize, band: &[f32]) {
-        let (conv, wq, ow, oh) = (self.conv, self.g.wq, self.ow, self.oh);
-        let px1 = (px0 + ld).min(self.g.grid);
-        let co_end = ((blk0 + nblk) * MR).min(conv.cout);
-        for co in blk0 * MR..co_end {
-            let brow = &band[(co - blk0 * MR) * ld..][..ld];
-            for oy in px0 / wq..px1.div_ceil(wq) {
-                let lo = (oy * wq).max(px0);
-                let hi = (oy * wq + ow).min(px1);
-                if lo >= hi {
-                    continue;
-                }
-                let ox = lo - oy * wq;
-                let o = ((b * self.out_channels + conv.out_channel_offset + co) * oh + oy) * ow + ox;
-                // SAFETY: each output pixel of each channel belongs to exactly one task's band.
-                let orow = unsafe { std::slice::from_raw_parts_mut(self.out.get().add(o), hi - lo) };
-                orow.copy_from_slice(&brow[lo - px0..hi - px0]);
-                let res = self.residual.map(|r| &r[((b * conv.cout + co) * oh + oy) * ow + ox..][..hi - lo]);
-                epilogue_fast(orow, conv.bias[co], res, conv.act);
-            }
+        let (conv, plane) = (self.conv, self.oh * self.ow);
+        let len = (px0 + ld).min(self.g.grid) - px0;
+        for co in blk0 * MR..((blk0 + nblk) * MR).min(conv.cout) {
+            let res = self.residual.map(|r| &r[(b * conv.cout + co) * plane..][..plane]);
+            let plane_at = (b * self.out_channels + conv.out_channel_offset + co) * plane;
+            // SAFETY: each output pixel of each channel belongs to exactly one task's band.
+            unsafe { store_grid(&band[(co - blk0 * MR) * ld..][..len], px0, self.g.l.wq, self.ow, self.out, plane_at, conv.bias[co], res, conv.act) };
         }
     }
 }

@@ -160,6 +160,29 @@ fn epilogue(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Act) {
     }
 }
 
+/// Writes one output channel from a band of *grid* pixels `px0..px0 + band.len()`: grid rows are `wq`
+/// wide and only their first `ow` pixels are output pixels (the rest are padding columns computed as
+/// junk). Output pixel (y, x) becomes `act(band + bias + residual[y·ow + x])` at `out + plane_at +
+/// y·ow + x`; `residual` is the channel's plane.
+///
+/// # Safety
+/// The output pixels written must lie in `out`'s buffer and belong to the caller alone.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn store_grid(band: &[f32], px0: usize, wq: usize, ow: usize, out: SharedMut, plane_at: usize, bias: f32, residual: Option<&[f32]>, act: Act) {
+    let px1 = px0 + band.len();
+    for oy in px0 / wq..px1.div_ceil(wq) {
+        let (lo, hi) = ((oy * wq).max(px0), (oy * wq + ow).min(px1));
+        if lo >= hi {
+            continue;
+        }
+        let at = oy * ow + lo - oy * wq;
+        // SAFETY: the caller's contract.
+        let orow = unsafe { std::slice::from_raw_parts_mut(out.get().add(plane_at + at), hi - lo) };
+        orow.copy_from_slice(&band[lo - px0..hi - px0]);
+        epilogue_fast(orow, bias, residual.map(|r| &r[at..at + hi - lo]), act);
+    }
+}
+
 /// `C[m×n] = A[m×k] · B[k×n]`, all row-major with the given row strides, on the calling thread.
 ///
 /// # Safety
@@ -172,7 +195,7 @@ unsafe fn sgemm(m: usize, k: usize, n: usize, a: *const f32, rsa: isize, b: *con
 
 /// The output columns `lo..hi` whose input column `ox·s + kx − p` lies inside `[0, w)`.
 #[inline(always)]
-fn valid_columns(kx: usize, s: usize, p: usize, w: usize, ow: usize) -> (usize, usize) {
+pub(super) fn valid_columns(kx: usize, s: usize, p: usize, w: usize, ow: usize) -> (usize, usize) {
     let lo = p.saturating_sub(kx).div_ceil(s).min(ow);
     let hi = if w + p > kx { ((w + p - kx - 1) / s + 1).min(ow) } else { 0 }.max(lo);
     (lo, hi)
@@ -352,13 +375,10 @@ fn conv3x3_shifted(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: Sh
             };
         }
         for co in co0..co0 + nco {
-            for r in 0..rows {
-                let y = y0 + r;
-                let row = unsafe { std::slice::from_raw_parts_mut(out.get().add((b * out_channels + conv.out_channel_offset + co) * h * w + y * w), w) };
-                row.copy_from_slice(&band[(co - co0) * np + r * wp..][..w]);
-                let res = residual.map(|rr| &rr[(b * conv.cout + co) * h * w + y * w..][..w]);
-                epilogue_fast(row, conv.bias[co], res, conv.act);
-            }
+            let res = residual.map(|r| &r[(b * conv.cout + co) * h * w..][..h * w]);
+            let plane_at = (b * out_channels + conv.out_channel_offset + co) * h * w;
+            // SAFETY: rows y0..y0 + rows of channel co of image b are this task's alone.
+            unsafe { store_grid(&band[(co - co0) * np..][..np], y0 * wp, wp, w, out, plane_at, conv.bias[co], res, conv.act) };
         }
     });
 }
