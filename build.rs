@@ -77,7 +77,12 @@ fn main() {
         writeln!(table, "    ({:?}, include_str!({:?})),", fam, path.display().to_string()).ok();
     }
     writeln!(table, "];").ok();
-    writeln!(table, "pub const COMMON_HEADER: &str = include_str!({:?});", kdir.join("common.cuh").display().to_string()).ok();
+    writeln!(
+        table,
+        "pub const COMMON_HEADER: &str = include_str!({:?});",
+        kdir.join("common.cuh").display().to_string()
+    )
+    .ok();
     std::fs::write(out.join("kernel_table.rs"), table).expect("write kernel_table.rs");
 
     if std::env::var_os("CARGO_FEATURE_CUDA_SIM").is_some() {
@@ -94,7 +99,13 @@ fn build_sim(kdir: &Path, out: &Path, families: &[(String, PathBuf)], kernels: &
         let mut w = String::new();
         writeln!(w, "#include \"cuda_sim.h\"\n#include {:?}\n#include <cstddef>", path.display().to_string()).ok();
         for k in kernels.iter().filter(|k| &k.family == fam) {
-            writeln!(w, "extern \"C\" void cudasim_w_{n}(const void* p) {{ {n}(*static_cast<const {t}*>(p)); }}", n = k.name, t = k.params).ok();
+            writeln!(
+                w,
+                "extern \"C\" void cudasim_w_{n}(const void* p) {{ {n}(*static_cast<const {t}*>(p)); }}",
+                n = k.name,
+                t = k.params
+            )
+            .ok();
             writeln!(w, "extern \"C\" const size_t cudasim_sz_{n} = sizeof({t});", n = k.name, t = k.params).ok();
         }
         let f = out.join(format!("sim_{fam}.cpp"));
@@ -104,7 +115,12 @@ fn build_sim(kdir: &Path, out: &Path, families: &[(String, PathBuf)], kernels: &
     // One registry TU that references every wrapper, so the linker keeps them all.
     let mut r = String::from("#include <cstddef>\n#include <cstdio>\n#include <cstring>\n");
     for k in kernels {
-        writeln!(r, "extern \"C\" void cudasim_w_{n}(const void*); extern \"C\" const size_t cudasim_sz_{n};", n = k.name).ok();
+        writeln!(
+            r,
+            "extern \"C\" void cudasim_w_{n}(const void*); extern \"C\" const size_t cudasim_sz_{n};",
+            n = k.name
+        )
+        .ok();
     }
     r.push_str("extern \"C\" int cudasim_run(void (*)(const void*), const void*, const unsigned*, const unsigned*, char*, size_t);\n");
     r.push_str("struct Entry { const char* name; void (*fn)(const void*); const size_t* size; };\nstatic const Entry entries[] = {\n");

@@ -39,7 +39,14 @@ fn main() {
             }
             times.sort_by(f64::total_cmp);
             let gmac = engine.graph().macs(h, w) as f64 / 1e9;
-            println!("{:<18} {:>10} {:>12.1} {:>12.1} {:>8.2}", net.name(), format!("{w}x{h}"), times[times.len() / 2], times[0], gmac);
+            println!(
+                "{:<18} {:>10} {:>12.1} {:>12.1} {:>8.2}",
+                net.name(),
+                format!("{w}x{h}"),
+                times[times.len() / 2],
+                times[0],
+                gmac
+            );
         }
     }
 }

@@ -91,5 +91,6 @@ pub fn save(img: &BgrImage, path: &Path) -> Result<()> {
     let rgb: Vec<u8> = img.data.chunks_exact(3).flat_map(|p| [p[2], p[1], p[0]]).collect();
     let buf = image::RgbImage::from_raw(img.width as u32, img.height as u32, rgb)
         .ok_or_else(|| Error::InvalidArgument("image buffer does not match its size".into()))?;
-    buf.save(path).map_err(|e| Error::Image { source_name: path.display().to_string(), msg: format!("cannot save: {e}") })
+    buf.save(path)
+        .map_err(|e| Error::Image { source_name: path.display().to_string(), msg: format!("cannot save: {e}") })
 }

@@ -6,8 +6,8 @@ use crate::error::{Error, Result};
 use crate::image_io::{self, BgrImage, ResizeMode};
 use crate::model::{self, Graph};
 use crate::network::Network;
-use crate::post::{self, anchors, PostOptions, RawOutput};
-use crate::weights::{self, synthetic::SyntheticSource, StateDictSource, WeightsSpec};
+use crate::post::{self, PostOptions, RawOutput, anchors};
+use crate::weights::{self, StateDictSource, WeightsSpec, synthetic::SyntheticSource};
 use std::time::{Duration, Instant};
 
 /// Detection settings: post-processing and the resize plan.
@@ -102,7 +102,8 @@ impl Engine {
     pub fn new(spec: &WeightsSpec, network: Option<Network>) -> Result<Engine> {
         let graph = match spec {
             WeightsSpec::Synthetic { seed } => {
-                let net = network.ok_or_else(|| Error::InvalidArgument("synthetic weights need a network (--network)".into()))?;
+                let net = network
+                    .ok_or_else(|| Error::InvalidArgument("synthetic weights need a network (--network)".into()))?;
                 model::build(net, &mut SyntheticSource { seed: *seed })?
             }
             WeightsSpec::File(path) => {
@@ -110,7 +111,10 @@ impl Engine {
                 let inferred = weights::infer_network(&sd, path);
                 let net = match (network, inferred) {
                     (Some(n), Ok(i)) if n != i => {
-                        return Err(Error::InvalidArgument(format!("weights {} are for {i}, not for --network {n}", path.display())));
+                        return Err(Error::InvalidArgument(format!(
+                            "weights {} are for {i}, not for --network {n}",
+                            path.display()
+                        )));
                     }
                     (Some(n), _) => n,
                     (None, r) => r?,
@@ -173,11 +177,18 @@ impl Engine {
     }
 
     /// Runs the network on same-sized images; returns the activations (all of them with `keep_all`).
-    pub fn run_graph(&self, images: &[&BgrImage], keep_all: bool, timings: Option<&mut Timings>) -> Result<exec::Activations> {
+    pub fn run_graph(
+        &self,
+        images: &[&BgrImage],
+        keep_all: bool,
+        timings: Option<&mut Timings>,
+    ) -> Result<exec::Activations> {
         let (h, w) = check_batch(images)?;
         let t0 = Instant::now();
         // Concurrent passes each take the spare buffers there are and give theirs back after.
-        let mut pool = std::mem::take(&mut *self.pool.lock().map_err(|_| Error::InvalidArgument("a previous pass panicked".into()))?);
+        let mut pool = std::mem::take(
+            &mut *self.pool.lock().map_err(|_| Error::InvalidArgument("a previous pass panicked".into()))?,
+        );
         let mut input = pool.take(images.len() * 3 * h * w);
         for (img, dst) in images.iter().zip(input.chunks_mut(3 * h * w)) {
             ops::preprocess(&img.data, h, w, dst);
@@ -203,7 +214,8 @@ impl Engine {
         let a = anchors::num_anchors(h, w);
         (0..acts.n)
             .map(|b| {
-                let mut raw = RawOutput { h, w, loc: vec![0.0; a * 4], conf: vec![0.0; a * 2], landmarks: vec![0.0; a * 10] };
+                let mut raw =
+                    RawOutput { h, w, loc: vec![0.0; a * 4], conf: vec![0.0; a * 2], landmarks: vec![0.0; a * 10] };
                 let mut base = 0;
                 for t in self.graph.taps.head {
                     let info = &self.graph.tensors[t];
@@ -255,7 +267,13 @@ impl Engine {
     /// Detections of same-sized network inputs, already resized; `scales[i]` is the factor image i was
     /// resized by, so its boxes come back in its original pixels. The batcher of `retinaface serve` and
     /// `detect_batch` both end here, on whichever backend runs the network.
-    pub fn detect_resized(&self, images: &[&BgrImage], scales: &[f64], post: &PostOptions, mut timings: Option<&mut Timings>) -> Result<Vec<Vec<Detection>>> {
+    pub fn detect_resized(
+        &self,
+        images: &[&BgrImage],
+        scales: &[f64],
+        post: &PostOptions,
+        mut timings: Option<&mut Timings>,
+    ) -> Result<Vec<Vec<Detection>>> {
         if images.len() != scales.len() {
             return Err(Error::InvalidArgument(format!("{} images but {} resize factors", images.len(), scales.len())));
         }
@@ -291,10 +309,16 @@ impl Engine {
     }
 
     /// Detections of each image. Images are resized by `opts.resize`, then run in batches of equal size.
-    pub fn detect_batch(&self, images: &[BgrImage], opts: &DetectOptions, mut timings: Option<&mut Timings>) -> Result<Vec<Vec<Detection>>> {
+    pub fn detect_batch(
+        &self,
+        images: &[BgrImage],
+        opts: &DetectOptions,
+        mut timings: Option<&mut Timings>,
+    ) -> Result<Vec<Vec<Detection>>> {
         opts.post.validate()?;
         let t0 = Instant::now();
-        let prepared: Vec<(std::borrow::Cow<'_, BgrImage>, f64)> = images.iter().map(|i| image_io::apply_resize(i, opts.resize)).collect();
+        let prepared: Vec<(std::borrow::Cow<'_, BgrImage>, f64)> =
+            images.iter().map(|i| image_io::apply_resize(i, opts.resize)).collect();
         if let Some(t) = timings.as_deref_mut() {
             t.preprocess += t0.elapsed();
         }
@@ -303,7 +327,9 @@ impl Engine {
         for group in groups(prepared.len(), |j| (prepared[j].0.width, prepared[j].0.height)) {
             let batch: Vec<&BgrImage> = group.iter().map(|&j| prepared[j].0.as_ref()).collect();
             let scales: Vec<f64> = group.iter().map(|&j| prepared[j].1).collect();
-            for (d, &j) in self.detect_resized(&batch, &scales, &opts.post, timings.as_deref_mut())?.into_iter().zip(&group) {
+            for (d, &j) in
+                self.detect_resized(&batch, &scales, &opts.post, timings.as_deref_mut())?.into_iter().zip(&group)
+            {
                 results[j] = d;
             }
         }

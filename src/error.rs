@@ -26,7 +26,9 @@ pub enum Error {
     #[error("weights: tensor `{name}`: {msg}")]
     TensorData { name: String, msg: String },
 
-    #[error("unknown network `{0}` (expected one of mobilenetv1_0.25, mobilenetv1_0.50, mobilenetv1, mobilenetv2, resnet18, resnet34, resnet50)")]
+    #[error(
+        "unknown network `{0}` (expected one of mobilenetv1_0.25, mobilenetv1_0.50, mobilenetv1, mobilenetv2, resnet18, resnet34, resnet50)"
+    )]
     UnknownNetwork(String),
 
     #[error("cannot tell the network from the weights {path}: {msg}; pass --network")]

@@ -20,7 +20,10 @@ pub struct BgrImage {
 impl BgrImage {
     pub fn new(width: usize, height: usize, data: Vec<u8>) -> Result<Self> {
         if data.len() != width * height * 3 {
-            return Err(Error::InvalidArgument(format!("BGR buffer of {} bytes does not hold {width}x{height}x3", data.len())));
+            return Err(Error::InvalidArgument(format!(
+                "BGR buffer of {} bytes does not hold {width}x{height}x3",
+                data.len()
+            )));
         }
         Ok(BgrImage { width, height, data })
     }
@@ -28,7 +31,10 @@ impl BgrImage {
     /// The `[x0, y0, w, h]` crop (the goldens' `crop`).
     pub fn crop(&self, x0: usize, y0: usize, w: usize, h: usize) -> Result<BgrImage> {
         if x0 + w > self.width || y0 + h > self.height {
-            return Err(Error::InvalidArgument(format!("crop [{x0}, {y0}, {w}, {h}] lies outside the {}x{} image", self.width, self.height)));
+            return Err(Error::InvalidArgument(format!(
+                "crop [{x0}, {y0}, {w}, {h}] lies outside the {}x{} image",
+                self.width, self.height
+            )));
         }
         let mut data = Vec::with_capacity(w * h * 3);
         for y in y0..y0 + h {
@@ -87,7 +93,8 @@ pub fn decode(bytes: &[u8], source_name: &str, limits: &DecodeLimits) -> Result<
     il.max_alloc = Some(limits.max_pixels.saturating_mul(8).max(decoder.total_bytes()));
     decoder.set_limits(il).map_err(|e| err(e.to_string()))?;
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| err(format!("corrupt or truncated image data: {e}")))?;
+    let mut img =
+        DynamicImage::from_decoder(decoder).map_err(|e| err(format!("corrupt or truncated image data: {e}")))?;
     img.apply_orientation(orientation);
     Ok(to_bgr(&img))
 }
@@ -116,8 +123,12 @@ fn to_bgr(img: &DynamicImage) -> BgrImage {
         DynamicImage::ImageRgba8(b) => b.pixels().for_each(|p| data.extend_from_slice(&[p[2], p[1], p[0]])),
         DynamicImage::ImageLuma16(b) => b.pixels().for_each(|p| data.extend_from_slice(&[(p[0] >> 8) as u8; 3])),
         DynamicImage::ImageLumaA16(b) => b.pixels().for_each(|p| data.extend_from_slice(&[(p[0] >> 8) as u8; 3])),
-        DynamicImage::ImageRgb16(b) => b.pixels().for_each(|p| data.extend_from_slice(&[(p[2] >> 8) as u8, (p[1] >> 8) as u8, (p[0] >> 8) as u8])),
-        DynamicImage::ImageRgba16(b) => b.pixels().for_each(|p| data.extend_from_slice(&[(p[2] >> 8) as u8, (p[1] >> 8) as u8, (p[0] >> 8) as u8])),
+        DynamicImage::ImageRgb16(b) => {
+            b.pixels().for_each(|p| data.extend_from_slice(&[(p[2] >> 8) as u8, (p[1] >> 8) as u8, (p[0] >> 8) as u8]))
+        }
+        DynamicImage::ImageRgba16(b) => {
+            b.pixels().for_each(|p| data.extend_from_slice(&[(p[2] >> 8) as u8, (p[1] >> 8) as u8, (p[0] >> 8) as u8]))
+        }
         other => other.to_rgb8().pixels().for_each(|p| data.extend_from_slice(&[p[2], p[1], p[0]])),
     }
     BgrImage { width: w, height: h, data }
@@ -145,7 +156,9 @@ impl std::str::FromStr for ResizeMode {
                 .and_then(|n| n.parse::<u32>().ok())
                 .filter(|&n| n >= 1)
                 .map(ResizeMode::LongSide)
-                .ok_or_else(|| Error::InvalidArgument(format!("resize mode `{s}`: expected original, multiscale or long-side:N"))),
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!("resize mode `{s}`: expected original, multiscale or long-side:N"))
+                }),
         }
     }
 }

@@ -79,7 +79,23 @@ fn forward_writes_the_goldens_layout() {
 
 #[test]
 fn bench_reports_throughput_latency_and_stages() {
-    let out = bin().args(["bench", "--backend", "cpu", "--network", "mobilenetv1_0.25", "--size", "64x48", "--batch", "2", "--iters", "3", "--json"]).output().unwrap();
+    let out = bin()
+        .args([
+            "bench",
+            "--backend",
+            "cpu",
+            "--network",
+            "mobilenetv1_0.25",
+            "--size",
+            "64x48",
+            "--batch",
+            "2",
+            "--iters",
+            "3",
+            "--json",
+        ])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["images_per_s"].as_f64().unwrap() > 0.0);
@@ -95,11 +111,45 @@ fn bench_reports_throughput_latency_and_stages() {
 fn command_line_errors_name_the_problem() {
     let cases: &[(&[&str], &str)] = &[
         (&["detect", "--backend", "cpu", "--synthetic-seed", "1", "x.jpg"], "synthetic weights need a network"),
-        (&["detect", "--backend", "cpu", "--synthetic-seed", "1", "--network", "resnet99", "x.jpg"], "unknown network `resnet99`"),
-        (&["detect", "--backend", "cpu", "--synthetic-seed", "1", "--network", "resnet18", "/nonexistent.jpg"], "/nonexistent.jpg"),
+        (
+            &["detect", "--backend", "cpu", "--synthetic-seed", "1", "--network", "resnet99", "x.jpg"],
+            "unknown network `resnet99`",
+        ),
+        (
+            &["detect", "--backend", "cpu", "--synthetic-seed", "1", "--network", "resnet18", "/nonexistent.jpg"],
+            "/nonexistent.jpg",
+        ),
         (&["detect", "--backend", "tpu", "--synthetic-seed", "1", "--network", "resnet18", "x.jpg"], "backend `tpu`"),
-        (&["detect", "--backend", "cpu", "--synthetic-seed", "1", "--network", "resnet18", "--resize", "huge", "x.jpg"], "resize mode `huge`"),
-        (&["detect", "--backend", "cpu", "--synthetic-seed", "1", "--network", "resnet18", "--nms-threshold", "7", "x.jpg"], "NMS threshold 7"),
+        (
+            &[
+                "detect",
+                "--backend",
+                "cpu",
+                "--synthetic-seed",
+                "1",
+                "--network",
+                "resnet18",
+                "--resize",
+                "huge",
+                "x.jpg",
+            ],
+            "resize mode `huge`",
+        ),
+        (
+            &[
+                "detect",
+                "--backend",
+                "cpu",
+                "--synthetic-seed",
+                "1",
+                "--network",
+                "resnet18",
+                "--nms-threshold",
+                "7",
+                "x.jpg",
+            ],
+            "NMS threshold 7",
+        ),
         (&["bench", "--backend", "cpu", "--network", "resnet18", "--size", "640"], "size `640`"),
     ];
     for (args, want) in cases {
@@ -114,7 +164,9 @@ fn command_line_errors_name_the_problem() {
 #[test]
 fn backends_cuda_sim_matches_cpu_and_cuda_without_a_gpu_is_a_clean_error() {
     let img = shared().join("images/trio.jpg");
-    let run = |backend: &str| bin().args(["detect", "--json", "--backend", backend, "--weights", &weights()]).arg(&img).output().unwrap();
+    let run = |backend: &str| {
+        bin().args(["detect", "--json", "--backend", backend, "--weights", &weights()]).arg(&img).output().unwrap()
+    };
     let cpu = run("cpu");
     let sim = run("cuda-sim");
     assert!(cpu.status.success() && sim.status.success(), "{}", String::from_utf8_lossy(&sim.stderr));

@@ -17,14 +17,19 @@
 mod common;
 use common::*;
 use retinaface::image_io::{self, DecodeLimits};
-use retinaface::post::{anchors, decode, nms::iou, PostOptions};
+use retinaface::post::{PostOptions, anchors, decode, nms::iou};
 use retinaface::{BgrImage, Detection, Engine};
 
 fn candidates(e: &Engine, img: &BgrImage) -> Vec<(f32, [f32; 4])> {
     let raw = e.forward(&[img]).unwrap().pop().unwrap();
     let pr = anchors::priors(img.height, img.width);
     (0..raw.conf.len() / 2)
-        .map(|i| (raw.conf[2 * i + 1], decode::decode_box(&pr[4 * i..], &raw.loc[4 * i..], img.width as f32, img.height as f32, 1.0)))
+        .map(|i| {
+            (
+                raw.conf[2 * i + 1],
+                decode::decode_box(&pr[4 * i..], &raw.loc[4 * i..], img.width as f32, img.height as f32, 1.0),
+            )
+        })
         .collect()
 }
 
@@ -36,7 +41,8 @@ fn real_photos_from_jpeg_find_the_reference_faces() {
         let c = load_case(&name);
         let img = image_io::load(&c.image, &DecodeLimits::default()).unwrap();
         assert_eq!((img.width, img.height), (c.input.width, c.input.height), "{name}: decoded size (EXIF orientation)");
-        let diffs: Vec<u32> = img.data.iter().zip(&c.input.data).map(|(a, b)| (*a as i32 - *b as i32).unsigned_abs()).collect();
+        let diffs: Vec<u32> =
+            img.data.iter().zip(&c.input.data).map(|(a, b)| (*a as i32 - *b as i32).unsigned_abs()).collect();
         let max = *diffs.iter().max().unwrap();
         let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
         assert!(max <= 16 && mean < 1.0, "{name}: decoded pixels differ from OpenCV's by max {max}, mean {mean}");
@@ -63,7 +69,9 @@ fn real_photos_from_jpeg_find_the_reference_faces() {
         });
         let mut case_failures = Vec::new();
         let dets = e.detect(&img, &Default::default()).unwrap();
-        let partner = |d: &Detection, pool: &[Detection]| pool.iter().any(|p| iou(&d.bbox, &p.bbox) >= 0.9 && (d.score - p.score).abs() <= 0.05);
+        let partner = |d: &Detection, pool: &[Detection]| {
+            pool.iter().any(|p| iou(&d.bbox, &p.bbox) >= 0.9 && (d.score - p.score).abs() <= 0.05)
+        };
         for r in c.detections.iter().filter(|d| d.score >= 0.5) {
             if !partner(r, &dets) {
                 case_failures.push(format!("{name}: reference face {:?} ({}) not found", r.bbox, r.score));

@@ -10,7 +10,7 @@
 
 mod common;
 use common::*;
-use retinaface::post::{anchors, nms::iou, postprocess, PostOptions};
+use retinaface::post::{PostOptions, anchors, nms::iou, postprocess};
 use retinaface::{Detection, Engine};
 
 const RAW_TOL: f32 = 1e-4;
@@ -43,7 +43,11 @@ fn check_case(name: &str) -> Vec<String> {
             intermediates += 1;
             let ours = acts.get(*t).unwrap();
             let info = &e.graph().tensors[*t];
-            assert_eq!(shape, &vec![info.channels, info.height(c.input.height), info.width(c.input.width)], "{name} {stage}.{i} shape");
+            assert_eq!(
+                shape,
+                &vec![info.channels, info.height(c.input.height), info.width(c.input.width)],
+                "{name} {stage}.{i} shape"
+            );
             let (d, _) = max_abs_diff(ours, g);
             report += &format!(" {stage}.{i} {d:.1e}");
             if d > INTERMEDIATE_TOL {
@@ -64,9 +68,18 @@ fn check_case(name: &str) -> Vec<String> {
 /// Every reference detection with score ≥ `min_score` must have a partner in `ours` (IoU ≥ `min_iou`,
 /// score within `score_tol`), and every one of ours with score ≥ `min_score + score_tol` a partner in
 /// the reference.
-pub fn compare_detections(name: &str, ours: &[Detection], reference: &[Detection], min_score: f32, min_iou: f32, score_tol: f32) -> Vec<String> {
+pub fn compare_detections(
+    name: &str,
+    ours: &[Detection],
+    reference: &[Detection],
+    min_score: f32,
+    min_iou: f32,
+    score_tol: f32,
+) -> Vec<String> {
     let mut failures = Vec::new();
-    let partner = |d: &Detection, pool: &[Detection]| pool.iter().any(|p| iou(&d.bbox, &p.bbox) >= min_iou && (d.score - p.score).abs() <= score_tol);
+    let partner = |d: &Detection, pool: &[Detection]| {
+        pool.iter().any(|p| iou(&d.bbox, &p.bbox) >= min_iou && (d.score - p.score).abs() <= score_tol)
+    };
     for r in reference.iter().filter(|r| r.score >= min_score) {
         if !partner(r, ours) {
             failures.push(format!("{name}: reference detection {:?} score {} not found", r.bbox, r.score));

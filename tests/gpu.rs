@@ -43,7 +43,15 @@ fn matches(got: &[Detection], want: &[Detection], scale: f32) -> Result<usize, S
     if got.len() != want.len() {
         return Err(format!("{} detections, reference {}", got.len(), want.len()));
     }
-    let geo = |g: &Detection, w: &Detection| g.bbox.iter().zip(&w.bbox).chain(g.landmarks.iter().zip(&w.landmarks)).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max) / scale;
+    let geo = |g: &Detection, w: &Detection| {
+        g.bbox
+            .iter()
+            .zip(&w.bbox)
+            .chain(g.landmarks.iter().zip(&w.landmarks))
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+            / scale
+    };
     let mut used = vec![false; want.len()];
     let mut swaps = 0;
     for (i, g) in got.iter().enumerate() {
@@ -93,7 +101,9 @@ fn every_golden_case_on_gpu() {
         let dets = gpu.detect(&[&case.input], &PostOptions::default()).unwrap().pop().unwrap();
         let scale = case.input.width.max(case.input.height) as f32;
         match matches(&dets, &case.detections, scale) {
-            Ok(s) => println!("{name:<45} raw max error {worst:.2e}, {} detections ({s} near-tie reorderings)", dets.len()),
+            Ok(s) => {
+                println!("{name:<45} raw max error {worst:.2e}, {} detections ({s} near-tie reorderings)", dets.len())
+            }
             Err(e) => failures.push(format!("{name} detections: {e}")),
         }
     }

@@ -2,7 +2,7 @@
 //! correct answer, never a panic.
 
 use image::{ImageEncoder, RgbImage};
-use retinaface::image_io::{self, apply_resize, decode, resize_factor, DecodeLimits, ResizeMode};
+use retinaface::image_io::{self, DecodeLimits, ResizeMode, apply_resize, decode, resize_factor};
 use retinaface::{BgrImage, DetectOptions, Engine, Network, WeightsSpec};
 
 fn err_of(bytes: &[u8]) -> String {
@@ -90,7 +90,9 @@ fn colour_types_convert_like_opencv_imread() {
 /// A JPEG with an EXIF APP1 segment carrying `orientation`.
 fn jpeg_with_orientation(img: &RgbImage, orientation: u16) -> Vec<u8> {
     let mut jpg = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpg, 100).write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8).unwrap();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpg, 100)
+        .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
+        .unwrap();
     let mut tiff = b"MM\x00\x2a\x00\x00\x00\x08\x00\x01".to_vec();
     tiff.extend_from_slice(&[0x01, 0x12, 0x00, 0x03, 0x00, 0x00, 0x00, 0x01]);
     tiff.extend_from_slice(&orientation.to_be_bytes());
@@ -166,7 +168,11 @@ fn tiny_and_odd_images_run_without_panicking() {
         let dets = e.detect(&img, &DetectOptions::default()).unwrap();
         assert!(dets.iter().all(|d| d.score.is_finite() && d.bbox.iter().all(|v| v.is_finite())), "{w}x{h}");
     }
-    let real = Engine::new(&WeightsSpec::File(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/weights/retinaface_mv1_0.25.pth").into()), None).unwrap();
+    let real = Engine::new(
+        &WeightsSpec::File(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/weights/retinaface_mv1_0.25.pth").into()),
+        None,
+    )
+    .unwrap();
     let one = BgrImage::new(1, 1, vec![128; 3]).unwrap();
     let dets = real.detect(&one, &DetectOptions::default()).unwrap();
     assert!(dets.iter().all(|d| d.score < 0.5), "a 1x1 grey image holds no face: {dets:?}");
@@ -188,10 +194,15 @@ fn tiny_and_odd_images_run_without_panicking() {
 /// unclamped edge rows and its switch to the area path for an exact 2x downscale.
 #[test]
 fn bilinear_resize_matches_opencv() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/opencv_resize.json")).unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/opencv_resize.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     for c in v["cases"].as_array().unwrap() {
-        let (w, h, r) = (c["width"].as_u64().unwrap() as usize, c["height"].as_u64().unwrap() as usize, c["factor"].as_f64().unwrap());
+        let (w, h, r) = (
+            c["width"].as_u64().unwrap() as usize,
+            c["height"].as_u64().unwrap() as usize,
+            c["factor"].as_f64().unwrap(),
+        );
         let src: Vec<u8> = c["src"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u8).collect();
         let want: Vec<u8> = c["dst"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u8).collect();
         let (dw, dh) = (c["dst_width"].as_u64().unwrap() as usize, c["dst_height"].as_u64().unwrap() as usize);

@@ -11,9 +11,11 @@
 use retinaface::cpu::ops;
 use retinaface::cuda::params::*;
 use retinaface::cuda::sim::SimRunner;
-use retinaface::cuda::{device_postprocess, nchw_to_nhwc, nhwc_to_nchw, DevBuf, KernelRunner, KernelRunnerExt, LaunchDims};
+use retinaface::cuda::{
+    DevBuf, KernelRunner, KernelRunnerExt, LaunchDims, device_postprocess, nchw_to_nhwc, nhwc_to_nchw,
+};
 use retinaface::model::graph::{Act, Conv};
-use retinaface::post::{anchors, postprocess, PostOptions, RawOutput};
+use retinaface::post::{PostOptions, RawOutput, anchors, postprocess};
 
 /// Deterministic xorshift64* numbers.
 struct Rng(u64);
@@ -48,7 +50,17 @@ fn norm_err(got: &[f32], want: &[f32]) -> f32 {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn conv(name: &str, cin: usize, cout: usize, k: usize, stride: usize, groups: usize, act: Act, off: usize, rng: &mut Rng) -> Conv {
+fn conv(
+    name: &str,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    groups: usize,
+    act: Act,
+    off: usize,
+    rng: &mut Rng,
+) -> Conv {
     let fan = (cin / groups * k * k) as f32;
     Conv {
         name: name.into(),
@@ -136,7 +148,12 @@ fn check_conv(c: &Conv, n: usize, h: usize, w: usize, out_ctot: usize, with_resi
             3 => "conv3x3",
             _ => "conv_kxk",
         };
-        r.launch(name, LaunchDims { grid: [(n * oh * ow).div_ceil(64) as u32, c.cout.div_ceil(64) as u32, 1], block: [256, 1, 1] }, &p).unwrap();
+        r.launch(
+            name,
+            LaunchDims { grid: [(n * oh * ow).div_ceil(64) as u32, c.cout.div_ceil(64) as u32, 1], block: [256, 1, 1] },
+            &p,
+        )
+        .unwrap();
     }
     let got = nhwc_to_nchw(&r.download_f32(yb, n * oh * ow * out_ctot).unwrap(), n, oh, ow, out_ctot);
     // Channels outside [off, off + cout) belong to other convs: still poisoned.
@@ -149,7 +166,11 @@ fn check_conv(c: &Conv, n: usize, h: usize, w: usize, out_ctot: usize, with_resi
                 g.extend_from_slice(&got[plane.clone()]);
                 wv.extend_from_slice(&want[plane]);
             } else {
-                assert!(got[plane].iter().all(|v| v.is_nan()), "{}: wrote channel {ch} outside its offset range", c.name);
+                assert!(
+                    got[plane].iter().all(|v| v.is_nan()),
+                    "{}: wrote channel {ch} outside its offset range",
+                    c.name
+                );
             }
         }
     }
@@ -179,7 +200,10 @@ fn conv_kernels_match_reference() {
     for (c, n, h, w, ctot, res) in &cases {
         let c = Conv { residual: res.then_some(2), ..c.clone() };
         let e = check_conv(&c, *n, *h, *w, *ctot, *res, &mut rng);
-        println!("{:<20} n={n} {h}x{w} k={} s={} act={:?}: normalised max error {e:.2e}", c.name, c.kernel, c.stride, c.act);
+        println!(
+            "{:<20} n={n} {h}x{w} k={} s={} act={:?}: normalised max error {e:.2e}",
+            c.name, c.kernel, c.stride, c.act
+        );
         assert!(e <= CONV_TOL, "{}: error {e} > {CONV_TOL}", c.name);
     }
 }
@@ -193,7 +217,12 @@ fn preprocess_matches_reference() {
     let src = r.alloc(bytes.len()).unwrap();
     r.upload(src, 0, &bytes).unwrap();
     let dst = r.alloc(4 * bytes.len()).unwrap();
-    r.launch("preprocess_bgr", LaunchDims::linear(bytes.len(), 256), &PreprocessParams { src: src.ptr, dst: dst.ptr, total: bytes.len() as i32, pad0: 0 }).unwrap();
+    r.launch(
+        "preprocess_bgr",
+        LaunchDims::linear(bytes.len(), 256),
+        &PreprocessParams { src: src.ptr, dst: dst.ptr, total: bytes.len() as i32, pad0: 0 },
+    )
+    .unwrap();
     let got = r.download_f32(dst, bytes.len()).unwrap();
     for b in 0..n {
         let mut want = vec![0.0; 3 * h * w];
@@ -214,7 +243,16 @@ fn maxpool_matches_reference_exactly() {
         let mut r = SimRunner::new();
         let xb = r.alloc_f32(&nchw_to_nhwc(&x, n, c, h, w)).unwrap();
         let yb = r.alloc(4 * want.len()).unwrap();
-        let p = PoolParams { x: xb.ptr, y: yb.ptr, n: n as i32, h: h as i32, w: w as i32, c: c as i32, oh: oh as i32, ow: ow as i32 };
+        let p = PoolParams {
+            x: xb.ptr,
+            y: yb.ptr,
+            n: n as i32,
+            h: h as i32,
+            w: w as i32,
+            c: c as i32,
+            oh: oh as i32,
+            ow: ow as i32,
+        };
         r.launch("maxpool3x3s2", LaunchDims::linear(want.len(), 256), &p).unwrap();
         let got = nhwc_to_nchw(&r.download_f32(yb, want.len()).unwrap(), n, oh, ow, c);
         assert_eq!(norm_err(&got, &want), 0.0, "maxpool {n}x{c}x{h}x{w}");
@@ -224,7 +262,9 @@ fn maxpool_matches_reference_exactly() {
 #[test]
 fn upsample_add_matches_reference_exactly() {
     let mut rng = Rng(13);
-    for &(n, c, sh, sw, dh, dw) in &[(2, 4, 5, 7, 9, 13), (1, 3, 3, 4, 6, 8), (2, 2, 1, 1, 2, 3), (1, 5, 7, 10, 13, 19), (1, 1, 13, 19, 26, 38)] {
+    for &(n, c, sh, sw, dh, dw) in
+        &[(2, 4, 5, 7, 9, 13), (1, 3, 3, 4, 6, 8), (2, 2, 1, 1, 2, 3), (1, 5, 7, 10, 13, 19), (1, 1, 13, 19, 26, 38)]
+    {
         let src = rng.vec(n * c * sh * sw, 2.0);
         let dst = rng.vec(n * c * dh * dw, 2.0);
         let mut want = dst.clone();
@@ -232,7 +272,16 @@ fn upsample_add_matches_reference_exactly() {
         let mut r = SimRunner::new();
         let sb = r.alloc_f32(&nchw_to_nhwc(&src, n, c, sh, sw)).unwrap();
         let db = r.alloc_f32(&nchw_to_nhwc(&dst, n, c, dh, dw)).unwrap();
-        let p = UpsampleAddParams { src: sb.ptr, dst: db.ptr, n: n as i32, sh: sh as i32, sw: sw as i32, dh: dh as i32, dw: dw as i32, c: c as i32 };
+        let p = UpsampleAddParams {
+            src: sb.ptr,
+            dst: db.ptr,
+            n: n as i32,
+            sh: sh as i32,
+            sw: sw as i32,
+            dh: dh as i32,
+            dw: dw as i32,
+            c: c as i32,
+        };
         r.launch("upsample_nearest_add", LaunchDims::linear(want.len(), 256), &p).unwrap();
         let got = nhwc_to_nchw(&r.download_f32(db, want.len()).unwrap(), n, dh, dw, c);
         assert_eq!(norm_err(&got, &want), 0.0, "upsample {sh}x{sw} -> {dh}x{dw}");
@@ -263,7 +312,7 @@ fn heads_match_reference() {
         ops::conv2d(&head, &x, n, h, w, &mut h32, 32, None);
         for b in 0..n {
             let hw = h * w;
-            let s = (b * a + base) ..;
+            let s = (b * a + base)..;
             let _ = s;
             ops::heads_to_anchors(
                 &h32[b * 32 * hw..(b + 1) * 32 * hw],
@@ -291,7 +340,8 @@ fn heads_match_reference() {
             anchor_base: base as i32,
             num_anchors: a as i32,
         };
-        r.launch("heads_level", LaunchDims { grid: [(n * h * w).div_ceil(8) as u32, 1, 1], block: [256, 1, 1] }, &p).unwrap();
+        r.launch("heads_level", LaunchDims { grid: [(n * h * w).div_ceil(8) as u32, 1, 1], block: [256, 1, 1] }, &p)
+            .unwrap();
         base += 2 * h * w;
         println!("level {l}: {h}x{w}");
     }
@@ -333,8 +383,20 @@ fn postprocess_matches_reference_exactly() {
     let cases: Vec<(usize, usize, Option<u32>, PostOptions, f32)> = vec![
         (203, 301, None, PostOptions::default(), 1.0),
         (320, 320, Some(16), PostOptions::default(), 1.0),
-        (320, 320, Some(4), PostOptions { conf_threshold: 0.3, nms_threshold: 0.3, pre_nms_topk: Some(1000), post_nms_topk: Some(40) }, 0.5),
-        (77, 61, Some(8), PostOptions { conf_threshold: 0.0, nms_threshold: 0.7, pre_nms_topk: None, post_nms_topk: None }, 1.0),
+        (
+            320,
+            320,
+            Some(4),
+            PostOptions { conf_threshold: 0.3, nms_threshold: 0.3, pre_nms_topk: Some(1000), post_nms_topk: Some(40) },
+            0.5,
+        ),
+        (
+            77,
+            61,
+            Some(8),
+            PostOptions { conf_threshold: 0.0, nms_threshold: 0.7, pre_nms_topk: None, post_nms_topk: None },
+            1.0,
+        ),
     ];
     for (h, w, levels, opts, resize) in cases {
         let raws: Vec<RawOutput> = (0..2).map(|_| random_raw(&mut rng, h, w, levels)).collect();
@@ -358,6 +420,8 @@ fn simulation_reports_kernel_misuse() {
     assert!(e.to_string().contains("parameter struct"), "{e}");
     let e = r.launch_raw("no_such_kernel", LaunchDims::linear(1, 32), &bad).unwrap_err();
     assert!(e.to_string().contains("no simulated kernel"), "{e}");
-    let e = r.launch("maxpool3x3s2", LaunchDims { grid: [1, 1, 1], block: [2048, 1, 1] }, &PoolParams::default()).unwrap_err();
+    let e = r
+        .launch("maxpool3x3s2", LaunchDims { grid: [1, 1, 1], block: [2048, 1, 1] }, &PoolParams::default())
+        .unwrap_err();
     assert!(e.to_string().contains("block"), "{e}");
 }

@@ -17,7 +17,16 @@ macro_rules! skip {
 use retinaface::cuda::{kernels, nvrtc};
 
 /// The kernels that run per pixel of every layer: a spill there costs every frame.
-const HOT: &[&str] = &["conv1x1", "conv3x3", "conv_kxk", "conv_depthwise", "heads_level", "maxpool3x3s2", "upsample_nearest_add", "preprocess_bgr"];
+const HOT: &[&str] = &[
+    "conv1x1",
+    "conv3x3",
+    "conv_kxk",
+    "conv_depthwise",
+    "heads_level",
+    "maxpool3x3s2",
+    "upsample_nearest_add",
+    "preprocess_bgr",
+];
 
 #[test]
 fn every_kernel_compiles_to_sass_without_spills() {
@@ -30,7 +39,10 @@ fn every_kernel_compiles_to_sass_without_spills() {
     }
     let (maj, min) = nvrtc::version().expect("nvrtc version");
     println!("NVRTC {maj}.{min}; include dirs {:?}", nvrtc::include_dirs());
-    println!("{:<22} {:<6} {:>5} {:>7} {:>6} {:>7} {:>7}", "kernel", "arch", "regs", "smem", "stack", "spill-s", "spill-l");
+    println!(
+        "{:<22} {:<6} {:>5} {:>7} {:>6} {:>7} {:>7}",
+        "kernel", "arch", "regs", "smem", "stack", "spill-s", "spill-l"
+    );
     let mut failures = Vec::new();
     for arch in ["sm_80", "sm_90"] {
         for family in kernels::families() {
@@ -48,7 +60,16 @@ fn every_kernel_compiles_to_sass_without_spills() {
                     failures.push(format!("{k} ({arch}): no ptxas report in the log:\n{}", c.log));
                     continue;
                 };
-                println!("{:<22} {:<6} {:>5} {:>7} {:>6} {:>7} {:>7}", r.kernel, r.arch, r.registers, r.shared_bytes, r.stack_bytes, r.spill_store_bytes, r.spill_load_bytes);
+                println!(
+                    "{:<22} {:<6} {:>5} {:>7} {:>6} {:>7} {:>7}",
+                    r.kernel,
+                    r.arch,
+                    r.registers,
+                    r.shared_bytes,
+                    r.stack_bytes,
+                    r.spill_store_bytes,
+                    r.spill_load_bytes
+                );
                 let spills = r.spill_store_bytes + r.spill_load_bytes;
                 if spills > 0 && HOT.contains(k) {
                     failures.push(format!("{k} ({arch}) spills {spills} bytes"));

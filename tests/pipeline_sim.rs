@@ -27,7 +27,15 @@ fn norm(a: &[f32], b: &[f32]) -> f32 {
 /// the rounding). Returns (max score error, max geometry error, reordered near-ties).
 fn compare_detections(got: &[Detection], want: &[Detection], scale: f32, what: &str) -> (f32, f32, usize) {
     assert_eq!(got.len(), want.len(), "{what}: number of detections");
-    let geo = |g: &Detection, w: &Detection| g.bbox.iter().zip(&w.bbox).chain(g.landmarks.iter().zip(&w.landmarks)).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max) / scale;
+    let geo = |g: &Detection, w: &Detection| {
+        g.bbox
+            .iter()
+            .zip(&w.bbox)
+            .chain(g.landmarks.iter().zip(&w.landmarks))
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+            / scale
+    };
     let (mut score_err, mut geo_err, mut swaps) = (0.0f32, 0.0f32, 0);
     let mut used = vec![false; want.len()];
     for (i, g) in got.iter().enumerate() {
@@ -77,7 +85,10 @@ fn golden_mobilenet025_301x203_in_simulation() {
     println!("detect in simulation: {:.2?}", t0.elapsed());
     let scale = case.input.width.max(case.input.height) as f32;
     let (s, g, swaps) = compare_detections(&dets, &case.detections, scale, "golden detections");
-    println!("{} detections; score max error {s:.2e}, box/landmark max error {g:.2e} (normalised by {scale}); {swaps} near-tie reorderings", dets.len());
+    println!(
+        "{} detections; score max error {s:.2e}, box/landmark max error {g:.2e} (normalised by {scale}); {swaps} near-tie reorderings",
+        dets.len()
+    );
 }
 
 /// A batch of two different images of one size: each image's outputs equal the CPU engine's.
@@ -100,7 +111,9 @@ fn batch_of_two_matches_cpu_engine_in_simulation() {
     let mut gpu = GpuEngine::new(cpu.graph(), Backend::Simulation).unwrap();
     let got = gpu.raw_outputs(&batch).unwrap();
     for (b, (g, w)) in got.iter().zip(&want).enumerate() {
-        for (name, x, y) in [("loc", &g.loc, &w.loc), ("conf", &g.conf, &w.conf), ("landmarks", &g.landmarks, &w.landmarks)] {
+        for (name, x, y) in
+            [("loc", &g.loc, &w.loc), ("conf", &g.conf, &w.conf), ("landmarks", &g.landmarks, &w.landmarks)]
+        {
             let e = norm(x, y);
             println!("image {b} {name:<10} normalised max error vs CPU engine {e:.2e}");
             assert!(e <= TOL, "image {b} {name}: {e}");
@@ -111,7 +124,10 @@ fn batch_of_two_matches_cpu_engine_in_simulation() {
     let got_dets = gpu.detect(&batch, &opts.post).unwrap();
     for b in 0..2 {
         let (s, g, swaps) = compare_detections(&got_dets[b], &want_dets[b], w.max(h) as f32, &format!("image {b}"));
-        println!("image {b}: {} detections; score max error {s:.2e}, geometry {g:.2e}; {swaps} near-tie reorderings", got_dets[b].len());
+        println!(
+            "image {b}: {} detections; score max error {s:.2e}, geometry {g:.2e}; {swaps} near-tie reorderings",
+            got_dets[b].len()
+        );
     }
 }
 

@@ -7,7 +7,7 @@ mod serve_util;
 use base64::Engine as _;
 use retinaface::image_io::{self, DecodeLimits};
 use retinaface::{DetectOptions, Detection, Engine, WeightsSpec};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use serve_util::*;
 use std::time::Duration;
 
@@ -46,7 +46,13 @@ fn v1_detect_matches_the_library_on_every_shared_image() {
     assert!(names.len() >= 3, "expected the shared images, found {names:?}");
     for name in &names {
         let bytes = read_image(name);
-        let r = request(server.addr(), "POST", &format!("/v1/detect?image={name}"), &[("Content-Type", "image/jpeg")], &bytes);
+        let r = request(
+            server.addr(),
+            "POST",
+            &format!("/v1/detect?image={name}"),
+            &[("Content-Type", "image/jpeg")],
+            &bytes,
+        );
         assert_eq!(r.status, 200, "{name}: {}", r.text());
         let want = expected(&engine, name, &bytes);
         assert!(!want.1.is_empty(), "{name}: the real weights find faces");
@@ -78,7 +84,15 @@ fn outputs(r: &Resp) -> std::collections::BTreeMap<String, (Vec<u64>, Vec<f64>)>
                 let (now, rest) = bin.split_at(sz as usize);
                 bin = rest;
                 let int = o["datatype"] == "INT32";
-                now.chunks(4).map(|c| if int { i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64 } else { f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64 }).collect()
+                now.chunks(4)
+                    .map(|c| {
+                        if int {
+                            i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64
+                        } else {
+                            f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64
+                        }
+                    })
+                    .collect()
             }
             None => o["data"].as_array().expect("data").iter().map(|v| v.as_f64().expect("number")).collect(),
         };
@@ -136,7 +150,13 @@ fn v2_infer_json_and_binary_give_the_library_detections() {
         let mut body = head.clone().into_bytes();
         body.extend_from_slice(&data);
         let hl = head.len().to_string();
-        let r = request(server.addr(), "POST", "/v2/models/retinaface/versions/1/infer", &[("Inference-Header-Content-Length", &hl), ("Content-Type", "application/octet-stream")], &body);
+        let r = request(
+            server.addr(),
+            "POST",
+            "/v2/models/retinaface/versions/1/infer",
+            &[("Inference-Header-Content-Length", &hl), ("Content-Type", "application/octet-stream")],
+            &body,
+        );
         assert_eq!(r.status, 200, "{}", r.text());
         assert!(r.header("inference-header-content-length").is_some());
         check(&outputs(&r));
@@ -209,8 +229,13 @@ fn health_metadata_and_metrics() {
     // The metrics port serves Triton's names; the main port serves the same text.
     let text = get(server.metrics_addr(), "/metrics").text();
     for name in [
-        "nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count", "nv_inference_exec_count",
-        "nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us", "nv_inference_pending_request_count",
+        "nv_inference_request_success",
+        "nv_inference_request_failure",
+        "nv_inference_count",
+        "nv_inference_exec_count",
+        "nv_inference_queue_duration_us",
+        "nv_inference_compute_infer_duration_us",
+        "nv_inference_pending_request_count",
     ] {
         assert!(text.contains(&format!("\n{name}{{model=\"faces\",version=\"1\"")), "{name} missing:\n{text}");
     }
@@ -231,16 +256,22 @@ fn a_batch_gives_each_image_what_it_gets_alone() {
         let img = image_io::load(&shared().join("images").join(name), &DecodeLimits::default()).expect("load");
         crops.push(img.crop(x, y, 320, 240).expect("crop"));
     }
-    let alone: Vec<Vec<Detection>> = crops.iter().map(|c| engine.detect(c, &DetectOptions::default()).expect("detect")).collect();
+    let alone: Vec<Vec<Detection>> =
+        crops.iter().map(|c| engine.detect(c, &DetectOptions::default()).expect("detect")).collect();
     assert!(alone.iter().all(|d| !d.is_empty()), "every crop has detections to compare");
 
     let (server, gate) = start_gated(&["--max-batch", "4", "--max-queue-delay-us", "10000000"], false);
     let a = server.addr();
-    let handles: Vec<_> = crops.iter().map(|c| {
-        let png = png_of(c);
-        std::thread::spawn(move || detect(a, &png))
-    }).collect();
-    wait_until(Duration::from_secs(20), "four queued requests", || metric(a, "nv_inference_pending_request_count") == 4.0);
+    let handles: Vec<_> = crops
+        .iter()
+        .map(|c| {
+            let png = png_of(c);
+            std::thread::spawn(move || detect(a, &png))
+        })
+        .collect();
+    wait_until(Duration::from_secs(20), "four queued requests", || {
+        metric(a, "nv_inference_pending_request_count") == 4.0
+    });
     gate.open();
     for (h, want) in handles.into_iter().zip(&alone) {
         let r = h.join().expect("client thread");

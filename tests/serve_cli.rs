@@ -39,7 +39,12 @@ fn serve_binary_answers_like_detect_json_and_exits_cleanly_on_sigterm() {
         let path = shared().join("images").join(name);
         let served = detect(addr, &read_image(name));
         assert_eq!(served.status, 200, "{name}: {}", served.text());
-        let out = Command::new(bin).args(["detect", "--json", "--backend", "cpu", "--weights"]).arg(&weights).arg(&path).output().expect("detect");
+        let out = Command::new(bin)
+            .args(["detect", "--json", "--backend", "cpu", "--weights"])
+            .arg(&weights)
+            .arg(&path)
+            .output()
+            .expect("detect");
         assert!(out.status.success());
         let cli: serde_json::Value = serde_json::from_slice(&out.stdout).expect("detect --json");
         let srv = served.json();

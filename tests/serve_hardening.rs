@@ -43,12 +43,21 @@ fn png_declaring(w: u32, h: u32, idat: &[u8]) -> Vec<u8> {
 
 /// A 96x64 RGB test picture with structure in both directions, so orientation errors show.
 fn picture() -> Vec<u8> {
-    (0..64u32).flat_map(|y| (0..96u32).flat_map(move |x| [(x * 2) as u8, (y * 3) as u8, ((x + y) % 7 * 30) as u8])).collect()
+    (0..64u32)
+        .flat_map(|y| (0..96u32).flat_map(move |x| [(x * 2) as u8, (y * 3) as u8, ((x + y) % 7 * 30) as u8]))
+        .collect()
 }
 
 fn jpeg_rgb(rgb: &[u8], w: u32, h: u32) -> Vec<u8> {
     let mut out = Vec::new();
-    image::ImageEncoder::write_image(image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95), rgb, w, h, image::ExtendedColorType::Rgb8).expect("jpeg");
+    image::ImageEncoder::write_image(
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95),
+        rgb,
+        w,
+        h,
+        image::ExtendedColorType::Rgb8,
+    )
+    .expect("jpeg");
     out
 }
 
@@ -72,7 +81,14 @@ fn with_exif_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
     out
 }
 
-fn png_encode(w: u32, h: u32, color: png::ColorType, depth: png::BitDepth, palette: Option<Vec<u8>>, data: &[u8]) -> Vec<u8> {
+fn png_encode(
+    w: u32,
+    h: u32,
+    color: png::ColorType,
+    depth: png::BitDepth,
+    palette: Option<Vec<u8>>,
+    data: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::new();
     {
         let mut e = png::Encoder::new(&mut out, w, h);
@@ -89,7 +105,8 @@ fn png_encode(w: u32, h: u32, color: png::ColorType, depth: png::BitDepth, palet
 
 fn cmyk_jpeg() -> Vec<u8> {
     let (w, h) = (48u16, 40u16);
-    let data: Vec<u8> = (0..h as u32).flat_map(|y| (0..w as u32).flat_map(move |x| [(x * 5) as u8, (y * 6) as u8, 40, 20])).collect();
+    let data: Vec<u8> =
+        (0..h as u32).flat_map(|y| (0..w as u32).flat_map(move |x| [(x * 5) as u8, (y * 6) as u8, 40, 20])).collect();
     let mut out = Vec::new();
     jpeg_encoder::Encoder::new(&mut out, 90).encode(&data, w, h, jpeg_encoder::ColorType::Cmyk).expect("cmyk jpeg");
     out
@@ -118,15 +135,22 @@ fn bad_inputs() -> Vec<(&'static str, Vec<u8>, u16, &'static str)> {
 fn good_inputs() -> Vec<(String, Vec<u8>)> {
     let rgb = picture();
     let base = jpeg_rgb(&rgb, 96, 64);
-    let mut v: Vec<(String, Vec<u8>)> = (1..=8).map(|o| (format!("EXIF orientation {o}"), with_exif_orientation(&base, o))).collect();
+    let mut v: Vec<(String, Vec<u8>)> =
+        (1..=8).map(|o| (format!("EXIF orientation {o}"), with_exif_orientation(&base, o))).collect();
     v.push(("CMYK JPEG".into(), cmyk_jpeg()));
     let rgb16: Vec<u8> = rgb.iter().flat_map(|&b| [b, b ^ 0x5A]).collect();
     v.push(("16-bit RGB PNG".into(), png_encode(96, 64, png::ColorType::Rgb, png::BitDepth::Sixteen, None, &rgb16)));
     let grey16: Vec<u8> = rgb.chunks(3).flat_map(|p| [p[1], p[0]]).collect();
-    v.push(("16-bit grey PNG".into(), png_encode(96, 64, png::ColorType::Grayscale, png::BitDepth::Sixteen, None, &grey16)));
+    v.push((
+        "16-bit grey PNG".into(),
+        png_encode(96, 64, png::ColorType::Grayscale, png::BitDepth::Sixteen, None, &grey16),
+    ));
     let palette: Vec<u8> = (0..16u8).flat_map(|i| [i * 16, 255 - i * 16, i * 8]).collect();
     let idx: Vec<u8> = (0..64u32).flat_map(|y| (0..96u32).map(move |x| ((x / 6 + y / 4) % 16) as u8)).collect();
-    v.push(("palette PNG".into(), png_encode(96, 64, png::ColorType::Indexed, png::BitDepth::Eight, Some(palette), &idx)));
+    v.push((
+        "palette PNG".into(),
+        png_encode(96, 64, png::ColorType::Indexed, png::BitDepth::Eight, Some(palette), &idx),
+    ));
     let rgba: Vec<u8> = rgb.chunks(3).flat_map(|p| [p[0], p[1], p[2], 128]).collect();
     v.push(("RGBA PNG".into(), png_encode(96, 64, png::ColorType::Rgba, png::BitDepth::Eight, None, &rgba)));
     v
@@ -153,10 +177,15 @@ fn bad_images_get_clear_4xx_good_ones_the_library_answer_and_memory_stays_flat()
     for (name, body) in good_inputs() {
         let r = detect(a, &body);
         assert_eq!(r.status, 200, "{name}: {}", r.text());
-        let img = image_io::decode(&body, &name, &DecodeLimits::default()).expect("library decodes what the server accepted");
+        let img =
+            image_io::decode(&body, &name, &DecodeLimits::default()).expect("library decodes what the server accepted");
         let want = engine.detect(&img, &DetectOptions::default()).expect("detect");
         let v = r.json();
-        assert_eq!((v["width"].as_u64(), v["height"].as_u64()), (Some(img.width as u64), Some(img.height as u64)), "{name}");
+        assert_eq!(
+            (v["width"].as_u64(), v["height"].as_u64()),
+            (Some(img.width as u64), Some(img.height as u64)),
+            "{name}"
+        );
         let got: Vec<Detection> = serde_json::from_value(v["detections"].clone()).expect("detections");
         assert!(got == want, "{name}: detections differ from the library's");
         if let Some(o) = name.strip_prefix("EXIF orientation ") {
@@ -178,7 +207,8 @@ fn bad_images_get_clear_4xx_good_ones_the_library_answer_and_memory_stays_flat()
             // Clockwise: source (x, y) lands at (63 - y, x) in the 64-wide result.
             let (rx, ry) = (63 - y, x);
             for c in 0..3 {
-                worst = worst.max((up.data[(y * 96 + x) * 3 + c] as i32 - rot.data[(ry * 64 + rx) * 3 + c] as i32).abs());
+                worst =
+                    worst.max((up.data[(y * 96 + x) * 3 + c] as i32 - rot.data[(ry * 64 + rx) * 3 + c] as i32).abs());
             }
         }
     }
@@ -211,7 +241,9 @@ fn content_types_other_than_an_image_are_415() {
         assert!(r.error().contains("raw body") || r.error().contains("not supported"), "{}", r.error());
     }
     // curl --data-binary sends form-urlencoded by default: accepted, the bytes decide.
-    for ct in ["image/jpeg", "image/png", "application/octet-stream; charset=binary", "application/x-www-form-urlencoded"] {
+    for ct in
+        ["image/jpeg", "image/png", "application/octet-stream; charset=binary", "application/x-www-form-urlencoded"]
+    {
         assert_eq!(post(server.addr(), "/v1/detect", ct, &jpg).status, 200, "{ct}");
     }
     server.shutdown().expect("shutdown");
@@ -225,7 +257,8 @@ fn body_over_the_limit_is_413_before_it_is_read() {
         // Headers only, declaring 50 MB: the answer must come without a byte of body sent.
         let mut s = connect(a);
         let t0 = Instant::now();
-        s.write_all(format!("POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 50000000\r\n\r\n").as_bytes()).expect("head");
+        s.write_all(format!("POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 50000000\r\n\r\n").as_bytes())
+            .expect("head");
         let r = read_response(&mut s);
         assert_eq!(r.status, 413, "{path}: {}", r.text());
         assert!(r.error().contains("100000"), "names the limit: {}", r.error());
@@ -233,7 +266,8 @@ fn body_over_the_limit_is_413_before_it_is_read() {
     }
     // Chunked, no length declared: cut as soon as it passes the limit.
     let mut s = connect(a);
-    s.write_all(b"POST /v1/detect HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").expect("head");
+    s.write_all(b"POST /v1/detect HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        .expect("head");
     let piece = vec![0xFFu8; 60000];
     for _ in 0..2 {
         let _ = s.write_all(format!("{:x}\r\n", piece.len()).as_bytes());
@@ -296,11 +330,16 @@ fn slow_clients_are_cut_by_the_header_and_body_timeouts() {
     s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
     let n = s.read(&mut buf).unwrap_or(0);
     assert_eq!(n, 0, "no more bytes: the server closes the idle connection");
-    assert!(t0.elapsed() >= Duration::from_millis(400) && t0.elapsed() < Duration::from_secs(3), "closed after {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(400) && t0.elapsed() < Duration::from_secs(3),
+        "closed after {:?}",
+        t0.elapsed()
+    );
 
     // Body trickled: 100 bytes per 100 ms of a declared 100000 → 408 after ~0.8 s.
     let mut s = connect(a);
-    s.write_all(b"POST /v1/detect HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\nContent-Type: image/jpeg\r\n\r\n").expect("head");
+    s.write_all(b"POST /v1/detect HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\nContent-Type: image/jpeg\r\n\r\n")
+        .expect("head");
     let t0 = Instant::now();
     let writer = {
         let mut w = s.try_clone().expect("clone");

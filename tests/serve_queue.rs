@@ -29,7 +29,8 @@ fn queue_overflow_gives_exactly_k_immediate_503s_and_q_successes() {
             let (img, tx) = (img.clone(), tx.clone());
             std::thread::spawn(move || {
                 let r = detect(a, &img);
-                let _ = tx.send((r.status, r.header("retry-after").map(str::to_string), r.error_or_empty(), t0.elapsed()));
+                let _ =
+                    tx.send((r.status, r.header("retry-after").map(str::to_string), r.error_or_empty(), t0.elapsed()));
             })
         })
         .collect();
@@ -46,7 +47,8 @@ fn queue_overflow_gives_exactly_k_immediate_503s_and_q_successes() {
     }
     assert_eq!(metric(a, "nv_inference_pending_request_count"), Q as f64);
     gate.open();
-    let late: Vec<_> = (0..Q).map(|_| rx.recv_timeout(Duration::from_secs(20)).expect("a queued request's answer")).collect();
+    let late: Vec<_> =
+        (0..Q).map(|_| rx.recv_timeout(Duration::from_secs(20)).expect("a queued request's answer")).collect();
     assert!(late.iter().all(|(s, ..)| *s == 200), "{late:?}");
     for c in clients {
         c.join().expect("client");
@@ -97,9 +99,12 @@ fn a_request_whose_client_went_away_is_dropped_before_it_runs() {
     let a = server.addr();
     let img = crop_png(160, 120);
     let mut s = connect(a);
-    s.write_all(format!("POST /v1/detect HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n", img.len()).as_bytes()).expect("head");
+    s.write_all(format!("POST /v1/detect HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n", img.len()).as_bytes())
+        .expect("head");
     s.write_all(&img).expect("body");
-    wait_until(Duration::from_secs(10), "the request queued", || metric(a, "nv_inference_pending_request_count") == 1.0);
+    wait_until(Duration::from_secs(10), "the request queued", || {
+        metric(a, "nv_inference_pending_request_count") == 1.0
+    });
     drop(s);
     // The queue slot is freed just before the failure is counted: wait for both.
     wait_until(Duration::from_secs(10), "the abandoned request withdrawn and counted", || {
@@ -118,7 +123,12 @@ fn the_batcher_waits_for_company_at_most_the_queue_delay() {
     let server = start(&["--max-batch", "4", "--max-queue-delay-us", "400000"]);
     let a = server.addr();
     let t0 = Instant::now();
-    let two: Vec<_> = (0..2).map(|_| { let img = img.clone(); std::thread::spawn(move || detect(a, &img).status) }).collect();
+    let two: Vec<_> = (0..2)
+        .map(|_| {
+            let img = img.clone();
+            std::thread::spawn(move || detect(a, &img).status)
+        })
+        .collect();
     for c in two {
         assert_eq!(c.join().expect("client"), 200);
     }
@@ -135,7 +145,12 @@ fn the_batcher_waits_for_company_at_most_the_queue_delay() {
     // --max-batch 1 disables batching: the same two requests run separately, with no wait.
     let server = start(&["--max-batch", "1", "--max-queue-delay-us", "400000"]);
     let a = server.addr();
-    let two: Vec<_> = (0..2).map(|_| { let img = img.clone(); std::thread::spawn(move || detect(a, &img).status) }).collect();
+    let two: Vec<_> = (0..2)
+        .map(|_| {
+            let img = img.clone();
+            std::thread::spawn(move || detect(a, &img).status)
+        })
+        .collect();
     for c in two {
         assert_eq!(c.join().expect("client"), 200);
     }

@@ -12,12 +12,16 @@ fn sigterm_drains_in_flight_requests_and_stops() {
     let a = server.addr();
     let img = read_image("trio.jpg");
     let client = std::thread::spawn(move || detect(a, &img));
-    wait_until(Duration::from_secs(10), "the request queued", || metric(a, "nv_inference_pending_request_count") == 1.0);
+    wait_until(Duration::from_secs(10), "the request queued", || {
+        metric(a, "nv_inference_pending_request_count") == 1.0
+    });
     let pid = std::process::id().to_string();
     let st = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
     assert!(st.success());
     wait_until(Duration::from_secs(5), "readiness false", || !server.is_ready());
-    wait_until(Duration::from_secs(5), "listener closed", || std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_err());
+    wait_until(Duration::from_secs(5), "listener closed", || {
+        std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_err()
+    });
     // The in-flight request still gets its answer once the executor runs.
     gate.open();
     let r = client.join().expect("client");

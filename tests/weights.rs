@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use retinaface::model;
-use retinaface::weights::{self, safetensors_io, synthetic, StateDict, Tensor, WeightsSpec};
+use retinaface::weights::{self, StateDict, Tensor, WeightsSpec, safetensors_io, synthetic};
 use retinaface::{BgrImage, Engine, Error, Network};
 use std::path::{Path, PathBuf};
 
@@ -49,7 +49,12 @@ fn reference_keys(net: Network) -> Vec<(String, Vec<usize>)> {
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .map(|l| {
             let f: Vec<&str> = l.split('\t').collect();
-            let shape: Vec<usize> = f[1].trim_matches(|c| c == '[' || c == ']').split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
+            let shape: Vec<usize> = f[1]
+                .trim_matches(|c| c == '[' || c == ']')
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| s.trim().parse().unwrap())
+                .collect();
             (f[0].to_string(), shape)
         })
         .collect()
@@ -58,7 +63,8 @@ fn reference_keys(net: Network) -> Vec<(String, Vec<usize>)> {
 #[test]
 fn every_network_reads_exactly_the_reference_keys() {
     for net in Network::ALL {
-        let mut ours: Vec<(String, Vec<usize>)> = model::required_keys(net).into_iter().map(|(k, s, _)| (k, s)).collect();
+        let mut ours: Vec<(String, Vec<usize>)> =
+            model::required_keys(net).into_iter().map(|(k, s, _)| (k, s)).collect();
         let mut theirs = reference_keys(net);
         ours.sort();
         theirs.sort();
@@ -136,11 +142,16 @@ fn bad_weights_give_clear_errors() {
     let bytes = std::fs::read(&good_path).unwrap();
 
     // truncated and corrupt safetensors
-    for (name, data) in [("truncated.safetensors", bytes[..bytes.len() / 2].to_vec()), ("corrupt.safetensors", {
-        let mut b = bytes.clone();
-        b[8..40].copy_from_slice(&[b'#'; 32]);
-        b
-    }), ("tiny.safetensors", b"abc".to_vec()), ("empty.safetensors", Vec::new())] {
+    for (name, data) in [
+        ("truncated.safetensors", bytes[..bytes.len() / 2].to_vec()),
+        ("corrupt.safetensors", {
+            let mut b = bytes.clone();
+            b[8..40].copy_from_slice(&[b'#'; 32]);
+            b
+        }),
+        ("tiny.safetensors", b"abc".to_vec()),
+        ("empty.safetensors", Vec::new()),
+    ] {
         let p = tmp(name);
         std::fs::write(&p, data).unwrap();
         let e = engine_err(&p, None);
@@ -192,7 +203,8 @@ fn bad_weights_give_clear_errors() {
     assert!(e.contains("unexpected tensor `fx.stage4.0.weight`"), "{e}");
 
     // no recognisable network
-    let sd = StateDict { tensors: [("foo".to_string(), Tensor { shape: vec![1], data: vec![1.0] })].into(), network: None };
+    let sd =
+        StateDict { tensors: [("foo".to_string(), Tensor { shape: vec![1], data: vec![1.0] })].into(), network: None };
     let e = engine_err(&save(&sd, "foo.safetensors"), None);
     assert!(e.contains("--network"), "{e}");
 

@@ -770,7 +770,8 @@ fn cli_predict_with_real_weights_then_eval() {
     let mut boxes_of = std::collections::BTreeMap::new();
     for (_, stem, _) in &layout {
         let golden: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(shared().join(format!("reference/goldens/real-mv1_0.25-yakhyo-{stem}.json"))).expect("golden"),
+            &std::fs::read(shared().join(format!("reference/goldens/real-mv1_0.25-yakhyo-{stem}.json")))
+                .expect("golden"),
         )
         .expect("json");
         let boxes: Vec<[i32; 4]> = golden["detections"]
@@ -790,11 +791,26 @@ fn cli_predict_with_real_weights_then_eval() {
         (
             "0--Parade",
             vec![
-                ("crowd", boxes_of["crowd"].clone(), [all(boxes_of["crowd"].len()), all(boxes_of["crowd"].len()), all(boxes_of["crowd"].len())]),
-                ("kids", boxes_of["kids"].clone(), [all(boxes_of["kids"].len()), all(boxes_of["kids"].len()), all(boxes_of["kids"].len())]),
+                (
+                    "crowd",
+                    boxes_of["crowd"].clone(),
+                    [all(boxes_of["crowd"].len()), all(boxes_of["crowd"].len()), all(boxes_of["crowd"].len())],
+                ),
+                (
+                    "kids",
+                    boxes_of["kids"].clone(),
+                    [all(boxes_of["kids"].len()), all(boxes_of["kids"].len()), all(boxes_of["kids"].len())],
+                ),
             ],
         ),
-        ("1--Handshaking", vec![("trio", boxes_of["trio"].clone(), [all(boxes_of["trio"].len()), vec![], all(boxes_of["trio"].len())])]),
+        (
+            "1--Handshaking",
+            vec![(
+                "trio",
+                boxes_of["trio"].clone(),
+                [all(boxes_of["trio"].len()), vec![], all(boxes_of["trio"].len())],
+            )],
+        ),
     ];
     write_gt_mats(&gt_dir, &spec, true);
 
@@ -816,7 +832,13 @@ fn cli_predict_with_real_weights_then_eval() {
     assert!(String::from_utf8_lossy(&first.stdout).contains("3 images: 3 predicted, 0 already done"));
     let second = predict();
     assert!(String::from_utf8_lossy(&second.stdout).contains("3 images: 0 predicted, 3 already done"));
-    let eval = std::process::Command::new(bin).args(["widerface", "eval", "--json", "--pred"]).arg(&out).arg("--gt").arg(&gt_dir).output().expect("run eval");
+    let eval = std::process::Command::new(bin)
+        .args(["widerface", "eval", "--json", "--pred"])
+        .arg(&out)
+        .arg("--gt")
+        .arg(&gt_dir)
+        .output()
+        .expect("run eval");
     assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
     let aps: serde_json::Value = serde_json::from_slice(&eval.stdout).expect("json");
     for s in ["easy", "medium", "hard"] {

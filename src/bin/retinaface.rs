@@ -3,15 +3,22 @@
 use clap::{Args, Parser, Subcommand};
 use retinaface::image_io::{self, DecodeLimits};
 use retinaface::post::anchors;
-use retinaface::weights::{safetensors_io, Tensor};
-use retinaface::{BackendChoice, BgrImage, DetectOptions, Engine, Error, Network, PostOptions, ResizeMode, Result, Timings, WeightsSpec};
+use retinaface::weights::{Tensor, safetensors_io};
+use retinaface::{
+    BackendChoice, BgrImage, DetectOptions, Engine, Error, Network, PostOptions, ResizeMode, Result, Timings,
+    WeightsSpec,
+};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "retinaface", version, about = "RetinaFace face detection, faithful to the reference PyTorch implementation")]
+#[command(
+    name = "retinaface",
+    version,
+    about = "RetinaFace face detection, faithful to the reference PyTorch implementation"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -252,10 +259,21 @@ fn detect(a: DetectArgs) -> Result<()> {
             emit(&obj);
         } else {
             let shown: Vec<_> = dets.iter().filter(|d| d.score >= a.vis_threshold).collect();
-            emit(format!("{} ({}x{}): {} faces with score >= {} ({} detections kept)", path.display(), img.width, img.height, shown.len(), a.vis_threshold, dets.len()));
+            emit(format!(
+                "{} ({}x{}): {} faces with score >= {} ({} detections kept)",
+                path.display(),
+                img.width,
+                img.height,
+                shown.len(),
+                a.vis_threshold,
+                dets.len()
+            ));
             emit(format!("  {:>6}  {:>8} {:>8} {:>8} {:>8}", "score", "x1", "y1", "x2", "y2"));
             for d in shown {
-                emit(format!("  {:>6.3}  {:>8.1} {:>8.1} {:>8.1} {:>8.1}", d.score, d.bbox[0], d.bbox[1], d.bbox[2], d.bbox[3]));
+                emit(format!(
+                    "  {:>6.3}  {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
+                    d.score, d.bbox[0], d.bbox[1], d.bbox[2], d.bbox[3]
+                ));
             }
         }
         if let Some(dir) = &a.save_image {
@@ -278,7 +296,8 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let engine = a.weights.engine()?;
     let bytes = std::fs::read(&a.input).map_err(|e| Error::io(&a.input, e))?;
     let bad = |msg: String| Error::WeightsFormat { path: a.input.clone(), msg };
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let st =
+        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     let t = st.tensor("input_bgr_u8").map_err(|_| bad("no tensor `input_bgr_u8`".into()))?;
     let shape = t.shape();
     if t.dtype() != safetensors::Dtype::U8 || shape.len() != 3 || shape[2] != 3 {
@@ -356,9 +375,22 @@ fn bench(a: BenchArgs) -> Result<()> {
         });
         emit(&obj);
     } else {
-        emit(format!("{} on {}, {w}x{h}, batch {}, {} iterations, {:.2} GMAC/image", engine.network(), engine.backend_description(), a.batch, a.iters, gmacs));
+        emit(format!(
+            "{} on {}, {w}x{h}, batch {}, {} iterations, {:.2} GMAC/image",
+            engine.network(),
+            engine.backend_description(),
+            a.batch,
+            a.iters,
+            gmacs
+        ));
         emit(format!("  throughput   {ips:.2} images/s"));
-        emit(format!("  latency/batch p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  min {:.2} ms", pct(50.0), pct(90.0), pct(99.0), lat[0]));
+        emit(format!(
+            "  latency/batch p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  min {:.2} ms",
+            pct(50.0),
+            pct(90.0),
+            pct(99.0),
+            lat[0]
+        ));
         emit(format!(
             "  stages/batch preprocess {:.2} ms  backbone {:.2} ms  fpn+ssh {:.2} ms  heads {:.2} ms  postprocess {:.2} ms",
             per(t.preprocess),
@@ -370,7 +402,6 @@ fn bench(a: BenchArgs) -> Result<()> {
     }
     Ok(())
 }
-
 
 fn widerface_predict(a: PredictArgs) -> Result<()> {
     let resize = a.resize.parse::<ResizeMode>()?;

@@ -32,7 +32,8 @@ impl BufferPool {
     /// The smallest spare buffer that holds `len` values, resized to `len` (its old values stay; only
     /// growth is zero-filled), or a new one.
     pub fn take(&mut self, len: usize) -> Vec<f32> {
-        let best = (0..self.free.len()).filter(|&i| self.free[i].capacity() >= len).min_by_key(|&i| self.free[i].capacity());
+        let best =
+            (0..self.free.len()).filter(|&i| self.free[i].capacity() >= len).min_by_key(|&i| self.free[i].capacity());
         match best {
             Some(i) => {
                 let mut v = self.free.swap_remove(i);
@@ -66,7 +67,16 @@ pub struct StageTimes {
 
 /// Runs `graph` on `input` ([n, 3, h, w], already normalised). Buffers are dropped after their last
 /// use unless they are taps (or `keep_all`).
-pub fn run(graph: &Graph, input: Vec<f32>, n: usize, h: usize, w: usize, keep_all: bool, times: Option<&mut StageTimes>, pool: &mut BufferPool) -> Activations {
+pub fn run(
+    graph: &Graph,
+    input: Vec<f32>,
+    n: usize,
+    h: usize,
+    w: usize,
+    keep_all: bool,
+    times: Option<&mut StageTimes>,
+    pool: &mut BufferPool,
+) -> Activations {
     let nt = graph.tensors.len();
     let dims = |t: TensorId| {
         let i = &graph.tensors[t];
@@ -85,7 +95,13 @@ pub fn run(graph: &Graph, input: Vec<f32>, n: usize, h: usize, w: usize, keep_al
     }
     let taps = &graph.taps;
     let keep: Vec<bool> = (0..nt)
-        .map(|t| keep_all || taps.backbone.contains(&t) || taps.fpn.contains(&t) || taps.ssh.contains(&t) || taps.head.contains(&t))
+        .map(|t| {
+            keep_all
+                || taps.backbone.contains(&t)
+                || taps.fpn.contains(&t)
+                || taps.ssh.contains(&t)
+                || taps.head.contains(&t)
+        })
         .collect();
 
     let mut bufs: Vec<Option<Vec<f32>>> = vec![None; nt];
@@ -104,7 +120,9 @@ pub fn run(graph: &Graph, input: Vec<f32>, n: usize, h: usize, w: usize, keep_al
                 let (_, ih, iw) = dims(c.input);
                 let (oc, oh, ow) = dims(c.output);
                 let mut out = bufs[c.output].take().unwrap_or_else(|| pool.take(n * oc * oh * ow));
-                let x = bufs[c.input].as_deref().unwrap_or_else(|| panic!("graph order: {} read before written", graph.tensors[c.input].name));
+                let x = bufs[c.input]
+                    .as_deref()
+                    .unwrap_or_else(|| panic!("graph order: {} read before written", graph.tensors[c.input].name));
                 let r = c.residual.and_then(|r| bufs[r].as_deref());
                 ops::conv2d(c, x, n, ih, iw, &mut out, oc, r);
                 bufs[c.output] = Some(out);
@@ -135,7 +153,10 @@ pub fn run(graph: &Graph, input: Vec<f32>, n: usize, h: usize, w: usize, keep_al
         let dt = start.elapsed();
         if profile {
             let what = match op {
-                Op::Conv(c) => format!("conv {} {}x{} s{} g{} {}->{}", c.name, c.kernel, c.kernel, c.stride, c.groups, c.cin, c.cout),
+                Op::Conv(c) => format!(
+                    "conv {} {}x{} s{} g{} {}->{}",
+                    c.name, c.kernel, c.kernel, c.stride, c.groups, c.cin, c.cout
+                ),
                 Op::MaxPool { .. } => "maxpool".to_string(),
                 Op::UpsampleAdd { .. } => "upsample+add".to_string(),
             };

@@ -198,7 +198,16 @@ fn fill_planes(g: &Geometry, conv: &Conv, x: &[f32], n: usize, h: usize, w: usiz
 
 /// The convolution of `ops::conv2d`, on the micro-kernel. Call only when `available()` and `handles(conv)`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn conv(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: SharedMut, out_channels: usize, residual: Option<&[f32]>) {
+pub(super) fn conv(
+    conv: &Conv,
+    x: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    out: SharedMut,
+    out_channels: usize,
+    residual: Option<&[f32]>,
+) {
     let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
     let (oh, ow) = (out_size(h, k, s, p), out_size(w, k, s, p));
     let depth = conv.cin * k * k;
@@ -285,7 +294,19 @@ impl Task<'_> {
             let res = self.residual.map(|r| &r[(b * conv.cout + co) * plane..][..plane]);
             let plane_at = (b * self.out_channels + conv.out_channel_offset + co) * plane;
             // SAFETY: each output pixel of each channel belongs to exactly one task's band.
-            unsafe { store_grid(&band[(co - blk0 * MR) * ld..][..len], px0, self.g.l.wq, self.ow, self.out, plane_at, conv.bias[co], res, conv.act) };
+            unsafe {
+                store_grid(
+                    &band[(co - blk0 * MR) * ld..][..len],
+                    px0,
+                    self.g.l.wq,
+                    self.ow,
+                    self.out,
+                    plane_at,
+                    conv.bias[co],
+                    res,
+                    conv.act,
+                )
+            };
         }
     }
 }
@@ -297,7 +318,16 @@ impl Task<'_> {
 /// AVX-512F must be available; `src` must cover `offset[k] + valid` for every k; `c` must cover MR rows
 /// of NR floats `ldc` apart; `a` must hold `offsets.len() · MR` floats.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_dispatch(a: &[f32], offsets: &[u32], src: &[f32], c: &mut [f32], ldc: usize, accumulate: bool, valid: usize, prefetch: bool) {
+unsafe fn tile_dispatch(
+    a: &[f32],
+    offsets: &[u32],
+    src: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    valid: usize,
+    prefetch: bool,
+) {
     debug_assert!(a.len() >= offsets.len() * MR && c.len() >= (MR - 1) * ldc + NR);
     #[cfg(target_arch = "x86_64")]
     unsafe {
@@ -315,7 +345,15 @@ unsafe fn tile_dispatch(a: &[f32], offsets: &[u32], src: &[f32], c: &mut [f32], 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile<const MASKED: bool, const PREFETCH: bool>(a: *const f32, offsets: &[u32], src: *const f32, c: *mut f32, ldc: usize, accumulate: bool, valid: usize) {
+unsafe fn tile<const MASKED: bool, const PREFETCH: bool>(
+    a: *const f32,
+    offsets: &[u32],
+    src: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    valid: usize,
+) {
     // SAFETY: the caller's contract (see `tile_dispatch`).
     unsafe {
         use std::arch::x86_64::*;
@@ -340,7 +378,11 @@ unsafe fn tile<const MASKED: bool, const PREFETCH: bool>(a: *const f32, offsets:
                 if PREFETCH {
                     _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(NR + 16 * v) as *const i8);
                 }
-                *x = if MASKED { _mm512_maskz_loadu_ps(masks[v], bp.add(16 * v)) } else { _mm512_loadu_ps(bp.add(16 * v)) };
+                *x = if MASKED {
+                    _mm512_maskz_loadu_ps(masks[v], bp.add(16 * v))
+                } else {
+                    _mm512_loadu_ps(bp.add(16 * v))
+                };
             }
             for (r, row) in acc.iter_mut().enumerate() {
                 let av = _mm512_set1_ps(*ap.add(r));

@@ -39,7 +39,16 @@ pub(super) const MIN_TASKS: usize = 8;
 ///
 /// `x` is [n, conv.cin, h, w]; `out` is [n, out_channels, oh, ow] with `out_channels ≥ off + cout`;
 /// `residual`, if any, is [n, cout, oh, ow].
-pub fn conv2d(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: &mut [f32], out_channels: usize, residual: Option<&[f32]>) {
+pub fn conv2d(
+    conv: &Conv,
+    x: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    out: &mut [f32],
+    out_channels: usize,
+    residual: Option<&[f32]>,
+) {
     let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
     let (oh, ow) = (out_size(h, k, s, p), out_size(w, k, s, p));
     assert_eq!(x.len(), n * conv.cin * h * w, "conv {} input size", conv.name);
@@ -81,7 +90,17 @@ fn choose_path(conv: &Conv, h: usize, w: usize) -> ConvPath {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn conv2d_on(path: ConvPath, conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: &mut [f32], out_channels: usize, residual: Option<&[f32]>) {
+fn conv2d_on(
+    path: ConvPath,
+    conv: &Conv,
+    x: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    out: &mut [f32],
+    out_channels: usize,
+    residual: Option<&[f32]>,
+) {
     let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
     let (oh, ow) = (out_size(h, k, s, p), out_size(w, k, s, p));
     let out = SharedMut(out.as_mut_ptr());
@@ -91,14 +110,28 @@ fn conv2d_on(path: ConvPath, conv: &Conv, x: &[f32], n: usize, h: usize, w: usiz
         ConvPath::Shifted3x3 => conv3x3_shifted(conv, x, n, h, w, out, out_channels, residual),
         ConvPath::Im2colGemm => conv_gemm(conv, x, n, h, w, oh, ow, out, out_channels, residual),
         ConvPath::Depthwise => {
-            assert!(conv.groups == conv.cin && conv.groups == conv.cout, "only depthwise grouped convolutions are used");
+            assert!(
+                conv.groups == conv.cin && conv.groups == conv.cout,
+                "only depthwise grouped convolutions are used"
+            );
             conv_depthwise(conv, x, n, h, w, oh, ow, out, out_channels, residual)
         }
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn conv_gemm(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, oh: usize, ow: usize, out: SharedMut, out_channels: usize, residual: Option<&[f32]>) {
+fn conv_gemm(
+    conv: &Conv,
+    x: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    out: SharedMut,
+    out_channels: usize,
+    residual: Option<&[f32]>,
+) {
     let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
     let depth = conv.cin * k * k;
     let npix = oh * ow;
@@ -107,9 +140,8 @@ fn conv_gemm(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, oh: usize, ow
     let pix_tasks = npix.div_ceil(pix_chunk);
     let co_tasks = (MIN_TASKS.div_ceil(n * pix_tasks)).min(conv.cout.div_ceil(16)).max(1);
     let co_chunk = conv.cout.div_ceil(co_tasks);
-    let tasks: Vec<(usize, usize, usize)> = (0..n)
-        .flat_map(|b| (0..pix_tasks).flat_map(move |pt| (0..co_tasks).map(move |ct| (b, pt, ct))))
-        .collect();
+    let tasks: Vec<(usize, usize, usize)> =
+        (0..n).flat_map(|b| (0..pix_tasks).flat_map(move |pt| (0..co_tasks).map(move |ct| (b, pt, ct)))).collect();
     tasks.into_par_iter().for_each(|(b, pt, ct)| {
         let p0 = pt * pix_chunk;
         let np = pix_chunk.min(npix - p0);
@@ -135,7 +167,12 @@ fn conv_gemm(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, oh: usize, ow
             });
         }
         for co in co0..co0 + nco {
-            let row = unsafe { std::slice::from_raw_parts_mut(out.get().add((b * out_channels + conv.out_channel_offset + co) * npix + p0), np) };
+            let row = unsafe {
+                std::slice::from_raw_parts_mut(
+                    out.get().add((b * out_channels + conv.out_channel_offset + co) * npix + p0),
+                    np,
+                )
+            };
             let res = residual.map(|r| &r[(b * conv.cout + co) * npix + p0..][..np]);
             epilogue_fast(row, conv.bias[co], res, conv.act);
         }
@@ -168,7 +205,17 @@ fn epilogue(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Act) {
 /// # Safety
 /// The output pixels written must lie in `out`'s buffer and belong to the caller alone.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn store_grid(band: &[f32], px0: usize, wq: usize, ow: usize, out: SharedMut, plane_at: usize, bias: f32, residual: Option<&[f32]>, act: Act) {
+pub(super) unsafe fn store_grid(
+    band: &[f32],
+    px0: usize,
+    wq: usize,
+    ow: usize,
+    out: SharedMut,
+    plane_at: usize,
+    bias: f32,
+    residual: Option<&[f32]>,
+    act: Act,
+) {
     let px1 = px0 + band.len();
     for oy in px0 / wq..px1.div_ceil(wq) {
         let (lo, hi) = ((oy * wq).max(px0), (oy * wq + ow).min(px1));
@@ -188,9 +235,41 @@ pub(super) unsafe fn store_grid(band: &[f32], px0: usize, wq: usize, ow: usize, 
 /// # Safety
 /// The pointers must cover the matrices their sizes and strides describe; C must not alias A or B.
 #[allow(clippy::too_many_arguments)]
-unsafe fn sgemm(m: usize, k: usize, n: usize, a: *const f32, rsa: isize, b: *const f32, rsb: isize, c: *mut f32, rsc: isize) {
+unsafe fn sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    rsa: isize,
+    b: *const f32,
+    rsb: isize,
+    c: *mut f32,
+    rsc: isize,
+) {
     // gemm's convention: dst = alpha·dst + beta·lhs·rhs; with read_dst false, dst is only written.
-    unsafe { gemm::gemm(m, n, k, c, 1, rsc, false, a, 1, rsa, b, 1, rsb, 0.0f32, 1.0f32, false, false, false, gemm::Parallelism::None) };
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            rsc,
+            false,
+            a,
+            1,
+            rsa,
+            b,
+            1,
+            rsb,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    };
 }
 
 /// The output columns `lo..hi` whose input column `ox·s + kx − p` lies inside `[0, w)`.
@@ -225,7 +304,18 @@ const DIRECT_MAX_TAPS: usize = 32;
 /// read once and added, weighted, into the accumulator rows of all output channels (which stay in L1),
 /// so the input is streamed once rather than once per output channel. Taps in (ci, ky, kx) order.
 #[allow(clippy::too_many_arguments)]
-fn conv_direct_small(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, oh: usize, ow: usize, out: SharedMut, out_channels: usize, residual: Option<&[f32]>) {
+fn conv_direct_small(
+    conv: &Conv,
+    x: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    out: SharedMut,
+    out_channels: usize,
+    residual: Option<&[f32]>,
+) {
     let band = oh.div_ceil(MIN_TASKS.div_ceil(n)).max(1);
     let bands = oh.div_ceil(band);
     (0..n * bands).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, task| {
@@ -306,7 +396,8 @@ fn direct_band(d: &DirectBand<'_>, y0: usize, y1: usize, scratch: &mut Vec<f32>)
             }
         }
         for co in 0..c.cout {
-            let orow = unsafe { std::slice::from_raw_parts_mut(d.out.get().add(d.out_base + co * d.oh * ow + oy * ow), ow) };
+            let orow =
+                unsafe { std::slice::from_raw_parts_mut(d.out.get().add(d.out_base + co * d.oh * ow + oy * ow), ow) };
             orow.copy_from_slice(&acc[co * ow..(co + 1) * ow]);
             epilogue(orow, c.bias[co], d.residual.map(|r| &r[co * d.oh * ow + oy * ow..][..ow]), c.act);
         }
@@ -318,7 +409,16 @@ fn direct_band(d: &DirectBand<'_>, y0: usize, y1: usize, scratch: &mut Vec<f32>)
 /// nine GEMMs accumulating into the band, `C += W[:, :, ky, kx] · X_pad[:, shifted]`, computed over the
 /// padded width (two junk columns per row, dropped by the epilogue).
 #[allow(clippy::too_many_arguments)]
-fn conv3x3_shifted(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: SharedMut, out_channels: usize, residual: Option<&[f32]>) {
+fn conv3x3_shifted(
+    conv: &Conv,
+    x: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    out: SharedMut,
+    out_channels: usize,
+    residual: Option<&[f32]>,
+) {
     let cin = conv.cin;
     let (hp, wp) = (h + 2, w + 2);
     let plane = hp * wp;
@@ -378,7 +478,9 @@ fn conv3x3_shifted(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: Sh
             let res = residual.map(|r| &r[(b * conv.cout + co) * h * w..][..h * w]);
             let plane_at = (b * out_channels + conv.out_channel_offset + co) * h * w;
             // SAFETY: rows y0..y0 + rows of channel co of image b are this task's alone.
-            unsafe { store_grid(&band[(co - co0) * np..][..np], y0 * wp, wp, w, out, plane_at, conv.bias[co], res, conv.act) };
+            unsafe {
+                store_grid(&band[(co - co0) * np..][..np], y0 * wp, wp, w, out, plane_at, conv.bias[co], res, conv.act)
+            };
         }
     });
 }
@@ -386,7 +488,19 @@ fn conv3x3_shifted(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: Sh
 /// Rows (ci, ky, kx), columns the output pixels p0..p0+np (flattened y·ow + x); zero padding.
 /// Copies whole runs of each output row: for a given tap, the valid output columns form one interval.
 #[allow(clippy::too_many_arguments)]
-fn im2col(x: &[f32], cin: usize, h: usize, w: usize, k: usize, s: usize, p: usize, ow: usize, p0: usize, np: usize, cols: &mut [f32]) {
+fn im2col(
+    x: &[f32],
+    cin: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+    ow: usize,
+    p0: usize,
+    np: usize,
+    cols: &mut [f32],
+) {
     let p1 = p0 + np;
     for ci in 0..cin {
         let plane = &x[ci * h * w..(ci + 1) * h * w];
@@ -428,12 +542,28 @@ fn im2col(x: &[f32], cin: usize, h: usize, w: usize, k: usize, s: usize, p: usiz
 }
 
 #[allow(clippy::too_many_arguments)]
-fn conv_depthwise(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, oh: usize, ow: usize, out: SharedMut, out_channels: usize, residual: Option<&[f32]>) {
+fn conv_depthwise(
+    conv: &Conv,
+    x: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    out: SharedMut,
+    out_channels: usize,
+    residual: Option<&[f32]>,
+) {
     let k = conv.kernel;
     let c = conv.cout;
     (0..n * c).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, bc| {
         let (b, ch) = (bc / c, bc % c);
-        let o = unsafe { std::slice::from_raw_parts_mut(out.get().add((b * out_channels + conv.out_channel_offset + ch) * oh * ow), oh * ow) };
+        let o = unsafe {
+            std::slice::from_raw_parts_mut(
+                out.get().add((b * out_channels + conv.out_channel_offset + ch) * oh * ow),
+                oh * ow,
+            )
+        };
         let plane = DwPlane {
             input: &x[bc * h * w..(bc + 1) * h * w],
             weight: &conv.weight[ch * k * k..(ch + 1) * k * k],
@@ -643,7 +773,16 @@ mod tests {
     use super::*;
 
     /// The definition, one output at a time, in f64: what every fast path must agree with.
-    fn conv_naive(c: &Conv, x: &[f32], n: usize, h: usize, w: usize, out_channels: usize, residual: Option<&[f32]>, out: &mut [f32]) {
+    fn conv_naive(
+        c: &Conv,
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        out_channels: usize,
+        residual: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
         let (k, s, p) = (c.kernel, c.stride, c.pad);
         let (oh, ow) = (out_size(h, k, s, p), out_size(w, k, s, p));
         let cg = c.cin / c.groups;
@@ -657,9 +796,11 @@ mod tests {
                         for ci in 0..cg {
                             for ky in 0..k {
                                 for kx in 0..k {
-                                    let (iy, ix) = ((oy * s + ky) as isize - p as isize, (ox * s + kx) as isize - p as isize);
+                                    let (iy, ix) =
+                                        ((oy * s + ky) as isize - p as isize, (ox * s + kx) as isize - p as isize);
                                     if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
-                                        let xv = x[((b * c.cin + g * cg + ci) * h + iy as usize) * w + ix as usize] as f64;
+                                        let xv =
+                                            x[((b * c.cin + g * cg + ci) * h + iy as usize) * w + ix as usize] as f64;
                                         acc += xv * c.weight[((co * cg + ci) * k + ky) * k + kx] as f64;
                                     }
                                 }
@@ -685,21 +826,21 @@ mod tests {
         };
         // (n, cin, cout, k, stride, groups, h, w, act, residual, channel offset within a wider output)
         let cases = [
-            (2, 5, 7, 3, 1, 1, 9, 13, Act::Leaky(0.1), true, 3),   // shifted 3x3 path, batch, residual, offset
-            (1, 16, 33, 3, 1, 1, 17, 6, Act::Relu6, false, 0),     // shifted, odd sizes
-            (2, 3, 8, 3, 2, 1, 11, 7, Act::Leaky(0.0), false, 0),  // im2col, stride 2 (the MobileNet stem)
+            (2, 5, 7, 3, 1, 1, 9, 13, Act::Leaky(0.1), true, 3), // shifted 3x3 path, batch, residual, offset
+            (1, 16, 33, 3, 1, 1, 17, 6, Act::Relu6, false, 0),   // shifted, odd sizes
+            (2, 3, 8, 3, 2, 1, 11, 7, Act::Leaky(0.0), false, 0), // im2col, stride 2 (the MobileNet stem)
             (1, 3, 16, 7, 2, 1, 15, 9, Act::Leaky(0.0), false, 0), // 7x7 stem
-            (2, 12, 20, 1, 1, 1, 5, 9, Act::None, true, 4),        // 1x1, few channels: direct path
-            (2, 40, 20, 1, 1, 1, 5, 9, Act::None, true, 4),        // 1x1 GEMM straight on the input
-            (1, 3, 5, 3, 1, 1, 6, 7, Act::Leaky(0.1), true, 1),    // 3x3 s1, 27 taps: direct path
-            (1, 12, 20, 1, 2, 1, 9, 5, Act::None, false, 0),       // 1x1 stride 2, direct path
-            (1, 64, 20, 1, 2, 1, 9, 5, Act::None, false, 0),       // 1x1 stride 2 (downsample), im2col GEMM
-            (1, 8, 6, 3, 2, 1, 9, 9, Act::Leaky(0.1), false, 0),   // 3x3 s2 with 72 taps: im2col GEMM
-            (2, 10, 10, 3, 1, 10, 7, 11, Act::Relu6, true, 0),     // depthwise stride 1
-            (1, 9, 9, 3, 2, 9, 8, 13, Act::Leaky(0.1), false, 2),  // depthwise stride 2, odd width
-            (1, 40, 27, 3, 1, 1, 8, 8, Act::Leaky(0.1), true, 1),  // 3x3 with K = 360: two reduction passes
-            (2, 300, 13, 1, 1, 1, 4, 8, Act::Relu6, false, 0),     // 1x1 over 32 pixels (copied planes), K = 300
-            (1, 20, 14, 1, 1, 1, 8, 8, Act::None, true, 0),        // 1x1, 64 pixels: copied planes, few channels
+            (2, 12, 20, 1, 1, 1, 5, 9, Act::None, true, 4),      // 1x1, few channels: direct path
+            (2, 40, 20, 1, 1, 1, 5, 9, Act::None, true, 4),      // 1x1 GEMM straight on the input
+            (1, 3, 5, 3, 1, 1, 6, 7, Act::Leaky(0.1), true, 1),  // 3x3 s1, 27 taps: direct path
+            (1, 12, 20, 1, 2, 1, 9, 5, Act::None, false, 0),     // 1x1 stride 2, direct path
+            (1, 64, 20, 1, 2, 1, 9, 5, Act::None, false, 0),     // 1x1 stride 2 (downsample), im2col GEMM
+            (1, 8, 6, 3, 2, 1, 9, 9, Act::Leaky(0.1), false, 0), // 3x3 s2 with 72 taps: im2col GEMM
+            (2, 10, 10, 3, 1, 10, 7, 11, Act::Relu6, true, 0),   // depthwise stride 1
+            (1, 9, 9, 3, 2, 9, 8, 13, Act::Leaky(0.1), false, 2), // depthwise stride 2, odd width
+            (1, 40, 27, 3, 1, 1, 8, 8, Act::Leaky(0.1), true, 1), // 3x3 with K = 360: two reduction passes
+            (2, 300, 13, 1, 1, 1, 4, 8, Act::Relu6, false, 0),   // 1x1 over 32 pixels (copied planes), K = 300
+            (1, 20, 14, 1, 1, 1, 8, 8, Act::None, true, 0),      // 1x1, 64 pixels: copied planes, few channels
             (1, 5, 30, 5, 2, 1, 13, 10, Act::Leaky(0.0), false, 0), // 5x5 stride 2: four phases, two taps deep
         ];
         for (n, cin, cout, k, stride, groups, h, w, act, with_res, off) in cases {
@@ -737,9 +878,15 @@ mod tests {
                 for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                     let c = (i / (oh * ow)) % oc;
                     if c < off || c >= off + cout {
-                        assert!(g.is_nan(), "{path:?} k{k} s{stride} g{groups}: channel {c} outside the conv was written");
+                        assert!(
+                            g.is_nan(),
+                            "{path:?} k{k} s{stride} g{groups}: channel {c} outside the conv was written"
+                        );
                     } else {
-                        assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "{path:?} k{k} s{stride} g{groups} {h}x{w}: element {i}: {g} vs {e}");
+                        assert!(
+                            (g - e).abs() <= 1e-4 * e.abs().max(1.0),
+                            "{path:?} k{k} s{stride} g{groups} {h}x{w}: element {i}: {g} vs {e}"
+                        );
                     }
                 }
             }

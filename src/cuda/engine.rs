@@ -9,7 +9,7 @@ use crate::detection::Detection;
 use crate::error::{Error, Result};
 use crate::image_io::BgrImage;
 use crate::model::graph::{Conv, Graph, Op, TensorId};
-use crate::post::{anchors, PostOptions, RawOutput};
+use crate::post::{PostOptions, RawOutput, anchors};
 use std::collections::HashMap;
 
 /// Which device runs the kernels.
@@ -38,7 +38,18 @@ struct PostBufs {
 
 impl PostBufs {
     fn all(&self) -> [DevBuf; 10] {
-        [self.keys, self.count, self.order, self.kept, self.boxes, self.scores, self.lands, self.mask, self.dets, self.det_count]
+        [
+            self.keys,
+            self.count,
+            self.order,
+            self.kept,
+            self.boxes,
+            self.scores,
+            self.lands,
+            self.mask,
+            self.dets,
+            self.det_count,
+        ]
     }
 }
 
@@ -82,7 +93,8 @@ fn repack(c: &Conv) -> Vec<f32> {
             for ci in 0..cin_g {
                 for ky in 0..k {
                     for kx in 0..k {
-                        out[((ky * k + kx) * cin_g + ci) * c.cout + co] = c.weight[((co * cin_g + ci) * k + ky) * k + kx];
+                        out[((ky * k + kx) * cin_g + ci) * c.cout + co] =
+                            c.weight[((co * cin_g + ci) * k + ky) * k + kx];
                     }
                 }
             }
@@ -135,13 +147,24 @@ impl GpuEngine {
                 Op::Conv(c) => {
                     if let Some(l) = graph.taps.head.iter().position(|&t| t == c.output) {
                         let t = &graph.tensors[c.output];
-                        if t.stride != anchors::STEPS[l] || c.kernel != 1 || c.cout != crate::model::graph::HEAD_CHANNELS || c.groups != 1 {
-                            return Err(Error::Cuda(format!("head {} is not a 1x1 conv to 32 channels at stride {}", c.name, anchors::STEPS[l])));
+                        if t.stride != anchors::STEPS[l]
+                            || c.kernel != 1
+                            || c.cout != crate::model::graph::HEAD_CHANNELS
+                            || c.groups != 1
+                        {
+                            return Err(Error::Cuda(format!(
+                                "head {} is not a 1x1 conv to 32 channels at stride {}",
+                                c.name,
+                                anchors::STEPS[l]
+                            )));
                         }
                         head_level[i] = Some(l);
                     }
                     if c.groups != 1 && !(c.groups == c.cin && c.groups == c.cout) {
-                        return Err(Error::Cuda(format!("conv {}: only dense and depthwise convolutions have kernels", c.name)));
+                        return Err(Error::Cuda(format!(
+                            "conv {}: only dense and depthwise convolutions have kernels",
+                            c.name
+                        )));
                     }
                     let w = runner.alloc_f32(&repack(c))?;
                     let b = runner.alloc_f32(&c.bias)?;
@@ -203,10 +226,16 @@ impl GpuEngine {
             r.upload(plan.input_u8, i * per, &img.data)?;
         }
         let g = &self.graph;
-        let buf = |t: TensorId| plan.tensors[t].ok_or_else(|| Error::Cuda(format!("tensor {} has no buffer", g.tensors[t].name)));
+        let buf = |t: TensorId| {
+            plan.tensors[t].ok_or_else(|| Error::Cuda(format!("tensor {} has no buffer", g.tensors[t].name)))
+        };
         let total = n * per;
         let input = buf(g.input)?;
-        r.launch("preprocess_bgr", LaunchDims::linear(total, 256), &PreprocessParams { src: plan.input_u8.ptr, dst: input.ptr, total: dim(total, "input")?, pad0: 0 })?;
+        r.launch(
+            "preprocess_bgr",
+            LaunchDims::linear(total, 256),
+            &PreprocessParams { src: plan.input_u8.ptr, dst: input.ptr, total: dim(total, "input")?, pad0: 0 },
+        )?;
         let dims = |t: TensorId| {
             let i = &g.tensors[t];
             (i.channels, i.height(h), i.width(w))
@@ -225,7 +254,8 @@ impl GpuEngine {
                     if ic != c.cin || expect(ih) != oh || expect(iw) != ow || c.out_channel_offset + c.cout > oc {
                         return Err(Error::Cuda(format!("conv {}: tensor shapes do not match the op", c.name)));
                     }
-                    let (wb, bb) = self.weights[i].ok_or_else(|| Error::Cuda(format!("conv {} has no weights", c.name)))?;
+                    let (wb, bb) =
+                        self.weights[i].ok_or_else(|| Error::Cuda(format!("conv {} has no weights", c.name)))?;
                     let x = buf(c.input)?;
                     if let Some(l) = self.head_level[i] {
                         let p = HeadParams {
@@ -242,7 +272,11 @@ impl GpuEngine {
                             anchor_base: dim(anchor_base[l], "anchors")?,
                             num_anchors: dim(plan.num_anchors, "anchors")?,
                         };
-                        r.launch("heads_level", LaunchDims { grid: [(n * oh * ow).div_ceil(8) as u32, 1, 1], block: [256, 1, 1] }, &p)?;
+                        r.launch(
+                            "heads_level",
+                            LaunchDims { grid: [(n * oh * ow).div_ceil(8) as u32, 1, 1], block: [256, 1, 1] },
+                            &p,
+                        )?;
                         continue;
                     }
                     let (act, slope) = act_code(c.act);
@@ -279,13 +313,29 @@ impl GpuEngine {
                             3 => "conv3x3",
                             _ => "conv_kxk",
                         };
-                        r.launch(name, LaunchDims { grid: [(n * oh * ow).div_ceil(64) as u32, c.cout.div_ceil(64) as u32, 1], block: [256, 1, 1] }, &p)?;
+                        r.launch(
+                            name,
+                            LaunchDims {
+                                grid: [(n * oh * ow).div_ceil(64) as u32, c.cout.div_ceil(64) as u32, 1],
+                                block: [256, 1, 1],
+                            },
+                            &p,
+                        )?;
                     }
                 }
                 Op::MaxPool { input, output } => {
                     let (ic, ih, iw) = dims(*input);
                     let (_, oh, ow) = dims(*output);
-                    let p = PoolParams { x: buf(*input)?.ptr, y: buf(*output)?.ptr, n: n as i32, h: ih as i32, w: iw as i32, c: ic as i32, oh: oh as i32, ow: ow as i32 };
+                    let p = PoolParams {
+                        x: buf(*input)?.ptr,
+                        y: buf(*output)?.ptr,
+                        n: n as i32,
+                        h: ih as i32,
+                        w: iw as i32,
+                        c: ic as i32,
+                        oh: oh as i32,
+                        ow: ow as i32,
+                    };
                     r.launch("maxpool3x3s2", LaunchDims::linear(n * oh * ow * ic, 256), &p)?;
                 }
                 Op::UpsampleAdd { src, dst } => {
@@ -294,7 +344,16 @@ impl GpuEngine {
                     if sc != dc {
                         return Err(Error::Cuda("upsample-add of tensors with different channel counts".into()));
                     }
-                    let p = UpsampleAddParams { src: buf(*src)?.ptr, dst: buf(*dst)?.ptr, n: n as i32, sh: sh as i32, sw: sw as i32, dh: dh as i32, dw: dw as i32, c: dc as i32 };
+                    let p = UpsampleAddParams {
+                        src: buf(*src)?.ptr,
+                        dst: buf(*dst)?.ptr,
+                        n: n as i32,
+                        sh: sh as i32,
+                        sw: sw as i32,
+                        dh: dh as i32,
+                        dw: dw as i32,
+                        c: dc as i32,
+                    };
                     r.launch("upsample_nearest_add", LaunchDims::linear(n * dh * dw * dc, 256), &p)?;
                 }
             }
@@ -314,7 +373,9 @@ impl GpuEngine {
         if self.runner.is_simulation() {
             for (name, v) in [("loc", &loc), ("conf", &conf), ("landmarks", &landm)] {
                 if let Some(i) = v.iter().position(|x| x.is_nan()) {
-                    return Err(Error::Cuda(format!("simulation: {name}[{i}] is NaN: an element was never written (or read unwritten memory)")));
+                    return Err(Error::Cuda(format!(
+                        "simulation: {name}[{i}] is NaN: an element was never written (or read unwritten memory)"
+                    )));
                 }
             }
         }
@@ -333,7 +394,12 @@ impl GpuEngine {
     pub fn tensor_nchw(&mut self, t: TensorId) -> Result<Vec<f32>> {
         let (n, h, w) = self.last.ok_or_else(|| Error::InvalidArgument("no forward pass has run".into()))?;
         let plan = self.plans.get(&(n, h, w)).ok_or_else(|| Error::Cuda("plan vanished".into()))?;
-        let b = plan.tensors.get(t).copied().flatten().ok_or_else(|| Error::InvalidArgument(format!("tensor {t} is not kept on the device")))?;
+        let b = plan
+            .tensors
+            .get(t)
+            .copied()
+            .flatten()
+            .ok_or_else(|| Error::InvalidArgument(format!("tensor {t} is not kept on the device")))?;
         let info = &self.graph.tensors[t];
         let (c, th, tw) = (info.channels, info.height(h), info.width(w));
         let nhwc = self.runner.download_f32(b, n * th * tw * c)?;
@@ -347,7 +413,12 @@ impl GpuEngine {
 
     /// Like [`Self::detect`] for images that were resized by `resize` before the network: boxes and
     /// landmarks are divided by it, as the reference does.
-    pub fn detect_scaled(&mut self, images: &[&BgrImage], post: &PostOptions, resize: f32) -> Result<Vec<Vec<Detection>>> {
+    pub fn detect_scaled(
+        &mut self,
+        images: &[&BgrImage],
+        post: &PostOptions,
+        resize: f32,
+    ) -> Result<Vec<Vec<Detection>>> {
         post.validate()?;
         let (h, w) = crate::engine::check_batch(images)?;
         post_sizes(h, w, post)?;
@@ -372,7 +443,16 @@ fn post_sizes(h: usize, w: usize, post: &PostOptions) -> Result<(usize, usize, u
 /// Post-processing of raw outputs already on the device ([loc, conf, landm], each [n][A][d]):
 /// threshold, top-k, decode, NMS, compaction; downloads only the detections.
 #[allow(clippy::too_many_arguments)]
-fn run_post(r: &mut dyn KernelRunner, slot: &mut Option<PostBufs>, raw: [DevBuf; 3], n: usize, h: usize, w: usize, post: &PostOptions, resize: f32) -> Result<Vec<Vec<Detection>>> {
+fn run_post(
+    r: &mut dyn KernelRunner,
+    slot: &mut Option<PostBufs>,
+    raw: [DevBuf; 3],
+    n: usize,
+    h: usize,
+    w: usize,
+    post: &PostOptions,
+    resize: f32,
+) -> Result<Vec<Vec<Detection>>> {
     post.validate()?;
     if !(resize.is_finite() && resize > 0.0) {
         return Err(Error::InvalidArgument(format!("resize factor {resize} is not a positive number")));
@@ -412,13 +492,35 @@ fn run_post(r: &mut dyn KernelRunner, slot: &mut Option<PostBufs>, raw: [DevBuf;
     }
     r.memset(pb.count, 0)?;
     let (ni, ai, ki, wi) = (dim(n, "batch")?, dim(a, "anchors")?, dim(k, "candidates")?, dim(words, "words")?);
-    let per_image = |blocks: usize, threads: u32| LaunchDims { grid: [blocks.max(1) as u32, n as u32, 1], block: [threads, 1, 1] };
+    let per_image =
+        |blocks: usize, threads: u32| LaunchDims { grid: [blocks.max(1) as u32, n as u32, 1], block: [threads, 1, 1] };
     r.launch(
         "select_candidates",
         per_image(a.div_ceil(256), 256),
-        &SelectParams { conf: conf.ptr, keys: pb.keys.ptr, count: pb.count.ptr, n: ni, num_anchors: ai, threshold: post.conf_threshold, pad0: 0 },
+        &SelectParams {
+            conf: conf.ptr,
+            keys: pb.keys.ptr,
+            count: pb.count.ptr,
+            n: ni,
+            num_anchors: ai,
+            threshold: post.conf_threshold,
+            pad0: 0,
+        },
     )?;
-    r.launch("topk_rank", per_image(a.div_ceil(256), 256), &TopkParams { keys: pb.keys.ptr, count: pb.count.ptr, order: pb.order.ptr, kept: pb.kept.ptr, n: ni, num_anchors: ai, k: ki, pad0: 0 })?;
+    r.launch(
+        "topk_rank",
+        per_image(a.div_ceil(256), 256),
+        &TopkParams {
+            keys: pb.keys.ptr,
+            count: pb.count.ptr,
+            order: pb.order.ptr,
+            kept: pb.kept.ptr,
+            n: ni,
+            num_anchors: ai,
+            k: ki,
+            pad0: 0,
+        },
+    )?;
     r.launch(
         "decode_sorted",
         per_image(k.div_ceil(128), 128),
@@ -442,7 +544,15 @@ fn run_post(r: &mut dyn KernelRunner, slot: &mut Option<PostBufs>, raw: [DevBuf;
     r.launch(
         "nms_mask",
         LaunchDims { grid: [words as u32, words as u32, n as u32], block: [64, 1, 1] },
-        &NmsMaskParams { boxes: pb.boxes.ptr, kept: pb.kept.ptr, mask: pb.mask.ptr, n: ni, k: ki, words: wi, threshold: post.nms_threshold },
+        &NmsMaskParams {
+            boxes: pb.boxes.ptr,
+            kept: pb.kept.ptr,
+            mask: pb.mask.ptr,
+            n: ni,
+            k: ki,
+            words: wi,
+            threshold: post.nms_threshold,
+        },
     )?;
     r.launch(
         "nms_reduce",
@@ -465,7 +575,10 @@ fn run_post(r: &mut dyn KernelRunner, slot: &mut Option<PostBufs>, raw: [DevBuf;
     let dets = r.download_f32(pb.dets, n * max_out * 15)?;
     let mut out = Vec::with_capacity(n);
     for (b, &c) in counts.iter().enumerate() {
-        let c = usize::try_from(c).ok().filter(|&c| c <= max_out).ok_or_else(|| Error::Cuda(format!("device returned {c} detections for image {b}")))?;
+        let c = usize::try_from(c)
+            .ok()
+            .filter(|&c| c <= max_out)
+            .ok_or_else(|| Error::Cuda(format!("device returned {c} detections for image {b}")))?;
         let mut v = Vec::with_capacity(c);
         for d in dets[b * max_out * 15..][..c * 15].chunks_exact(15) {
             if r.is_simulation() && d.iter().any(|x| x.is_nan()) {
@@ -482,15 +595,24 @@ fn run_post(r: &mut dyn KernelRunner, slot: &mut Option<PostBufs>, raw: [DevBuf;
 
 /// The device post-processing on raw outputs from the host (all of one size), for tests and for
 /// callers that run the network elsewhere. Allocates per call.
-pub fn device_postprocess(r: &mut dyn KernelRunner, raws: &[RawOutput], post: &PostOptions, resize: f32) -> Result<Vec<Vec<Detection>>> {
+pub fn device_postprocess(
+    r: &mut dyn KernelRunner,
+    raws: &[RawOutput],
+    post: &PostOptions,
+    resize: f32,
+) -> Result<Vec<Vec<Detection>>> {
     let first = raws.first().ok_or_else(|| Error::InvalidArgument("no raw outputs".into()))?;
     let (h, w) = (first.h, first.w);
     let a = anchors::num_anchors(h, w);
-    if raws.iter().any(|x| x.h != h || x.w != w || x.loc.len() != a * 4 || x.conf.len() != a * 2 || x.landmarks.len() != a * 10) {
+    if raws
+        .iter()
+        .any(|x| x.h != h || x.w != w || x.loc.len() != a * 4 || x.conf.len() != a * 2 || x.landmarks.len() != a * 10)
+    {
         return Err(Error::InvalidArgument("raw outputs of different sizes, or not matching their h×w".into()));
     }
     let n = raws.len();
-    let cat = |f: &dyn Fn(&RawOutput) -> &Vec<f32>| raws.iter().flat_map(|x| f(x).iter().copied()).collect::<Vec<f32>>();
+    let cat =
+        |f: &dyn Fn(&RawOutput) -> &Vec<f32>| raws.iter().flat_map(|x| f(x).iter().copied()).collect::<Vec<f32>>();
     let loc = r.alloc_f32(&cat(&|x| &x.loc))?;
     let conf = r.alloc_f32(&cat(&|x| &x.conf))?;
     let landm = r.alloc_f32(&cat(&|x| &x.landmarks))?;

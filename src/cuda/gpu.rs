@@ -4,11 +4,11 @@
 
 use super::kernels;
 use super::nvrtc;
-use super::runner::{check_range, DevBuf, KernelRunner, LaunchDims};
+use super::runner::{DevBuf, KernelRunner, LaunchDims, check_range};
 use crate::error::{Error, Result};
-use cudarc::driver::{result, sys, CudaContext};
+use cudarc::driver::{CudaContext, result, sys};
 use std::collections::{HashMap, HashSet};
-use std::ffi::{c_void, CString};
+use std::ffi::{CString, c_void};
 use std::sync::Arc;
 
 /// A GPU that the driver reports.
@@ -46,8 +46,16 @@ pub fn devices() -> Result<Vec<DeviceInfo>> {
         // SAFETY: dev is a valid device handle from cuDeviceGet.
         let (maj, min, mem) = unsafe {
             (
-                result::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).map_err(drv("cuDeviceGetAttribute"))?,
-                result::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).map_err(drv("cuDeviceGetAttribute"))?,
+                result::device::get_attribute(
+                    dev,
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                )
+                .map_err(drv("cuDeviceGetAttribute"))?,
+                result::device::get_attribute(
+                    dev,
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                )
+                .map_err(drv("cuDeviceGetAttribute"))?,
                 result::device::total_mem(dev).map_err(drv("cuDeviceTotalMem"))?,
             )
         };
@@ -69,7 +77,10 @@ impl GpuRunner {
     /// Opens GPU `ordinal`; errors (no driver, no such device, no NVRTC) are values.
     pub fn new(ordinal: usize) -> Result<GpuRunner> {
         let devs = devices()?;
-        let info = devs.get(ordinal).cloned().ok_or_else(|| Error::Cuda(format!("no CUDA device {ordinal} ({} present)", devs.len())))?;
+        let info = devs
+            .get(ordinal)
+            .cloned()
+            .ok_or_else(|| Error::Cuda(format!("no CUDA device {ordinal} ({} present)", devs.len())))?;
         nvrtc::available()?;
         let ctx = CudaContext::new(ordinal).map_err(drv("creating the CUDA context"))?;
         let arch = format!("sm_{}{}", info.compute_capability.0, info.compute_capability.1);
@@ -115,7 +126,8 @@ impl GpuRunner {
         };
         let name = CString::new(kernel).map_err(|_| Error::Cuda(format!("kernel name {kernel:?} contains NUL")))?;
         // SAFETY: module is loaded and not unloaded before self drops.
-        let f = unsafe { result::module::get_function(module, name) }.map_err(|e| Error::Cuda(format!("cuModuleGetFunction({kernel}): {e}")))?;
+        let f = unsafe { result::module::get_function(module, name) }
+            .map_err(|e| Error::Cuda(format!("cuModuleGetFunction({kernel}): {e}")))?;
         self.functions.insert(kernel.to_string(), f);
         Ok(f)
     }
@@ -154,7 +166,8 @@ impl KernelRunner for GpuRunner {
     fn alloc(&mut self, bytes: usize) -> Result<DevBuf> {
         self.bind()?;
         // SAFETY: plain allocation in the bound context.
-        let p = unsafe { result::malloc_sync(bytes.max(1)) }.map_err(|e| Error::Cuda(format!("cuMemAlloc({bytes} bytes): {e}")))?;
+        let p = unsafe { result::malloc_sync(bytes.max(1)) }
+            .map_err(|e| Error::Cuda(format!("cuMemAlloc({bytes} bytes): {e}")))?;
         self.allocs.insert(p);
         Ok(DevBuf { ptr: p, bytes })
     }
@@ -179,7 +192,8 @@ impl KernelRunner for GpuRunner {
         check_range(src, offset, dst.len(), "download")?;
         self.bind()?;
         // SAFETY: range checked against the allocation. Synchronous: waits for prior launches.
-        unsafe { result::memcpy_dtoh_sync(dst, src.ptr + offset as u64) }.map_err(drv("cuMemcpyDtoH (a kernel may have faulted)"))
+        unsafe { result::memcpy_dtoh_sync(dst, src.ptr + offset as u64) }
+            .map_err(drv("cuMemcpyDtoH (a kernel may have faulted)"))
     }
 
     fn memset(&mut self, buf: DevBuf, value: u8) -> Result<()> {
@@ -204,7 +218,8 @@ impl KernelRunner for GpuRunner {
         let b = (dims.block[0], dims.block[1], dims.block[2]);
         // SAFETY: f comes from a module compiled from the same common.cuh the params mirror; pointers
         // inside the params are live allocations of this runner (the executor owns them).
-        unsafe { result::launch_kernel(f, g, b, 0, std::ptr::null_mut(), &mut args) }.map_err(|e| Error::Cuda(format!("launching {kernel} grid {g:?} block {b:?}: {e}")))
+        unsafe { result::launch_kernel(f, g, b, 0, std::ptr::null_mut(), &mut args) }
+            .map_err(|e| Error::Cuda(format!("launching {kernel} grid {g:?} block {b:?}: {e}")))
     }
 
     fn synchronize(&mut self) -> Result<()> {

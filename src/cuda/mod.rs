@@ -19,7 +19,7 @@ pub mod runner;
 #[cfg(feature = "cuda-sim")]
 pub mod sim;
 
-pub use engine::{device_postprocess, nchw_to_nhwc, nhwc_to_nchw, Backend, GpuEngine};
+pub use engine::{Backend, GpuEngine, device_postprocess, nchw_to_nhwc, nhwc_to_nchw};
 pub use runner::{DevBuf, KernelRunner, KernelRunnerExt, LaunchDims};
 
 /// Whether a GPU can be used now: the first device's description, or why not.
@@ -27,5 +27,12 @@ pub fn gpu_status() -> crate::Result<String> {
     let devs = gpu::devices()?;
     let d = devs.first().ok_or_else(|| crate::Error::Cuda("the driver sees no CUDA device".into()))?;
     nvrtc::available()?;
-    Ok(format!("cuda:{} {} (sm_{}{}, {} MiB)", d.ordinal, d.name, d.compute_capability.0, d.compute_capability.1, d.total_memory >> 20))
+    Ok(format!(
+        "cuda:{} {} (sm_{}{}, {} MiB)",
+        d.ordinal,
+        d.name,
+        d.compute_capability.0,
+        d.compute_capability.1,
+        d.total_memory >> 20
+    ))
 }

@@ -10,7 +10,7 @@
 
 use super::kernels;
 use crate::error::{Error, Result};
-use std::ffi::{c_char, CString};
+use std::ffi::{CString, c_char};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -24,13 +24,23 @@ fn preloaded_dir() -> Option<&'static Path> {
         // only found when already loaded, so load it first from the same directory.
         if let Some(b) = file.parent().map(|d| d.join("libnvrtc-builtins.so.13.0")).filter(|b| b.exists()) {
             // SAFETY: as below; the builtins library has no initialiser preconditions.
-            match unsafe { libloading::os::unix::Library::open(Some(&b), libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL) } {
+            match unsafe {
+                libloading::os::unix::Library::open(
+                    Some(&b),
+                    libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+                )
+            } {
                 Ok(l) => std::mem::forget(l),
                 Err(e) => eprintln!("retinaface: {}: {e}", b.display()),
             }
         }
         // SAFETY: loading NVRTC runs its initialisers, which have no preconditions.
-        let lib = unsafe { libloading::os::unix::Library::open(Some(&file), libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL) };
+        let lib = unsafe {
+            libloading::os::unix::Library::open(
+                Some(&file),
+                libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+            )
+        };
         match lib {
             Ok(l) => {
                 // Stays loaded for the process: cudarc resolves its symbols through it.
@@ -78,9 +88,10 @@ pub fn include_dirs() -> Vec<PathBuf> {
     if let Some(p) = std::env::var_os("RETINAFACE_CUDA_INCLUDE") {
         v.push(PathBuf::from(p));
     } else if let Some(inc) = preloaded_dir().and_then(Path::parent).map(|d| d.join("include"))
-        && inc.is_dir() {
-            v.push(inc);
-        }
+        && inc.is_dir()
+    {
+        v.push(inc);
+    }
     v
 }
 
@@ -94,7 +105,12 @@ pub fn full_source(family: &str) -> Result<String> {
 /// The options every compile uses, for `arch` like "sm_90". SASS, not PTX: the driver does not JIT,
 /// and ptxas checks (and reports resources of) what actually runs.
 pub fn options(arch: &str) -> Vec<String> {
-    let mut o = vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string(), "--ptxas-options=-v".to_string(), "-lineinfo".to_string()];
+    let mut o = vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+        "--ptxas-options=-v".to_string(),
+        "-lineinfo".to_string(),
+    ];
     for d in include_dirs() {
         o.push(format!("--include-path={}", d.display()));
     }
@@ -166,7 +182,9 @@ pub fn cache_dir() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("RETINAFACE_KERNEL_CACHE") {
         return Some(PathBuf::from(p));
     }
-    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
     Some(base.join("retinaface").join("kernels"))
 }
 
@@ -178,10 +196,12 @@ fn cstr_log(v: Vec<c_char>) -> String {
 /// Compiles `family` for `arch` ("sm_80", "sm_90", ...) to a cubin, without the cache.
 pub fn compile(family: &str, arch: &str) -> Result<Compiled> {
     available()?;
-    let src = CString::new(full_source(family)?).map_err(|_| Error::Cuda(format!("kernels/{family}.cu contains NUL")))?;
+    let src =
+        CString::new(full_source(family)?).map_err(|_| Error::Cuda(format!("kernels/{family}.cu contains NUL")))?;
     let name = CString::new(format!("{family}.cu")).map_err(|_| Error::Cuda("bad family name".into()))?;
     let opts = options(arch);
-    let prog = cudarc::nvrtc::result::create_program(&src, Some(&name)).map_err(|e| Error::Cuda(format!("nvrtcCreateProgram({family}): {e}")))?;
+    let prog = cudarc::nvrtc::result::create_program(&src, Some(&name))
+        .map_err(|e| Error::Cuda(format!("nvrtcCreateProgram({family}): {e}")))?;
     // SAFETY: prog is a live program until destroy_program below; every path reaches it.
     let result = unsafe {
         let compiled = cudarc::nvrtc::result::compile_program(prog, &opts);
@@ -192,7 +212,9 @@ pub fn compile(family: &str, arch: &str) -> Result<Compiled> {
                 let mut size = 0usize;
                 let rc = cudarc::nvrtc::sys::nvrtcGetCUBINSize(prog, &mut size);
                 if rc != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
-                    Err(Error::Cuda(format!("nvrtcGetCUBINSize({family}, {arch}): {rc:?} (an sm_ architecture is needed for SASS)")))
+                    Err(Error::Cuda(format!(
+                        "nvrtcGetCUBINSize({family}, {arch}): {rc:?} (an sm_ architecture is needed for SASS)"
+                    )))
                 } else {
                     let mut buf = vec![0u8; size];
                     let rc = cudarc::nvrtc::sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast());
@@ -225,18 +247,21 @@ pub fn compile_cached(family: &str, arch: &str) -> Result<Compiled> {
     let path = cache_dir().map(|d| d.join(format!("{family}-{arch}-{key:016x}.cubin")));
     if let Some(p) = &path
         && let Ok(cubin) = std::fs::read(p)
-            && !cubin.is_empty() {
-                return Ok(Compiled { cubin, log: String::new(), resources: Vec::new(), from_cache: true });
-            }
+        && !cubin.is_empty()
+    {
+        return Ok(Compiled { cubin, log: String::new(), resources: Vec::new(), from_cache: true });
+    }
     let c = compile(family, arch)?;
     if let Some(p) = &path
-        && let Some(dir) = p.parent() {
-            // Written to a temporary name and renamed, so a concurrent reader never sees half a file.
-            let tmp = dir.join(format!(".{}.{}", p.file_name().and_then(|n| n.to_str()).unwrap_or("k"), std::process::id()));
-            if std::fs::create_dir_all(dir).is_ok() && std::fs::write(&tmp, &c.cubin).is_ok() {
-                let _ = std::fs::rename(&tmp, p);
-            }
+        && let Some(dir) = p.parent()
+    {
+        // Written to a temporary name and renamed, so a concurrent reader never sees half a file.
+        let tmp =
+            dir.join(format!(".{}.{}", p.file_name().and_then(|n| n.to_str()).unwrap_or("k"), std::process::id()));
+        if std::fs::create_dir_all(dir).is_ok() && std::fs::write(&tmp, &c.cubin).is_ok() {
+            let _ = std::fs::rename(&tmp, p);
         }
+    }
     Ok(c)
 }
 
@@ -251,7 +276,18 @@ ptxas info    : Function properties for conv3x3\n    8 bytes stack frame, 4 byte
 ptxas info    : Used 64 registers, used 1 barriers, 8192 bytes smem, 480 bytes cmem[0]\n";
         let r = parse_resources(log);
         assert_eq!(r.len(), 1);
-        assert_eq!(r[0], KernelResources { kernel: "conv3x3".into(), arch: "sm_90".into(), registers: 64, shared_bytes: 8192, stack_bytes: 8, spill_store_bytes: 4, spill_load_bytes: 12 });
+        assert_eq!(
+            r[0],
+            KernelResources {
+                kernel: "conv3x3".into(),
+                arch: "sm_90".into(),
+                registers: 64,
+                shared_bytes: 8192,
+                stack_bytes: 8,
+                spill_store_bytes: 4,
+                spill_load_bytes: 12
+            }
+        );
     }
 
     #[test]

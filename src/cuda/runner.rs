@@ -88,7 +88,10 @@ impl<T: KernelRunner + ?Sized> KernelRunnerExt for T {}
 
 pub(crate) fn check_range(buf: DevBuf, offset: usize, len: usize, what: &str) -> Result<()> {
     if offset.checked_add(len).is_none_or(|e| e > buf.bytes) {
-        return Err(crate::Error::Cuda(format!("{what}: {len} bytes at offset {offset} overrun a buffer of {} bytes", buf.bytes)));
+        return Err(crate::Error::Cuda(format!(
+            "{what}: {len} bytes at offset {offset} overrun a buffer of {} bytes",
+            buf.bytes
+        )));
     }
     Ok(())
 }

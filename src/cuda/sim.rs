@@ -1,11 +1,11 @@
 //! The CPU simulation of the device: kernels/*.cu compiled with g++ against kernels/sim/cuda_sim.h
 //! (build.rs), launched through `cudasim_launch`. Memory is host memory aligned like cudaMalloc's.
 
-use super::runner::{check_range, DevBuf, KernelRunner, LaunchDims};
+use super::runner::{DevBuf, KernelRunner, LaunchDims, check_range};
 use crate::error::{Error, Result};
-use std::alloc::{alloc, dealloc, Layout};
+use std::alloc::{Layout, alloc, dealloc};
 use std::collections::HashMap;
-use std::ffi::{c_char, c_int, c_void, CString};
+use std::ffi::{CString, c_char, c_int, c_void};
 
 unsafe extern "C" {
     fn cudasim_launch(
@@ -53,7 +53,10 @@ impl Drop for SimRunner {
 
 impl KernelRunner for SimRunner {
     fn describe(&self) -> String {
-        format!("CUDA simulation on the CPU ({} threads)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        format!(
+            "CUDA simulation on the CPU ({} threads)",
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        )
     }
 
     fn is_simulation(&self) -> bool {
@@ -61,7 +64,8 @@ impl KernelRunner for SimRunner {
     }
 
     fn alloc(&mut self, bytes: usize) -> Result<DevBuf> {
-        let layout = Layout::from_size_align(bytes.max(1), ALIGN).map_err(|e| Error::Cuda(format!("simulation alloc of {bytes} bytes: {e}")))?;
+        let layout = Layout::from_size_align(bytes.max(1), ALIGN)
+            .map_err(|e| Error::Cuda(format!("simulation alloc of {bytes} bytes: {e}")))?;
         // SAFETY: non-zero size.
         let p = unsafe { alloc(layout) };
         if p.is_null() {
@@ -75,7 +79,10 @@ impl KernelRunner for SimRunner {
     }
 
     fn free(&mut self, buf: DevBuf) -> Result<()> {
-        let layout = self.allocs.remove(&buf.ptr).ok_or_else(|| Error::Cuda(format!("simulation: double free of {:#x}", buf.ptr)))?;
+        let layout = self
+            .allocs
+            .remove(&buf.ptr)
+            .ok_or_else(|| Error::Cuda(format!("simulation: double free of {:#x}", buf.ptr)))?;
         // SAFETY: allocated with this layout.
         unsafe { dealloc(buf.ptr as *mut u8, layout) };
         Ok(())
@@ -112,7 +119,15 @@ impl KernelRunner for SimRunner {
         // SAFETY: the arrays outlive the call; params is the kernel's parameter struct (size checked by
         // the registry against the C sizeof); the kernel's pointers are live allocations of this runner.
         let rc = unsafe {
-            cudasim_launch(name.as_ptr(), dims.grid.as_ptr(), dims.block.as_ptr(), params.as_ptr().cast(), params.len(), err.as_mut_ptr().cast(), err.len())
+            cudasim_launch(
+                name.as_ptr(),
+                dims.grid.as_ptr(),
+                dims.block.as_ptr(),
+                params.as_ptr().cast(),
+                params.len(),
+                err.as_mut_ptr().cast(),
+                err.len(),
+            )
         };
         if rc != 0 {
             let end = err.iter().position(|&c| c == 0).unwrap_or(err.len());

@@ -32,8 +32,13 @@ const MBV1_SLOPE: Act = Act::Leaky(0.1);
 fn mobilenet_v1(b: &mut Builder<'_>, input: TensorId, width: f64) -> Result<[TensorId; 3]> {
     let f: Vec<usize> = [32.0, 64.0, 128.0, 256.0, 512.0, 1024.0].iter().map(|c| make_divisible(c * width)).collect();
     // (stage, index, cin, cout, stride) of each depthwise-separable layer after the stem.
-    let mut layers: Vec<(usize, usize, usize, usize, usize)> =
-        vec![(1, 1, f[0], f[1], 1), (1, 2, f[1], f[2], 2), (1, 3, f[2], f[2], 1), (1, 4, f[2], f[3], 2), (1, 5, f[3], f[3], 1)];
+    let mut layers: Vec<(usize, usize, usize, usize, usize)> = vec![
+        (1, 1, f[0], f[1], 1),
+        (1, 2, f[1], f[2], 2),
+        (1, 3, f[2], f[2], 1),
+        (1, 4, f[2], f[3], 2),
+        (1, 5, f[3], f[3], 1),
+    ];
     layers.push((2, 0, f[3], f[4], 2));
     for i in 1..=5 {
         layers.push((2, i, f[4], f[4], 1));
@@ -41,7 +46,8 @@ fn mobilenet_v1(b: &mut Builder<'_>, input: TensorId, width: f64) -> Result<[Ten
     layers.push((3, 0, f[4], f[5], 2));
     layers.push((3, 1, f[5], f[5], 1));
 
-    let mut x = b.conv_bn(input, ConvBn::new("fx.stage1.0.0.weight", "fx.stage1.0.1", 3, f[0], 3, 2, MBV1_SLOPE), Dest::New)?;
+    let mut x =
+        b.conv_bn(input, ConvBn::new("fx.stage1.0.0.weight", "fx.stage1.0.1", 3, f[0], 3, 2, MBV1_SLOPE), Dest::New)?;
     let mut outs = [0; 3];
     for (stage, i, cin, cout, stride) in layers {
         let p = format!("fx.stage{stage}.{i}");
@@ -62,7 +68,8 @@ fn mobilenet_v1(b: &mut Builder<'_>, input: TensorId, width: f64) -> Result<[Ten
 fn mobilenet_v2(b: &mut Builder<'_>, input: TensorId) -> Result<[TensorId; 3]> {
     let settings: [(usize, usize, usize, usize); 7] =
         [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)];
-    let mut x = b.conv_bn(input, ConvBn::new("fx.features.0.0.weight", "fx.features.0.1", 3, 32, 3, 2, Act::Relu6), Dest::New)?;
+    let mut x =
+        b.conv_bn(input, ConvBn::new("fx.features.0.0.weight", "fx.features.0.1", 3, 32, 3, 2, Act::Relu6), Dest::New)?;
     let mut cin = 32;
     let mut idx = 1;
     let mut outs = [0; 3];
@@ -92,7 +99,11 @@ fn mobilenet_v2(b: &mut Builder<'_>, input: TensorId) -> Result<[TensorId; 3]> {
             idx += 1;
         }
     }
-    outs[2] = b.conv_bn(x, ConvBn::new("fx.features.18.0.weight", "fx.features.18.1", 320, 1280, 1, 1, Act::Relu6), Dest::New)?;
+    outs[2] = b.conv_bn(
+        x,
+        ConvBn::new("fx.features.18.0.weight", "fx.features.18.1", 320, 1280, 1, 1, Act::Relu6),
+        Dest::New,
+    )?;
     Ok(outs)
 }
 
@@ -123,12 +134,20 @@ fn resnet(b: &mut Builder<'_>, input: TensorId, blocks: &[usize; 4], bottleneck:
                 let (w2, b2) = k(2);
                 let h = b.conv_bn(h, ConvBn::new(&w2, &b2, planes, planes, 3, stride, RELU), Dest::New)?;
                 let (w3, b3) = k(3);
-                b.conv_bn(h, ConvBn::new(&w3, &b3, planes, cout, 1, 1, RELU).residual(Some(shortcut)).residual_last(), Dest::New)?
+                b.conv_bn(
+                    h,
+                    ConvBn::new(&w3, &b3, planes, cout, 1, 1, RELU).residual(Some(shortcut)).residual_last(),
+                    Dest::New,
+                )?
             } else {
                 let (w1, b1) = k(1);
                 let h = b.conv_bn(x, ConvBn::new(&w1, &b1, cin, planes, 3, stride, RELU), Dest::New)?;
                 let (w2, b2) = k(2);
-                b.conv_bn(h, ConvBn::new(&w2, &b2, planes, cout, 3, 1, RELU).residual(Some(shortcut)).residual_last(), Dest::New)?
+                b.conv_bn(
+                    h,
+                    ConvBn::new(&w2, &b2, planes, cout, 3, 1, RELU).residual(Some(shortcut)).residual_last(),
+                    Dest::New,
+                )?
             };
             cin = cout;
         }

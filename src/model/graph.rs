@@ -22,7 +22,11 @@ impl Act {
         match self {
             Act::None => v,
             Act::Leaky(a) => {
-                if v >= 0.0 { v } else { v * a }
+                if v >= 0.0 {
+                    v
+                } else {
+                    v * a
+                }
             }
             Act::Relu6 => v.clamp(0.0, 6.0),
         }
@@ -76,9 +80,15 @@ pub struct Conv {
 pub enum Op {
     Conv(Conv),
     /// 3×3 stride-2 max-pool with padding 1 (padding is −∞).
-    MaxPool { input: TensorId, output: TensorId },
+    MaxPool {
+        input: TensorId,
+        output: TensorId,
+    },
     /// `dst += nearest_resize(src, size of dst)` with PyTorch's `nearest` index rule.
-    UpsampleAdd { src: TensorId, dst: TensorId },
+    UpsampleAdd {
+        src: TensorId,
+        dst: TensorId,
+    },
 }
 
 /// Where a data-path stage's result lives.

@@ -21,7 +21,8 @@ pub fn build(b: &mut Builder<'_>, ssh: [TensorId; 3]) -> Result<[TensorId; 3]> {
             weight[offset * c..(offset + d) * c].copy_from_slice(&w);
             bias[offset..offset + d].copy_from_slice(&bi);
         }
-        out[k] = b.conv(ssh[k], format!("head.{k}"), c, HEAD_CHANNELS, 1, 1, 1, weight, bias, None, Act::None, Dest::New);
+        out[k] =
+            b.conv(ssh[k], format!("head.{k}"), c, HEAD_CHANNELS, 1, 1, 1, weight, bias, None, Act::None, Dest::New);
     }
     Ok(out)
 }

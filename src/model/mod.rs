@@ -45,7 +45,15 @@ pub struct ConvBn<'k> {
 }
 
 impl<'k> ConvBn<'k> {
-    pub fn new(conv_key: &'k str, bn_prefix: &'k str, cin: usize, cout: usize, kernel: usize, stride: usize, act: Act) -> Self {
+    pub fn new(
+        conv_key: &'k str,
+        bn_prefix: &'k str,
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        act: Act,
+    ) -> Self {
         ConvBn { conv_key, bn_prefix, cin, cout, kernel, stride, groups: 1, act, residual: None, residual_last: false }
     }
     pub fn depthwise(mut self) -> Self {
@@ -94,7 +102,8 @@ impl<'a> Builder<'a> {
         let mut weight = self.src.take(l.conv_key, &[l.cout, l.cin / l.groups, k, k], ParamKind::ConvWeight)?;
         let p = l.bn_prefix;
         let c = [l.cout];
-        let gamma = self.src.take(&format!("{p}.weight"), &c, ParamKind::BnWeight { residual_last: l.residual_last })?;
+        let gamma =
+            self.src.take(&format!("{p}.weight"), &c, ParamKind::BnWeight { residual_last: l.residual_last })?;
         let beta = self.src.take(&format!("{p}.bias"), &c, ParamKind::BnBias)?;
         let mean = self.src.take(&format!("{p}.running_mean"), &c, ParamKind::BnMean)?;
         let var = self.src.take(&format!("{p}.running_var"), &c, ParamKind::BnVar)?;
@@ -148,7 +157,8 @@ impl<'a> Builder<'a> {
 
 /// Builds the whole network from `src`.
 pub fn build(network: Network, src: &mut dyn ParamSource) -> Result<Graph> {
-    let mut b = Builder { src, network, tensors: Vec::new(), ops: Vec::new(), op_stages: Vec::new(), stage: Stage::Backbone };
+    let mut b =
+        Builder { src, network, tensors: Vec::new(), ops: Vec::new(), op_stages: Vec::new(), stage: Stage::Backbone };
     let input = b.tensor("input", 3, 1);
     let backbone = backbone::build(&mut b, input)?;
     b.stage = Stage::Neck;

@@ -9,7 +9,9 @@ pub enum ParamKind {
     ConvWeight,
     ConvBias,
     /// BatchNorm gamma; `residual_last` marks the last BN of a ResNet residual branch.
-    BnWeight { residual_last: bool },
+    BnWeight {
+        residual_last: bool,
+    },
     BnBias,
     BnMean,
     BnVar,

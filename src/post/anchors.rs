@@ -18,7 +18,12 @@ pub fn priors(h: usize, w: usize) -> Vec<f32> {
                 for &m in &MIN_SIZES[k] {
                     let cx = (j as f64 + 0.5) * step as f64 / w as f64;
                     let cy = (i as f64 + 0.5) * step as f64 / h as f64;
-                    out.extend_from_slice(&[cx as f32, cy as f32, (m as f64 / w as f64) as f32, (m as f64 / h as f64) as f32]);
+                    out.extend_from_slice(&[
+                        cx as f32,
+                        cy as f32,
+                        (m as f64 / w as f64) as f32,
+                        (m as f64 / h as f64) as f32,
+                    ]);
                 }
             }
         }

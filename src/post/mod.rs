@@ -54,14 +54,16 @@ pub struct RawOutput {
 /// network (1 at original size); boxes and landmarks come back in original pixels.
 pub fn postprocess(raw: &RawOutput, priors: &[f32], resize: f32, opts: &PostOptions) -> Vec<Detection> {
     let a = raw.conf.len() / 2;
-    let mut cand: Vec<(usize, f32)> = (0..a).map(|i| (i, raw.conf[2 * i + 1])).filter(|&(_, s)| s > opts.conf_threshold).collect();
+    let mut cand: Vec<(usize, f32)> =
+        (0..a).map(|i| (i, raw.conf[2 * i + 1])).filter(|&(_, s)| s > opts.conf_threshold).collect();
     // Stable sort: equal scores keep anchor order (the reference leaves their order arbitrary).
     cand.sort_by(|x, y| y.1.total_cmp(&x.1));
     if let Some(k) = opts.pre_nms_topk {
         cand.truncate(k);
     }
     let (w, h) = (raw.w as f32, raw.h as f32);
-    let boxes: Vec<[f32; 4]> = cand.iter().map(|&(i, _)| decode::decode_box(&priors[4 * i..], &raw.loc[4 * i..], w, h, resize)).collect();
+    let boxes: Vec<[f32; 4]> =
+        cand.iter().map(|&(i, _)| decode::decode_box(&priors[4 * i..], &raw.loc[4 * i..], w, h, resize)).collect();
     let mut keep = nms::nms(&boxes, opts.nms_threshold);
     if let Some(k) = opts.post_nms_topk {
         keep.truncate(k);
@@ -69,7 +71,11 @@ pub fn postprocess(raw: &RawOutput, priors: &[f32], resize: f32, opts: &PostOpti
     keep.into_iter()
         .map(|j| {
             let (i, score) = cand[j];
-            Detection { bbox: boxes[j], score, landmarks: decode::decode_landmarks(&priors[4 * i..], &raw.landmarks[10 * i..], w, h, resize) }
+            Detection {
+                bbox: boxes[j],
+                score,
+                landmarks: decode::decode_landmarks(&priors[4 * i..], &raw.landmarks[10 * i..], w, h, resize),
+            }
         })
         .collect()
 }

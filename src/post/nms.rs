@@ -18,7 +18,13 @@ pub fn nms(boxes: &[[f32; 4]], threshold: f32) -> Vec<usize> {
         let r = i + 1..n;
         suppress(
             [x1[i], y1[i], x2[i], y2[i], areas[i]],
-            Soa { x1: &x1[r.clone()], y1: &y1[r.clone()], x2: &x2[r.clone()], y2: &y2[r.clone()], areas: &areas[r.clone()] },
+            Soa {
+                x1: &x1[r.clone()],
+                y1: &y1[r.clone()],
+                x2: &x2[r.clone()],
+                y2: &y2[r.clone()],
+                areas: &areas[r.clone()],
+            },
             threshold,
             &mut suppressed[r],
         );

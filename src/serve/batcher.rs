@@ -112,7 +112,13 @@ impl Drop for Slot {
 }
 
 impl Batcher {
-    pub fn new(max_batch: usize, max_delay: Duration, max_queue: usize, queue_timeout: Option<Duration>, metrics: Arc<Metrics>) -> Arc<Batcher> {
+    pub fn new(
+        max_batch: usize,
+        max_delay: Duration,
+        max_queue: usize,
+        queue_timeout: Option<Duration>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Batcher> {
         Arc::new(Batcher {
             state: Mutex::new(State::default()),
             cv: Condvar::new(),
@@ -153,7 +159,15 @@ impl Batcher {
         if st.shutdown {
             let _ = tx.send(Err(ExecError::ShuttingDown));
         } else {
-            st.buckets.entry(key).or_default().push_back(Job { id, image, scale, enqueued: Instant::now(), deadline, reply: tx, slot: Some(slot) });
+            st.buckets.entry(key).or_default().push_back(Job {
+                id,
+                image,
+                scale,
+                enqueued: Instant::now(),
+                deadline,
+                reply: tx,
+                slot: Some(slot),
+            });
             self.cv.notify_all();
         }
         drop(st);
@@ -262,9 +276,16 @@ impl Batcher {
                 let n = jobs.len() as u64;
                 // Triton adds a batch's compute time once per request in it.
                 m.compute_input_duration_us.fetch_add(t.preprocess.as_micros() as u64 * n, Ordering::Relaxed);
-                m.compute_infer_duration_us.fetch_add((t.backbone + t.neck + t.heads).as_micros() as u64 * n, Ordering::Relaxed);
+                m.compute_infer_duration_us
+                    .fetch_add((t.backbone + t.neck + t.heads).as_micros() as u64 * n, Ordering::Relaxed);
                 m.compute_output_duration_us.fetch_add(t.postprocess.as_micros() as u64 * n, Ordering::Relaxed);
-                tracing::debug!(batch = jobs.len(), width = jobs[0].image.width, height = jobs[0].image.height, ms = start.elapsed().as_secs_f64() * 1e3, "batch done");
+                tracing::debug!(
+                    batch = jobs.len(),
+                    width = jobs[0].image.width,
+                    height = jobs[0].image.height,
+                    ms = start.elapsed().as_secs_f64() * 1e3,
+                    "batch done"
+                );
                 for (job, d) in jobs.into_iter().zip(dets) {
                     let _ = job.reply.send(Ok(d));
                 }

@@ -1,10 +1,10 @@
 //! `retinaface serve` flags and the validated settings the server runs with.
 
+use crate::DetectOptions;
 use crate::error::{Error, Result};
 use crate::image_io::{DecodeLimits, ResizeMode};
 use crate::network::Network;
 use crate::weights::WeightsSpec;
-use crate::DetectOptions;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -118,7 +118,9 @@ impl ServeArgs {
             args: ServeArgs,
         }
         let all = std::iter::once(std::ffi::OsString::from("serve")).chain(flags.into_iter().map(Into::into));
-        <Wrapper as clap::Parser>::try_parse_from(all).map(|w| w.args).map_err(|e| Error::InvalidArgument(e.to_string()))
+        <Wrapper as clap::Parser>::try_parse_from(all)
+            .map(|w| w.args)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))
     }
 }
 
@@ -169,7 +171,11 @@ impl Config {
             return bad("--max-body-bytes must be at least 1".into());
         }
         if a.max_image_pixels == 0 || a.max_image_pixels > crate::engine::MAX_INPUT_PIXELS as u64 {
-            return bad(format!("--max-image-pixels {} is not in 1..={}", a.max_image_pixels, crate::engine::MAX_INPUT_PIXELS));
+            return bad(format!(
+                "--max-image-pixels {} is not in 1..={}",
+                a.max_image_pixels,
+                crate::engine::MAX_INPUT_PIXELS
+            ));
         }
         let resize: ResizeMode = a.resize.parse()?;
         if let ResizeMode::LongSide(n) = resize
@@ -177,12 +183,18 @@ impl Config {
         {
             return bad(format!("--resize long-side:{n}: at most {MAX_LONG_SIDE}"));
         }
-        for (name, v) in [("--header-read-timeout-ms", a.header_read_timeout_ms), ("--body-read-timeout-ms", a.body_read_timeout_ms)] {
+        for (name, v) in
+            [("--header-read-timeout-ms", a.header_read_timeout_ms), ("--body-read-timeout-ms", a.body_read_timeout_ms)]
+        {
             if v == 0 {
                 return bad(format!("{name} must be at least 1 (slow clients must be cut)"));
             }
         }
-        let decode_workers = if a.decode_workers == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) } else { a.decode_workers };
+        let decode_workers = if a.decode_workers == 0 {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+        } else {
+            a.decode_workers
+        };
         Ok(Config {
             weights,
             network,
@@ -228,7 +240,10 @@ mod tests {
     fn bad_flags_are_named_in_the_error() {
         let err = |flags: &[&str]| cfg(flags).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err(&["--synthetic-seed", "1", "--max-batch", "0"]).contains("--max-batch 0"));
-        assert!(err(&["--synthetic-seed", "1", "--max-queue", "0"]).contains("--max-queue 0 must be at least --max-batch 8"));
+        assert!(
+            err(&["--synthetic-seed", "1", "--max-queue", "0"])
+                .contains("--max-queue 0 must be at least --max-batch 8")
+        );
         assert!(err(&["--synthetic-seed", "1", "--resize", "huge"]).contains("resize mode `huge`"));
         assert!(err(&["--synthetic-seed", "1", "--resize", "long-side:100000"]).contains("at most"));
         assert!(err(&["--synthetic-seed", "1", "--max-image-pixels", "0"]).contains("--max-image-pixels"));

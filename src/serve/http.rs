@@ -8,19 +8,19 @@ use super::config::Config;
 use super::metrics::{FailureReason, Metrics};
 use crate::detection::Detection;
 use crate::image_io::{self, BgrImage};
+use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use base64::Engine as _;
 use futures_util::future::join_all;
 use http_body_util::BodyExt;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tokio::sync::Semaphore;
 
@@ -113,7 +113,10 @@ async fn server_metadata() -> axum::Json<Value> {
 
 fn check_model(s: &AppState, name: &str, version: Option<&str>) -> Result<(), ApiError> {
     if name != s.cfg.model_name {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("unknown model `{name}` (this server has `{}`)", s.cfg.model_name)));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("unknown model `{name}` (this server has `{}`)", s.cfg.model_name),
+        ));
     }
     if let Some(v) = version
         && v != "1"
@@ -123,7 +126,8 @@ fn check_model(s: &AppState, name: &str, version: Option<&str>) -> Result<(), Ap
     Ok(())
 }
 
-const OUTPUTS: [(&str, &str); 4] = [("num_detections", "INT32"), ("boxes", "FP32"), ("scores", "FP32"), ("landmarks", "FP32")];
+const OUTPUTS: [(&str, &str); 4] =
+    [("num_detections", "INT32"), ("boxes", "FP32"), ("scores", "FP32"), ("landmarks", "FP32")];
 
 async fn model_metadata(State(s): St, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
     check_model(&s, &name, None)?;
@@ -141,7 +145,10 @@ async fn model_metadata(State(s): St, Path(name): Path<String>) -> Result<axum::
     })))
 }
 
-async fn model_metadata_v(st: St, Path((name, version)): Path<(String, String)>) -> Result<axum::Json<Value>, ApiError> {
+async fn model_metadata_v(
+    st: St,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<axum::Json<Value>, ApiError> {
     check_model(&st.0, &name, Some(&version))?;
     model_metadata(st, Path(name)).await
 }
@@ -164,9 +171,18 @@ async fn metrics(State(s): St) -> Response {
 /// limit is refused before a byte of the body is read; a chunked body is cut as soon as it passes it.
 async fn read_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let limit = s.cfg.max_body_bytes;
-    let too_large = |n: String| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body of {n} bytes exceeds the limit of {limit} bytes"));
+    let too_large = |n: String| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body of {n} bytes exceeds the limit of {limit} bytes"),
+        )
+    };
     if let Some(len) = headers.get(header::CONTENT_LENGTH) {
-        let len: u64 = len.to_str().ok().and_then(|v| v.trim().parse().ok()).ok_or_else(|| ApiError::bad("Content-Length is not a number"))?;
+        let len: u64 = len
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| ApiError::bad("Content-Length is not a number"))?;
         if len > limit as u64 {
             return Err(too_large(len.to_string()));
         }
@@ -209,7 +225,10 @@ fn sniff(bytes: &[u8], what: &str) -> Result<(), ApiError> {
     let jpeg = bytes.starts_with(&[0xFF, 0xD8, 0xFF]) || bytes == [0xFF, 0xD8];
     let png = bytes.starts_with(b"\x89PNG\r\n\x1a\n");
     if !jpeg && !png {
-        return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("{what}: not a JPEG or PNG image (unrecognised signature)")));
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("{what}: not a JPEG or PNG image (unrecognised signature)"),
+        ));
     }
     Ok(())
 }
@@ -217,7 +236,12 @@ fn sniff(bytes: &[u8], what: &str) -> Result<(), ApiError> {
 /// Decodes and resizes on the bounded decode pool, off the async workers.
 async fn decode(s: &AppState, bytes: Bytes, what: String) -> Result<Decoded, ApiError> {
     sniff(&bytes, &what)?;
-    let permit = s.decode_pool.clone().acquire_owned().await.map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"))?;
+    let permit = s
+        .decode_pool
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"))?;
     let limits = s.cfg.decode_limits;
     let mode = s.cfg.detect.resize;
     let task = tokio::task::spawn_blocking(move || {
@@ -260,15 +284,25 @@ impl Drop for CancelGuard<'_> {
 
 /// Admission, decode, queue, wait: the path every image takes. The `n` images of one request are
 /// admitted together or not at all, and all decoded before any is queued.
-async fn detect_images(s: &AppState, images: Vec<(Bytes, String)>) -> Result<Vec<(ImageInfo, Vec<Detection>)>, ApiError> {
+async fn detect_images(
+    s: &AppState,
+    images: Vec<(Bytes, String)>,
+) -> Result<Vec<(ImageInfo, Vec<Detection>)>, ApiError> {
     let admitted_at = Instant::now();
     let slots = s.batcher.admit(images.len()).ok_or_else(|| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("server overloaded: the queue holds its maximum of {} requests", s.cfg.max_queue))
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("server overloaded: the queue holds its maximum of {} requests", s.cfg.max_queue),
+        )
     })?;
     // If the client goes away while its images decode, hyper drops this future: the slots are freed and
     // nothing runs, and this guard counts the request as cancelled. Once queued, the tickets do that.
     let mut cancelled = CancelGuard { metrics: &s.metrics, armed: true };
-    let decoded: Vec<Decoded> = join_all(images.into_iter().map(|(b, what)| decode(s, b, what))).await.into_iter().collect::<Result<_, _>>().inspect_err(|_| cancelled.armed = false)?;
+    let decoded: Vec<Decoded> = join_all(images.into_iter().map(|(b, what)| decode(s, b, what)))
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .inspect_err(|_| cancelled.armed = false)?;
     cancelled.armed = false;
     let mut infos = Vec::with_capacity(decoded.len());
     let mut tickets = Vec::with_capacity(decoded.len());
@@ -284,10 +318,15 @@ async fn detect_images(s: &AppState, images: Vec<(Bytes, String)>) -> Result<Vec
             let dets = r.map_err(|e| match e {
                 ExecError::QueueTimeout => ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("request timed out in the queue after {} ms", s.cfg.queue_timeout.map_or(0, |t| t.as_millis())),
+                    format!(
+                        "request timed out in the queue after {} ms",
+                        s.cfg.queue_timeout.map_or(0, |t| t.as_millis())
+                    ),
                 ),
                 ExecError::ShuttingDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"),
-                ExecError::Backend(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("inference failed: {m}")),
+                ExecError::Backend(m) => {
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("inference failed: {m}"))
+                }
             })?;
             Ok((info, dets))
         })
@@ -323,7 +362,12 @@ fn content_type(headers: &HeaderMap) -> Option<String> {
     })
 }
 
-async fn detect(State(s): St, q: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>, headers: HeaderMap, body: Body) -> Response {
+async fn detect(
+    State(s): St,
+    q: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
     let r = async {
         let q = q.map_err(|e| ApiError::bad(format!("bad query string: {e}")))?;
@@ -331,7 +375,15 @@ async fn detect(State(s): St, q: Result<Query<HashMap<String, String>>, axum::ex
             // The bytes are sniffed anyway; the type only has to not contradict them.
             // `application/x-www-form-urlencoded` is what `curl --data-binary @photo.jpg` sends
             // unless told otherwise: refusing it would fail the most common first try.
-            None | Some("image/jpeg" | "image/jpg" | "image/png" | "application/octet-stream" | "application/x-www-form-urlencoded" | "") => {}
+            None
+            | Some(
+                "image/jpeg"
+                | "image/jpg"
+                | "image/png"
+                | "application/octet-stream"
+                | "application/x-www-form-urlencoded"
+                | "",
+            ) => {}
             Some(ct) if ct.starts_with("multipart/") => {
                 return Err(ApiError::new(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -341,7 +393,9 @@ async fn detect(State(s): St, q: Result<Query<HashMap<String, String>>, axum::ex
             Some(ct) => {
                 return Err(ApiError::new(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    format!("Content-Type {ct} is not supported: send image/jpeg, image/png or application/octet-stream"),
+                    format!(
+                        "Content-Type {ct} is not supported: send image/jpeg, image/png or application/octet-stream"
+                    ),
                 ));
             }
         }
@@ -373,7 +427,8 @@ async fn infer_impl(State(s): St, name: String, version: Option<String>, headers
         let bytes = read_body(&s, &headers, body).await?;
         let req = parse_infer(&bytes, &headers, s.cfg.max_batch)?;
         let n = req.images.len();
-        let images = req.images.into_iter().enumerate().map(|(i, b)| (b, format!("input `image` element {i}"))).collect();
+        let images =
+            req.images.into_iter().enumerate().map(|(i, b)| (b, format!("input `image` element {i}"))).collect();
         let res = detect_images(&s, images).await?;
         Ok(infer_response(&s.cfg.model_name, req.id, &req.outputs, n, &res))
     }
@@ -401,18 +456,29 @@ fn as_bool(v: Option<&Value>) -> Result<Option<bool>, ApiError> {
 fn parse_infer(body: &Bytes, headers: &HeaderMap, max_batch: usize) -> Result<InferRequest, ApiError> {
     let (json_part, mut binary) = match headers.get(HEADER_LEN) {
         Some(v) => {
-            let n: usize = v.to_str().ok().and_then(|v| v.trim().parse().ok()).ok_or_else(|| ApiError::bad("Inference-Header-Content-Length is not a number"))?;
+            let n: usize = v
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| ApiError::bad("Inference-Header-Content-Length is not a number"))?;
             if n > body.len() {
-                return Err(ApiError::bad(format!("Inference-Header-Content-Length {n} exceeds the body's {} bytes", body.len())));
+                return Err(ApiError::bad(format!(
+                    "Inference-Header-Content-Length {n} exceeds the body's {} bytes",
+                    body.len()
+                )));
             }
             (body.slice(..n), body.slice(n..))
         }
         None => (body.clone(), Bytes::new()),
     };
-    let v: Value = serde_json::from_slice(&json_part).map_err(|e| ApiError::bad(format!("inference request is not valid JSON: {e}")))?;
+    let v: Value = serde_json::from_slice(&json_part)
+        .map_err(|e| ApiError::bad(format!("inference request is not valid JSON: {e}")))?;
     let obj = v.as_object().ok_or_else(|| ApiError::bad("inference request must be a JSON object"))?;
     let id = obj.get("id").cloned();
-    let inputs = obj.get("inputs").and_then(Value::as_array).ok_or_else(|| ApiError::bad("inference request has no `inputs` array"))?;
+    let inputs = obj
+        .get("inputs")
+        .and_then(Value::as_array)
+        .ok_or_else(|| ApiError::bad("inference request has no `inputs` array"))?;
     let [input] = inputs.as_slice() else {
         return Err(ApiError::bad(format!("expected exactly one input (`image`), got {}", inputs.len())));
     };
@@ -422,7 +488,9 @@ fn parse_infer(body: &Bytes, headers: &HeaderMap, max_batch: usize) -> Result<In
     }
     let dtype = input.get("datatype").and_then(Value::as_str).unwrap_or("");
     if dtype != "BYTES" {
-        return Err(ApiError::bad(format!("input `image` has datatype `{dtype}`, expected BYTES (the encoded JPEG or PNG file)")));
+        return Err(ApiError::bad(format!(
+            "input `image` has datatype `{dtype}`, expected BYTES (the encoded JPEG or PNG file)"
+        )));
     }
     let shape: Vec<i64> = input
         .get("shape")
@@ -434,20 +502,27 @@ fn parse_infer(body: &Bytes, headers: &HeaderMap, max_batch: usize) -> Result<In
     }
     let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d as usize)).unwrap_or(usize::MAX);
     if n > max_batch {
-        return Err(ApiError::bad(format!("input `image` holds {n} images; at most {max_batch} (--max-batch) per request")));
+        return Err(ApiError::bad(format!(
+            "input `image` holds {n} images; at most {max_batch} (--max-batch) per request"
+        )));
     }
     let bin_size = input.get("parameters").and_then(|p| p.get("binary_data_size"));
     let images: Vec<Bytes> = match bin_size {
         Some(sz) => {
             let sz = sz.as_u64().ok_or_else(|| ApiError::bad("binary_data_size is not a number"))? as usize;
             if sz > binary.len() {
-                return Err(ApiError::bad(format!("input `image` declares {sz} bytes of binary data, the body holds {}", binary.len())));
+                return Err(ApiError::bad(format!(
+                    "input `image` declares {sz} bytes of binary data, the body holds {}",
+                    binary.len()
+                )));
             }
             let data = binary.split_to(sz);
             split_bytes_tensor(data, n)?
         }
         None => {
-            let data = input.get("data").ok_or_else(|| ApiError::bad("input `image` has neither `data` nor binary_data_size"))?;
+            let data = input
+                .get("data")
+                .ok_or_else(|| ApiError::bad("input `image` has neither `data` nor binary_data_size"))?;
             let mut flat = Vec::new();
             flatten(data, &mut flat);
             if flat.len() != n {
@@ -470,7 +545,10 @@ fn parse_infer(body: &Bytes, headers: &HeaderMap, max_batch: usize) -> Result<In
         }
     };
     if !binary.is_empty() {
-        return Err(ApiError::bad(format!("{} bytes of binary data follow the inputs they were declared for", binary.len())));
+        return Err(ApiError::bad(format!(
+            "{} bytes of binary data follow the inputs they were declared for",
+            binary.len()
+        )));
     }
     let default_binary = as_bool(obj.get("parameters").and_then(|p| p.get("binary_data_output")))?.unwrap_or(false);
     let outputs = match obj.get("outputs").and_then(Value::as_array) {
@@ -480,7 +558,9 @@ fn parse_infer(body: &Bytes, headers: &HeaderMap, max_batch: usize) -> Result<In
             .map(|o| {
                 let name = o.get("name").and_then(Value::as_str).unwrap_or("");
                 let known = OUTPUTS.iter().find(|(n, _)| *n == name).ok_or_else(|| {
-                    ApiError::bad(format!("unknown output `{name}` (outputs: num_detections, boxes, scores, landmarks)"))
+                    ApiError::bad(format!(
+                        "unknown output `{name}` (outputs: num_detections, boxes, scores, landmarks)"
+                    ))
                 })?;
                 let bin = as_bool(o.get("parameters").and_then(|p| p.get("binary_data")))?.unwrap_or(default_binary);
                 Ok((known.0, bin))
@@ -501,7 +581,8 @@ fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
 /// (what Triton clients send). A lone raw JPEG/PNG (no length prefix) is accepted too, for clients
 /// that send the file as is: its first bytes can never be read as a matching length.
 fn split_bytes_tensor(mut data: Bytes, n: usize) -> Result<Vec<Bytes>, ApiError> {
-    let prefixed = data.len() >= 4 && u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize <= data.len() - 4;
+    let prefixed =
+        data.len() >= 4 && u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize <= data.len() - 4;
     if n == 1 && !prefixed {
         return Ok(vec![data]);
     }
@@ -513,7 +594,10 @@ fn split_bytes_tensor(mut data: Bytes, n: usize) -> Result<Vec<Bytes>, ApiError>
         let len = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
         let _ = data.split_to(4);
         if len > data.len() {
-            return Err(ApiError::bad(format!("binary BYTES element {i}: declares {len} bytes, {} remain", data.len())));
+            return Err(ApiError::bad(format!(
+                "binary BYTES element {i}: declares {len} bytes, {} remain",
+                data.len()
+            )));
         }
         out.push(data.split_to(len));
     }
@@ -525,7 +609,13 @@ fn split_bytes_tensor(mut data: Bytes, n: usize) -> Result<Vec<Bytes>, ApiError>
 
 /// Outputs for N images padded to the largest detection count K: num_detections [N],
 /// boxes [N, K, 4], scores [N, K], landmarks [N, K, 10]; rows past num_detections are zeros.
-fn infer_response(model: &str, id: Option<Value>, outputs: &[(&'static str, bool)], n: usize, res: &[(ImageInfo, Vec<Detection>)]) -> Response {
+fn infer_response(
+    model: &str,
+    id: Option<Value>,
+    outputs: &[(&'static str, bool)],
+    n: usize,
+    res: &[(ImageInfo, Vec<Detection>)],
+) -> Response {
     let k = res.iter().map(|(_, d)| d.len()).max().unwrap_or(0);
     let floats = |width: usize, f: &dyn Fn(&Detection) -> Vec<f32>| -> Vec<f32> {
         let mut v = vec![0.0f32; n * k * width];
@@ -544,13 +634,17 @@ fn infer_response(model: &str, id: Option<Value>, outputs: &[(&'static str, bool
     let mut outs = Vec::new();
     for &(name, bin) in outputs {
         let (shape, dtype, json_data, raw): (Vec<usize>, &str, Value, Vec<u8>) = match name {
-            "num_detections" => (vec![n], "INT32", json!(counts), counts.iter().flat_map(|c| c.to_le_bytes()).collect()),
+            "num_detections" => {
+                (vec![n], "INT32", json!(counts), counts.iter().flat_map(|c| c.to_le_bytes()).collect())
+            }
             "boxes" => (vec![n, k, 4], "FP32", json!(boxes), boxes.iter().flat_map(|c| c.to_le_bytes()).collect()),
             "scores" => (vec![n, k], "FP32", json!(scores), scores.iter().flat_map(|c| c.to_le_bytes()).collect()),
             _ => (vec![n, k, 10], "FP32", json!(landmarks), landmarks.iter().flat_map(|c| c.to_le_bytes()).collect()),
         };
         if bin {
-            outs.push(json!({"name": name, "datatype": dtype, "shape": shape, "parameters": {"binary_data_size": raw.len()}}));
+            outs.push(
+                json!({"name": name, "datatype": dtype, "shape": shape, "parameters": {"binary_data_size": raw.len()}}),
+            );
             binary.extend_from_slice(&raw);
         } else {
             outs.push(json!({"name": name, "datatype": dtype, "shape": shape, "data": json_data}));

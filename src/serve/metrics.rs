@@ -19,7 +19,8 @@ pub enum FailureReason {
 }
 
 impl FailureReason {
-    const ALL: [FailureReason; 4] = [FailureReason::Rejected, FailureReason::Canceled, FailureReason::Backend, FailureReason::Other];
+    const ALL: [FailureReason; 4] =
+        [FailureReason::Rejected, FailureReason::Canceled, FailureReason::Backend, FailureReason::Other];
     fn label(self) -> &'static str {
         match self {
             FailureReason::Rejected => "REJECTED",
@@ -66,17 +67,63 @@ impl Metrics {
         let mut one = |name: &str, kind: &str, help: &str, v: u64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}}} {v}");
         };
-        one("nv_inference_request_success", "counter", "Number of successful inference requests, all batch sizes", self.request_success.load(Relaxed));
-        one("nv_inference_count", "counter", "Number of inferences performed (batch items)", self.inference_count.load(Relaxed));
-        one("nv_inference_exec_count", "counter", "Number of model executions performed (batches)", self.exec_count.load(Relaxed));
-        one("nv_inference_request_duration_us", "counter", "Cumulative inference request duration in microseconds", self.request_duration_us.load(Relaxed));
-        one("nv_inference_queue_duration_us", "counter", "Cumulative inference queuing duration in microseconds", self.queue_duration_us.load(Relaxed));
-        one("nv_inference_compute_input_duration_us", "counter", "Cumulative compute input duration in microseconds", self.compute_input_duration_us.load(Relaxed));
-        one("nv_inference_compute_infer_duration_us", "counter", "Cumulative compute inference duration in microseconds", self.compute_infer_duration_us.load(Relaxed));
-        one("nv_inference_compute_output_duration_us", "counter", "Cumulative inference compute output duration in microseconds", self.compute_output_duration_us.load(Relaxed));
-        one("nv_inference_pending_request_count", "gauge", "Instantaneous number of pending requests awaiting execution per-model", self.pending.load(Relaxed));
+        one(
+            "nv_inference_request_success",
+            "counter",
+            "Number of successful inference requests, all batch sizes",
+            self.request_success.load(Relaxed),
+        );
+        one(
+            "nv_inference_count",
+            "counter",
+            "Number of inferences performed (batch items)",
+            self.inference_count.load(Relaxed),
+        );
+        one(
+            "nv_inference_exec_count",
+            "counter",
+            "Number of model executions performed (batches)",
+            self.exec_count.load(Relaxed),
+        );
+        one(
+            "nv_inference_request_duration_us",
+            "counter",
+            "Cumulative inference request duration in microseconds",
+            self.request_duration_us.load(Relaxed),
+        );
+        one(
+            "nv_inference_queue_duration_us",
+            "counter",
+            "Cumulative inference queuing duration in microseconds",
+            self.queue_duration_us.load(Relaxed),
+        );
+        one(
+            "nv_inference_compute_input_duration_us",
+            "counter",
+            "Cumulative compute input duration in microseconds",
+            self.compute_input_duration_us.load(Relaxed),
+        );
+        one(
+            "nv_inference_compute_infer_duration_us",
+            "counter",
+            "Cumulative compute inference duration in microseconds",
+            self.compute_infer_duration_us.load(Relaxed),
+        );
+        one(
+            "nv_inference_compute_output_duration_us",
+            "counter",
+            "Cumulative inference compute output duration in microseconds",
+            self.compute_output_duration_us.load(Relaxed),
+        );
+        one(
+            "nv_inference_pending_request_count",
+            "gauge",
+            "Instantaneous number of pending requests awaiting execution per-model",
+            self.pending.load(Relaxed),
+        );
         let name = "nv_inference_request_failure";
-        let _ = writeln!(s, "# HELP {name} Number of failed inference requests, all batch sizes\n# TYPE {name} counter");
+        let _ =
+            writeln!(s, "# HELP {name} Number of failed inference requests, all batch sizes\n# TYPE {name} counter");
         for r in FailureReason::ALL {
             let _ = writeln!(s, "{name}{{{labels},reason=\"{}\"}} {}", r.label(), self.failures(r));
         }

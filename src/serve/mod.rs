@@ -25,8 +25,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use metrics::Metrics;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -124,7 +124,8 @@ impl ServerHandle {
         let metrics_addr = met.local_addr().map_err(|e| Error::io("local address", e))?;
 
         let metrics = Arc::new(Metrics::default());
-        let batcher = Batcher::new(cfg.max_batch, cfg.max_queue_delay, cfg.max_queue, cfg.queue_timeout, metrics.clone());
+        let batcher =
+            Batcher::new(cfg.max_batch, cfg.max_queue_delay, cfg.max_queue, cfg.queue_timeout, metrics.clone());
         let state = Arc::new(AppState {
             cfg: cfg.clone(),
             batcher: batcher.clone(),
@@ -135,7 +136,8 @@ impl ServerHandle {
         });
 
         let exec = {
-            let (batcher, engine, opts, gate) = (batcher.clone(), engine.clone(), cfg.detect, hooks.executor_gate.clone());
+            let (batcher, engine, opts, gate) =
+                (batcher.clone(), engine.clone(), cfg.detect, hooks.executor_gate.clone());
             std::thread::Builder::new()
                 .name("retinaface-exec".into())
                 .spawn(move || batcher.run_executor(&engine, &opts, gate.as_deref()))
@@ -189,7 +191,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
 
 /// Installs the log subscriber (RUST_LOG filters, default info) unless the program already has one.
 pub fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: escape codes in a collected log file are noise.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
@@ -248,7 +251,12 @@ async fn serve_until_stopped(
     Ok(())
 }
 
-fn accept(r: std::io::Result<(tokio::net::TcpStream, SocketAddr)>, router: &axum::Router, graceful: &GracefulShutdown, state: &AppState) {
+fn accept(
+    r: std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
+    router: &axum::Router,
+    graceful: &GracefulShutdown,
+    state: &AppState,
+) {
     let (stream, peer) = match r {
         Ok(x) => x,
         Err(e) => {
@@ -271,7 +279,7 @@ fn accept(r: std::io::Result<(tokio::net::TcpStream, SocketAddr)>, router: &axum
 
 #[cfg(unix)]
 async fn signal_received() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
+    use tokio::signal::unix::{SignalKind, signal};
     match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(mut term), Ok(mut int)) => tokio::select! {
             _ = term.recv() => "SIGTERM",

@@ -8,7 +8,11 @@ use std::collections::BTreeMap;
 /// through unchanged.
 pub fn reference_key(key: &str) -> String {
     let key = key.strip_prefix("module.").unwrap_or(key);
-    for (old, new) in [("ClassHead.", "class_head.class_head."), ("BboxHead.", "bbox_head.bbox_head."), ("LandmarkHead.", "landmark_head.landmark_head.")] {
+    for (old, new) in [
+        ("ClassHead.", "class_head.class_head."),
+        ("BboxHead.", "bbox_head.bbox_head."),
+        ("LandmarkHead.", "landmark_head.landmark_head."),
+    ] {
         if let Some(rest) = key.strip_prefix(old) {
             // `ClassHead.k.conv1x1.weight` → `class_head.class_head.k.weight`
             return format!("{new}{}", rest.replacen(".conv1x1", "", 1));

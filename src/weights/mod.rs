@@ -34,7 +34,10 @@ pub fn load(path: &Path) -> Result<StateDict> {
     } else if bytes.len() >= 8 {
         safetensors_io::parse(&bytes, path)?
     } else {
-        return Err(Error::WeightsFormat { path: path.into(), msg: format!("only {} bytes: neither safetensors nor a PyTorch checkpoint", bytes.len()) });
+        return Err(Error::WeightsFormat {
+            path: path.into(),
+            msg: format!("only {} bytes: neither safetensors nor a PyTorch checkpoint", bytes.len()),
+        });
     };
     Ok(StateDict { tensors: layout::to_reference_layout(sd.tensors), network: sd.network })
 }
@@ -59,7 +62,9 @@ pub fn infer_network(sd: &StateDict, path: &Path) -> Result<Network> {
             Some(8) => Ok(Network::MobileNetV1_025),
             Some(16) => Ok(Network::MobileNetV1_050),
             Some(32) => Ok(Network::MobileNetV1),
-            other => Err(undetermined(&format!("MobileNetV1 stem `fx.stage1.0.0.weight` has {other:?} output channels, not 8, 16 or 32"))),
+            other => Err(undetermined(&format!(
+                "MobileNetV1 stem `fx.stage1.0.0.weight` has {other:?} output channels, not 8, 16 or 32"
+            ))),
         }
     } else {
         Err(undetermined("no backbone tensor of any known network (fx.conv1, fx.features.0, fx.stage1.0) found"))
@@ -90,9 +95,18 @@ impl<'a> StateDictSource<'a> {
 impl ParamSource for StateDictSource<'_> {
     fn take(&mut self, key: &str, shape: &[usize], _kind: ParamKind) -> Result<Vec<f32>> {
         let network = self.network.to_string();
-        let t = self.sd.tensors.get(key).ok_or_else(|| Error::MissingTensor { network: network.clone(), name: key.to_string() })?;
+        let t = self
+            .sd
+            .tensors
+            .get(key)
+            .ok_or_else(|| Error::MissingTensor { network: network.clone(), name: key.to_string() })?;
         if t.shape != shape {
-            return Err(Error::TensorShape { network, name: key.to_string(), expected: shape.to_vec(), found: t.shape.clone() });
+            return Err(Error::TensorShape {
+                network,
+                name: key.to_string(),
+                expected: shape.to_vec(),
+                found: t.shape.clone(),
+            });
         }
         if let Some((index, &value)) = t.data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(Error::NonFiniteWeight { name: key.to_string(), index, value });

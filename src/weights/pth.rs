@@ -80,9 +80,15 @@ impl<'a> Machine<'a> {
     }
     fn global(module: &str, name: &str) -> std::result::Result<V, String> {
         let full = format!("{module}.{name}");
-        let allowed = matches!(full.as_str(), "collections.OrderedDict" | "torch._utils._rebuild_tensor_v2" | "torch._utils._rebuild_parameter")
-            || (module == "torch" && name.ends_with("Storage"));
-        if allowed { Ok(V::Global(full)) } else { Err(format!("refusing to load global `{full}`: not part of a plain state dict")) }
+        let allowed = matches!(
+            full.as_str(),
+            "collections.OrderedDict" | "torch._utils._rebuild_tensor_v2" | "torch._utils._rebuild_parameter"
+        ) || (module == "torch" && name.ends_with("Storage"));
+        if allowed {
+            Ok(V::Global(full))
+        } else {
+            Err(format!("refusing to load global `{full}`: not part of a plain state dict"))
+        }
     }
 
     fn run(&mut self) -> std::result::Result<V, String> {
@@ -304,7 +310,9 @@ fn reduce(f: V, args: V) -> std::result::Result<V, String> {
     let V::Tuple(a) = args else { return Err(format!("REDUCE of {name} without an argument tuple")) };
     match name.as_str() {
         "collections.OrderedDict" => Ok(V::Dict(Vec::new())),
-        "torch._utils._rebuild_parameter" => a.into_iter().next().ok_or_else(|| "_rebuild_parameter without data".to_string()),
+        "torch._utils._rebuild_parameter" => {
+            a.into_iter().next().ok_or_else(|| "_rebuild_parameter without data".to_string())
+        }
         "torch._utils._rebuild_tensor_v2" => {
             if a.len() < 4 {
                 return Err("_rebuild_tensor_v2 with fewer than 4 arguments".into());
@@ -336,13 +344,20 @@ fn storage_to_f32(dtype: &str, b: &[u8]) -> std::result::Result<Vec<f32>, String
 
 /// Gathers a strided view of `storage` into a contiguous tensor.
 fn gather(storage: &[f32], offset: usize, size: &[usize], stride: &[usize]) -> std::result::Result<Vec<f32>, String> {
-    let n = size.iter().try_fold(1usize, |a, &s| a.checked_mul(s)).filter(|&n| n <= MAX_ELEMENTS).ok_or("tensor too large")?;
+    let n = size
+        .iter()
+        .try_fold(1usize, |a, &s| a.checked_mul(s))
+        .filter(|&n| n <= MAX_ELEMENTS)
+        .ok_or("tensor too large")?;
     if n == 0 {
         return Ok(Vec::new());
     }
     let max_index = offset + size.iter().zip(stride).map(|(&s, &st)| (s - 1) * st).sum::<usize>();
     if max_index >= storage.len() {
-        return Err(format!("tensor view (offset {offset}, size {size:?}, stride {stride:?}) reaches past its storage of {} elements", storage.len()));
+        return Err(format!(
+            "tensor view (offset {offset}, size {size:?}, stride {stride:?}) reaches past its storage of {} elements",
+            storage.len()
+        ));
     }
     let mut out = Vec::with_capacity(n);
     let mut idx = vec![0usize; size.len()];
@@ -367,7 +382,9 @@ fn find_state_dict(v: V) -> Option<Vec<(V, V)>> {
     }
     items
         .into_iter()
-        .find(|(k, v)| matches!(k, V::Str(s) if s == "state_dict" || s == "model" || s == "net") && matches!(v, V::Dict(_)))
+        .find(|(k, v)| {
+            matches!(k, V::Str(s) if s == "state_dict" || s == "model" || s == "net") && matches!(v, V::Dict(_))
+        })
         .and_then(|(_, v)| find_state_dict(v))
 }
 
@@ -399,7 +416,8 @@ fn collect_tensors(
             let data = storage_to_f32(&dtype, &raw).map_err(|msg| Error::TensorData { name: name.clone(), msg })?;
             storages.insert(key.clone(), data);
         }
-        let data = gather(&storages[&key], offset, &size, &stride).map_err(|msg| Error::TensorData { name: name.clone(), msg })?;
+        let data = gather(&storages[&key], offset, &size, &stride)
+            .map_err(|msg| Error::TensorData { name: name.clone(), msg })?;
         tensors.insert(name, Tensor { shape: size, data });
     }
     Ok(tensors)
@@ -411,7 +429,8 @@ fn collect_tensors(
 fn parse_legacy(bytes: &[u8], path: &Path) -> Result<StateDict> {
     let bad = |msg: String| Error::WeightsFormat { path: path.into(), msg };
     // The magic number 0x1950a86a20f9469cfc6c is a 10-byte LONG1, wider than the machine's integers: compare its bytes.
-    const MAGIC_PICKLE: [u8; 15] = [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, 0x2e];
+    const MAGIC_PICKLE: [u8; 15] =
+        [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, 0x2e];
     if !bytes.starts_with(&MAGIC_PICKLE) {
         return Err(bad("neither a zip checkpoint nor a legacy torch.save file (bad magic number)".into()));
     }
@@ -443,17 +462,24 @@ fn parse_legacy(bytes: &[u8], path: &Path) -> Result<StateDict> {
     let mut blobs: HashMap<String, Vec<u8>> = HashMap::new();
     for k in keys {
         let V::Str(key) = k else { return Err(bad("a storage key is not a string".into())) };
-        let count_bytes = bytes.get(pos..pos + 8).ok_or_else(|| bad(format!("storage {key}: file ends before its size")))?;
+        let count_bytes =
+            bytes.get(pos..pos + 8).ok_or_else(|| bad(format!("storage {key}: file ends before its size")))?;
         let mut a = [0u8; 8];
         a.copy_from_slice(count_bytes);
         let count = u64::from_le_bytes(a) as usize;
         let size = elem_size.get(&key).copied().unwrap_or(4);
         let len = count.checked_mul(size).ok_or_else(|| bad(format!("storage {key}: size overflows")))?;
-        let data = bytes.get(pos + 8..pos + 8 + len).ok_or_else(|| bad(format!("storage {key}: file ends inside its {count} elements (truncated?)")))?;
+        let data = bytes
+            .get(pos + 8..pos + 8 + len)
+            .ok_or_else(|| bad(format!("storage {key}: file ends inside its {count} elements (truncated?)")))?;
         blobs.insert(key, data.to_vec());
         pos += 8 + len;
     }
-    let tensors = collect_tensors(items, |key| blobs.remove(key).ok_or_else(|| bad(format!("storage {key} is not in the file"))), path)?;
+    let tensors = collect_tensors(
+        items,
+        |key| blobs.remove(key).ok_or_else(|| bad(format!("storage {key} is not in the file"))),
+        path,
+    )?;
     Ok(StateDict { tensors, network: None })
 }
 
@@ -462,9 +488,14 @@ pub fn parse_checkpoint(bytes: &[u8], path: &Path) -> Result<StateDict> {
         return parse_legacy(bytes, path);
     }
     let bad = |msg: String| Error::WeightsFormat { path: path.into(), msg };
-    let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| bad(format!("not a readable PyTorch zip checkpoint: {e}")))?;
+    let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
+        .map_err(|e| bad(format!("not a readable PyTorch zip checkpoint: {e}")))?;
     let names: Vec<String> = zip.file_names().filter_map(|n| n.ok().map(|n| n.into_owned())).collect();
-    let pkl = names.iter().find(|n| n.ends_with("data.pkl") && n.matches('/').count() <= 1).ok_or_else(|| bad("no data.pkl in the archive".into()))?.clone();
+    let pkl = names
+        .iter()
+        .find(|n| n.ends_with("data.pkl") && n.matches('/').count() <= 1)
+        .ok_or_else(|| bad("no data.pkl in the archive".into()))?
+        .clone();
     let prefix = pkl.trim_end_matches("data.pkl").to_string();
     let mut read_entry = |name: &str| -> Result<Vec<u8>> {
         let mut f = zip.by_name(name).map_err(|e| bad(format!("archive entry {name}: {e}")))?;

@@ -50,7 +50,9 @@ pub fn save(tensors: &BTreeMap<String, Tensor>, network: Option<&str>, path: &Pa
                 .map_err(|e| Error::TensorData { name: k.clone(), msg: e.to_string() })
         })
         .collect::<Result<_>>()?;
-    let meta: Option<HashMap<String, String>> = network.map(|n| HashMap::from([("network".to_string(), n.to_string())]));
-    let out = safetensors::serialize(views, meta).map_err(|e| Error::WeightsFormat { path: path.into(), msg: e.to_string() })?;
+    let meta: Option<HashMap<String, String>> =
+        network.map(|n| HashMap::from([("network".to_string(), n.to_string())]));
+    let out = safetensors::serialize(views, meta)
+        .map_err(|e| Error::WeightsFormat { path: path.into(), msg: e.to_string() })?;
     std::fs::write(path, out).map_err(|e| Error::io(path, e))
 }

@@ -22,7 +22,8 @@ pub struct Case {
 }
 
 pub fn case_names() -> Vec<String> {
-    let idx: serde_json::Value = serde_json::from_slice(&std::fs::read(shared().join("reference/goldens/index.json")).unwrap()).unwrap();
+    let idx: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(shared().join("reference/goldens/index.json")).unwrap()).unwrap();
     idx.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_string()).collect()
 }
 
@@ -51,9 +52,19 @@ pub fn load_case(name: &str) -> Case {
             tensors.insert(k.clone(), (v.shape().to_vec(), safetensors_io::to_f32(v.dtype(), v.data()).unwrap()));
         }
     }
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.json"))).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.json"))).unwrap()).unwrap();
     let detections: Vec<Detection> = serde_json::from_value(json["detections"].clone()).unwrap();
-    Case { name: name.to_string(), network, weights, image: shared().join(c["image"].as_str().unwrap()), crop, tensors, input: input.unwrap(), detections }
+    Case {
+        name: name.to_string(),
+        network,
+        weights,
+        image: shared().join(c["image"].as_str().unwrap()),
+        crop,
+        tensors,
+        input: input.unwrap(),
+        detections,
+    }
 }
 
 /// (max |a − b|, max |b|).

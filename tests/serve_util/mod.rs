@@ -18,7 +18,8 @@ pub fn real_weights() -> PathBuf {
 }
 
 fn args(flags: &[&str]) -> ServeArgs {
-    let mut all: Vec<String> = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"].iter().map(|s| s.to_string()).collect();
+    let mut all: Vec<String> =
+        ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"].iter().map(|s| s.to_string()).collect();
     if !flags.contains(&"--backend") {
         all.extend(["--backend".to_string(), "cpu".to_string()]);
     }
@@ -38,7 +39,8 @@ pub fn start(flags: &[&str]) -> ServerHandle {
 /// A server whose executor takes nothing until the gate opens.
 pub fn start_gated(flags: &[&str], signals: bool) -> (ServerHandle, Arc<Gate>) {
     let gate = Gate::closed();
-    let h = ServerHandle::start_with_hooks(args(flags), TestHooks { executor_gate: Some(gate.clone()) }, signals).expect("server starts");
+    let h = ServerHandle::start_with_hooks(args(flags), TestHooks { executor_gate: Some(gate.clone()) }, signals)
+        .expect("server starts");
     (h, gate)
 }
 
@@ -51,7 +53,8 @@ pub struct Resp {
 
 impl Resp {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
@@ -80,11 +83,15 @@ pub fn read_response(s: &mut TcpStream) -> Resp {
 }
 
 pub fn parse(buf: &[u8]) -> Resp {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no complete response head in {:?}", String::from_utf8_lossy(buf)));
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no complete response head in {:?}", String::from_utf8_lossy(buf)));
     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
     let mut lines = head.split("\r\n");
     let status: u16 = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|c| c.parse().ok()).expect("status line");
-    let headers: Vec<(String, String)> = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
     let body = buf[end + 4..].to_vec();
     let r = Resp { status, headers, body };
     assert!(r.header("transfer-encoding").is_none(), "chunked responses are not expected");
@@ -96,7 +103,8 @@ pub fn parse(buf: &[u8]) -> Resp {
 
 pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
     let mut s = connect(addr);
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -159,14 +167,23 @@ pub fn read_image(name: &str) -> Vec<u8> {
 pub fn png_of(img: &retinaface::BgrImage) -> Vec<u8> {
     let rgb: Vec<u8> = img.data.chunks(3).flat_map(|p| [p[2], p[1], p[0]]).collect();
     let mut out = Vec::new();
-    image::ImageEncoder::write_image(image::codecs::png::PngEncoder::new(&mut out), &rgb, img.width as u32, img.height as u32, image::ExtendedColorType::Rgb8)
-        .expect("encode png");
+    image::ImageEncoder::write_image(
+        image::codecs::png::PngEncoder::new(&mut out),
+        &rgb,
+        img.width as u32,
+        img.height as u32,
+        image::ExtendedColorType::Rgb8,
+    )
+    .expect("encode png");
     out
 }
 
 impl Resp {
     /// The `error` field, or "" when the body is not a JSON error (for collecting mixed answers).
     pub fn error_or_empty(&self) -> String {
-        serde_json::from_slice::<serde_json::Value>(&self.body).ok().and_then(|v| v["error"].as_str().map(str::to_string)).unwrap_or_default()
+        serde_json::from_slice::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_default()
     }
 }
