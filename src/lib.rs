@@ -10,6 +10,7 @@
 //! # Ok::<(), retinaface::Error>(())
 //! ```
 
+pub mod align;
 pub mod cpu;
 pub mod cuda;
 pub mod detection;

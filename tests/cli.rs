@@ -196,3 +196,41 @@ fn backends_cuda_sim_matches_cpu_and_cuda_without_a_gpu_is_a_clean_error() {
         println!("a GPU is present: the no-GPU error path is not exercised here");
     }
 }
+
+#[test]
+fn detect_crops_writes_one_aligned_png_per_listed_face() {
+    let dir = std::env::temp_dir().join(format!("retinaface-crops-{}", std::process::id()));
+    let img_path = shared().join("images/trio.jpg");
+    let out = bin()
+        .args(["detect", "--backend", "cpu", "--weights", &weights(), "--crop-size", "128", "--crops"])
+        .arg(&dir)
+        .arg(&img_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["trio_face0.png", "trio_face1.png", "trio_face2.png"], "trio.jpg lists three faces");
+    // Each crop is the library's norm_crop of the image for that face, pixel for pixel.
+    let engine = retinaface::Engine::new(&retinaface::WeightsSpec::File(weights().into()), None).unwrap();
+    let img = retinaface::image_io::load(&img_path, &Default::default()).unwrap();
+    let dets = engine.detect(&img, &Default::default()).unwrap();
+    for (i, d) in dets.iter().filter(|d| d.score >= 0.6).enumerate() {
+        let want = retinaface::align::norm_crop(&img, &d.landmarks, 128).unwrap();
+        let got = image::open(dir.join(format!("trio_face{i}.png"))).unwrap().to_rgb8();
+        assert_eq!(got.dimensions(), (128, 128));
+        let bgr: Vec<u8> = got.pixels().flat_map(|p| [p[2], p[1], p[0]]).collect();
+        assert_eq!(bgr, want.data, "crop {i}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    let bad = bin()
+        .args(["detect", "--backend", "cpu", "--weights", &weights(), "--crop-size", "100", "--crops"])
+        .arg(&dir)
+        .arg(&img_path)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("alignment size 100"));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -158,6 +158,13 @@ struct DetectArgs {
     /// Write each image with its detections drawn into this directory.
     #[arg(long)]
     save_image: Option<PathBuf>,
+    /// Write each face scoring at least --vis-threshold as an aligned crop (ArcFace template, as
+    /// insightface's norm_crop) into this directory: `<image stem>_face<i>.png`, best first.
+    #[arg(long)]
+    crops: Option<PathBuf>,
+    /// The side of the aligned crops: a multiple of 112 or of 128.
+    #[arg(long, default_value_t = 112)]
+    crop_size: usize,
 }
 
 #[derive(Args)]
@@ -237,8 +244,11 @@ fn detect(a: DetectArgs) -> Result<()> {
         resize: a.resize.parse::<ResizeMode>()?,
     };
     opts.post.validate()?;
-    if let Some(dir) = &a.save_image {
+    for dir in [&a.save_image, &a.crops].into_iter().flatten() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    if a.crops.is_some() {
+        retinaface::align::template(a.crop_size)?;
     }
     let mut failed = 0;
     for path in &a.images {
@@ -274,6 +284,14 @@ fn detect(a: DetectArgs) -> Result<()> {
                     "  {:>6.3}  {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
                     d.score, d.bbox[0], d.bbox[1], d.bbox[2], d.bbox[3]
                 ));
+            }
+        }
+        if let Some(dir) = &a.crops {
+            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+            for (i, d) in dets.iter().filter(|d| d.score >= a.vis_threshold).enumerate() {
+                let crop = retinaface::align::norm_crop(&img, &d.landmarks, a.crop_size)?;
+                let out = dir.join(format!("{stem}_face{i}.png"));
+                retinaface::draw::save(&crop, &out)?;
             }
         }
         if let Some(dir) = &a.save_image {
