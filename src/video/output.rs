@@ -68,7 +68,7 @@ pub struct Encoder {
 
 impl Encoder {
     /// Starts the encoder for `width`×`height` frames at `rate` (numerator, denominator) frames/s; audio
-    /// is copied from `audio_from` (a file with an audio stream).
+    /// is copied from `audio_from` (a file with an audio stream), its first `max_seconds` when given.
     pub fn open(
         ffmpeg: &Path,
         path: &Path,
@@ -76,6 +76,7 @@ impl Encoder {
         height: usize,
         rate: (u64, u64),
         audio_from: Option<&SourceSpec>,
+        max_seconds: Option<f64>,
     ) -> Result<Encoder> {
         let codec = if has_h264(ffmpeg) { "libx264" } else { "mpeg4" };
         let mut cmd = Command::new(ffmpeg);
@@ -83,8 +84,13 @@ impl Encoder {
         cmd.args(["-video_size", &format!("{width}x{height}"), "-framerate", &format!("{}/{}", rate.0, rate.1)]);
         cmd.args(["-i", "pipe:0"]);
         if let Some(src) = audio_from {
+            // Not -shortest: an audio track a little shorter than the video would cut frames. A run
+            // limited to some frames gets the audio of that span.
+            if let Some(t) = max_seconds {
+                cmd.args(["-t", &format!("{t:.6}")]);
+            }
             cmd.args(src.input_args());
-            cmd.args(["-map", "0:v:0", "-map", "1:a?", "-c:a", "copy", "-shortest"]);
+            cmd.args(["-map", "0:v:0", "-map", "1:a?", "-c:a", "copy"]);
         }
         // 4:2:0 needs even sides: an odd frame gets one black column or row rather than being resampled.
         if width % 2 == 1 || height % 2 == 1 {

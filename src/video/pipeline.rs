@@ -128,7 +128,8 @@ pub fn run(
         Some(path) => {
             let rate = info.frame_rate.filter(|&(n, d)| n > 0 && d > 0).unwrap_or((25, 1));
             let audio = (info.has_audio && !live).then_some(&spec);
-            Some(Encoder::open(&ffmpeg, path, info.width, info.height, rate, audio)?)
+            let span = opts.max_frames.map(|m| m as f64 * rate.1 as f64 / rate.0 as f64);
+            Some(Encoder::open(&ffmpeg, path, info.width, info.height, rate, audio, span)?)
         }
         None => None,
     };
