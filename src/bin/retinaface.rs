@@ -524,6 +524,9 @@ fn video(a: VideoArgs) -> Result<()> {
         track: a.track,
         progress: !a.quiet,
     };
+    // Source and ffmpeg first: their mistakes should not wait for the weights to load.
+    retinaface::video::source::SourceSpec::parse(&a.source)?;
+    retinaface::video::source::ffmpeg_binary()?;
     let engine = a.weights.engine()?;
     let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     retinaface::video::install_sigint(interrupt.clone())?;
