@@ -203,3 +203,19 @@ fn realtime_drops_frames_instead_of_falling_behind() {
     assert_eq!(inferred + dropped, decoded, "{line}");
     assert!(dropped > 0, "{line}");
 }
+
+#[test]
+fn files_show_progress_and_a_summary() {
+    let Some(ff) = ffmpeg() else { return };
+    let dir = tempdir();
+    let clip = dir.path().join("clip.mp4");
+    make_clip(&ff, &clip, 160, 120, 5, 5, false);
+    let mut cmd = bin();
+    cmd.arg("video").arg(&clip).args(["--backend", "cpu", "--weights", &weights()]);
+    let (status, stdout, stderr) = run_bounded(&mut cmd, 60);
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.is_empty(), "no --json, no stdout");
+    // The last progress line: every frame of the clip's known length, its rate and the ETA.
+    assert!(stderr.contains("frame 5/5") && stderr.contains("frames/s  ETA 0 s"), "{stderr}");
+    assert!(stderr.contains("5 frames decoded, 5 inferred, 0 dropped, 0 written"), "{stderr}");
+}
