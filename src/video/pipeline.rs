@@ -71,6 +71,9 @@ pub struct Summary {
     pub dropped: usize,
     pub written: usize,
     pub seconds: f64,
+    /// Wall time the inference stage spent in the network and post-processing: against `seconds`, how
+    /// well decoding, drawing and encoding hide behind inference (1 = completely).
+    pub infer_seconds: f64,
     /// Stopped by the `interrupt` flag (SIGINT) before the source ended.
     pub interrupted: bool,
     /// The JSON reader went away (a closed pipe); the run stopped early and quietly.
@@ -142,6 +145,7 @@ pub fn run(
 
     let failed = Failure::default();
     let dropped_count = AtomicUsize::new(0);
+    let infer_busy = Mutex::new(Duration::ZERO);
     let (failure, dropped) = (&failed, &dropped_count);
     let halt = &|| interrupt.load(Ordering::SeqCst) || failure.failed();
     let cap = 2 * opts.batch.max(2);
@@ -153,7 +157,8 @@ pub fn run(
     let mut summary = std::thread::scope(|s| {
         let src = &mut src;
         let decoder = s.spawn(move || decode_stage(src, opts, to_infer, halt, failure, dropped));
-        s.spawn(move || infer_stage(engine, opts, infer_rx, to_draw, failure));
+        let busy = &infer_busy;
+        s.spawn(move || infer_stage(engine, opts, infer_rx, to_draw, failure, busy));
         let encoder_thread = encoder.as_mut().map(|enc| s.spawn(move || encode_stage(enc, encode_rx, failure)));
         let drawn =
             draw_stage(opts, draw_rx, encoder_thread.is_some().then_some(to_encode), json_out, total, live, start);
@@ -176,6 +181,7 @@ pub fn run(
     }
     summary.dropped = dropped_count.load(Ordering::SeqCst);
     summary.seconds = start.elapsed().as_secs_f64();
+    summary.infer_seconds = infer_busy.into_inner().map(|d| d.as_secs_f64()).unwrap_or(0.0);
     summary.interrupted = interrupt.load(Ordering::SeqCst);
     summary.codec = codec;
     Ok(summary)
@@ -227,7 +233,14 @@ fn decode_stage(
     decoded
 }
 
-fn infer_stage(engine: &Engine, opts: &VideoOptions, rx: Receiver<Item>, tx: SyncSender<Item>, failure: &Failure) {
+fn infer_stage(
+    engine: &Engine,
+    opts: &VideoOptions,
+    rx: Receiver<Item>,
+    tx: SyncSender<Item>,
+    failure: &Failure,
+    busy: &Mutex<Duration>,
+) {
     while let Ok(first) = rx.recv() {
         let mut items = vec![first];
         let wanted = |items: &[Item]| items.iter().filter(|i| i.input.is_some()).count() < opts.batch;
@@ -242,7 +255,12 @@ fn infer_stage(engine: &Engine, opts: &VideoOptions, rx: Receiver<Item>, tx: Syn
         let inputs: Vec<&BgrImage> = items.iter().filter_map(|i| i.input.as_ref().map(|x| &x.0)).collect();
         if !inputs.is_empty() {
             let scales: Vec<f64> = items.iter().filter_map(|i| i.input.as_ref().map(|x| x.1)).collect();
-            match engine.detect_resized(&inputs, &scales, &opts.post, None) {
+            let t0 = Instant::now();
+            let result = engine.detect_resized(&inputs, &scales, &opts.post, None);
+            if let Ok(mut b) = busy.lock() {
+                *b += t0.elapsed();
+            }
+            match result {
                 Ok(dets) => {
                     let mut dets = dets.into_iter();
                     for it in items.iter_mut().filter(|i| i.input.is_some()) {
