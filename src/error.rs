@@ -45,6 +45,10 @@ pub enum Error {
 
     #[error("CUDA: {0}")]
     Cuda(String),
+
+    /// A video source, the ffmpeg subprocess, or the encoded output (the message names which).
+    #[error("video {0}")]
+    Video(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -22,6 +22,7 @@ pub mod model;
 pub mod network;
 pub mod post;
 pub mod serve;
+pub mod video;
 pub mod weights;
 pub mod widerface;
 

@@ -36,6 +36,14 @@ run build 240 cargo build --release --tests
 run gpu-tests 240 cargo test --release --test gpu -- --nocapture --test-threads=1
 run nvrtc 60 cargo test --release --test nvrtc_compile -- --nocapture --test-threads=1
 run sim-kernels 120 cargo test --release --test kernels_sim
+# retinaface video at 1280x720 on the GPU: frames/s and the stage overlap (decode + inference + encode). Needs
+# ffmpeg (RETINAFACE_FFMPEG or PATH; the CI venv's imageio-ffmpeg one can be carried over).
+if [ -n "${RETINAFACE_FFMPEG:-}" ] || command -v ffmpeg >/dev/null; then
+  run video-bench 200 cargo bench --bench video_pipeline -- --backend cuda --frames 300 --rounds 3 --batch 4
+  grep -E "^(median|backend)" "$OUT/video-bench.log" | sed 's/^/video: /' >> "$SUMMARY"
+else
+  echo "video-bench: SKIP (no ffmpeg: set RETINAFACE_FFMPEG)" >> "$SUMMARY"
+fi
 grep -E "raw max error|THROUGHPUT|running on|SKIP" "$OUT/gpu-tests.log" >> "$SUMMARY" 2>/dev/null
 grep -E "^(conv|heads|maxpool|select|topk|decode|nms|preprocess|upsample)" "$OUT/nvrtc.log" >> "$SUMMARY" 2>/dev/null
 echo "overall: $([ $status -eq 0 ] && echo PASS || echo FAIL)" >> "$SUMMARY"

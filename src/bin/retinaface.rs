@@ -36,6 +36,8 @@ enum Command {
     Serve(retinaface::serve::ServeArgs),
     /// Write the synthetic-weights recipe's state dict for a network as safetensors (reference layout).
     Synthetic(SyntheticArgs),
+    /// Faces in a video file, stream (rtsp://, http://) or webcam (webcam:0), frame by frame, through ffmpeg.
+    Video(VideoArgs),
     /// WIDER FACE validation: predict over the image tree, evaluate Easy / Medium / Hard AP.
     Widerface {
         #[command(subcommand)]
@@ -220,6 +222,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench(a),
         Command::Synthetic(a) => synthetic(a),
         Command::Serve(a) => retinaface::serve::run(a),
+        Command::Video(a) => video(a),
         Command::Widerface { command: WiderfaceCommand::Predict(a) } => widerface_predict(a),
         Command::Widerface { command: WiderfaceCommand::Eval(a) } => widerface_eval(a),
     };
@@ -470,5 +473,95 @@ fn synthetic(a: SyntheticArgs) -> Result<()> {
     let sd = retinaface::weights::synthetic::state_dict(network, a.seed);
     safetensors_io::save(&sd.tensors, Some(network.name()), &a.output)?;
     emit(format!("{}: {} tensors of {network}, seed {}", a.output.display(), sd.tensors.len(), a.seed));
+    Ok(())
+}
+
+/// `retinaface video`: the defaults are the reference video script's (letterbox 640x640, confidence 0.4).
+#[derive(Args)]
+struct VideoArgs {
+    /// A video file, a URL ffmpeg reads (rtsp://, http://) or webcam:N.
+    source: String,
+    #[command(flatten)]
+    weights: WeightsArgs,
+    /// letterbox:WxH (the reference video script), original or long-side:N.
+    #[arg(long, default_value = "letterbox:640x640")]
+    resize: String,
+    #[arg(long, default_value_t = 0.4)]
+    conf_threshold: f32,
+    #[arg(long, default_value_t = 0.4)]
+    nms_threshold: f32,
+    #[arg(long, default_value_t = 5000)]
+    pre_nms_topk: usize,
+    #[arg(long, default_value_t = 750)]
+    post_nms_topk: usize,
+    /// Detections drawn (and tracked) have at least this score.
+    #[arg(long, default_value_t = 0.6)]
+    vis_threshold: f32,
+    /// One JSON object per processed frame on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Write the annotated video here (H.264 when ffmpeg has it, else MPEG-4; audio copied).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Frames per forward pass.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Run the network on every Nth frame (the others are drawn with the last detections).
+    #[arg(long, default_value_t = 1)]
+    every: usize,
+    /// Stop after this many frames.
+    #[arg(long)]
+    max_frames: Option<usize>,
+    /// Live mode: drop frames (and count them) when inference falls behind; a file is read at its own rate.
+    #[arg(long)]
+    realtime: bool,
+    /// Stable face ids across frames (SORT), in the JSON as "id" and drawn.
+    #[arg(long)]
+    track: bool,
+    /// No progress line on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn video(a: VideoArgs) -> Result<()> {
+    let opts = retinaface::video::VideoOptions {
+        resize: a.resize.parse()?,
+        post: PostOptions {
+            conf_threshold: a.conf_threshold,
+            nms_threshold: a.nms_threshold,
+            pre_nms_topk: Some(a.pre_nms_topk),
+            post_nms_topk: Some(a.post_nms_topk),
+        },
+        vis_threshold: a.vis_threshold,
+        json: a.json,
+        out: a.out.clone(),
+        batch: a.batch,
+        every: a.every,
+        max_frames: a.max_frames,
+        realtime: a.realtime,
+        track: a.track,
+        progress: !a.quiet,
+    };
+    // Source and ffmpeg first: their mistakes should not wait for the weights to load.
+    retinaface::video::source::SourceSpec::parse(&a.source)?;
+    retinaface::video::source::ffmpeg_binary()?;
+    let engine = a.weights.engine()?;
+    let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    retinaface::video::install_sigint(interrupt.clone())?;
+    let s = retinaface::video::run(&engine, &a.source, &opts, &mut std::io::stdout(), &interrupt)?;
+    if !a.quiet || s.interrupted || s.dropped > 0 {
+        eprintln!(
+            "{}: {} frames decoded, {} inferred, {} dropped, {} written{}, {:.1} s ({:.1} frames/s){}",
+            a.source,
+            s.decoded,
+            s.inferred,
+            s.dropped,
+            s.written,
+            s.codec.map(|c| format!(" ({c})")).unwrap_or_default(),
+            s.seconds,
+            s.decoded as f64 / s.seconds.max(1e-9),
+            if s.interrupted { ", interrupted" } else { "" }
+        );
+    }
     Ok(())
 }
