@@ -88,3 +88,14 @@ mod tests {
         assert_eq!(size_of::<NmsReduceParams>(), 56 + 16);
     }
 }
+
+params! {
+    /// kernels/conv_f16.cuh: the f16 tensor-core convolutions (pointers to f16 data are raw u16 words).
+    pub struct ConvF16Params {
+        x: u64, wt: u64, bias: u64, residual: u64, y: u64,
+        n: i32, h: i32, w: i32, cin: i32,
+        oh: i32, ow: i32, cout: i32, k: i32,
+        stride: i32, pad: i32, out_ctot: i32, out_coff: i32,
+        act: i32, slope: f32,
+    }
+}

@@ -1,0 +1,17 @@
+// conv_f16.cuh — the launch parameters of the f16 tensor-core convolutions (kernels/conv_f16.cu),
+// mirrored field for field by ConvF16Params in src/cuda/params.rs. Same field order as ConvParams
+// (common.cuh), with f16 activations stored as raw 16-bit words (no cuda_fp16.h needed).
+#pragma once
+
+struct ConvF16Params {
+    const unsigned short* x;         // [n][h][w][cin] f16, cin a multiple of 8 (padded channels are 0)
+    const unsigned short* wt;        // groups 1: [cout][k][k][cin] f16 (K = k·k·cin contiguous); dw: [k][k][c]
+    const float* bias;               // [cout] f32
+    const unsigned short* residual;  // [n][oh][ow][cout] f16, or null
+    unsigned short* y;               // [n][oh][ow][out_ctot] f16, written at channels out_coff..out_coff+cout
+    int n, h, w, cin;
+    int oh, ow, cout, k;
+    int stride, pad, out_ctot, out_coff;
+    int act;
+    float slope;
+};
