@@ -17,9 +17,18 @@
 //   ldmatrix.x4 (A: 16×16; B: two n8×k16) or .x2 (B of an 8-wide tile).
 //   Variants (the registry in src/cuda/conv_f16.rs): 128×128 (8 warps of 64×32), 128×64 (4 of 64×32),
 //   64×64 (4 of 32×32), and narrow-N 128×32 / 128×16 / 128×8 (4 warps of 32×BN) for 8..32 channels.
-//   Launch: grid (ceil(M/BM), ceil(cout/BN)), block 32·warps. Shared: 3·(BM+BN)·32·2 B (48 KiB at
-//   128×128). Cost: 2·M·cout·K FLOPs; reads M·K·2 B of x per BN channels (L2 absorbs the k² reuse)
+//   Launch: grid (ceil(M/BM), ceil(cout/BN), splits), block 32·warps. Shared: 3·(BM+BN)·32·2 B (48 KiB
+//   at 128×128). Cost: 2·M·cout·K FLOPs; reads M·K·2 B of x per BN channels (L2 absorbs the k² reuse)
 //   and K·cout·2 B of weights per BM pixels; writes M·cout·2 B.
+//   Split-K (p.ws set; small maps with deep K, where M×N tiles alone cannot fill the SMs): block z
+//   reduces its own range of k-tiles and stores f32 partials to ws; conv_f16_splitk_reduce (1-D over
+//   M·cout/2, 256 threads) sums them in z order, so the result does not depend on timing, and applies
+//   the epilogue. Extra traffic: 2·splits·M·cout·4 B.
+//
+// conv_dw_f16 (groups = cin = cout = c, c % 8 == 0): one thread per output pixel and 8 channels, one
+//   16-byte load of x and of w per tap (weights [k][k][c] f16), f32 sums over (ky, kx) in the CPU
+//   reference's order, one 16-byte store. Launch: 1-D over n·oh·ow·c/8, 256 threads. Cost: 2·k² FLOPs
+//   per output; reads k²·16 B per 8 outputs (neighbouring pixels' taps hit in L1), writes 16 B.
 #include "common.cuh"
 #include "conv_f16.cuh"
 #include "mma.cuh"
@@ -29,6 +38,21 @@
 
 // Offset in halves of chunk c (8 halves) of row r in a [rows][32] tile, swizzled as described above.
 __device__ __forceinline__ int convh_swz(int r, int c) { return r * CONVH_BK + ((c ^ ((r >> 1) & 3)) << 3); }
+
+// The fused epilogue for channels co, co + 1 of pixel m: bias, residual, activation, f16, one 32-bit
+// store (cout, out_ctot, out_coff are even).
+__device__ __forceinline__ void convh_store2(const ConvF16Params& p, int m, int co, float v0, float v1) {
+    v0 += p.bias[co];
+    v1 += p.bias[co + 1];
+    if (p.residual) {
+        const unsigned r = *reinterpret_cast<const unsigned*>(p.residual + m * p.cout + co);
+        v0 += half_to_float((unsigned short)(r & 0xffff));
+        v1 += half_to_float((unsigned short)(r >> 16));
+    }
+    v0 = apply_act(v0, p.act, p.slope);
+    v1 = apply_act(v1, p.act, p.slope);
+    *reinterpret_cast<unsigned*>(p.y + m * p.out_ctot + p.out_coff + co) = pack_half2(v0, v1);
+}
 
 template <int BM, int BN, int WM, int WN>
 __device__ __forceinline__ void conv_f16_igemm(const ConvF16Params& p) {
@@ -95,10 +119,14 @@ __device__ __forceinline__ void conv_f16_igemm(const ConvF16Params& p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-    const int KT = (K + CONVH_BK - 1) / CONVH_BK;
+    int kt0 = 0, KT = (K + CONVH_BK - 1) / CONVH_BK;
+    if (p.ws) {
+        kt0 = blockIdx.z * p.kt_per_split;
+        KT = min(KT - kt0, p.kt_per_split);
+    }
 #pragma unroll
     for (int s = 0; s < CONVH_STAGES - 1; ++s) {
-        if (s < KT) load_stage(s, s);
+        if (s < KT) load_stage(s, kt0 + s);
         cp_async_commit();
     }
     for (int kt = 0; kt < KT; ++kt) {
@@ -107,7 +135,7 @@ __device__ __forceinline__ void conv_f16_igemm(const ConvF16Params& p) {
         cp_async_wait<CONVH_STAGES - 2>();
         __syncthreads();
         const int nk = kt + CONVH_STAGES - 1;
-        if (nk < KT) load_stage(nk % CONVH_STAGES, nk);
+        if (nk < KT) load_stage(nk % CONVH_STAGES, kt0 + nk);
         cp_async_commit();
 
         const unsigned short* as = As[kt % CONVH_STAGES];
@@ -140,8 +168,7 @@ __device__ __forceinline__ void conv_f16_igemm(const ConvF16Params& p) {
     // Nothing may still write shared memory when the block exits (empty groups only, but be exact).
     cp_async_wait<0>();
 
-    // Epilogue: c_i of tile (mt, nt) is pixel g + 8·(i/2), channel 2t + i%2; pairs of channels go out
-    // as one 32-bit store (cout, out_ctot, out_coff are even).
+    // Epilogue: c_i of tile (mt, nt) is pixel g + 8·(i/2), channel 2t + i%2.
     const int g = lane / 4, t = lane % 4;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -149,20 +176,17 @@ __device__ __forceinline__ void conv_f16_igemm(const ConvF16Params& p) {
         for (int nt = 0; nt < NT; ++nt) {
             const int co = n0 + wn0 + nt * 8 + 2 * t;
             if (co >= p.cout) continue;
-            const float b0 = p.bias[co], b1 = p.bias[co + 1];
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int m = m0 + wm0 + mt * 16 + g + 8 * h;
                 if (m >= M) continue;
-                float v0 = acc[mt][nt][2 * h] + b0, v1 = acc[mt][nt][2 * h + 1] + b1;
-                if (p.residual) {
-                    const unsigned r = *reinterpret_cast<const unsigned*>(p.residual + m * p.cout + co);
-                    v0 += half_to_float((unsigned short)(r & 0xffff));
-                    v1 += half_to_float((unsigned short)(r >> 16));
+                if (p.ws) {
+                    float* w = p.ws + ((long long)blockIdx.z * M + m) * p.cout + co;
+                    w[0] = acc[mt][nt][2 * h];
+                    w[1] = acc[mt][nt][2 * h + 1];
+                } else {
+                    convh_store2(p, m, co, acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
                 }
-                v0 = apply_act(v0, p.act, p.slope);
-                v1 = apply_act(v1, p.act, p.slope);
-                *reinterpret_cast<unsigned*>(p.y + m * p.out_ctot + p.out_coff + co) = pack_half2(v0, v1);
             }
         }
 }
@@ -173,3 +197,64 @@ extern "C" __global__ void __launch_bounds__(128) conv_f16_64x64(const ConvF16Pa
 extern "C" __global__ void __launch_bounds__(128) conv_f16_128x32(const ConvF16Params p) { conv_f16_igemm<128, 32, 32, 32>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_f16_128x16(const ConvF16Params p) { conv_f16_igemm<128, 16, 32, 16>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_f16_128x8(const ConvF16Params p) { conv_f16_igemm<128, 8, 32, 8>(p); }
+
+extern "C" __global__ void __launch_bounds__(256) conv_f16_splitk_reduce(const ConvF16Params p) {
+    const int M = p.n * p.oh * p.ow;
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= M * (p.cout / 2)) return;
+    const int m = i / (p.cout / 2), co = 2 * (i % (p.cout / 2));
+    float v0 = 0.0f, v1 = 0.0f;
+    for (int z = 0; z < p.splits; ++z) {
+        const float* w = p.ws + ((long long)z * M + m) * p.cout + co;
+        v0 += w[0];
+        v1 += w[1];
+    }
+    convh_store2(p, m, co, v0, v1);
+}
+
+extern "C" __global__ void __launch_bounds__(256) conv_dw_f16(const ConvF16Params p) {
+    const int c8 = p.cout / 8;
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const int M = p.n * p.oh * p.ow;
+    if (i >= M * c8) return;
+    const int cg = i % c8, m = i / c8;
+    const int ox = m % p.ow, r = m / p.ow;
+    const int oy = r % p.oh, b = r / p.oh;
+    const int c = p.cout, ch = cg * 8;
+    float acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+    for (int ky = 0; ky < p.k; ++ky) {
+        const int iy = oy * p.stride - p.pad + ky;
+        for (int kx = 0; kx < p.k; ++kx) {
+            const int ix = ox * p.stride - p.pad + kx;
+            const bool ok = (unsigned)iy < (unsigned)p.h && (unsigned)ix < (unsigned)p.w;
+            const uint4 xv = ldg16_or_zero(p.x + (ok ? ((b * p.h + iy) * p.w + ix) * c + ch : 0), ok);
+            const uint4 wv = ldg16_or_zero(p.wt + (ky * p.k + kx) * c + ch, true);
+            const unsigned xs[4] = {xv.x, xv.y, xv.z, xv.w}, ws[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                acc[2 * e] += half_to_float((unsigned short)(xs[e] & 0xffff)) * half_to_float((unsigned short)(ws[e] & 0xffff));
+                acc[2 * e + 1] += half_to_float((unsigned short)(xs[e] >> 16)) * half_to_float((unsigned short)(ws[e] >> 16));
+            }
+        }
+    }
+    float v[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = acc[e] + p.bias[ch + e];
+    if (p.residual) {
+        const uint4 rv = *reinterpret_cast<const uint4*>(p.residual + m * c + ch);
+        const unsigned rs[4] = {rv.x, rv.y, rv.z, rv.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            v[2 * e] += half_to_float((unsigned short)(rs[e] & 0xffff));
+            v[2 * e + 1] += half_to_float((unsigned short)(rs[e] >> 16));
+        }
+    }
+    uint4 o;
+    o.x = pack_half2(apply_act(v[0], p.act, p.slope), apply_act(v[1], p.act, p.slope));
+    o.y = pack_half2(apply_act(v[2], p.act, p.slope), apply_act(v[3], p.act, p.slope));
+    o.z = pack_half2(apply_act(v[4], p.act, p.slope), apply_act(v[5], p.act, p.slope));
+    o.w = pack_half2(apply_act(v[6], p.act, p.slope), apply_act(v[7], p.act, p.slope));
+    *reinterpret_cast<uint4*>(p.y + m * p.out_ctot + p.out_coff + ch) = o;
+}

@@ -14,4 +14,9 @@ struct ConvF16Params {
     int stride, pad, out_ctot, out_coff;
     int act;
     float slope;
+    // Split-K (ws non-null): block z of gridDim.z sums k-tiles [z·kt_per_split, (z+1)·kt_per_split) and
+    // stores raw f32 partial sums to ws [splits][n·oh·ow][cout]; conv_f16_splitk_reduce adds them in z
+    // order and applies the epilogue. ws null: one pass, epilogue fused.
+    float* ws;
+    int splits, kt_per_split;
 };

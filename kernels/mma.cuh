@@ -195,6 +195,17 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// 16 bytes from global memory when `ok`, else zeros (a predicated vector load; the simulation counts
+// its sectors, so call it on every lane and let `ok` say which lanes load).
+__device__ __forceinline__ uint4 ldg16_or_zero(const void* p, bool ok) {
+#ifdef CUDASIM
+    ::cudasim::note_global(p, ok ? 16 : 0);
+#endif
+    uint4 v = {0u, 0u, 0u, 0u};
+    if (ok) v = __ldg(static_cast<const uint4*>(p));
+    return v;
+}
+
 // f16 <-> f32 without cuda_fp16.h (NVRTC then needs no CUDA include directory). Round to nearest even.
 __device__ __forceinline__ float half_to_float(unsigned short h) {
 #ifdef CUDASIM

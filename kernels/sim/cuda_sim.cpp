@@ -164,6 +164,7 @@ void shuffle(Worker* w) {
 // Wavefronts one warp instruction's shared access needs: lanes are served in phases of 128 bytes
 // (32 lanes of 4 bytes, 16 of 8, 8 of 16); within a phase, distinct 4-byte words in one bank serialise.
 void count_shared_into(Counters& c, const void* const* addrs, unsigned nlanes, int bytes) {
+    if (bytes != 4 && bytes != 8 && bytes != 16) return;  // global-only log entries have no shared side
     const unsigned per_phase = 128u / (unsigned)bytes;
     bool any = false;
     for (unsigned p0 = 0; p0 < nlanes; p0 += per_phase) {
@@ -411,6 +412,10 @@ void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
     std::memset(dst, 0xff, (size_t)bytes);
     f.copies.push_back(c);
     f.log.push_back(CopyAccess{dst, src, bytes, src_bytes});
+}
+
+void note_global(const void* src, int bytes) {
+    t_worker->fibers[t_index].log.push_back(CopyAccess{nullptr, src, bytes, bytes});
 }
 
 void cp_async_commit() { t_worker->fibers[t_index].open_group += 1; }

@@ -21,6 +21,7 @@
 #define CUDASIM 1
 
 struct uint3 { unsigned x, y, z; };
+struct __attribute__((aligned(16))) uint4 { unsigned x, y, z, w; };
 struct dim3 {
     unsigned x, y, z;
     constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
@@ -57,6 +58,9 @@ void cp_async_commit();
 void cp_async_wait(int pending_groups);
 // Counts one warp instruction's shared-memory access (bank conflicts) from inside a warp_call.
 void count_shared(const void* const* addrs, unsigned nlanes, int bytes);
+// Logs one lane's global load of `bytes` for the sector counters (bytes 0: the lane is predicated off);
+// entry j of every lane of a warp counts as one warp request, as for cp.async.
+void note_global(const void* src, int bytes);
 
 template <class T> inline uint64_t to_bits(T v) { uint64_t b = 0; std::memcpy(&b, &v, sizeof(T)); return b; }
 template <class T> inline T from_bits(uint64_t b) { T v; std::memcpy(&v, &b, sizeof(T)); return v; }

@@ -8,13 +8,15 @@
 //! the supported variants per shape; without one [`heuristic`] picks.
 
 use super::params::ConvF16Params;
-use super::runner::{KernelRunner, KernelRunnerExt, LaunchDims};
+use super::runner::{DevBuf, KernelRunner, KernelRunnerExt, LaunchDims};
 use crate::error::{Error, Result};
 use crate::model::graph::Conv;
 
-/// One kernel of the family.
+/// One way to run a groups-1 convolution: a kernel of the family and how K is split.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Variant {
+    /// The variant's name in tables and the tuning cache.
+    pub name: &'static str,
     /// The kernel's name in kernels/conv_f16.cu.
     pub kernel: &'static str,
     /// Output pixels (GEMM M) per block.
@@ -24,6 +26,8 @@ pub struct Variant {
     pub threads: u32,
     /// The oldest architecture the kernel runs on (mma.sync and cp.async need sm_80).
     pub min_sm: u32,
+    /// K split over this many blocks (1: none), partial sums reduced by conv_f16_splitk_reduce.
+    pub split_k: usize,
 }
 
 impl Variant {
@@ -33,18 +37,28 @@ impl Variant {
     }
 }
 
-/// Every f16 groups-1 convolution kernel, widest first.
+const fn tile(name: &'static str, bm: usize, bn: usize, threads: u32, split_k: usize) -> Variant {
+    Variant { name, kernel: name, bm, bn, threads, min_sm: 80, split_k }
+}
+
+/// Every way to run an f16 groups-1 convolution, widest tile first.
 pub const VARIANTS: &[Variant] = &[
-    Variant { kernel: "conv_f16_128x128", bm: 128, bn: 128, threads: 256, min_sm: 80 },
-    Variant { kernel: "conv_f16_128x64", bm: 128, bn: 64, threads: 128, min_sm: 80 },
-    Variant { kernel: "conv_f16_64x64", bm: 64, bn: 64, threads: 128, min_sm: 80 },
-    Variant { kernel: "conv_f16_128x32", bm: 128, bn: 32, threads: 128, min_sm: 80 },
-    Variant { kernel: "conv_f16_128x16", bm: 128, bn: 16, threads: 128, min_sm: 80 },
-    Variant { kernel: "conv_f16_128x8", bm: 128, bn: 8, threads: 128, min_sm: 80 },
+    tile("conv_f16_128x128", 128, 128, 256, 1),
+    tile("conv_f16_128x64", 128, 64, 128, 1),
+    tile("conv_f16_64x64", 64, 64, 128, 1),
+    tile("conv_f16_128x32", 128, 32, 128, 1),
+    tile("conv_f16_128x16", 128, 16, 128, 1),
+    tile("conv_f16_128x8", 128, 8, 128, 1),
+    Variant { name: "conv_f16_64x64_sk4", ..tile("conv_f16_64x64", 64, 64, 128, 4) },
+    Variant { name: "conv_f16_64x64_sk8", ..tile("conv_f16_64x64", 64, 64, 128, 8) },
 ];
 
-pub fn variant(kernel: &str) -> Option<&'static Variant> {
-    VARIANTS.iter().find(|v| v.kernel == kernel)
+/// The f16 depthwise kernel (its own family member; no variants).
+pub const DEPTHWISE_KERNEL: &str = "conv_dw_f16";
+const SPLITK_REDUCE: &str = "conv_f16_splitk_reduce";
+
+pub fn variant(name: &str) -> Option<&'static Variant> {
+    VARIANTS.iter().find(|v| v.name == name)
 }
 
 /// A groups-1 convolution as the f16 kernels see it (channel counts already padded to multiples of 8).
@@ -77,9 +91,24 @@ impl ConvShape {
     pub fn flops(&self) -> f64 {
         2.0 * self.m() as f64 * self.cout as f64 * self.k_dim() as f64
     }
-    /// Blocks a variant launches for this shape.
+    /// k-tiles of 32 along K.
+    pub fn k_tiles(&self) -> usize {
+        self.k_dim().div_ceil(32)
+    }
+    /// (splits, k-tiles per split) a variant uses here: no split is left empty.
+    pub fn splits(&self, v: &Variant) -> (usize, usize) {
+        let kt = self.k_tiles().max(1);
+        let per = kt.div_ceil(v.split_k.clamp(1, kt));
+        (kt.div_ceil(per), per)
+    }
+    /// Blocks a variant launches for this shape (the GEMM kernel; split-K's reduce not counted).
     pub fn blocks(&self, v: &Variant) -> usize {
-        self.m().div_ceil(v.bm) * self.cout.div_ceil(v.bn)
+        self.m().div_ceil(v.bm) * self.cout.div_ceil(v.bn) * self.splits(v).0
+    }
+    /// f32 workspace bytes a variant needs (0 without split-K).
+    pub fn workspace_bytes(&self, v: &Variant) -> usize {
+        let (splits, _) = self.splits(v);
+        if v.split_k > 1 { splits * self.m() * self.cout * 4 } else { 0 }
     }
     /// The fraction of a variant's computed tile that is real output (edge tiles compute padding).
     pub fn tile_efficiency(&self, v: &Variant) -> f64 {
@@ -92,7 +121,8 @@ pub const DEFAULT_SMS: usize = 132;
 
 /// The deterministic choice without timing: the narrowest tile that covers cout when cout ≤ 32 (a
 /// 64-wide tile on 8 channels computes 8× the output); otherwise the widest tile that still gives every
-/// SM at least one block, as wide tiles reuse each loaded element most.
+/// SM at least one block, as wide tiles reuse each loaded element most; when even 64×64 tiles leave
+/// over half the SMs idle and K is deep (≥ 32 k-tiles), split K 4 or 8 ways.
 pub fn heuristic(s: &ConvShape, sms: usize) -> &'static Variant {
     let by_name = |k: &str| variant(k).unwrap_or(&VARIANTS[0]);
     if s.cout <= 8 {
@@ -110,7 +140,12 @@ pub fn heuristic(s: &ConvShape, sms: usize) -> &'static Variant {
             return v;
         }
     }
-    by_name("conv_f16_64x64")
+    let small = by_name("conv_f16_64x64");
+    let b = s.blocks(small);
+    if 2 * b <= sms && s.k_tiles() >= 32 {
+        return by_name(if 8 * b <= sms { "conv_f16_64x64_sk8" } else { "conv_f16_64x64_sk4" });
+    }
+    small
 }
 
 /// Checks what the kernels assume of a shape, naming the conv in the error.
@@ -143,18 +178,108 @@ pub fn check(name: &str, p: &ConvF16Params) -> Result<()> {
     Ok(())
 }
 
-/// Launches `v` on `p` after [`check`].
-pub fn launch(r: &mut (impl KernelRunner + ?Sized), v: &Variant, name: &str, p: &ConvF16Params) -> Result<()> {
+impl ConvF16Params {
+    /// The shape the GEMM kernels see.
+    pub fn shape(&self) -> ConvShape {
+        let u = |v: i32| v.max(0) as usize;
+        ConvShape {
+            n: u(self.n),
+            h: u(self.h),
+            w: u(self.w),
+            cin: u(self.cin),
+            cout: u(self.cout),
+            k: u(self.k),
+            stride: u(self.stride),
+            pad: u(self.pad),
+        }
+    }
+}
+
+/// Launches `v` on `p` after [`check`]. Split-K variants need `ws` of at least
+/// [`ConvShape::workspace_bytes`]; `p.ws`, `p.splits` and `p.kt_per_split` are set here.
+pub fn launch(
+    r: &mut (impl KernelRunner + ?Sized),
+    v: &Variant,
+    name: &str,
+    p: &ConvF16Params,
+    ws: Option<DevBuf>,
+) -> Result<()> {
     check(name, p)?;
-    let m = p.n as usize * p.oh as usize * p.ow as usize;
+    let shape = p.shape();
+    if (p.oh as usize, p.ow as usize) != shape.out_hw() {
+        return Err(Error::InvalidArgument(format!(
+            "f16 conv {name}: output {}x{} but the shape gives {:?}",
+            p.oh,
+            p.ow,
+            shape.out_hw()
+        )));
+    }
+    let m = shape.m();
+    let mut p = *p;
+    let (splits, per) = shape.splits(v);
+    p.ws = 0;
+    p.splits = 1;
+    p.kt_per_split = per as i32;
+    if v.split_k > 1 {
+        let need = shape.workspace_bytes(v);
+        let ws = ws.filter(|b| b.bytes >= need).ok_or_else(|| {
+            Error::InvalidArgument(format!("f16 conv {name}: {} needs a workspace of {need} bytes", v.name))
+        })?;
+        p.ws = ws.ptr;
+        p.splits = splits as i32;
+    }
     let dims = LaunchDims {
-        grid: [m.div_ceil(v.bm) as u32, (p.cout as usize).div_ceil(v.bn) as u32, 1],
+        grid: [m.div_ceil(v.bm) as u32, (p.cout as usize).div_ceil(v.bn) as u32, p.splits as u32],
         block: [v.threads, 1, 1],
     };
     if dims.grid[1] > 65535 {
         return Err(Error::InvalidArgument(format!("f16 conv {name}: {} output channels is too many", p.cout)));
     }
-    r.launch(v.kernel, dims, p)
+    r.launch(v.kernel, dims, &p)?;
+    if v.split_k > 1 {
+        r.launch(SPLITK_REDUCE, LaunchDims::linear(m * p.cout as usize / 2, 256), &p)?;
+    }
+    Ok(())
+}
+
+/// Launches the f16 depthwise kernel (groups = cin = cout, weights [k][k][c] f16).
+pub fn launch_depthwise(r: &mut (impl KernelRunner + ?Sized), name: &str, p: &ConvF16Params) -> Result<()> {
+    check(name, p)?;
+    if p.cin != p.cout {
+        return Err(Error::InvalidArgument(format!(
+            "f16 depthwise {name}: {} input and {} output channels (must be equal)",
+            p.cin, p.cout
+        )));
+    }
+    let m = p.n as usize * p.oh as usize * p.ow as usize;
+    let p = ConvF16Params { ws: 0, splits: 1, kt_per_split: 0, ..*p };
+    r.launch(DEPTHWISE_KERNEL, LaunchDims::linear(m * p.cout as usize / 8, 256), &p)
+}
+
+/// A depthwise conv's OIHW ([c, 1, k, k]) f32 weights as [k][k][c_pad] f16, and its bias padded to c_pad.
+pub fn pack_depthwise(c: &Conv) -> Result<(Vec<u16>, Vec<f32>)> {
+    let k = c.kernel;
+    if c.groups != c.cin || c.cin != c.cout || c.weight.len() != c.cout * k * k || c.bias.len() != c.cout {
+        return Err(Error::InvalidArgument(format!(
+            "f16 depthwise {}: groups {}, {} -> {} channels, {} weights, {} biases",
+            c.name,
+            c.groups,
+            c.cin,
+            c.cout,
+            c.weight.len(),
+            c.bias.len()
+        )));
+    }
+    let cp = pad8(c.cout);
+    let mut w = vec![0u16; k * k * cp];
+    for ch in 0..c.cout {
+        for t in 0..k * k {
+            w[t * cp + ch] = half::f16::from_f32(c.weight[ch * k * k + t]).to_bits();
+        }
+    }
+    let mut b = c.bias.clone();
+    b.resize(cp, 0.0);
+    Ok((w, b))
 }
 
 /// f32 → f16 bits, round to nearest even.

@@ -97,5 +97,7 @@ params! {
         oh: i32, ow: i32, cout: i32, k: i32,
         stride: i32, pad: i32, out_ctot: i32, out_coff: i32,
         act: i32, slope: f32,
+        ws: u64,
+        splits: i32, kt_per_split: i32,
     }
 }
