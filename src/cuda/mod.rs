@@ -17,6 +17,7 @@ pub mod kernels;
 pub mod nvrtc;
 pub mod params;
 pub mod runner;
+pub mod sass;
 #[cfg(feature = "cuda-sim")]
 pub mod sim;
 
