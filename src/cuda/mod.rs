@@ -20,6 +20,7 @@ pub mod runner;
 pub mod sass;
 #[cfg(feature = "cuda-sim")]
 pub mod sim;
+pub mod tune;
 
 pub use engine::{Backend, GpuEngine, device_postprocess, nchw_to_nhwc, nhwc_to_nchw};
 pub use runner::{DevBuf, KernelRunner, KernelRunnerExt, LaunchDims};
