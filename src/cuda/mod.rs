@@ -10,6 +10,7 @@
 //! Nothing here panics on a machine without CUDA: [`gpu::devices`] and [`nvrtc::available`] return
 //! errors when a library is missing.
 
+pub mod bench_kernels;
 pub mod conv_f16;
 pub mod engine;
 pub mod gpu;

@@ -101,12 +101,9 @@ pub fn full_source(family: &str) -> Result<String> {
     let mut src = kernels::source(family).ok_or_else(|| Error::Cuda(format!("no kernel family {family}")))?.to_string();
     let mut spliced = Vec::new();
     // Headers include headers: repeat until no include of a kernels/ header is left.
-    loop {
-        let Some((name, text)) =
-            kernels::HEADERS.iter().find(|(name, _)| src.contains(&format!("#include \"{name}\"")))
-        else {
-            break;
-        };
+    while let Some((name, text)) =
+        kernels::HEADERS.iter().find(|(name, _)| src.contains(&format!("#include \"{name}\"")))
+    {
         let line = format!("#include \"{name}\"");
         let body = if spliced.contains(name) { "" } else { *text };
         src = src.replacen(&line, body, 1);
