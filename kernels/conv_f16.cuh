@@ -20,3 +20,25 @@ struct ConvF16Params {
     float* ws;
     int splits, kt_per_split;
 };
+
+// kernels/net_f16.cu: the f16 network's other ops, 8 channels (16 bytes) per thread.
+struct PreprocessF16Params {
+    const unsigned char* src;  // [pixels][3] BGR u8
+    unsigned short* dst;       // [pixels][8] f16: B, G, R minus the means, then 5 zero channels
+    int pixels;
+    int pad0;
+};
+
+struct PoolF16Params {
+    const unsigned short* x;  // [n][h][w][c] f16, c % 8 == 0
+    unsigned short* y;        // [n][oh][ow][c]
+    int n, h, w, c;
+    int oh, ow;
+};
+
+struct UpsampleAddF16Params {
+    const unsigned short* src;  // [n][sh][sw][c] f16, c % 8 == 0
+    unsigned short* dst;        // [n][dh][dw][c], dst = f16(dst + nearest(src))
+    int n, sh, sw, dh;
+    int dw, c;
+};

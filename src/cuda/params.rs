@@ -101,3 +101,10 @@ params! {
         splits: i32, kt_per_split: i32,
     }
 }
+
+params! {
+    /// kernels/conv_f16.cuh: f16 preprocessing, max-pool and upsample-add (kernels/net_f16.cu).
+    pub struct PreprocessF16Params { src: u64, dst: u64, pixels: i32, pad0: i32 }
+    pub struct PoolF16Params { x: u64, y: u64, n: i32, h: i32, w: i32, c: i32, oh: i32, ow: i32 }
+    pub struct UpsampleAddF16Params { src: u64, dst: u64, n: i32, sh: i32, sw: i32, dh: i32, dw: i32, c: i32 }
+}
