@@ -83,6 +83,20 @@ fn main() {
         kdir.join("common.cuh").display().to_string()
     )
     .ok();
+    // Every kernels/*.cuh, for NVRTC to splice in where a family includes it.
+    let mut headers: Vec<PathBuf> = std::fs::read_dir(&kdir)
+        .expect("kernels/ exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cuh"))
+        .collect();
+    headers.sort();
+    writeln!(table, "/// (file name, source) of every kernels/*.cuh.").ok();
+    writeln!(table, "pub const HEADERS: &[(&str, &str)] = &[").ok();
+    for h in &headers {
+        let name = h.file_name().and_then(|s| s.to_str()).expect("utf-8 header name");
+        writeln!(table, "    ({:?}, include_str!({:?})),", name, h.display().to_string()).ok();
+    }
+    writeln!(table, "];").ok();
     std::fs::write(out.join("kernel_table.rs"), table).expect("write kernel_table.rs");
 
     if std::env::var_os("CARGO_FEATURE_CUDA_SIM").is_some() {

@@ -44,6 +44,11 @@ if [ -n "${RETINAFACE_FFMPEG:-}" ] || command -v ffmpeg >/dev/null; then
 else
   echo "video-bench: SKIP (no ffmpeg: set RETINAFACE_FFMPEG)" >> "$SUMMARY"
 fi
+# f16 tensor-core convolutions: every variant validated and timed on the device for the largest and the
+# smallest network at 640x640, batch 64, the tuner's choices cached beside the logs.
+export RETINAFACE_TUNE_CACHE="$OUT/conv_tune.json"
+run bench-kernels-r50 150 "$CARGO_TARGET_DIR/release/retinaface" bench-kernels --network resnet50 --size 640x640 --batch 64 --backend cuda --tune full
+run bench-kernels-mn025 90 "$CARGO_TARGET_DIR/release/retinaface" bench-kernels --network mobilenetv1_0.25 --size 640x640 --batch 64 --backend cuda --tune full
 grep -E "raw max error|THROUGHPUT|running on|SKIP" "$OUT/gpu-tests.log" >> "$SUMMARY" 2>/dev/null
 grep -E "^(conv|heads|maxpool|select|topk|decode|nms|preprocess|upsample)" "$OUT/nvrtc.log" >> "$SUMMARY" 2>/dev/null
 echo "overall: $([ $status -eq 0 ] && echo PASS || echo FAIL)" >> "$SUMMARY"

@@ -6,9 +6,19 @@
 // resolves barriers: a __syncthreads completes when every thread of the block waits at it, a warp
 // collective when every lane of the warp posted it. Anything else (a thread exited while others wait at
 // __syncthreads, lanes of a warp at different barriers) is a divergence and fails the launch.
+//
+// Between two barriers the runnable fibers run in a seeded random order (a new permutation every
+// round), so code that depends on one thread finishing before another without a barrier fails here as
+// it can on the device; seed 0 keeps thread order (cudasim_set_order_seed, or RETINAFACE_SIM_SEED).
+//
+// The tensor-core path adds warp_call (mma.sync, ldmatrix: computed once per warp from all 32 lanes'
+// operands), cp.async (per-thread copies queued until wait_group retires their group) and per-launch
+// counters of shared-memory bank conflicts and global sectors per warp request (cudasim_counters).
 #include "cuda_sim.h"
 
+#include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <csetjmp>
 #include <cstdio>
 #include <mutex>
@@ -32,6 +42,33 @@ constexpr size_t kStack = 256 * 1024;
 constexpr size_t kGuard = 4096;
 
 enum State { IDLE, RUNNABLE, AT_BLOCK_BARRIER, AT_WARP, DONE };
+constexpr int W_CALL = 100;
+
+// One cp.async in flight: the bytes read at issue (the source is global memory, read-only for the
+// kernel's life), written to dst when its group retires.
+struct PendingCopy {
+    void* dst;
+    int bytes;
+    unsigned group;
+    unsigned char data[16];
+};
+
+// One lane's cp.async as the counters see it; entry j of every lane of a warp is one warp instruction.
+struct CopyAccess {
+    const void* dst;
+    const void* src;
+    int bytes, src_bytes;
+};
+
+// Per-launch efficiency counters (see cudasim_counters).
+struct Counters {
+    uint64_t shared_requests = 0, shared_wavefronts = 0, shared_ideal = 0;
+    uint64_t global_requests = 0, global_sectors = 0, global_bytes = 0;
+};
+// Both belong to the thread that launches (tests launch from several threads at once).
+thread_local Counters t_last_counters;
+thread_local uint64_t t_seed = 0;
+thread_local bool t_seed_set = false;
 
 struct Fiber {
     jmp_buf ctx;
@@ -41,6 +78,10 @@ struct Fiber {
     unsigned mask = 0;
     uint64_t value = 0, result = 0;
     int arg = 0, width = 32;
+    WarpFn call = nullptr;
+    std::vector<PendingCopy> copies;
+    unsigned open_group = 0;  // copies issued since the last commit carry this group number
+    std::vector<CopyAccess> log;
 };
 
 typedef void (*KernelFn)(const void*);
@@ -53,6 +94,9 @@ struct Worker {
     KernelFn fn = nullptr;
     const void* params = nullptr;
     std::string error;
+    std::vector<unsigned> order;
+    uint64_t rng = 0;
+    Counters counters;
 };
 
 thread_local Worker* t_worker = nullptr;
@@ -105,6 +149,118 @@ void resume(Worker* w, unsigned i) {
     if (_setjmp(w->sched) == 0) _longjmp(w->fibers[i].ctx, 1);
 }
 
+uint64_t next_rand(uint64_t& s) {
+    s ^= s >> 12;
+    s ^= s << 25;
+    s ^= s >> 27;
+    return s * 0x2545f4914f6cdd1dull;
+}
+
+void shuffle(Worker* w) {
+    std::vector<unsigned>& o = w->order;
+    for (size_t i = o.size(); i > 1; --i) std::swap(o[i - 1], o[next_rand(w->rng) % i]);
+}
+
+// Wavefronts one warp instruction's shared access needs: lanes are served in phases of 128 bytes
+// (32 lanes of 4 bytes, 16 of 8, 8 of 16); within a phase, distinct 4-byte words in one bank serialise.
+void count_shared_into(Counters& c, const void* const* addrs, unsigned nlanes, int bytes) {
+    if (bytes != 4 && bytes != 8 && bytes != 16) return;  // global-only log entries have no shared side
+    const unsigned per_phase = 128u / (unsigned)bytes;
+    bool any = false;
+    for (unsigned p0 = 0; p0 < nlanes; p0 += per_phase) {
+        uintptr_t words[32][32];
+        unsigned nword[32] = {0};
+        bool active = false;
+        for (unsigned l = p0; l < std::min(nlanes, p0 + per_phase); ++l) {
+            if (!addrs[l]) continue;
+            active = true;
+            uintptr_t a = (uintptr_t)addrs[l] / 4;
+            for (int k = 0; k < bytes / 4; ++k) {
+                uintptr_t word = a + k;
+                unsigned bank = word % 32;
+                bool seen = false;
+                for (unsigned j = 0; j < nword[bank]; ++j) seen |= words[bank][j] == word;
+                if (!seen && nword[bank] < 32) words[bank][nword[bank]++] = word;
+            }
+        }
+        if (!active) continue;
+        any = true;
+        unsigned wf = 0;
+        for (unsigned b = 0; b < 32; ++b) wf = std::max(wf, nword[b]);
+        c.shared_wavefronts += wf;
+        c.shared_ideal += 1;
+    }
+    if (any) c.shared_requests += 1;
+}
+
+// Global sectors of one warp request: distinct 32-byte sectors touched, against the distinct bytes
+// the lanes asked for (overlapping lanes count once, as the coalescer merges them).
+void count_global(Counters& c, const CopyAccess* const* acc, unsigned nlanes) {
+    std::vector<std::pair<uintptr_t, uintptr_t>> iv;
+    for (unsigned l = 0; l < nlanes; ++l)
+        if (acc[l] && acc[l]->src_bytes > 0) iv.push_back({(uintptr_t)acc[l]->src, (uintptr_t)acc[l]->src + acc[l]->src_bytes});
+    if (iv.empty()) return;
+    std::sort(iv.begin(), iv.end());
+    uint64_t bytes = 0, sectors = 0;
+    uintptr_t cur_lo = iv[0].first, cur_hi = iv[0].second, last_sector = ~(uintptr_t)0;
+    auto close = [&](uintptr_t lo, uintptr_t hi) {
+        bytes += hi - lo;
+        for (uintptr_t s = lo / 32; s <= (hi - 1) / 32; ++s)
+            if (s != last_sector) { sectors += 1; last_sector = s; }
+    };
+    for (size_t i = 1; i < iv.size(); ++i) {
+        if (iv[i].first <= cur_hi) { cur_hi = std::max(cur_hi, iv[i].second); continue; }
+        close(cur_lo, cur_hi);
+        cur_lo = iv[i].first;
+        cur_hi = iv[i].second;
+    }
+    close(cur_lo, cur_hi);
+    c.global_requests += 1;
+    c.global_sectors += sectors;
+    c.global_bytes += bytes;
+}
+
+// Counts the cp.async instructions logged since the last flush, warp instruction by warp instruction.
+void flush_counts(Worker* w, unsigned nthreads) {
+    for (unsigned lo = 0; lo < nthreads; lo += 32) {
+        unsigned hi = std::min(nthreads, lo + 32);
+        size_t len = 0;
+        for (unsigned i = lo; i < hi; ++i) len = std::max(len, w->fibers[i].log.size());
+        for (size_t j = 0; j < len; ++j) {
+            const void* sh[32] = {nullptr};
+            const CopyAccess* ga[32] = {nullptr};
+            int bytes = 16;
+            for (unsigned i = lo; i < hi; ++i) {
+                const std::vector<CopyAccess>& lg = w->fibers[i].log;
+                if (j >= lg.size()) continue;
+                sh[i - lo] = lg[j].dst;
+                ga[i - lo] = &lg[j];
+                bytes = lg[j].bytes;
+            }
+            count_shared_into(w->counters, sh, hi - lo, bytes);
+            count_global(w->counters, ga, hi - lo);
+        }
+        for (unsigned i = lo; i < hi; ++i) w->fibers[i].log.clear();
+    }
+}
+
+bool resolve_call(Worker* w, unsigned warp, unsigned lo, unsigned hi, unsigned posted, std::string& err) {
+    Fiber* fs = &w->fibers[0];
+    if (hi - lo != 32 || posted != 0xffffffffu) {
+        err = "warp " + std::to_string(warp) + ": a .sync.aligned warp instruction (mma/ldmatrix) needs all 32 lanes, " +
+              std::to_string(__builtin_popcount(posted)) + " of " + std::to_string(hi - lo) + " took part";
+        return false;
+    }
+    void* lanes[32];
+    for (unsigned i = lo; i < hi; ++i) {
+        if (fs[i].call != fs[lo].call) { err = "lanes of warp " + std::to_string(warp) + " execute different warp instructions"; return false; }
+        lanes[i - lo] = reinterpret_cast<void*>(fs[i].value);
+    }
+    fs[lo].call(lanes);
+    for (unsigned i = lo; i < hi; ++i) fs[i].state = RUNNABLE;
+    return true;
+}
+
 bool resolve_warp(Worker* w, unsigned warp, unsigned nthreads, std::string& err) {
     unsigned lo = warp * 32, hi = std::min(nthreads, lo + 32);
     Fiber* fs = &w->fibers[0];
@@ -120,6 +276,7 @@ bool resolve_warp(Worker* w, unsigned warp, unsigned nthreads, std::string& err)
         }
     }
     if (op < 0) return true;
+    if (op == W_CALL) return resolve_call(w, warp, lo, hi, posted, err);
     for (unsigned i = lo; i < hi; ++i) {
         if (fs[i].state != AT_WARP) continue;
         unsigned m = fs[i].mask;
@@ -163,11 +320,17 @@ bool run_block(Worker* w, unsigned nthreads) {
     for (unsigned i = 0; i < nthreads; ++i) {
         Fiber& f = w->fibers[i];
         f.state = RUNNABLE;
+        f.copies.clear();
+        f.open_group = 0;
+        f.log.clear();
         f.tc.linear = i;
         f.tc.tid = uint3{i % bd.x, (i / bd.x) % bd.y, i / (bd.x * bd.y)};
     }
+    w->order.resize(nthreads);
+    for (unsigned i = 0; i < nthreads; ++i) w->order[i] = i;
     for (;;) {
-        for (unsigned i = 0; i < nthreads; ++i)
+        if (w->rng != 0) shuffle(w);
+        for (unsigned i : w->order)
             if (w->fibers[i].state == RUNNABLE) resume(w, i);
         if (!w->error.empty()) return false;
         unsigned done = 0, at_block = 0, at_warp = 0;
@@ -177,7 +340,10 @@ bool run_block(Worker* w, unsigned nthreads) {
             at_block += s == AT_BLOCK_BARRIER;
             at_warp += s == AT_WARP;
         }
-        if (done == nthreads) return true;
+        if (done == nthreads) {
+            flush_counts(w, nthreads);
+            return true;
+        }
         if (at_warp > 0) {
             std::string err;
             unsigned before = at_warp;
@@ -188,6 +354,7 @@ bool run_block(Worker* w, unsigned nthreads) {
             if (after < before) continue;
         }
         if (at_block == nthreads) {
+            flush_counts(w, nthreads);
             for (unsigned i = 0; i < nthreads; ++i) w->fibers[i].state = RUNNABLE;
             continue;
         }
@@ -218,6 +385,54 @@ uint64_t warp_collective(int op, unsigned mask, uint64_t value, int arg, int wid
     return t_worker->fibers[t_index].result;
 }
 
+void warp_call(WarpFn fn, void* mine) {
+    Fiber& f = t_worker->fibers[t_index];
+    f.state = AT_WARP;
+    f.op = W_CALL;
+    f.mask = 0xffffffffu;
+    f.value = reinterpret_cast<uint64_t>(mine);
+    f.call = fn;
+    yield_current();
+}
+
+void count_shared(const void* const* addrs, unsigned nlanes, int bytes) { count_shared_into(t_worker->counters, addrs, nlanes, bytes); }
+
+void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+    if (bytes != 4 && bytes != 8 && bytes != 16) trap("cp.async of a size other than 4, 8 or 16 bytes");
+    if (src_bytes < 0 || src_bytes > bytes) trap("cp.async src-size outside 0..cp-size");
+    if ((uintptr_t)dst % bytes != 0) trap("cp.async: shared destination not aligned to the copy size");
+    if ((uintptr_t)src % bytes != 0) trap("cp.async: global source not aligned to the copy size");
+    Fiber& f = t_worker->fibers[t_index];
+    PendingCopy c;
+    c.dst = dst;
+    c.bytes = bytes;
+    c.group = f.open_group;
+    std::memset(c.data, 0, sizeof c.data);
+    if (src_bytes > 0) std::memcpy(c.data, src, (size_t)src_bytes);
+    std::memset(dst, 0xff, (size_t)bytes);
+    f.copies.push_back(c);
+    f.log.push_back(CopyAccess{dst, src, bytes, src_bytes});
+}
+
+void note_global(const void* src, int bytes) {
+    t_worker->fibers[t_index].log.push_back(CopyAccess{nullptr, src, bytes, bytes});
+}
+
+void cp_async_commit() { t_worker->fibers[t_index].open_group += 1; }
+
+void cp_async_wait(int pending_groups) {
+    Fiber& f = t_worker->fibers[t_index];
+    // Committed groups are 0..open_group-1; all but the newest `pending_groups` of them retire.
+    const long long retire_below = (long long)f.open_group - pending_groups;
+    size_t keep = 0;
+    for (size_t i = 0; i < f.copies.size(); ++i) {
+        PendingCopy& c = f.copies[i];
+        if ((long long)c.group < retire_below) std::memcpy(c.dst, c.data, (size_t)c.bytes);
+        else f.copies[keep++] = c;
+    }
+    f.copies.resize(keep);
+}
+
 void trap(const char* msg) {
     Worker* w = t_worker;
     w->error = std::string("kernel trapped: ") + msg;
@@ -242,6 +457,13 @@ extern "C" int cudasim_run(void (*fn)(const void*), const void* params, const un
     if (nblocks == 0) return 0;
     unsigned hw = std::thread::hardware_concurrency();
     unsigned nworkers = (unsigned)std::min<unsigned long long>(nblocks, hw ? hw : 1);
+    uint64_t seed = t_seed;
+    if (!t_seed_set) {
+        const char* e = std::getenv("RETINAFACE_SIM_SEED");
+        seed = e ? std::strtoull(e, nullptr, 0) : 0x9e3779b97f4a7c15ull;
+    }
+    Counters launch_counters;
+    t_last_counters = Counters{};
     std::atomic<unsigned long long> next{0};
     std::atomic<bool> failed{false};
     std::mutex m;
@@ -258,6 +480,7 @@ extern "C" int cudasim_run(void (*fn)(const void*), const void* params, const un
             unsigned long long b = next.fetch_add(1);
             if (b >= nblocks) break;
             t_blockIdx = uint3{(unsigned)(b % grid[0]), (unsigned)((b / grid[0]) % grid[1]), (unsigned)(b / ((unsigned long long)grid[0] * grid[1]))};
+            w.rng = seed == 0 ? 0 : (seed ^ ((b + 1) * 0x9e3779b97f4a7c15ull)) | 1;
             ok = run_block(&w, nthreads);
             if (!ok) w.error = "block (" + std::to_string(t_blockIdx.x) + ", " + std::to_string(t_blockIdx.y) + ", " + std::to_string(t_blockIdx.z) + "): " + w.error;
         }
@@ -265,6 +488,15 @@ extern "C" int cudasim_run(void (*fn)(const void*), const void* params, const un
             failed = true;
             std::lock_guard<std::mutex> g(m);
             if (first_error.empty()) first_error = w.error;
+        }
+        {
+            std::lock_guard<std::mutex> g(m);
+            launch_counters.shared_requests += w.counters.shared_requests;
+            launch_counters.shared_wavefronts += w.counters.shared_wavefronts;
+            launch_counters.shared_ideal += w.counters.shared_ideal;
+            launch_counters.global_requests += w.counters.global_requests;
+            launch_counters.global_sectors += w.counters.global_sectors;
+            launch_counters.global_bytes += w.counters.global_bytes;
         }
         if (w.stacks) munmap(w.stacks, w.stacks_len);
         t_worker = nullptr;
@@ -277,6 +509,26 @@ extern "C" int cudasim_run(void (*fn)(const void*), const void* params, const un
         for (unsigned i = 0; i < nworkers; ++i) ts.emplace_back(work);
         for (auto& t : ts) t.join();
     }
+    t_last_counters = launch_counters;
     if (failed) return fail(first_error);
     return 0;
+}
+
+// The order seed for the following launches: 0 runs threads in index order between barriers; any other
+// value a random order derived from it and the block index. Overrides RETINAFACE_SIM_SEED; applies to
+// launches from the calling thread.
+extern "C" void cudasim_set_order_seed(uint64_t seed) {
+    t_seed = seed;
+    t_seed_set = true;
+}
+
+// The calling thread's last launch's counters: [shared requests, shared wavefronts, conflict-free wavefronts,
+// global requests, global sectors, distinct global bytes requested].
+extern "C" void cudasim_counters(uint64_t* out) {
+    out[0] = t_last_counters.shared_requests;
+    out[1] = t_last_counters.shared_wavefronts;
+    out[2] = t_last_counters.shared_ideal;
+    out[3] = t_last_counters.global_requests;
+    out[4] = t_last_counters.global_sectors;
+    out[5] = t_last_counters.global_bytes;
 }

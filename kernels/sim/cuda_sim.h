@@ -21,6 +21,7 @@
 #define CUDASIM 1
 
 struct uint3 { unsigned x, y, z; };
+struct __attribute__((aligned(16))) uint4 { unsigned x, y, z, w; };
 struct dim3 {
     unsigned x, y, z;
     constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
@@ -42,6 +43,25 @@ enum WarpOp { W_SYNC = 0, W_SHFL = 1, W_SHFL_DOWN = 2, W_SHFL_UP = 3, W_SHFL_XOR
 uint64_t warp_collective(int op, unsigned mask, uint64_t value, int arg, int width);
 [[noreturn]] void trap(const char* msg);
 
+// A warp collective computed once for the whole warp: every lane of the warp must post it (a
+// `.sync.aligned` PTX instruction: mma.sync, ldmatrix), and when the last lane arrives `fn` runs with
+// each lane's pointer (lanes[i] for lane i). fn reads every lane's inputs before writing any output,
+// so in-place accumulation (d == c) is safe.
+typedef void (*WarpFn)(void* const* lanes);
+void warp_call(WarpFn fn, void* mine);
+// cp.async as the hardware defines it for one thread: `bytes` (4, 8 or 16) from src to dst, of which
+// src_bytes are copied and the rest zero-filled; both addresses aligned to `bytes`. The destination
+// is poisoned (0xff bytes: NaN in f16 and f32) at issue and written only when a cp.async.wait_group
+// retires the copy's group, so a read that forgot to wait sees NaN.
+void cp_async(void* dst, const void* src, int bytes, int src_bytes);
+void cp_async_commit();
+void cp_async_wait(int pending_groups);
+// Counts one warp instruction's shared-memory access (bank conflicts) from inside a warp_call.
+void count_shared(const void* const* addrs, unsigned nlanes, int bytes);
+// Logs one lane's global load of `bytes` for the sector counters (bytes 0: the lane is predicated off);
+// entry j of every lane of a warp counts as one warp request, as for cp.async.
+void note_global(const void* src, int bytes);
+
 template <class T> inline uint64_t to_bits(T v) { uint64_t b = 0; std::memcpy(&b, &v, sizeof(T)); return b; }
 template <class T> inline T from_bits(uint64_t b) { T v; std::memcpy(&v, &b, sizeof(T)); return v; }
 }  // namespace cudasim
@@ -54,6 +74,7 @@ template <class T> inline T from_bits(uint64_t b) { T v; std::memcpy(&v, &b, siz
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
 #define __shared__ static thread_local
+#define __align__(n) __attribute__((aligned(n)))
 #define threadIdx (::cudasim::t_cur->tid)
 #define blockIdx (::cudasim::t_blockIdx)
 #define blockDim (::cudasim::t_blockDim)

@@ -32,6 +32,10 @@ enum Command {
     Forward(ForwardArgs),
     /// Throughput, latency percentiles and per-stage times of the forward pass.
     Bench(BenchArgs),
+    /// Every convolution shape of a network with each f16 variant: validated against the CPU
+    /// reference, then timed on a GPU (or, in the simulation, bank conflicts and sectors per request),
+    /// with SASS metrics and the variant the tuner keeps.
+    BenchKernels(BenchKernelsArgs),
     /// HTTP inference server: KServe v2 / Triton protocol, /v1/detect, dynamic batching, metrics.
     Serve(retinaface::serve::ServeArgs),
     /// Write the synthetic-weights recipe's state dict for a network as safetensors (reference layout).
@@ -202,6 +206,79 @@ struct BenchArgs {
     forward_only: bool,
 }
 
+#[derive(Args)]
+struct BenchKernelsArgs {
+    #[arg(long)]
+    network: String,
+    /// Network input size WxH (as for `bench`).
+    #[arg(long, default_value = "640x640")]
+    size: String,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Kernel precision: f16 (the tensor-core variants; the f32 path has one kernel per shape).
+    #[arg(long, default_value = "f16")]
+    precision: String,
+    /// cuda, cuda-sim, or auto (cuda when a GPU is present, else the simulation).
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Timed launches per variant on a GPU.
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// off | cached | full: how the kept variant is chosen (see cuda::tune).
+    #[arg(long, default_value = "cached")]
+    tune: String,
+}
+
+fn bench_kernels(a: BenchKernelsArgs) -> Result<()> {
+    use retinaface::cuda::{bench_kernels as bk, tune};
+    if a.precision != "f16" {
+        return Err(Error::InvalidArgument(format!(
+            "bench-kernels --precision `{}`: only f16 has variants to compare",
+            a.precision
+        )));
+    }
+    let network: Network = a.network.parse()?;
+    let (w, h) = parse_size(&a.size)?;
+    if a.batch == 0 {
+        return Err(Error::InvalidArgument("--batch 0".into()));
+    }
+    let mode: tune::TuneMode = a.tune.parse()?;
+    let layers = bk::layers(network, w, h, a.batch)?;
+    let use_gpu = match a.backend.as_str() {
+        "cuda" => true,
+        "cuda-sim" => false,
+        "auto" => retinaface::cuda::gpu_status().is_ok(),
+        other => return Err(Error::InvalidArgument(format!("--backend `{other}`: expected cuda, cuda-sim or auto"))),
+    };
+    let (rows, device) = if use_gpu {
+        let mut r = retinaface::cuda::gpu::GpuRunner::new(0)?;
+        let key = bk::device_key(r.info());
+        let mut cache = match tune::default_cache_path() {
+            Some(p) => tune::TuneCache::load(&p)?,
+            None => tune::TuneCache::default(),
+        };
+        let rows = bk::run(&mut r, Some(&key), &layers, a.iters, mode, &mut cache)?;
+        cache.save()?;
+        (rows, Some(key.name))
+    } else {
+        #[cfg(feature = "cuda-sim")]
+        {
+            let mut r = retinaface::cuda::sim::SimRunner::new();
+            (bk::run(&mut r, None, &layers, 0, mode, &mut tune::TuneCache::default())?, None)
+        }
+        #[cfg(not(feature = "cuda-sim"))]
+        return Err(Error::InvalidArgument("no GPU and this build has no simulation (feature cuda-sim)".into()));
+    };
+    emit(format!(
+        "bench-kernels {} {w}x{h} batch {} f16 on {}",
+        network.name(),
+        a.batch,
+        device.as_deref().unwrap_or("the CUDA simulation (metrics: bank conflicts, sectors/request, SASS)")
+    ));
+    emit(bk::format(&rows, device.as_deref()).trim_end());
+    bk::check_rows(&rows)
+}
+
 /// Prints a line on stdout; a closed pipe (`| head`) ends the program quietly instead of panicking.
 fn emit(line: impl std::fmt::Display) {
     use std::io::Write;
@@ -220,6 +297,7 @@ fn main() -> ExitCode {
         Command::Detect(a) => detect(a),
         Command::Forward(a) => forward(a),
         Command::Bench(a) => bench(a),
+        Command::BenchKernels(a) => bench_kernels(a),
         Command::Synthetic(a) => synthetic(a),
         Command::Serve(a) => retinaface::serve::run(a),
         Command::Video(a) => video(a),

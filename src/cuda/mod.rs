@@ -10,14 +10,18 @@
 //! Nothing here panics on a machine without CUDA: [`gpu::devices`] and [`nvrtc::available`] return
 //! errors when a library is missing.
 
+pub mod bench_kernels;
+pub mod conv_f16;
 pub mod engine;
 pub mod gpu;
 pub mod kernels;
 pub mod nvrtc;
 pub mod params;
 pub mod runner;
+pub mod sass;
 #[cfg(feature = "cuda-sim")]
 pub mod sim;
+pub mod tune;
 
 pub use engine::{Backend, GpuEngine, device_postprocess, nchw_to_nhwc, nhwc_to_nchw};
 pub use runner::{DevBuf, KernelRunner, KernelRunnerExt, LaunchDims};

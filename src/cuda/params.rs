@@ -88,3 +88,23 @@ mod tests {
         assert_eq!(size_of::<NmsReduceParams>(), 56 + 16);
     }
 }
+
+params! {
+    /// kernels/conv_f16.cuh: the f16 tensor-core convolutions (pointers to f16 data are raw u16 words).
+    pub struct ConvF16Params {
+        x: u64, wt: u64, bias: u64, residual: u64, y: u64,
+        n: i32, h: i32, w: i32, cin: i32,
+        oh: i32, ow: i32, cout: i32, k: i32,
+        stride: i32, pad: i32, out_ctot: i32, out_coff: i32,
+        act: i32, slope: f32,
+        ws: u64,
+        splits: i32, kt_per_split: i32,
+    }
+}
+
+params! {
+    /// kernels/conv_f16.cuh: f16 preprocessing, max-pool and upsample-add (kernels/net_f16.cu).
+    pub struct PreprocessF16Params { src: u64, dst: u64, pixels: i32, pad0: i32 }
+    pub struct PoolF16Params { x: u64, y: u64, n: i32, h: i32, w: i32, c: i32, oh: i32, ow: i32 }
+    pub struct UpsampleAddF16Params { src: u64, dst: u64, n: i32, sh: i32, sw: i32, dh: i32, dw: i32, c: i32 }
+}

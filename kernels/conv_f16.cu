@@ -1,0 +1,260 @@
+// conv_f16.cu — f16 convolutions on the tensor cores (sm_80+: mma.sync m16n8k16, f32 accumulation),
+// BatchNorm folded into weight and bias, with the f32 path's fused epilogue:
+// y[.., out_coff + co] = f16(act(conv(x, w)[co] + bias[co] (+ residual[co]))).
+//
+// Layout: x [n][h][w][cin] f16 with cin a multiple of 8 (the stem's 3 channels padded with zeros),
+// weights [cout][k][k][cin] f16 (the GEMM's B as N×K, K contiguous), bias f32, residual
+// [n][oh][ow][cout] f16, y [n][oh][ow][out_ctot] f16; cout, out_ctot, out_coff multiples of 8.
+// 32-bit element indexing: the host rejects tensors of 2^31 elements or more.
+//
+// conv_f16_BMxBN (groups 1): implicit GEMM, M = n·oh·ow pixels, N = cout, K = k·k·cin in (ky, kx, ci)
+//   order; a block computes a BM×BN tile, each warp a WM×WN sub-tile of m16n8 accumulators. K moves 32
+//   at a time through a 3-stage cp.async ring in shared memory: every 16-byte chunk (8 channels of one
+//   tap, never across taps as cin % 8 == 0) is one cp.async.cg whose src-size 0 zero-fills padding, K
+//   tails and rows/columns past the edge. Rows of 32 halves (64 bytes) are stored with chunk
+//   c ^ ((row / 2) % 4), so the 8 rows an ldmatrix phase reads, and the 2 rows × 4 chunks a cp.async
+//   phase writes, fall in 8 distinct 16-byte bank groups: conflict-free. Fragments come from
+//   ldmatrix.x4 (A: 16×16; B: two n8×k16) or .x2 (B of an 8-wide tile).
+//   Variants (the registry in src/cuda/conv_f16.rs): 128×128 (8 warps of 64×32), 128×64 (4 of 64×32),
+//   64×64 (4 of 32×32), and narrow-N 128×32 / 128×16 / 128×8 (4 warps of 32×BN) for 8..32 channels.
+//   Launch: grid (ceil(M/BM), ceil(cout/BN), splits), block 32·warps. Shared: 3·(BM+BN)·32·2 B (48 KiB
+//   at 128×128). Cost: 2·M·cout·K FLOPs; reads M·K·2 B of x per BN channels (L2 absorbs the k² reuse)
+//   and K·cout·2 B of weights per BM pixels; writes M·cout·2 B.
+//   Split-K (p.ws set; small maps with deep K, where M×N tiles alone cannot fill the SMs): block z
+//   reduces its own range of k-tiles and stores f32 partials to ws; conv_f16_splitk_reduce (1-D over
+//   M·cout/2, 256 threads) sums them in z order, so the result does not depend on timing, and applies
+//   the epilogue. Extra traffic: 2·splits·M·cout·4 B.
+//
+// conv_dw_f16 (groups = cin = cout = c, c % 8 == 0): one thread per output pixel and 8 channels, one
+//   16-byte load of x and of w per tap (weights [k][k][c] f16), f32 sums over (ky, kx) in the CPU
+//   reference's order, one 16-byte store. Launch: 1-D over n·oh·ow·c/8, 256 threads. Cost: 2·k² FLOPs
+//   per output; reads k²·16 B per 8 outputs (neighbouring pixels' taps hit in L1), writes 16 B.
+#include "common.cuh"
+#include "conv_f16.cuh"
+#include "mma.cuh"
+
+#define CONVH_BK 32
+#define CONVH_STAGES 3
+
+// Offset in halves of chunk c (8 halves) of row r in a [rows][32] tile, swizzled as described above.
+__device__ __forceinline__ int convh_swz(int r, int c) { return r * CONVH_BK + ((c ^ ((r >> 1) & 3)) << 3); }
+
+// The fused epilogue for channels co, co + 1 of pixel m: bias, residual, activation, f16, one 32-bit
+// store (cout, out_ctot, out_coff are even).
+__device__ __forceinline__ void convh_store2(const ConvF16Params& p, int m, int co, float v0, float v1) {
+    v0 += p.bias[co];
+    v1 += p.bias[co + 1];
+    if (p.residual) {
+        const unsigned r = *reinterpret_cast<const unsigned*>(p.residual + m * p.cout + co);
+        v0 += half_to_float((unsigned short)(r & 0xffff));
+        v1 += half_to_float((unsigned short)(r >> 16));
+    }
+    v0 = apply_act(v0, p.act, p.slope);
+    v1 = apply_act(v1, p.act, p.slope);
+    *reinterpret_cast<unsigned*>(p.y + m * p.out_ctot + p.out_coff + co) = pack_half2(v0, v1);
+}
+
+template <int BM, int BN, int WM, int WN>
+__device__ __forceinline__ void conv_f16_igemm(const ConvF16Params& p) {
+    constexpr int WARPS_M = BM / WM, WARPS_N = BN / WN;
+    constexpr int THREADS = WARPS_M * WARPS_N * 32;
+    constexpr int MT = WM / 16, NT = WN / 8;
+    constexpr int A_ITERS = BM * 4 / THREADS;
+    constexpr int B_ITERS = (BN * 4 + THREADS - 1) / THREADS;
+    static_assert(BM * 4 % THREADS == 0, "A tile chunks must split evenly over the threads");
+    static_assert(NT == 1 || NT % 2 == 0, "B fragments load in pairs of n8 tiles, or one");
+    __shared__ __align__(128) unsigned short As[CONVH_STAGES][BM * CONVH_BK];
+    __shared__ __align__(128) unsigned short Bs[CONVH_STAGES][BN * CONVH_BK];
+
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int M = p.n * p.oh * p.ow;
+    const int K = p.k * p.k * p.cin;
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const int wm0 = (warp % WARPS_M) * WM, wn0 = (warp / WARPS_M) * WN;
+    const int chunk = tid % 4;
+
+    // The pixels whose A rows this thread copies: rows tid/4 + i·THREADS/4 of the tile. A row past M
+    // gets an origin no tap can bring into the image, so its copies zero-fill.
+    int a_base[A_ITERS], a_iy0[A_ITERS], a_ix0[A_ITERS];
+#pragma unroll
+    for (int i = 0; i < A_ITERS; ++i) {
+        const int m = m0 + tid / 4 + i * (THREADS / 4);
+        const int ox = m % p.ow, r = m / p.ow;
+        const int oy = r % p.oh, b = r / p.oh;
+        a_base[i] = b * p.h * p.w * p.cin;
+        a_iy0[i] = m < M ? oy * p.stride - p.pad : -(1 << 24);
+        a_ix0[i] = ox * p.stride - p.pad;
+    }
+
+    auto load_stage = [&](int slot, int kt) {
+        const int kidx = kt * CONVH_BK + chunk * 8;
+        const bool kin = kidx < K;
+        const int tap = kin ? kidx / p.cin : 0;
+        const int ci = kidx - tap * p.cin;
+        const int ky = tap / p.k, kx = tap - ky * p.k;
+#pragma unroll
+        for (int i = 0; i < A_ITERS; ++i) {
+            const int row = tid / 4 + i * (THREADS / 4);
+            const int iy = a_iy0[i] + ky, ix = a_ix0[i] + kx;
+            const bool ok = kin && (unsigned)iy < (unsigned)p.h && (unsigned)ix < (unsigned)p.w;
+            const unsigned short* src = ok ? p.x + a_base[i] + (iy * p.w + ix) * p.cin + ci : p.x;
+            cp_async_16(&As[slot][convh_swz(row, chunk)], src, ok ? 16 : 0);
+        }
+#pragma unroll
+        for (int i = 0; i < B_ITERS; ++i) {
+            const int row = tid / 4 + i * (THREADS / 4);
+            if (BN * 4 % THREADS != 0 && row >= BN) break;
+            const int co = n0 + row;
+            const bool ok = kin && co < p.cout;
+            const unsigned short* src = ok ? p.wt + co * K + kidx : p.wt;
+            cp_async_16(&Bs[slot][convh_swz(row, chunk)], src, ok ? 16 : 0);
+        }
+    };
+
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+    int kt0 = 0, KT = (K + CONVH_BK - 1) / CONVH_BK;
+    if (p.ws) {
+        kt0 = blockIdx.z * p.kt_per_split;
+        KT = min(KT - kt0, p.kt_per_split);
+    }
+#pragma unroll
+    for (int s = 0; s < CONVH_STAGES - 1; ++s) {
+        if (s < KT) load_stage(s, kt0 + s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < KT; ++kt) {
+        // Stage kt has landed for this thread; the barrier makes every thread's copies visible and
+        // tells everyone that slot (kt - 1) % STAGES, read in the last iteration, may be refilled.
+        cp_async_wait<CONVH_STAGES - 2>();
+        __syncthreads();
+        const int nk = kt + CONVH_STAGES - 1;
+        if (nk < KT) load_stage(nk % CONVH_STAGES, kt0 + nk);
+        cp_async_commit();
+
+        const unsigned short* as = As[kt % CONVH_STAGES];
+        const unsigned short* bs = Bs[kt % CONVH_STAGES];
+#pragma unroll
+        for (int kk = 0; kk < CONVH_BK / 8; kk += 2) {
+            unsigned af[MT][4], bf[NT][2];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                ldmatrix_x4(af[mt], as + convh_swz(wm0 + mt * 16 + lane % 16, kk + lane / 16));
+            if (NT == 1) {
+                ldmatrix_x2(bf[0], bs + convh_swz(wn0 + lane % 8, kk + (lane / 8) % 2));
+            } else {
+#pragma unroll
+                for (int np = 0; np < NT / 2; ++np) {
+                    unsigned r[4];
+                    ldmatrix_x4(r, bs + convh_swz(wn0 + np * 16 + lane % 8 + (lane / 16) * 8, kk + (lane / 8) % 2));
+                    bf[2 * np][0] = r[0];
+                    bf[2 * np][1] = r[1];
+                    bf[2 * np + 1][0] = r[2];
+                    bf[2 * np + 1][1] = r[3];
+                }
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) mma_m16n8k16(acc[mt][nt], af[mt], bf[nt], acc[mt][nt]);
+        }
+    }
+    // Nothing may still write shared memory when the block exits (empty groups only, but be exact).
+    cp_async_wait<0>();
+
+    // Epilogue: c_i of tile (mt, nt) is pixel g + 8·(i/2), channel 2t + i%2.
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const int co = n0 + wn0 + nt * 8 + 2 * t;
+            if (co >= p.cout) continue;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int m = m0 + wm0 + mt * 16 + g + 8 * h;
+                if (m >= M) continue;
+                if (p.ws) {
+                    float* w = p.ws + ((long long)blockIdx.z * M + m) * p.cout + co;
+                    w[0] = acc[mt][nt][2 * h];
+                    w[1] = acc[mt][nt][2 * h + 1];
+                } else {
+                    convh_store2(p, m, co, acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
+                }
+            }
+        }
+}
+
+extern "C" __global__ void __launch_bounds__(256) conv_f16_128x128(const ConvF16Params p) { conv_f16_igemm<128, 128, 64, 32>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_f16_128x64(const ConvF16Params p) { conv_f16_igemm<128, 64, 64, 32>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_f16_64x64(const ConvF16Params p) { conv_f16_igemm<64, 64, 32, 32>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_f16_128x32(const ConvF16Params p) { conv_f16_igemm<128, 32, 32, 32>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_f16_128x16(const ConvF16Params p) { conv_f16_igemm<128, 16, 32, 16>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_f16_128x8(const ConvF16Params p) { conv_f16_igemm<128, 8, 32, 8>(p); }
+
+extern "C" __global__ void __launch_bounds__(256) conv_f16_splitk_reduce(const ConvF16Params p) {
+    const int M = p.n * p.oh * p.ow;
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= M * (p.cout / 2)) return;
+    const int m = i / (p.cout / 2), co = 2 * (i % (p.cout / 2));
+    float v0 = 0.0f, v1 = 0.0f;
+    for (int z = 0; z < p.splits; ++z) {
+        const float* w = p.ws + ((long long)z * M + m) * p.cout + co;
+        v0 += w[0];
+        v1 += w[1];
+    }
+    convh_store2(p, m, co, v0, v1);
+}
+
+extern "C" __global__ void __launch_bounds__(256) conv_dw_f16(const ConvF16Params p) {
+    const int c8 = p.cout / 8;
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const int M = p.n * p.oh * p.ow;
+    if (i >= M * c8) return;
+    const int cg = i % c8, m = i / c8;
+    const int ox = m % p.ow, r = m / p.ow;
+    const int oy = r % p.oh, b = r / p.oh;
+    const int c = p.cout, ch = cg * 8;
+    float acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+    for (int ky = 0; ky < p.k; ++ky) {
+        const int iy = oy * p.stride - p.pad + ky;
+        for (int kx = 0; kx < p.k; ++kx) {
+            const int ix = ox * p.stride - p.pad + kx;
+            const bool ok = (unsigned)iy < (unsigned)p.h && (unsigned)ix < (unsigned)p.w;
+            const uint4 xv = ldg16_or_zero(p.x + (ok ? ((b * p.h + iy) * p.w + ix) * c + ch : 0), ok);
+            const uint4 wv = ldg16_or_zero(p.wt + (ky * p.k + kx) * c + ch, true);
+            const unsigned xs[4] = {xv.x, xv.y, xv.z, xv.w}, ws[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                acc[2 * e] += half_to_float((unsigned short)(xs[e] & 0xffff)) * half_to_float((unsigned short)(ws[e] & 0xffff));
+                acc[2 * e + 1] += half_to_float((unsigned short)(xs[e] >> 16)) * half_to_float((unsigned short)(ws[e] >> 16));
+            }
+        }
+    }
+    float v[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = acc[e] + p.bias[ch + e];
+    if (p.residual) {
+        const uint4 rv = *reinterpret_cast<const uint4*>(p.residual + m * c + ch);
+        const unsigned rs[4] = {rv.x, rv.y, rv.z, rv.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            v[2 * e] += half_to_float((unsigned short)(rs[e] & 0xffff));
+            v[2 * e + 1] += half_to_float((unsigned short)(rs[e] >> 16));
+        }
+    }
+    uint4 o;
+    o.x = pack_half2(apply_act(v[0], p.act, p.slope), apply_act(v[1], p.act, p.slope));
+    o.y = pack_half2(apply_act(v[2], p.act, p.slope), apply_act(v[3], p.act, p.slope));
+    o.z = pack_half2(apply_act(v[4], p.act, p.slope), apply_act(v[5], p.act, p.slope));
+    o.w = pack_half2(apply_act(v[6], p.act, p.slope), apply_act(v[7], p.act, p.slope));
+    *reinterpret_cast<uint4*>(p.y + m * p.out_ctot + p.out_coff + ch) = o;
+}

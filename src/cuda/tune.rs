@@ -1,0 +1,249 @@
+//! Per-shape choice of an f16 convolution variant. On a GPU each supported variant of a shape is
+//! validated and timed (by the caller's `time` closure) and the fastest kept; choices are cached on
+//! disk keyed by GPU name, compute capability, driver, shape and dtype. Without a GPU, or with
+//! `--tune off`, the deterministic [`conv_f16::heuristic`] picks.
+//!
+//! Modes: `off` (heuristic, no timing), `cached` (cached choices; shapes missing from the cache are
+//! timed once and added), `full` (every shape re-timed, the cache overwritten).
+
+use super::conv_f16::{self, ConvShape, VARIANTS, Variant};
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TuneMode {
+    Off,
+    #[default]
+    Cached,
+    Full,
+}
+
+impl FromStr for TuneMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "off" => Ok(TuneMode::Off),
+            "cached" => Ok(TuneMode::Cached),
+            "full" => Ok(TuneMode::Full),
+            _ => Err(Error::InvalidArgument(format!("--tune `{s}`: expected off, cached or full"))),
+        }
+    }
+}
+
+/// The device a choice was measured on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceKey {
+    pub name: String,
+    pub compute_capability: (u32, u32),
+    /// The driver version as cuDriverGetVersion reports it (e.g. 13000).
+    pub driver: i32,
+    pub sms: usize,
+}
+
+/// The cache key of one shape on one device in one dtype.
+pub fn cache_key(dev: &DeviceKey, s: &ConvShape, dtype: &str) -> String {
+    format!(
+        "{}|sm_{}{}|driver {}|{dtype}|n{} {}x{} {}->{} k{} s{} p{}",
+        dev.name,
+        dev.compute_capability.0,
+        dev.compute_capability.1,
+        dev.driver,
+        s.n,
+        s.h,
+        s.w,
+        s.cin,
+        s.cout,
+        s.k,
+        s.stride,
+        s.pad
+    )
+}
+
+/// Whether `v` can run `s` on a device of compute capability `sm` (e.g. 90).
+pub fn supported(v: &Variant, s: &ConvShape, sm: u32) -> bool {
+    sm >= v.min_sm && (v.split_k == 1 || s.k_tiles() >= 2 * v.split_k)
+}
+
+/// A variant kept for a shape, and how it was chosen.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Choice {
+    pub variant: String,
+    /// Microseconds per launch when timed; None for the heuristic.
+    pub micros: Option<f64>,
+    /// "heuristic", "cache" or "timed".
+    pub source: String,
+}
+
+/// The on-disk cache: a JSON object key → choice.
+#[derive(Debug, Default)]
+pub struct TuneCache {
+    pub path: Option<PathBuf>,
+    pub entries: BTreeMap<String, Choice>,
+}
+
+/// `RETINAFACE_TUNE_CACHE`, else `$XDG_CACHE_HOME/retinaface/conv_tune.json`, else under `~/.cache`.
+pub fn default_cache_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("RETINAFACE_TUNE_CACHE") {
+        return Some(PathBuf::from(p));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("retinaface").join("conv_tune.json"))
+}
+
+impl TuneCache {
+    /// Reads `path`; a missing file is an empty cache, an unreadable or corrupt one an error naming it.
+    pub fn load(path: &Path) -> Result<TuneCache> {
+        let entries = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                Error::InvalidArgument(format!("tuning cache {}: {e} (delete it to re-tune)", path.display()))
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        Ok(TuneCache { path: Some(path.to_path_buf()), entries })
+    }
+
+    /// Writes the cache (to a temporary file renamed over the old one, so readers never see half).
+    pub fn save(&self) -> Result<()> {
+        let Some(path) = &self.path else { return Ok(()) };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let text = serde_json::to_string_pretty(&self.entries)
+            .map_err(|e| Error::InvalidArgument(format!("tuning cache {}: {e}", path.display())))?;
+        std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    }
+}
+
+/// Chooses the variant for `s`. `dev` None (no GPU) or mode Off: the heuristic, nothing timed. Else
+/// `time(v)` is called for each supported variant (Ok(None): the variant failed validation and is
+/// skipped) unless mode Cached finds the key; the fastest is stored in `cache` (the caller saves).
+pub fn choose(
+    mode: TuneMode,
+    dev: Option<&DeviceKey>,
+    s: &ConvShape,
+    dtype: &str,
+    cache: &mut TuneCache,
+    mut time: impl FnMut(&'static Variant) -> Result<Option<f64>>,
+) -> Result<(&'static Variant, Choice)> {
+    let heuristic = |sms: usize| {
+        let v = conv_f16::heuristic(s, sms);
+        (v, Choice { variant: v.name.to_string(), micros: None, source: "heuristic".into() })
+    };
+    let Some(dev) = dev.filter(|_| mode != TuneMode::Off) else {
+        return Ok(heuristic(dev.map_or(conv_f16::DEFAULT_SMS, |d| d.sms)));
+    };
+    let sm = dev.compute_capability.0 * 10 + dev.compute_capability.1;
+    let key = cache_key(dev, s, dtype);
+    if mode == TuneMode::Cached
+        && let Some(c) = cache.entries.get(&key)
+        && let Some(v) = conv_f16::variant(&c.variant).filter(|v| supported(v, s, sm))
+    {
+        return Ok((v, Choice { source: "cache".into(), ..c.clone() }));
+    }
+    let mut best: Option<(&'static Variant, f64)> = None;
+    for v in VARIANTS.iter().filter(|v| supported(v, s, sm)) {
+        if let Some(us) = time(v)?
+            && best.is_none_or(|(_, b)| us < b)
+        {
+            best = Some((v, us));
+        }
+    }
+    let Some((v, us)) = best else {
+        return Err(Error::Cuda(format!("no f16 conv variant passed validation for {key}")));
+    };
+    let choice = Choice { variant: v.name.to_string(), micros: Some(us), source: "timed".into() };
+    cache.entries.insert(key, choice.clone());
+    Ok((v, choice))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> ConvShape {
+        ConvShape { n: 1, h: 40, w: 40, cin: 64, cout: 128, k: 3, stride: 1, pad: 1 }
+    }
+    fn dev() -> DeviceKey {
+        DeviceKey { name: "NVIDIA H200".into(), compute_capability: (9, 0), driver: 13000, sms: 132 }
+    }
+
+    #[test]
+    fn key_names_device_driver_shape_and_dtype() {
+        let k = cache_key(&dev(), &shape(), "f16");
+        for part in ["NVIDIA H200", "sm_90", "driver 13000", "f16", "40x40", "64->128", "k3"] {
+            assert!(k.contains(part), "{k} lacks {part}");
+        }
+        assert_ne!(k, cache_key(&DeviceKey { driver: 12080, ..dev() }, &shape(), "f16"));
+    }
+
+    #[test]
+    fn timing_keeps_the_fastest_valid_variant_and_the_cache_is_reused() {
+        let mut cache = TuneCache::default();
+        let mut calls = 0;
+        // 128x64 is fastest but fails validation: the next fastest (64x64) must win.
+        let t = |v: &Variant| -> Result<Option<f64>> {
+            Ok(match v.name {
+                "conv_f16_128x64" => None,
+                "conv_f16_64x64" => Some(10.0),
+                _ => Some(20.0 + v.bn as f64),
+            })
+        };
+        let (v, c) = choose(TuneMode::Cached, Some(&dev()), &shape(), "f16", &mut cache, |v| {
+            calls += 1;
+            t(v)
+        })
+        .unwrap();
+        assert_eq!((v.name, c.source.as_str(), c.micros), ("conv_f16_64x64", "timed", Some(10.0)));
+        assert!(calls >= 6);
+        let (v, c) =
+            choose(TuneMode::Cached, Some(&dev()), &shape(), "f16", &mut cache, |_| panic!("timed again")).unwrap();
+        assert_eq!((v.name, c.source.as_str()), ("conv_f16_64x64", "cache"));
+        // full re-times.
+        let mut n = 0;
+        choose(TuneMode::Full, Some(&dev()), &shape(), "f16", &mut cache, |v| {
+            n += 1;
+            t(v)
+        })
+        .unwrap();
+        assert!(n >= 6);
+        // off and no device: the heuristic, nothing timed.
+        for d in [Some(dev()), None] {
+            let mode = if d.is_some() { TuneMode::Off } else { TuneMode::Full };
+            let (v, c) = choose(mode, d.as_ref(), &shape(), "f16", &mut cache, |_| panic!("timed")).unwrap();
+            assert_eq!((v, c.source.as_str()), (conv_f16::heuristic(&shape(), 132), "heuristic"));
+        }
+    }
+
+    #[test]
+    fn cache_round_trips_and_a_corrupt_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("tune.json");
+        let mut c = TuneCache::load(&path).unwrap();
+        assert!(c.entries.is_empty());
+        c.entries
+            .insert("k".into(), Choice { variant: "conv_f16_64x64".into(), micros: Some(3.5), source: "timed".into() });
+        c.save().unwrap();
+        assert_eq!(TuneCache::load(&path).unwrap().entries, c.entries);
+        std::fs::write(&path, "{not json").unwrap();
+        let e = TuneCache::load(&path).unwrap_err().to_string();
+        assert!(e.contains("tune.json"), "{e}");
+    }
+
+    #[test]
+    fn split_k_needs_enough_k_tiles_and_sm80() {
+        let sk8 = conv_f16::variant("conv_f16_64x64_sk8").unwrap();
+        let shallow = ConvShape { cin: 8, k: 1, ..shape() };
+        assert!(!supported(sk8, &shallow, 90));
+        assert!(supported(sk8, &shape(), 90));
+        assert!(!supported(sk8, &shape(), 75));
+        assert_eq!("full".parse::<TuneMode>().unwrap(), TuneMode::Full);
+        assert!("fast".parse::<TuneMode>().is_err());
+    }
+}

@@ -1,0 +1,91 @@
+//! The f16 convolution kernels as the GPU would run them: NVRTC compiles kernels/conv_f16.cu for sm_80
+//! and sm_90, nvdisasm lists the SASS, and every GEMM kernel must contain tensor-core MMAs (HMMA),
+//! ldmatrix (LDSM) and async global→shared copies (LDGSTS), with no spills and no local memory at all;
+//! the depthwise kernel must use 128-bit global loads. Prints registers, shared memory, occupancy, and
+//! the instructions per HMMA in the main loop (the f32 conv3x3 issues 589 instructions per 16-deep
+//! k-step for 256 FMAs per thread; one HMMA is 2048 multiply-adds per warp).
+//!
+//! Needs NVRTC (RETINAFACE_NVRTC_LIB) and nvdisasm (PyPI nvidia-cuda-nvdisasm; see cuda::sass). Without
+//! them the test prints SKIP and passes, unless RETINAFACE_REQUIRE_NVRTC=1 (CI), where it fails.
+
+use retinaface::cuda::{kernels, nvrtc, sass};
+
+macro_rules! skip {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+#[test]
+fn f16_conv_kernels_use_tensor_cores_without_local_memory() {
+    let tools = nvrtc::available().and_then(|_| sass::nvdisasm());
+    if let Err(e) = tools {
+        if std::env::var("RETINAFACE_REQUIRE_NVRTC").is_ok_and(|v| v == "1") {
+            panic!("RETINAFACE_REQUIRE_NVRTC=1 but {e}");
+        }
+        skip!("SKIP f16_conv_kernels_use_tensor_cores_without_local_memory: {e}");
+        return;
+    }
+    let expected: Vec<&str> = kernels::KERNELS.iter().filter(|(_, f)| *f == "conv_f16").map(|(k, _)| *k).collect();
+    assert!(expected.len() >= 8, "conv_f16 kernels: {expected:?}");
+    println!(
+        "{:<24} {:<6} {:>5} {:>7} {:>5} {:>6} {:>5} {:>5} {:>7} {:>5} {:>9}",
+        "kernel", "arch", "regs", "smem", "occ", "instr", "HMMA", "LDSM", "LDGSTS", "local", "loop/mma"
+    );
+    let mut failures = Vec::new();
+    for arch in ["sm_80", "sm_90"] {
+        let c = nvrtc::compile("conv_f16", arch).expect("NVRTC compiles conv_f16");
+        let funcs = sass::disassemble(&c.cubin).expect("nvdisasm");
+        for k in &expected {
+            let Some(f) = funcs.iter().find(|f| f.name == *k) else {
+                failures.push(format!("{k} ({arch}): not in the SASS"));
+                continue;
+            };
+            let Some(r) = c.resources.iter().find(|r| r.kernel == *k) else {
+                failures.push(format!("{k} ({arch}): no ptxas report"));
+                continue;
+            };
+            let threads = if *k == "conv_f16_128x128" || !k.contains('x') || k.ends_with("reduce") { 256 } else { 128 };
+            let occ = sass::occupancy(arch, r.registers, threads, r.shared_bytes);
+            let (hmma, ldsm, ldgsts) = (f.count("HMMA"), f.count("LDSM"), f.count("LDGSTS"));
+            println!(
+                "{:<24} {:<6} {:>5} {:>7} {:>4.0}% {:>6} {:>5} {:>5} {:>7} {:>5} {:>9}",
+                k,
+                arch,
+                r.registers,
+                r.shared_bytes,
+                100.0 * occ,
+                f.opcodes.len(),
+                hmma,
+                ldsm,
+                ldgsts,
+                f.local_memory_ops(),
+                f.mma_loop().map_or("-".into(), |(len, mmas)| format!("{:.2}", len as f64 / mmas as f64))
+            );
+            if r.spill_store_bytes + r.spill_load_bytes > 0 || r.stack_bytes > 0 || f.local_memory_ops() > 0 {
+                failures.push(format!(
+                    "{k} ({arch}): spills {} + {} bytes, stack {}, {} local-memory instructions",
+                    r.spill_store_bytes,
+                    r.spill_load_bytes,
+                    r.stack_bytes,
+                    f.local_memory_ops()
+                ));
+            }
+            let is_gemm = k.starts_with("conv_f16_") && !k.ends_with("reduce");
+            if is_gemm && (hmma == 0 || ldsm == 0 || ldgsts == 0) {
+                failures.push(format!("{k} ({arch}): HMMA {hmma}, LDSM {ldsm}, LDGSTS {ldgsts}: all must be present"));
+            }
+            if *k == "conv_dw_f16" && !f.opcodes.iter().any(|o| o.starts_with("LDG") && o.ends_with(".128")) {
+                failures.push(format!("{k} ({arch}): no 128-bit global load"));
+            }
+            if is_gemm && f.mma_loop().is_none() {
+                failures.push(format!("{k} ({arch}): no loop around the HMMAs found in the SASS"));
+            }
+            if occ <= 0.0 {
+                failures.push(format!("{k} ({arch}): does not fit on an SM"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
