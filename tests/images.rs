@@ -33,6 +33,19 @@ fn bad_images_are_clear_errors() {
     assert!(e.contains("truncated"), "{e}");
     let e = err_of(&crowd[..crowd.len() - 2]);
     assert!(e.contains("truncated"), "{e}");
+    // Cut in the middle of the scan with an end-of-image marker appended: the marker check passes, the
+    // decoder finds the scan data missing.
+    let mut cut = crowd[..crowd.len() / 2].to_vec();
+    cut.extend_from_slice(&[0xFF, 0xD9]);
+    let e = err_of(&cut);
+    assert!(e.contains("input.bin") && e.contains("corrupt or truncated JPEG data"), "{e}");
+    // Scan data overwritten with garbage (libjpeg would fill with grey and warn).
+    let mut bad = crowd.clone();
+    let sos = bad.windows(2).position(|m| m == [0xFF, 0xDA]).unwrap();
+    for b in &mut bad[sos + 400..sos + 4000] {
+        *b = 0xFF;
+    }
+    assert!(err_of(&bad).contains("input.bin"));
     // PNG header and IHDR declaring 65535x65535, then IEND: 65 bytes. Must be refused before decoding.
     let mut png = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
     let chunk = |png: &mut Vec<u8>, kind: &[u8], data: &[u8]| {
@@ -216,4 +229,50 @@ fn bilinear_resize_matches_opencv() {
         println!("{w}x{h} x{r:.4}: max diff {max}, {:.2}% equal", equal * 100.0);
         assert_eq!(max, 0, "{w}x{h} x{r}: max diff {max}, {:.2}% equal", equal * 100.0);
     }
+}
+
+/// A 64x64 RGB PNG with an iCCP chunk (after IHDR) whose zlib stream inflates to `profile_bytes` zeros.
+fn png_with_icc(profile_bytes: usize) -> (Vec<u8>, Vec<u8>) {
+    let rgb: Vec<u8> = (0..64 * 64 * 3).map(|i| (i * 7 % 251) as u8).collect();
+    let png = png_bytes(64, 64, image::ExtendedColorType::Rgb8, &rgb);
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..profile_bytes >> 20 {
+        std::io::Write::write_all(&mut z, &zeros).unwrap();
+    }
+    let mut body = b"iCCPsRGB\0\0".to_vec();
+    body.extend_from_slice(&z.finish().unwrap());
+    let mut chunk = ((body.len() - 4) as u32).to_be_bytes().to_vec();
+    chunk.extend_from_slice(&body);
+    chunk.extend_from_slice(&crc32(&body).to_be_bytes());
+    let at = 8 + 25; // signature, IHDR
+    let mut out = png[..at].to_vec();
+    out.extend_from_slice(&chunk);
+    out.extend_from_slice(&png[at..]);
+    (out, rgb)
+}
+
+#[test]
+fn a_1_gib_icc_profile_costs_no_memory() {
+    let (png, rgb) = png_with_icc(1 << 30);
+    assert!(png.len() < 2 << 20, "{} bytes", png.len());
+    let img = decode(&png, "icc.png", &DecodeLimits::default()).unwrap();
+    let bgr: Vec<u8> = rgb.chunks(3).flat_map(|p| [p[2], p[1], p[0]]).collect();
+    assert_eq!(img.data, bgr);
+    // The decode's memory is bounded by the pixels: under a 300 MiB address-space cap (the 1 GiB
+    // profile, or image's default 512 MiB allowance for it, would not fit).
+    let path = std::env::temp_dir().join(format!("retinaface-icc-{}.png", std::process::id()));
+    std::fs::write(&path, &png).unwrap();
+    let cmd = format!(
+        "ulimit -v {}; exec '{}' detect --backend cpu --synthetic-seed 1 --network mobilenetv1_0.25 '{}'",
+        300 * 1024,
+        env!("CARGO_BIN_EXE_retinaface"),
+        path.display()
+    );
+    let out = std::process::Command::new("bash").args(["-c", &cmd]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let info = image_io::probe(&png, "icc.png").unwrap();
+    assert_eq!((info.width, info.height, info.format), (64, 64, image_io::ImageKind::Png));
+    assert!(info.decode_bytes >= 64 * 64 * 6 && info.decode_bytes < 1 << 20, "{info:?}");
 }
