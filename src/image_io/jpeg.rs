@@ -6,8 +6,8 @@
 //!
 //! libjpeg reports fatal errors through `error_exit`, which must not return: it unwinds (a Rust panic
 //! payload through C compiled with -fexceptions, the `C-unwind` ABI) to the `catch_unwind` here. Warnings
-//! (corrupt or missing data, which libjpeg would paper over with grey) are errors too, except extraneous
-//! bytes between markers, which lose no pixel.
+//! (corrupt or missing data, which libjpeg would paper over with grey) are errors too, raised at once,
+//! except extraneous bytes between markers, which lose no pixel.
 
 use super::{BgrImage, DecodeLimits};
 use mozjpeg_sys::*;
@@ -15,12 +15,6 @@ use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 
 /// The unwinding payload of a fatal libjpeg error: its formatted message.
 struct Fatal(String);
-
-/// What the callbacks record, reached through `client_data`.
-#[derive(Default)]
-struct State {
-    first_warning: Option<String>,
-}
 
 fn message(cinfo: &mut jpeg_common_struct) -> String {
     let buf = [0u8; 80];
@@ -43,14 +37,28 @@ unsafe extern "C-unwind" fn emit_message(cinfo: &mut jpeg_common_struct, level: 
     if level >= 0 {
         return; // trace messages
     }
-    // SAFETY: `err` and `client_data` are set up in `decode` and outlive the decompressor.
+    // SAFETY: `err` is set up in `Decompressor::new` and outlives the decompressor.
     let code = unsafe { (*cinfo.err).msg_code };
     if code == JWRN_EXTRANEOUS_DATA as c_int {
         return;
     }
-    let msg = message(cinfo);
-    let state = unsafe { &mut *(cinfo.client_data as *mut State) };
-    state.first_warning.get_or_insert(msg);
+    // An error here, so stop at once: a hostile file must not make libjpeg work on through bad data.
+    resume_unwind(Box::new(Fatal(format!("corrupt or truncated JPEG data: {}", message(cinfo)))))
+}
+
+/// More scans than any sensible progressive file has (libjpeg-turbo's own tools stop at 500): each scan
+/// is another pass over the whole coefficient buffer, so thousands of tiny scans cost minutes.
+const MAX_SCANS: c_int = 500;
+
+unsafe extern "C-unwind" fn progress_monitor(cinfo: &mut jpeg_common_struct) {
+    if cinfo.is_decompressor == 0 {
+        return;
+    }
+    // SAFETY: a decompressor's common struct is the first field of its jpeg_decompress_struct.
+    let scans = unsafe { (*(cinfo as *mut jpeg_common_struct as *mut jpeg_decompress_struct)).input_scan_number };
+    if scans > MAX_SCANS {
+        resume_unwind(Box::new(Fatal(format!("JPEG has more than {MAX_SCANS} scans"))))
+    }
 }
 
 /// Header facts, read without decoding any pixel.
@@ -65,7 +73,7 @@ pub struct Header {
 struct Decompressor {
     cinfo: Box<jpeg_decompress_struct>,
     _err: Box<jpeg_error_mgr>,
-    state: Box<State>,
+    _progress: Box<jpeg_progress_mgr>,
 }
 
 impl Decompressor {
@@ -79,9 +87,10 @@ impl Decompressor {
             err.emit_message = Some(emit_message);
             let mut cinfo: Box<jpeg_decompress_struct> = Box::new(std::mem::zeroed());
             cinfo.common.err = &mut *err;
-            let mut state = Box::<State>::default();
-            cinfo.common.client_data = &mut *state as *mut State as *mut c_void;
-            let mut d = Decompressor { cinfo, _err: err, state };
+            let mut progress: Box<jpeg_progress_mgr> = Box::new(std::mem::zeroed());
+            progress.progress_monitor = Some(progress_monitor);
+            cinfo.common.progress = &mut *progress;
+            let mut d = Decompressor { cinfo, _err: err, _progress: progress };
             guarded(|| {
                 jpeg_create_decompress(&mut *d.cinfo);
             })?;
@@ -100,13 +109,6 @@ impl Decompressor {
             width: self.cinfo.image_width,
             height: self.cinfo.image_height,
             components: self.cinfo.num_components as u32,
-        }
-    }
-
-    fn warning(&self) -> Result<(), String> {
-        match &self.state.first_warning {
-            Some(w) => Err(format!("corrupt or truncated JPEG data: {w}")),
-            None => Ok(()),
         }
     }
 
@@ -185,7 +187,6 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<(BgrImage, Option<V
         jpeg_finish_decompress(cinfo);
         Ok(())
     })??;
-    d.warning()?;
     let data = if cmyk { cmyk_to_bgr(&out) } else { out };
     Ok((BgrImage { width: w, height: hgt, data }, exif))
 }

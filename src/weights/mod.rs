@@ -165,14 +165,14 @@ fn check_fold(
     var: &[f32],
 ) -> Result<()> {
     let cout = gamma.len();
-    if cout == 0 || w.len() % cout != 0 || [beta.len(), mean.len(), var.len()].iter().any(|&n| n != cout) {
+    if cout == 0 || !w.len().is_multiple_of(cout) || [beta.len(), mean.len(), var.len()].iter().any(|&n| n != cout) {
         return Ok(()); // shapes are checked against the network by `take`
     }
     let per_out = w.len() / cout;
     let bad = |name: &str, msg: String| Err(Error::TensorData { name: name.to_string(), msg });
     for o in 0..cout {
         let v = var[o] as f64 + crate::model::fold::BN_EPS;
-        if !(v > 0.0) {
+        if v.is_nan() || v <= 0.0 {
             return bad(vk, format!("running variance {} at element {o} makes BatchNorm's σ²+ε negative", var[o]));
         }
         let s = gamma[o] as f64 / v.sqrt();
