@@ -222,14 +222,14 @@ fn a_shape_of_2_to_the_63_is_reported_as_it_is() {
     sd.splice(at..at + one.len(), [0x8a, 9, 0, 0, 0, 0, 0, 0, 0, 0x80, 0]);
     let p = write("huge-shape.pth", &legacy_pth(&sd, &[("0", &[1.0])]));
     let e = load_err(&p);
-    assert!(e.contains("huge-shape.pth") && e.contains("9223372036854775808") && !e.contains("-1"), "{e}");
+    assert!(e.contains("huge-shape.pth") && e.contains("9223372036854775808") && !e.contains("[-1"), "{e}");
 
     let p = write(
         "huge-shape.safetensors",
         &raw_safetensors("fx.stage1.0.0.weight", "F32", "[9223372036854775808]", &[0; 4]),
     );
     let e = load_err(&p);
-    assert!(e.contains("huge-shape.safetensors") && !e.contains("-1"), "{e}");
+    assert!(e.contains("huge-shape.safetensors") && !e.contains("[-1"), "{e}");
 }
 
 #[test]

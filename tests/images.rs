@@ -276,3 +276,38 @@ fn a_1_gib_icc_profile_costs_no_memory() {
     assert_eq!((info.width, info.height, info.format), (64, 64, image_io::ImageKind::Png));
     assert!(info.decode_bytes >= 64 * 64 * 6 && info.decode_bytes < 1 << 20, "{info:?}");
 }
+
+/// A valid progressive grey 8x8 JPEG, all coefficients zero, sent in successive approximation: each of
+/// the 64 coefficients in its own band, first at bit `max_al`, then refined bit by bit, so 64 × (max_al
+/// + 1) scans. Written by hand: each scan's data is one Huffman code `0` (DC difference 0, or EOB), or
+/// for a DC refinement one raw `0` bit, padded with ones.
+fn jpeg_with_scans(max_al: u8) -> Vec<u8> {
+    let mut j = vec![0xFF, 0xD8];
+    j.extend_from_slice(&[0xFF, 0xDB, 0, 67, 0]);
+    j.extend_from_slice(&[1; 64]);
+    j.extend_from_slice(&[0xFF, 0xC2, 0, 11, 8, 0, 8, 0, 8, 1, 1, 0x11, 0]);
+    for class in [0x00, 0x10] {
+        j.extend_from_slice(&[0xFF, 0xC4, 0, 20, class, 1]);
+        j.extend_from_slice(&[0; 15]);
+        j.push(0);
+    }
+    for band in 0..64u8 {
+        for (ah, al) in std::iter::once((0, max_al)).chain((0..max_al).rev().map(|al| (al + 1, al))) {
+            j.extend_from_slice(&[0xFF, 0xDA, 0, 8, 1, 1, 0x00, band, band, ah << 4 | al, 0x7F]);
+        }
+    }
+    j.extend_from_slice(&[0xFF, 0xD9]);
+    j
+}
+
+#[test]
+fn progressive_jpegs_with_too_many_scans_are_refused() {
+    // 64 bands × 8 bit levels = 512 scans, past the limit of 500; 64 × 7 = 448 decode (to grey 0 + 128).
+    let many = jpeg_with_scans(7);
+    let e = err_of(&many);
+    assert!(e.contains("more than 500 scans"), "{e}");
+    let fewer = jpeg_with_scans(6);
+    let img = decode(&fewer, "fewer", &DecodeLimits::default()).unwrap();
+    assert_eq!((img.width, img.height), (8, 8));
+    assert!(img.data.iter().all(|&v| v == 128), "{:?}", &img.data[..6]);
+}

@@ -89,11 +89,12 @@ impl Decompressor {
             cinfo.common.err = &mut *err;
             let mut progress: Box<jpeg_progress_mgr> = Box::new(std::mem::zeroed());
             progress.progress_monitor = Some(progress_monitor);
-            cinfo.common.progress = &mut *progress;
             let mut d = Decompressor { cinfo, _err: err, _progress: progress };
             guarded(|| {
                 jpeg_create_decompress(&mut *d.cinfo);
             })?;
+            // After creation, which zeroes everything but the error manager and client data.
+            d.cinfo.common.progress = &mut *d._progress;
             guarded(|| {
                 jpeg_mem_src(&mut d.cinfo, bytes.as_ptr(), bytes.len() as c_ulong);
                 // EXIF (APP1) kept for the orientation, as OpenCV reads it.
