@@ -278,9 +278,9 @@ fn a_1_gib_icc_profile_costs_no_memory() {
 }
 
 /// A valid progressive grey 8x8 JPEG, all coefficients zero, sent in successive approximation: each of
-/// the 64 coefficients in its own band, first at bit `max_al`, then refined bit by bit, so 64 × (max_al
-/// + 1) scans. Written by hand: each scan's data is one Huffman code `0` (DC difference 0, or EOB), or
-/// for a DC refinement one raw `0` bit, padded with ones.
+/// the 64 coefficients in its own band, first at bit `max_al`, then refined bit by bit, so 64 times
+/// `max_al + 1` scans. Written by hand: each scan's data is one Huffman code `0` (DC difference 0, or
+/// EOB), or for a DC refinement one raw `0` bit, padded with ones.
 fn jpeg_with_scans(max_al: u8) -> Vec<u8> {
     let mut j = vec![0xFF, 0xD8];
     j.extend_from_slice(&[0xFF, 0xDB, 0, 67, 0]);
