@@ -11,6 +11,10 @@ pub enum Error {
     #[error("weights file {path}: {msg}")]
     WeightsFormat { path: PathBuf, msg: String },
 
+    /// An input file other than weights or an image (the `forward` command's input tensors).
+    #[error("input file {path}: {msg}")]
+    InputFile { path: PathBuf, msg: String },
+
     #[error("weights: missing tensor `{name}` required by network {network}")]
     MissingTensor { network: String, name: String },
 

@@ -1,11 +1,14 @@
 //! Image → BGR u8 pixels, as the reference's `cv2.imread(path, IMREAD_COLOR)` gives them: EXIF orientation
 //! applied, grey replicated to three channels, alpha dropped (not blended), 16-bit samples shifted right
-//! by 8. Decoding is bounded: dimensions and buffer size are checked before any pixel is decoded.
+//! by 8. JPEG through libjpeg-turbo's decoder set up as OpenCV sets it up (see `jpeg`), so the pixels
+//! are OpenCV's. Decoding is bounded: dimensions and buffer size are checked before any pixel is decoded.
 //! Also the resize plans (original size, the reference's multi-scale protocol, a fixed longest side)
 //! with OpenCV's bilinear `INTER_LINEAR` in its fixed-point form.
 
 use crate::error::{Error, Result};
 use image::{DynamicImage, ImageDecoder, ImageReader};
+
+mod jpeg;
 use std::io::Cursor;
 use std::path::Path;
 
@@ -62,46 +65,184 @@ pub fn load(path: &Path, limits: &DecodeLimits) -> Result<BgrImage> {
     decode(&bytes, &path.display().to_string(), limits)
 }
 
+/// What an image's header says, read without decoding a pixel: for admission control before decoding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub format: ImageKind,
+    pub width: u32,
+    pub height: u32,
+    /// An upper estimate of the bytes a decode holds at its peak: the decoder's own buffers (16-bit
+    /// samples, a progressive JPEG's coefficients) plus the BGR output.
+    pub decode_bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageKind {
+    Jpeg,
+    Png,
+}
+
+fn kind_of(bytes: &[u8]) -> Option<ImageKind> {
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some(ImageKind::Jpeg)
+    } else if bytes.starts_with(PNG_SIGNATURE) {
+        Some(ImageKind::Png)
+    } else {
+        None
+    }
+}
+
+const PNG_SIGNATURE: &[u8] = &[0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+
+/// Reads the header of JPEG or PNG bytes; checks nothing against limits.
+pub fn probe(bytes: &[u8], source_name: &str) -> Result<ImageInfo> {
+    let err = |msg: String| Error::Image { source_name: source_name.to_string(), msg };
+    match kind_of(bytes) {
+        Some(ImageKind::Jpeg) => {
+            let h = jpeg::probe(bytes).map_err(err)?;
+            let pixels = h.width as u64 * h.height as u64;
+            // Output rows plus, should the file be progressive, every component's coefficients (2 bytes a
+            // sample; the header read does not say, so counted always).
+            let coefficients = pixels * h.components as u64 * 2;
+            let decode_bytes = pixels * h.components.max(3) as u64 + coefficients + pixels * 3;
+            Ok(ImageInfo { format: ImageKind::Jpeg, width: h.width, height: h.height, decode_bytes })
+        }
+        Some(ImageKind::Png) => {
+            let (width, height, bytes_per_pixel) = png_header(bytes).map_err(err)?;
+            let pixels = width as u64 * height as u64;
+            let decode_bytes = pixels * bytes_per_pixel as u64 + pixels * 3;
+            Ok(ImageInfo { format: ImageKind::Png, width, height, decode_bytes })
+        }
+        None => Err(err("not a JPEG or PNG image (unrecognised signature)".into())),
+    }
+}
+
+/// Width, height and decoded bytes per pixel from a PNG's IHDR.
+fn png_header(bytes: &[u8]) -> std::result::Result<(u32, u32, u32), String> {
+    let ihdr = bytes.get(8..33).ok_or("PNG ends inside its header")?;
+    if &ihdr[4..8] != b"IHDR" || u32::from_be_bytes([ihdr[0], ihdr[1], ihdr[2], ihdr[3]]) != 13 {
+        return Err("PNG without an IHDR chunk first".into());
+    }
+    let width = u32::from_be_bytes([ihdr[8], ihdr[9], ihdr[10], ihdr[11]]);
+    let height = u32::from_be_bytes([ihdr[12], ihdr[13], ihdr[14], ihdr[15]]);
+    let (depth, color) = (ihdr[16], ihdr[17]);
+    let channels = match color {
+        0 => 1,
+        2 => 3,
+        3 => 3, // palette, expanded to RGB
+        4 => 2,
+        6 => 4,
+        other => return Err(format!("PNG colour type {other} is invalid")),
+    };
+    // 16-bit samples stay 16-bit; lower depths expand to 8 bits.
+    Ok((width, height, channels * if depth == 16 { 2 } else { 1 }))
+}
+
+pub(crate) fn check_limits(w: u32, h: u32, limits: &DecodeLimits) -> std::result::Result<(), String> {
+    if w == 0 || h == 0 {
+        return Err(format!("image has zero size ({w}x{h})"));
+    }
+    if w > limits.max_dimension || h > limits.max_dimension || u64::from(w) * u64::from(h) > limits.max_pixels {
+        return Err(format!(
+            "{w}x{h} image exceeds the limits ({} pixels, {} per side)",
+            limits.max_pixels, limits.max_dimension
+        ));
+    }
+    Ok(())
+}
+
 /// Decodes JPEG or PNG bytes. `source_name` names the input in errors.
 pub fn decode(bytes: &[u8], source_name: &str, limits: &DecodeLimits) -> Result<BgrImage> {
     let err = |msg: String| Error::Image { source_name: source_name.to_string(), msg };
     if bytes.is_empty() {
         return Err(err("empty input".into()));
     }
-    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| err(e.to_string()))?;
-    let format = reader.format().ok_or_else(|| err("not a JPEG or PNG image (unrecognised signature)".into()))?;
-    if !matches!(format, image::ImageFormat::Jpeg | image::ImageFormat::Png) {
-        return Err(err(format!("{format:?} images are not supported (JPEG and PNG are)")));
+    match kind_of(bytes) {
+        Some(ImageKind::Jpeg) => {
+            check_jpeg_complete(bytes).map_err(err)?;
+            let (img, exif) = jpeg::decode(bytes, limits).map_err(err)?;
+            let orientation = exif
+                .and_then(|e| image::metadata::Orientation::from_exif_chunk(&e))
+                .unwrap_or(image::metadata::Orientation::NoTransforms);
+            Ok(orient(img, orientation))
+        }
+        Some(ImageKind::Png) => decode_png(bytes, limits).map_err(err),
+        None => {
+            let guessed = image::guess_format(bytes).ok();
+            Err(err(match guessed {
+                Some(f) => format!("{f:?} images are not supported (JPEG and PNG are)"),
+                None => "not a JPEG or PNG image (unrecognised signature)".into(),
+            }))
+        }
     }
-    if format == image::ImageFormat::Jpeg {
-        check_jpeg_complete(bytes).map_err(err)?;
+}
+
+/// Applies an EXIF orientation to BGR pixels (the transforms do not care about channel order).
+fn orient(img: BgrImage, orientation: image::metadata::Orientation) -> BgrImage {
+    if orientation == image::metadata::Orientation::NoTransforms {
+        return img;
     }
-    let mut decoder = reader.into_decoder().map_err(|e| err(format!("cannot read the header: {e}")))?;
-    let (w, h) = decoder.dimensions();
-    if w == 0 || h == 0 {
-        return Err(err(format!("image has zero size ({w}x{h})")));
+    let (w, h) = (img.width as u32, img.height as u32);
+    let Some(buf) = image::RgbImage::from_raw(w, h, img.data) else {
+        unreachable!("BgrImage holds width * height * 3 bytes")
+    };
+    let mut d = DynamicImage::ImageRgb8(buf);
+    d.apply_orientation(orientation);
+    let (width, height) = (d.width() as usize, d.height() as usize);
+    BgrImage { width, height, data: d.into_rgb8().into_raw() }
+}
+
+/// The PNG chunks that only carry metadata OpenCV ignores for pixels, and that may be compressed (a
+/// 1 GiB zlib-compressed ICC profile fits in a small file): dropped before decoding, so that decoding
+/// memory is bounded by the pixels alone.
+const PNG_METADATA_CHUNKS: [&[u8; 4]; 4] = [b"iCCP", b"zTXt", b"iTXt", b"tEXt"];
+
+/// The PNG without its metadata chunks; unchanged past the first malformed chunk (the decoder reports it).
+fn strip_png_metadata(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&bytes[..PNG_SIGNATURE.len().min(bytes.len())]);
+    let mut pos = PNG_SIGNATURE.len();
+    while pos + 12 <= bytes.len() {
+        let len = u32::from_be_bytes([bytes[pos], bytes[pos + 1], bytes[pos + 2], bytes[pos + 3]]) as usize;
+        let Some(end) = pos.checked_add(12).and_then(|p| p.checked_add(len)).filter(|&e| e <= bytes.len()) else {
+            break;
+        };
+        let kind = &bytes[pos + 4..pos + 8];
+        if !PNG_METADATA_CHUNKS.iter().any(|k| k.as_slice() == kind) {
+            out.extend_from_slice(&bytes[pos..end]);
+        }
+        pos = end;
+        if kind == b"IEND" {
+            return out;
+        }
     }
-    if w > limits.max_dimension || h > limits.max_dimension || u64::from(w) * u64::from(h) > limits.max_pixels {
-        return Err(err(format!(
-            "{w}x{h} image exceeds the limits ({} pixels, {} per side)",
-            limits.max_pixels, limits.max_dimension
-        )));
-    }
+    out.extend_from_slice(&bytes[pos.min(bytes.len())..]);
+    out
+}
+
+fn decode_png(bytes: &[u8], limits: &DecodeLimits) -> std::result::Result<BgrImage, String> {
+    let (w, h, bytes_per_pixel) = png_header(bytes)?;
+    check_limits(w, h, limits)?;
+    let stripped = strip_png_metadata(bytes);
+    let mut reader = ImageReader::new(Cursor::new(&stripped[..]));
+    reader.set_format(image::ImageFormat::Png);
+    // Everything the decoder may allocate: the pixels at their stored depth, plus room for the row
+    // buffers and the EXIF chunk kept for orientation.
     let mut il = image::Limits::default();
     il.max_image_width = Some(limits.max_dimension);
     il.max_image_height = Some(limits.max_dimension);
-    il.max_alloc = Some(limits.max_pixels.saturating_mul(8).max(decoder.total_bytes()));
-    decoder.set_limits(il).map_err(|e| err(e.to_string()))?;
+    il.max_alloc = Some(u64::from(w) * u64::from(h) * u64::from(bytes_per_pixel) + (16 << 20));
+    reader.limits(il);
+    let mut decoder = reader.into_decoder().map_err(|e| format!("cannot read the header: {e}"))?;
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img =
-        DynamicImage::from_decoder(decoder).map_err(|e| err(format!("corrupt or truncated image data: {e}")))?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| format!("corrupt or truncated image data: {e}"))?;
     img.apply_orientation(orientation);
     Ok(to_bgr(&img))
 }
 
-/// The `image` crate decodes a JPEG cut short without complaint, filling the rest with grey; OpenCV
-/// warns and does the same. A cut file is refused instead: it must end with the end-of-image marker
-/// (trailing bytes after it are allowed, as both decoders allow them).
+/// A cut file is refused: it must end with the end-of-image marker (trailing bytes after it are allowed,
+/// as OpenCV allows them). A cut file with an end-of-image marker appended passes this, but not the
+/// decoder, which reports the missing data as a warning that is an error here.
 fn check_jpeg_complete(bytes: &[u8]) -> std::result::Result<(), String> {
     let last_sos = bytes.windows(2).rposition(|m| m == [0xFF, 0xDA]);
     let last_eoi = bytes.windows(2).rposition(|m| m == [0xFF, 0xD9]);

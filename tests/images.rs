@@ -33,6 +33,19 @@ fn bad_images_are_clear_errors() {
     assert!(e.contains("truncated"), "{e}");
     let e = err_of(&crowd[..crowd.len() - 2]);
     assert!(e.contains("truncated"), "{e}");
+    // Cut in the middle of the scan with an end-of-image marker appended: the marker check passes, the
+    // decoder finds the scan data missing.
+    let mut cut = crowd[..crowd.len() / 2].to_vec();
+    cut.extend_from_slice(&[0xFF, 0xD9]);
+    let e = err_of(&cut);
+    assert!(e.contains("input.bin") && e.contains("corrupt or truncated JPEG data"), "{e}");
+    // Scan data overwritten with garbage (libjpeg would fill with grey and warn).
+    let mut bad = crowd.clone();
+    let sos = bad.windows(2).position(|m| m == [0xFF, 0xDA]).unwrap();
+    for b in &mut bad[sos + 400..sos + 4000] {
+        *b = 0xFF;
+    }
+    assert!(err_of(&bad).contains("input.bin"));
     // PNG header and IHDR declaring 65535x65535, then IEND: 65 bytes. Must be refused before decoding.
     let mut png = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
     let chunk = |png: &mut Vec<u8>, kind: &[u8], data: &[u8]| {
@@ -216,4 +229,85 @@ fn bilinear_resize_matches_opencv() {
         println!("{w}x{h} x{r:.4}: max diff {max}, {:.2}% equal", equal * 100.0);
         assert_eq!(max, 0, "{w}x{h} x{r}: max diff {max}, {:.2}% equal", equal * 100.0);
     }
+}
+
+/// A 64x64 RGB PNG with an iCCP chunk (after IHDR) whose zlib stream inflates to `profile_bytes` zeros.
+fn png_with_icc(profile_bytes: usize) -> (Vec<u8>, Vec<u8>) {
+    let rgb: Vec<u8> = (0..64 * 64 * 3).map(|i| (i * 7 % 251) as u8).collect();
+    let png = png_bytes(64, 64, image::ExtendedColorType::Rgb8, &rgb);
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..profile_bytes >> 20 {
+        std::io::Write::write_all(&mut z, &zeros).unwrap();
+    }
+    let mut body = b"iCCPsRGB\0\0".to_vec();
+    body.extend_from_slice(&z.finish().unwrap());
+    let mut chunk = ((body.len() - 4) as u32).to_be_bytes().to_vec();
+    chunk.extend_from_slice(&body);
+    chunk.extend_from_slice(&crc32(&body).to_be_bytes());
+    let at = 8 + 25; // signature, IHDR
+    let mut out = png[..at].to_vec();
+    out.extend_from_slice(&chunk);
+    out.extend_from_slice(&png[at..]);
+    (out, rgb)
+}
+
+#[test]
+fn a_1_gib_icc_profile_costs_no_memory() {
+    let (png, rgb) = png_with_icc(1 << 30);
+    assert!(png.len() < 2 << 20, "{} bytes", png.len());
+    let img = decode(&png, "icc.png", &DecodeLimits::default()).unwrap();
+    let bgr: Vec<u8> = rgb.chunks(3).flat_map(|p| [p[2], p[1], p[0]]).collect();
+    assert_eq!(img.data, bgr);
+    // The decode's memory is bounded by the pixels: under a 300 MiB address-space cap (the 1 GiB
+    // profile, or image's default 512 MiB allowance for it, would not fit).
+    let path = std::env::temp_dir().join(format!("retinaface-icc-{}.png", std::process::id()));
+    std::fs::write(&path, &png).unwrap();
+    let cmd = format!(
+        "ulimit -v {}; exec '{}' detect --backend cpu --synthetic-seed 1 --network mobilenetv1_0.25 '{}'",
+        300 * 1024,
+        env!("CARGO_BIN_EXE_retinaface"),
+        path.display()
+    );
+    let out = std::process::Command::new("bash").args(["-c", &cmd]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let info = image_io::probe(&png, "icc.png").unwrap();
+    assert_eq!((info.width, info.height, info.format), (64, 64, image_io::ImageKind::Png));
+    assert!(info.decode_bytes >= 64 * 64 * 6 && info.decode_bytes < 1 << 20, "{info:?}");
+}
+
+/// A valid progressive grey 8x8 JPEG, all coefficients zero, sent in successive approximation: each of
+/// the 64 coefficients in its own band, first at bit `max_al`, then refined bit by bit, so 64 times
+/// `max_al + 1` scans. Written by hand: each scan's data is one Huffman code `0` (DC difference 0, or
+/// EOB), or for a DC refinement one raw `0` bit, padded with ones.
+fn jpeg_with_scans(max_al: u8) -> Vec<u8> {
+    let mut j = vec![0xFF, 0xD8];
+    j.extend_from_slice(&[0xFF, 0xDB, 0, 67, 0]);
+    j.extend_from_slice(&[1; 64]);
+    j.extend_from_slice(&[0xFF, 0xC2, 0, 11, 8, 0, 8, 0, 8, 1, 1, 0x11, 0]);
+    for class in [0x00, 0x10] {
+        j.extend_from_slice(&[0xFF, 0xC4, 0, 20, class, 1]);
+        j.extend_from_slice(&[0; 15]);
+        j.push(0);
+    }
+    for band in 0..64u8 {
+        for (ah, al) in std::iter::once((0, max_al)).chain((0..max_al).rev().map(|al| (al + 1, al))) {
+            j.extend_from_slice(&[0xFF, 0xDA, 0, 8, 1, 1, 0x00, band, band, ah << 4 | al, 0x7F]);
+        }
+    }
+    j.extend_from_slice(&[0xFF, 0xD9]);
+    j
+}
+
+#[test]
+fn progressive_jpegs_with_too_many_scans_are_refused() {
+    // 64 bands × 8 bit levels = 512 scans, past the limit of 500; 64 × 7 = 448 decode (to grey 0 + 128).
+    let many = jpeg_with_scans(7);
+    let e = err_of(&many);
+    assert!(e.contains("more than 500 scans"), "{e}");
+    let fewer = jpeg_with_scans(6);
+    let img = decode(&fewer, "fewer", &DecodeLimits::default()).unwrap();
+    assert_eq!((img.width, img.height), (8, 8));
+    assert!(img.data.iter().all(|&v| v == 128), "{:?}", &img.data[..6]);
 }

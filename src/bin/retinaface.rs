@@ -394,7 +394,7 @@ fn detect(a: DetectArgs) -> Result<()> {
 fn forward(a: ForwardArgs) -> Result<()> {
     let engine = a.weights.engine()?;
     let bytes = std::fs::read(&a.input).map_err(|e| Error::io(&a.input, e))?;
-    let bad = |msg: String| Error::WeightsFormat { path: a.input.clone(), msg };
+    let bad = |msg: String| Error::InputFile { path: a.input.clone(), msg };
     let st =
         safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     let t = st.tensor("input_bgr_u8").map_err(|_| bad("no tensor `input_bgr_u8`".into()))?;

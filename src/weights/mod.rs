@@ -76,11 +76,13 @@ pub struct StateDictSource<'a> {
     sd: &'a StateDict,
     network: Network,
     used: BTreeSet<String>,
+    /// The conv weight and BatchNorm γ, β, μ taken since the last conv, to check the fold once σ² comes.
+    pending: Vec<(String, &'a [f32])>,
 }
 
 impl<'a> StateDictSource<'a> {
     pub fn new(sd: &'a StateDict, network: Network) -> Self {
-        StateDictSource { sd, network, used: BTreeSet::new() }
+        StateDictSource { sd, network, used: BTreeSet::new(), pending: Vec::new() }
     }
 
     /// Errors on the first tensor the network did not take.
@@ -93,7 +95,7 @@ impl<'a> StateDictSource<'a> {
 }
 
 impl ParamSource for StateDictSource<'_> {
-    fn take(&mut self, key: &str, shape: &[usize], _kind: ParamKind) -> Result<Vec<f32>> {
+    fn take(&mut self, key: &str, shape: &[usize], kind: ParamKind) -> Result<Vec<f32>> {
         let network = self.network.to_string();
         let t = self
             .sd
@@ -111,6 +113,28 @@ impl ParamSource for StateDictSource<'_> {
         if let Some((index, &value)) = t.data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(Error::NonFiniteWeight { name: key.to_string(), index, value });
         }
+        if let Some((index, &value)) = t.data.iter().enumerate().find(|(_, v)| v.abs() > MAX_WEIGHT) {
+            return Err(Error::TensorData {
+                name: key.to_string(),
+                msg: format!(
+                    "element {index} is {value:e}, beyond the plausible magnitude {MAX_WEIGHT:e}: \
+                     its products would overflow f32 activations into NaN boxes"
+                ),
+            });
+        }
+        match kind {
+            ParamKind::ConvWeight => self.pending = vec![(key.to_string(), &t.data)],
+            ParamKind::BnWeight { .. } | ParamKind::BnBias | ParamKind::BnMean => {
+                self.pending.push((key.to_string(), &t.data))
+            }
+            ParamKind::BnVar => {
+                if let [(wk, w), (gk, g), (_, b), (mk, m)] = self.pending.as_slice() {
+                    check_fold(wk, w, gk, g, b, mk, m, key, &t.data)?;
+                }
+                self.pending.clear();
+            }
+            ParamKind::ConvBias => {}
+        }
         self.used.insert(key.to_string());
         Ok(t.data.clone())
     }
@@ -118,6 +142,62 @@ impl ParamSource for StateDictSource<'_> {
     fn optional(&mut self, key: &str) {
         self.used.insert(key.to_string());
     }
+}
+
+/// The largest weight magnitude accepted, before and after BatchNorm folding. Trained RetinaFace weights
+/// stay below 1e3; weights near f32's range (3e38) are finite, but the first layer's products overflow and
+/// the output turns into NaN boxes. Twelve orders of margin either way.
+const MAX_WEIGHT: f32 = 1e15;
+
+/// Finite weights can still fold to infinities (a 3e38 conv weight times a γ of 10) or NaN (a negative
+/// σ²), which would reach the output as NaN boxes: refused here, naming the tensors, with the fold's
+/// arithmetic (`model::fold`: f64, rounded once to f32).
+#[allow(clippy::too_many_arguments)]
+fn check_fold(
+    wk: &str,
+    w: &[f32],
+    gk: &str,
+    gamma: &[f32],
+    beta: &[f32],
+    mk: &str,
+    mean: &[f32],
+    vk: &str,
+    var: &[f32],
+) -> Result<()> {
+    let cout = gamma.len();
+    if cout == 0 || !w.len().is_multiple_of(cout) || [beta.len(), mean.len(), var.len()].iter().any(|&n| n != cout) {
+        return Ok(()); // shapes are checked against the network by `take`
+    }
+    let per_out = w.len() / cout;
+    let bad = |name: &str, msg: String| Err(Error::TensorData { name: name.to_string(), msg });
+    for o in 0..cout {
+        let v = var[o] as f64 + crate::model::fold::BN_EPS;
+        if v.is_nan() || v <= 0.0 {
+            return bad(vk, format!("running variance {} at element {o} makes BatchNorm's σ²+ε negative", var[o]));
+        }
+        let s = gamma[o] as f64 / v.sqrt();
+        let fits = |x: f64| x.is_finite() && x.abs() <= MAX_WEIGHT as f64;
+        if let Some(i) = w[o * per_out..(o + 1) * per_out].iter().position(|&x| !fits(x as f64 * s)) {
+            let x = w[o * per_out + i];
+            return bad(
+                wk,
+                format!(
+                    "element {} ({x:e}) times the BatchNorm scale {s:e} of `{gk}` passes {MAX_WEIGHT:e} when folded",
+                    o * per_out + i
+                ),
+            );
+        }
+        if !fits(beta[o] as f64 - mean[o] as f64 * s) {
+            return bad(
+                mk,
+                format!(
+                    "element {o} ({:e}) times the BatchNorm scale {s:e} passes {MAX_WEIGHT:e} when folded",
+                    mean[o]
+                ),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Where the weights of an engine come from.

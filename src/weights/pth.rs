@@ -8,8 +8,12 @@ use crate::error::{Error, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Cursor, Read};
 use std::path::Path;
+use std::rc::Rc;
 
-// Every pickle value kind a state dict can hold; some are parsed only to be skipped.
+// Every pickle value kind a state dict can hold; some are parsed only to be skipped. Containers are shared
+// (`Rc`), so a memo get costs one pointer, not a deep copy (a 113-byte pickle that doubles a list 26 times
+// would otherwise take gigabytes); each records its nesting depth, so depth is bounded as values are built
+// and no recursive walk or drop can overflow the stack.
 #[allow(dead_code)]
 #[derive(Clone, Debug)]
 enum V {
@@ -17,15 +21,63 @@ enum V {
     Bool(bool),
     Int(i64),
     Float(f64),
-    Str(String),
-    Bytes(Vec<u8>),
-    Tuple(Vec<V>),
-    List(Vec<V>),
-    Dict(Vec<(V, V)>),
+    Str(Rc<str>),
+    Bytes(Rc<[u8]>),
+    Tuple(Rc<Seq>),
+    List(Rc<Seq>),
+    Dict(Rc<Map>),
     Global(String),
     Storage { dtype: String, key: String },
-    Tensor { storage: Box<V>, offset: usize, size: Vec<usize>, stride: Vec<usize> },
+    Tensor { dtype: String, key: String, offset: usize, size: Vec<usize>, stride: Vec<usize> },
 }
+
+#[derive(Clone, Debug, Default)]
+struct Seq {
+    items: Vec<V>,
+    depth: u32,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Map {
+    items: Vec<(V, V)>,
+    depth: u32,
+}
+
+impl V {
+    fn depth(&self) -> u32 {
+        match self {
+            V::Tuple(s) | V::List(s) => s.depth,
+            V::Dict(m) => m.depth,
+            _ => 0,
+        }
+    }
+    fn tuple(items: Vec<V>) -> V {
+        let depth = 1 + items.iter().map(V::depth).max().unwrap_or(0);
+        V::Tuple(Rc::new(Seq { items, depth }))
+    }
+    /// A short description for errors: never the whole value, which may be huge.
+    fn kind(&self) -> String {
+        match self {
+            V::None => "None".into(),
+            V::Bool(b) => format!("bool {b}"),
+            V::Int(i) => format!("integer {i}"),
+            V::Float(f) => format!("float {f}"),
+            V::Str(s) if s.len() <= 64 => format!("string {s:?}"),
+            V::Str(s) => format!("string of {} bytes", s.len()),
+            V::Bytes(b) => format!("{} bytes", b.len()),
+            V::Tuple(s) => format!("tuple of {}", s.items.len()),
+            V::List(s) => format!("list of {}", s.items.len()),
+            V::Dict(m) => format!("dict of {}", m.items.len()),
+            V::Global(g) => format!("global {g}"),
+            V::Storage { dtype, key } => format!("{dtype} {key}"),
+            V::Tensor { size, .. } => format!("tensor of size {size:?}"),
+        }
+    }
+}
+
+/// Deepest nesting of containers accepted. A state dict nests a handful deep (dict, tensor-argument tuple,
+/// size tuple); a million nested TUPLE1 opcodes must be an error, not a stack overflow.
+const MAX_DEPTH: u32 = 100;
 
 struct Machine<'a> {
     data: &'a [u8],
@@ -33,11 +85,70 @@ struct Machine<'a> {
     stack: Vec<V>,
     marks: Vec<usize>,
     memo: HashMap<u32, V>,
+    /// Elements left to copy when a shared container is appended to (copy on write); bounds the work and
+    /// memory of a pickle that appends to many copies of one big memoised list.
+    copy_budget: usize,
 }
 
 const MAX_ELEMENTS: usize = 1 << 31;
 
 impl<'a> Machine<'a> {
+    fn new(data: &'a [u8], pos: usize) -> Self {
+        Machine {
+            data,
+            pos,
+            stack: Vec::new(),
+            marks: Vec::new(),
+            memo: HashMap::new(),
+            copy_budget: data.len().saturating_mul(4).saturating_add(1 << 20),
+        }
+    }
+    fn push(&mut self, v: V) -> std::result::Result<(), String> {
+        if v.depth() > MAX_DEPTH {
+            return Err(format!("pickle nests containers more than {MAX_DEPTH} deep (at byte {})", self.pos));
+        }
+        self.stack.push(v);
+        Ok(())
+    }
+    /// The list (or dict) on top of the stack, unshared, charging a copy to the budget when it is shared.
+    fn charge_copy(&mut self, len: usize) -> std::result::Result<(), String> {
+        self.copy_budget = self.copy_budget.checked_sub(len).ok_or_else(|| {
+            format!("pickle copies more shared list or dict elements than its size allows (at byte {})", self.pos)
+        })?;
+        Ok(())
+    }
+    fn top_list(&mut self) -> std::result::Result<&mut Seq, String> {
+        let len = match self.stack.last() {
+            Some(V::List(l)) if Rc::strong_count(l) > 1 => l.items.len(),
+            Some(V::List(_)) => 0,
+            _ => return Err("APPEND on something that is not a list".into()),
+        };
+        self.charge_copy(len)?;
+        match self.stack.last_mut() {
+            Some(V::List(l)) => Ok(Rc::make_mut(l)),
+            _ => Err("APPEND on something that is not a list".into()),
+        }
+    }
+    fn top_dict(&mut self) -> std::result::Result<&mut Map, String> {
+        let len = match self.stack.last() {
+            Some(V::Dict(d)) if Rc::strong_count(d) > 1 => d.items.len(),
+            Some(V::Dict(_)) => 0,
+            _ => return Err("SETITEM on something that is not a dict".into()),
+        };
+        self.charge_copy(len)?;
+        match self.stack.last_mut() {
+            Some(V::Dict(d)) => Ok(Rc::make_mut(d)),
+            _ => Err("SETITEM on something that is not a dict".into()),
+        }
+    }
+    fn check_top_depth(&self) -> std::result::Result<(), String> {
+        match self.stack.last() {
+            Some(v) if v.depth() > MAX_DEPTH => {
+                Err(format!("pickle nests containers more than {MAX_DEPTH} deep (at byte {})", self.pos))
+            }
+            _ => Ok(()),
+        }
+    }
     fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or("pickle ends early")?;
         let s = &self.data[self.pos..end];
@@ -68,15 +179,9 @@ impl<'a> Machine<'a> {
         }
         Ok(self.stack.split_off(m))
     }
-    fn top_dict(&mut self) -> std::result::Result<&mut Vec<(V, V)>, String> {
-        match self.stack.last_mut() {
-            Some(V::Dict(d)) => Ok(d),
-            _ => Err("SETITEM on something that is not a dict".into()),
-        }
-    }
     fn text(&mut self, n: usize) -> std::result::Result<V, String> {
         let b = self.take(n)?;
-        Ok(V::Str(String::from_utf8(b.to_vec()).map_err(|_| "invalid UTF-8 string in pickle")?))
+        Ok(V::Str(std::str::from_utf8(b).map_err(|_| "invalid UTF-8 string in pickle")?.into()))
     }
     fn global(module: &str, name: &str) -> std::result::Result<V, String> {
         let full = format!("{module}.{name}");
@@ -103,9 +208,9 @@ impl<'a> Machine<'a> {
                 } // FRAME
                 b'.' => return self.pop(), // STOP
                 b'(' => self.marks.push(self.stack.len()),
-                b'}' => self.stack.push(V::Dict(Vec::new())),
-                b']' => self.stack.push(V::List(Vec::new())),
-                b')' => self.stack.push(V::Tuple(Vec::new())),
+                b'}' => self.push(V::Dict(Rc::new(Map { items: Vec::new(), depth: 1 })))?,
+                b']' => self.push(V::List(Rc::new(Seq { items: Vec::new(), depth: 1 })))?,
+                b')' => self.push(V::tuple(Vec::new()))?,
                 b'N' => self.stack.push(V::None),
                 0x88 => self.stack.push(V::Bool(true)),
                 0x89 => self.stack.push(V::Bool(false)),
@@ -125,16 +230,19 @@ impl<'a> Machine<'a> {
                     // LONG1
                     let n = self.u8()? as usize;
                     let b = self.take(n)?;
-                    if n > 8 {
-                        return Err("integer too large in pickle".into());
+                    if n > 16 {
+                        return Err(format!("{n}-byte integer in pickle is too large"));
                     }
-                    let mut v: i64 = 0;
+                    // Little-endian two's complement, read wide so that a value such as 2^63 is reported
+                    // as itself, not wrapped to a negative number.
+                    let mut v: i128 = 0;
                     for (i, &x) in b.iter().enumerate() {
-                        v |= (x as i64) << (8 * i);
+                        v |= (x as i128) << (8 * i);
                     }
-                    if n > 0 && n < 8 && b[n - 1] & 0x80 != 0 {
-                        v -= 1i64 << (8 * n);
+                    if n > 0 && n < 16 && b[n - 1] & 0x80 != 0 {
+                        v -= 1i128 << (8 * n);
                     }
+                    let v = i64::try_from(v).map_err(|_| format!("integer {v} in pickle is too large"))?;
                     self.stack.push(V::Int(v))
                 }
                 b'G' => {
@@ -155,18 +263,18 @@ impl<'a> Machine<'a> {
                 }
                 b'U' => {
                     let n = self.u8()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(V::Bytes(b))
+                    let b = self.take(n)?;
+                    self.stack.push(V::Bytes(b.into()))
                 }
                 b'B' => {
                     let n = self.u32()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(V::Bytes(b))
+                    let b = self.take(n)?;
+                    self.stack.push(V::Bytes(b.into()))
                 }
                 b'C' => {
                     let n = self.u8()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(V::Bytes(b))
+                    let b = self.take(n)?;
+                    self.stack.push(V::Bytes(b.into()))
                 }
                 b'q' => {
                     let i = self.u8()? as u32;
@@ -186,12 +294,12 @@ impl<'a> Machine<'a> {
                 b'h' => {
                     let i = self.u8()? as u32;
                     let v = self.memo.get(&i).ok_or("BINGET of an unknown memo slot")?.clone();
-                    self.stack.push(v)
+                    self.push(v)?
                 }
                 b'j' => {
                     let i = self.u32()?;
                     let v = self.memo.get(&i).ok_or("LONG_BINGET of an unknown memo slot")?.clone();
-                    self.stack.push(v)
+                    self.push(v)?
                 }
                 b'c' => {
                     let module = self.line()?;
@@ -208,41 +316,44 @@ impl<'a> Machine<'a> {
                 }
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(V::Tuple(items))
+                    self.push(V::tuple(items))?
                 }
                 0x85 => {
                     let a = self.pop()?;
-                    self.stack.push(V::Tuple(vec![a]))
+                    self.push(V::tuple(vec![a]))?
                 }
                 0x86 => {
                     let b = self.pop()?;
                     let a = self.pop()?;
-                    self.stack.push(V::Tuple(vec![a, b]))
+                    self.push(V::tuple(vec![a, b]))?
                 }
                 0x87 => {
                     let c = self.pop()?;
                     let b = self.pop()?;
                     let a = self.pop()?;
-                    self.stack.push(V::Tuple(vec![a, b, c]))
+                    self.push(V::tuple(vec![a, b, c]))?
                 }
                 b'a' => {
                     let v = self.pop()?;
-                    match self.stack.last_mut() {
-                        Some(V::List(l)) => l.push(v),
-                        _ => return Err("APPEND on something that is not a list".into()),
-                    }
+                    let l = self.top_list()?;
+                    l.depth = l.depth.max(v.depth() + 1);
+                    l.items.push(v);
+                    self.check_top_depth()?;
                 }
                 b'e' => {
                     let items = self.pop_mark()?;
-                    match self.stack.last_mut() {
-                        Some(V::List(l)) => l.extend(items),
-                        _ => return Err("APPENDS on something that is not a list".into()),
-                    }
+                    let l = self.top_list()?;
+                    l.depth = l.depth.max(1 + items.iter().map(V::depth).max().unwrap_or(0));
+                    l.items.extend(items);
+                    self.check_top_depth()?;
                 }
                 b's' => {
                     let v = self.pop()?;
                     let k = self.pop()?;
-                    self.top_dict()?.push((k, v));
+                    let d = self.top_dict()?;
+                    d.depth = d.depth.max(1 + k.depth().max(v.depth()));
+                    d.items.push((k, v));
+                    self.check_top_depth()?;
                 }
                 b'u' => {
                     let items = self.pop_mark()?;
@@ -250,10 +361,12 @@ impl<'a> Machine<'a> {
                         return Err("SETITEMS with an odd number of items".into());
                     }
                     let d = self.top_dict()?;
+                    d.depth = d.depth.max(1 + items.iter().map(V::depth).max().unwrap_or(0));
                     let mut it = items.into_iter();
                     while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                        d.push((k, v));
+                        d.items.push((k, v));
                     }
+                    self.check_top_depth()?;
                 }
                 b'Q' => {
                     let pid = self.pop()?;
@@ -283,85 +396,108 @@ impl<'a> Machine<'a> {
 fn as_usize(v: &V) -> std::result::Result<usize, String> {
     match v {
         V::Int(i) if *i >= 0 => Ok(*i as usize),
-        _ => Err(format!("expected a non-negative integer, found {v:?}")),
+        _ => Err(format!("expected a non-negative integer, found {}", v.kind())),
     }
 }
 
 fn usizes(v: &V) -> std::result::Result<Vec<usize>, String> {
     match v {
-        V::Tuple(t) | V::List(t) => t.iter().map(as_usize).collect(),
-        _ => Err(format!("expected a tuple of integers, found {v:?}")),
+        V::Tuple(t) | V::List(t) => t.items.iter().map(as_usize).collect(),
+        _ => Err(format!("expected a tuple of integers, found {}", v.kind())),
     }
 }
 
 fn persistent_load(pid: V) -> std::result::Result<V, String> {
     // ('storage', torch.FloatStorage, key, location, numel)
-    let V::Tuple(t) = pid else { return Err("persistent id is not a tuple".into()) };
-    match t.as_slice() {
-        [V::Str(kind), V::Global(dtype), V::Str(key), _location, _numel, ..] if kind == "storage" => {
-            Ok(V::Storage { dtype: dtype.trim_start_matches("torch.").to_string(), key: key.clone() })
+    let V::Tuple(t) = &pid else { return Err(format!("persistent id is a {}, not a tuple", pid.kind())) };
+    match t.items.as_slice() {
+        [V::Str(kind), V::Global(dtype), V::Str(key), _location, _numel, ..] if &**kind == "storage" => {
+            Ok(V::Storage { dtype: dtype.trim_start_matches("torch.").to_string(), key: key.to_string() })
         }
-        _ => Err(format!("unsupported persistent id {t:?}")),
+        _ => Err(format!("unsupported persistent id ({})", pid.kind())),
     }
 }
 
 fn reduce(f: V, args: V) -> std::result::Result<V, String> {
     let V::Global(name) = f else { return Err("REDUCE of something that is not an allowed global".into()) };
     let V::Tuple(a) = args else { return Err(format!("REDUCE of {name} without an argument tuple")) };
+    let a = &a.items;
     match name.as_str() {
-        "collections.OrderedDict" => Ok(V::Dict(Vec::new())),
+        "collections.OrderedDict" => Ok(V::Dict(Rc::new(Map { items: Vec::new(), depth: 1 }))),
         "torch._utils._rebuild_parameter" => {
-            a.into_iter().next().ok_or_else(|| "_rebuild_parameter without data".to_string())
+            a.first().cloned().ok_or_else(|| "_rebuild_parameter without data".to_string())
         }
         "torch._utils._rebuild_tensor_v2" => {
             if a.len() < 4 {
                 return Err("_rebuild_tensor_v2 with fewer than 4 arguments".into());
             }
+            let V::Storage { dtype, key } = &a[0] else {
+                return Err(format!("_rebuild_tensor_v2 of a {}, not a storage", a[0].kind()));
+            };
             let size = usizes(&a[2])?;
             let stride = usizes(&a[3])?;
             if size.len() != stride.len() {
                 return Err(format!("tensor size {size:?} and stride {stride:?} differ in rank"));
             }
-            Ok(V::Tensor { storage: Box::new(a[0].clone()), offset: as_usize(&a[1])?, size, stride })
+            Ok(V::Tensor { dtype: dtype.clone(), key: key.clone(), offset: as_usize(&a[1])?, size, stride })
         }
         other => Err(format!("refusing to call `{other}`")),
     }
 }
 
-fn storage_to_f32(dtype: &str, b: &[u8]) -> std::result::Result<Vec<f32>, String> {
+/// Integer tensors are only PyTorch's BatchNorm step counters, which the engine does not use; an integer
+/// tensor anywhere else is a wrong file, not weights to round into floats.
+pub(crate) fn integer_allowed(name: &str) -> bool {
+    name.ends_with("num_batches_tracked")
+}
+
+fn storage_to_f32(name: &str, dtype: &str, b: &[u8]) -> std::result::Result<Vec<f32>, String> {
     use safetensors::Dtype;
     let d = match dtype {
         "FloatStorage" => Dtype::F32,
         "DoubleStorage" => Dtype::F64,
         "HalfStorage" => Dtype::F16,
         "BFloat16Storage" => Dtype::BF16,
-        "LongStorage" => Dtype::I64,
-        "IntStorage" => Dtype::I32,
-        other => return Err(format!("unsupported storage type {other}")),
+        "LongStorage" if integer_allowed(name) => Dtype::I64,
+        "IntStorage" if integer_allowed(name) => Dtype::I32,
+        other => return Err(format!("unsupported storage type {other} (weights must be floating point)")),
     };
     super::safetensors_io::to_f32(d, b)
 }
 
-/// Gathers a strided view of `storage` into a contiguous tensor.
-fn gather(storage: &[f32], offset: usize, size: &[usize], stride: &[usize]) -> std::result::Result<Vec<f32>, String> {
-    let n = size
-        .iter()
+/// Elements of a tensor of shape `size`, or an error when the product overflows or passes `MAX_ELEMENTS`.
+fn element_count(size: &[usize]) -> std::result::Result<usize, String> {
+    size.iter()
         .try_fold(1usize, |a, &s| a.checked_mul(s))
         .filter(|&n| n <= MAX_ELEMENTS)
-        .ok_or("tensor too large")?;
+        .ok_or_else(|| format!("tensor of size {size:?} is too large (more than {MAX_ELEMENTS} elements)"))
+}
+
+/// Gathers a strided view of `storage` into a contiguous tensor. Every index is computed with checked
+/// arithmetic: a stride of 2^62 must be refused, not wrap around the bounds check.
+fn gather(storage: &[f32], offset: usize, size: &[usize], stride: &[usize]) -> std::result::Result<Vec<f32>, String> {
+    let n = element_count(size)?;
     if n == 0 {
         return Ok(Vec::new());
     }
-    let max_index = offset + size.iter().zip(stride).map(|(&s, &st)| (s - 1) * st).sum::<usize>();
-    if max_index >= storage.len() {
-        return Err(format!(
+    let past = || {
+        format!(
             "tensor view (offset {offset}, size {size:?}, stride {stride:?}) reaches past its storage of {} elements",
             storage.len()
-        ));
+        )
+    };
+    let max_index = size
+        .iter()
+        .zip(stride)
+        .try_fold(offset, |acc, (&s, &st)| (s - 1).checked_mul(st).and_then(|x| acc.checked_add(x)))
+        .ok_or_else(past)?;
+    if max_index >= storage.len() {
+        return Err(past());
     }
     let mut out = Vec::with_capacity(n);
     let mut idx = vec![0usize; size.len()];
     for _ in 0..n {
+        // In bounds: every partial sum is at most max_index.
         out.push(storage[offset + idx.iter().zip(stride).map(|(i, s)| i * s).sum::<usize>()]);
         for d in (0..size.len()).rev() {
             idx[d] += 1;
@@ -376,26 +512,29 @@ fn gather(storage: &[f32], offset: usize, size: &[usize], stride: &[usize]) -> s
 
 /// The tensors of a state dict (found at the top level, or under `state_dict` / `model`).
 fn find_state_dict(v: V) -> Option<Vec<(V, V)>> {
-    let V::Dict(items) = v else { return None };
-    if items.iter().any(|(_, v)| matches!(v, V::Tensor { .. })) {
-        return Some(items);
+    let V::Dict(m) = v else { return None };
+    if m.items.iter().any(|(_, v)| matches!(v, V::Tensor { .. })) {
+        return Some(m.items.clone());
     }
-    items
-        .into_iter()
+    m.items
+        .iter()
         .find(|(k, v)| {
-            matches!(k, V::Str(s) if s == "state_dict" || s == "model" || s == "net") && matches!(v, V::Dict(_))
+            matches!(k, V::Str(s) if &**s == "state_dict" || &**s == "model" || &**s == "net")
+                && matches!(v, V::Dict(_))
         })
-        .and_then(|(_, v)| find_state_dict(v))
+        .and_then(|(_, v)| find_state_dict(v.clone()))
 }
 
 /// Runs one pickle starting at `pos`; returns its value and where it ended.
 fn unpickle_at(data: &[u8], pos: usize) -> std::result::Result<(V, usize), String> {
-    let mut m = Machine { data, pos, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() };
+    let mut m = Machine::new(data, pos);
     let v = m.run()?;
     Ok((v, m.pos))
 }
 
 /// Turns the state dict's tensor entries into f32 tensors, reading storages through `storage_bytes`.
+/// The gathered elements may not pass twice the storages' elements (plus a little): views that repeat
+/// storage (a stride of 0 over 2^31 elements) would otherwise turn a small file into gigabytes.
 fn collect_tensors(
     items: Vec<(V, V)>,
     mut storage_bytes: impl FnMut(&str) -> Result<Vec<u8>>,
@@ -403,21 +542,34 @@ fn collect_tensors(
 ) -> Result<BTreeMap<String, Tensor>> {
     let mut storages: HashMap<String, Vec<f32>> = HashMap::new();
     let mut tensors = BTreeMap::new();
+    let (mut stored, mut gathered) = (0usize, 0usize);
     for (k, v) in items {
         let V::Str(name) = k else {
-            return Err(Error::WeightsFormat { path: path.into(), msg: "a state-dict key is not a string".into() });
+            return Err(Error::WeightsFormat {
+                path: path.into(),
+                msg: format!("a state-dict key is a {}, not a string", k.kind()),
+            });
         };
-        let V::Tensor { storage, offset, size, stride } = v else { continue };
-        let V::Storage { dtype, key } = *storage else {
-            return Err(Error::WeightsFormat { path: path.into(), msg: format!("tensor `{name}` has no storage") });
-        };
+        let name = name.to_string();
+        let V::Tensor { dtype, key, offset, size, stride } = v else { continue };
+        let data_err = |msg: String| Error::TensorData { name: name.clone(), msg };
+        let n = element_count(&size).map_err(data_err)?;
         if !storages.contains_key(&key) {
             let raw = storage_bytes(&key)?;
-            let data = storage_to_f32(&dtype, &raw).map_err(|msg| Error::TensorData { name: name.clone(), msg })?;
+            let data = storage_to_f32(&name, &dtype, &raw).map_err(data_err)?;
+            stored += data.len();
             storages.insert(key.clone(), data);
+        } else if !integer_allowed(&name) && matches!(dtype.as_str(), "LongStorage" | "IntStorage") {
+            return Err(data_err(format!("unsupported storage type {dtype} (weights must be floating point)")));
         }
-        let data = gather(&storages[&key], offset, &size, &stride)
-            .map_err(|msg| Error::TensorData { name: name.clone(), msg })?;
+        gathered = gathered.saturating_add(n);
+        if gathered > stored.saturating_mul(2).saturating_add(1 << 20) {
+            return Err(data_err(format!(
+                "views of size {size:?} (stride {stride:?}) repeat storage: the tensors would hold {gathered} \
+                 elements from {stored} stored"
+            )));
+        }
+        let data = gather(&storages[&key], offset, &size, &stride).map_err(data_err)?;
         tensors.insert(name, Tensor { shape: size, data });
     }
     Ok(tensors)
@@ -448,29 +600,29 @@ fn parse_legacy(bytes: &[u8], path: &Path) -> Result<StateDict> {
     // Element sizes per storage, from the tensors that use them.
     let mut elem_size: HashMap<String, usize> = HashMap::new();
     for (_, v) in &items {
-        if let V::Tensor { storage, .. } = v {
-            if let V::Storage { dtype, key } = storage.as_ref() {
-                let size = match dtype.as_str() {
-                    "DoubleStorage" | "LongStorage" => 8,
-                    "HalfStorage" | "BFloat16Storage" => 2,
-                    _ => 4,
-                };
-                elem_size.insert(key.clone(), size);
-            }
+        if let V::Tensor { dtype, key, .. } = v {
+            let size = match dtype.as_str() {
+                "DoubleStorage" | "LongStorage" => 8,
+                "HalfStorage" | "BFloat16Storage" => 2,
+                _ => 4,
+            };
+            elem_size.insert(key.clone(), size);
         }
     }
     let mut blobs: HashMap<String, Vec<u8>> = HashMap::new();
-    for k in keys {
-        let V::Str(key) = k else { return Err(bad("a storage key is not a string".into())) };
-        let count_bytes =
-            bytes.get(pos..pos + 8).ok_or_else(|| bad(format!("storage {key}: file ends before its size")))?;
+    for k in keys.items.iter() {
+        let V::Str(key) = k else { return Err(bad(format!("a storage key is a {}, not a string", k.kind()))) };
+        let key = key.to_string();
+        let count_bytes = bytes
+            .get(pos..pos.saturating_add(8))
+            .ok_or_else(|| bad(format!("storage {key}: file ends before its size")))?;
         let mut a = [0u8; 8];
         a.copy_from_slice(count_bytes);
         let count = u64::from_le_bytes(a) as usize;
         let size = elem_size.get(&key).copied().unwrap_or(4);
         let len = count.checked_mul(size).ok_or_else(|| bad(format!("storage {key}: size overflows")))?;
         let data = bytes
-            .get(pos + 8..pos + 8 + len)
+            .get(pos + 8..(pos + 8).saturating_add(len))
             .ok_or_else(|| bad(format!("storage {key}: file ends inside its {count} elements (truncated?)")))?;
         blobs.insert(key, data.to_vec());
         pos += 8 + len;
@@ -497,10 +649,21 @@ pub fn parse_checkpoint(bytes: &[u8], path: &Path) -> Result<StateDict> {
         .ok_or_else(|| bad("no data.pkl in the archive".into()))?
         .clone();
     let prefix = pkl.trim_end_matches("data.pkl").to_string();
+    // torch.save stores entries uncompressed; a deflated entry may expand, but the archive as a whole may
+    // not expand past a few times its own size (a zip bomb must be an error, not gigabytes).
+    let mut inflate_budget = (bytes.len() as u64).saturating_mul(4).saturating_add(64 << 20);
     let mut read_entry = |name: &str| -> Result<Vec<u8>> {
-        let mut f = zip.by_name(name).map_err(|e| bad(format!("archive entry {name}: {e}")))?;
-        let mut buf = Vec::with_capacity(f.size().min(1 << 30) as usize);
-        f.read_to_end(&mut buf).map_err(|e| bad(format!("archive entry {name}: {e}")))?;
+        let f = zip.by_name(name).map_err(|e| bad(format!("archive entry {name}: {e}")))?;
+        let mut buf = Vec::with_capacity(f.size().min(inflate_budget) as usize);
+        f.take(inflate_budget.saturating_add(1))
+            .read_to_end(&mut buf)
+            .map_err(|e| bad(format!("archive entry {name}: {e}")))?;
+        inflate_budget = inflate_budget.checked_sub(buf.len() as u64).ok_or_else(|| {
+            bad(format!(
+                "archive entry {name} expands past {} bytes (a zip bomb?)",
+                bytes.len() as u64 * 4 + (64 << 20)
+            ))
+        })?;
         Ok(buf)
     };
     if names.contains(&format!("{prefix}byteorder")) {
@@ -510,7 +673,7 @@ pub fn parse_checkpoint(bytes: &[u8], path: &Path) -> Result<StateDict> {
         }
     }
     let pickle = read_entry(&pkl)?;
-    let mut m = Machine { data: &pickle, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() };
+    let mut m = Machine::new(&pickle, 0);
     let root = m.run().map_err(|e| bad(format!("{pkl}: {e}")))?;
     let items = find_state_dict(root).ok_or_else(|| bad("the pickle holds no dict of tensors".into()))?;
 

@@ -13,6 +13,13 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<StateDict> {
     let network = meta.metadata().as_ref().and_then(|m| m.get("network").cloned());
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
+        let float = matches!(view.dtype(), Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16);
+        if !float && !super::pth::integer_allowed(&name) {
+            return Err(Error::TensorData {
+                name,
+                msg: format!("dtype {:?} is not supported: weights must be F32, F64, F16 or BF16", view.dtype()),
+            });
+        }
         let data = to_f32(view.dtype(), view.data()).map_err(|msg| Error::TensorData { name: name.clone(), msg })?;
         tensors.insert(name, Tensor { shape: view.shape().to_vec(), data });
     }
