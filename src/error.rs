@@ -11,6 +11,10 @@ pub enum Error {
     #[error("weights file {path}: {msg}")]
     WeightsFormat { path: PathBuf, msg: String },
 
+    /// An ONNX file that cannot be read, or whose graph is not a RetinaFace of this family.
+    #[error("ONNX {path}: {msg}")]
+    Onnx { path: PathBuf, msg: String },
+
     #[error("weights: missing tensor `{name}` required by network {network}")]
     MissingTensor { network: String, name: String },
 

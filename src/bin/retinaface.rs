@@ -34,6 +34,9 @@ enum Command {
     Bench(BenchArgs),
     /// HTTP inference server: KServe v2 / Triton protocol, /v1/detect, dynamic batching, metrics.
     Serve(retinaface::serve::ServeArgs),
+    /// Write the network as ONNX with the reference export's interface (input `input`, outputs `loc`,
+    /// `conf`, `landmarks`), BatchNorm folded, dynamic batch, height and width unless fixed.
+    ExportOnnx(ExportOnnxArgs),
     /// Write the synthetic-weights recipe's state dict for a network as safetensors (reference layout).
     Synthetic(SyntheticArgs),
     /// WIDER FACE validation: predict over the image tree, evaluate Easy / Medium / Hard AP.
@@ -51,6 +54,31 @@ struct SyntheticArgs {
     seed: u64,
     #[arg(long)]
     output: PathBuf,
+}
+
+#[derive(Args)]
+struct ExportOnnxArgs {
+    /// Weights: safetensors, a PyTorch checkpoint or an ONNX RetinaFace.
+    #[arg(long, conflicts_with = "synthetic_seed")]
+    weights: Option<PathBuf>,
+    /// Use the synthetic-weights recipe with this seed instead of a file (needs --network).
+    #[arg(long)]
+    synthetic_seed: Option<u64>,
+    /// Network; inferred from the weights when not given.
+    #[arg(long)]
+    network: Option<String>,
+    /// The ONNX file to write.
+    #[arg(long)]
+    output: PathBuf,
+    /// ONNX opset (13 to 21; the reference exports 16).
+    #[arg(long, default_value_t = retinaface::onnx::export::DEFAULT_OPSET)]
+    opset: i64,
+    /// Fix the input height and width (HxW, e.g. 640x640) instead of leaving them dynamic.
+    #[arg(long = "static")]
+    static_size: Option<String>,
+    /// Fix the batch size instead of leaving it dynamic.
+    #[arg(long)]
+    batch: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -219,6 +247,7 @@ fn main() -> ExitCode {
         Command::Forward(a) => forward(a),
         Command::Bench(a) => bench(a),
         Command::Synthetic(a) => synthetic(a),
+        Command::ExportOnnx(a) => export_onnx(a),
         Command::Serve(a) => retinaface::serve::run(a),
         Command::Widerface { command: WiderfaceCommand::Predict(a) } => widerface_predict(a),
         Command::Widerface { command: WiderfaceCommand::Eval(a) } => widerface_eval(a),
@@ -470,5 +499,36 @@ fn synthetic(a: SyntheticArgs) -> Result<()> {
     let sd = retinaface::weights::synthetic::state_dict(network, a.seed);
     safetensors_io::save(&sd.tensors, Some(network.name()), &a.output)?;
     emit(format!("{}: {} tensors of {network}, seed {}", a.output.display(), sd.tensors.len(), a.seed));
+    Ok(())
+}
+
+fn export_onnx(a: ExportOnnxArgs) -> Result<()> {
+    let network = a.network.as_deref().map(str::parse::<Network>).transpose()?;
+    let spec = match (&a.weights, a.synthetic_seed) {
+        (Some(p), None) => WeightsSpec::File(p.clone()),
+        (None, Some(seed)) => WeightsSpec::Synthetic { seed },
+        _ => return Err(Error::InvalidArgument("give --weights PATH or --synthetic-seed S".into())),
+    };
+    let static_hw = a
+        .static_size
+        .as_deref()
+        // parse_size reads "AxB" as (A, B): here the first number is the height.
+        .map(|s| {
+            parse_size(s).map_err(|_| Error::InvalidArgument(format!("--static `{s}`: expected HxW, e.g. 480x640")))
+        })
+        .transpose()?;
+    let engine = Engine::new(&spec, network)?;
+    let opts = retinaface::onnx::ExportOptions { opset: a.opset, static_hw, batch: a.batch };
+    let bytes = retinaface::onnx::write(engine.graph(), &opts, &a.output)?;
+    let dim = |d: Option<usize>, name: &str| d.map(|v| v.to_string()).unwrap_or_else(|| name.to_string());
+    emit(format!(
+        "{}: {} as ONNX opset {}, input `input` [{}, 3, {}, {}], outputs loc, conf, landmarks ({bytes} bytes)",
+        a.output.display(),
+        engine.network(),
+        a.opset,
+        dim(a.batch, "N"),
+        dim(static_hw.map(|s| s.0), "H"),
+        dim(static_hw.map(|s| s.1), "W"),
+    ));
     Ok(())
 }
