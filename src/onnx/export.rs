@@ -76,7 +76,7 @@ fn attr_string(name: &str, v: &str) -> AttributeProto {
     }
 }
 
-pub(crate) fn tensor_f32(name: &str, dims: &[usize], data: &[f32]) -> TensorProto {
+pub fn tensor_f32(name: &str, dims: &[usize], data: &[f32]) -> TensorProto {
     TensorProto {
         dims: dims.iter().map(|&d| d as i64).collect(),
         data_type: Some(data_type::FLOAT),
@@ -200,7 +200,7 @@ impl<'g> Writer<'g> {
     fn act(&mut self, name: &str, x: String, act: Act) -> String {
         match act {
             Act::None => x,
-            Act::Leaky(a) if a == 0.0 => self.node("Relu", name, vec![x], vec![]),
+            Act::Leaky(0.0) => self.node("Relu", name, vec![x], vec![]),
             Act::Leaky(a) => self.node("LeakyRelu", name, vec![x], vec![attr_float("alpha", a)]),
             Act::Relu6 => {
                 let lo = if self.names.contains("clip_min") {

@@ -321,7 +321,7 @@ impl Parsed {
                 };
                 Some(match (bound(1, "min"), bound(2, "max")) {
                     (Some(lo), Some(hi)) if lo == 0.0 && hi == 6.0 => Ok(Act::Relu6),
-                    (Some(lo), None) if lo == 0.0 => Ok(Act::Leaky(0.0)),
+                    (Some(0.0), None) => Ok(Act::Leaky(0.0)),
                     (lo, hi) => Err(format!("Clip to [{lo:?}, {hi:?}]")),
                 })
             }
@@ -346,7 +346,7 @@ impl Parsed {
 fn act_name(a: Act) -> String {
     match a {
         Act::None => "no activation".into(),
-        Act::Leaky(s) if s == 0.0 => "ReLU".into(),
+        Act::Leaky(0.0) => "ReLU".into(),
         Act::Leaky(s) => format!("LeakyReLU({s})"),
         Act::Relu6 => "ReLU6".into(),
     }
@@ -821,11 +821,11 @@ impl<'a> Matcher<'a> {
         let n = g.ops.len();
         for (out, (name, ..)) in self.roles.iter().zip(HEADS) {
             if out.is_none() {
-                return Err((n, format!("no graph output holds `{name}`")));
+                return Err((n, format!("after its last layer: no graph output holds `{name}`")));
             }
         }
         if let Some(o) = self.p.outputs.iter().find(|o| !self.roles.iter().any(|r| r.as_ref() == Some(*o))) {
-            return Err((n, format!("graph output `{o}` is none of loc, conf, landmarks")));
+            return Err((n, format!("after its last layer: graph output `{o}` is none of loc, conf, landmarks")));
         }
         // Every node on the data path must have found its place (shape arithmetic aside).
         let mut reach = vec![false; self.p.nodes.len()];
@@ -845,7 +845,13 @@ impl<'a> Matcher<'a> {
             }
         }
         if let Some(i) = (0..reach.len()).find(|&i| reach[i] && !self.used.contains(&i)) {
-            return Err((n, format!("{} computes on the data but has no place in the network", self.p.describe(i))));
+            return Err((
+                n,
+                format!(
+                    "after its last layer: {} computes on the data but has no place in the network",
+                    self.p.describe(i)
+                ),
+            ));
         }
         Ok(())
     }

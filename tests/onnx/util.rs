@@ -14,7 +14,6 @@ macro_rules! skip {
         let _ = writeln!(std::io::stderr(), $($t)*);
     }};
 }
-pub(crate) use skip;
 
 pub fn manifest() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
