@@ -329,3 +329,13 @@ fn cli_export_then_detect_with_the_onnx_file() {
         .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--static"));
 }
+
+/// A hostile graph with a cycle (a concat reading its own output) is refused, not followed forever.
+#[test]
+fn a_cyclic_graph_is_an_error_not_a_crash() {
+    let mut m = model_of(&synthetic(Network::MobileNetV1_025, 1));
+    let concat = node_mut(&mut m, "ssh1.out/Concat");
+    concat.input[2] = concat.output[0].clone();
+    let e = import_err(&m, None);
+    assert!(e.contains("ssh1"), "{e}");
+}

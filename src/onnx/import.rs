@@ -329,17 +329,26 @@ impl Parsed {
         }
     }
 
-    /// Channels of a value, from the convs that produce it.
+    /// Channels of a value, from the convs that produce it; `None` when unknown. Iterative and bounded,
+    /// so a hostile graph with a cycle ends here too.
     fn channels(&self, v: &str) -> Option<usize> {
-        if v == self.input {
-            return Some(3);
+        let mut total = 0;
+        let mut stack = vec![v.to_string()];
+        let mut budget = 4 * self.nodes.len() + 4;
+        while let Some(v) = stack.pop() {
+            budget = budget.checked_sub(1)?;
+            if v == self.input {
+                total += 3;
+                continue;
+            }
+            let n = &self.nodes[*self.producer.get(&v)?];
+            match n.op.as_str() {
+                "Conv" => total += self.consts.get(n.inputs.get(1)?)?.dims.first().copied()?,
+                "Concat" => stack.extend(n.inputs.iter().cloned()),
+                _ => stack.push(n.inputs.first()?.clone()),
+            }
         }
-        let n = &self.nodes[*self.producer.get(v)?];
-        match n.op.as_str() {
-            "Conv" => self.consts.get(n.inputs.get(1)?).and_then(|c| c.dims.first().copied()),
-            "Concat" => n.inputs.iter().map(|i| self.channels(i)).sum(),
-            _ => self.channels(n.inputs.first()?),
-        }
+        Some(total)
     }
 }
 
@@ -520,8 +529,10 @@ impl<'a> Matcher<'a> {
         let total: Option<usize> = cn.inputs.iter().map(|v| p.channels(v)).sum();
         if offset != Some(c.out_channel_offset) || total != Some(out.channels) {
             return Err(format!(
-                "{} puts {here}'s output at channels {offset:?} of {total:?}, the layer writes channel {} of {}",
+                "{} puts {here}'s output at channel {} of {}, the layer writes channel {} of {}",
                 p.describe(ci),
+                offset.map_or("?".into(), |o| o.to_string()),
+                total.map_or("?".into(), |o| o.to_string()),
                 c.out_channel_offset,
                 out.channels
             ));
