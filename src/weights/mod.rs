@@ -32,10 +32,10 @@ pub fn is_onnx(path: &Path) -> Result<bool> {
     if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx")) {
         return Ok(true);
     }
-    let mut head = [0u8; 9];
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let n = std::io::Read::read(&mut f, &mut head).map_err(|e| Error::io(path, e))?;
-    Ok(n == 9 && head[0] == 0x08 && (1..=32).contains(&head[1]) && head[8] != b'{')
+    let mut head = Vec::with_capacity(9);
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, 9), &mut head).map_err(|e| Error::io(path, e))?;
+    Ok(head.len() == 9 && head[0] == 0x08 && (1..=32).contains(&head[1]) && head[8] != b'{')
 }
 
 /// Loads a weights file: safetensors, or a PyTorch zip checkpoint (either layout), told apart by content.
