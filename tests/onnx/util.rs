@@ -29,7 +29,10 @@ pub fn python(test: &str) -> Option<PathBuf> {
     };
     for py in candidates {
         let ok = Command::new(&py)
-            .args(["-c", "import onnxruntime, onnx, numpy, retinaface.weights"])
+            .args([
+                "-c",
+                "import importlib.util, onnxruntime, onnx, numpy; assert importlib.util.find_spec('retinaface')",
+            ])
             .output()
             .is_ok_and(|o| o.status.success());
         if ok {
