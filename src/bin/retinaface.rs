@@ -128,7 +128,8 @@ struct EvalArgs {
 
 #[derive(Args, Clone)]
 struct WeightsArgs {
-    /// Weights: the engine's safetensors, or a PyTorch checkpoint of either layout (read directly).
+    /// Weights: the engine's safetensors, a PyTorch checkpoint of either layout (read directly), or an
+    /// ONNX RetinaFace (the reference's exports, ours).
     #[arg(long, conflicts_with = "synthetic_seed")]
     weights: Option<PathBuf>,
     /// Use the synthetic-weights recipe with this seed instead of a file (needs --network).
