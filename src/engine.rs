@@ -106,6 +106,7 @@ impl Engine {
                     .ok_or_else(|| Error::InvalidArgument("synthetic weights need a network (--network)".into()))?;
                 model::build(net, &mut SyntheticSource { seed: *seed })?
             }
+            WeightsSpec::File(path) if weights::is_onnx(path)? => crate::onnx::import(path, network)?,
             WeightsSpec::File(path) => {
                 let sd = weights::load(path)?;
                 let inferred = weights::infer_network(&sd, path);

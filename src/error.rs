@@ -14,6 +14,9 @@ pub enum Error {
     /// An input file other than weights or an image (the `forward` command's input tensors).
     #[error("input file {path}: {msg}")]
     InputFile { path: PathBuf, msg: String },
+    /// An ONNX file that cannot be read, or whose graph is not a RetinaFace of this family.
+    #[error("ONNX {path}: {msg}")]
+    Onnx { path: PathBuf, msg: String },
 
     #[error("weights: missing tensor `{name}` required by network {network}")]
     MissingTensor { network: String, name: String },

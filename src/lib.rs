@@ -20,6 +20,7 @@ pub mod error;
 pub mod image_io;
 pub mod model;
 pub mod network;
+pub mod onnx;
 pub mod post;
 pub mod serve;
 pub mod video;

@@ -38,6 +38,9 @@ enum Command {
     BenchKernels(BenchKernelsArgs),
     /// HTTP inference server: KServe v2 / Triton protocol, /v1/detect, dynamic batching, metrics.
     Serve(retinaface::serve::ServeArgs),
+    /// Write the network as ONNX with the reference export's interface (input `input`, outputs `loc`,
+    /// `conf`, `landmarks`), BatchNorm folded, dynamic batch, height and width unless fixed.
+    ExportOnnx(ExportOnnxArgs),
     /// Write the synthetic-weights recipe's state dict for a network as safetensors (reference layout).
     Synthetic(SyntheticArgs),
     /// Faces in a video file, stream (rtsp://, http://) or webcam (webcam:0), frame by frame, through ffmpeg.
@@ -57,6 +60,31 @@ struct SyntheticArgs {
     seed: u64,
     #[arg(long)]
     output: PathBuf,
+}
+
+#[derive(Args)]
+struct ExportOnnxArgs {
+    /// Weights: safetensors, a PyTorch checkpoint or an ONNX RetinaFace.
+    #[arg(long, conflicts_with = "synthetic_seed")]
+    weights: Option<PathBuf>,
+    /// Use the synthetic-weights recipe with this seed instead of a file (needs --network).
+    #[arg(long)]
+    synthetic_seed: Option<u64>,
+    /// Network; inferred from the weights when not given.
+    #[arg(long)]
+    network: Option<String>,
+    /// The ONNX file to write.
+    #[arg(long)]
+    output: PathBuf,
+    /// ONNX opset (13 to 21; the reference exports 16).
+    #[arg(long, default_value_t = retinaface::onnx::export::DEFAULT_OPSET)]
+    opset: i64,
+    /// Fix the input height and width (HxW, e.g. 640x640) instead of leaving them dynamic.
+    #[arg(long = "static")]
+    static_size: Option<String>,
+    /// Fix the batch size instead of leaving it dynamic.
+    #[arg(long)]
+    batch: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -106,7 +134,8 @@ struct EvalArgs {
 
 #[derive(Args, Clone)]
 struct WeightsArgs {
-    /// Weights: the engine's safetensors, or a PyTorch checkpoint of either layout (read directly).
+    /// Weights: the engine's safetensors, a PyTorch checkpoint of either layout (read directly), or an
+    /// ONNX RetinaFace (the reference's exports, ours).
     #[arg(long, conflicts_with = "synthetic_seed")]
     weights: Option<PathBuf>,
     /// Use the synthetic-weights recipe with this seed instead of a file (needs --network).
@@ -299,6 +328,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench(a),
         Command::BenchKernels(a) => bench_kernels(a),
         Command::Synthetic(a) => synthetic(a),
+        Command::ExportOnnx(a) => export_onnx(a),
         Command::Serve(a) => retinaface::serve::run(a),
         Command::Video(a) => video(a),
         Command::Widerface { command: WiderfaceCommand::Predict(a) } => widerface_predict(a),
@@ -641,5 +671,36 @@ fn video(a: VideoArgs) -> Result<()> {
             if s.interrupted { ", interrupted" } else { "" }
         );
     }
+    Ok(())
+}
+
+fn export_onnx(a: ExportOnnxArgs) -> Result<()> {
+    let network = a.network.as_deref().map(str::parse::<Network>).transpose()?;
+    let spec = match (&a.weights, a.synthetic_seed) {
+        (Some(p), None) => WeightsSpec::File(p.clone()),
+        (None, Some(seed)) => WeightsSpec::Synthetic { seed },
+        _ => return Err(Error::InvalidArgument("give --weights PATH or --synthetic-seed S".into())),
+    };
+    let static_hw = a
+        .static_size
+        .as_deref()
+        // parse_size reads "AxB" as (A, B): here the first number is the height.
+        .map(|s| {
+            parse_size(s).map_err(|_| Error::InvalidArgument(format!("--static `{s}`: expected HxW, e.g. 480x640")))
+        })
+        .transpose()?;
+    let engine = Engine::new(&spec, network)?;
+    let opts = retinaface::onnx::ExportOptions { opset: a.opset, static_hw, batch: a.batch };
+    let bytes = retinaface::onnx::write(engine.graph(), &opts, &a.output)?;
+    let dim = |d: Option<usize>, name: &str| d.map(|v| v.to_string()).unwrap_or_else(|| name.to_string());
+    emit(format!(
+        "{}: {} as ONNX opset {}, input `input` [{}, 3, {}, {}], outputs loc, conf, landmarks ({bytes} bytes)",
+        a.output.display(),
+        engine.network(),
+        a.opset,
+        dim(a.batch, "N"),
+        dim(static_hw.map(|s| s.0), "H"),
+        dim(static_hw.map(|s| s.1), "W"),
+    ));
     Ok(())
 }

@@ -26,8 +26,23 @@ pub struct StateDict {
     pub network: Option<String>,
 }
 
+/// Whether `path` is an ONNX model (a graph, read by `crate::onnx`, not a state dict): its extension, or
+/// a ModelProto's first field (ir_version) where a safetensors header length would put `{` at byte 8.
+pub fn is_onnx(path: &Path) -> Result<bool> {
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx")) {
+        return Ok(true);
+    }
+    let mut head = Vec::with_capacity(9);
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, 9), &mut head).map_err(|e| Error::io(path, e))?;
+    Ok(head.len() == 9 && head[0] == 0x08 && (1..=32).contains(&head[1]) && head[8] != b'{')
+}
+
 /// Loads a weights file: safetensors, or a PyTorch zip checkpoint (either layout), told apart by content.
 pub fn load(path: &Path) -> Result<StateDict> {
+    if is_onnx(path)? {
+        return Err(Error::WeightsFormat { path: path.into(), msg: "an ONNX graph, not a state dict".into() });
+    }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let sd = if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(&[0x80, 0x02, 0x8a, 0x0a]) {
         pth::parse_checkpoint(&bytes, path)?
