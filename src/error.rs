@@ -45,6 +45,10 @@ pub enum Error {
 
     #[error("CUDA: {0}")]
     Cuda(String),
+
+    /// The server stopped without finishing its work (shutdown timeout, forced by a second signal).
+    #[error("server: {0}")]
+    Serve(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

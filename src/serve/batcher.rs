@@ -12,6 +12,7 @@
 //! its batch starts, when it fails, or when it is withdrawn; with every slot taken the next request
 //! is refused at once (503) instead of queueing without bound.
 
+use super::memory::{self, ForwardModel};
 use super::metrics::Metrics;
 use crate::detection::Detection;
 use crate::engine::{DetectOptions, Engine, Timings};
@@ -96,6 +97,10 @@ pub struct Batcher {
     max_queue: usize,
     queue_timeout: Option<Duration>,
     metrics: Arc<Metrics>,
+    forward: ForwardModel,
+    /// After a batch whose forward pass may take this many bytes or more, the engine's spare buffers
+    /// are dropped and freed memory handed back to the OS, so resident memory falls back.
+    release_above: u64,
 }
 
 /// One admitted request's place in the bounded queue; given back on drop.
@@ -118,6 +123,8 @@ impl Batcher {
         max_queue: usize,
         queue_timeout: Option<Duration>,
         metrics: Arc<Metrics>,
+        forward: ForwardModel,
+        release_above: u64,
     ) -> Arc<Batcher> {
         Arc::new(Batcher {
             state: Mutex::new(State::default()),
@@ -129,6 +136,8 @@ impl Batcher {
             max_queue,
             queue_timeout,
             metrics,
+            forward,
+            release_above,
         })
     }
 
@@ -199,7 +208,14 @@ impl Batcher {
                 g.wait();
             }
             let Some(jobs) = self.next_batch() else { return };
+            let (w, h) = jobs.first().map_or((0, 0), |j| (j.image.width, j.image.height));
+            let large = self.forward.bytes(h, w).saturating_mul(jobs.len() as u64) >= self.release_above;
             self.execute(engine, opts, jobs);
+            if large {
+                engine.release_spare_buffers();
+                memory::return_freed_memory();
+                tracing::debug!(rss = memory::resident_bytes(), "large batch done; memory released");
+            }
         }
     }
 
