@@ -47,6 +47,8 @@ struct Job {
     /// Held while queued; dropped when the batch starts, so `--max-queue` bounds waiting requests
     /// and Triton's pending count excludes the ones executing.
     slot: Option<Slot>,
+    /// The request's share of `--max-memory`, held until the batch's memory is given back.
+    memory: Option<Arc<memory::Reservation>>,
 }
 
 type Key = (usize, usize);
@@ -159,7 +161,14 @@ impl Batcher {
 
     /// Queues a decoded image. `admitted_at` starts the queue timeout (admission, not end of decode,
     /// so a slow decode counts against it too).
-    pub fn submit(self: &Arc<Self>, slot: Slot, image: BgrImage, scale: f64, admitted_at: Instant) -> Ticket {
+    pub fn submit(
+        self: &Arc<Self>,
+        slot: Slot,
+        image: BgrImage,
+        scale: f64,
+        admitted_at: Instant,
+        memory: Option<Arc<memory::Reservation>>,
+    ) -> Ticket {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let key = (image.width, image.height);
         let (tx, rx) = oneshot::channel();
@@ -176,6 +185,7 @@ impl Batcher {
                 deadline,
                 reply: tx,
                 slot: Some(slot),
+                memory,
             });
             self.cv.notify_all();
         }
@@ -207,15 +217,18 @@ impl Batcher {
             if let Some(g) = gate {
                 g.wait();
             }
-            let Some(jobs) = self.next_batch() else { return };
+            let Some(mut jobs) = self.next_batch() else { return };
             let (w, h) = jobs.first().map_or((0, 0), |j| (j.image.width, j.image.height));
             let large = self.forward.bytes(h, w).saturating_mul(jobs.len() as u64) >= self.release_above;
+            // The requests' memory stays reserved until what their batch took is given back.
+            let held: Vec<_> = jobs.iter_mut().filter_map(|j| j.memory.take()).collect();
             self.execute(engine, opts, jobs);
             if large {
                 engine.release_spare_buffers();
                 memory::return_freed_memory();
                 tracing::debug!(rss = memory::resident_bytes(), "large batch done; memory released");
             }
+            drop(held);
         }
     }
 

@@ -72,7 +72,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 5000)]
     pub queue_timeout_ms: u64,
     /// Largest request body; a larger declared Content-Length is refused with 413 before it is read.
-    #[arg(long, default_value_t = 20 * 1024 * 1024)]
+    #[arg(long, default_value_t = 20 * 1024 * 1024, value_parser = parse_body_bytes)]
     pub max_body_bytes: usize,
     /// Largest decoded image, in pixels (checked from the header, before any pixel is decoded).
     /// The forward pass's memory grows with pixels times batch size: lower this or --max-batch to
@@ -156,6 +156,10 @@ pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
     };
     let n: u64 = digits.trim().parse().map_err(|_| format!("`{s}` is not a byte count (e.g. 8G, 512M, 1000000)"))?;
     n.checked_mul(1u64 << shift).ok_or_else(|| format!("`{s}` is too large"))
+}
+
+fn parse_body_bytes(s: &str) -> std::result::Result<usize, String> {
+    usize::try_from(parse_bytes(s)?).map_err(|_| format!("`{s}` is too large"))
 }
 
 /// Most decode workers per CPU: more only adds threads that wait for a core and memory they hold.

@@ -387,7 +387,7 @@ async fn detect_images(
 ) -> Result<Vec<(ImageInfo, Vec<Detection>)>, ApiError> {
     let admitted_at = Instant::now();
     let cost = request_cost(s, &images)?;
-    let _memory = s.budget.reserve(cost).map_err(|r| match r {
+    let memory = s.budget.reserve(cost).map(Arc::new).map_err(|r| match r {
         Refusal::Never => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
@@ -425,7 +425,7 @@ async fn detect_images(
     let mut tickets = Vec::with_capacity(decoded.len());
     for (d, slot) in decoded.into_iter().zip(slots) {
         infos.push(ImageInfo { width: d.width, height: d.height });
-        tickets.push(s.batcher.submit(slot, d.input, d.scale, admitted_at));
+        tickets.push(s.batcher.submit(slot, d.input, d.scale, admitted_at, Some(memory.clone())));
     }
     let results = join_all(tickets.into_iter().map(|t| t.wait())).await;
     infos
