@@ -23,15 +23,20 @@ fn png_bombs_are_admitted_by_header_size_and_memory_falls_back() {
     let engine = Engine::new(&WeightsSpec::File(real_weights()), None).expect("engine");
     let model = ForwardModel::new(engine.graph());
     drop(engine);
-    let budget = 1024 * MIB;
-    let mut server = spawn_server(&["--max-memory", "1G", "--max-batch", "8", "--max-queue", "64"], "");
+    // Bombs that fit one request at a time: 1280x1280, two per request. The budget holds one
+    // such request and a half, so a second one at the same time is refused.
+    let (w, h) = (1280u32, 1280u32);
+    let per_request = 2 * png_cost(&model, w, h);
+    let budget = per_request * 3 / 2;
+    let budget_flag = budget.to_string();
+    let mut server = spawn_server(&["--max-memory", &budget_flag, "--max-batch", "8", "--max-queue", "64"], "");
     let a = server.addr;
     // Warm up at a small size, so the baseline holds the weights and the runtime.
     assert_eq!(detect(a, &read_image("trio.jpg")).status, 200);
     let base = server.status_bytes("VmRSS");
 
     // The attack: one ~400 KB request of eight 4096x4096 PNG bombs. It can never fit in
-    // 1 GiB: 413 at once, before anything is decoded.
+    // the budget: 413 at once, before anything is decoded.
     let bomb = png_bomb(4096, 4096);
     assert!(bomb.len() < 100_000, "a bomb is small: {} bytes", bomb.len());
     let eight = vec![bomb; 8];
@@ -43,12 +48,13 @@ fn png_bombs_are_admitted_by_header_size_and_memory_falls_back() {
     let hwm = server.status_bytes("VmHWM");
     assert!(hwm < base + 64 * MIB, "nothing decoded: peak {} MiB over a {} MiB baseline", hwm / MIB, base / MIB);
 
-    // Bombs that fit one request at a time: 1280x1280, two per request, four clients at once. Each
-    // request is admitted only when its estimate fits beside the others (else 503 at once).
-    let (w, h) = (1280u32, 1280u32);
-    let per_request = 2 * png_cost(&model, w, h);
-    assert!(per_request < budget && 2 * per_request > budget, "the sizes exercise the budget: {per_request}");
+    // One such request alone: what it really takes stays within its estimate.
     let bomb = png_bomb(w, h);
+    assert_eq!(post_v2_binary(a, &[bomb.clone(), bomb.clone()]).status, 200);
+    let used = server.status_bytes("VmHWM") - base;
+    assert!(used <= per_request, "a request took {} MiB, over its estimate of {} MiB", used / MIB, per_request / MIB);
+
+    // Four clients at once; each request is admitted only when its estimate fits (else 503 at once).
     let clients: Vec<_> = (0..4)
         .map(|_| {
             let two = vec![bomb.clone(), bomb.clone()];
@@ -77,9 +83,10 @@ fn png_bombs_are_admitted_by_header_size_and_memory_falls_back() {
     let hwm = server.status_bytes("VmHWM");
     assert!(
         hwm < base + budget + 128 * MIB,
-        "peak {} MiB is over the {} MiB baseline plus the 1024 MiB budget",
+        "peak {} MiB is over the {} MiB baseline plus the {} MiB budget",
         hwm / MIB,
-        base / MIB
+        base / MIB,
+        budget / MIB
     );
     // After a large batch the executor drops the engine's spare buffers and trims the heap, just
     // after it answers: give it a moment.
@@ -100,7 +107,10 @@ fn png_bombs_are_admitted_by_header_size_and_memory_falls_back() {
         hwm / MIB
     );
     eprintln!(
-        "baseline {} MiB, peak {} MiB, after {} MiB; {ok} of {} requests served",
+        "budget {} MiB ({} MiB a request, {} MiB used alone); baseline {} MiB, peak {} MiB, after {} MiB; {ok} of {} requests served",
+        budget / MIB,
+        per_request / MIB,
+        used / MIB,
         base / MIB,
         hwm / MIB,
         after / MIB,

@@ -47,7 +47,7 @@ struct Job {
     /// Held while queued; dropped when the batch starts, so `--max-queue` bounds waiting requests
     /// and Triton's pending count excludes the ones executing.
     slot: Option<Slot>,
-    /// The request's share of `--max-memory`, held until the batch's memory is given back.
+    /// The request's share of `--max-memory`, held until its batch has run.
     memory: Option<Arc<memory::Reservation>>,
 }
 
@@ -101,7 +101,7 @@ pub struct Batcher {
     metrics: Arc<Metrics>,
     forward: ForwardModel,
     /// After a batch whose forward pass may take this many bytes or more, the engine's spare buffers
-    /// are dropped and freed memory handed back to the OS, so resident memory falls back.
+    /// are dropped and freed memory handed back to the OS once the queue is empty.
     release_above: u64,
 }
 
@@ -212,23 +212,34 @@ impl Batcher {
     }
 
     /// The executor loop: blocks the calling thread until shutdown and an empty queue.
+    ///
+    /// After a large batch the engine keeps its buffers while more batches wait (they reuse them);
+    /// once the queue is empty they are dropped and freed memory handed back to the OS, so resident
+    /// memory falls back when the burst is over.
     pub fn run_executor(&self, engine: &Engine, opts: &DetectOptions, gate: Option<&Gate>) {
+        let mut holding_large = false;
+        let release = |why: &str| {
+            engine.release_spare_buffers();
+            memory::return_freed_memory();
+            tracing::debug!(rss = memory::resident_bytes(), why, "memory released");
+        };
         loop {
             if let Some(g) = gate {
                 g.wait();
             }
-            let Some(mut jobs) = self.next_batch() else { return };
-            let (w, h) = jobs.first().map_or((0, 0), |j| (j.image.width, j.image.height));
-            let large = self.forward.bytes(h, w).saturating_mul(jobs.len() as u64) >= self.release_above;
-            // The requests' memory stays reserved until what their batch took is given back.
-            let held: Vec<_> = jobs.iter_mut().filter_map(|j| j.memory.take()).collect();
-            self.execute(engine, opts, jobs);
-            if large {
-                engine.release_spare_buffers();
-                memory::return_freed_memory();
-                tracing::debug!(rss = memory::resident_bytes(), "large batch done; memory released");
+            if holding_large && lock(&self.state).buckets.is_empty() {
+                release("queue empty after a large batch");
+                holding_large = false;
             }
-            drop(held);
+            let Some(jobs) = self.next_batch() else {
+                if holding_large {
+                    release("shutdown");
+                }
+                return;
+            };
+            let (w, h) = jobs.first().map_or((0, 0), |j| (j.image.width, j.image.height));
+            holding_large |= self.forward.bytes(h, w).saturating_mul(jobs.len() as u64) >= self.release_above;
+            self.execute(engine, opts, jobs);
         }
     }
 

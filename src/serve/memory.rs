@@ -109,35 +109,121 @@ pub fn network_input(p: &Probe, mode: ResizeMode) -> (usize, usize) {
     if r == 1.0 { (w, h) } else { image_io::resized_dims(w, h, r) }
 }
 
-/// The graph's tensor shapes, enough to bound a forward pass's memory at any input size.
+/// The graph's tensor shapes and the CPU executor's buffer plan, enough to bound a forward pass's
+/// memory at any input size.
 #[derive(Clone, Debug)]
 pub struct ForwardModel {
     /// (channels, stride) of every tensor.
     tensors: Vec<(u64, u64)>,
+    /// The graph input, taken from the buffer pool before the first op.
+    input: usize,
+    /// Per op: the tensor whose buffer it takes from the pool (if any), and the tensors whose buffers
+    /// go back to the pool after it.
+    steps: Vec<(Option<usize>, Vec<usize>)>,
 }
 
 impl ForwardModel {
+    /// The plan mirrors `cpu::exec::run`: a conv takes a buffer for its output unless an earlier
+    /// branch wrote it (SSH), a max-pool always takes one, an upsample-add writes in place; after each
+    /// op the tensors it was the last reader of go back to the pool, except the taps.
     pub fn new(graph: &Graph) -> ForwardModel {
-        ForwardModel { tensors: graph.tensors.iter().map(|t| (t.channels as u64, t.stride as u64)).collect() }
+        use crate::model::graph::Op;
+        let nt = graph.tensors.len();
+        let mut last_use = vec![0usize; nt];
+        for (i, op) in graph.ops.iter().enumerate() {
+            let reads: Vec<usize> = match op {
+                Op::Conv(c) => std::iter::once(c.input).chain(c.residual).collect(),
+                Op::MaxPool { input, .. } => vec![*input],
+                Op::UpsampleAdd { src, .. } => vec![*src],
+            };
+            for t in reads {
+                last_use[t] = i;
+            }
+        }
+        let taps = &graph.taps;
+        let keep: Vec<bool> = (0..nt)
+            .map(|t| {
+                taps.backbone.contains(&t) || taps.fpn.contains(&t) || taps.ssh.contains(&t) || taps.head.contains(&t)
+            })
+            .collect();
+        let mut written = vec![false; nt];
+        written[graph.input] = true;
+        let steps = graph
+            .ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| {
+                let out = Graph::op_output(op);
+                let takes = match op {
+                    Op::Conv(_) | Op::MaxPool { .. } if !written[out] || matches!(op, Op::MaxPool { .. }) => Some(out),
+                    _ => None,
+                };
+                written[out] = true;
+                let frees = (0..nt).filter(|&t| last_use[t] == i && !keep[t] && t != out && written[t]).collect();
+                (takes, frees)
+            })
+            .collect();
+        ForwardModel {
+            tensors: graph.tensors.iter().map(|t| (t.channels as u64, t.stride as u64)).collect(),
+            input: graph.input,
+            steps,
+        }
     }
 
-    /// Forward-pass bytes of one image at h×w; a batch of n takes at most n times it.
+    /// f32 values the pass allocates, starting from an empty pool: the plan played with the pool's
+    /// best-fit reuse (the smallest free buffer that holds the tensor, else a new one).
+    fn allocated(&self, h: u64, w: u64) -> u64 {
+        let mut free: Vec<u64> = Vec::new();
+        let mut held: Vec<u64> = vec![0; self.tensors.len()];
+        let mut total = 0;
+        let mut take = |len: u64, free: &mut Vec<u64>| -> u64 {
+            match free.iter().enumerate().filter(|(_, c)| **c >= len).min_by_key(|(_, c)| **c).map(|(i, _)| i) {
+                Some(i) => free.swap_remove(i),
+                None => {
+                    total += len;
+                    len
+                }
+            }
+        };
+        held[self.input] = take(3 * h * w, &mut free);
+        for (takes, frees) in &self.steps {
+            if let Some(t) = takes {
+                held[*t] = take(self.size(*t, h, w), &mut free);
+            }
+            for &t in frees {
+                if held[t] > 0 {
+                    free.push(std::mem::take(&mut held[t]));
+                }
+            }
+        }
+        total
+    }
+
+    fn size(&self, t: usize, h: u64, w: u64) -> u64 {
+        let (c, s) = self.tensors[t];
+        c * h.div_ceil(s) * w.div_ceil(s)
+    }
+
+    /// Forward-pass bytes of one image at h×w; a batch of n takes n times it (every buffer scales
+    /// with n, so the plan is the same).
     ///
-    /// Rule: every tensor of the graph alive at once (the executor frees each after its last use, so
-    /// the true peak is lower), each `channels·ceil(h/stride)·ceil(w/stride)` f32; plus the f32 input
-    /// (3·h·w), one padded copy of the largest tensor (the convolutions' scratch: (h'+2)(w'+2) per
-    /// channel), and the raw outputs and decoded candidates, 16 f32 per anchor, twice.
+    /// Rule: what the executor's plan allocates from an empty pool (see `allocated`: each tensor is
+    /// `channels·ceil(h/stride)·ceil(w/stride)` f32; without reuse this would be the sum of all
+    /// tensors, with it typically a third of that), plus one padded copy of the largest tensor (the
+    /// convolutions' scratch: (h'+2)(w'+2) per channel), and the raw outputs and decoded candidates,
+    /// 16 f32 per anchor, twice.
     pub fn bytes(&self, h: usize, w: usize) -> u64 {
         let (h, w) = (h as u64, w as u64);
-        let mut sum = 3 * h * w;
-        let mut padded_max = 0;
-        for &(c, s) in &self.tensors {
-            let (th, tw) = (h.div_ceil(s), w.div_ceil(s));
-            sum += c * th * tw;
-            padded_max = padded_max.max(c * (th + 2) * (tw + 2));
-        }
+        let padded =
+            self.tensors.iter().map(|&(c, s)| c * (h.div_ceil(s) + 2) * (w.div_ceil(s) + 2)).max().unwrap_or(0);
         let anchors = crate::post::anchors::num_anchors(h as usize, w as usize) as u64;
-        4 * (sum + padded_max + 2 * 16 * anchors)
+        4 * (self.allocated(h, w) + padded + 2 * 16 * anchors)
+    }
+
+    /// The sum of every tensor at h×w, in bytes: what a pass would take with no buffer ever reused.
+    pub fn all_tensors_bytes(&self, h: usize, w: usize) -> u64 {
+        let (h, w) = (h as u64, w as u64);
+        4 * (0..self.tensors.len()).map(|t| self.size(t, h, w)).sum::<u64>()
     }
 }
 
@@ -285,6 +371,21 @@ mod tests {
         assert!(probe(&bad).unwrap_err().contains("SOF"));
         assert!(probe(&png[..20]).is_err());
         assert!(probe(b"GIF89a").is_err());
+    }
+
+    #[test]
+    fn forward_estimate_lies_between_the_largest_tensor_and_all_tensors() {
+        for (net, seed) in [(crate::network::Network::MobileNetV1_025, 1), (crate::network::Network::ResNet50, 2)] {
+            let g = crate::model::build(net, &mut crate::weights::synthetic::SyntheticSource { seed }).expect("graph");
+            let m = ForwardModel::new(&g);
+            for (h, w) in [(360, 540), (1280, 1280), (3000, 4000)] {
+                let (est, all) = (m.bytes(h, w), m.all_tensors_bytes(h, w));
+                let biggest = g.tensors.iter().map(|t| 4 * (t.channels * t.height(h) * t.width(w)) as u64).max();
+                eprintln!("{net} {w}x{h}: estimate {} MiB, all tensors {} MiB", est >> 20, all >> 20);
+                assert!(biggest.is_some_and(|b| est > 2 * b), "{net} {w}x{h}");
+                assert!(est < all + all / 2, "{net} {w}x{h}");
+            }
+        }
     }
 
     #[test]

@@ -421,10 +421,10 @@ mod tests {
         let got = split_bytes_tensor(Bytes::from(two.clone()), 2).expect("two");
         assert_eq!(got, vec![Bytes::from_static(b"abc"), Bytes::from_static(b"de")]);
         // One element short, or bytes left over: errors that say so.
-        let e = split_bytes_tensor(Bytes::from(two.clone()), 3).err().expect("short");
+        let e = split_bytes_tensor(Bytes::from(two.clone()), 3).expect_err("short");
         assert!(e.msg.contains("element 2"), "{}", e.msg);
         two.push(0);
-        let e = split_bytes_tensor(Bytes::from(two), 2).err().expect("extra");
+        let e = split_bytes_tensor(Bytes::from(two), 2).expect_err("extra");
         assert!(e.msg.contains("left after"), "{}", e.msg);
     }
 
@@ -435,12 +435,10 @@ mod tests {
     #[test]
     fn a_number_as_a_data_element_is_named_as_such() {
         let e = parse(r#"{"inputs":[{"name":"image","shape":[2],"datatype":"BYTES","data":["/9j/",7]}]}"#)
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert!(e.msg.contains("element 1 is a number"), "{}", e.msg);
         let e = parse(r#"{"inputs":[{"name":"image","shape":[1],"datatype":"BYTES","data":[{"x":1}]}]}"#)
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert!(e.msg.contains("element 0 is an object without a `b64` string"), "{}", e.msg);
     }
 
@@ -450,10 +448,10 @@ mod tests {
             r#"{{"inputs":[{{"name":"image","shape":[1],"datatype":"BYTES","data":[{}0]}}]}}"#,
             "0,".repeat(1_000_000)
         );
-        let e = parse(&zeros).err().expect("refused");
+        let e = parse(&zeros).expect_err("refused");
         assert!(e.msg.contains("has 1000001 elements, its shape says 1"), "{}", e.msg);
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-        let e = parse(&deep).err().expect("refused");
+        let e = parse(&deep).expect_err("refused");
         assert!(e.msg.contains("deeper than 32"), "{}", e.msg);
         // Brackets inside strings do not count.
         assert_eq!(json_depth(br#"{"a":"[[[[\"[[["}"#, 32), 1);
@@ -463,7 +461,7 @@ mod tests {
     fn ids_are_strings_or_numbers() {
         let ok = r#"{"id":"r1","inputs":[{"name":"image","shape":[1],"datatype":"BYTES","data":["/9j/"]}]}"#;
         assert_eq!(parse(ok).expect("parses").id, Some(Value::String("r1".into())));
-        let e = parse(r#"{"id":[[1]],"inputs":[]}"#).err().expect("refused");
+        let e = parse(r#"{"id":[[1]],"inputs":[]}"#).expect_err("refused");
         assert!(e.msg.contains("string `id`"), "{}", e.msg);
     }
 }
