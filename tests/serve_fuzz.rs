@@ -155,10 +155,10 @@ fn mutate(rng: &mut Rng, c: &Case, pool: &[Case]) -> Case {
 fn outcome(r: &Result<InferRequest, retinaface::serve::http::ApiError>) -> String {
     match r {
         Ok(req) => format!("ok {} images {} outputs", req.images.len().min(3), req.outputs.len()),
-        // Text outside `quoted` names and serde's positions, letters only.
+        // Text outside `quoted` or "quoted" names and serde's positions, letters only.
         Err(e) => e
             .msg
-            .split('`')
+            .split(['`', '"'])
             .step_by(2)
             .flat_map(|part| part.split(" at line").next())
             .flat_map(|part| part.chars())

@@ -48,7 +48,7 @@ struct Job {
     /// and Triton's pending count excludes the ones executing.
     slot: Option<Slot>,
     /// The request's share of `--max-memory`, held until its batch has run.
-    memory: Option<Arc<memory::Reservation>>,
+    _memory: Option<Arc<memory::Reservation>>,
 }
 
 type Key = (usize, usize);
@@ -185,7 +185,7 @@ impl Batcher {
                 deadline,
                 reply: tx,
                 slot: Some(slot),
-                memory,
+                _memory: memory,
             });
             self.cv.notify_all();
         }
