@@ -22,17 +22,20 @@ fn request_bodies_in_flight_are_bounded_across_connections() {
         s.write_all(&vec![0xFFu8; 1048575]).expect("body");
         holders.push(s);
     }
-    // The server has reserved all four bodies: the next one is refused before it is read.
-    wait_until(Duration::from_secs(10), "a fifth body refused", || {
-        let r = request(a, "POST", "/v1/detect", &[("Content-Type", "image/jpeg")], &vec![0xFFu8; 1 << 20]);
-        r.status == 503 && r.error().contains("--max-body-bytes-in-flight")
+    // Once the server has reserved all four bodies, the next one is refused before it is read.
+    wait_until(Duration::from_secs(20), "four bodies reserved", || {
+        metric(a, "retinaface_body_bytes_in_flight") == (4 << 20) as f64
     });
+    let r = request(a, "POST", "/v1/detect", &[("Content-Type", "image/jpeg")], &vec![0xFFu8; 1 << 20]);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.error().contains("--max-body-bytes-in-flight"), "{}", r.error());
     let r = detect(a, &read_image("trio.jpg"));
     assert_eq!(r.status, 503, "small bodies too, while the budget is full: {}", r.text());
     assert_eq!(r.header("retry-after"), Some("1"));
     // Hung-up holders give their bytes back.
     drop(holders);
-    wait_until(Duration::from_secs(10), "the budget freed", || detect(a, &read_image("trio.jpg")).status == 200);
+    wait_until(Duration::from_secs(10), "the budget freed", || metric(a, "retinaface_body_bytes_in_flight") == 0.0);
+    assert_eq!(detect(a, &read_image("trio.jpg")).status, 200);
     server.shutdown().expect("shutdown");
 }
 

@@ -200,7 +200,19 @@ async fn model_ready_v(st: St, Path((name, version)): Path<(String, String)>) ->
 }
 
 async fn metrics(State(s): St) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render(&s.cfg.model_name)).into_response()
+    let mut text = s.metrics.render(&s.cfg.model_name);
+    for (name, help, v) in [
+        (
+            "retinaface_memory_reserved_bytes",
+            "Bytes of --max-memory reserved by requests being served",
+            s.budget.used(),
+        ),
+        ("retinaface_memory_budget_bytes", "--max-memory", s.budget.capacity()),
+        ("retinaface_body_bytes_in_flight", "Request body bytes reserved across connections", s.body_bytes.used()),
+    ] {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// Reads the body under the size limit, the body timeout and the limit on body bytes in flight
