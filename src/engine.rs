@@ -248,6 +248,14 @@ impl Engine {
         }
     }
 
+    /// Drops the CPU path's spare buffers, so that memory a large pass took goes back to the OS
+    /// (the server calls this after large batches); the next pass allocates afresh.
+    pub fn release_spare_buffers(&self) {
+        if let Ok(mut p) = self.pool.lock() {
+            *p = exec::BufferPool::default();
+        }
+    }
+
     /// Forward pass of same-sized network inputs.
     pub fn forward(&self, images: &[&BgrImage]) -> Result<Vec<RawOutput>> {
         self.forward_timed(images, None)

@@ -56,6 +56,10 @@ pub enum Error {
     /// A video source, the ffmpeg subprocess, or the encoded output (the message names which).
     #[error("video {0}")]
     Video(String),
+
+    /// The server stopped without finishing its work (shutdown timeout, forced by a second signal).
+    #[error("server: {0}")]
+    Serve(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

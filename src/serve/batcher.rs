@@ -12,6 +12,7 @@
 //! its batch starts, when it fails, or when it is withdrawn; with every slot taken the next request
 //! is refused at once (503) instead of queueing without bound.
 
+use super::memory::{self, ForwardModel};
 use super::metrics::Metrics;
 use crate::detection::Detection;
 use crate::engine::{DetectOptions, Engine, Timings};
@@ -46,6 +47,8 @@ struct Job {
     /// Held while queued; dropped when the batch starts, so `--max-queue` bounds waiting requests
     /// and Triton's pending count excludes the ones executing.
     slot: Option<Slot>,
+    /// The request's share of `--max-memory`, held until its batch has run.
+    _memory: Option<Arc<memory::Reservation>>,
 }
 
 type Key = (usize, usize);
@@ -96,6 +99,10 @@ pub struct Batcher {
     max_queue: usize,
     queue_timeout: Option<Duration>,
     metrics: Arc<Metrics>,
+    forward: ForwardModel,
+    /// After a batch whose forward pass may take this many bytes or more, the engine's spare buffers
+    /// are dropped and freed memory handed back to the OS once the queue is empty.
+    release_above: u64,
 }
 
 /// One admitted request's place in the bounded queue; given back on drop.
@@ -118,6 +125,8 @@ impl Batcher {
         max_queue: usize,
         queue_timeout: Option<Duration>,
         metrics: Arc<Metrics>,
+        forward: ForwardModel,
+        release_above: u64,
     ) -> Arc<Batcher> {
         Arc::new(Batcher {
             state: Mutex::new(State::default()),
@@ -129,6 +138,8 @@ impl Batcher {
             max_queue,
             queue_timeout,
             metrics,
+            forward,
+            release_above,
         })
     }
 
@@ -150,7 +161,14 @@ impl Batcher {
 
     /// Queues a decoded image. `admitted_at` starts the queue timeout (admission, not end of decode,
     /// so a slow decode counts against it too).
-    pub fn submit(self: &Arc<Self>, slot: Slot, image: BgrImage, scale: f64, admitted_at: Instant) -> Ticket {
+    pub fn submit(
+        self: &Arc<Self>,
+        slot: Slot,
+        image: BgrImage,
+        scale: f64,
+        admitted_at: Instant,
+        memory: Option<Arc<memory::Reservation>>,
+    ) -> Ticket {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let key = (image.width, image.height);
         let (tx, rx) = oneshot::channel();
@@ -167,6 +185,7 @@ impl Batcher {
                 deadline,
                 reply: tx,
                 slot: Some(slot),
+                _memory: memory,
             });
             self.cv.notify_all();
         }
@@ -193,12 +212,33 @@ impl Batcher {
     }
 
     /// The executor loop: blocks the calling thread until shutdown and an empty queue.
+    ///
+    /// After a large batch the engine keeps its buffers while more batches wait (they reuse them);
+    /// once the queue is empty they are dropped and freed memory handed back to the OS, so resident
+    /// memory falls back when the burst is over.
     pub fn run_executor(&self, engine: &Engine, opts: &DetectOptions, gate: Option<&Gate>) {
+        let mut holding_large = false;
+        let release = |why: &str| {
+            engine.release_spare_buffers();
+            memory::return_freed_memory();
+            tracing::debug!(rss = memory::resident_bytes(), why, "memory released");
+        };
         loop {
             if let Some(g) = gate {
                 g.wait();
             }
-            let Some(jobs) = self.next_batch() else { return };
+            if holding_large && lock(&self.state).buckets.is_empty() {
+                release("queue empty after a large batch");
+                holding_large = false;
+            }
+            let Some(jobs) = self.next_batch() else {
+                if holding_large {
+                    release("shutdown");
+                }
+                return;
+            };
+            let (w, h) = jobs.first().map_or((0, 0), |j| (j.image.width, j.image.height));
+            holding_large |= self.forward.bytes(h, w).saturating_mul(jobs.len() as u64) >= self.release_above;
             self.execute(engine, opts, jobs);
         }
     }

@@ -72,7 +72,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 5000)]
     pub queue_timeout_ms: u64,
     /// Largest request body; a larger declared Content-Length is refused with 413 before it is read.
-    #[arg(long, default_value_t = 20 * 1024 * 1024)]
+    #[arg(long, default_value_t = 20 * 1024 * 1024, value_parser = parse_body_bytes)]
     pub max_body_bytes: usize,
     /// Largest decoded image, in pixels (checked from the header, before any pixel is decoded).
     /// The forward pass's memory grows with pixels times batch size: lower this or --max-batch to
@@ -82,9 +82,21 @@ pub struct ServeArgs {
     /// Resize before the network: original, multiscale or long-side:N (as `retinaface detect`).
     #[arg(long, default_value = "original")]
     pub resize: String,
-    /// Threads that decode images, off the async runtime (0: one per CPU).
+    /// Threads that decode images and parse JSON, off the async runtime (0: one per CPU; at most
+    /// 4 per CPU, and 256).
     #[arg(long, default_value_t = 0)]
     pub decode_workers: usize,
+    /// Memory the requests being served may use together: decoded images and forward-pass buffers,
+    /// counted from the image headers before decoding. A request that does not fit beside the others
+    /// is refused with 503 at once, one larger than the whole budget with 413. Bytes, or with a K, M,
+    /// G or T suffix (powers of 1024). Default: half the machine's memory (or its cgroup limit).
+    #[arg(long, value_parser = parse_bytes)]
+    pub max_memory: Option<u64>,
+    /// Request body bytes buffered across all connections at once; a request whose body would pass
+    /// it is refused with 503 before its body is read. Bytes or K/M/G suffix (default 256M, and at
+    /// least --max-body-bytes).
+    #[arg(long, value_parser = parse_bytes)]
+    pub max_body_bytes_in_flight: Option<u64>,
     /// Time a client has to send the request line and headers.
     #[arg(long, default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
@@ -124,6 +136,40 @@ impl ServeArgs {
     }
 }
 
+/// A byte count: digits, optionally followed by K, M, G or T (powers of 1024, an optional trailing
+/// `B` or `iB` allowed).
+pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("`{s}`: unknown unit `{c}` (K, M, G or T)")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits.trim().parse().map_err(|_| format!("`{s}` is not a byte count (e.g. 8G, 512M, 1000000)"))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("`{s}` is too large"))
+}
+
+fn parse_body_bytes(s: &str) -> std::result::Result<usize, String> {
+    usize::try_from(parse_bytes(s)?).map_err(|_| format!("`{s}` is too large"))
+}
+
+/// Most decode workers per CPU: more only adds threads that wait for a core and memory they hold.
+const MAX_DECODE_WORKERS_PER_CPU: usize = 4;
+const MAX_DECODE_WORKERS: usize = 256;
+/// `--max-body-bytes-in-flight` default.
+const DEFAULT_BODY_BYTES_IN_FLIGHT: u64 = 256 << 20;
+/// Smallest `--max-memory`: below it not even a small photo would be admitted.
+const MIN_MAX_MEMORY: u64 = 16 << 20;
+
 /// Upper bound on the long side of `--resize long-side:N`: keeps every network input under the
 /// engine's pixel limit.
 const MAX_LONG_SIDE: u32 = 8000;
@@ -144,6 +190,8 @@ pub struct Config {
     pub decode_limits: DecodeLimits,
     pub detect: DetectOptions,
     pub decode_workers: usize,
+    pub max_memory: u64,
+    pub max_body_bytes_in_flight: u64,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub shutdown_timeout: Duration,
@@ -190,11 +238,27 @@ impl Config {
                 return bad(format!("{name} must be at least 1 (slow clients must be cut)"));
             }
         }
-        let decode_workers = if a.decode_workers == 0 {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
-        } else {
-            a.decode_workers
-        };
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let max_workers = (cpus * MAX_DECODE_WORKERS_PER_CPU).min(MAX_DECODE_WORKERS);
+        if a.decode_workers > max_workers {
+            return bad(format!(
+                "--decode-workers {} is more than {max_workers} ({MAX_DECODE_WORKERS_PER_CPU} per CPU on {cpus} CPUs, at most {MAX_DECODE_WORKERS})",
+                a.decode_workers
+            ));
+        }
+        let decode_workers = if a.decode_workers == 0 { cpus } else { a.decode_workers };
+        let max_memory = a.max_memory.unwrap_or_else(super::memory::default_max_memory);
+        if max_memory < MIN_MAX_MEMORY {
+            return bad(format!("--max-memory {max_memory} is less than the minimum of {MIN_MAX_MEMORY} bytes (16M)"));
+        }
+        let max_body_bytes_in_flight =
+            a.max_body_bytes_in_flight.unwrap_or(DEFAULT_BODY_BYTES_IN_FLIGHT.max(a.max_body_bytes as u64));
+        if max_body_bytes_in_flight < a.max_body_bytes as u64 {
+            return bad(format!(
+                "--max-body-bytes-in-flight {max_body_bytes_in_flight} is less than --max-body-bytes {}: no request of the largest size could be read",
+                a.max_body_bytes
+            ));
+        }
         Ok(Config {
             weights,
             network,
@@ -209,6 +273,8 @@ impl Config {
             decode_limits: DecodeLimits { max_pixels: a.max_image_pixels, ..DecodeLimits::default() },
             detect: DetectOptions { resize, ..DetectOptions::default() },
             decode_workers,
+            max_memory,
+            max_body_bytes_in_flight,
             header_read_timeout: Duration::from_millis(a.header_read_timeout_ms),
             body_read_timeout: Duration::from_millis(a.body_read_timeout_ms),
             shutdown_timeout: Duration::from_millis(a.shutdown_timeout_ms),
@@ -252,5 +318,33 @@ mod tests {
         assert!(err(&["--weights", "a.pth", "--synthetic-seed", "1"]).contains("cannot be used with"));
         assert!(err(&[]).contains("--weights"), "{}", err(&[]));
         assert!(err(&["--synthetic-seed", "1", "--backend", "tpu"]).contains("tpu"));
+        assert!(err(&["--synthetic-seed", "1", "--decode-workers", "100000"]).contains("--decode-workers 100000"));
+        assert!(err(&["--synthetic-seed", "1", "--max-memory", "1M"]).contains("--max-memory 1048576"));
+        assert!(err(&["--synthetic-seed", "1", "--max-memory", "1.5G"]).contains("not a byte count"));
+        assert!(
+            err(&["--synthetic-seed", "1", "--max-body-bytes-in-flight", "1M"])
+                .contains("less than --max-body-bytes 20971520")
+        );
+    }
+
+    #[test]
+    fn byte_counts_take_binary_suffixes() {
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert_eq!(parse_bytes("8G"), Ok(8 << 30));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("3k"), Ok(3 << 10));
+        assert!(parse_bytes("9999999999T").is_err());
+        assert!(parse_bytes("5X").is_err());
+    }
+
+    #[test]
+    fn memory_default_fits_the_machine() {
+        let c = cfg(&["--synthetic-seed", "1"]).expect("defaults");
+        if let Some(m) = crate::serve::memory::machine_memory() {
+            assert!(c.max_memory <= m / 2 && c.max_memory > 0, "{} of {m}", c.max_memory);
+        }
+        assert_eq!(c.max_body_bytes_in_flight, 256 << 20);
+        let c = cfg(&["--synthetic-seed", "1", "--max-memory", "3G", "--decode-workers", "2"]).expect("flags");
+        assert_eq!((c.max_memory, c.decode_workers), (3 << 30, 2));
     }
 }

@@ -5,7 +5,9 @@
 
 use super::batcher::{Batcher, ExecError};
 use super::config::Config;
+use super::memory::{self, Budget, ForwardModel, Refusal, Reservation};
 use super::metrics::{FailureReason, Metrics};
+use super::v2;
 use crate::detection::Detection;
 use crate::image_io::{self, BgrImage};
 use axum::Router;
@@ -14,7 +16,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use base64::Engine as _;
 use futures_util::future::join_all;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
@@ -32,6 +33,11 @@ pub struct AppState {
     /// Bounds concurrent decodes: decoding runs on tokio's blocking threads, never on the async workers.
     pub decode_pool: Arc<Semaphore>,
     pub network: String,
+    /// `--max-memory`: decoded images and forward-pass buffers of the requests being served.
+    pub budget: Budget,
+    pub forward: ForwardModel,
+    /// `--max-body-bytes-in-flight`: request bodies being read or held, across all connections.
+    pub body_bytes: Budget,
 }
 
 type St = State<Arc<AppState>>;
@@ -45,7 +51,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, msg: impl Into<String>) -> Self {
         let reason = match status {
             StatusCode::SERVICE_UNAVAILABLE => FailureReason::Rejected,
             StatusCode::INTERNAL_SERVER_ERROR => FailureReason::Backend,
@@ -83,16 +89,49 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/detect", post(detect))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
 }
 
 /// The Prometheus endpoint alone, for `--metrics-port`.
 pub fn metrics_router(state: Arc<AppState>) -> Router {
-    Router::new().route("/metrics", get(metrics)).fallback(not_found).with_state(state)
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(json_errors))
+        .with_state(state)
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, format!("no route {}", uri.path()))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("method {method} is not allowed on {}", uri.path()))
+}
+
+/// Every error answer is `{"error": ...}`, also those axum's extractors make themselves (a path
+/// segment that is not UTF-8, say): their plain-text body becomes the message.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json =
+        resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10).await.map(|b| String::from_utf8_lossy(&b).trim().to_string());
+    let msg = match text {
+        Ok(t) if !t.is_empty() => t,
+        _ => status.canonical_reason().unwrap_or("error").to_string(),
+    };
+    let mut out = ApiError::new(status, msg).into_response();
+    for (k, v) in parts.headers.iter().filter(|(k, _)| *k != header::CONTENT_TYPE && *k != header::CONTENT_LENGTH) {
+        out.headers_mut().insert(k.clone(), v.clone());
+    }
+    out
 }
 
 async fn live() -> StatusCode {
@@ -125,9 +164,6 @@ fn check_model(s: &AppState, name: &str, version: Option<&str>) -> Result<(), Ap
     }
     Ok(())
 }
-
-const OUTPUTS: [(&str, &str); 4] =
-    [("num_detections", "INT32"), ("boxes", "FP32"), ("scores", "FP32"), ("landmarks", "FP32")];
 
 async fn model_metadata(State(s): St, Path(name): Path<String>) -> Result<axum::Json<Value>, ApiError> {
     check_model(&s, &name, None)?;
@@ -164,12 +200,26 @@ async fn model_ready_v(st: St, Path((name, version)): Path<(String, String)>) ->
 }
 
 async fn metrics(State(s): St) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render(&s.cfg.model_name)).into_response()
+    let mut text = s.metrics.render(&s.cfg.model_name);
+    for (name, help, v) in [
+        (
+            "retinaface_memory_reserved_bytes",
+            "Bytes of --max-memory reserved by requests being served",
+            s.budget.used(),
+        ),
+        ("retinaface_memory_budget_bytes", "--max-memory", s.budget.capacity()),
+        ("retinaface_body_bytes_in_flight", "Request body bytes reserved across connections", s.body_bytes.used()),
+    ] {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-/// Reads the body under the size limit and the body timeout. A declared Content-Length over the
-/// limit is refused before a byte of the body is read; a chunked body is cut as soon as it passes it.
-async fn read_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+/// Reads the body under the size limit, the body timeout and the limit on body bytes in flight
+/// across all connections. A declared Content-Length over the size limit is refused (413) before a
+/// byte of the body is read, and one that does not fit beside the bodies in flight (503); a chunked
+/// body reserves as it arrives and is cut as soon as it passes either limit.
+async fn read_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<(Bytes, Reservation), ApiError> {
     let limit = s.cfg.max_body_bytes;
     let too_large = |n: String| {
         ApiError::new(
@@ -177,24 +227,46 @@ async fn read_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Byte
             format!("request body of {n} bytes exceeds the limit of {limit} bytes"),
         )
     };
-    if let Some(len) = headers.get(header::CONTENT_LENGTH) {
-        let len: u64 = len
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| ApiError::bad("Content-Length is not a number"))?;
-        if len > limit as u64 {
-            return Err(too_large(len.to_string()));
+    let busy = |n: u64| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "server busy: {} of the {} bytes of request bodies allowed in flight (--max-body-bytes-in-flight) are taken; {n} more do not fit",
+                s.body_bytes.used(),
+                s.body_bytes.capacity()
+            ),
+        )
+    };
+    let declared = match headers.get(header::CONTENT_LENGTH) {
+        Some(len) => {
+            let len: u64 = len
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| ApiError::bad("Content-Length is not a number"))?;
+            if len > limit as u64 {
+                return Err(too_large(len.to_string()));
+            }
+            Some(len as usize)
         }
-    }
+        None => None,
+    };
+    // A chunked body is collected in pieces and joined at the end, so it briefly takes twice its size.
+    let mut held =
+        s.body_bytes.reserve(declared.map_or(0, |n| n as u64)).map_err(|_| busy(declared.unwrap_or(0) as u64))?;
     let read = async {
         let mut body = body;
-        let mut buf: Vec<u8> = Vec::new();
+        let mut buf: Vec<u8> = Vec::with_capacity(declared.unwrap_or(0));
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| ApiError::bad(format!("reading the request body: {e}")))?;
             if let Ok(data) = frame.into_data() {
                 if buf.len() + data.len() > limit {
                     return Err(too_large(format!("more than {}", buf.len() + data.len())));
+                }
+                let need = (buf.len() + data.len()) as u64 * if declared.is_some() { 1 } else { 2 };
+                if need > held.bytes() {
+                    let more = need - held.bytes();
+                    s.body_bytes.grow(&mut held, more).map_err(|_| busy(more))?;
                 }
                 buf.extend_from_slice(&data);
             }
@@ -202,7 +274,7 @@ async fn read_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Byte
         Ok(Bytes::from(buf))
     };
     match tokio::time::timeout(s.cfg.body_read_timeout, read).await {
-        Ok(r) => r,
+        Ok(r) => r.map(|b| (b, held)),
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             format!("request body not received within {} ms", s.cfg.body_read_timeout.as_millis()),
@@ -244,9 +316,15 @@ async fn decode(s: &AppState, bytes: Bytes, what: String) -> Result<Decoded, Api
         .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"))?;
     let limits = s.cfg.decode_limits;
     let mode = s.cfg.detect.resize;
+    let large = memory::probe(&bytes)
+        .is_ok_and(|p| u64::from(p.width) * u64::from(p.height) * p.decoder_bpp >= TRIM_AFTER_DECODE_BYTES);
     let task = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let img = image_io::decode(&bytes, &what, &limits).map_err(|e| ApiError::bad(e.to_string()))?;
+        let img = image_io::decode(&bytes, &what, &limits).map_err(|e| ApiError::bad(e.to_string()));
+        if large {
+            memory::return_freed_memory();
+        }
+        let img = img?;
         let (width, height) = (img.width, img.height);
         let (resized, scale) = image_io::apply_resize(&img, mode);
         let resized = match resized {
@@ -282,13 +360,64 @@ impl Drop for CancelGuard<'_> {
     }
 }
 
+/// A decode whose buffers take this much is followed by `malloc_trim`: the arenas of the decode
+/// threads would otherwise keep the freed memory resident.
+const TRIM_AFTER_DECODE_BYTES: u64 = 64 << 20;
+
+/// What one request's images will take in memory, from their headers: every image sniffed and probed
+/// (a bad one is refused here with the reason), its size checked against `--max-image-pixels`, and
+/// its decoded pixels and forward-pass buffers summed (see `memory::ForwardModel::bytes`).
+fn request_cost(s: &AppState, images: &[(Bytes, String)]) -> Result<u64, ApiError> {
+    let limits = &s.cfg.decode_limits;
+    let mut total = 0u64;
+    for (bytes, what) in images {
+        sniff(bytes, what)?;
+        let p =
+            memory::probe(bytes).map_err(|e| ApiError::bad(format!("{what}: cannot read the image header: {e}")))?;
+        let (w, h) = (p.width, p.height);
+        if w > limits.max_dimension || h > limits.max_dimension || u64::from(w) * u64::from(h) > limits.max_pixels {
+            return Err(ApiError::bad(format!(
+                "{what}: {w}x{h} image exceeds the limits ({} pixels, {} per side)",
+                limits.max_pixels, limits.max_dimension
+            )));
+        }
+        let (nw, nh) = memory::network_input(&p, s.cfg.detect.resize);
+        total =
+            total.saturating_add(memory::decode_bytes(&p, s.cfg.detect.resize)).saturating_add(s.forward.bytes(nh, nw));
+    }
+    Ok(total)
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
 /// Admission, decode, queue, wait: the path every image takes. The `n` images of one request are
-/// admitted together or not at all, and all decoded before any is queued.
+/// admitted together or not at all, and all decoded before any is queued. Admission takes the
+/// request's memory (estimated from the image headers) from `--max-memory`, then its queue slots.
 async fn detect_images(
     s: &AppState,
     images: Vec<(Bytes, String)>,
 ) -> Result<Vec<(ImageInfo, Vec<Detection>)>, ApiError> {
     let admitted_at = Instant::now();
+    let cost = request_cost(s, &images)?;
+    let memory = s.budget.reserve(cost).map(Arc::new).map_err(|r| match r {
+        Refusal::Never => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request needs about {:.0} MiB for its decoded images and forward pass, more than --max-memory ({:.0} MiB)",
+                cost as f64 / MIB,
+                s.budget.capacity() as f64 / MIB
+            ),
+        ),
+        Refusal::NotNow { used } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "server busy: request needs about {:.0} MiB, {:.0} of the {:.0} MiB of --max-memory are in use",
+                cost as f64 / MIB,
+                used as f64 / MIB,
+                s.budget.capacity() as f64 / MIB
+            ),
+        ),
+    })?;
     let slots = s.batcher.admit(images.len()).ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -308,7 +437,7 @@ async fn detect_images(
     let mut tickets = Vec::with_capacity(decoded.len());
     for (d, slot) in decoded.into_iter().zip(slots) {
         infos.push(ImageInfo { width: d.width, height: d.height });
-        tickets.push(s.batcher.submit(slot, d.input, d.scale, admitted_at));
+        tickets.push(s.batcher.submit(slot, d.input, d.scale, admitted_at, Some(memory.clone())));
     }
     let results = join_all(tickets.into_iter().map(|t| t.wait())).await;
     infos
@@ -399,7 +528,7 @@ async fn detect(
                 ));
             }
         }
-        let bytes = read_body(&s, &headers, body).await?;
+        let (bytes, _body_held) = read_body(&s, &headers, body).await?;
         let name = q.0.get("image").cloned().unwrap_or_else(|| "request".to_string());
         let mut res = detect_images(&s, vec![(bytes, "request body".to_string())]).await?;
         let (d, dets) = res.pop().ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no result"))?;
@@ -420,12 +549,33 @@ async fn infer_v(st: St, Path((name, version)): Path<(String, String)>, headers:
 
 const HEADER_LEN: &str = "inference-header-content-length";
 
+/// Parses a v2 request on the blocking pool (a large JSON body takes tens of milliseconds that
+/// health checks and other connections must not wait for), under the decode workers' bound.
+async fn parse_off_runtime(
+    s: &AppState,
+    body: Bytes,
+    header_len: Option<Vec<u8>>,
+) -> Result<v2::InferRequest, ApiError> {
+    let permit = s
+        .decode_pool
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"))?;
+    let max_batch = s.cfg.max_batch;
+    let task = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        v2::parse_infer(&body, header_len.as_deref(), max_batch)
+    });
+    task.await.map_err(|e| ApiError::bad(format!("inference request could not be parsed ({e})")))?
+}
+
 async fn infer_impl(State(s): St, name: String, version: Option<String>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let r = async {
         check_model(&s, &name, version.as_deref())?;
-        let bytes = read_body(&s, &headers, body).await?;
-        let req = parse_infer(&bytes, &headers, s.cfg.max_batch)?;
+        let (bytes, _body_held) = read_body(&s, &headers, body).await?;
+        let req = parse_off_runtime(&s, bytes, headers.get(HEADER_LEN).map(|v| v.as_bytes().to_vec())).await?;
         let n = req.images.len();
         let images =
             req.images.into_iter().enumerate().map(|(i, b)| (b, format!("input `image` element {i}"))).collect();
@@ -434,177 +584,6 @@ async fn infer_impl(State(s): St, name: String, version: Option<String>, headers
     }
     .await;
     finish(&s, started, "/v2/infer", r)
-}
-
-struct InferRequest {
-    id: Option<Value>,
-    images: Vec<Bytes>,
-    /// Requested outputs in order, each with whether it goes as binary data.
-    outputs: Vec<(&'static str, bool)>,
-}
-
-fn as_bool(v: Option<&Value>) -> Result<Option<bool>, ApiError> {
-    match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(ApiError::bad(format!("expected a boolean parameter, got {other}"))),
-    }
-}
-
-/// Parses a v2 inference request: JSON alone, or (binary data extension) a JSON header of
-/// `Inference-Header-Content-Length` bytes followed by the inputs' raw bytes.
-fn parse_infer(body: &Bytes, headers: &HeaderMap, max_batch: usize) -> Result<InferRequest, ApiError> {
-    let (json_part, mut binary) = match headers.get(HEADER_LEN) {
-        Some(v) => {
-            let n: usize = v
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .ok_or_else(|| ApiError::bad("Inference-Header-Content-Length is not a number"))?;
-            if n > body.len() {
-                return Err(ApiError::bad(format!(
-                    "Inference-Header-Content-Length {n} exceeds the body's {} bytes",
-                    body.len()
-                )));
-            }
-            (body.slice(..n), body.slice(n..))
-        }
-        None => (body.clone(), Bytes::new()),
-    };
-    let v: Value = serde_json::from_slice(&json_part)
-        .map_err(|e| ApiError::bad(format!("inference request is not valid JSON: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| ApiError::bad("inference request must be a JSON object"))?;
-    let id = obj.get("id").cloned();
-    let inputs = obj
-        .get("inputs")
-        .and_then(Value::as_array)
-        .ok_or_else(|| ApiError::bad("inference request has no `inputs` array"))?;
-    let [input] = inputs.as_slice() else {
-        return Err(ApiError::bad(format!("expected exactly one input (`image`), got {}", inputs.len())));
-    };
-    let iname = input.get("name").and_then(Value::as_str).unwrap_or("");
-    if iname != "image" {
-        return Err(ApiError::bad(format!("unknown input `{iname}`: this model takes one BYTES input named `image`")));
-    }
-    let dtype = input.get("datatype").and_then(Value::as_str).unwrap_or("");
-    if dtype != "BYTES" {
-        return Err(ApiError::bad(format!(
-            "input `image` has datatype `{dtype}`, expected BYTES (the encoded JPEG or PNG file)"
-        )));
-    }
-    let shape: Vec<i64> = input
-        .get("shape")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().map(|d| d.as_i64().unwrap_or(-1)).collect())
-        .ok_or_else(|| ApiError::bad("input `image` has no `shape`"))?;
-    if shape.is_empty() || shape.iter().any(|&d| d < 1) {
-        return Err(ApiError::bad(format!("input `image` has shape {shape:?}; expected [N] or [N, 1] with N >= 1")));
-    }
-    let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d as usize)).unwrap_or(usize::MAX);
-    if n > max_batch {
-        return Err(ApiError::bad(format!(
-            "input `image` holds {n} images; at most {max_batch} (--max-batch) per request"
-        )));
-    }
-    let bin_size = input.get("parameters").and_then(|p| p.get("binary_data_size"));
-    let images: Vec<Bytes> = match bin_size {
-        Some(sz) => {
-            let sz = sz.as_u64().ok_or_else(|| ApiError::bad("binary_data_size is not a number"))? as usize;
-            if sz > binary.len() {
-                return Err(ApiError::bad(format!(
-                    "input `image` declares {sz} bytes of binary data, the body holds {}",
-                    binary.len()
-                )));
-            }
-            let data = binary.split_to(sz);
-            split_bytes_tensor(data, n)?
-        }
-        None => {
-            let data = input
-                .get("data")
-                .ok_or_else(|| ApiError::bad("input `image` has neither `data` nor binary_data_size"))?;
-            let mut flat = Vec::new();
-            flatten(data, &mut flat);
-            if flat.len() != n {
-                return Err(ApiError::bad(format!("input `image` has {} elements, its shape says {n}", flat.len())));
-            }
-            flat.into_iter()
-                .enumerate()
-                .map(|(i, e)| {
-                    let s = match e {
-                        Value::String(s) => s.as_str(),
-                        Value::Object(o) => o.get("b64").and_then(Value::as_str).unwrap_or(""),
-                        _ => "",
-                    };
-                    base64::engine::general_purpose::STANDARD
-                        .decode(s.trim())
-                        .map(Bytes::from)
-                        .map_err(|e| ApiError::bad(format!("input `image` element {i}: JSON BYTES elements must be the base64 of the image file ({e}); or send raw bytes with the binary data extension")))
-                })
-                .collect::<Result<_, _>>()?
-        }
-    };
-    if !binary.is_empty() {
-        return Err(ApiError::bad(format!(
-            "{} bytes of binary data follow the inputs they were declared for",
-            binary.len()
-        )));
-    }
-    let default_binary = as_bool(obj.get("parameters").and_then(|p| p.get("binary_data_output")))?.unwrap_or(false);
-    let outputs = match obj.get("outputs").and_then(Value::as_array) {
-        None => OUTPUTS.iter().map(|(n, _)| (*n, default_binary)).collect(),
-        Some(list) => list
-            .iter()
-            .map(|o| {
-                let name = o.get("name").and_then(Value::as_str).unwrap_or("");
-                let known = OUTPUTS.iter().find(|(n, _)| *n == name).ok_or_else(|| {
-                    ApiError::bad(format!(
-                        "unknown output `{name}` (outputs: num_detections, boxes, scores, landmarks)"
-                    ))
-                })?;
-                let bin = as_bool(o.get("parameters").and_then(|p| p.get("binary_data")))?.unwrap_or(default_binary);
-                Ok((known.0, bin))
-            })
-            .collect::<Result<_, ApiError>>()?,
-    };
-    Ok(InferRequest { id, images, outputs })
-}
-
-fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
-    match v {
-        Value::Array(a) => a.iter().for_each(|x| flatten(x, out)),
-        other => out.push(other),
-    }
-}
-
-/// A BYTES tensor in binary form is its elements each preceded by a 4-byte little-endian length
-/// (what Triton clients send). A lone raw JPEG/PNG (no length prefix) is accepted too, for clients
-/// that send the file as is: its first bytes can never be read as a matching length.
-fn split_bytes_tensor(mut data: Bytes, n: usize) -> Result<Vec<Bytes>, ApiError> {
-    let prefixed =
-        data.len() >= 4 && u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize <= data.len() - 4;
-    if n == 1 && !prefixed {
-        return Ok(vec![data]);
-    }
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        if data.len() < 4 {
-            return Err(ApiError::bad(format!("binary BYTES element {i}: missing its 4-byte length")));
-        }
-        let len = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
-        let _ = data.split_to(4);
-        if len > data.len() {
-            return Err(ApiError::bad(format!(
-                "binary BYTES element {i}: declares {len} bytes, {} remain",
-                data.len()
-            )));
-        }
-        out.push(data.split_to(len));
-    }
-    if !data.is_empty() {
-        return Err(ApiError::bad(format!("binary BYTES tensor: {} bytes left after its {n} elements", data.len())));
-    }
-    Ok(out)
 }
 
 /// Outputs for N images padded to the largest detection count K: num_detections [N],
@@ -669,25 +648,6 @@ fn infer_response(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bytes_tensor_elements_with_and_without_length_prefix() {
-        let jpeg = Bytes::from_static(&[0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3]);
-        assert_eq!(split_bytes_tensor(jpeg.clone(), 1).expect("raw"), vec![jpeg.clone()]);
-        let mut two = Vec::new();
-        for e in [&b"abc"[..], &b"de"[..]] {
-            two.extend_from_slice(&(e.len() as u32).to_le_bytes());
-            two.extend_from_slice(e);
-        }
-        let got = split_bytes_tensor(Bytes::from(two.clone()), 2).expect("two");
-        assert_eq!(got, vec![Bytes::from_static(b"abc"), Bytes::from_static(b"de")]);
-        // One element short, or bytes left over: errors that say so.
-        let e = split_bytes_tensor(Bytes::from(two.clone()), 3).err().expect("short");
-        assert!(e.msg.contains("element 2"), "{}", e.msg);
-        two.push(0);
-        let e = split_bytes_tensor(Bytes::from(two), 2).err().expect("extra");
-        assert!(e.msg.contains("left after"), "{}", e.msg);
-    }
 
     #[test]
     fn sniffing_tells_unsupported_from_empty() {

@@ -187,3 +187,160 @@ impl Resp {
             .unwrap_or_default()
     }
 }
+
+/// `retinaface serve` as a child process on 127.0.0.1 (its memory and descriptors are its own),
+/// with every stderr line forwarded to `logs`. `wrap` runs it through `sh -c` with a prefix (e.g.
+/// `ulimit -n 64;`) when not empty.
+pub struct Child {
+    pub proc: std::process::Child,
+    pub addr: SocketAddr,
+    pub logs: std::sync::mpsc::Receiver<String>,
+}
+
+pub fn spawn_server(flags: &[&str], wrap: &str) -> Child {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let bin = env!("CARGO_BIN_EXE_retinaface");
+    let mut args: Vec<String> =
+        ["serve", "--backend", "cpu", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    if !flags.iter().any(|f| *f == "--weights" || *f == "--synthetic-seed") {
+        args.push("--weights".into());
+        args.push(real_weights().display().to_string());
+    }
+    args.extend(flags.iter().map(|s| s.to_string()));
+    let mut cmd = if wrap.is_empty() {
+        let mut c = Command::new(bin);
+        c.args(&args);
+        c
+    } else {
+        let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(format!("{wrap} exec '{bin}' {}", quoted.join(" ")));
+        c
+    };
+    let mut proc = cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("start retinaface serve");
+    let stderr = proc.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let addr: SocketAddr = loop {
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("server start log line");
+        if let Some(rest) = line.split("serving addr=").nth(1) {
+            break rest.split_whitespace().next().expect("address").parse().expect("socket address");
+        }
+    };
+    Child { proc, addr, logs: rx }
+}
+
+impl Child {
+    /// A field of /proc/PID/status in bytes (VmRSS, VmHWM).
+    pub fn status_bytes(&self, field: &str) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.proc.id())).expect("proc status");
+        s.lines()
+            .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or_else(|| panic!("no {field} in /proc status"))
+    }
+
+    /// Sends SIGTERM and waits (at most `timeout`) for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let st =
+            std::process::Command::new("kill").args(["-TERM", &self.proc.id().to_string()]).status().expect("kill");
+        assert!(st.success());
+        self.wait(timeout)
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.proc.try_wait().expect("wait") {
+                return s;
+            }
+            if t0.elapsed() > timeout {
+                let _ = self.proc.kill();
+                panic!("server did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.proc.kill();
+        let _ = self.proc.wait();
+    }
+}
+
+/// A v2 request body with the binary data extension: (JSON header length, body) for `images` as one
+/// BYTES input of shape [n], each element length-prefixed.
+pub fn v2_binary(images: &[Vec<u8>]) -> (usize, Vec<u8>) {
+    let mut data = Vec::new();
+    for img in images {
+        data.extend_from_slice(&(img.len() as u32).to_le_bytes());
+        data.extend_from_slice(img);
+    }
+    let head = serde_json::json!({"inputs": [{"name": "image", "shape": [images.len()], "datatype": "BYTES",
+        "parameters": {"binary_data_size": data.len()}}]})
+    .to_string();
+    let mut body = head.clone().into_bytes();
+    body.extend_from_slice(&data);
+    (head.len(), body)
+}
+
+pub fn post_v2_binary(addr: SocketAddr, images: &[Vec<u8>]) -> Resp {
+    let (hlen, body) = v2_binary(images);
+    let hlen = hlen.to_string();
+    request(
+        addr,
+        "POST",
+        "/v2/models/retinaface/infer",
+        &[("Content-Type", "application/octet-stream"), ("Inference-Header-Content-Length", &hlen)],
+        &body,
+    )
+}
+
+/// A PNG decompression bomb: `w`x`h` 8-bit RGB, all black, a few tens of KB for 4096x4096.
+pub fn png_bomb(w: u32, h: u32) -> Vec<u8> {
+    use flate2::write::ZlibEncoder;
+    fn crc32(data: &[u8]) -> u32 {
+        let mut c = 0xFFFF_FFFFu32;
+        for &b in data {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        !c
+    }
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&crc32(&body).to_be_bytes());
+    }
+    let mut z = ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    let row = vec![0u8; 1 + 3 * w as usize];
+    for _ in 0..h {
+        z.write_all(&row).expect("deflate");
+    }
+    let idat = z.finish().expect("deflate");
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    chunk(&mut out, b"IHDR", &ihdr);
+    chunk(&mut out, b"IDAT", &idat);
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
