@@ -19,7 +19,7 @@ pub mod runner;
 #[cfg(feature = "cuda-sim")]
 pub mod sim;
 
-pub use engine::{Backend, GpuEngine, device_postprocess, nchw_to_nhwc, nhwc_to_nchw};
+pub use engine::{CudaExecutor, GpuEngine, device_postprocess, nchw_to_nhwc, nhwc_to_nchw};
 pub use runner::{DevBuf, KernelRunner, KernelRunnerExt, LaunchDims};
 
 /// Whether a GPU can be used now: the first device's description, or why not.

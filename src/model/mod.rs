@@ -3,12 +3,13 @@
 
 pub mod backbone;
 pub mod fold;
-pub mod graph;
 pub mod head;
 pub mod neck;
 pub mod params;
 
 use crate::error::Result;
+/// The IR lives in `crate::graph`; `model::graph` stays the builders' name for it.
+pub use crate::graph::ir as graph;
 use crate::network::Network;
 pub use graph::{Act, Conv, Graph, Op, Stage, Taps, TensorId, TensorInfo};
 use params::{ParamKind, ParamSource};

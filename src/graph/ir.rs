@@ -91,6 +91,22 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The tensor the op writes.
+    pub fn output(&self) -> TensorId {
+        Graph::op_output(self)
+    }
+
+    /// The tensors the op reads; an in-place op's destination counts, as its old values are read.
+    pub fn reads(&self) -> Vec<TensorId> {
+        match self {
+            Op::Conv(c) => std::iter::once(c.input).chain(c.residual).collect(),
+            Op::MaxPool { input, .. } => vec![*input],
+            Op::UpsampleAdd { src, dst } => vec![*src, *dst],
+        }
+    }
+}
+
 /// Where a data-path stage's result lives.
 #[derive(Clone, Copy, Debug)]
 pub struct Taps {
@@ -126,6 +142,12 @@ pub struct Graph {
 }
 
 impl Graph {
+    /// Every tap tensor: the stages' results the executors hand back.
+    pub fn is_tap(&self, t: TensorId) -> bool {
+        let taps = &self.taps;
+        taps.backbone.contains(&t) || taps.fpn.contains(&t) || taps.ssh.contains(&t) || taps.head.contains(&t)
+    }
+
     pub fn op_output(op: &Op) -> TensorId {
         match op {
             Op::Conv(c) => c.output,
