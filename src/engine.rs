@@ -64,7 +64,7 @@ impl Engine {
                 g
             }
         };
-        let graph = Arc::new(graph);
+        let graph = Arc::new(crate::passes::optimize(graph)?);
         let plan_cache_bytes = DEFAULT_PLAN_CACHE_BYTES;
         Ok(Engine { exec: Box::new(CpuExecutor::new(graph.clone(), plan_cache_bytes)), graph, plan_cache_bytes })
     }

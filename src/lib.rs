@@ -10,6 +10,7 @@
 //! # Ok::<(), retinaface::Error>(())
 //! ```
 
+pub mod consts;
 pub mod cpu;
 pub mod cuda;
 pub mod detection;
@@ -21,6 +22,7 @@ pub mod graph;
 pub mod image_io;
 pub mod model;
 pub mod network;
+pub mod passes;
 pub mod post;
 pub mod serve;
 pub mod weights;

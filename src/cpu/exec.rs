@@ -206,7 +206,8 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
     for (i, op) in graph.ops.iter().enumerate() {
         let start = Instant::now();
         match op {
-            Op::Conv(c) => {
+            // The heads' reference composition: the conv here, the split into anchors in raw_outputs.
+            Op::Conv(c) | Op::Heads { conv: c, .. } => {
                 let (_, ih, iw) = dims(c.input);
                 let (oc, _, _) = dims(c.output);
                 let out = plan.range(c.output);
@@ -240,6 +241,7 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
                     "conv {} {}x{} s{} g{} {}->{}",
                     c.name, c.kernel, c.kernel, c.stride, c.groups, c.cin, c.cout
                 ),
+                Op::Heads { conv: c, level } => format!("heads {level} {} {}->{}", c.name, c.cin, c.cout),
                 Op::MaxPool { .. } => "maxpool".to_string(),
                 Op::UpsampleAdd { .. } => "upsample+add".to_string(),
             };

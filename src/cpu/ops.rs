@@ -756,7 +756,7 @@ pub fn heads_to_anchors(head: &[f32], h: usize, w: usize, loc: &mut [f32], conf:
 }
 
 /// u8 HWC BGR pixels to f32 CHW minus the reference means (B 104, G 117, R 123).
-pub const BGR_MEAN: [f32; 3] = [104.0, 117.0, 123.0];
+pub const BGR_MEAN: [f32; 3] = crate::consts::BGR_MEAN;
 
 pub fn preprocess(bgr: &[u8], h: usize, w: usize, out: &mut [f32]) {
     assert_eq!(bgr.len(), h * w * 3);

@@ -78,8 +78,6 @@ pub struct GpuEngine {
     graph: Graph,
     /// Per op: the repacked weight and the bias of a conv.
     weights: Vec<Option<(DevBuf, DevBuf)>>,
-    /// Per op: the pyramid level when the conv is a head.
-    head_level: Vec<Option<usize>>,
     plans: PlanCache<GpuBufs>,
     last: Option<PlanKey>,
 }
@@ -145,26 +143,12 @@ impl GpuEngine {
 
     /// Builds the executor over any runner.
     pub fn with_runner(graph: &Graph, mut runner: Box<dyn KernelRunner>) -> Result<GpuEngine> {
-        let mut head_level = vec![None; graph.ops.len()];
         let mut weights = Vec::with_capacity(graph.ops.len());
-        for (i, op) in graph.ops.iter().enumerate() {
+        let mut heads = 0;
+        for op in &graph.ops {
             match op {
-                Op::Conv(c) => {
-                    if let Some(l) = graph.taps.head.iter().position(|&t| t == c.output) {
-                        let t = &graph.tensors[c.output];
-                        if t.stride != anchors::STEPS[l]
-                            || c.kernel != 1
-                            || c.cout != crate::model::graph::HEAD_CHANNELS
-                            || c.groups != 1
-                        {
-                            return Err(Error::Cuda(format!(
-                                "head {} is not a 1x1 conv to 32 channels at stride {}",
-                                c.name,
-                                anchors::STEPS[l]
-                            )));
-                        }
-                        head_level[i] = Some(l);
-                    }
+                Op::Conv(c) | Op::Heads { conv: c, .. } => {
+                    heads += usize::from(matches!(op, Op::Heads { .. }));
                     if c.groups != 1 && !(c.groups == c.cin && c.groups == c.cout) {
                         return Err(Error::Cuda(format!(
                             "conv {}: only dense and depthwise convolutions have kernels",
@@ -178,11 +162,15 @@ impl GpuEngine {
                 _ => weights.push(None),
             }
         }
+        if heads != 3 {
+            return Err(Error::Cuda(format!(
+                "the graph has {heads} fused head ops, not 3: run passes::optimize before the CUDA executor"
+            )));
+        }
         Ok(GpuEngine {
             runner,
             graph: graph.clone(),
             weights,
-            head_level,
             plans: PlanCache::new(DEFAULT_PLAN_CACHE_BYTES),
             last: None,
         })
@@ -272,7 +260,7 @@ impl GpuEngine {
         }
         for (i, op) in g.ops.iter().enumerate() {
             match op {
-                Op::Conv(c) => {
+                Op::Conv(c) | Op::Heads { conv: c, .. } => {
                     let (ic, ih, iw) = dims(c.input);
                     let (oc, oh, ow) = dims(c.output);
                     let expect = |s: usize| (s + 2 * c.pad - c.kernel) / c.stride + 1;
@@ -282,7 +270,7 @@ impl GpuEngine {
                     let (wb, bb) =
                         self.weights[i].ok_or_else(|| Error::Cuda(format!("conv {} has no weights", c.name)))?;
                     let x = buf(c.input);
-                    if let Some(l) = self.head_level[i] {
+                    if let Op::Heads { level: l, .. } = *op {
                         let p = HeadParams {
                             x: x.ptr,
                             wt: wb.ptr,

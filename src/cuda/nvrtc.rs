@@ -95,11 +95,11 @@ pub fn include_dirs() -> Vec<PathBuf> {
     v
 }
 
-/// A family's source as NVRTC compiles it: common.cuh spliced in where it is included (the embedded
-/// sources have no file system to include from).
+/// A family's source as NVRTC compiles it: the kernels/ headers spliced in where they are included
+/// (the embedded sources have no file system to include from).
 pub fn full_source(family: &str) -> Result<String> {
     let src = kernels::source(family).ok_or_else(|| Error::Cuda(format!("no kernel family {family}")))?;
-    Ok(src.replace("#include \"common.cuh\"", kernels::COMMON_HEADER))
+    Ok(kernels::splice_headers(src))
 }
 
 /// The options every compile uses, for `arch` like "sm_90". SASS, not PTX: the driver does not JIT,
