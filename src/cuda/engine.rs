@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::exec::{Activations, Backend, Executor, Timings, check_batch, groups};
 use crate::graph::{DEFAULT_PLAN_CACHE_BYTES, Plan, PlanBuffers, PlanCache, PlanKey};
 use crate::image_io::BgrImage;
-use crate::model::graph::{Conv, Graph, Op, TensorId};
+use crate::model::graph::{Graph, Op, TensorId};
 use crate::post::{PostOptions, RawOutput, anchors};
 use std::sync::Arc;
 
@@ -82,37 +82,7 @@ pub struct GpuEngine {
     last: Option<PlanKey>,
 }
 
-/// OIHW → HWIO ([k][k][cin][cout]) for the implicit GEMM; [k][k][c] for depthwise.
-fn repack(c: &Conv) -> Vec<f32> {
-    let k = c.kernel;
-    let cin_g = c.cin / c.groups;
-    let mut out = vec![0.0f32; c.weight.len()];
-    if c.groups == 1 {
-        for co in 0..c.cout {
-            for ci in 0..cin_g {
-                for ky in 0..k {
-                    for kx in 0..k {
-                        out[((ky * k + kx) * cin_g + ci) * c.cout + co] =
-                            c.weight[((co * cin_g + ci) * k + ky) * k + kx];
-                    }
-                }
-            }
-        }
-    } else {
-        for ch in 0..c.cout {
-            for ky in 0..k {
-                for kx in 0..k {
-                    out[(ky * k + kx) * c.cout + ch] = c.weight[(ch * k + ky) * k + kx];
-                }
-            }
-        }
-    }
-    out
-}
-
-fn dim(v: usize, what: &str) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{what} = {v} exceeds the kernels' 32-bit indices")))
-}
+use super::ops::{self, dim};
 
 impl GpuEngine {
     /// Builds the executor for `graph` on `backend` (`Cuda`: the first GPU; `CudaSim`: the CPU
@@ -149,13 +119,7 @@ impl GpuEngine {
             match op {
                 Op::Conv(c) | Op::Heads { conv: c, .. } => {
                     heads += usize::from(matches!(op, Op::Heads { .. }));
-                    if c.groups != 1 && !(c.groups == c.cin && c.groups == c.cout) {
-                        return Err(Error::Cuda(format!(
-                            "conv {}: only dense and depthwise convolutions have kernels",
-                            c.name
-                        )));
-                    }
-                    let w = runner.alloc_f32(&repack(c))?;
+                    let w = runner.alloc_f32(&ops::conv::pack(c)?)?;
                     let b = runner.alloc_f32(&c.bias)?;
                     weights.push(Some((w, b)));
                 }
@@ -271,70 +235,37 @@ impl GpuEngine {
                         self.weights[i].ok_or_else(|| Error::Cuda(format!("conv {} has no weights", c.name)))?;
                     let x = buf(c.input);
                     if let Op::Heads { level: l, .. } = *op {
-                        let p = HeadParams {
+                        let a = ops::heads::HeadArgs {
                             x: x.ptr,
                             wt: wb.ptr,
                             bias: bb.ptr,
                             loc: loc.ptr,
                             conf: conf.ptr,
                             landm: landm.ptr,
-                            n: dim(n, "batch")?,
-                            h: dim(oh, "height")?,
-                            w: dim(ow, "width")?,
-                            c: dim(c.cin, "channels")?,
-                            anchor_base: dim(anchor_base[l], "anchors")?,
-                            num_anchors: dim(anchors::num_anchors(h, w), "anchors")?,
+                            n,
+                            h: oh,
+                            w: ow,
+                            c: c.cin,
+                            anchor_base: anchor_base[l],
+                            num_anchors: anchors::num_anchors(h, w),
                         };
-                        r.launch(
-                            "heads_level",
-                            LaunchDims { grid: [(n * oh * ow).div_ceil(8) as u32, 1, 1], block: [256, 1, 1] },
-                            &p,
-                        )?;
+                        ops::heads::launch(r.as_mut(), &a)?;
                         continue;
                     }
-                    let (act, slope) = act_code(c.act);
-                    let p = ConvParams {
+                    let a = ops::conv::ConvArgs {
                         x: x.ptr,
                         wt: wb.ptr,
                         bias: bb.ptr,
-                        residual: match c.residual {
-                            Some(t) => buf(t).ptr,
-                            None => 0,
-                        },
+                        residual: c.residual.map_or(0, |t| buf(t).ptr),
                         y: buf(c.output).ptr,
-                        n: dim(n, "batch")?,
-                        h: dim(ih, "height")?,
-                        w: dim(iw, "width")?,
-                        cin: dim(c.cin, "channels")?,
-                        oh: dim(oh, "height")?,
-                        ow: dim(ow, "width")?,
-                        cout: dim(c.cout, "channels")?,
-                        k: dim(c.kernel, "kernel")?,
-                        stride: dim(c.stride, "stride")?,
-                        pad: dim(c.pad, "pad")?,
-                        out_ctot: dim(oc, "channels")?,
-                        out_coff: dim(c.out_channel_offset, "channel offset")?,
-                        act,
-                        slope,
+                        n,
+                        h: ih,
+                        w: iw,
+                        oh,
+                        ow,
+                        out_ctot: oc,
                     };
-                    dim(n * oh * ow * oc, "output elements")?;
-                    if c.groups != 1 {
-                        r.launch("conv_depthwise", LaunchDims::linear(n * oh * ow * c.cout, 256), &p)?;
-                    } else {
-                        let name = match c.kernel {
-                            1 => "conv1x1",
-                            3 => "conv3x3",
-                            _ => "conv_kxk",
-                        };
-                        r.launch(
-                            name,
-                            LaunchDims {
-                                grid: [(n * oh * ow).div_ceil(64) as u32, c.cout.div_ceil(64) as u32, 1],
-                                block: [256, 1, 1],
-                            },
-                            &p,
-                        )?;
-                    }
+                    ops::conv::launch(r.as_mut(), c, &a)?;
                 }
                 Op::MaxPool { input, output } => {
                     let (ic, ih, iw) = dims(*input);

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod gpu;
 pub mod kernels;
 pub mod nvrtc;
+pub mod ops;
 pub mod params;
 pub mod runner;
 #[cfg(feature = "cuda-sim")]
