@@ -160,13 +160,13 @@ impl Engine {
         images: &[&BgrImage],
         scales: &[f64],
         post: &PostOptions,
-        mut timings: Option<&mut Timings>,
+        timings: Option<&mut Timings>,
     ) -> Result<Vec<Vec<Detection>>> {
         if images.len() != scales.len() {
             return Err(Error::InvalidArgument(format!("{} images but {} resize factors", images.len(), scales.len())));
         }
         check_batch(images)?;
-        self.exec.detect(images, scales, post, timings.as_deref_mut())
+        self.exec.detect(images, scales, post, timings)
     }
 
     /// Detections of one image, best first, in its own pixels.

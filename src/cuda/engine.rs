@@ -406,10 +406,10 @@ impl Executor for CudaExecutor {
         let (h, w) = check_batch(images)?;
         let taps = g.graph.taps;
         let mut tensors = vec![None; g.graph.tensors.len()];
-        for t in 0..tensors.len() {
+        for (t, slot) in tensors.iter_mut().enumerate() {
             // The head tensors never exist on the device: the heads kernel writes the raw outputs.
             if (keep_all || g.graph.is_tap(t)) && !taps.head.contains(&t) {
-                tensors[t] = Some(g.tensor_nchw(t)?);
+                *slot = Some(g.tensor_nchw(t)?);
             }
         }
         if let Some(t) = timings {

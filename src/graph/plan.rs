@@ -293,7 +293,6 @@ mod tests {
         get(&mut c, 32); // a hit: size 40 is now the least recently used
         assert_eq!(c.len(), 2);
         get(&mut c, 48);
-        drop(get);
         assert!(c.peek((1, 40, 64, false)).is_none() && c.peek((1, 32, 64, false)).is_some());
         assert_eq!(freed, vec![a2]);
         assert_eq!(c.held_bytes(), a1 + a3);

@@ -682,10 +682,10 @@ mod tests {
         let got = split_bytes_tensor(Bytes::from(two.clone()), 2).expect("two");
         assert_eq!(got, vec![Bytes::from_static(b"abc"), Bytes::from_static(b"de")]);
         // One element short, or bytes left over: errors that say so.
-        let e = split_bytes_tensor(Bytes::from(two.clone()), 3).err().expect("short");
+        let e = split_bytes_tensor(Bytes::from(two.clone()), 3).expect_err("short");
         assert!(e.msg.contains("element 2"), "{}", e.msg);
         two.push(0);
-        let e = split_bytes_tensor(Bytes::from(two), 2).err().expect("extra");
+        let e = split_bytes_tensor(Bytes::from(two), 2).expect_err("extra");
         assert!(e.msg.contains("left after"), "{}", e.msg);
     }
 

@@ -448,15 +448,15 @@ fn parse_legacy(bytes: &[u8], path: &Path) -> Result<StateDict> {
     // Element sizes per storage, from the tensors that use them.
     let mut elem_size: HashMap<String, usize> = HashMap::new();
     for (_, v) in &items {
-        if let V::Tensor { storage, .. } = v {
-            if let V::Storage { dtype, key } = storage.as_ref() {
-                let size = match dtype.as_str() {
-                    "DoubleStorage" | "LongStorage" => 8,
-                    "HalfStorage" | "BFloat16Storage" => 2,
-                    _ => 4,
-                };
-                elem_size.insert(key.clone(), size);
-            }
+        if let V::Tensor { storage, .. } = v
+            && let V::Storage { dtype, key } = storage.as_ref()
+        {
+            let size = match dtype.as_str() {
+                "DoubleStorage" | "LongStorage" => 8,
+                "HalfStorage" | "BFloat16Storage" => 2,
+                _ => 4,
+            };
+            elem_size.insert(key.clone(), size);
         }
     }
     let mut blobs: HashMap<String, Vec<u8>> = HashMap::new();
