@@ -200,17 +200,7 @@ fn maxpool_matches_reference_exactly() {
         let mut r = SimRunner::new();
         let xb = r.alloc_f32(&nchw_to_nhwc(&x, n, c, h, w)).unwrap();
         let yb = r.alloc(4 * want.len()).unwrap();
-        let p = PoolParams {
-            x: xb.ptr,
-            y: yb.ptr,
-            n: n as i32,
-            h: h as i32,
-            w: w as i32,
-            c: c as i32,
-            oh: oh as i32,
-            ow: ow as i32,
-        };
-        r.launch("maxpool3x3s2", LaunchDims::linear(want.len(), 256), &p).unwrap();
+        retinaface::cuda::ops::pool::launch(&mut r, xb.ptr, yb.ptr, n, h, w, c, oh, ow).unwrap();
         let got = nhwc_to_nchw(&r.download_f32(yb, want.len()).unwrap(), n, oh, ow, c);
         assert_eq!(norm_err(&got, &want), 0.0, "maxpool {n}x{c}x{h}x{w}");
     }
@@ -229,17 +219,7 @@ fn upsample_add_matches_reference_exactly() {
         let mut r = SimRunner::new();
         let sb = r.alloc_f32(&nchw_to_nhwc(&src, n, c, sh, sw)).unwrap();
         let db = r.alloc_f32(&nchw_to_nhwc(&dst, n, c, dh, dw)).unwrap();
-        let p = UpsampleAddParams {
-            src: sb.ptr,
-            dst: db.ptr,
-            n: n as i32,
-            sh: sh as i32,
-            sw: sw as i32,
-            dh: dh as i32,
-            dw: dw as i32,
-            c: c as i32,
-        };
-        r.launch("upsample_nearest_add", LaunchDims::linear(want.len(), 256), &p).unwrap();
+        retinaface::cuda::ops::upsample::launch(&mut r, sb.ptr, db.ptr, n, (sh, sw), (dh, dw), c).unwrap();
         let got = nhwc_to_nchw(&r.download_f32(db, want.len()).unwrap(), n, dh, dw, c);
         assert_eq!(norm_err(&got, &want), 0.0, "upsample {sh}x{sw} -> {dh}x{dw}");
     }

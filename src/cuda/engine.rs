@@ -270,17 +270,7 @@ impl GpuEngine {
                 Op::MaxPool { input, output } => {
                     let (ic, ih, iw) = dims(*input);
                     let (_, oh, ow) = dims(*output);
-                    let p = PoolParams {
-                        x: buf(*input).ptr,
-                        y: buf(*output).ptr,
-                        n: n as i32,
-                        h: ih as i32,
-                        w: iw as i32,
-                        c: ic as i32,
-                        oh: oh as i32,
-                        ow: ow as i32,
-                    };
-                    r.launch("maxpool3x3s2", LaunchDims::linear(n * oh * ow * ic, 256), &p)?;
+                    ops::pool::launch(r.as_mut(), buf(*input).ptr, buf(*output).ptr, n, ih, iw, ic, oh, ow)?;
                 }
                 Op::UpsampleAdd { src, dst } => {
                     let (sc, sh, sw) = dims(*src);
@@ -288,17 +278,7 @@ impl GpuEngine {
                     if sc != dc {
                         return Err(Error::Cuda("upsample-add of tensors with different channel counts".into()));
                     }
-                    let p = UpsampleAddParams {
-                        src: buf(*src).ptr,
-                        dst: buf(*dst).ptr,
-                        n: n as i32,
-                        sh: sh as i32,
-                        sw: sw as i32,
-                        dh: dh as i32,
-                        dw: dw as i32,
-                        c: dc as i32,
-                    };
-                    r.launch("upsample_nearest_add", LaunchDims::linear(n * dh * dw * dc, 256), &p)?;
+                    ops::upsample::launch(r.as_mut(), buf(*src).ptr, buf(*dst).ptr, n, (sh, sw), (dh, dw), dc)?;
                 }
             }
         }

@@ -8,6 +8,8 @@
 
 pub mod conv;
 pub mod heads;
+pub mod pool;
+pub mod upsample;
 
 use crate::error::{Error, Result};
 
