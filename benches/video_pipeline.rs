@@ -15,7 +15,7 @@
 
 use retinaface::video::source::{Source, SourceSpec, ffmpeg_binary};
 use retinaface::video::{VideoOptions, letterbox};
-use retinaface::{BackendChoice, BgrImage, Engine, WeightsSpec};
+use retinaface::{Backend, BgrImage, Engine, WeightsSpec};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
@@ -32,7 +32,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> retinaface::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let backend: BackendChoice = arg(&args, "--backend", "cpu").parse()?;
+    let backend: Backend = arg(&args, "--backend", "cpu").parse()?;
     let frames: usize = arg(&args, "--frames", "150").parse().unwrap_or(150);
     let rounds: usize = arg(&args, "--rounds", "3").parse().unwrap_or(3);
     let batch: usize = arg(&args, "--batch", "1").parse().unwrap_or(1);

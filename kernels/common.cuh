@@ -1,22 +1,18 @@
-// common.cuh — what every kernel family shares: the launch-parameter structs (mirrored field for field
-// by src/cuda/params.rs; each kernel takes exactly one of them by value, so the host has one launch
-// path for every kernel, on the GPU and in the simulation) and the fused activation.
+// common.cuh — what every kernel family shares: the launch-parameter structs (build.rs generates the
+// Rust mirror of every `struct *Params` in kernels/, and a test checks each field's offset against
+// C's offsetof; each kernel takes exactly one struct by value, so the host has one launch path for
+// every kernel, on the GPU and in the simulation) and the fused activation.
 //
 // Layout (see kernels/README.md): activations are NHWC f32, i.e. [n][y][x][c] with c contiguous.
 // On Hopper the convolutions are implicit GEMMs whose reduction dimension (ky, kx, ci) is contiguous
 // in ci, so a warp's loads of one pixel's channels are coalesced, and the same layout feeds the
-// tensor-core (mma/wgmma) path, which wants K-contiguous tiles. Scalar types go through `act_t` so
-// the f16 path is a typedef and a conversion at load/store, not a rewrite.
+// tensor-core (mma/wgmma) path, which wants K-contiguous tiles.
 //
 // Pointers are plain 64-bit device addresses (host addresses in the simulation). Every struct is a
 // multiple of 8 bytes with no implicit padding, so the Rust mirror can be a byte-exact Pod.
 #pragma once
 
-typedef float act_t;
-
-#define ACT_NONE 0
-#define ACT_LEAKY 1
-#define ACT_RELU6 2
+#include "constants.cuh"
 
 // The CPU reference's Act::apply: LeakyReLU (slope 0 is ReLU), ReLU6 as clamp(0, 6), or identity.
 __device__ __forceinline__ float apply_act(float v, int act, float slope) {

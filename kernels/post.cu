@@ -25,8 +25,8 @@
 //   then the kept rows are compacted into dets [max_out][15]. Shared: 1 KiB + 4·max_out B.
 #include "common.cuh"
 
-#define NMS_MAX_WORDS 128
-#define NMS_MAX_OUT 8192
+#define NMS_MAX_WORDS (NMS_MAX_CANDIDATES / 64)
+#define NMS_MAX_OUT NMS_MAX_CANDIDATES
 
 extern "C" __global__ void __launch_bounds__(256) select_candidates(const SelectParams p) {
     const int a = blockIdx.x * blockDim.x + threadIdx.x;
@@ -65,8 +65,8 @@ extern "C" __global__ void __launch_bounds__(256) topk_rank(const TopkParams p) 
 // The prior of anchor a for an h×w input: levels of stride 8, 16, 32 with min sizes (16, 32),
 // (64, 128), (256, 512); rows, then columns, then the two sizes (src/post/anchors.rs).
 __device__ __forceinline__ void prior_of(int a, int h, int w, float pr[4]) {
-    const int steps[3] = {8, 16, 32};
-    const int sizes[3][2] = {{16, 32}, {64, 128}, {256, 512}};
+    const int steps[3] = PRIOR_STEPS;
+    const int sizes[3][2] = PRIOR_MIN_SIZES;
     for (int l = 0; l < 3; ++l) {
         const int s = steps[l];
         const int fh = (h + s - 1) / s, fw = (w + s - 1) / s;

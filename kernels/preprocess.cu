@@ -10,6 +10,7 @@ extern "C" __global__ void __launch_bounds__(256) preprocess_bgr(const Preproces
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= p.total) return;
     const int c = i % 3;
-    const float mean = c == 0 ? 104.0f : (c == 1 ? 117.0f : 123.0f);
+    const float means[3] = BGR_MEAN;
+    const float mean = means[c];
     p.dst[i] = (float)p.src[i] - mean;
 }

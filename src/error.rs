@@ -50,6 +50,10 @@ pub enum Error {
     #[error("WIDER FACE: {0}")]
     WiderFace(String),
 
+    /// A graph or plan that breaks an invariant the executors rely on (names the op or tensor).
+    #[error("graph: {0}")]
+    Graph(String),
+
     #[error("CUDA: {0}")]
     Cuda(String),
 

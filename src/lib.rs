@@ -11,16 +11,20 @@
 //! ```
 
 pub mod align;
+pub mod consts;
 pub mod cpu;
 pub mod cuda;
 pub mod detection;
 pub mod draw;
 pub mod engine;
 pub mod error;
+pub mod exec;
+pub mod graph;
 pub mod image_io;
 pub mod model;
 pub mod network;
 pub mod onnx;
+pub mod passes;
 pub mod post;
 pub mod serve;
 pub mod video;
@@ -28,8 +32,9 @@ pub mod weights;
 pub mod widerface;
 
 pub use detection::Detection;
-pub use engine::{BackendChoice, DetectOptions, Engine, Timings};
+pub use engine::{DetectOptions, Engine};
 pub use error::{Error, Result};
+pub use exec::{Backend, Timings};
 pub use image_io::{BgrImage, ResizeMode};
 pub use network::Network;
 pub use post::{PostOptions, RawOutput};

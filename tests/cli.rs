@@ -119,7 +119,10 @@ fn command_line_errors_name_the_problem() {
             &["detect", "--backend", "cpu", "--synthetic-seed", "1", "--network", "resnet18", "/nonexistent.jpg"],
             "/nonexistent.jpg",
         ),
-        (&["detect", "--backend", "tpu", "--synthetic-seed", "1", "--network", "resnet18", "x.jpg"], "backend `tpu`"),
+        (
+            &["detect", "--backend", "tpu", "--synthetic-seed", "1", "--network", "resnet18", "x.jpg"],
+            "invalid value 'tpu' for '--backend",
+        ),
         (
             &[
                 "detect",

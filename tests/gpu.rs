@@ -17,7 +17,8 @@ macro_rules! skip {
 mod common;
 
 use common::{case_names, load_case, max_abs_diff};
-use retinaface::cuda::{self, Backend, GpuEngine};
+use retinaface::Backend;
+use retinaface::cuda::{self, GpuEngine};
 use retinaface::{Detection, Engine, PostOptions};
 use std::time::Instant;
 
@@ -74,7 +75,7 @@ fn no_gpu_is_an_error_not_a_panic() {
     if status.is_err() {
         let case = load_case("synthetic-mobilenetv1_0.25-seed1-301x203");
         let cpu = Engine::new(&case.weights, Some(case.network)).unwrap();
-        assert!(GpuEngine::new(cpu.graph(), Backend::Cuda { ordinal: 0 }).is_err());
+        assert!(GpuEngine::new(cpu.graph(), Backend::Cuda).is_err());
     }
 }
 
@@ -87,7 +88,7 @@ fn every_golden_case_on_gpu() {
     for name in case_names() {
         let case = load_case(&name);
         let cpu = Engine::new(&case.weights, Some(case.network)).unwrap();
-        let mut gpu = GpuEngine::new(cpu.graph(), Backend::Cuda { ordinal: 0 }).unwrap();
+        let mut gpu = GpuEngine::new(cpu.graph(), Backend::Cuda).unwrap();
         let raw = gpu.raw_outputs(&[&case.input]).unwrap().pop().unwrap();
         let mut worst = 0.0f32;
         for (t, got) in [("loc", &raw.loc), ("conf", &raw.conf), ("landmarks", &raw.landmarks)] {
@@ -117,7 +118,7 @@ fn throughput_on_gpu() {
     }
     let case = load_case("real-mv1_0.25-yakhyo-kids");
     let cpu = Engine::new(&case.weights, Some(case.network)).unwrap();
-    let mut gpu = GpuEngine::new(cpu.graph(), Backend::Cuda { ordinal: 0 }).unwrap();
+    let mut gpu = GpuEngine::new(cpu.graph(), Backend::Cuda).unwrap();
     for batch in [1usize, 8] {
         let imgs: Vec<_> = (0..batch).map(|_| &case.input).collect();
         gpu.detect(&imgs, &PostOptions::default()).unwrap();

@@ -9,6 +9,7 @@
 #![cfg(feature = "cuda-sim")]
 
 use retinaface::cpu::ops;
+use retinaface::cuda::ops::{conv as conv_launcher, heads as heads_launcher};
 use retinaface::cuda::params::*;
 use retinaface::cuda::sim::SimRunner;
 use retinaface::cuda::{
@@ -81,28 +82,6 @@ fn conv(
     }
 }
 
-/// Repacks like the engine does: OIHW → HWIO, depthwise [k][k][c].
-fn repack(c: &Conv) -> Vec<f32> {
-    let k = c.kernel;
-    let cin_g = c.cin / c.groups;
-    let mut out = vec![0.0; c.weight.len()];
-    for co in 0..c.cout {
-        for ci in 0..cin_g {
-            for ky in 0..k {
-                for kx in 0..k {
-                    let src = c.weight[((co * cin_g + ci) * k + ky) * k + kx];
-                    if c.groups == 1 {
-                        out[((ky * k + kx) * cin_g + ci) * c.cout + co] = src;
-                    } else {
-                        out[(ky * k + kx) * c.cout + co] = src;
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
 /// Runs one conv in the simulation and the reference; returns the normalised error.
 fn check_conv(c: &Conv, n: usize, h: usize, w: usize, out_ctot: usize, with_residual: bool, rng: &mut Rng) -> f32 {
     let mut r = SimRunner::new();
@@ -113,48 +92,26 @@ fn check_conv(c: &Conv, n: usize, h: usize, w: usize, out_ctot: usize, with_resi
     ops::conv2d(c, &x, n, h, w, &mut want, out_ctot, res.as_deref());
 
     let xb = r.alloc_f32(&nchw_to_nhwc(&x, n, c.cin, h, w)).unwrap();
-    let wb = r.alloc_f32(&repack(c)).unwrap();
+    let wb = r.alloc_f32(&conv_launcher::pack(c).unwrap()).unwrap();
     let bb = r.alloc_f32(&c.bias).unwrap();
     let rb = res.as_ref().map(|v| r.alloc_f32(&nchw_to_nhwc(v, n, c.cout, oh, ow)).unwrap());
     let yb = r.alloc(4 * n * oh * ow * out_ctot).unwrap();
     r.poison(yb).unwrap();
-    let (act, slope) = act_code(c.act);
-    let p = ConvParams {
+    // The executor's launcher: its kernel choice, grid and packing are what is tested.
+    let a = conv_launcher::ConvArgs {
         x: xb.ptr,
         wt: wb.ptr,
         bias: bb.ptr,
         residual: rb.map_or(0, |b: DevBuf| b.ptr),
         y: yb.ptr,
-        n: n as i32,
-        h: h as i32,
-        w: w as i32,
-        cin: c.cin as i32,
-        oh: oh as i32,
-        ow: ow as i32,
-        cout: c.cout as i32,
-        k: c.kernel as i32,
-        stride: c.stride as i32,
-        pad: c.pad as i32,
-        out_ctot: out_ctot as i32,
-        out_coff: c.out_channel_offset as i32,
-        act,
-        slope,
+        n,
+        h,
+        w,
+        oh,
+        ow,
+        out_ctot,
     };
-    if c.groups != 1 {
-        r.launch("conv_depthwise", LaunchDims::linear(n * oh * ow * c.cout, 256), &p).unwrap();
-    } else {
-        let name = match c.kernel {
-            1 => "conv1x1",
-            3 => "conv3x3",
-            _ => "conv_kxk",
-        };
-        r.launch(
-            name,
-            LaunchDims { grid: [(n * oh * ow).div_ceil(64) as u32, c.cout.div_ceil(64) as u32, 1], block: [256, 1, 1] },
-            &p,
-        )
-        .unwrap();
-    }
+    conv_launcher::launch(&mut r, c, &a).unwrap();
     let got = nhwc_to_nchw(&r.download_f32(yb, n * oh * ow * out_ctot).unwrap(), n, oh, ow, out_ctot);
     // Channels outside [off, off + cout) belong to other convs: still poisoned.
     let range = c.out_channel_offset..c.out_channel_offset + c.cout;
@@ -243,17 +200,7 @@ fn maxpool_matches_reference_exactly() {
         let mut r = SimRunner::new();
         let xb = r.alloc_f32(&nchw_to_nhwc(&x, n, c, h, w)).unwrap();
         let yb = r.alloc(4 * want.len()).unwrap();
-        let p = PoolParams {
-            x: xb.ptr,
-            y: yb.ptr,
-            n: n as i32,
-            h: h as i32,
-            w: w as i32,
-            c: c as i32,
-            oh: oh as i32,
-            ow: ow as i32,
-        };
-        r.launch("maxpool3x3s2", LaunchDims::linear(want.len(), 256), &p).unwrap();
+        retinaface::cuda::ops::pool::launch(&mut r, xb.ptr, yb.ptr, n, h, w, c, oh, ow).unwrap();
         let got = nhwc_to_nchw(&r.download_f32(yb, want.len()).unwrap(), n, oh, ow, c);
         assert_eq!(norm_err(&got, &want), 0.0, "maxpool {n}x{c}x{h}x{w}");
     }
@@ -272,17 +219,7 @@ fn upsample_add_matches_reference_exactly() {
         let mut r = SimRunner::new();
         let sb = r.alloc_f32(&nchw_to_nhwc(&src, n, c, sh, sw)).unwrap();
         let db = r.alloc_f32(&nchw_to_nhwc(&dst, n, c, dh, dw)).unwrap();
-        let p = UpsampleAddParams {
-            src: sb.ptr,
-            dst: db.ptr,
-            n: n as i32,
-            sh: sh as i32,
-            sw: sw as i32,
-            dh: dh as i32,
-            dw: dw as i32,
-            c: c as i32,
-        };
-        r.launch("upsample_nearest_add", LaunchDims::linear(want.len(), 256), &p).unwrap();
+        retinaface::cuda::ops::upsample::launch(&mut r, sb.ptr, db.ptr, n, (sh, sw), (dh, dw), c).unwrap();
         let got = nhwc_to_nchw(&r.download_f32(db, want.len()).unwrap(), n, dh, dw, c);
         assert_eq!(norm_err(&got, &want), 0.0, "upsample {sh}x{sw} -> {dh}x{dw}");
     }
@@ -324,24 +261,23 @@ fn heads_match_reference() {
             );
         }
         let xb = r.alloc_f32(&nchw_to_nhwc(&x, n, c, h, w)).unwrap();
-        let wb = r.alloc_f32(&repack(&head)).unwrap();
+        let wb = r.alloc_f32(&heads_launcher::pack(&head).unwrap()).unwrap();
         let bb = r.alloc_f32(&head.bias).unwrap();
-        let p = HeadParams {
+        let p = heads_launcher::HeadArgs {
             x: xb.ptr,
             wt: wb.ptr,
             bias: bb.ptr,
             loc: loc.ptr,
             conf: conf.ptr,
             landm: landm.ptr,
-            n: n as i32,
-            h: h as i32,
-            w: w as i32,
-            c: c as i32,
-            anchor_base: base as i32,
-            num_anchors: a as i32,
+            n,
+            h,
+            w,
+            c,
+            anchor_base: base,
+            num_anchors: a,
         };
-        r.launch("heads_level", LaunchDims { grid: [(n * h * w).div_ceil(8) as u32, 1, 1], block: [256, 1, 1] }, &p)
-            .unwrap();
+        heads_launcher::launch(&mut r, &p).unwrap();
         base += 2 * h * w;
         println!("level {l}: {h}x{w}");
     }

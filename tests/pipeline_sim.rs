@@ -9,7 +9,8 @@
 mod common;
 
 use common::{load_case, max_abs_diff};
-use retinaface::cuda::{Backend, GpuEngine};
+use retinaface::Backend;
+use retinaface::cuda::GpuEngine;
 use retinaface::{BgrImage, Detection, Engine, PostOptions};
 use std::time::Instant;
 
@@ -58,7 +59,7 @@ fn golden_mobilenet025_301x203_in_simulation() {
     let case = load_case("synthetic-mobilenetv1_0.25-seed1-301x203");
     let cpu = Engine::new(&case.weights, Some(case.network)).unwrap();
     let graph = cpu.graph().clone();
-    let mut gpu = GpuEngine::new(&graph, Backend::Simulation).unwrap();
+    let mut gpu = GpuEngine::new(&graph, Backend::CudaSim).unwrap();
     println!("device: {}", gpu.describe());
 
     let t0 = Instant::now();
@@ -108,7 +109,7 @@ fn batch_of_two_matches_cpu_engine_in_simulation() {
     let second = BgrImage::new(w, h, flipped).unwrap();
     let batch = [&case.input, &second];
     let want = cpu.forward(&batch).unwrap();
-    let mut gpu = GpuEngine::new(cpu.graph(), Backend::Simulation).unwrap();
+    let mut gpu = GpuEngine::new(cpu.graph(), Backend::CudaSim).unwrap();
     let got = gpu.raw_outputs(&batch).unwrap();
     for (b, (g, w)) in got.iter().zip(&want).enumerate() {
         for (name, x, y) in
@@ -140,7 +141,7 @@ fn every_network_in_simulation_matches_the_goldens() {
     for net in retinaface::Network::ALL {
         let case = load_case(&format!("synthetic-{}-seed1-301x203", net.name()));
         let cpu = Engine::new(&case.weights, Some(case.network)).unwrap();
-        let mut gpu = GpuEngine::new(cpu.graph(), Backend::Simulation).unwrap();
+        let mut gpu = GpuEngine::new(cpu.graph(), Backend::CudaSim).unwrap();
         let t0 = Instant::now();
         let raw = gpu.raw_outputs(&[&case.input]).unwrap().pop().unwrap();
         let mut line = format!("{net}: {:.1?}", t0.elapsed());

@@ -1,5 +1,7 @@
 //! Weights: the synthetic recipe's test vectors, each network's keys against the reference's, the
 //! converter tool, both checkpoint layouts and formats, and every kind of bad weights file.
+// The test vectors are the reference's values as PyTorch prints them, digits beyond f32 included.
+#![allow(clippy::excessive_precision)]
 
 mod common;
 use common::*;

@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use retinaface::image_io::{self, DecodeLimits, ResizeMode};
 use retinaface::post::anchors;
-use retinaface::{BackendChoice, BgrImage, DetectOptions, Detection, Error, Network, PostOptions, WeightsSpec};
+use retinaface::{Backend, BgrImage, DetectOptions, Detection, Error, Network, PostOptions, WeightsSpec};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -113,7 +113,7 @@ impl Engine {
                 )));
             }
         }
-        let choice = backend.parse::<BackendChoice>().map_err(py_err)?;
+        let choice = backend.parse::<Backend>().map_err(py_err)?;
         let (inner, line) = py
             .detach(move || -> retinaface::Result<_> {
                 let mut engine = retinaface::Engine::new(&spec, network)?;

@@ -5,8 +5,7 @@ use retinaface::image_io::{self, DecodeLimits};
 use retinaface::post::anchors;
 use retinaface::weights::{Tensor, safetensors_io};
 use retinaface::{
-    BackendChoice, BgrImage, DetectOptions, Engine, Error, Network, PostOptions, ResizeMode, Result, Timings,
-    WeightsSpec,
+    Backend, BgrImage, DetectOptions, Engine, Error, Network, PostOptions, ResizeMode, Result, Timings, WeightsSpec,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -146,8 +145,8 @@ struct WeightsArgs {
     network: Option<String>,
     /// Backend: cpu, cuda, auto (CUDA when a GPU is present, else cpu) or cuda-sim (the CUDA kernels in
     /// the CPU simulation: slow, for checking kernels without a GPU).
-    #[arg(long, default_value = "auto")]
-    backend: String,
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    backend: Backend,
 }
 
 impl WeightsArgs {
@@ -158,9 +157,8 @@ impl WeightsArgs {
             (None, Some(seed)) => WeightsSpec::Synthetic { seed },
             _ => return Err(Error::InvalidArgument("give --weights PATH or --synthetic-seed S".into())),
         };
-        let choice = self.backend.parse::<BackendChoice>()?;
         let mut engine = Engine::new(&spec, network)?;
-        let line = engine.set_backend(choice)?;
+        let line = engine.set_backend(self.backend)?;
         eprintln!("{line}");
         Ok(engine)
     }

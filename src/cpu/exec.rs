@@ -1,153 +1,242 @@
-//! Runs a graph on the CPU reference ops.
+//! The CPU executor: runs a graph's ops over one arena per plan ([`crate::graph::plan`]). Arenas are
+//! cached with their plans in a cache bounded in bytes, so a steady stream of frames neither allocates
+//! nor faults in fresh pages, and a stream of many sizes holds at most the budget.
 
 use super::ops;
-use crate::model::graph::{Graph, Op, Stage, TensorId};
+use crate::error::{Error, Result};
+use crate::exec::{Activations, Executor, Timings, check_batch};
+use crate::graph::{Graph, Op, Plan, PlanBuffers, PlanCache, PlanKey, Stage, TensorId};
+use crate::image_io::BgrImage;
+use crate::post::{RawOutput, anchors};
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Every tensor of one forward pass that is still alive at its end: the taps, and everything when
-/// `keep_all` was asked for. Each is [n, c, h, w].
-pub struct Activations {
-    pub n: usize,
-    pub input_h: usize,
-    pub input_w: usize,
-    pub tensors: Vec<Option<Vec<f32>>>,
+/// A plan's f32 arena; `None` while a pass has it out.
+struct Arena {
+    data: Option<Vec<f32>>,
+    bytes: usize,
 }
 
-impl Activations {
-    pub fn get(&self, t: TensorId) -> Option<&[f32]> {
-        self.tensors[t].as_deref()
+impl PlanBuffers for Arena {
+    fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 
-/// Spare f32 buffers kept between passes.
-#[derive(Default)]
-pub struct BufferPool {
-    free: Vec<Vec<f32>>,
+/// The CPU executor: the graph and the cached plans with their arenas.
+pub struct CpuExecutor {
+    graph: Arc<Graph>,
+    plans: Mutex<PlanCache<Arena>>,
 }
 
-/// More buffers than any network here has tensors alive at once, times a few batch shapes.
-const POOL_MAX_BUFFERS: usize = 256;
+impl CpuExecutor {
+    pub fn new(graph: Arc<Graph>, plan_cache_bytes: usize) -> CpuExecutor {
+        CpuExecutor { graph, plans: Mutex::new(PlanCache::new(plan_cache_bytes)) }
+    }
 
-impl BufferPool {
-    /// The smallest spare buffer that holds `len` values, resized to `len` (its old values stay; only
-    /// growth is zero-filled), or a new one.
-    pub fn take(&mut self, len: usize) -> Vec<f32> {
-        let best =
-            (0..self.free.len()).filter(|&i| self.free[i].capacity() >= len).min_by_key(|&i| self.free[i].capacity());
-        match best {
-            Some(i) => {
-                let mut v = self.free.swap_remove(i);
-                v.resize(len, 0.0);
-                v
+    fn cache(&self) -> Result<std::sync::MutexGuard<'_, PlanCache<Arena>>> {
+        self.plans.lock().map_err(|_| Error::InvalidArgument("a previous CPU pass panicked".into()))
+    }
+
+    /// The plan of `key` and its arena (a fresh one when a concurrent pass has the cached one out).
+    fn checkout(&self, key: PlanKey) -> Result<(Arc<Plan>, Vec<f32>)> {
+        let mut cache = self.cache()?;
+        // Evicted arenas are dropped: freed to the allocator.
+        let alloc = |p: &Plan, _evicted| Ok(Arena { data: None, bytes: p.arena_bytes() });
+        let (plan, arena) = cache.get(&self.graph, key, alloc)?;
+        let data = arena.data.take().unwrap_or_else(|| vec![0.0; plan.arena_elems]);
+        Ok((plan, data))
+    }
+
+    /// Gives an arena back to its plan's entry if that is still cached and empty; drops it otherwise.
+    fn checkin(&self, key: PlanKey, data: Vec<f32>) {
+        if let Ok(mut cache) = self.cache()
+            && let Some(slot) = cache.buffers(key)
+            && slot.data.is_none()
+        {
+            slot.data = Some(data);
+        }
+    }
+
+    /// One pass: preprocessing and every op in the arena, then the raw outputs (and the taps, copied
+    /// out, when `tensors` is asked for).
+    fn pass(
+        &self,
+        images: &[&BgrImage],
+        keep_all: bool,
+        want_tensors: bool,
+        timings: Option<&mut Timings>,
+    ) -> Result<Activations> {
+        let (h, w) = check_batch(images)?;
+        let n = images.len();
+        let key = (n, h, w, keep_all);
+        let (plan, mut arena) = self.checkout(key)?;
+        let t0 = Instant::now();
+        let input = &mut arena[plan.range(self.graph.input)];
+        for (img, dst) in images.iter().zip(input.chunks_mut(3 * h * w)) {
+            ops::preprocess(&img.data, h, w, dst);
+        }
+        let pre = t0.elapsed();
+        let st = run(&self.graph, &plan, &mut arena);
+        let raw = if st.is_ok() { raw_outputs(&self.graph, &plan, &arena) } else { Vec::new() };
+        let tensors = match (&st, want_tensors) {
+            (Ok(_), true) => (0..self.graph.tensors.len())
+                .map(|t| (keep_all || self.graph.is_tap(t)).then(|| arena[plan.range(t)].to_vec()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        self.checkin(key, arena);
+        let st = st?;
+        if let Some(t) = timings {
+            t.preprocess += pre;
+            t.backbone += st.backbone;
+            t.neck += st.neck;
+            t.heads += st.heads;
+        }
+        Ok(Activations { n, input_h: h, input_w: w, tensors, raw })
+    }
+
+    /// The plan this executor runs an n×3×h×w batch with (computed and cached on first use).
+    pub fn plan(&self, n: usize, h: usize, w: usize) -> Result<Arc<Plan>> {
+        let key = (n, h, w, false);
+        let mut cache = self.cache()?;
+        let alloc = |p: &Plan, _evicted| Ok(Arena { data: None, bytes: p.arena_bytes() });
+        Ok(cache.get(&self.graph, key, alloc)?.0)
+    }
+}
+
+impl Executor for CpuExecutor {
+    fn describe(&self) -> String {
+        super::describe()
+    }
+
+    fn run(&self, images: &[&BgrImage], keep_all: bool, timings: Option<&mut Timings>) -> Result<Activations> {
+        self.pass(images, keep_all, true, timings)
+    }
+
+    fn forward(&self, images: &[&BgrImage], timings: Option<&mut Timings>) -> Result<Vec<RawOutput>> {
+        Ok(self.pass(images, false, false, timings)?.raw)
+    }
+
+    fn plan(&self, n: usize, h: usize, w: usize) -> Result<Arc<Plan>> {
+        CpuExecutor::plan(self, n, h, w)
+    }
+
+    fn held_bytes(&self) -> usize {
+        self.cache().map(|c| c.held_bytes()).unwrap_or(0)
+    }
+
+    fn set_plan_cache_bytes(&self, bytes: usize) -> Result<()> {
+        drop(self.cache()?.set_budget(bytes));
+        Ok(())
+    }
+
+    fn release_plans(&self) -> Result<()> {
+        drop(self.cache()?.clear());
+        Ok(())
+    }
+}
+
+/// The raw head outputs of each image in the goldens' layout, from the head taps.
+fn raw_outputs(graph: &Graph, plan: &Plan, arena: &[f32]) -> Vec<RawOutput> {
+    let (n, h, w) = (plan.n, plan.h, plan.w);
+    let a = anchors::num_anchors(h, w);
+    (0..n)
+        .map(|b| {
+            let mut raw =
+                RawOutput { h, w, loc: vec![0.0; a * 4], conf: vec![0.0; a * 2], landmarks: vec![0.0; a * 10] };
+            let mut base = 0;
+            for t in graph.taps.head {
+                let (c, th, tw) = plan.shapes[t];
+                let per_image = c * th * tw;
+                let head = &arena[plan.range(t)][b * per_image..(b + 1) * per_image];
+                let n = 2 * th * tw;
+                ops::heads_to_anchors(
+                    head,
+                    th,
+                    tw,
+                    &mut raw.loc[base * 4..(base + n) * 4],
+                    &mut raw.conf[base * 2..(base + n) * 2],
+                    &mut raw.landmarks[base * 10..(base + n) * 10],
+                );
+                base += n;
             }
-            None => vec![0.0; len],
-        }
-    }
+            raw
+        })
+        .collect()
+}
 
-    pub fn give(&mut self, v: Vec<f32>) {
-        if self.free.len() < POOL_MAX_BUFFERS && v.capacity() > 0 {
-            self.free.push(v);
-        }
+/// The output of an op as a mutable slice and its inputs as shared ones, all in one arena. The plan
+/// never overlaps an op's output with its inputs; a violation is an error, not aliasing.
+fn views<'a, const K: usize>(
+    arena: &'a mut [f32],
+    out: Range<usize>,
+    ins: [Range<usize>; K],
+) -> Result<(&'a mut [f32], [&'a [f32]; K])> {
+    let (lo, rest) = arena.split_at_mut(out.start);
+    let (o, hi) = rest.split_at_mut(out.len());
+    let (lo, hi): (&'a [f32], &'a [f32]) = (lo, hi);
+    let mut res: [&'a [f32]; K] = [&[]; K];
+    for (r, slot) in ins.into_iter().zip(res.iter_mut()) {
+        *slot = if r.end <= out.start {
+            &lo[r]
+        } else if r.start >= out.end {
+            &hi[r.start - out.end..r.end - out.end]
+        } else {
+            return Err(Error::Graph(format!("plan overlaps an op's input {r:?} with its output {out:?}")));
+        };
     }
-
-    pub fn merge(&mut self, other: BufferPool) {
-        for v in other.free {
-            self.give(v);
-        }
-    }
+    Ok((o, res))
 }
 
 /// Time spent per stage of the graph.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct StageTimes {
-    pub backbone: Duration,
-    pub neck: Duration,
-    pub heads: Duration,
+struct StageTimes {
+    backbone: Duration,
+    neck: Duration,
+    heads: Duration,
 }
 
-/// Runs `graph` on `input` ([n, 3, h, w], already normalised). Buffers are dropped after their last
-/// use unless they are taps (or `keep_all`).
-pub fn run(
-    graph: &Graph,
-    input: Vec<f32>,
-    n: usize,
-    h: usize,
-    w: usize,
-    keep_all: bool,
-    times: Option<&mut StageTimes>,
-    pool: &mut BufferPool,
-) -> Activations {
-    let nt = graph.tensors.len();
-    let dims = |t: TensorId| {
-        let i = &graph.tensors[t];
-        (i.channels, i.height(h), i.width(w))
-    };
-    let mut last_use = vec![0usize; nt];
-    for (i, op) in graph.ops.iter().enumerate() {
-        let reads: Vec<TensorId> = match op {
-            Op::Conv(c) => std::iter::once(c.input).chain(c.residual).collect(),
-            Op::MaxPool { input, .. } => vec![*input],
-            Op::UpsampleAdd { src, .. } => vec![*src],
-        };
-        for t in reads {
-            last_use[t] = i;
-        }
-    }
-    let taps = &graph.taps;
-    let keep: Vec<bool> = (0..nt)
-        .map(|t| {
-            keep_all
-                || taps.backbone.contains(&t)
-                || taps.fpn.contains(&t)
-                || taps.ssh.contains(&t)
-                || taps.head.contains(&t)
-        })
-        .collect();
-
-    let mut bufs: Vec<Option<Vec<f32>>> = vec![None; nt];
-    bufs[graph.input] = Some(input);
-    // Buffers of dead tensors (and of earlier passes, through `pool`) are reused for new ones, so a
-    // steady stream of frames neither allocates nor faults in fresh pages. Every op overwrites all of
-    // its output (SSH's three branches cover all channels), so stale values never show.
-    let mut local_times = StageTimes::default();
+/// Runs every op of `graph` in `arena` laid out by `plan`; the input is already in place. Every op
+/// overwrites all of its output (SSH's three branches cover all channels), so an arena's stale values
+/// from an earlier pass never show.
+fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
+    let n = plan.n;
+    let dims = |t: TensorId| plan.shapes[t];
+    let mut times = StageTimes::default();
     // RETINAFACE_PROFILE=1 prints each op's time (slowest first) after the pass, for tuning.
     let profile = std::env::var_os("RETINAFACE_PROFILE").is_some_and(|v| v == "1");
     let mut op_times: Vec<(f64, String)> = Vec::new();
     for (i, op) in graph.ops.iter().enumerate() {
         let start = Instant::now();
         match op {
-            Op::Conv(c) => {
+            // The heads' reference composition: the conv here, the split into anchors in raw_outputs.
+            Op::Conv(c) | Op::Heads { conv: c, .. } => {
                 let (_, ih, iw) = dims(c.input);
-                let (oc, oh, ow) = dims(c.output);
-                let mut out = bufs[c.output].take().unwrap_or_else(|| pool.take(n * oc * oh * ow));
-                let x = bufs[c.input]
-                    .as_deref()
-                    .unwrap_or_else(|| panic!("graph order: {} read before written", graph.tensors[c.input].name));
-                let r = c.residual.and_then(|r| bufs[r].as_deref());
-                ops::conv2d(c, x, n, ih, iw, &mut out, oc, r);
-                bufs[c.output] = Some(out);
+                let (oc, _, _) = dims(c.output);
+                let out = plan.range(c.output);
+                match c.residual {
+                    Some(r) => {
+                        let (o, [x, res]) = views(arena, out, [plan.range(c.input), plan.range(r)])?;
+                        ops::conv2d(c, x, n, ih, iw, o, oc, Some(res));
+                    }
+                    None => {
+                        let (o, [x]) = views(arena, out, [plan.range(c.input)])?;
+                        ops::conv2d(c, x, n, ih, iw, o, oc, None);
+                    }
+                }
             }
             Op::MaxPool { input, output } => {
                 let (ic, ih, iw) = dims(*input);
-                let (_, oh, ow) = dims(*output);
-                let mut out = pool.take(n * ic * oh * ow);
-                ops::max_pool_3x3s2(bufs[*input].as_deref().unwrap_or(&[]), n * ic, ih, iw, &mut out);
-                bufs[*output] = Some(out);
+                let (o, [x]) = views(arena, plan.range(*output), [plan.range(*input)])?;
+                ops::max_pool_3x3s2(x, n * ic, ih, iw, o);
             }
             Op::UpsampleAdd { src, dst } => {
-                let (sc, sh, sw) = dims(*src);
+                let (_, sh, sw) = dims(*src);
                 let (_, dh, dw) = dims(*dst);
-                let mut d = bufs[*dst].take().unwrap_or_default();
-                ops::upsample_nearest_add(bufs[*src].as_deref().unwrap_or(&[]), sh, sw, &mut d, dh, dw);
-                debug_assert_eq!(d.len(), n * sc * dh * dw);
-                bufs[*dst] = Some(d);
-            }
-        }
-        for (t, &lu) in last_use.iter().enumerate() {
-            if lu == i && !keep[t] && t != Graph::op_output(op) {
-                if let Some(v) = bufs[t].take() {
-                    pool.give(v);
-                }
+                let (d, [s]) = views(arena, plan.range(*dst), [plan.range(*src)])?;
+                ops::upsample_nearest_add(s, sh, sw, d, dh, dw);
             }
         }
         let dt = start.elapsed();
@@ -157,29 +246,25 @@ pub fn run(
                     "conv {} {}x{} s{} g{} {}->{}",
                     c.name, c.kernel, c.kernel, c.stride, c.groups, c.cin, c.cout
                 ),
+                Op::Heads { conv: c, level } => format!("heads {level} {} {}->{}", c.name, c.cin, c.cout),
                 Op::MaxPool { .. } => "maxpool".to_string(),
                 Op::UpsampleAdd { .. } => "upsample+add".to_string(),
             };
             op_times.push((dt.as_secs_f64() * 1e3, what));
         }
         match graph.op_stages[i] {
-            Stage::Backbone => local_times.backbone += dt,
-            Stage::Neck => local_times.neck += dt,
-            Stage::Heads => local_times.heads += dt,
+            Stage::Backbone => times.backbone += dt,
+            Stage::Neck => times.neck += dt,
+            Stage::Heads => times.heads += dt,
         }
     }
     if profile {
         op_times.sort_by(|a, b| b.0.total_cmp(&a.0));
         let total: f64 = op_times.iter().map(|t| t.0).sum();
-        eprintln!("profile: {} ops, {total:.2} ms at {n}x3x{h}x{w}", op_times.len());
+        eprintln!("profile: {} ops, {total:.2} ms at {n}x3x{}x{}", op_times.len(), plan.h, plan.w);
         for (ms, what) in op_times.iter().take(25) {
             eprintln!("  {ms:8.2} ms  {:5.1}%  {what}", ms / total * 100.0);
         }
     }
-    if let Some(t) = times {
-        t.backbone += local_times.backbone;
-        t.neck += local_times.neck;
-        t.heads += local_times.heads;
-    }
-    Activations { n, input_h: h, input_w: w, tensors: bufs }
+    Ok(times)
 }

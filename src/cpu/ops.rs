@@ -39,6 +39,7 @@ pub(super) const MIN_TASKS: usize = 8;
 ///
 /// `x` is [n, conv.cin, h, w]; `out` is [n, out_channels, oh, ow] with `out_channels ≥ off + cout`;
 /// `residual`, if any, is [n, cout, oh, ow].
+#[allow(clippy::too_many_arguments)] // the definition's operands and sizes, as every conv path takes them
 pub fn conv2d(
     conv: &Conv,
     x: &[f32],
@@ -191,7 +192,7 @@ fn epilogue(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Act) {
     }
     match act {
         Act::None => run(row, bias, residual, |v| v),
-        Act::Leaky(a) if a == 0.0 => run(row, bias, residual, |v| v.max(0.0)),
+        Act::Leaky(0.0) => run(row, bias, residual, |v| v.max(0.0)),
         Act::Leaky(a) => run(row, bias, residual, |v| if v >= 0.0 { v } else { v * a }),
         Act::Relu6 => run(row, bias, residual, |v| v.clamp(0.0, 6.0)),
     }
@@ -756,7 +757,7 @@ pub fn heads_to_anchors(head: &[f32], h: usize, w: usize, loc: &mut [f32], conf:
 }
 
 /// u8 HWC BGR pixels to f32 CHW minus the reference means (B 104, G 117, R 123).
-pub const BGR_MEAN: [f32; 3] = [104.0, 117.0, 123.0];
+pub const BGR_MEAN: [f32; 3] = crate::consts::BGR_MEAN;
 
 pub fn preprocess(bgr: &[u8], h: usize, w: usize, out: &mut [f32]) {
     assert_eq!(bgr.len(), h * w * 3);
@@ -773,6 +774,7 @@ mod tests {
     use super::*;
 
     /// The definition, one output at a time, in f64: what every fast path must agree with.
+    #[allow(clippy::too_many_arguments)]
     fn conv_naive(
         c: &Conv,
         x: &[f32],

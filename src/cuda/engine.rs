@@ -7,19 +7,12 @@ use super::params::*;
 use super::runner::{DevBuf, KernelRunner, KernelRunnerExt, LaunchDims};
 use crate::detection::Detection;
 use crate::error::{Error, Result};
+use crate::exec::{Activations, Backend, Executor, Timings, check_batch, groups};
+use crate::graph::{DEFAULT_PLAN_CACHE_BYTES, Plan, PlanBuffers, PlanCache, PlanKey};
 use crate::image_io::BgrImage;
-use crate::model::graph::{Conv, Graph, Op, TensorId};
+use crate::model::graph::{Graph, Op, TensorId};
 use crate::post::{PostOptions, RawOutput, anchors};
-use std::collections::HashMap;
-
-/// Which device runs the kernels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    /// The CPU simulation of the CUDA kernels (feature `cuda-sim`): slow, for tests.
-    Simulation,
-    /// A GPU, by ordinal.
-    Cuda { ordinal: usize },
-}
+use std::sync::Arc;
 
 struct PostBufs {
     k: usize,
@@ -53,22 +46,30 @@ impl PostBufs {
     }
 }
 
-struct Plan {
+/// A plan's device memory: the f32 arena the plan lays the tensors out in (NHWC), the input bytes,
+/// the raw outputs and the post-processing buffers (made on the first `detect`).
+struct GpuBufs {
+    arena: DevBuf,
     input_u8: DevBuf,
-    /// NHWC f32 per graph tensor; None for the 32-channel head tensors, which the heads kernel fuses away.
-    tensors: Vec<Option<DevBuf>>,
-    num_anchors: usize,
     loc: DevBuf,
     conf: DevBuf,
     landm: DevBuf,
     post: Option<PostBufs>,
 }
 
-impl Plan {
-    fn scratch(&self) -> Vec<DevBuf> {
-        let mut v: Vec<DevBuf> = self.tensors.iter().flatten().copied().collect();
-        v.extend([self.loc, self.conf, self.landm]);
+impl GpuBufs {
+    fn all(&self) -> Vec<DevBuf> {
+        let mut v = vec![self.arena, self.input_u8, self.loc, self.conf, self.landm];
+        if let Some(p) = &self.post {
+            v.extend(p.all());
+        }
         v
+    }
+}
+
+impl PlanBuffers for GpuBufs {
+    fn bytes(&self) -> usize {
+        self.all().iter().map(|b| b.bytes).sum()
     }
 }
 
@@ -77,49 +78,18 @@ pub struct GpuEngine {
     graph: Graph,
     /// Per op: the repacked weight and the bias of a conv.
     weights: Vec<Option<(DevBuf, DevBuf)>>,
-    /// Per op: the pyramid level when the conv is a head.
-    head_level: Vec<Option<usize>>,
-    plans: HashMap<(usize, usize, usize), Plan>,
-    last: Option<(usize, usize, usize)>,
+    plans: PlanCache<GpuBufs>,
+    last: Option<PlanKey>,
 }
 
-/// OIHW → HWIO ([k][k][cin][cout]) for the implicit GEMM; [k][k][c] for depthwise.
-fn repack(c: &Conv) -> Vec<f32> {
-    let k = c.kernel;
-    let cin_g = c.cin / c.groups;
-    let mut out = vec![0.0f32; c.weight.len()];
-    if c.groups == 1 {
-        for co in 0..c.cout {
-            for ci in 0..cin_g {
-                for ky in 0..k {
-                    for kx in 0..k {
-                        out[((ky * k + kx) * cin_g + ci) * c.cout + co] =
-                            c.weight[((co * cin_g + ci) * k + ky) * k + kx];
-                    }
-                }
-            }
-        }
-    } else {
-        for ch in 0..c.cout {
-            for ky in 0..k {
-                for kx in 0..k {
-                    out[(ky * k + kx) * c.cout + ch] = c.weight[(ch * k + ky) * k + kx];
-                }
-            }
-        }
-    }
-    out
-}
-
-fn dim(v: usize, what: &str) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{what} = {v} exceeds the kernels' 32-bit indices")))
-}
+use super::ops::{self, dim};
 
 impl GpuEngine {
-    /// Builds the executor for `graph` on `backend`; uploads the weights.
+    /// Builds the executor for `graph` on `backend` (`Cuda`: the first GPU; `CudaSim`: the CPU
+    /// simulation); uploads the weights.
     pub fn new(graph: &Graph, backend: Backend) -> Result<GpuEngine> {
         let runner: Box<dyn KernelRunner> = match backend {
-            Backend::Simulation => {
+            Backend::CudaSim => {
                 #[cfg(feature = "cuda-sim")]
                 {
                     Box::new(super::sim::SimRunner::new())
@@ -129,8 +99,11 @@ impl GpuEngine {
                     return Err(Error::Cuda("this build has no CUDA simulation (feature cuda-sim is off)".into()));
                 }
             }
-            Backend::Cuda { ordinal } => {
-                let mut r = super::gpu::GpuRunner::new(ordinal)?;
+            Backend::Cpu | Backend::Auto => {
+                return Err(Error::InvalidArgument(format!("backend {backend:?} does not run the CUDA kernels")));
+            }
+            Backend::Cuda => {
+                let mut r = super::gpu::GpuRunner::new(0)?;
                 r.load_all()?;
                 Box::new(r)
             }
@@ -140,40 +113,31 @@ impl GpuEngine {
 
     /// Builds the executor over any runner.
     pub fn with_runner(graph: &Graph, mut runner: Box<dyn KernelRunner>) -> Result<GpuEngine> {
-        let mut head_level = vec![None; graph.ops.len()];
         let mut weights = Vec::with_capacity(graph.ops.len());
-        for (i, op) in graph.ops.iter().enumerate() {
+        let mut heads = 0;
+        for op in &graph.ops {
             match op {
-                Op::Conv(c) => {
-                    if let Some(l) = graph.taps.head.iter().position(|&t| t == c.output) {
-                        let t = &graph.tensors[c.output];
-                        if t.stride != anchors::STEPS[l]
-                            || c.kernel != 1
-                            || c.cout != crate::model::graph::HEAD_CHANNELS
-                            || c.groups != 1
-                        {
-                            return Err(Error::Cuda(format!(
-                                "head {} is not a 1x1 conv to 32 channels at stride {}",
-                                c.name,
-                                anchors::STEPS[l]
-                            )));
-                        }
-                        head_level[i] = Some(l);
-                    }
-                    if c.groups != 1 && !(c.groups == c.cin && c.groups == c.cout) {
-                        return Err(Error::Cuda(format!(
-                            "conv {}: only dense and depthwise convolutions have kernels",
-                            c.name
-                        )));
-                    }
-                    let w = runner.alloc_f32(&repack(c))?;
+                Op::Conv(c) | Op::Heads { conv: c, .. } => {
+                    heads += usize::from(matches!(op, Op::Heads { .. }));
+                    let w = runner.alloc_f32(&ops::conv::pack(c)?)?;
                     let b = runner.alloc_f32(&c.bias)?;
                     weights.push(Some((w, b)));
                 }
                 _ => weights.push(None),
             }
         }
-        Ok(GpuEngine { runner, graph: graph.clone(), weights, head_level, plans: HashMap::new(), last: None })
+        if heads != 3 {
+            return Err(Error::Cuda(format!(
+                "the graph has {heads} fused head ops, not 3: run passes::optimize before the CUDA executor"
+            )));
+        }
+        Ok(GpuEngine {
+            runner,
+            graph: graph.clone(),
+            weights,
+            plans: PlanCache::new(DEFAULT_PLAN_CACHE_BYTES),
+            last: None,
+        })
     }
 
     pub fn describe(&self) -> String {
@@ -184,62 +148,83 @@ impl GpuEngine {
         &self.graph
     }
 
-    fn plan(&mut self, n: usize, h: usize, w: usize) -> Result<()> {
-        if self.plans.contains_key(&(n, h, w)) {
-            return Ok(());
+    /// Bytes of activation and post-processing memory the plans hold on the device.
+    pub fn held_bytes(&self) -> usize {
+        self.plans.held_bytes()
+    }
+
+    /// Bounds the device memory of cached plans; frees the least recently used past it.
+    pub fn set_plan_cache_bytes(&mut self, bytes: usize) -> Result<()> {
+        for b in self.plans.set_budget(bytes) {
+            free_all(self.runner.as_mut(), b)?;
         }
-        let r = &mut self.runner;
-        let input_u8 = r.alloc(n * h * w * 3)?;
-        let mut tensors = Vec::with_capacity(self.graph.tensors.len());
-        for (t, info) in self.graph.tensors.iter().enumerate() {
-            if self.graph.taps.head.contains(&t) {
-                tensors.push(None);
-            } else {
-                tensors.push(Some(r.alloc(4 * n * info.channels * info.height(h) * info.width(w))?));
-            }
-        }
-        let a = anchors::num_anchors(h, w);
-        let loc = r.alloc(4 * n * a * 4)?;
-        let conf = r.alloc(4 * n * a * 2)?;
-        let landm = r.alloc(4 * n * a * 10)?;
-        self.plans.insert((n, h, w), Plan { input_u8, tensors, num_anchors: a, loc, conf, landm, post: None });
         Ok(())
     }
 
+    /// Frees every cached plan's device buffers.
+    pub fn release_plans(&mut self) -> Result<()> {
+        for b in self.plans.clear() {
+            free_all(self.runner.as_mut(), b)?;
+        }
+        Ok(())
+    }
+
+    /// The plan of `key` and its device buffers, allocated (after freeing evicted plans) on first use.
+    fn plan(&mut self, key: PlanKey) -> Result<(Arc<Plan>, &mut GpuBufs)> {
+        let r = &mut self.runner;
+        self.plans.get(&self.graph, key, |plan, evicted| {
+            for b in evicted {
+                free_all(r.as_mut(), b)?;
+            }
+            let (n, h, w) = (plan.n, plan.h, plan.w);
+            let a = anchors::num_anchors(h, w);
+            Ok(GpuBufs {
+                arena: r.alloc(plan.arena_bytes())?,
+                input_u8: r.alloc(n * h * w * 3)?,
+                loc: r.alloc(4 * n * a * 4)?,
+                conf: r.alloc(4 * n * a * 2)?,
+                landm: r.alloc(4 * n * a * 10)?,
+                post: None,
+            })
+        })
+    }
+
+    /// The plan an n×3×h×w batch runs with (computed and cached, with its buffers, on first use).
+    pub fn plan_for(&mut self, n: usize, h: usize, w: usize) -> Result<Arc<Plan>> {
+        Ok(self.plan((n, h, w, false))?.0)
+    }
+
     /// Runs preprocessing, the network and the heads; leaves loc/conf/landm on the device.
-    fn forward(&mut self, images: &[&BgrImage]) -> Result<(usize, usize, usize)> {
-        let (h, w) = crate::engine::check_batch(images)?;
+    /// With `keep_all` every tensor stays readable (by [`Self::tensor_nchw`]) after the pass.
+    fn forward(&mut self, images: &[&BgrImage], keep_all: bool) -> Result<(Arc<Plan>, [DevBuf; 3])> {
+        let (h, w) = check_batch(images)?;
         let n = images.len();
         dim(n * h * w * 3, "batch elements")?;
-        self.plan(n, h, w)?;
-        self.last = Some((n, h, w));
-        let plan = self.plans.get(&(n, h, w)).ok_or_else(|| Error::Cuda("plan vanished".into()))?;
+        let key = (n, h, w, keep_all);
+        let (plan, bufs) = self.plan(key)?;
+        let (arena, input_u8, loc, conf, landm) = (bufs.arena, bufs.input_u8, bufs.loc, bufs.conf, bufs.landm);
+        self.last = Some(key);
         let r = &mut self.runner;
         if r.is_simulation() {
             // Every intermediate starts as NaN, so an element a kernel forgot to write poisons the outputs.
-            for b in plan.scratch() {
+            for b in [arena, loc, conf, landm] {
                 r.poison(b)?;
             }
         }
         let per = h * w * 3;
         for (i, img) in images.iter().enumerate() {
-            r.upload(plan.input_u8, i * per, &img.data)?;
+            r.upload(input_u8, i * per, &img.data)?;
         }
         let g = &self.graph;
-        let buf = |t: TensorId| {
-            plan.tensors[t].ok_or_else(|| Error::Cuda(format!("tensor {} has no buffer", g.tensors[t].name)))
-        };
+        let buf = |t: TensorId| DevBuf { ptr: arena.at(4 * plan.offsets[t]), bytes: 4 * plan.elems(t) };
         let total = n * per;
-        let input = buf(g.input)?;
+        let input = buf(g.input);
         r.launch(
             "preprocess_bgr",
             LaunchDims::linear(total, 256),
-            &PreprocessParams { src: plan.input_u8.ptr, dst: input.ptr, total: dim(total, "input")?, pad0: 0 },
+            &PreprocessParams { src: input_u8.ptr, dst: input.ptr, total: dim(total, "input")?, pad0: 0 },
         )?;
-        let dims = |t: TensorId| {
-            let i = &g.tensors[t];
-            (i.channels, i.height(h), i.width(w))
-        };
+        let dims = |t: TensorId| plan.shapes[t];
         let mut anchor_base = [0usize; 3];
         for l in 1..3 {
             let (_, fh, fw) = dims(g.taps.head[l - 1]);
@@ -247,7 +232,7 @@ impl GpuEngine {
         }
         for (i, op) in g.ops.iter().enumerate() {
             match op {
-                Op::Conv(c) => {
+                Op::Conv(c) | Op::Heads { conv: c, .. } => {
                     let (ic, ih, iw) = dims(c.input);
                     let (oc, oh, ow) = dims(c.output);
                     let expect = |s: usize| (s + 2 * c.pad - c.kernel) / c.stride + 1;
@@ -256,87 +241,44 @@ impl GpuEngine {
                     }
                     let (wb, bb) =
                         self.weights[i].ok_or_else(|| Error::Cuda(format!("conv {} has no weights", c.name)))?;
-                    let x = buf(c.input)?;
-                    if let Some(l) = self.head_level[i] {
-                        let p = HeadParams {
+                    let x = buf(c.input);
+                    if let Op::Heads { level: l, .. } = *op {
+                        let a = ops::heads::HeadArgs {
                             x: x.ptr,
                             wt: wb.ptr,
                             bias: bb.ptr,
-                            loc: plan.loc.ptr,
-                            conf: plan.conf.ptr,
-                            landm: plan.landm.ptr,
-                            n: dim(n, "batch")?,
-                            h: dim(oh, "height")?,
-                            w: dim(ow, "width")?,
-                            c: dim(c.cin, "channels")?,
-                            anchor_base: dim(anchor_base[l], "anchors")?,
-                            num_anchors: dim(plan.num_anchors, "anchors")?,
+                            loc: loc.ptr,
+                            conf: conf.ptr,
+                            landm: landm.ptr,
+                            n,
+                            h: oh,
+                            w: ow,
+                            c: c.cin,
+                            anchor_base: anchor_base[l],
+                            num_anchors: anchors::num_anchors(h, w),
                         };
-                        r.launch(
-                            "heads_level",
-                            LaunchDims { grid: [(n * oh * ow).div_ceil(8) as u32, 1, 1], block: [256, 1, 1] },
-                            &p,
-                        )?;
+                        ops::heads::launch(r.as_mut(), &a)?;
                         continue;
                     }
-                    let (act, slope) = act_code(c.act);
-                    let p = ConvParams {
+                    let a = ops::conv::ConvArgs {
                         x: x.ptr,
                         wt: wb.ptr,
                         bias: bb.ptr,
-                        residual: match c.residual {
-                            Some(t) => buf(t)?.ptr,
-                            None => 0,
-                        },
-                        y: buf(c.output)?.ptr,
-                        n: dim(n, "batch")?,
-                        h: dim(ih, "height")?,
-                        w: dim(iw, "width")?,
-                        cin: dim(c.cin, "channels")?,
-                        oh: dim(oh, "height")?,
-                        ow: dim(ow, "width")?,
-                        cout: dim(c.cout, "channels")?,
-                        k: dim(c.kernel, "kernel")?,
-                        stride: dim(c.stride, "stride")?,
-                        pad: dim(c.pad, "pad")?,
-                        out_ctot: dim(oc, "channels")?,
-                        out_coff: dim(c.out_channel_offset, "channel offset")?,
-                        act,
-                        slope,
+                        residual: c.residual.map_or(0, |t| buf(t).ptr),
+                        y: buf(c.output).ptr,
+                        n,
+                        h: ih,
+                        w: iw,
+                        oh,
+                        ow,
+                        out_ctot: oc,
                     };
-                    dim(n * oh * ow * oc, "output elements")?;
-                    if c.groups != 1 {
-                        r.launch("conv_depthwise", LaunchDims::linear(n * oh * ow * c.cout, 256), &p)?;
-                    } else {
-                        let name = match c.kernel {
-                            1 => "conv1x1",
-                            3 => "conv3x3",
-                            _ => "conv_kxk",
-                        };
-                        r.launch(
-                            name,
-                            LaunchDims {
-                                grid: [(n * oh * ow).div_ceil(64) as u32, c.cout.div_ceil(64) as u32, 1],
-                                block: [256, 1, 1],
-                            },
-                            &p,
-                        )?;
-                    }
+                    ops::conv::launch(r.as_mut(), c, &a)?;
                 }
                 Op::MaxPool { input, output } => {
                     let (ic, ih, iw) = dims(*input);
                     let (_, oh, ow) = dims(*output);
-                    let p = PoolParams {
-                        x: buf(*input)?.ptr,
-                        y: buf(*output)?.ptr,
-                        n: n as i32,
-                        h: ih as i32,
-                        w: iw as i32,
-                        c: ic as i32,
-                        oh: oh as i32,
-                        ow: ow as i32,
-                    };
-                    r.launch("maxpool3x3s2", LaunchDims::linear(n * oh * ow * ic, 256), &p)?;
+                    ops::pool::launch(r.as_mut(), buf(*input).ptr, buf(*output).ptr, n, ih, iw, ic, oh, ow)?;
                 }
                 Op::UpsampleAdd { src, dst } => {
                     let (sc, sh, sw) = dims(*src);
@@ -344,29 +286,23 @@ impl GpuEngine {
                     if sc != dc {
                         return Err(Error::Cuda("upsample-add of tensors with different channel counts".into()));
                     }
-                    let p = UpsampleAddParams {
-                        src: buf(*src)?.ptr,
-                        dst: buf(*dst)?.ptr,
-                        n: n as i32,
-                        sh: sh as i32,
-                        sw: sw as i32,
-                        dh: dh as i32,
-                        dw: dw as i32,
-                        c: dc as i32,
-                    };
-                    r.launch("upsample_nearest_add", LaunchDims::linear(n * dh * dw * dc, 256), &p)?;
+                    ops::upsample::launch(r.as_mut(), buf(*src).ptr, buf(*dst).ptr, n, (sh, sw), (dh, dw), dc)?;
                 }
             }
         }
-        Ok((n, h, w))
+        Ok((plan, [loc, conf, landm]))
     }
 
     /// The raw head outputs of each image (loc, softmaxed conf, landmarks) in the goldens' layout.
     pub fn raw_outputs(&mut self, images: &[&BgrImage]) -> Result<Vec<RawOutput>> {
-        let (n, h, w) = self.forward(images)?;
-        let plan = self.plans.get(&(n, h, w)).ok_or_else(|| Error::Cuda("plan vanished".into()))?;
-        let a = plan.num_anchors;
-        let (lb, cb, mb) = (plan.loc, plan.conf, plan.landm);
+        self.raw_outputs_keeping(images, false)
+    }
+
+    /// [`Self::raw_outputs`], keeping every tensor readable with `keep_all`.
+    pub fn raw_outputs_keeping(&mut self, images: &[&BgrImage], keep_all: bool) -> Result<Vec<RawOutput>> {
+        let (plan, [lb, cb, mb]) = self.forward(images, keep_all)?;
+        let (n, h, w) = (plan.n, plan.h, plan.w);
+        let a = anchors::num_anchors(h, w);
         let loc = self.runner.download_f32(lb, n * a * 4)?;
         let conf = self.runner.download_f32(cb, n * a * 2)?;
         let landm = self.runner.download_f32(mb, n * a * 10)?;
@@ -391,18 +327,19 @@ impl GpuEngine {
     }
 
     /// A tensor of the last forward pass, converted to NCHW [n, c, h, w] (for tests and debugging).
+    /// The taps are kept to the end of a pass; other tensors' arena space may have been reused.
     pub fn tensor_nchw(&mut self, t: TensorId) -> Result<Vec<f32>> {
-        let (n, h, w) = self.last.ok_or_else(|| Error::InvalidArgument("no forward pass has run".into()))?;
-        let plan = self.plans.get(&(n, h, w)).ok_or_else(|| Error::Cuda("plan vanished".into()))?;
-        let b = plan
-            .tensors
-            .get(t)
-            .copied()
-            .flatten()
-            .ok_or_else(|| Error::InvalidArgument(format!("tensor {t} is not kept on the device")))?;
-        let info = &self.graph.tensors[t];
-        let (c, th, tw) = (info.channels, info.height(h), info.width(w));
-        let nhwc = self.runner.download_f32(b, n * th * tw * c)?;
+        let key = self.last.ok_or_else(|| Error::InvalidArgument("no forward pass has run".into()))?;
+        let (plan, bufs) =
+            self.plans.peek(key).ok_or_else(|| Error::InvalidArgument("the last pass's plan was evicted".into()))?;
+        if t >= plan.shapes.len() || self.graph.taps.head.contains(&t) || !(plan.keep_all || self.graph.is_tap(t)) {
+            return Err(Error::InvalidArgument(format!("tensor {t} is not kept on the device")));
+        }
+        let (c, th, tw) = plan.shapes[t];
+        let n = plan.n;
+        let (arena, offset) = (bufs.arena, 4 * plan.offsets[t]);
+        let mut nhwc = vec![0.0f32; n * th * tw * c];
+        self.runner.download(arena, offset, bytemuck::cast_slice_mut(&mut nhwc))?;
         Ok(nhwc_to_nchw(&nhwc, n, th, tw, c))
     }
 
@@ -420,12 +357,110 @@ impl GpuEngine {
         resize: f32,
     ) -> Result<Vec<Vec<Detection>>> {
         post.validate()?;
-        let (h, w) = crate::engine::check_batch(images)?;
+        let (h, w) = check_batch(images)?;
         post_sizes(h, w, post)?;
-        let (n, h, w) = self.forward(images)?;
-        let plan = self.plans.get_mut(&(n, h, w)).ok_or_else(|| Error::Cuda("plan vanished".into()))?;
-        run_post(self.runner.as_mut(), &mut plan.post, [plan.loc, plan.conf, plan.landm], n, h, w, post, resize)
+        let (plan, raw) = self.forward(images, false)?;
+        let (n, key) = (plan.n, (plan.n, h, w, false));
+        let bufs = self.plans.buffers(key).ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
+        run_post(self.runner.as_mut(), &mut bufs.post, raw, n, h, w, post, resize)
     }
+}
+
+/// The CUDA executor: a [`GpuEngine`] behind a lock, as one device runs one pass at a time.
+pub struct CudaExecutor(std::sync::Mutex<GpuEngine>);
+
+impl CudaExecutor {
+    pub fn new(gpu: GpuEngine) -> CudaExecutor {
+        CudaExecutor(std::sync::Mutex::new(gpu))
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, GpuEngine>> {
+        self.0.lock().map_err(|_| Error::Cuda("a previous GPU call panicked".into()))
+    }
+}
+
+impl Executor for CudaExecutor {
+    fn describe(&self) -> String {
+        match self.lock() {
+            Ok(g) => g.describe(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn run(&self, images: &[&BgrImage], keep_all: bool, timings: Option<&mut Timings>) -> Result<Activations> {
+        let mut g = self.lock()?;
+        let t0 = std::time::Instant::now();
+        let raw = g.raw_outputs_keeping(images, keep_all)?;
+        let (h, w) = check_batch(images)?;
+        let taps = g.graph.taps;
+        let mut tensors = vec![None; g.graph.tensors.len()];
+        for (t, slot) in tensors.iter_mut().enumerate() {
+            // The head tensors never exist on the device: the heads kernel writes the raw outputs.
+            if (keep_all || g.graph.is_tap(t)) && !taps.head.contains(&t) {
+                *slot = Some(g.tensor_nchw(t)?);
+            }
+        }
+        if let Some(t) = timings {
+            t.backbone += t0.elapsed();
+        }
+        Ok(Activations { n: images.len(), input_h: h, input_w: w, tensors, raw })
+    }
+
+    fn forward(&self, images: &[&BgrImage], timings: Option<&mut Timings>) -> Result<Vec<RawOutput>> {
+        let t0 = std::time::Instant::now();
+        let raw = self.lock()?.raw_outputs(images)?;
+        if let Some(t) = timings {
+            t.backbone += t0.elapsed();
+        }
+        Ok(raw)
+    }
+
+    fn detect(
+        &self,
+        images: &[&BgrImage],
+        scales: &[f64],
+        post: &PostOptions,
+        timings: Option<&mut Timings>,
+    ) -> Result<Vec<Vec<Detection>>> {
+        let t0 = std::time::Instant::now();
+        let mut g = self.lock()?;
+        // The device post-processing takes one factor per call: one call per distinct factor.
+        let mut results = vec![Vec::new(); images.len()];
+        for group in groups(images.len(), |j| scales[j]) {
+            let batch: Vec<&BgrImage> = group.iter().map(|&j| images[j]).collect();
+            for (d, &j) in g.detect_scaled(&batch, post, scales[group[0]] as f32)?.into_iter().zip(&group) {
+                results[j] = d;
+            }
+        }
+        if let Some(t) = timings {
+            t.backbone += t0.elapsed();
+        }
+        Ok(results)
+    }
+
+    fn plan(&self, n: usize, h: usize, w: usize) -> Result<Arc<Plan>> {
+        self.lock()?.plan_for(n, h, w)
+    }
+
+    fn held_bytes(&self) -> usize {
+        self.lock().map(|g| g.held_bytes()).unwrap_or(0)
+    }
+
+    fn set_plan_cache_bytes(&self, bytes: usize) -> Result<()> {
+        self.lock()?.set_plan_cache_bytes(bytes)
+    }
+
+    fn release_plans(&self) -> Result<()> {
+        self.lock()?.release_plans()
+    }
+}
+
+/// Frees a plan's device buffers.
+fn free_all(r: &mut dyn KernelRunner, bufs: GpuBufs) -> Result<()> {
+    for b in bufs.all() {
+        r.free(b)?;
+    }
+    Ok(())
 }
 
 /// (anchors, candidates k, detections kept) for an h×w input; an error past the device NMS's limit.

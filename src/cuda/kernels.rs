@@ -14,3 +14,27 @@ pub fn source(family: &str) -> Option<&'static str> {
 pub fn families() -> impl Iterator<Item = &'static str> {
     SOURCES.iter().map(|(f, _)| *f)
 }
+
+/// `src` with every `#include "X.cuh"` of a kernels/ header replaced by that header (recursively; a
+/// header's second inclusion is dropped, as `#pragma once` would): NVRTC compiles embedded sources and
+/// has no file system to include from.
+pub fn splice_headers(src: &str) -> String {
+    let mut out = src.to_string();
+    let mut done: Vec<&str> = Vec::new();
+    for _ in 0..16 {
+        let mut changed = false;
+        for (name, text) in HEADERS {
+            let line = format!("#include \"{name}\"");
+            while let Some(i) = out.find(&line) {
+                let with = if done.contains(name) { "" } else { text };
+                out.replace_range(i..i + line.len(), with);
+                done.push(name);
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    out
+}

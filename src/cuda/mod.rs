@@ -16,6 +16,7 @@ pub mod engine;
 pub mod gpu;
 pub mod kernels;
 pub mod nvrtc;
+pub mod ops;
 pub mod params;
 pub mod runner;
 pub mod sass;
@@ -23,7 +24,7 @@ pub mod sass;
 pub mod sim;
 pub mod tune;
 
-pub use engine::{Backend, GpuEngine, device_postprocess, nchw_to_nhwc, nhwc_to_nchw};
+pub use engine::{CudaExecutor, GpuEngine, device_postprocess, nchw_to_nhwc, nhwc_to_nchw};
 pub use runner::{DevBuf, KernelRunner, KernelRunnerExt, LaunchDims};
 
 /// Whether a GPU can be used now: the first device's description, or why not.

@@ -95,21 +95,11 @@ pub fn include_dirs() -> Vec<PathBuf> {
     v
 }
 
-/// A family's source as NVRTC compiles it: each kernels/*.cuh spliced in where it is first included,
-/// later includes of it dropped (the embedded sources have no file system to include from).
+/// A family's source as NVRTC compiles it: the kernels/ headers spliced in where they are included
+/// (the embedded sources have no file system to include from).
 pub fn full_source(family: &str) -> Result<String> {
-    let mut src = kernels::source(family).ok_or_else(|| Error::Cuda(format!("no kernel family {family}")))?.to_string();
-    let mut spliced = Vec::new();
-    // Headers include headers: repeat until no include of a kernels/ header is left.
-    while let Some((name, text)) =
-        kernels::HEADERS.iter().find(|(name, _)| src.contains(&format!("#include \"{name}\"")))
-    {
-        let line = format!("#include \"{name}\"");
-        let body = if spliced.contains(name) { "" } else { *text };
-        src = src.replacen(&line, body, 1);
-        spliced.push(*name);
-    }
-    Ok(src)
+    let src = kernels::source(family).ok_or_else(|| Error::Cuda(format!("no kernel family {family}")))?;
+    Ok(kernels::splice_headers(src))
 }
 
 /// The options every compile uses, for `arch` like "sm_90". SASS, not PTX: the driver does not JIT,

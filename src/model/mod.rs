@@ -2,13 +2,13 @@
 //! BatchNorm folded into its conv.
 
 pub mod backbone;
-pub mod fold;
-pub mod graph;
 pub mod head;
 pub mod neck;
 pub mod params;
 
 use crate::error::Result;
+/// The IR lives in `crate::graph`; `model::graph` stays the builders' name for it.
+pub use crate::graph::ir as graph;
 use crate::network::Network;
 pub use graph::{Act, Conv, Graph, Op, Stage, Taps, TensorId, TensorInfo};
 use params::{ParamKind, ParamSource};
@@ -108,7 +108,7 @@ impl<'a> Builder<'a> {
         let mean = self.src.take(&format!("{p}.running_mean"), &c, ParamKind::BnMean)?;
         let var = self.src.take(&format!("{p}.running_var"), &c, ParamKind::BnVar)?;
         self.src.optional(&format!("{p}.num_batches_tracked"));
-        let bias = fold::fold_batchnorm(&mut weight, &gamma, &beta, &mean, &var);
+        let bias = crate::passes::fold_bn::fold_batchnorm(&mut weight, &gamma, &beta, &mean, &var);
         let name = l.conv_key.trim_end_matches(".weight").trim_end_matches(".0").to_string();
         Ok(self.conv(input, name, l.cin, l.cout, k, l.stride, l.groups, weight, bias, l.residual, l.act, dest))
     }

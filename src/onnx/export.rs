@@ -349,6 +349,7 @@ pub fn export(graph: &Graph, opts: &ExportOptions) -> Result<ModelProto> {
                 w.current[*output] = Some(y);
             }
             Op::UpsampleAdd { src, dst } => w.upsample_add(*src, *dst)?,
+            Op::Heads { level, conv } => w.head(conv, *level)?,
         }
     }
     for (i, (role, ..)) in HEADS.iter().enumerate() {

@@ -10,10 +10,10 @@
 use super::export::HEADS;
 use super::proto::{AttributeProto, ModelProto, NodeProto, TensorProto, data_type};
 use crate::error::{Error, Result};
-use crate::model::fold::{BN_EPS, fold_batchnorm};
 use crate::model::params::KeyRecorder;
 use crate::model::{self, Act, Conv, Graph, Op, TensorId};
 use crate::network::Network;
+use crate::passes::fold_bn::{BN_EPS, fold_batchnorm};
 use prost::Message;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -826,6 +826,7 @@ impl<'a> Matcher<'a> {
                 Op::UpsampleAdd { src, dst } => self
                     .upsample_add(*src, *dst)
                     .map_err(|e| format!("at the upsampling into `{}`: {e}", g.tensors[*dst].name)),
+                Op::Heads { level, conv } => self.head(oi, conv, *level).map_err(|e| format!("at `head.{level}`: {e}")),
             };
             r.map_err(|e| (oi, e))?;
         }

@@ -1,8 +1,11 @@
 //! Priors (anchors): per level k with step s_k and feature size (ceil(H/s_k), ceil(W/s_k)), rows, then
 //! columns, then the two min sizes; `(cx, cy, w, h)` normalised by the input size, not clipped.
 
-pub const STEPS: [usize; 3] = [8, 16, 32];
-pub const MIN_SIZES: [[usize; 2]; 3] = [[16, 32], [64, 128], [256, 512]];
+use crate::consts::{PRIOR_MIN_SIZES as M, PRIOR_STEPS};
+
+/// The levels' strides and anchor sizes, from kernels/constants.cuh (the device decode uses them too).
+pub const STEPS: [usize; 3] = PRIOR_STEPS;
+pub const MIN_SIZES: [[usize; 2]; 3] = [[M[0], M[1]], [M[2], M[3]], [M[4], M[5]]];
 
 pub fn num_anchors(h: usize, w: usize) -> usize {
     STEPS.iter().map(|&s| 2 * h.div_ceil(s) * w.div_ceil(s)).sum()

@@ -43,6 +43,7 @@ struct Soa<'a> {
 /// Marks every box whose IoU with `a` (x1, y1, x2, y2, area) exceeds `threshold`; the reference's
 /// arithmetic in its order: overlap `max(0, min(x2) − max(x1) + 1)`, IoU `inter / (area_a + area_b − inter)`.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // one index over the five SoA columns: the loop that vectorises
 fn suppress_body(a: [f32; 5], b: Soa<'_>, threshold: f32, out: &mut [bool]) {
     for j in 0..out.len() {
         let iw = (a[2].min(b.x2[j]) - a[0].max(b.x1[j]) + 1.0).max(0.0);

@@ -219,7 +219,9 @@ impl Batcher {
     pub fn run_executor(&self, engine: &Engine, opts: &DetectOptions, gate: Option<&Gate>) {
         let mut holding_large = false;
         let release = |why: &str| {
-            engine.release_spare_buffers();
+            if let Err(e) = engine.release_spare_buffers() {
+                tracing::warn!(error = %e, "releasing the engine's buffers failed");
+            }
             memory::return_freed_memory();
             tracing::debug!(rss = memory::resident_bytes(), why, "memory released");
         };

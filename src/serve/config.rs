@@ -9,27 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Compute backend: `cuda` needs a GPU (an error otherwise), `auto` takes CUDA when a GPU is present and
-/// the CPU otherwise, saying which in the log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Backend {
-    Cpu,
-    Cuda,
-    Auto,
-    /// The CUDA kernels in the CPU simulation (slow): the GPU path end to end without a GPU.
-    CudaSim,
-}
-
-impl Backend {
-    pub fn choice(self) -> crate::engine::BackendChoice {
-        match self {
-            Backend::Cpu => crate::engine::BackendChoice::Cpu,
-            Backend::Cuda => crate::engine::BackendChoice::Cuda,
-            Backend::Auto => crate::engine::BackendChoice::Auto,
-            Backend::CudaSim => crate::engine::BackendChoice::CudaSim,
-        }
-    }
-}
+pub use crate::exec::Backend;
 
 /// Flags of `retinaface serve`. The CLI flattens this into its `serve` subcommand.
 #[derive(Clone, Debug, clap::Args)]
@@ -109,6 +89,10 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// MiB of activation memory (host or device) kept for cached execution plans, one per batch and
+    /// input size; the least recently used are freed past it. The plan running now always stays.
+    #[arg(long, default_value_t = crate::graph::DEFAULT_PLAN_CACHE_BYTES >> 20)]
+    pub plan_cache_mb: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

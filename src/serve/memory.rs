@@ -6,6 +6,7 @@
 //! function, and its decoder may read far past the header before it checks anything), and the memory
 //! release after large batches.
 
+use crate::graph::Plan;
 use crate::image_io::{self, ResizeMode};
 use crate::model::graph::Graph;
 use std::sync::Arc;
@@ -109,94 +110,38 @@ pub fn network_input(p: &Probe, mode: ResizeMode) -> (usize, usize) {
     if r == 1.0 { (w, h) } else { image_io::resized_dims(w, h, r) }
 }
 
-/// The graph's tensor shapes and the CPU executor's buffer plan, enough to bound a forward pass's
-/// memory at any input size.
+/// The graph's ops and tensor shapes (its weights dropped), enough to bound a forward pass's memory at
+/// any input size with the executors' own buffer plan ([`Plan`]).
 #[derive(Clone, Debug)]
 pub struct ForwardModel {
+    skeleton: Arc<Graph>,
     /// (channels, stride) of every tensor.
     tensors: Vec<(u64, u64)>,
-    /// The graph input, taken from the buffer pool before the first op.
-    input: usize,
-    /// Per op: the tensor whose buffer it takes from the pool (if any), and the tensors whose buffers
-    /// go back to the pool after it.
-    steps: Vec<(Option<usize>, Vec<usize>)>,
 }
 
 impl ForwardModel {
-    /// The plan mirrors `cpu::exec::run`: a conv takes a buffer for its output unless an earlier
-    /// branch wrote it (SSH), a max-pool always takes one, an upsample-add writes in place; after each
-    /// op the tensors it was the last reader of go back to the pool, except the taps.
     pub fn new(graph: &Graph) -> ForwardModel {
         use crate::model::graph::Op;
-        let nt = graph.tensors.len();
-        let mut last_use = vec![0usize; nt];
-        for (i, op) in graph.ops.iter().enumerate() {
-            let reads: Vec<usize> = match op {
-                Op::Conv(c) => std::iter::once(c.input).chain(c.residual).collect(),
-                Op::MaxPool { input, .. } => vec![*input],
-                Op::UpsampleAdd { src, .. } => vec![*src],
-            };
-            for t in reads {
-                last_use[t] = i;
+        let mut skeleton = graph.clone();
+        for op in &mut skeleton.ops {
+            if let Op::Conv(c) | Op::Heads { conv: c, .. } = op {
+                c.weight = Vec::new();
+                c.bias = Vec::new();
             }
         }
-        let taps = &graph.taps;
-        let keep: Vec<bool> = (0..nt)
-            .map(|t| {
-                taps.backbone.contains(&t) || taps.fpn.contains(&t) || taps.ssh.contains(&t) || taps.head.contains(&t)
-            })
-            .collect();
-        let mut written = vec![false; nt];
-        written[graph.input] = true;
-        let steps = graph
-            .ops
-            .iter()
-            .enumerate()
-            .map(|(i, op)| {
-                let out = Graph::op_output(op);
-                let takes = match op {
-                    Op::Conv(_) | Op::MaxPool { .. } if !written[out] || matches!(op, Op::MaxPool { .. }) => Some(out),
-                    _ => None,
-                };
-                written[out] = true;
-                let frees = (0..nt).filter(|&t| last_use[t] == i && !keep[t] && t != out && written[t]).collect();
-                (takes, frees)
-            })
-            .collect();
         ForwardModel {
+            skeleton: Arc::new(skeleton),
             tensors: graph.tensors.iter().map(|t| (t.channels as u64, t.stride as u64)).collect(),
-            input: graph.input,
-            steps,
         }
     }
 
-    /// f32 values the pass allocates, starting from an empty pool: the plan played with the pool's
-    /// best-fit reuse (the smallest free buffer that holds the tensor, else a new one).
+    /// f32 values of one image's activation arena: the plan every executor runs with (shapes, liveness,
+    /// offsets), or, should no plan be possible at this size, every tensor with a buffer of its own.
     fn allocated(&self, h: u64, w: u64) -> u64 {
-        let mut free: Vec<u64> = Vec::new();
-        let mut held: Vec<u64> = vec![0; self.tensors.len()];
-        let mut total = 0;
-        let mut take = |len: u64, free: &mut Vec<u64>| -> u64 {
-            match free.iter().enumerate().filter(|(_, c)| **c >= len).min_by_key(|(_, c)| **c).map(|(i, _)| i) {
-                Some(i) => free.swap_remove(i),
-                None => {
-                    total += len;
-                    len
-                }
-            }
-        };
-        held[self.input] = take(3 * h * w, &mut free);
-        for (takes, frees) in &self.steps {
-            if let Some(t) = takes {
-                held[*t] = take(self.size(*t, h, w), &mut free);
-            }
-            for &t in frees {
-                if held[t] > 0 {
-                    free.push(std::mem::take(&mut held[t]));
-                }
-            }
+        match Plan::new(&self.skeleton, 1, h as usize, w as usize, false) {
+            Ok(plan) => plan.arena_bytes() as u64 / 4,
+            Err(_) => (0..self.tensors.len()).map(|t| self.size(t, h, w)).sum(),
         }
-        total
     }
 
     fn size(&self, t: usize, h: u64, w: u64) -> u64 {
@@ -207,9 +152,9 @@ impl ForwardModel {
     /// Forward-pass bytes of one image at h×w; a batch of n takes n times it (every buffer scales
     /// with n, so the plan is the same).
     ///
-    /// Rule: what the executor's plan allocates from an empty pool (see `allocated`: each tensor is
-    /// `channels·ceil(h/stride)·ceil(w/stride)` f32; without reuse this would be the sum of all
-    /// tensors, with it typically a third of that), plus one padded copy of the largest tensor (the
+    /// Rule: the executors' plan arena (see `allocated`: each tensor is
+    /// `channels·ceil(h/stride)·ceil(w/stride)` f32, placed in one arena by liveness; without reuse this
+    /// would be the sum of all tensors, with it typically a third of that), plus one padded copy of the largest tensor (the
     /// convolutions' scratch: (h'+2)(w'+2) per channel), and the raw outputs and decoded candidates,
     /// 16 f32 per anchor, twice.
     pub fn bytes(&self, h: usize, w: usize) -> u64 {

@@ -116,7 +116,11 @@ impl ServerHandle {
         let cfg = Arc::new(Config::from_args(&args)?);
         let t0 = Instant::now();
         let mut engine = Engine::new(&cfg.weights, cfg.network)?;
-        let backend = engine.set_backend(args.backend.choice())?;
+        let backend = engine.set_backend(args.backend)?;
+        let plan_cache = args.plan_cache_mb.checked_mul(1 << 20).ok_or_else(|| {
+            Error::InvalidArgument(format!("--plan-cache-mb {} overflows a byte count", args.plan_cache_mb))
+        })?;
+        engine.set_plan_cache_bytes(plan_cache)?;
         let engine = Arc::new(engine);
         let backend = backend.trim_start_matches("backend ");
         tracing::info!(network = %engine.network(), ms = t0.elapsed().as_millis() as u64, %backend, "engine loaded");

@@ -21,12 +21,13 @@ pub fn reference_key(key: &str) -> String {
     let Some(rest) = key.strip_prefix("body.") else { return key.to_string() };
     // MobileNetV1 depthwise-separable layers are one flat sequence of 6 children in this layout.
     let parts: Vec<&str> = rest.split('.').collect();
-    if parts.len() >= 4 && parts[0].starts_with("stage") {
-        if let (Ok(i), Ok(c)) = (parts[1].parse::<usize>(), parts[2].parse::<usize>()) {
-            let is_stem = parts[0] == "stage1" && i == 0;
-            if !is_stem && c < 6 {
-                return format!("fx.{}.{}.{}.{}.{}", parts[0], i, c / 3, c % 3, parts[3..].join("."));
-            }
+    if parts.len() >= 4
+        && parts[0].starts_with("stage")
+        && let (Ok(i), Ok(c)) = (parts[1].parse::<usize>(), parts[2].parse::<usize>())
+    {
+        let is_stem = parts[0] == "stage1" && i == 0;
+        if !is_stem && c < 6 {
+            return format!("fx.{}.{}.{}.{}.{}", parts[0], i, c / 3, c % 3, parts[3..].join("."));
         }
     }
     format!("fx.{rest}")

@@ -186,7 +186,7 @@ fn check_fold(
     let per_out = w.len() / cout;
     let bad = |name: &str, msg: String| Err(Error::TensorData { name: name.to_string(), msg });
     for o in 0..cout {
-        let v = var[o] as f64 + crate::model::fold::BN_EPS;
+        let v = var[o] as f64 + crate::passes::fold_bn::BN_EPS;
         if v.is_nan() || v <= 0.0 {
             return bad(vk, format!("running variance {} at element {o} makes BatchNorm's σ²+ε negative", var[o]));
         }

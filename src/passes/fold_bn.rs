@@ -1,3 +1,7 @@
+//! BatchNorm folding, the first graph pass. The IR has no BatchNorm op: the builder applies this to
+//! each conv's weights as it reads them (src/model/mod.rs, `conv_bn`), so no graph ever holds an
+//! unfolded BN.
+//!
 //! BatchNorm folding: `bn(conv(x, w))` becomes `conv(x, w·s) + (β − μ·s)` with `s = γ / sqrt(σ² + ε)`.
 
 pub const BN_EPS: f64 = 1e-5;

@@ -89,6 +89,30 @@ pub enum Op {
         src: TensorId,
         dst: TensorId,
     },
+    /// The fused heads of one pyramid level (made by `passes::fuse_heads`): the 1×1 conv to
+    /// [`HEAD_CHANNELS`] whose output is the level's head tap, then the anchor-major split into loc,
+    /// softmaxed conf and landmarks. The CPU runs the conv and splits when it reads the raw outputs;
+    /// the CUDA heads kernel does both in one launch and never writes the head tensor.
+    Heads {
+        level: usize,
+        conv: Conv,
+    },
+}
+
+impl Op {
+    /// The tensor the op writes.
+    pub fn output(&self) -> TensorId {
+        Graph::op_output(self)
+    }
+
+    /// The tensors the op reads; an in-place op's destination counts, as its old values are read.
+    pub fn reads(&self) -> Vec<TensorId> {
+        match self {
+            Op::Conv(c) | Op::Heads { conv: c, .. } => std::iter::once(c.input).chain(c.residual).collect(),
+            Op::MaxPool { input, .. } => vec![*input],
+            Op::UpsampleAdd { src, dst } => vec![*src, *dst],
+        }
+    }
 }
 
 /// Where a data-path stage's result lives.
@@ -126,9 +150,15 @@ pub struct Graph {
 }
 
 impl Graph {
+    /// Every tap tensor: the stages' results the executors hand back.
+    pub fn is_tap(&self, t: TensorId) -> bool {
+        let taps = &self.taps;
+        taps.backbone.contains(&t) || taps.fpn.contains(&t) || taps.ssh.contains(&t) || taps.head.contains(&t)
+    }
+
     pub fn op_output(op: &Op) -> TensorId {
         match op {
-            Op::Conv(c) => c.output,
+            Op::Conv(c) | Op::Heads { conv: c, .. } => c.output,
             Op::MaxPool { output, .. } => *output,
             Op::UpsampleAdd { dst, .. } => *dst,
         }
@@ -139,7 +169,7 @@ impl Graph {
         self.ops
             .iter()
             .map(|op| match op {
-                Op::Conv(c) => {
+                Op::Conv(c) | Op::Heads { conv: c, .. } => {
                     let t = &self.tensors[c.output];
                     (t.height(h) * t.width(w) * c.cout * (c.cin / c.groups) * c.kernel * c.kernel) as u64
                 }

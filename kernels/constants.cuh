@@ -1,0 +1,19 @@
+// constants.cuh — the constants the kernels and the host share, each defined once: build.rs mirrors
+// every #define here into Rust (src/cuda/params.rs `consts`, used by src/post, src/cpu and the CUDA
+// executor). Values: integers become usize, numbers with a point f32, {a, b, ...} arrays.
+#pragma once
+
+// Activation codes of ConvParams::act.
+#define ACT_NONE 0
+#define ACT_LEAKY 1
+#define ACT_RELU6 2
+
+// The reference's input normalisation: out = float(bgr) − mean, per channel B, G, R.
+#define BGR_MEAN {104.0f, 117.0f, 123.0f}
+
+// Priors: the pyramid levels' strides and, per level, the two anchor sizes in input pixels.
+#define PRIOR_STEPS {8, 16, 32}
+#define PRIOR_MIN_SIZES {16, 32, 64, 128, 256, 512}
+
+// The most candidates the device NMS takes per image: one block's 128 mask words of 64 bits.
+#define NMS_MAX_CANDIDATES 8192

@@ -1,0 +1,154 @@
+//! The executor interface: what runs a graph on a device. The engine holds one `dyn Executor` and
+//! every method of it runs there, so `set_backend` moves all of the work, not part of it.
+//!
+//! Layering: this module sits below the executors (src/cpu, src/cuda) and above the graph, the image
+//! and the post-processing types it names; nothing here imports an executor.
+
+use crate::detection::Detection;
+use crate::error::{Error, Result};
+use crate::graph::{Plan, TensorId};
+use crate::image_io::BgrImage;
+use crate::post::{self, PostOptions, RawOutput, anchors};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Which backend runs the network; the one enum the engine, the CLI and `serve` parse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    Cpu,
+    /// The first CUDA GPU; an error when there is none.
+    Cuda,
+    /// CUDA when a GPU and NVRTC are present, else the CPU.
+    Auto,
+    /// The CUDA kernels run in the CPU simulation (slow; for checking kernels without a GPU).
+    CudaSim,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        <Backend as clap::ValueEnum>::from_str(s, false)
+            .map_err(|_| Error::InvalidArgument(format!("backend `{s}`: expected cpu, cuda, auto or cuda-sim")))
+    }
+}
+
+/// Time per stage of a batch, for `retinaface bench`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timings {
+    pub preprocess: Duration,
+    pub backbone: Duration,
+    pub neck: Duration,
+    pub heads: Duration,
+    pub postprocess: Duration,
+}
+
+/// Above this many pixels (per image) the forward pass is refused rather than exhausting memory.
+pub const MAX_INPUT_PIXELS: usize = 64_000_000;
+
+/// The common size of a batch: equal sizes, at least one image, within the pixel bound.
+pub fn check_batch(images: &[&BgrImage]) -> Result<(usize, usize)> {
+    let first = images.first().ok_or_else(|| Error::InvalidArgument("empty batch".into()))?;
+    let (h, w) = (first.height, first.width);
+    if let Some(o) = images.iter().find(|i| i.height != h || i.width != w) {
+        return Err(Error::InvalidArgument(format!("batch mixes image sizes {w}x{h} and {}x{}", o.width, o.height)));
+    }
+    if h == 0 || w == 0 || h * w > MAX_INPUT_PIXELS {
+        return Err(Error::InvalidArgument(format!("network input {w}x{h} is outside 1..={MAX_INPUT_PIXELS} pixels")));
+    }
+    Ok((h, w))
+}
+
+/// The tensors of one forward pass that an executor hands back: the taps (every tensor with
+/// `keep_all`), each [n, c, h, w], and the raw head outputs of each image.
+pub struct Activations {
+    pub n: usize,
+    pub input_h: usize,
+    pub input_w: usize,
+    pub tensors: Vec<Option<Vec<f32>>>,
+    pub raw: Vec<RawOutput>,
+}
+
+impl Activations {
+    pub fn get(&self, t: TensorId) -> Option<&[f32]> {
+        self.tensors.get(t).and_then(|v| v.as_deref())
+    }
+}
+
+/// Runs the network on one device. Implementations: the CPU ([`crate::cpu::CpuExecutor`]) and the CUDA
+/// kernels over a runner ([`crate::cuda::CudaExecutor`]: a GPU, or the CPU simulation).
+pub trait Executor: Send + Sync {
+    /// What runs: "cpu (2 threads, AVX-512 conv kernel)", "cuda:0 NVIDIA H200 (sm_90)", "simulation ...".
+    fn describe(&self) -> String;
+
+    /// Runs same-sized images; returns the taps (all tensors with `keep_all`) and the raw outputs.
+    fn run(&self, images: &[&BgrImage], keep_all: bool, timings: Option<&mut Timings>) -> Result<Activations>;
+
+    /// The raw head outputs of same-sized images in the goldens' layout.
+    fn forward(&self, images: &[&BgrImage], timings: Option<&mut Timings>) -> Result<Vec<RawOutput>> {
+        Ok(self.run(images, false, timings)?.raw)
+    }
+
+    /// Detections of same-sized images; image i was resized by `scales[i]`, its boxes come back in its
+    /// original pixels.
+    fn detect(
+        &self,
+        images: &[&BgrImage],
+        scales: &[f64],
+        post: &PostOptions,
+        mut timings: Option<&mut Timings>,
+    ) -> Result<Vec<Vec<Detection>>> {
+        let raws = self.forward(images, timings.as_deref_mut())?;
+        let t1 = Instant::now();
+        let priors = anchors::priors(images[0].height, images[0].width);
+        let dets = raws.iter().zip(scales).map(|(raw, &r)| post::postprocess(raw, &priors, r as f32, post)).collect();
+        if let Some(t) = timings {
+            t.postprocess += t1.elapsed();
+        }
+        Ok(dets)
+    }
+
+    /// The plan an n×3×h×w batch runs with: computed by [`Plan::new`] for every executor alike and
+    /// cached with this executor's buffers for it.
+    fn plan(&self, n: usize, h: usize, w: usize) -> Result<Arc<Plan>>;
+
+    /// Bytes of activation memory the executor holds between passes (its cached plans' buffers).
+    fn held_bytes(&self) -> usize;
+
+    /// Bounds the bytes of cached plans' buffers; plans over it are evicted and their buffers freed.
+    fn set_plan_cache_bytes(&self, bytes: usize) -> Result<()>;
+
+    /// Evicts every cached plan and frees its buffers (the server, after a large batch, so resident
+    /// memory falls back); the next pass plans and allocates afresh.
+    fn release_plans(&self) -> Result<()>;
+}
+
+/// Indices 0..n grouped by equal `key`, groups in order of first appearance, indices ascending.
+pub fn groups<K: PartialEq>(n: usize, key: impl Fn(usize) -> K) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(K, Vec<usize>)> = Vec::new();
+    for j in 0..n {
+        let k = key(j);
+        match groups.iter_mut().find(|(g, _)| *g == k) {
+            Some((_, members)) => members.push(j),
+            None => groups.push((k, vec![j])),
+        }
+    }
+    groups.into_iter().map(|(_, members)| members).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn groups_keep_first_appearance_order() {
+        let keys = [3, 1, 3, 2, 1, 3];
+        assert_eq!(super::groups(keys.len(), |j| keys[j]), vec![vec![0, 2, 5], vec![1, 4], vec![3]]);
+        assert!(super::groups(0, |j| j).is_empty());
+    }
+
+    #[test]
+    fn backend_parses_its_names_and_names_a_bad_one() {
+        use super::Backend;
+        assert_eq!("cuda-sim".parse::<Backend>().unwrap(), Backend::CudaSim);
+        assert_eq!("cpu".parse::<Backend>().unwrap(), Backend::Cpu);
+        assert!("tpu".parse::<Backend>().unwrap_err().to_string().contains("backend `tpu`"));
+    }
+}
