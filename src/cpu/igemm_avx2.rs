@@ -18,7 +18,7 @@
 #[cfg(target_arch = "x86_64")]
 use super::igemm::{MR, NR};
 
-/// Output channels per micro-tile.
+/// Output channels per micro-tile (`micro` names its 4×3 accumulators).
 #[cfg(target_arch = "x86_64")]
 const MR2: usize = 4;
 /// 8-lane registers per row of a micro-tile.
@@ -95,36 +95,52 @@ unsafe fn micro<const MASKED: bool, const PREFETCH: bool>(
                 *m = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), lane_index);
             }
         }
-        let mut acc = [[_mm256_setzero_ps(); V2]; MR2];
-        if accumulate {
-            for (r, row) in acc.iter_mut().enumerate() {
-                for (v, x) in row.iter_mut().enumerate() {
-                    *x = _mm256_loadu_ps(c.add(r * ldc + 8 * v));
-                }
-            }
-        }
+        // Twelve named accumulators rather than an array: with an array LLVM's register allocator
+        // rotated the accumulators through extra moves and spilled one per step (measured in the
+        // disassembly), which put a store-to-load round trip on an accumulation chain.
+        let ld =
+            |r: usize, v: usize| if accumulate { _mm256_loadu_ps(c.add(r * ldc + 8 * v)) } else { _mm256_setzero_ps() };
+        let (mut c00, mut c01, mut c02) = (ld(0, 0), ld(0, 1), ld(0, 2));
+        let (mut c10, mut c11, mut c12) = (ld(1, 0), ld(1, 1), ld(1, 2));
+        let (mut c20, mut c21, mut c22) = (ld(2, 0), ld(2, 1), ld(2, 2));
+        let (mut c30, mut c31, mut c32) = (ld(3, 0), ld(3, 1), ld(3, 2));
         let mut ap = a;
         for &off in offsets {
             let bp = src.add(off as usize);
-            let mut b = [_mm256_setzero_ps(); V2];
-            for (v, x) in b.iter_mut().enumerate() {
-                *x = if MASKED { _mm256_maskload_ps(bp.add(8 * v), masks[v]) } else { _mm256_loadu_ps(bp.add(8 * v)) };
-            }
+            let (b0, b1, b2) = if MASKED {
+                (
+                    _mm256_maskload_ps(bp, masks[0]),
+                    _mm256_maskload_ps(bp.add(8), masks[1]),
+                    _mm256_maskload_ps(bp.add(16), masks[2]),
+                )
+            } else {
+                (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)), _mm256_loadu_ps(bp.add(16)))
+            };
             if PREFETCH {
                 // 24 floats span at most 3 cache lines: their first and last floats and the middle.
                 for d in [0, NR2 / 2, NR2 - 1] {
                     _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(NR + d) as *const i8);
                 }
             }
-            for (r, row) in acc.iter_mut().enumerate() {
-                let av = _mm256_broadcast_ss(&*ap.add(r));
-                for (x, bv) in row.iter_mut().zip(&b) {
-                    *x = _mm256_fmadd_ps(av, *bv, *x);
-                }
-            }
+            let a0 = _mm256_broadcast_ss(&*ap);
+            c00 = _mm256_fmadd_ps(a0, b0, c00);
+            c01 = _mm256_fmadd_ps(a0, b1, c01);
+            c02 = _mm256_fmadd_ps(a0, b2, c02);
+            let a1 = _mm256_broadcast_ss(&*ap.add(1));
+            c10 = _mm256_fmadd_ps(a1, b0, c10);
+            c11 = _mm256_fmadd_ps(a1, b1, c11);
+            c12 = _mm256_fmadd_ps(a1, b2, c12);
+            let a2 = _mm256_broadcast_ss(&*ap.add(2));
+            c20 = _mm256_fmadd_ps(a2, b0, c20);
+            c21 = _mm256_fmadd_ps(a2, b1, c21);
+            c22 = _mm256_fmadd_ps(a2, b2, c22);
+            let a3 = _mm256_broadcast_ss(&*ap.add(3));
+            c30 = _mm256_fmadd_ps(a3, b0, c30);
+            c31 = _mm256_fmadd_ps(a3, b1, c31);
+            c32 = _mm256_fmadd_ps(a3, b2, c32);
             ap = ap.add(MR);
         }
-        for (r, row) in acc.iter().enumerate() {
+        for (r, row) in [[c00, c01, c02], [c10, c11, c12], [c20, c21, c22], [c30, c31, c32]].iter().enumerate() {
             for (v, x) in row.iter().enumerate() {
                 _mm256_storeu_ps(c.add(r * ldc + 8 * v), *x);
             }
