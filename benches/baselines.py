@@ -5,6 +5,11 @@ re-stated from docs/retinaface-spec.md, BatchNorm not folded) and ONNX Runtime (
 exported to ONNX), against `retinaface bench --backend cpu`. Batch 1, same thread count for all.
 
     python3 benches/baselines.py --size 640x640 --networks mobilenetv1_0.25,resnet50 [--iters 5] [--rounds 3]
+        [--isa avx512,avx2]
+
+`--isa` lists the engine's CPU levels to time (RETINAFACE_CPU_ISA for each engine run; default: the
+level the engine picks itself); every level runs in each round, interleaved with PyTorch and ONNX
+Runtime, and gets its own row. A level the processor lacks is refused before any timing.
 
 Needs a throwaway venv with torch, onnx and onnxruntime (not part of the engine or its tests).
 Weights: the synthetic recipe (`retinaface synthetic`), the same for all three, so all three compute
@@ -247,13 +252,18 @@ def main():
     ap.add_argument("--iters", type=int, default=5, help="timed runs per engine per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--isa", default="", help="comma-separated engine levels (avx512, avx2, portable); empty: the engine's own")
     a = ap.parse_args()
+    levels = [v.strip() for v in a.isa.split(",") if v.strip()] or [None]
+    for lv in levels:
+        if lv not in ("avx512", "avx2", "portable"):
+            sys.exit(f"--isa: unknown level `{lv}` (expected avx512, avx2 or portable)")
     w, h = (int(v) for v in a.size.split("x"))
     torch.set_num_threads(a.threads)
     import onnxruntime as ort
 
-    print("| network | engine ms (median / min) | PyTorch ms | ONNX Runtime ms | speed-up vs PyTorch (median / min) | vs ORT (median / min) |")
-    print("|---|---|---|---|---|---|")
+    print("| network | engine level | engine ms (median / min) | PyTorch ms | ONNX Runtime ms | speed-up vs PyTorch (median / min) | vs ORT (median / min) |")
+    print("|---|---|---|---|---|---|---|")
     for name in a.networks.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             wpath = os.path.join(tmp, "w.safetensors")
@@ -274,21 +284,34 @@ def main():
             feed = {"x": inp.numpy()}
             # Rounds interleave the three engines, so a slow spell of this shared machine falls on all of
             # them alike; each engine's median and minimum are over all its rounds.
-            ours, pts, oxs = [], [], []
+            ours, pts, oxs = {lv: [] for lv in levels}, [], []
             for _ in range(a.rounds):
-                time.sleep(1)  # the other runtimes' idle worker threads stop spinning before ours start
-                out = subprocess.run([BIN, "bench", "--backend", "cpu", "--network", name, "--weights", wpath, "--size", a.size, "--iters", str(a.iters), "--forward-only", "--json"], check=True, capture_output=True, text=True)
-                lat = json.loads(out.stdout)["latency_ms"]
-                ours.append((lat["p50"], lat["min"]))
+                for lv in levels:
+                    time.sleep(1)  # the other runtimes' idle worker threads stop spinning before ours start
+                    env = dict(os.environ)
+                    env.pop("RETINAFACE_CPU_AVX512", None)
+                    if lv is None:
+                        env.pop("RETINAFACE_CPU_ISA", None)
+                    else:
+                        env["RETINAFACE_CPU_ISA"] = lv
+                    out = subprocess.run([BIN, "bench", "--backend", "cpu", "--network", name, "--weights", wpath, "--size", a.size, "--iters", str(a.iters), "--forward-only", "--json"], check=True, capture_output=True, text=True, env=env)
+                    # The engine falls back (with a message) when the processor lacks a level: a row
+                    # labelled with a level that did not run would be a wrong answer.
+                    if lv is not None and "not support" in out.stderr:
+                        sys.exit(f"--isa {lv}: {out.stderr.strip()}")
+                    lat = json.loads(out.stdout)["latency_ms"]
+                    ours[lv].append((lat["p50"], lat["min"]))
                 with torch.no_grad():
                     pts.append(timed(lambda: m(inp), a.iters))
                 oxs.append(timed(lambda: sess.run(None, feed), a.iters))
             del sess
             med = lambda xs: float(np.median([v[0] for v in xs]))
             low = lambda xs: min(v[1] for v in xs)
-            o, p, x_ = (med(ours), low(ours)), (med(pts), low(pts)), (med(oxs), low(oxs))
-            print(f"| {name} | {o[0]:.1f} / {o[1]:.1f} | {p[0]:.1f} / {p[1]:.1f} | {x_[0]:.1f} / {x_[1]:.1f} | "
-                  f"{p[0] / o[0]:.2f}x / {p[1] / o[1]:.2f}x | {x_[0] / o[0]:.2f}x / {x_[1] / o[1]:.2f}x |", flush=True)
+            p, x_ = (med(pts), low(pts)), (med(oxs), low(oxs))
+            for lv in levels:
+                o = (med(ours[lv]), low(ours[lv]))
+                print(f"| {name} | {lv or 'auto'} | {o[0]:.1f} / {o[1]:.1f} | {p[0]:.1f} / {p[1]:.1f} | {x_[0]:.1f} / {x_[1]:.1f} | "
+                      f"{p[0] / o[0]:.2f}x / {p[1] / o[1]:.2f}x | {x_[0] / o[0]:.2f}x / {x_[1] / o[1]:.2f}x |", flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,9 @@
 //! Single convolutions of the shapes that dominate the networks at 640x640, on the CPU path the engine
-//! picks (the AVX-512 implicit GEMM where the processor has it), as GFLOPS.
+//! picks (the AVX-512 or AVX2 implicit GEMM where the processor has it), as GFLOPS.
 //!
 //!     cargo bench --bench conv_shapes                               # the chosen paths
-//!     RETINAFACE_CPU_AVX512=0 cargo bench --bench conv_shapes       # the portable paths, to compare
+//!     RETINAFACE_CPU_ISA=avx2 cargo bench --bench conv_shapes       # the AVX2 + FMA kernel
+//!     RETINAFACE_CPU_ISA=portable cargo bench --bench conv_shapes   # the portable paths, to compare
 //!     RAYON_NUM_THREADS=1 cargo bench --bench conv_shapes           # one core
 //!     cargo bench --bench conv_shapes -- layer3 layer4              # names containing these
 //!

@@ -111,3 +111,35 @@ fn crowd_with_real_weights_finds_the_reference_27_faces_above_half() {
     assert_eq!(theirs, 27);
     assert_eq!(ours, 27);
 }
+
+/// One MobileNet and one ResNet case (odd size) at every CPU ISA level this processor runs, chosen
+/// in-process: each level's convolution kernel must hold the same tolerances. Levels the processor lacks
+/// must be refused, not run.
+#[test]
+fn golden_cases_match_at_every_cpu_isa_level() {
+    use retinaface::cpu::{Isa, describe, isa, set_isa};
+    let levels = Isa::supported_levels();
+    let mut failures = Vec::new();
+    for level in Isa::ALL {
+        if !level.supported() {
+            let e = set_isa(Some(level)).unwrap_err().to_string();
+            assert!(e.contains(level.name()) && e.contains("not supported"), "{e}");
+            continue;
+        }
+        set_isa(Some(level)).unwrap();
+        assert_eq!(isa(), level);
+        let want = match level {
+            Isa::Avx512 => "AVX-512 conv kernel",
+            Isa::Avx2 => "AVX2 conv kernel",
+            Isa::Portable => "portable conv paths",
+        };
+        assert!(describe().contains(want), "{level:?}: {}", describe());
+        for name in ["synthetic-mobilenetv2-seed1-301x203", "synthetic-resnet18-seed1-301x203"] {
+            println!("level {}:", level.name());
+            failures.extend(check_case(name).into_iter().map(|f| format!("{}: {f}", level.name())));
+        }
+    }
+    set_isa(None).unwrap();
+    println!("levels: {levels:?}");
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}

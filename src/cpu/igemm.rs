@@ -1,5 +1,5 @@
 //! Dense convolution (groups 1, stride 1 or 2, any kernel size) as an implicit GEMM with an AVX-512
-//! micro-kernel, used when the processor has AVX-512F.
+//! micro-kernel (`Isa::Avx512`) or an AVX2 + FMA one (`Isa::Avx2`, in `igemm_avx2`).
 //!
 //! `out[co, pixel] = Σ_k W[co, k] · B[k, pixel]` with k = (ci, ky, kx). B is never materialised: the
 //! input is copied once into zero-padded *phase planes* (for stride 2 the padded plane is split into its
@@ -15,6 +15,7 @@
 //! Each output sums its products in k order, in one thread: results do not depend on the thread
 //! count, and differ from the definition only by f32 rounding (fused multiply-adds).
 
+use super::Isa;
 use super::ops::{MIN_TASKS, SharedMut, out_size, store_grid, valid_columns};
 use crate::model::graph::Conv;
 use rayon::prelude::*;
@@ -38,22 +39,32 @@ thread_local! {
     static PLANES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Whether convolutions run on the micro-kernel: the processor has AVX-512F and `RETINAFACE_CPU_AVX512`
-/// is not `0` (which selects the portable paths, to compare them or to rule this one out).
-pub fn available() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| {
-        let wanted = std::env::var("RETINAFACE_CPU_AVX512").map_or(true, |v| v != "0");
-        #[cfg(target_arch = "x86_64")]
-        {
-            wanted && std::arch::is_x86_feature_detected!("avx512f")
+/// The micro-kernel that computes an MR×NR tile. Both share everything else here (planes, offsets,
+/// packed weights, task split, bands, epilogue); only the inner loop differs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// One 8×48 tile of 16-lane registers (24 accumulators).
+    Avx512,
+    /// The tile as four 4×24 tiles of 8-lane registers (12 accumulators, `igemm_avx2`).
+    Avx2,
+}
+
+impl Kernel {
+    /// The kernel a level runs, if it has one.
+    pub fn for_isa(isa: Isa) -> Option<Kernel> {
+        match isa {
+            Isa::Avx512 => Some(Kernel::Avx512),
+            Isa::Avx2 => Some(Kernel::Avx2),
+            Isa::Portable => None,
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = wanted;
-            false
+    }
+
+    pub fn isa(self) -> Isa {
+        match self {
+            Kernel::Avx512 => Isa::Avx512,
+            Kernel::Avx2 => Isa::Avx2,
         }
-    })
+    }
 }
 
 /// Whether `conv` has a shape this path computes.
@@ -196,9 +207,10 @@ fn fill_planes(g: &Geometry, conv: &Conv, x: &[f32], n: usize, h: usize, w: usiz
     start
 }
 
-/// The convolution of `ops::conv2d`, on the micro-kernel. Call only when `available()` and `handles(conv)`.
+/// The convolution of `ops::conv2d`, on `kernel`. Call only when `handles(conv)` and `fits`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn conv(
+    kernel: Kernel,
     conv: &Conv,
     x: &[f32],
     n: usize,
@@ -208,6 +220,9 @@ pub(super) fn conv(
     out_channels: usize,
     residual: Option<&[f32]>,
 ) {
+    // An internal invariant (levels are checked where they are chosen), kept as a check because the
+    // alternative to a panic here is an illegal instruction.
+    assert!(kernel.isa().supported(), "igemm: the {kernel:?} kernel was chosen on a processor without it");
     let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
     let (oh, ow) = (out_size(h, k, s, p), out_size(w, k, s, p));
     let depth = conv.cin * k * k;
@@ -233,7 +248,7 @@ pub(super) fn conv(
     let co_tasks = MIN_TASKS.div_ceil(n * pix_tasks).clamp(1, blocks);
     let blocks_per_task = blocks.div_ceil(co_tasks);
     let co_tasks = blocks.div_ceil(blocks_per_task);
-    let task = Task { conv, g: &g, src, packed, depth, out, out_channels, residual, oh, ow };
+    let task = Task { kernel, conv, g: &g, src, packed, depth, out, out_channels, residual, oh, ow };
     (0..n * pix_tasks * co_tasks).into_par_iter().for_each_init(Vec::new, |band: &mut Vec<f32>, t| {
         let (b, rest) = (t / (pix_tasks * co_tasks), t % (pix_tasks * co_tasks));
         let (pt, ct) = (rest / co_tasks, rest % co_tasks);
@@ -247,6 +262,7 @@ pub(super) fn conv(
 }
 
 struct Task<'a> {
+    kernel: Kernel,
     conv: &'a Conv,
     g: &'a Geometry,
     src: &'a [f32],
@@ -277,9 +293,9 @@ impl Task<'_> {
                 for j in 0..nblk {
                     let a = &self.packed[((blk0 + j) * self.depth + kc0) * MR..][..kc * MR];
                     let c = &mut band[j * MR * ld + t * NR..];
-                    // SAFETY: `available()` was checked by the caller; every B read lies at
+                    // SAFETY: `conv` checked that the processor runs `kernel`; every B read lies at
                     // offset[k] + px + lane with lane < valid, inside the image's planes (or their slack).
-                    unsafe { tile_dispatch(a, offsets, &img[px..], c, ld, kc0 > 0, valid, j == 0) };
+                    unsafe { tile_dispatch(self.kernel, a, offsets, &img[px..], c, ld, kc0 > 0, valid, j == 0) };
                 }
             }
         }
@@ -315,10 +331,11 @@ impl Task<'_> {
 /// apart. Lanes ≥ `valid` of B are not read (and their C values are junk).
 ///
 /// # Safety
-/// AVX-512F must be available; `src` must cover `offset[k] + valid` for every k; `c` must cover MR rows
+/// The processor must run `kernel`; `src` must cover `offset[k] + valid` for every k; `c` must cover MR rows
 /// of NR floats `ldc` apart; `a` must hold `offsets.len() · MR` floats.
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_dispatch(
+    kernel: Kernel,
     a: &[f32],
     offsets: &[u32],
     src: &[f32],
@@ -331,7 +348,14 @@ unsafe fn tile_dispatch(
     debug_assert!(a.len() >= offsets.len() * MR && c.len() >= (MR - 1) * ldc + NR);
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        if valid == NR && prefetch {
+        if kernel == Kernel::Avx2 {
+            let (a, src, c) = (a.as_ptr(), src.as_ptr(), c.as_mut_ptr());
+            if prefetch {
+                super::igemm_avx2::tile::<true>(a, offsets, src, c, ldc, accumulate, valid)
+            } else {
+                super::igemm_avx2::tile::<false>(a, offsets, src, c, ldc, accumulate, valid)
+            }
+        } else if valid == NR && prefetch {
             tile::<false, true>(a.as_ptr(), offsets, src.as_ptr(), c.as_mut_ptr(), ldc, accumulate, valid)
         } else if valid == NR {
             tile::<false, false>(a.as_ptr(), offsets, src.as_ptr(), c.as_mut_ptr(), ldc, accumulate, valid)
@@ -340,7 +364,7 @@ unsafe fn tile_dispatch(
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("the AVX-512 path is only chosen on x86-64")
+    unreachable!("the {kernel:?} kernel is only chosen on x86-64")
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -2,7 +2,8 @@
 //! checked against. Threaded with rayon over independent output regions; every output element is
 //! computed by one task in a fixed order, so results do not depend on the thread count.
 
-use super::igemm;
+use super::igemm::{self, Kernel};
+use super::{Isa, isa};
 use crate::model::graph::{Act, Conv, HEAD_BOX_OFFSET, HEAD_CLASS_OFFSET, HEAD_LANDMARK_OFFSET};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -58,14 +59,14 @@ pub fn conv2d(
     if let Some(r) = residual {
         assert_eq!(r.len(), n * conv.cout * oh * ow, "conv {} residual size", conv.name);
     }
-    conv2d_on(choose_path(conv, h, w), conv, x, n, h, w, out, out_channels, residual);
+    conv2d_on(choose_path(conv, h, w, isa()), conv, x, n, h, w, out, out_channels, residual);
 }
 
 /// The ways `conv2d` computes a convolution; each gives the definition's values up to f32 rounding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ConvPath {
-    /// Implicit GEMM with the AVX-512 micro-kernel (`igemm`), for any dense convolution.
-    Igemm,
+    /// Implicit GEMM on an AVX-512 or AVX2 micro-kernel (`igemm`), for any dense convolution.
+    Igemm(Kernel),
     /// Few taps per output: direct accumulation, all output channels at once.
     DirectSmall,
     /// 3×3 stride 1: nine shifted GEMMs on a padded plane.
@@ -75,12 +76,14 @@ enum ConvPath {
     Depthwise,
 }
 
-fn choose_path(conv: &Conv, h: usize, w: usize) -> ConvPath {
+/// The path for `conv` at level `isa` (which the caller has checked the processor supports).
+fn choose_path(conv: &Conv, h: usize, w: usize, isa: Isa) -> ConvPath {
     let k = conv.kernel;
+    let kernel = Kernel::for_isa(isa).filter(|_| igemm::preferred(conv) && igemm::fits(conv, h, w));
     if conv.groups != 1 {
         ConvPath::Depthwise
-    } else if igemm::available() && igemm::preferred(conv) && igemm::fits(conv, h, w) {
-        ConvPath::Igemm
+    } else if let Some(kernel) = kernel {
+        ConvPath::Igemm(kernel)
     } else if conv.cin * k * k <= DIRECT_MAX_TAPS {
         ConvPath::DirectSmall
     } else if k == 3 && conv.stride == 1 && conv.pad == 1 {
@@ -106,7 +109,7 @@ fn conv2d_on(
     let (oh, ow) = (out_size(h, k, s, p), out_size(w, k, s, p));
     let out = SharedMut(out.as_mut_ptr());
     match path {
-        ConvPath::Igemm => igemm::conv(conv, x, n, h, w, out, out_channels, residual),
+        ConvPath::Igemm(kernel) => igemm::conv(kernel, conv, x, n, h, w, out, out_channels, residual),
         ConvPath::DirectSmall => conv_direct_small(conv, x, n, h, w, oh, ow, out, out_channels, residual),
         ConvPath::Shifted3x3 => conv3x3_shifted(conv, x, n, h, w, out, out_channels, residual),
         ConvPath::Im2colGemm => conv_gemm(conv, x, n, h, w, oh, ow, out, out_channels, residual),
@@ -642,8 +645,9 @@ fn depthwise_plane(d: &DwPlane<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
     }
 }
 
-/// `$name` runs `$body_fn` with AVX2 enabled when the processor has it: the crate is built for baseline
-/// x86-64, whose SSE2 halves the width of these loops. The body is `#[inline(always)]`, so it is compiled
+/// `$name` runs `$body_fn` with AVX2 enabled at level AVX2 or above (which `isa()` only reports when
+/// the processor has it): the crate is built for baseline x86-64, whose SSE2 halves the width of these
+/// loops. The body is `#[inline(always)]`, so it is compiled
 /// inside the AVX2 function. Only vector width changes (no FMA contraction): the results are the same bits.
 macro_rules! avx2_dispatch {
     ($vis:vis $name:ident, $avx2:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*)) => {
@@ -655,8 +659,8 @@ macro_rules! avx2_dispatch {
 
         $vis fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the processor supports AVX2, checked just above.
+            if isa() >= Isa::Avx2 {
+                // SAFETY: `isa()` reports AVX2 or above only when the processor supports it.
                 return unsafe { $avx2($($arg),*) };
             }
             $body_fn($($arg),*)
@@ -845,6 +849,9 @@ mod tests {
             (1, 20, 14, 1, 1, 1, 8, 8, Act::None, true, 0),      // 1x1, 64 pixels: copied planes, few channels
             (1, 5, 30, 5, 2, 1, 13, 10, Act::Leaky(0.0), false, 0), // 5x5 stride 2: four phases, two taps deep
         ];
+        let levels = Isa::supported_levels();
+        let kernels: Vec<Kernel> = levels.iter().filter_map(|&l| Kernel::for_isa(l)).collect();
+        let mut exercised = std::collections::HashSet::new();
         for (n, cin, cout, k, stride, groups, h, w, act, with_res, off) in cases {
             let conv = Conv {
                 name: "test".into(),
@@ -869,12 +876,18 @@ mod tests {
             let oc = cout + off + 1;
             let mut want = vec![f32::NAN; n * oc * oh * ow];
             conv_naive(&conv, &x, n, h, w, oc, res.as_deref(), &mut want);
-            let mut paths = vec![choose_path(&conv, h, w)];
+            // What every level this processor runs would choose, every portable path, and each
+            // micro-kernel wherever it applies (not only where it is preferred).
+            let mut paths: Vec<ConvPath> = levels.iter().map(|&l| choose_path(&conv, h, w, l)).collect();
             paths.extend(fallback_paths(&conv));
-            if igemm::available() && igemm::handles(&conv) && igemm::fits(&conv, h, w) {
-                paths.push(ConvPath::Igemm);
+            if igemm::handles(&conv) && igemm::fits(&conv, h, w) {
+                paths.extend(kernels.iter().map(|&k| ConvPath::Igemm(k)));
             }
+            paths.dedup();
             for path in paths {
+                if let ConvPath::Igemm(k) = path {
+                    exercised.insert(k.isa());
+                }
                 let mut got = vec![f32::NAN; n * oc * oh * ow];
                 conv2d_on(path, &conv, &x, n, h, w, &mut got, oc, res.as_deref());
                 for (i, (g, e)) in got.iter().zip(&want).enumerate() {
@@ -893,7 +906,10 @@ mod tests {
                 }
             }
         }
-        assert!(!igemm::available() || cases.iter().any(|c| c.5 == 1), "the AVX-512 path was exercised");
+        for k in &kernels {
+            assert!(exercised.contains(&k.isa()), "the {k:?} kernel was exercised");
+        }
+        println!("levels tested: {levels:?}");
     }
 
     #[test]
@@ -927,7 +943,46 @@ mod tests {
         }
     }
 
-    /// Every path other than the micro-kernel that computes `conv` (what a processor without AVX-512 runs).
+    #[test]
+    fn each_level_chooses_only_its_own_kernel() {
+        let conv = |cin, k, stride| Conv {
+            name: "t".into(),
+            input: 0,
+            output: 1,
+            out_channel_offset: 0,
+            cin,
+            cout: 16,
+            kernel: k,
+            stride,
+            pad: k / 2,
+            groups: 1,
+            weight: vec![0.0; 16 * cin * k * k],
+            bias: vec![0.0; 16],
+            residual: None,
+            act: Act::None,
+            packed: Default::default(),
+        };
+        for c in [conv(64, 3, 1), conv(3, 3, 2), conv(16, 1, 1)] {
+            assert_eq!(choose_path(&c, 40, 40, Isa::Avx512), ConvPath::Igemm(Kernel::Avx512));
+            assert_eq!(choose_path(&c, 40, 40, Isa::Avx2), ConvPath::Igemm(Kernel::Avx2));
+            assert!(!matches!(choose_path(&c, 40, 40, Isa::Portable), ConvPath::Igemm(_)));
+        }
+    }
+
+    #[test]
+    fn isa_names_parse_and_unknown_ones_are_refused() {
+        for l in Isa::ALL {
+            assert_eq!(Isa::parse(l.name()).unwrap(), l);
+        }
+        assert_eq!(Isa::parse(" AVX2 ").unwrap(), Isa::Avx2);
+        let e = Isa::parse("sse4").unwrap_err().to_string();
+        assert!(e.contains("sse4") && e.contains("avx512, avx2 or portable"), "{e}");
+        assert!(Isa::Portable.supported());
+        assert_eq!(Isa::supported_levels().last(), Some(&Isa::Portable));
+        assert!(Isa::best().supported());
+    }
+
+    /// Every path other than the micro-kernels that computes `conv` (what the portable level runs).
     fn fallback_paths(conv: &Conv) -> Vec<ConvPath> {
         if conv.groups != 1 {
             return vec![ConvPath::Depthwise];
