@@ -231,6 +231,9 @@ impl Config {
             ));
         }
         let decode_workers = if a.decode_workers == 0 { cpus } else { a.decode_workers };
+        if let Err(e) = super::memory::machine_memory_override() {
+            return bad(e);
+        }
         let max_memory = a.max_memory.unwrap_or_else(super::memory::default_max_memory);
         if max_memory < MIN_MAX_MEMORY {
             return bad(format!("--max-memory {max_memory} is less than the minimum of {MIN_MAX_MEMORY} bytes (16M)"));

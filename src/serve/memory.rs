@@ -172,8 +172,21 @@ impl ForwardModel {
     }
 }
 
-/// The memory this machine offers: the cgroup limit when one is set, else physical memory.
+/// `RETINAFACE_MACHINE_MEMORY` (a byte count, K/M/G/T suffixes): the memory to plan for where the cgroup
+/// files do not show a container's limit. `Err` names a value that does not parse.
+pub fn machine_memory_override() -> Result<Option<u64>, String> {
+    match std::env::var("RETINAFACE_MACHINE_MEMORY") {
+        Ok(v) => super::config::parse_bytes(&v).map(Some).map_err(|e| format!("RETINAFACE_MACHINE_MEMORY={e}")),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The memory this machine offers: `RETINAFACE_MACHINE_MEMORY` when set, else the cgroup limit when one
+/// is set, else physical memory.
 pub fn machine_memory() -> Option<u64> {
+    if let Ok(Some(m)) = machine_memory_override() {
+        return Some(m);
+    }
     let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
