@@ -13,29 +13,14 @@
 //! bank-conflict-free and their global loads ≥ 90% sector-efficient in the simulation's counters.
 #![cfg(feature = "cuda-sim")]
 
+mod rng;
 use retinaface::cpu::ops;
 use retinaface::cuda::conv_f16::{self, ConvShape, VARIANTS, Variant, last_sim_counters};
 use retinaface::cuda::params::{ConvF16Params, act_code};
 use retinaface::cuda::sim::SimRunner;
 use retinaface::cuda::{KernelRunner, nchw_to_nhwc};
 use retinaface::model::graph::{Act, Conv};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn sym(&mut self, scale: f32) -> f32 {
-        (((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
-    }
-    /// Values that are exact in f16.
-    fn vec16(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| half::f16::from_f32(self.sym(scale)).to_f32()).collect()
-    }
-}
+use rng::Rng;
 
 #[derive(Clone, Debug)]
 struct Case {

@@ -8,9 +8,11 @@
 //! count. No input may panic (caught, saved to target/fuzz-crashes, and the test fails), abort (the test
 //! process dies), or allocate past the address-space cap set on this test process.
 
+mod rng;
 use retinaface::image_io::{self, DecodeLimits};
 use retinaface::weights::{pth, safetensors_io};
 use retinaface::widerface::mat::MatFile;
+use rng::Rng;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -25,21 +27,6 @@ fn cap_memory() {
         let rc = unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) };
         assert_eq!(rc, 0, "setrlimit");
     });
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift64*
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 { 0 } else { (self.next() % n as u64) as usize }
-    }
 }
 
 const INTERESTING: [u64; 14] =

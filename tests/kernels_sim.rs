@@ -8,6 +8,7 @@
 //! - preprocess, max-pool, upsample-add, post-processing: exact (the same f32 operations).
 #![cfg(feature = "cuda-sim")]
 
+mod rng;
 use retinaface::cpu::ops;
 use retinaface::cuda::ops::{conv as conv_launcher, heads as heads_launcher};
 use retinaface::cuda::params::*;
@@ -17,26 +18,7 @@ use retinaface::cuda::{
 };
 use retinaface::model::graph::{Act, Conv};
 use retinaface::post::{PostOptions, RawOutput, anchors, postprocess};
-
-/// Deterministic xorshift64* numbers.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn sym(&mut self, scale: f32) -> f32 {
-        (self.uniform() * 2.0 - 1.0) * scale
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.sym(scale)).collect()
-    }
-}
+use rng::Rng;
 
 fn norm_err(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len());

@@ -9,11 +9,13 @@
 //! - the counters: bank conflicts and sectors per request on known access patterns.
 #![cfg(feature = "cuda-sim")]
 
+mod rng;
 use bytemuck::{Pod, Zeroable};
 use retinaface::cuda::conv_f16::{last_sim_counters, set_sim_order_seed};
 use retinaface::cuda::params::KernelParams;
 use retinaface::cuda::sim::SimRunner;
 use retinaface::cuda::{DevBuf, KernelRunner, KernelRunnerExt, LaunchDims};
+use rng::Rng;
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -33,19 +35,6 @@ struct ProbeParams {
 unsafe impl Zeroable for ProbeParams {}
 unsafe impl Pod for ProbeParams {}
 impl KernelParams for ProbeParams {}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn sym(&mut self) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
 
 fn h(v: f32) -> u16 {
     half::f16::from_f32(v).to_bits()
@@ -121,7 +110,7 @@ fn matmul(a: &[f32], b: &[f32], c: &[f32]) -> Vec<f64> {
 fn mma_matches_matrix_product_for_every_lane_and_fragment_index() {
     let mut r = SimRunner::new();
     let mut rng = Rng(0x5eed_0001);
-    let rnd = |rng: &mut Rng, n: usize| (0..n).map(|_| hf(h(rng.sym()))).collect::<Vec<f32>>();
+    let rnd = |rng: &mut Rng, n: usize| (0..n).map(|_| hf(h(rng.sym(1.0)))).collect::<Vec<f32>>();
     // Random product: every element of every fragment at once.
     for _ in 0..4 {
         let (a, b, c) = (rnd(&mut rng, 256), rnd(&mut rng, 128), rnd(&mut rng, 128));
