@@ -71,8 +71,12 @@ pub struct ImageInfo {
     pub format: ImageKind,
     pub width: u32,
     pub height: u32,
-    /// An upper estimate of the bytes a decode holds at its peak: the decoder's own buffers (16-bit
-    /// samples, a progressive JPEG's coefficients) plus the BGR output.
+    /// Bytes per pixel of the decoder's own output before its conversion to BGR, an upper bound:
+    /// 16-bit PNG samples take two bytes, and a PNG is counted with alpha whenever a
+    /// tRNS chunk (which may follow IHDR) could add it.
+    pub decoder_bytes_per_pixel: u64,
+    /// An upper estimate of the bytes a decode holds at its peak: the decoder's own buffers (its
+    /// output, a progressive JPEG's coefficients) plus the BGR output.
     pub decode_bytes: u64,
 }
 
@@ -100,24 +104,37 @@ pub fn probe(bytes: &[u8], source_name: &str) -> Result<ImageInfo> {
     match kind_of(bytes) {
         Some(ImageKind::Jpeg) => {
             let h = jpeg::probe(bytes).map_err(err)?;
+            if !(1..=4).contains(&h.components) {
+                return Err(err(format!("JPEG with {} colour components", h.components)));
+            }
             let pixels = h.width as u64 * h.height as u64;
+            // The 8-bit libjpeg-turbo API decodes to 8-bit samples (it refuses 12-bit files).
+            let decoder_bytes_per_pixel = u64::from(h.components.max(3));
             // Output rows plus, should the file be progressive, every component's coefficients (2 bytes a
             // sample; the header read does not say, so counted always).
             let coefficients = pixels * h.components as u64 * 2;
-            let decode_bytes = pixels * h.components.max(3) as u64 + coefficients + pixels * 3;
-            Ok(ImageInfo { format: ImageKind::Jpeg, width: h.width, height: h.height, decode_bytes })
+            let decode_bytes = pixels * decoder_bytes_per_pixel + coefficients + pixels * 3;
+            Ok(ImageInfo {
+                format: ImageKind::Jpeg,
+                width: h.width,
+                height: h.height,
+                decoder_bytes_per_pixel,
+                decode_bytes,
+            })
         }
         Some(ImageKind::Png) => {
             let (width, height, bytes_per_pixel) = png_header(bytes).map_err(err)?;
             let pixels = width as u64 * height as u64;
-            let decode_bytes = pixels * bytes_per_pixel as u64 + pixels * 3;
-            Ok(ImageInfo { format: ImageKind::Png, width, height, decode_bytes })
+            let decoder_bytes_per_pixel = u64::from(bytes_per_pixel);
+            let decode_bytes = pixels * decoder_bytes_per_pixel + pixels * 3;
+            Ok(ImageInfo { format: ImageKind::Png, width, height, decoder_bytes_per_pixel, decode_bytes })
         }
         None => Err(err("not a JPEG or PNG image (unrecognised signature)".into())),
     }
 }
 
-/// Width, height and decoded bytes per pixel from a PNG's IHDR.
+/// Width, height and decoded bytes per pixel from a PNG's IHDR; grey, RGB and palette images are
+/// counted with the alpha channel a later tRNS chunk would make the decoder add.
 fn png_header(bytes: &[u8]) -> std::result::Result<(u32, u32, u32), String> {
     let ihdr = bytes.get(8..33).ok_or("PNG ends inside its header")?;
     if &ihdr[4..8] != b"IHDR" || u32::from_be_bytes([ihdr[0], ihdr[1], ihdr[2], ihdr[3]]) != 13 {
@@ -127,9 +144,8 @@ fn png_header(bytes: &[u8]) -> std::result::Result<(u32, u32, u32), String> {
     let height = u32::from_be_bytes([ihdr[12], ihdr[13], ihdr[14], ihdr[15]]);
     let (depth, color) = (ihdr[16], ihdr[17]);
     let channels = match color {
-        0 => 1,
-        2 => 3,
-        3 => 3, // palette, expanded to RGB
+        0 => 2,     // grey, plus alpha if tRNS follows
+        2 | 3 => 4, // RGB or palette (expanded to RGB), plus alpha if tRNS follows
         4 => 2,
         6 => 4,
         other => return Err(format!("PNG colour type {other} is invalid")),
@@ -426,4 +442,52 @@ fn halve_area(img: &BgrImage, ow: usize, oh: usize) -> BgrImage {
         }
     }
     BgrImage { width: ow, height: oh, data }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png_ihdr(w: u32, h: u32, depth: u8, colour: u8) -> Vec<u8> {
+        let mut png = PNG_SIGNATURE.to_vec();
+        png.extend_from_slice(&13u32.to_be_bytes());
+        png.extend_from_slice(b"IHDR");
+        png.extend_from_slice(&w.to_be_bytes());
+        png.extend_from_slice(&h.to_be_bytes());
+        png.extend_from_slice(&[depth, colour, 0, 0, 0, 0, 0, 0, 0]); // + a CRC nobody reads here
+        png
+    }
+
+    #[test]
+    fn probe_reads_size_and_decoder_layout_from_headers() {
+        let info = probe(&png_ihdr(4096, 2048, 16, 6), "a.png").unwrap();
+        assert_eq!((info.width, info.height, info.decoder_bytes_per_pixel), (4096, 2048, 8));
+        // RGB and palette images are counted with the alpha a tRNS chunk would add; grey likewise.
+        assert_eq!(probe(&png_ihdr(64, 64, 8, 2), "rgb.png").unwrap().decoder_bytes_per_pixel, 4);
+        assert_eq!(probe(&png_ihdr(64, 64, 8, 3), "pal.png").unwrap().decoder_bytes_per_pixel, 4);
+        assert_eq!(probe(&png_ihdr(64, 64, 16, 0), "grey.png").unwrap().decoder_bytes_per_pixel, 4);
+        let e = probe(&png_ihdr(64, 64, 8, 5), "bad.png").unwrap_err().to_string();
+        assert!(e.contains("bad.png") && e.contains("colour type 5"), "{e}");
+        assert!(probe(&png_ihdr(64, 64, 8, 2)[..20], "cut.png").is_err());
+        assert!(probe(b"GIF89a", "x.gif").unwrap_err().to_string().contains("unrecognised signature"));
+
+        for (colour, components) in [(image::ExtendedColorType::Rgb8, 3), (image::ExtendedColorType::L8, 1)] {
+            let (w, h) = (640u32, 480u32);
+            let pixels = vec![90u8; (w * h) as usize * components];
+            let mut jpeg = Vec::new();
+            image::codecs::jpeg::JpegEncoder::new(&mut jpeg).encode(&pixels, w, h, colour).unwrap();
+            let info = probe(&jpeg, "a.jpg").unwrap();
+            assert_eq!((info.format, info.width, info.height), (ImageKind::Jpeg, w, h));
+            // libjpeg's output is BGR (3 bytes) also for grey; the coefficients of a progressive file
+            // (2 bytes a sample per component) and the BGR image are in the peak.
+            assert_eq!(info.decoder_bytes_per_pixel, 3);
+            let px = u64::from(w * h);
+            assert_eq!(info.decode_bytes, px * 3 + px * components as u64 * 2 + px * 3);
+            // Cut inside the entropy-coded data: the header still reads.
+            assert!(probe(&jpeg[..jpeg.len() / 2], "half.jpg").is_ok());
+        }
+        // A scan before any frame header is refused.
+        let e = probe(&[0xFF, 0xD8, 0xFF, 0xC4, 0, 2, 0xFF, 0xDA, 0, 2], "nosof.jpg").unwrap_err().to_string();
+        assert!(e.contains("nosof.jpg"), "{e}");
+    }
 }

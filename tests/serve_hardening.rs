@@ -231,6 +231,39 @@ fn content_types_other_than_an_image_are_415() {
 }
 
 #[test]
+fn requests_hyper_cannot_parse_get_json_errors_too() {
+    let server = start(&[]);
+    let a = server.addr();
+    let raw = |req: &[u8]| {
+        let mut s = connect(a);
+        s.write_all(req).expect("send");
+        read_response(&mut s)
+    };
+    // Bytes outside ASCII in the request line, a bad method token, a header line without a colon.
+    for (req, what) in [
+        (&b"GET /v2/h\xffalth/ready HTTP/1.1\r\nHost: t\r\n\r\n"[..], "non-ASCII path"),
+        (&b"G\x01T /v2/health/ready HTTP/1.1\r\nHost: t\r\n\r\n"[..], "control byte in the method"),
+        (&b"GET /v2/health/ready HTTP/1.1\r\nno colon here\r\n\r\n"[..], "bad header line"),
+    ] {
+        let r = raw(req);
+        assert_eq!(r.status, 400, "{what}");
+        assert_eq!(r.header("content-type"), Some("application/json"), "{what}");
+        assert!(r.error().contains("malformed HTTP request"), "{what}: {}", r.error());
+    }
+    // More header lines than hyper parses (100) is 431, also as JSON. (Few bytes, so the server has
+    // read all of them when it answers and closes.)
+    let many: String = (0..120).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let r = raw(format!("GET /v2/health/ready HTTP/1.1\r\nHost: t\r\n{many}\r\n").as_bytes());
+    assert_eq!(r.status, 431);
+    assert!(r.error().contains("too large"), "{}", r.error());
+    // The server is unharmed and its own 400s keep their messages.
+    assert_eq!(get(a, "/v2/health/ready").status, 200);
+    let r = post(a, "/v1/detect", "image/png", b"not an image");
+    assert!(r.status >= 400 && r.status < 500 && !r.error().contains("malformed HTTP"), "{}", r.error());
+    server.shutdown().expect("shutdown");
+}
+
+#[test]
 fn body_over_the_limit_is_413_before_it_is_read() {
     let server = start(&["--max-body-bytes", "100000"]);
     let a = server.addr();

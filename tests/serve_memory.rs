@@ -5,7 +5,7 @@
 
 mod serve_util;
 
-use retinaface::serve::memory::{self, ForwardModel, Probe};
+use retinaface::serve::memory::{self, ForwardModel};
 use retinaface::{Engine, WeightsSpec};
 use serve_util::*;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ const MIB: u64 = 1 << 20;
 
 /// What the server estimates for one all-black 8-bit RGB PNG of w×h at original size.
 fn png_cost(model: &ForwardModel, w: u32, h: u32) -> u64 {
-    let p = memory::probe(&png_bomb(w.min(64), h.min(64))).map(|p| Probe { width: w, height: h, ..p }).expect("probe");
+    let p = retinaface::image_io::probe(&png_bomb(w, h), "bomb.png").expect("probe");
     memory::decode_bytes(&p, retinaface::image_io::ResizeMode::Original) + model.bytes(h as usize, w as usize)
 }
 

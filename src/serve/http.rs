@@ -316,8 +316,7 @@ async fn decode(s: &AppState, bytes: Bytes, what: String) -> Result<Decoded, Api
         .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"))?;
     let limits = s.cfg.decode_limits;
     let mode = s.cfg.detect.resize;
-    let large = memory::probe(&bytes)
-        .is_ok_and(|p| u64::from(p.width) * u64::from(p.height) * p.decoder_bpp >= TRIM_AFTER_DECODE_BYTES);
+    let large = image_io::probe(&bytes, &what).is_ok_and(|p| p.decode_bytes >= TRIM_AFTER_DECODE_BYTES);
     let task = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let img = image_io::decode(&bytes, &what, &limits).map_err(|e| ApiError::bad(e.to_string()));
@@ -372,8 +371,7 @@ fn request_cost(s: &AppState, images: &[(Bytes, String)]) -> Result<u64, ApiErro
     let mut total = 0u64;
     for (bytes, what) in images {
         sniff(bytes, what)?;
-        let p =
-            memory::probe(bytes).map_err(|e| ApiError::bad(format!("{what}: cannot read the image header: {e}")))?;
+        let p = image_io::probe(bytes, what).map_err(|e| ApiError::bad(format!("cannot read the header of {e}")))?;
         let (w, h) = (p.width, p.height);
         if w > limits.max_dimension || h > limits.max_dimension || u64::from(w) * u64::from(h) > limits.max_pixels {
             return Err(ApiError::bad(format!(

@@ -2,109 +2,27 @@
 //! (decoded pixels and forward-pass buffers), counted from the image headers before a byte is decoded.
 //! A request that does not fit now is refused with 503 at once; one that could never fit gets 413.
 //!
-//! Also here: the header probe that reads an image's size without decoding it (image_io has no such
-//! function, and its decoder may read far past the header before it checks anything), and the memory
-//! release after large batches.
+//! The image headers are read by [`image_io::probe`], the decoder's own header reader. Also here: the
+//! memory release after large batches.
 
 use crate::graph::Plan;
-use crate::image_io::{self, ResizeMode};
+use crate::image_io::{self, ImageInfo, ResizeMode};
 use crate::model::graph::Graph;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// What an image's header says, enough to bound what decoding it allocates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Probe {
-    pub width: u32,
-    pub height: u32,
-    /// Bytes per pixel of the decoder's own output buffer (before conversion to BGR).
-    pub decoder_bpp: u64,
-}
-
-/// Reads width, height and sample layout from a PNG IHDR or a JPEG SOFn segment, touching nothing
-/// past it. Errors are plain text; the caller names the image.
-pub fn probe(bytes: &[u8]) -> Result<Probe, String> {
-    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
-        probe_png(bytes)
-    } else if bytes.starts_with(&[0xFF, 0xD8]) {
-        probe_jpeg(bytes)
-    } else {
-        Err("not a JPEG or PNG image (unrecognised signature)".into())
-    }
-}
-
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
-fn probe_png(b: &[u8]) -> Result<Probe, String> {
-    // The PNG spec puts IHDR first: length 13, type, width, height, bit depth, colour type.
-    if b.len() < 8 + 8 + 13 || &b[12..16] != b"IHDR" || be32(&b[8..12]) != 13 {
-        return Err("PNG without an IHDR chunk first (truncated or corrupt header)".into());
-    }
-    let (width, height, depth, colour) = (be32(&b[16..20]), be32(&b[20..24]), b[24], b[25]);
-    let channels: u64 = match colour {
-        0 => 2,     // grey, plus alpha when a tRNS chunk follows
-        2 | 3 => 4, // RGB or palette, both expanded to RGBA when tRNS is present
-        4 => 2,
-        6 => 4,
-        c => return Err(format!("PNG colour type {c} is not valid")),
-    };
-    let bytes_per_sample = if depth == 16 { 2 } else { 1 };
-    Ok(Probe { width, height, decoder_bpp: channels * bytes_per_sample })
-}
-
-fn probe_jpeg(b: &[u8]) -> Result<Probe, String> {
-    let mut i = 2;
-    loop {
-        // Fill bytes (0xFF runs) may precede a marker.
-        while i < b.len() && b[i] == 0xFF && b.get(i + 1) == Some(&0xFF) {
-            i += 1;
-        }
-        if i + 4 > b.len() || b[i] != 0xFF {
-            return Err("JPEG without a frame header (SOF) before its data ends".into());
-        }
-        let marker = b[i + 1];
-        if matches!(marker, 0x01 | 0xD0..=0xD7) {
-            i += 2;
-            continue;
-        }
-        let len = u16::from_be_bytes([b[i + 2], b[i + 3]]) as usize;
-        if len < 2 {
-            return Err(format!("JPEG segment 0xFF{marker:02X} has length {len}"));
-        }
-        let is_sof = matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
-        if is_sof {
-            let s = b.get(i + 4..i + 10).ok_or("JPEG frame header cut short")?;
-            let height = u16::from_be_bytes([s[1], s[2]]) as u32;
-            let width = u16::from_be_bytes([s[3], s[4]]) as u32;
-            let components = s[5] as u64;
-            if !(1..=4).contains(&components) {
-                return Err(format!("JPEG with {components} colour components"));
-            }
-            // 12-bit JPEGs decode to 16-bit samples.
-            let bytes_per_sample = if s[0] > 8 { 2 } else { 1 };
-            return Ok(Probe { width, height, decoder_bpp: components.max(3) * bytes_per_sample });
-        }
-        if marker == 0xDA || marker == 0xD9 {
-            return Err("JPEG without a frame header (SOF) before its data".into());
-        }
-        i += 2 + len;
-    }
-}
-
 /// Upper bound on the bytes one image costs from its header to the end of its forward pass, other
-/// than the forward pass itself: the decoder's buffer, a second one when EXIF orientation rotates it,
-/// a conversion buffer, the BGR image, and the resized network input.
-pub fn decode_bytes(p: &Probe, mode: ResizeMode) -> u64 {
+/// than the forward pass itself: the decode's peak (decoder buffers and the BGR image), a second
+/// decoder buffer when EXIF orientation rotates it, a conversion buffer, and the resized network input.
+pub fn decode_bytes(p: &ImageInfo, mode: ResizeMode) -> u64 {
     let px = u64::from(p.width) * u64::from(p.height);
     let (nw, nh) = network_input(p, mode);
-    px * (2 * p.decoder_bpp + 3 + 3) + (nw * nh * 3) as u64
+    p.decode_bytes + px * (p.decoder_bytes_per_pixel + 3) + (nw * nh * 3) as u64
 }
 
 /// The network input size of an image (after `--resize`). Orientation may swap the sides; every
 /// estimate here is symmetric in them.
-pub fn network_input(p: &Probe, mode: ResizeMode) -> (usize, usize) {
+pub fn network_input(p: &ImageInfo, mode: ResizeMode) -> (usize, usize) {
     let (w, h) = (p.width as usize, p.height as usize);
     let r = image_io::resize_factor(mode, h, w);
     if r == 1.0 { (w, h) } else { image_io::resized_dims(w, h, r) }
@@ -310,26 +228,6 @@ pub fn resident_bytes() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn png_and_jpeg_headers_give_size_and_layout() {
-        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-        png.extend_from_slice(&13u32.to_be_bytes());
-        png.extend_from_slice(b"IHDR");
-        png.extend_from_slice(&4096u32.to_be_bytes());
-        png.extend_from_slice(&2048u32.to_be_bytes());
-        png.extend_from_slice(&[16, 6, 0, 0, 0]);
-        assert_eq!(probe(&png), Ok(Probe { width: 4096, height: 2048, decoder_bpp: 8 }));
-        // SOI, an APP0 segment, fill bytes, then SOF2 (progressive) 8-bit 640x480 with 3 components.
-        let mut jpeg = vec![0xFF, 0xD8, 0xFF, 0xE0, 0, 4, 1, 2, 0xFF, 0xFF];
-        jpeg.extend_from_slice(&[0xC2, 0, 17, 8, 0x01, 0xE0, 0x02, 0x80, 3]);
-        assert_eq!(probe(&jpeg), Ok(Probe { width: 640, height: 480, decoder_bpp: 3 }));
-        // DHT (0xC4) is not a frame header; a scan before any frame header is an error.
-        let bad = [0xFF, 0xD8, 0xFF, 0xC4, 0, 2, 0xFF, 0xDA, 0, 2];
-        assert!(probe(&bad).unwrap_err().contains("SOF"));
-        assert!(probe(&png[..20]).is_err());
-        assert!(probe(b"GIF89a").is_err());
-    }
 
     #[test]
     fn forward_estimate_lies_between_the_largest_tensor_and_all_tensors() {

@@ -10,6 +10,7 @@
 
 pub mod batcher;
 pub mod config;
+mod conn_io;
 pub mod http;
 pub mod memory;
 pub mod metrics;
@@ -359,7 +360,7 @@ fn accept(
     let svc = TowerToHyperService::new(router.clone());
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new()).header_read_timeout(state.cfg.header_read_timeout).keep_alive(true);
-    let conn = graceful.watch(b.serve_connection(TokioIo::new(stream), svc));
+    let conn = graceful.watch(b.serve_connection(TokioIo::new(conn_io::JsonParseErrors::new(stream)), svc));
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(%peer, error = %e, "connection closed with an error");
