@@ -113,7 +113,7 @@ pub fn probe(bytes: &[u8], source_name: &str) -> Result<ImageInfo> {
             // Output rows plus, should the file be progressive, every component's coefficients (2 bytes a
             // sample; the header read does not say, so counted always).
             let coefficients = pixels * h.components as u64 * 2;
-            let decode_bytes = pixels * decoder_bytes_per_pixel + coefficients + pixels * 3;
+            let decode_bytes = pixels * (decoder_bytes_per_pixel + 3) + coefficients;
             Ok(ImageInfo {
                 format: ImageKind::Jpeg,
                 width: h.width,
@@ -126,7 +126,8 @@ pub fn probe(bytes: &[u8], source_name: &str) -> Result<ImageInfo> {
             let (width, height, bytes_per_pixel) = png_header(bytes).map_err(err)?;
             let pixels = width as u64 * height as u64;
             let decoder_bytes_per_pixel = u64::from(bytes_per_pixel);
-            let decode_bytes = pixels * decoder_bytes_per_pixel + pixels * 3;
+            // PNG sides are u32 (a header may claim 2³²−1 each): saturate rather than wrap.
+            let decode_bytes = pixels.saturating_mul(decoder_bytes_per_pixel + 3);
             Ok(ImageInfo { format: ImageKind::Png, width, height, decoder_bytes_per_pixel, decode_bytes })
         }
         None => Err(err("not a JPEG or PNG image (unrecognised signature)".into())),
@@ -236,9 +237,47 @@ fn strip_png_metadata(bytes: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A palette (PLTE) must be whole RGB entries, at most 256 of them, as libpng (OpenCV) requires; the png
+/// crate panics on a palette that ends inside an entry (found by fuzz/fuzz_targets/image.rs).
+fn check_png_palette(bytes: &[u8]) -> std::result::Result<(), String> {
+    let mut pos = PNG_SIGNATURE.len();
+    while pos + 12 <= bytes.len() {
+        let len = u32::from_be_bytes([bytes[pos], bytes[pos + 1], bytes[pos + 2], bytes[pos + 3]]) as usize;
+        let kind = &bytes[pos + 4..pos + 8];
+        if kind == b"PLTE" && (len == 0 || len % 3 != 0 || len > 3 * 256) {
+            return Err(format!("PNG palette (PLTE) of {len} bytes: not 1 to 256 RGB entries of 3 bytes"));
+        }
+        if kind == b"IDAT" || kind == b"IEND" {
+            break; // the palette comes before the image data
+        }
+        match pos.checked_add(12).and_then(|p| p.checked_add(len)) {
+            Some(end) => pos = end,
+            None => break,
+        }
+    }
+    Ok(())
+}
+
 fn decode_png(bytes: &[u8], limits: &DecodeLimits) -> std::result::Result<BgrImage, String> {
     let (w, h, bytes_per_pixel) = png_header(bytes)?;
     check_limits(w, h, limits)?;
+    check_png_palette(bytes)?;
+    // Defence in depth: a panic inside the third-party decoder on some input nobody has found yet is
+    // that input's error, not the process's end.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_png_checked(bytes, w, h, bytes_per_pixel, limits)))
+        .unwrap_or_else(|p| {
+            let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+            Err(format!("the PNG decoder failed on this file: {}", what.unwrap_or_else(|| "no message".into())))
+        })
+}
+
+fn decode_png_checked(
+    bytes: &[u8],
+    w: u32,
+    h: u32,
+    bytes_per_pixel: u32,
+    limits: &DecodeLimits,
+) -> std::result::Result<BgrImage, String> {
     let stripped = strip_png_metadata(bytes);
     let mut reader = ImageReader::new(Cursor::new(&stripped[..]));
     reader.set_format(image::ImageFormat::Png);
@@ -469,6 +508,32 @@ mod tests {
         let e = probe(&png_ihdr(64, 64, 8, 5), "bad.png").unwrap_err().to_string();
         assert!(e.contains("bad.png") && e.contains("colour type 5"), "{e}");
         assert!(probe(&png_ihdr(64, 64, 8, 2)[..20], "cut.png").is_err());
+        // Found by the libFuzzer target: sides of 2³²−1 overflowed the byte count (a panic with overflow
+        // checks, a small wrong estimate without). It saturates.
+        let huge = probe(&png_ihdr(u32::MAX, u32::MAX - 210, 8, 6), "huge.png").unwrap();
+        assert_eq!(huge.decode_bytes, u64::MAX);
+    }
+
+    #[test]
+    fn a_palette_that_ends_inside_an_entry_is_an_error_not_a_panic() {
+        // The libFuzzer find, reduced: a 13x7 1-bit palette PNG whose PLTE holds 131 bytes (43⅔
+        // entries); the png crate indexed past it. Then the whole fuzzer artefact.
+        let mut png = png_ihdr(13, 7, 1, 3);
+        png.extend_from_slice(&131u32.to_be_bytes());
+        png.extend_from_slice(b"PLTE");
+        png.extend_from_slice(&[7u8; 131 + 4]);
+        png.extend_from_slice(&[0, 0, 0, 0]);
+        png.extend_from_slice(b"IEND");
+        let limits = DecodeLimits::default();
+        let e = decode(&png, "p.png", &limits).unwrap_err().to_string();
+        assert!(e.contains("p.png") && e.contains("PLTE") && e.contains("131"), "{e}");
+        let artefact =
+            std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/image/regress_png_plte_131.png"))
+                .expect("committed fuzz regression input");
+        assert!(decode(&artefact, "f.png", &limits).unwrap_err().to_string().contains("PLTE"));
+        // Whole entries still decode (the committed palette seed).
+        let ok = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/image/palette.png")).unwrap();
+        assert!(decode(&ok, "palette.png", &limits).is_ok());
         assert!(probe(b"GIF89a", "x.gif").unwrap_err().to_string().contains("unrecognised signature"));
 
         for (colour, components) in [(image::ExtendedColorType::Rgb8, 3), (image::ExtendedColorType::L8, 1)] {

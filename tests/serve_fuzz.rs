@@ -1,32 +1,21 @@
-//! Fuzzing of the v2 request parser (JSON and the binary data extension) on stable Rust, where
-//! cargo-fuzz's coverage instrumentation (nightly) is not available: seeded, structure-aware random
-//! mutation of the committed corpus (tests/serve_util/fuzz_v2), guided by outcomes — a mutant whose
-//! result (accepted, or the kind of error) was not seen before joins the corpus and is mutated further.
+//! Fuzzing of the v2 request parser (JSON and the binary data extension) inside `cargo test`, without
+//! instrumentation (the coverage-guided libFuzzer target is fuzz/fuzz_targets/v2.rs, run by
+//! tools/fuzz.sh): seeded, structure-aware random mutation of the committed corpus
+//! (tests/serve_util/fuzz_v2), guided by outcomes — a mutant whose result (accepted, or the kind of
+//! error) was not seen before joins the corpus and is mutated further.
 //!
 //! Every input must give a 400 with a message or a request within its bounds; no panic, no 5xx, and
 //! each parse bounded in time. Bounded in CI by `RETINAFACE_FUZZ_SECS` (default 8 s) and
 //! reproducible with `RETINAFACE_FUZZ_SEED`.
 
+mod rng;
+
 use axum::body::Bytes;
 use retinaface::serve::v2::{self, InferRequest};
+use rng::Rng;
 use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift64*
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 /// One fuzz case: the body and the Inference-Header-Content-Length header, if any.
 #[derive(Clone, Debug)]

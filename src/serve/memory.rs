@@ -17,7 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub fn decode_bytes(p: &ImageInfo, mode: ResizeMode) -> u64 {
     let px = u64::from(p.width) * u64::from(p.height);
     let (nw, nh) = network_input(p, mode);
-    p.decode_bytes + px * (p.decoder_bytes_per_pixel + 3) + (nw * nh * 3) as u64
+    // Saturating: a header may claim sides whose products overflow; the limits refuse those anyway.
+    p.decode_bytes
+        .saturating_add(px.saturating_mul(p.decoder_bytes_per_pixel + 3))
+        .saturating_add((nw as u64).saturating_mul(nh as u64 * 3))
 }
 
 /// The network input size of an image (after `--resize`). Orientation may swap the sides; every
