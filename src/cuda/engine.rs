@@ -6,7 +6,7 @@
 use super::runner::{DevBuf, KernelRunner, KernelRunnerExt};
 use crate::detection::Detection;
 use crate::error::{Error, Result};
-use crate::exec::{Activations, Backend, Executor, Timings, check_batch, groups};
+use crate::exec::{Activations, Backend, Executor, Timings, check_batch};
 use crate::graph::{DEFAULT_PLAN_CACHE_BYTES, Plan, PlanBuffers, PlanCache, PlanKey};
 use crate::image_io::BgrImage;
 use crate::model::graph::{Graph, Op, TensorId};
@@ -308,24 +308,30 @@ impl GpuEngine {
 
     /// Detections of each image (network-input sized, boxes in its pixels), best first.
     pub fn detect(&mut self, images: &[&BgrImage], post: &PostOptions) -> Result<Vec<Vec<Detection>>> {
-        self.detect_scaled(images, post, 1.0)
+        self.detect_scaled(images, post, &vec![1.0; images.len()])
     }
 
-    /// Like [`Self::detect`] for images that were resized by `resize` before the network: boxes and
-    /// landmarks are divided by it, as the reference does.
+    /// Like [`Self::detect`] for images that were resized before the network, image i by `resizes[i]`:
+    /// its boxes and landmarks are divided by it, as the reference does. One device pass for the batch.
     pub fn detect_scaled(
         &mut self,
         images: &[&BgrImage],
         post: &PostOptions,
-        resize: f32,
+        resizes: &[f32],
     ) -> Result<Vec<Vec<Detection>>> {
         post.validate()?;
         let (h, w) = check_batch(images)?;
-        ops::post::post_sizes(h, w, post)?;
+        if resizes.len() != images.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} resize factors for a batch of {} images",
+                resizes.len(),
+                images.len()
+            )));
+        }
         let (plan, raw) = self.forward(images, false)?;
         let (n, key) = (plan.n, (plan.n, h, w, false));
         let bufs = self.plans.buffers(key).ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
-        ops::post::run_post(self.runner.as_mut(), &mut bufs.post, raw, n, h, w, post, resize)
+        ops::post::run_post(self.runner.as_mut(), &mut bufs.post, raw, n, h, w, post, resizes, ops::post::NmsPath::Auto)
     }
 }
 
@@ -387,14 +393,9 @@ impl Executor for CudaExecutor {
     ) -> Result<Vec<Vec<Detection>>> {
         let t0 = std::time::Instant::now();
         let mut g = self.lock()?;
-        // The device post-processing takes one factor per call: one call per distinct factor.
-        let mut results = vec![Vec::new(); images.len()];
-        for group in groups(images.len(), |j| scales[j]) {
-            let batch: Vec<&BgrImage> = group.iter().map(|&j| images[j]).collect();
-            for (d, &j) in g.detect_scaled(&batch, post, scales[group[0]] as f32)?.into_iter().zip(&group) {
-                results[j] = d;
-            }
-        }
+        // One pass for the batch: the device reads each image's factor from an array.
+        let resizes: Vec<f32> = scales.iter().map(|&s| s as f32).collect();
+        let results = g.detect_scaled(images, post, &resizes)?;
         if let Some(t) = timings {
             t.backbone += t0.elapsed();
         }
