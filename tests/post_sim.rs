@@ -83,7 +83,7 @@ fn uncapped_at_640_with_ties_caps_and_per_image_resize_factors() {
     // Caps the bitmask path takes, against the tiled one on the same input.
     let small =
         PostOptions { conf_threshold: 0.3, nms_threshold: 0.3, pre_nms_topk: Some(2000), post_nms_topk: Some(90) };
-    assert!(2000 <= NMS_BITMASK_MAX);
+    const { assert!(2000 <= NMS_BITMASK_MAX) };
     let a = check(&mut r, &raws, &small, &resizes, NmsPath::Bitmask, "640 bitmask");
     let b = check(&mut r, &raws, &small, &resizes, NmsPath::Tiled, "640 tiled");
     assert_eq!(a, b);
@@ -223,4 +223,36 @@ fn parse_prediction(bytes: &[u8]) -> Vec<[f64; 5]> {
         .collect();
     assert_eq!(rows.len(), n, "the count line matches the box lines");
     rows
+}
+
+/// The executor's path on a real forward pass: one batch whose images have different resize factors
+/// goes through `CudaExecutor::detect` as one call (the factors read from a device array) and equals
+/// src/post on that pass's raw outputs, image by image. Synthetic weights make nearly every anchor a
+/// candidate.
+#[test]
+fn executor_batch_with_a_resize_factor_per_image_equals_cpu_post_on_its_raw_outputs() {
+    use retinaface::cuda::{CudaExecutor, GpuEngine};
+    use retinaface::exec::Executor;
+    use retinaface::{Backend, BgrImage, Engine, Network, WeightsSpec};
+    let cpu = Engine::new(&WeightsSpec::Synthetic { seed: 7 }, Some(Network::MobileNetV1_025)).unwrap();
+    let (w, h) = (224, 160);
+    let mut rng = Rng(59);
+    let images: Vec<BgrImage> =
+        (0..3).map(|_| BgrImage::new(w, h, (0..w * h * 3).map(|_| rng.below(256) as u8).collect()).unwrap()).collect();
+    let batch: Vec<&BgrImage> = images.iter().collect();
+    let scales = [1.0f64, 0.625, 1.5];
+    let mut gpu = GpuEngine::new(cpu.graph(), Backend::CudaSim).unwrap();
+    let raws = gpu.raw_outputs(&batch).unwrap();
+    let exec = CudaExecutor::new(gpu);
+    let priors = anchors::priors(h, w);
+    for opts in [uncapped(0.02), PostOptions::default()] {
+        let got = exec.detect(&batch, &scales, &opts, None).unwrap();
+        for (b, raw) in raws.iter().enumerate() {
+            let want = postprocess(raw, &priors, scales[b] as f32, &opts);
+            let cands = raw.conf.chunks(2).filter(|c| c[1] > opts.conf_threshold).count();
+            println!("image {b} (factor {}): {cands} candidates, {} detections", scales[b], want.len());
+            assert!(!want.is_empty());
+            assert_eq!(got[b], want, "image {b}, {opts:?}");
+        }
+    }
 }
