@@ -15,5 +15,10 @@
 #define PRIOR_STEPS {8, 16, 32}
 #define PRIOR_MIN_SIZES {16, 32, 64, 128, 256, 512}
 
-// The most candidates the device NMS takes per image: one block's 128 mask words of 64 bits.
-#define NMS_MAX_CANDIDATES 8192
+// The bitmask NMS's limit on candidates per image (kernels/post.cu nms_mask + nms_reduce): its mask is
+// k²/64 words (512 KiB per image at 2048, held in every plan's buffers); the tiled NMS takes any count.
+#define NMS_BITMASK_MAX 2048
+// Elements per block of the radix passes (256 threads × 8 rounds).
+#define RADIX_TILE 2048
+// Sorted candidates per tile of the tiled NMS, one per thread of its block (4 mask words per row).
+#define NMS_TILE 256

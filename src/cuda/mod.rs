@@ -24,7 +24,8 @@ pub mod sass;
 pub mod sim;
 pub mod tune;
 
-pub use engine::{CudaExecutor, GpuEngine, device_postprocess, nchw_to_nhwc, nhwc_to_nchw};
+pub use engine::{CudaExecutor, GpuEngine, nchw_to_nhwc, nhwc_to_nchw};
+pub use ops::post::{NmsPath, device_postprocess, device_postprocess_each};
 pub use runner::{DevBuf, KernelRunner, KernelRunnerExt, LaunchDims};
 
 /// Whether a GPU can be used now: the first device's description, or why not.

@@ -48,8 +48,11 @@ pub fn act_code(act: crate::model::graph::Act) -> (i32, f32) {
     }
 }
 
-/// The most candidates the device NMS handles per image (kernels/constants.cuh).
-pub const NMS_MAX_CANDIDATES: usize = consts::NMS_MAX_CANDIDATES;
+/// Post-processing sizes of kernels/constants.cuh: the bitmask NMS's candidate limit, the radix
+/// passes' elements per block, the tiled NMS's tile.
+pub const NMS_BITMASK_MAX: usize = consts::NMS_BITMASK_MAX;
+pub const RADIX_TILE: usize = consts::RADIX_TILE;
+pub const NMS_TILE: usize = consts::NMS_TILE;
 
 #[cfg(test)]
 mod tests {
@@ -62,7 +65,7 @@ mod tests {
         assert_eq!(size_of::<PreprocessParams>(), 24);
         assert_eq!(size_of::<ConvParams>(), 5 * 8 + 14 * 4);
         assert_eq!(size_of::<HeadParams>(), 48 + 24);
-        assert_eq!(size_of::<NmsReduceParams>(), 56 + 16);
+        assert_eq!(size_of::<NmsReduceParams>(), 56 + 24);
     }
 
     /// Every field of every parameter struct sits at the offset C gives it: swapping two fields of a
@@ -89,6 +92,8 @@ mod tests {
     fn shared_constants_come_from_the_header() {
         assert_eq!(consts::PRIOR_STEPS, [8, 16, 32]);
         assert_eq!(consts::BGR_MEAN, [104.0, 117.0, 123.0]);
-        assert_eq!(NMS_MAX_CANDIDATES % 64, 0);
+        assert_eq!(NMS_BITMASK_MAX % 64, 0);
+        // nms_tiled keeps a tile's rows in NMS_TILE / 64 words and runs one thread per candidate.
+        assert_eq!(NMS_TILE, 256);
     }
 }

@@ -9,6 +9,8 @@
 pub mod conv;
 pub mod heads;
 pub mod pool;
+pub mod post;
+pub mod preprocess;
 pub mod upsample;
 
 use crate::error::{Error, Result};
