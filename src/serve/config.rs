@@ -26,6 +26,9 @@ pub struct ServeArgs {
     /// Compute backend: cpu, cuda (needs a GPU), auto (CUDA when a GPU is present, else cpu) or cuda-sim.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
+    /// CUDA backends: replay one captured CUDA graph per batch size (on) or launch every kernel (off).
+    #[arg(long, value_enum, default_value_t = crate::exec::Switch::On)]
+    pub cuda_graph: crate::exec::Switch,
     /// Address to listen on. The default listens on every interface, as a container needs.
     #[arg(long, default_value = "0.0.0.0")]
     pub host: IpAddr,

@@ -39,6 +39,10 @@ use tokio::sync::Notify;
 /// their page faults (a 1080p frame of mobilenetv1_0.25 takes about 140 MiB).
 const RELEASE_ABOVE_BYTES: u64 = 128 << 20;
 
+/// After a device fault, how long the server keeps answering 503 (ready and infer) before it exits:
+/// long enough for a probe or a load balancer to see it rather than only a closed port.
+const FAULT_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Hooks for tests only; the CLI never sets them.
 #[doc(hidden)]
 #[derive(Default, Clone)]
@@ -116,6 +120,7 @@ impl ServerHandle {
         let cfg = Arc::new(Config::from_args(&args)?);
         let t0 = Instant::now();
         let mut engine = Engine::new(&cfg.weights, cfg.network)?;
+        engine.set_cuda_graphs(args.cuda_graph.is_on())?;
         let backend = engine.set_backend(args.backend)?;
         let plan_cache = args.plan_cache_mb.checked_mul(1 << 20).ok_or_else(|| {
             Error::InvalidArgument(format!("--plan-cache-mb {} overflows a byte count", args.plan_cache_mb))
@@ -158,12 +163,24 @@ impl ServerHandle {
             network: engine.network().to_string(),
         });
 
+        let stop = Arc::new(Notify::new());
         let exec = {
             let (batcher, engine, opts, gate) =
                 (batcher.clone(), engine.clone(), cfg.detect, hooks.executor_gate.clone());
+            let (state, stop) = (state.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("retinaface-exec".into())
-                .spawn(move || batcher.run_executor(&engine, &opts, gate.as_deref()))
+                .spawn(move || {
+                    batcher.run_executor(&engine, &opts, gate.as_deref());
+                    // The loop ends early only when the device failed: answer 503 (ready and infer)
+                    // for a moment, so probes and load balancers see it, then stop serving so the
+                    // process exits non-zero and its orchestrator starts a fresh one.
+                    if batcher.fault().is_some() {
+                        state.ready.store(false, Ordering::Release);
+                        std::thread::sleep(FAULT_LINGER);
+                        stop.notify_one();
+                    }
+                })
                 .map_err(|e| Error::io("executor thread", e))?
         };
 
@@ -174,7 +191,6 @@ impl ServerHandle {
             .enable_all()
             .build()
             .map_err(|e| Error::io("tokio runtime", e))?;
-        let stop = Arc::new(Notify::new());
         let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<()>>();
         let thread = {
             let (state, stop) = (state.clone(), stop.clone());
@@ -193,6 +209,11 @@ impl ServerHandle {
                     exec.join().map_err(|_| Error::InvalidArgument("executor thread panicked".into()))?;
                     rt.shutdown_timeout(std::time::Duration::from_secs(1));
                     tracing::info!("server stopped");
+                    if let Some(f) = batcher.fault() {
+                        return Err(Error::Serve(format!(
+                            "the device failed ({f}); exiting so that the server is restarted"
+                        )));
+                    }
                     r.map_err(|e| match e {
                         Stopped::Failed(e) => e,
                         Stopped::Abandoned(t) => Error::Serve(format!(
