@@ -35,6 +35,8 @@ pub struct Engine {
     plan_cache_bytes: usize,
     /// Whether the CUDA executor replays a captured graph per plan (default on).
     cuda_graphs: bool,
+    /// What runs the network (`auto` resolved).
+    backend: Backend,
 }
 
 impl Engine {
@@ -74,6 +76,7 @@ impl Engine {
             graph,
             plan_cache_bytes,
             cuda_graphs: true,
+            backend: Backend::Cpu,
         })
     }
 
@@ -83,6 +86,7 @@ impl Engine {
         let (backend, note) = match choice {
             Backend::Cpu => {
                 self.exec = Box::new(CpuExecutor::new(self.graph.clone(), self.plan_cache_bytes));
+                self.backend = Backend::Cpu;
                 return Ok(format!("backend {}", self.exec.describe()));
             }
             Backend::CudaSim => (Backend::CudaSim, String::new()),
@@ -94,6 +98,7 @@ impl Engine {
                 Ok(_) => (Backend::Cuda, "auto: ".to_string()),
                 Err(e) => {
                     self.exec = Box::new(CpuExecutor::new(self.graph.clone(), self.plan_cache_bytes));
+                    self.backend = Backend::Cpu;
                     return Ok(format!("backend auto: {}, no usable GPU: {e}", self.exec.describe()));
                 }
             },
@@ -102,6 +107,7 @@ impl Engine {
         gpu.set_plan_cache_bytes(self.plan_cache_bytes)?;
         gpu.set_cuda_graphs(self.cuda_graphs);
         self.exec = Box::new(CudaExecutor::new(gpu));
+        self.backend = backend;
         Ok(format!("backend {note}{}", self.exec.describe()))
     }
 
@@ -127,6 +133,11 @@ impl Engine {
     pub fn set_cuda_graphs(&mut self, on: bool) -> Result<()> {
         self.cuda_graphs = on;
         self.exec.set_cuda_graphs(on)
+    }
+
+    /// The backend that runs the network: `Cpu`, `Cuda` or `CudaSim` (never `Auto`).
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Ok while the backend's results can be trusted; after a sticky device fault, why not.

@@ -46,3 +46,48 @@ fn a_healthy_cuda_sim_server_stays_ready() {
     assert_eq!(get(a, "/v2/health/ready").status, 200);
     assert!(server.terminate(Duration::from_secs(30)).success());
 }
+
+/// Several executors on separate streams (`--streams 3`) answer concurrent requests exactly as one
+/// executor does.
+#[test]
+fn several_streams_answer_concurrent_requests_as_one_does() {
+    let base = ["--backend", "cuda-sim", "--synthetic-seed", "1", "--network", "mobilenetv1_0.25"];
+    let pngs: Vec<Vec<u8>> = (0..6)
+        .map(|k| {
+            let data = (0..32 * 40 * 3).map(|i| ((i * (7 + k) + k) % 251) as u8).collect();
+            png_of(&retinaface::BgrImage { width: 40, height: 32, data })
+        })
+        .collect();
+    let one = start(&[&base[..], &["--streams", "1"]].concat());
+    let want: Vec<String> = pngs.iter().map(|p| detect(one.addr(), p).text()).collect();
+    one.shutdown().unwrap();
+    let many = start(&[&base[..], &["--streams", "3", "--max-batch", "2", "--max-queue-delay-us", "0"]].concat());
+    let a = many.addr();
+    let got: Vec<(u16, String)> = std::thread::scope(|s| {
+        let hs: Vec<_> = pngs
+            .iter()
+            .map(|p| {
+                s.spawn(move || {
+                    let r = detect(a, p);
+                    (r.status, r.text())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (status, text)) in got.iter().enumerate() {
+        assert_eq!(*status, 200, "{text}");
+        assert_eq!(text, &want[i], "request {i}");
+    }
+    many.shutdown().unwrap();
+}
+
+#[test]
+fn streams_out_of_range_are_named() {
+    let err =
+        retinaface::serve::ServeArgs::parse_from_flags(["--synthetic-seed", "1", "--streams", "0"].map(String::from))
+            .and_then(|a| retinaface::serve::Config::from_args(&a).map(|_| ()))
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("--streams 0"), "{err}");
+}
