@@ -165,12 +165,13 @@ impl GpuRunner {
     /// The crate error for a failed driver call; a sticky one marks the runner as faulted.
     fn fail(&mut self, what: &str, e: result::DriverError) -> Error {
         let msg = format!("{what}: {e}");
-        if is_sticky(&e) && self.fault.is_none() {
-            self.fault = Some(format!(
-                "{msg} (sticky: the context is unusable; RETINAFACE_CUDA_SYNC=1 names the kernel that faulted)"
-            ));
+        if !is_sticky(&e) {
+            return Error::Cuda(msg);
         }
-        Error::Cuda(msg)
+        let f =
+            format!("{msg} (sticky: the context is unusable; RETINAFACE_CUDA_SYNC=1 names the kernel that faulted)");
+        self.fault.get_or_insert_with(|| f.clone());
+        Error::Cuda(f)
     }
 
     /// Fails once the context is unusable, and binds it to this thread otherwise.
