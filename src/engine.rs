@@ -33,6 +33,10 @@ pub struct Engine {
     exec: Box<dyn Executor>,
     /// The byte bound of the executor's cached plans.
     plan_cache_bytes: usize,
+    /// Whether the CUDA executor replays a captured graph per plan (default on).
+    cuda_graphs: bool,
+    /// What runs the network (`auto` resolved).
+    backend: Backend,
 }
 
 impl Engine {
@@ -67,7 +71,13 @@ impl Engine {
         };
         let graph = Arc::new(crate::passes::optimize(graph)?);
         let plan_cache_bytes = DEFAULT_PLAN_CACHE_BYTES;
-        Ok(Engine { exec: Box::new(CpuExecutor::new(graph.clone(), plan_cache_bytes)), graph, plan_cache_bytes })
+        Ok(Engine {
+            exec: Box::new(CpuExecutor::new(graph.clone(), plan_cache_bytes)),
+            graph,
+            plan_cache_bytes,
+            cuda_graphs: true,
+            backend: Backend::Cpu,
+        })
     }
 
     /// Moves execution to `choice`; returns a line saying what runs (for `auto`, what was picked and why).
@@ -76,6 +86,7 @@ impl Engine {
         let (backend, note) = match choice {
             Backend::Cpu => {
                 self.exec = Box::new(CpuExecutor::new(self.graph.clone(), self.plan_cache_bytes));
+                self.backend = Backend::Cpu;
                 return Ok(format!("backend {}", self.exec.describe()));
             }
             Backend::CudaSim => (Backend::CudaSim, String::new()),
@@ -87,13 +98,16 @@ impl Engine {
                 Ok(_) => (Backend::Cuda, "auto: ".to_string()),
                 Err(e) => {
                     self.exec = Box::new(CpuExecutor::new(self.graph.clone(), self.plan_cache_bytes));
+                    self.backend = Backend::Cpu;
                     return Ok(format!("backend auto: {}, no usable GPU: {e}", self.exec.describe()));
                 }
             },
         };
         let mut gpu = GpuEngine::new(&self.graph, backend)?;
         gpu.set_plan_cache_bytes(self.plan_cache_bytes)?;
+        gpu.set_cuda_graphs(self.cuda_graphs);
         self.exec = Box::new(CudaExecutor::new(gpu));
+        self.backend = backend;
         Ok(format!("backend {note}{}", self.exec.describe()))
     }
 
@@ -112,6 +126,23 @@ impl Engine {
     pub fn set_plan_cache_bytes(&mut self, bytes: usize) -> Result<()> {
         self.plan_cache_bytes = bytes;
         self.exec.set_plan_cache_bytes(bytes)
+    }
+
+    /// Whether the CUDA backend captures each plan's forward pass into a CUDA graph and replays it
+    /// (default on; `--cuda-graph off` launches every kernel on its own). No effect on the CPU.
+    pub fn set_cuda_graphs(&mut self, on: bool) -> Result<()> {
+        self.cuda_graphs = on;
+        self.exec.set_cuda_graphs(on)
+    }
+
+    /// The backend that runs the network: `Cpu`, `Cuda` or `CudaSim` (never `Auto`).
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Ok while the backend's results can be trusted; after a sticky device fault, why not.
+    pub fn healthy(&self) -> Result<()> {
+        self.exec.healthy()
     }
 
     /// The execution plan of an n×3×h×w batch on the current backend.

@@ -32,6 +32,19 @@ impl std::str::FromStr for Backend {
     }
 }
 
+/// A flag's `on` / `off` (`--cuda-graph on|off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+impl Switch {
+    pub fn is_on(self) -> bool {
+        self == Switch::On
+    }
+}
+
 /// Time per stage of a batch, for `retinaface bench`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Timings {
@@ -40,6 +53,8 @@ pub struct Timings {
     pub neck: Duration,
     pub heads: Duration,
     pub postprocess: Duration,
+    /// Time the device spent on the batch, from events on its stream (CUDA executor; zero elsewhere).
+    pub device: Duration,
 }
 
 /// Above this many pixels (per image) the forward pass is refused rather than exhausting memory.
@@ -120,6 +135,17 @@ pub trait Executor: Send + Sync {
     /// Evicts every cached plan and frees its buffers (the server, after a large batch, so resident
     /// memory falls back); the next pass plans and allocates afresh.
     fn release_plans(&self) -> Result<()>;
+
+    /// Ok while results can be trusted; the reason otherwise (a sticky device fault). A server
+    /// stops taking work and exits once its executor is unhealthy.
+    fn healthy(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Whether the CUDA executor captures and replays graphs (ignored by executors without any).
+    fn set_cuda_graphs(&self, _on: bool) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Indices 0..n grouped by equal `key`, groups in order of first appearance, indices ascending.

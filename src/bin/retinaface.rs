@@ -147,6 +147,10 @@ struct WeightsArgs {
     /// the CPU simulation: slow, for checking kernels without a GPU).
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     backend: Backend,
+    /// CUDA backends: capture each batch size's forward pass into a CUDA graph once and replay it
+    /// (on), or launch every kernel on its own (off).
+    #[arg(long, value_enum, default_value_t = retinaface::exec::Switch::On)]
+    cuda_graph: retinaface::exec::Switch,
 }
 
 impl WeightsArgs {
@@ -158,6 +162,7 @@ impl WeightsArgs {
             _ => return Err(Error::InvalidArgument("give --weights PATH or --synthetic-seed S".into())),
         };
         let mut engine = Engine::new(&spec, network)?;
+        engine.set_cuda_graphs(self.cuda_graph.is_on())?;
         let line = engine.set_backend(self.backend)?;
         eprintln!("{line}");
         Ok(engine)

@@ -3,7 +3,7 @@
 //! frame needs is allocated once per (batch, height, width) and reused, so a steady stream of frames
 //! allocates nothing. Post-processing runs on the device too; only detections come back.
 
-use super::runner::{DevBuf, KernelRunner, KernelRunnerExt};
+use super::runner::{DevBuf, EventId, GraphId, KernelRunner, KernelRunnerExt};
 use crate::detection::Detection;
 use crate::error::{Error, Result};
 use crate::exec::{Activations, Backend, Executor, Timings, check_batch};
@@ -22,6 +22,9 @@ struct GpuBufs {
     conf: DevBuf,
     landm: DevBuf,
     post: Option<ops::post::PostBufs>,
+    /// The captured forward pass of this plan (preprocess and every op), replayed on later passes;
+    /// freed with the plan.
+    graph: Option<GraphId>,
 }
 
 impl GpuBufs {
@@ -47,6 +50,10 @@ pub struct GpuEngine {
     weights: Vec<Option<(DevBuf, DevBuf)>>,
     plans: PlanCache<GpuBufs>,
     last: Option<PlanKey>,
+    /// Capture each plan's forward pass once and replay it (`--cuda-graph`, default on).
+    cuda_graphs: bool,
+    /// Events around a timed pass (made on first use).
+    timer: Option<(EventId, EventId)>,
 }
 
 use super::ops::{self, dim};
@@ -55,11 +62,11 @@ impl GpuEngine {
     /// Builds the executor for `graph` on `backend` (`Cuda`: the first GPU; `CudaSim`: the CPU
     /// simulation); uploads the weights.
     pub fn new(graph: &Graph, backend: Backend) -> Result<GpuEngine> {
-        let runner: Box<dyn KernelRunner> = match backend {
+        let mut runner: Box<dyn KernelRunner> = match backend {
             Backend::CudaSim => {
                 #[cfg(feature = "cuda-sim")]
                 {
-                    Box::new(super::sim::SimRunner::new())
+                    Box::new(super::sim::SimRunner::from_env()?)
                 }
                 #[cfg(not(feature = "cuda-sim"))]
                 {
@@ -75,6 +82,7 @@ impl GpuEngine {
                 Box::new(r)
             }
         };
+        runner.set_sync_each_launch(super::runner::sync_from_env()?);
         GpuEngine::with_runner(graph, runner)
     }
 
@@ -104,7 +112,61 @@ impl GpuEngine {
             weights,
             plans: PlanCache::new(DEFAULT_PLAN_CACHE_BYTES),
             last: None,
+            cuda_graphs: true,
+            timer: None,
         })
+    }
+
+    /// Whether forward passes are captured into one CUDA graph per plan and replayed. Off, or with
+    /// every launch synchronised (`RETINAFACE_CUDA_SYNC=1`, which names a faulting kernel), each op
+    /// is launched on its own.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.cuda_graphs = on;
+    }
+
+    pub fn cuda_graphs(&self) -> bool {
+        self.cuda_graphs && !self.runner.sync_each_launch()
+    }
+
+    /// The error that left the device unusable, if one did (see [`KernelRunner::fault`]).
+    pub fn fault(&self) -> Option<String> {
+        self.runner.fault()
+    }
+
+    /// Runs `f`; with `timed`, also the device time of the work it queued (events around it).
+    fn device_timed<T>(
+        &mut self,
+        timed: bool,
+        f: impl FnOnce(&mut GpuEngine) -> Result<T>,
+    ) -> Result<(T, std::time::Duration)> {
+        if !timed {
+            return Ok((f(self)?, std::time::Duration::ZERO));
+        }
+        self.start_device_timer()?;
+        let v = f(self)?;
+        Ok((v, self.stop_device_timer()?))
+    }
+
+    /// Records the start of a timed stretch of device work.
+    pub fn start_device_timer(&mut self) -> Result<()> {
+        let (a, _) = match self.timer {
+            Some(t) => t,
+            None => {
+                let t = (self.runner.event_create()?, self.runner.event_create()?);
+                self.timer = Some(t);
+                t
+            }
+        };
+        self.runner.event_record(a)
+    }
+
+    /// The device time since [`Self::start_device_timer`], from events on the stream: waits for the
+    /// work queued so far.
+    pub fn stop_device_timer(&mut self) -> Result<std::time::Duration> {
+        let (a, b) = self.timer.ok_or_else(|| Error::Cuda("device timer stopped before it started".into()))?;
+        self.runner.event_record(b)?;
+        self.runner.event_synchronize(b)?;
+        self.runner.event_elapsed(a, b)
     }
 
     pub fn describe(&self) -> String {
@@ -152,6 +214,7 @@ impl GpuEngine {
                 conf: r.alloc(4 * n * a * 2)?,
                 landm: r.alloc(4 * n * a * 10)?,
                 post: None,
+                graph: None,
             })
         })
     }
@@ -163,14 +226,53 @@ impl GpuEngine {
 
     /// Runs preprocessing, the network and the heads; leaves loc/conf/landm on the device.
     /// With `keep_all` every tensor stays readable (by [`Self::tensor_nchw`]) after the pass.
+    /// The batch goes up in one staged copy; the launches are a graph captured on the plan's first
+    /// pass and replayed after (or launched one by one with graphs off).
     fn forward(&mut self, images: &[&BgrImage], keep_all: bool) -> Result<(Arc<Plan>, [DevBuf; 3])> {
         let (h, w) = check_batch(images)?;
         let n = images.len();
         dim(n * h * w * 3, "batch elements")?;
         let key = (n, h, w, keep_all);
+        let use_graph = self.cuda_graphs();
         let (plan, bufs) = self.plan(key)?;
-        let (arena, input_u8, loc, conf, landm) = (bufs.arena, bufs.input_u8, bufs.loc, bufs.conf, bufs.landm);
+        let (input_u8, loc, conf, landm, graph) = (bufs.input_u8, bufs.loc, bufs.conf, bufs.landm, bufs.graph);
         self.last = Some(key);
+        let parts: Vec<&[u8]> = images.iter().map(|i| i.data.as_slice()).collect();
+        self.runner.upload_staged(input_u8, 0, &parts)?;
+        if !use_graph {
+            self.launch_forward(&plan, key)?;
+            return Ok((plan, [loc, conf, landm]));
+        }
+        let id = match graph {
+            Some(id) => id,
+            None => {
+                self.runner.begin_capture()?;
+                let launched = self.launch_forward(&plan, key);
+                // End the capture whatever happened, so the stream is usable again.
+                let captured = self.runner.end_capture();
+                let id = match (launched, captured) {
+                    (Ok(()), Ok(id)) => id,
+                    (Err(e), Ok(id)) => {
+                        self.runner.free_graph(id)?;
+                        return Err(e);
+                    }
+                    (Err(e), Err(_)) | (Ok(()), Err(e)) => return Err(e),
+                };
+                let bufs = self.plans.buffers(key).ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
+                bufs.graph = Some(id);
+                id
+            }
+        };
+        self.runner.replay(id)?;
+        Ok((plan, [loc, conf, landm]))
+    }
+
+    /// Every launch of a forward pass over `key`'s buffers: preprocessing of the uploaded bytes, each
+    /// op, the heads. Nothing else (no copy, allocation or synchronisation), so it can be captured.
+    fn launch_forward(&mut self, plan: &Plan, key: PlanKey) -> Result<()> {
+        let (n, h, w, _) = key;
+        let bufs = self.plans.buffers(key).ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
+        let (arena, input_u8, loc, conf, landm) = (bufs.arena, bufs.input_u8, bufs.loc, bufs.conf, bufs.landm);
         let r = &mut self.runner;
         if r.is_simulation() {
             // Every intermediate starts as NaN, so an element a kernel forgot to write poisons the outputs.
@@ -179,9 +281,6 @@ impl GpuEngine {
             }
         }
         let per = h * w * 3;
-        for (i, img) in images.iter().enumerate() {
-            r.upload(input_u8, i * per, &img.data)?;
-        }
         let g = &self.graph;
         let buf = |t: TensorId| DevBuf { ptr: arena.at(4 * plan.offsets[t]), bytes: 4 * plan.elems(t) };
         let total = n * per;
@@ -253,7 +352,7 @@ impl GpuEngine {
                 }
             }
         }
-        Ok((plan, [loc, conf, landm]))
+        Ok(())
     }
 
     /// The raw head outputs of each image (loc, softmaxed conf, landmarks) in the goldens' layout.
@@ -266,9 +365,20 @@ impl GpuEngine {
         let (plan, [lb, cb, mb]) = self.forward(images, keep_all)?;
         let (n, h, w) = (plan.n, plan.h, plan.w);
         let a = anchors::num_anchors(h, w);
-        let loc = self.runner.download_f32(lb, n * a * 4)?;
-        let conf = self.runner.download_f32(cb, n * a * 2)?;
-        let landm = self.runner.download_f32(mb, n * a * 10)?;
+        // Three copies into pinned memory queued behind the pass, one wait for all of them.
+        let queued = [(lb, n * a * 4), (cb, n * a * 2), (mb, n * a * 10)]
+            .map(|(buf, len)| self.runner.download_async(buf, 0, 4 * len).map(|rb| (rb, len)));
+        self.runner.synchronize()?;
+        let mut out = Vec::with_capacity(3);
+        for q in queued {
+            let (rb, len) = q?;
+            let mut v = vec![0.0f32; len];
+            self.runner.read_back(rb, bytemuck::cast_slice_mut(&mut v))?;
+            out.push(v);
+        }
+        let (landm, conf, loc) = (out.pop(), out.pop(), out.pop());
+        let none = || Error::Cuda("a raw output was not downloaded".into());
+        let (loc, conf, landm) = (loc.ok_or_else(none)?, conf.ok_or_else(none)?, landm.ok_or_else(none)?);
         if self.runner.is_simulation() {
             for (name, v) in [("loc", &loc), ("conf", &conf), ("landmarks", &landm)] {
                 if let Some(i) = v.iter().position(|x| x.is_nan()) {
@@ -359,7 +469,7 @@ impl Executor for CudaExecutor {
     fn run(&self, images: &[&BgrImage], keep_all: bool, timings: Option<&mut Timings>) -> Result<Activations> {
         let mut g = self.lock()?;
         let t0 = std::time::Instant::now();
-        let raw = g.raw_outputs_keeping(images, keep_all)?;
+        let (raw, device) = g.device_timed(timings.is_some(), |g| g.raw_outputs_keeping(images, keep_all))?;
         let (h, w) = check_batch(images)?;
         let taps = g.graph.taps;
         let mut tensors = vec![None; g.graph.tensors.len()];
@@ -371,15 +481,17 @@ impl Executor for CudaExecutor {
         }
         if let Some(t) = timings {
             t.backbone += t0.elapsed();
+            t.device += device;
         }
         Ok(Activations { n: images.len(), input_h: h, input_w: w, tensors, raw })
     }
 
     fn forward(&self, images: &[&BgrImage], timings: Option<&mut Timings>) -> Result<Vec<RawOutput>> {
         let t0 = std::time::Instant::now();
-        let raw = self.lock()?.raw_outputs(images)?;
+        let (raw, device) = self.lock()?.device_timed(timings.is_some(), |g| g.raw_outputs(images))?;
         if let Some(t) = timings {
             t.backbone += t0.elapsed();
+            t.device += device;
         }
         Ok(raw)
     }
@@ -395,9 +507,10 @@ impl Executor for CudaExecutor {
         let mut g = self.lock()?;
         // One pass for the batch: the device reads each image's factor from an array.
         let resizes: Vec<f32> = scales.iter().map(|&s| s as f32).collect();
-        let results = g.detect_scaled(images, post, &resizes)?;
+        let (results, device) = g.device_timed(timings.is_some(), |g| g.detect_scaled(images, post, &resizes))?;
         if let Some(t) = timings {
             t.backbone += t0.elapsed();
+            t.device += device;
         }
         Ok(results)
     }
@@ -417,10 +530,25 @@ impl Executor for CudaExecutor {
     fn release_plans(&self) -> Result<()> {
         self.lock()?.release_plans()
     }
+
+    fn healthy(&self) -> Result<()> {
+        match self.lock()?.fault() {
+            None => Ok(()),
+            Some(f) => Err(Error::Cuda(format!("the device is unusable: {f}"))),
+        }
+    }
+
+    fn set_cuda_graphs(&self, on: bool) -> Result<()> {
+        self.lock()?.set_cuda_graphs(on);
+        Ok(())
+    }
 }
 
 /// Frees a plan's device buffers.
 fn free_all(r: &mut dyn KernelRunner, bufs: GpuBufs) -> Result<()> {
+    if let Some(g) = bufs.graph {
+        r.free_graph(g)?;
+    }
     for b in bufs.all() {
         r.free(b)?;
     }

@@ -1,10 +1,14 @@
 //! The real device through cudarc's driver API: discovery that never panics, modules compiled by NVRTC
 //! (cached on disk, see [`super::nvrtc`]) and loaded once per family, functions looked up once, one
-//! launch site. Work goes to the context's legacy default stream, so copies order with launches.
+//! launch site. All work goes to one non-blocking stream of the runner's own (never the legacy default
+//! stream, which would serialise with every other stream of the process): launches, memsets, copies
+//! from and to pinned host buffers, events, graph capture and replay.
 
 use super::kernels;
 use super::nvrtc;
-use super::runner::{DevBuf, KernelRunner, LaunchDims, check_range};
+use super::runner::{
+    DevBuf, EventId, GraphId, KernelRunner, LaunchDims, Readback, StreamClock, capture_error, check_range,
+};
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaContext, result, sys};
 use std::collections::{HashMap, HashSet};
@@ -64,6 +68,34 @@ pub fn devices() -> Result<Vec<DeviceInfo>> {
     Ok(v)
 }
 
+/// Page-locked host memory from cuMemHostAlloc: copies from and to it are truly asynchronous.
+struct Pinned {
+    ptr: *mut u8,
+    cap: usize,
+}
+
+/// Pinned download buffers kept for reuse; more than this many idle ones are freed.
+const MAX_IDLE_PINNED: usize = 8;
+
+/// Whether a driver error leaves the context unusable (every later call fails the same way).
+fn is_sticky(e: &result::DriverError) -> bool {
+    use sys::CUresult::*;
+    matches!(
+        e.0,
+        CUDA_ERROR_ILLEGAL_ADDRESS
+            | CUDA_ERROR_LAUNCH_TIMEOUT
+            | CUDA_ERROR_ASSERT
+            | CUDA_ERROR_HARDWARE_STACK_ERROR
+            | CUDA_ERROR_ILLEGAL_INSTRUCTION
+            | CUDA_ERROR_MISALIGNED_ADDRESS
+            | CUDA_ERROR_INVALID_ADDRESS_SPACE
+            | CUDA_ERROR_INVALID_PC
+            | CUDA_ERROR_LAUNCH_FAILED
+            | CUDA_ERROR_ECC_UNCORRECTABLE
+            | CUDA_ERROR_UNKNOWN
+    )
+}
+
 pub struct GpuRunner {
     ctx: Arc<CudaContext>,
     info: DeviceInfo,
@@ -71,6 +103,21 @@ pub struct GpuRunner {
     modules: HashMap<&'static str, sys::CUmodule>,
     functions: HashMap<String, sys::CUfunction>,
     allocs: HashSet<u64>,
+    stream: sys::CUstream,
+    clock: StreamClock,
+    next_id: u64,
+    /// The staging buffer of `upload_staged`, and the event recorded after its last copy (the host
+    /// must not overwrite it before that copy has read it).
+    staging: Option<Pinned>,
+    staging_free: sys::CUevent,
+    /// Idle pinned download buffers, and the queued ones by readback id.
+    pinned_idle: Vec<Pinned>,
+    pinned_busy: HashMap<u64, Pinned>,
+    events: HashMap<u64, (sys::CUevent, Option<u64>)>,
+    graphs: HashMap<u64, (sys::CUgraph, sys::CUgraphExec)>,
+    capturing: bool,
+    sync_each_launch: bool,
+    fault: Option<String>,
 }
 
 impl GpuRunner {
@@ -84,7 +131,83 @@ impl GpuRunner {
         nvrtc::available()?;
         let ctx = CudaContext::new(ordinal).map_err(drv("creating the CUDA context"))?;
         let arch = format!("sm_{}{}", info.compute_capability.0, info.compute_capability.1);
-        Ok(GpuRunner { ctx, info, arch, modules: HashMap::new(), functions: HashMap::new(), allocs: HashSet::new() })
+        ctx.bind_to_thread().map_err(drv("binding the CUDA context"))?;
+        let stream = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(drv("cuStreamCreate"))?;
+        let staging_free =
+            result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(drv("cuEventCreate"))?;
+        Ok(GpuRunner {
+            ctx,
+            info,
+            arch,
+            modules: HashMap::new(),
+            functions: HashMap::new(),
+            allocs: HashSet::new(),
+            stream,
+            clock: StreamClock::default(),
+            next_id: 0,
+            staging: None,
+            staging_free,
+            pinned_idle: Vec::new(),
+            pinned_busy: HashMap::new(),
+            events: HashMap::new(),
+            graphs: HashMap::new(),
+            capturing: false,
+            sync_each_launch: false,
+            fault: None,
+        })
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// The crate error for a failed driver call; a sticky one marks the runner as faulted.
+    fn fail(&mut self, what: &str, e: result::DriverError) -> Error {
+        let msg = format!("{what}: {e}");
+        if !is_sticky(&e) {
+            return Error::Cuda(msg);
+        }
+        let f =
+            format!("{msg} (sticky: the context is unusable; RETINAFACE_CUDA_SYNC=1 names the kernel that faulted)");
+        self.fault.get_or_insert_with(|| f.clone());
+        Error::Cuda(f)
+    }
+
+    /// Fails once the context is unusable, and binds it to this thread otherwise.
+    fn ready(&self, call: &str) -> Result<()> {
+        if let Some(f) = &self.fault {
+            return Err(Error::Cuda(format!("{call}: {f}")));
+        }
+        self.bind()
+    }
+
+    fn not_capturing(&self, call: &str) -> Result<()> {
+        self.ready(call)?;
+        if self.capturing { Err(capture_error(call)) } else { Ok(()) }
+    }
+
+    fn sync_stream(&mut self, what: &str) -> Result<()> {
+        // SAFETY: the runner's own live stream.
+        match unsafe { result::stream::synchronize(self.stream) } {
+            Ok(()) => {
+                self.clock.all_done();
+                Ok(())
+            }
+            Err(e) => Err(self.fail(what, e)),
+        }
+    }
+
+    fn pinned(&mut self, bytes: usize) -> Result<Pinned> {
+        // SAFETY: plain page-locked allocation in the bound context.
+        let p = unsafe { result::malloc_host(bytes.max(1), sys::CU_MEMHOSTALLOC_PORTABLE) }
+            .map_err(|e| self.fail(&format!("cuMemHostAlloc({bytes} bytes)"), e))?;
+        Ok(Pinned { ptr: p.cast(), cap: bytes.max(1) })
+    }
+
+    fn free_pinned(p: Pinned) {
+        // SAFETY: from cuMemHostAlloc, no copy in flight (the caller synchronised or never queued one).
+        let _ = unsafe { result::free_host(p.ptr.cast()) };
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -133,15 +256,35 @@ impl GpuRunner {
     }
 }
 
-// SAFETY: the module and function handles belong to the context, not to a thread, and every entry
-// point (alloc, free, copies, launch, synchronize, drop) makes the context current on the calling
-// thread first; `&mut self` keeps two threads from using the runner at once.
+// SAFETY: the module, function, stream, event and graph handles belong to the context, not to a
+// thread, and every entry point makes the context current on the calling thread first; the pinned
+// buffers are plain host memory owned by the runner; `&mut self` keeps two threads from using the
+// runner at once.
 unsafe impl Send for GpuRunner {}
 
 impl Drop for GpuRunner {
     fn drop(&mut self) {
         if self.bind().is_err() {
             return;
+        }
+        // SAFETY: the runner's stream; errors at teardown have no one to go to.
+        let _ = unsafe { result::stream::synchronize(self.stream) };
+        for (_, (g, x)) in self.graphs.drain() {
+            // SAFETY: instantiated by end_capture and not freed.
+            let _ = unsafe { result::graph::exec_destroy(x) };
+            let _ = unsafe { result::graph::destroy(g) };
+        }
+        for (_, (e, _)) in self.events.drain() {
+            // SAFETY: created by event_create.
+            let _ = unsafe { result::event::destroy(e) };
+        }
+        // SAFETY: created in new.
+        let _ = unsafe { result::event::destroy(self.staging_free) };
+        for p in self.staging.take().into_iter().chain(self.pinned_idle.drain(..)) {
+            GpuRunner::free_pinned(p);
+        }
+        for (_, p) in self.pinned_busy.drain() {
+            GpuRunner::free_pinned(p);
         }
         for p in self.allocs.drain() {
             // SAFETY: allocated by malloc_sync in this context; errors at teardown have no one to go to.
@@ -151,6 +294,8 @@ impl Drop for GpuRunner {
             // SAFETY: loaded by load_data; functions from it are dropped with self.
             let _ = unsafe { result::module::unload(m) };
         }
+        // SAFETY: created in new; nothing is queued on it any more.
+        let _ = unsafe { result::stream::destroy(self.stream) };
     }
 }
 
@@ -164,66 +309,292 @@ impl KernelRunner for GpuRunner {
     }
 
     fn alloc(&mut self, bytes: usize) -> Result<DevBuf> {
-        self.bind()?;
+        self.not_capturing("alloc")?;
         // SAFETY: plain allocation in the bound context.
         let p = unsafe { result::malloc_sync(bytes.max(1)) }
-            .map_err(|e| Error::Cuda(format!("cuMemAlloc({bytes} bytes): {e}")))?;
+            .map_err(|e| self.fail(&format!("cuMemAlloc({bytes} bytes)"), e))?;
         self.allocs.insert(p);
         Ok(DevBuf { ptr: p, bytes })
     }
 
     fn free(&mut self, buf: DevBuf) -> Result<()> {
-        if !self.allocs.remove(&buf.ptr) {
+        self.not_capturing("free")?;
+        if !self.allocs.contains(&buf.ptr) {
             return Err(Error::Cuda(format!("free of {:#x}, which is not a live allocation", buf.ptr)));
         }
-        self.bind()?;
-        // SAFETY: a live allocation of this runner.
-        unsafe { result::free_sync(buf.ptr) }.map_err(drv("cuMemFree"))
+        // Work queued on the stream may still use it.
+        self.sync_stream("cuStreamSynchronize before cuMemFree")?;
+        self.allocs.remove(&buf.ptr);
+        // SAFETY: a live allocation of this runner, no longer used by queued work.
+        unsafe { result::free_sync(buf.ptr) }.map_err(|e| self.fail("cuMemFree", e))
     }
 
     fn upload(&mut self, dst: DevBuf, offset: usize, src: &[u8]) -> Result<()> {
+        self.not_capturing("upload (synchronous)")?;
         check_range(dst, offset, src.len(), "upload")?;
-        self.bind()?;
-        // SAFETY: range checked against the allocation.
-        unsafe { result::memcpy_htod_sync(dst.ptr + offset as u64, src) }.map_err(drv("cuMemcpyHtoD"))
+        // SAFETY: range checked against the allocation. From pageable memory the call returns once
+        // `src` has been staged by the driver, so the caller may reuse it.
+        unsafe { result::memcpy_htod_async(dst.ptr + offset as u64, src, self.stream) }
+            .map_err(|e| self.fail("cuMemcpyHtoDAsync", e))?;
+        self.clock.enqueue();
+        Ok(())
     }
 
     fn download(&mut self, src: DevBuf, offset: usize, dst: &mut [u8]) -> Result<()> {
+        self.not_capturing("download (synchronous)")?;
         check_range(src, offset, dst.len(), "download")?;
-        self.bind()?;
-        // SAFETY: range checked against the allocation. Synchronous: waits for prior launches.
-        unsafe { result::memcpy_dtoh_sync(dst, src.ptr + offset as u64) }
-            .map_err(drv("cuMemcpyDtoH (a kernel may have faulted)"))
+        // SAFETY: range checked against the allocation; the stream is synchronised before `dst` is used.
+        unsafe { result::memcpy_dtoh_async(dst, src.ptr + offset as u64, self.stream) }
+            .map_err(|e| self.fail("cuMemcpyDtoHAsync", e))?;
+        self.sync_stream("cuStreamSynchronize after a download (a kernel may have faulted)")
     }
 
     fn memset(&mut self, buf: DevBuf, value: u8) -> Result<()> {
-        self.bind()?;
+        self.ready("memset")?;
         // SAFETY: the whole of a live allocation.
-        unsafe { result::memset_d8_sync(buf.ptr, value, buf.bytes) }.map_err(drv("cuMemsetD8"))
+        unsafe { result::memset_d8_async(buf.ptr, value, buf.bytes, self.stream) }
+            .map_err(|e| self.fail("cuMemsetD8Async", e))?;
+        self.clock.enqueue();
+        Ok(())
     }
 
     fn poison(&mut self, buf: DevBuf) -> Result<()> {
-        self.bind()?;
+        self.ready("memset (poison)")?;
         // SAFETY: the whole of a live allocation, in 4-byte words.
-        unsafe { sys::cuMemsetD32_v2(buf.ptr, 0x7fc0_0000, buf.bytes / 4) }.result().map_err(drv("cuMemsetD32"))
+        unsafe { sys::cuMemsetD32Async(buf.ptr, 0x7fc0_0000, buf.bytes / 4, self.stream) }
+            .result()
+            .map_err(|e| self.fail("cuMemsetD32Async", e))?;
+        self.clock.enqueue();
+        Ok(())
     }
 
     fn launch_raw(&mut self, kernel: &str, dims: LaunchDims, params: &[u8]) -> Result<()> {
+        self.ready(&format!("launching {kernel}"))?;
         let f = self.function(kernel)?;
-        self.bind()?;
         // Each kernel takes one struct by value: kernelParams[0] points at its bytes, which the driver
-        // copies at launch time.
+        // copies at launch time (and into the graph node during a capture).
         let mut args = [params.as_ptr() as *mut c_void];
         let g = (dims.grid[0], dims.grid[1], dims.grid[2]);
         let b = (dims.block[0], dims.block[1], dims.block[2]);
         // SAFETY: f comes from a module compiled from the same common.cuh the params mirror; pointers
         // inside the params are live allocations of this runner (the executor owns them).
-        unsafe { result::launch_kernel(f, g, b, 0, std::ptr::null_mut(), &mut args) }
-            .map_err(|e| Error::Cuda(format!("launching {kernel} grid {g:?} block {b:?}: {e}")))
+        unsafe { result::launch_kernel(f, g, b, 0, self.stream, &mut args) }
+            .map_err(|e| self.fail(&format!("launching {kernel} grid {g:?} block {b:?}"), e))?;
+        self.clock.enqueue();
+        if self.sync_each_launch && !self.capturing {
+            self.sync_stream("cuStreamSynchronize")
+                .map_err(|e| Error::Cuda(format!("kernel {kernel} (grid {g:?} block {b:?}) failed: {e}")))?;
+        }
+        Ok(())
     }
 
     fn synchronize(&mut self) -> Result<()> {
+        self.not_capturing("synchronize")?;
+        self.sync_stream("cuStreamSynchronize (a kernel faulted?)")
+    }
+
+    fn upload_staged(&mut self, dst: DevBuf, offset: usize, parts: &[&[u8]]) -> Result<()> {
+        self.not_capturing("upload_staged")?;
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        check_range(dst, offset, total, "staged upload")?;
+        // The previous staged copy must have read the buffer before the host writes it again.
+        // SAFETY: our event; recording it on an idle stream completes at once.
+        unsafe { result::event::synchronize(self.staging_free) }.map_err(|e| self.fail("cuEventSynchronize", e))?;
+        if self.staging.as_ref().is_none_or(|p| p.cap < total) {
+            if let Some(old) = self.staging.take() {
+                GpuRunner::free_pinned(old);
+            }
+            let p = self.pinned(total.next_power_of_two())?;
+            self.staging = Some(p);
+        }
+        let st = self.staging.as_ref().ok_or_else(|| Error::Cuda("staging buffer vanished".into()))?;
+        // SAFETY: the staging buffer holds cap >= total bytes and no copy reads it now.
+        let host = unsafe { std::slice::from_raw_parts_mut(st.ptr, total) };
+        let mut at = 0;
+        for p in parts {
+            host[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+        // SAFETY: pinned source of `total` bytes that stays untouched until staging_free completes.
+        unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst.ptr + offset as u64, st.ptr as *const c_void, total, self.stream).result()
+        }
+        .map_err(|e| self.fail("cuMemcpyHtoDAsync (staged)", e))?;
+        // SAFETY: our event and stream.
+        unsafe { result::event::record(self.staging_free, self.stream) }.map_err(|e| self.fail("cuEventRecord", e))?;
+        self.clock.enqueue();
+        Ok(())
+    }
+
+    fn download_async(&mut self, src: DevBuf, offset: usize, len: usize) -> Result<Readback> {
+        self.not_capturing("download_async")?;
+        check_range(src, offset, len, "download")?;
+        let pos = self.pinned_idle.iter().enumerate().filter(|(_, p)| p.cap >= len).min_by_key(|(_, p)| p.cap);
+        let p = match pos.map(|(i, _)| i) {
+            Some(i) => self.pinned_idle.swap_remove(i),
+            None => self.pinned(len.next_power_of_two())?,
+        };
+        // SAFETY: a pinned buffer of cap >= len bytes that nothing else uses until read_back.
+        let r = unsafe {
+            sys::cuMemcpyDtoHAsync_v2(p.ptr as *mut c_void, src.ptr + offset as u64, len, self.stream).result()
+        };
+        if let Err(e) = r {
+            self.pinned_idle.push(p);
+            return Err(self.fail("cuMemcpyDtoHAsync", e));
+        }
+        let id = self.id();
+        self.pinned_busy.insert(id, p);
+        Ok(Readback { id, seq: self.clock.enqueue(), bytes: len })
+    }
+
+    fn read_back(&mut self, rb: Readback, dst: &mut [u8]) -> Result<()> {
+        let p = self
+            .pinned_busy
+            .remove(&rb.id)
+            .ok_or_else(|| Error::Cuda(format!("read_back of an unknown download {}", rb.id)))?;
+        let res = if dst.len() != rb.bytes {
+            Err(Error::Cuda(format!("read_back of {} bytes into a buffer of {}", rb.bytes, dst.len())))
+        } else if !self.clock.is_done(rb.seq) {
+            Err(Error::Cuda("read_back before synchronize: the download was queued and may not have landed yet".into()))
+        } else {
+            // SAFETY: the copy into p has completed (the stream was synchronised past it).
+            dst.copy_from_slice(unsafe { std::slice::from_raw_parts(p.ptr, rb.bytes) });
+            Ok(())
+        };
+        if self.clock.is_done(rb.seq) {
+            self.pinned_idle.push(p);
+            if self.pinned_idle.len() > MAX_IDLE_PINNED {
+                let smallest = (0..self.pinned_idle.len()).min_by_key(|&i| self.pinned_idle[i].cap).unwrap_or(0);
+                GpuRunner::free_pinned(self.pinned_idle.swap_remove(smallest));
+            }
+        } else {
+            // The copy may still land in it: keep it until teardown rather than reuse it.
+            let id = self.id();
+            self.pinned_busy.insert(id, p);
+        }
+        res
+    }
+
+    fn event_create(&mut self) -> Result<EventId> {
+        self.ready("event_create")?;
+        let e =
+            result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| self.fail("cuEventCreate", e))?;
+        let id = self.id();
+        self.events.insert(id, (e, None));
+        Ok(EventId(id))
+    }
+
+    fn event_record(&mut self, e: EventId) -> Result<()> {
+        self.not_capturing("event_record")?;
+        let (ev, _) = *self.events.get(&e.0).ok_or_else(|| Error::Cuda(format!("event {} does not exist", e.0)))?;
+        // SAFETY: a live event and our stream.
+        unsafe { result::event::record(ev, self.stream) }.map_err(|er| self.fail("cuEventRecord", er))?;
+        let seq = self.clock.enqueue();
+        if let Some(slot) = self.events.get_mut(&e.0) {
+            slot.1 = Some(seq);
+        }
+        Ok(())
+    }
+
+    fn event_synchronize(&mut self, e: EventId) -> Result<()> {
+        self.not_capturing("event_synchronize")?;
+        let (ev, seq) = *self.events.get(&e.0).ok_or_else(|| Error::Cuda(format!("event {} does not exist", e.0)))?;
+        // SAFETY: a live event.
+        unsafe { result::event::synchronize(ev) }.map_err(|er| self.fail("cuEventSynchronize", er))?;
+        if let Some(s) = seq {
+            self.clock.done_to(s);
+        }
+        Ok(())
+    }
+
+    fn event_elapsed(&mut self, start: EventId, end: EventId) -> Result<std::time::Duration> {
+        self.ready("event_elapsed")?;
+        let get = |e: EventId| match self.events.get(&e.0) {
+            Some((ev, Some(seq))) if self.clock.is_done(*seq) => Ok(*ev),
+            Some((_, Some(_))) => Err(Error::Cuda(format!("event {} has not completed: synchronize first", e.0))),
+            Some((_, None)) => Err(Error::Cuda(format!("event {} was never recorded", e.0))),
+            None => Err(Error::Cuda(format!("event {} does not exist", e.0))),
+        };
+        let (a, b) = (get(start)?, get(end)?);
+        // SAFETY: two live, completed events of this context.
+        let ms = unsafe { result::event::elapsed(a, b) }.map_err(|e| self.fail("cuEventElapsedTime", e))?;
+        Ok(std::time::Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3))
+    }
+
+    fn event_destroy(&mut self, e: EventId) -> Result<()> {
+        let (ev, _) = self.events.remove(&e.0).ok_or_else(|| Error::Cuda(format!("event {} does not exist", e.0)))?;
         self.bind()?;
-        result::ctx::synchronize().map_err(drv("cuCtxSynchronize (a kernel faulted?)"))
+        // SAFETY: a live event, removed from the map.
+        unsafe { result::event::destroy(ev) }.map_err(|er| self.fail("cuEventDestroy", er))
+    }
+
+    fn begin_capture(&mut self) -> Result<()> {
+        self.not_capturing("begin_capture")?;
+        // Thread-local mode: only this thread's unsafe calls (cuMemAlloc, synchronous copies) break the
+        // capture, so other runners in the process carry on.
+        // SAFETY: our stream.
+        unsafe {
+            result::stream::begin_capture(self.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        }
+        .map_err(|e| self.fail("cuStreamBeginCapture", e))?;
+        self.capturing = true;
+        Ok(())
+    }
+
+    fn end_capture(&mut self) -> Result<GraphId> {
+        if !self.capturing {
+            return Err(Error::Cuda("end_capture without begin_capture".into()));
+        }
+        self.capturing = false;
+        self.bind()?;
+        // SAFETY: our stream, capturing.
+        let g = unsafe { result::stream::end_capture(self.stream) }.map_err(|e| self.fail("cuStreamEndCapture", e))?;
+        // SAFETY: a complete graph from the capture.
+        let x = match unsafe { result::graph::instantiate(g, sys::CUgraphInstantiate_flags(0)) } {
+            Ok(x) => x,
+            Err(e) => {
+                // SAFETY: not instantiated; ours to destroy.
+                let _ = unsafe { result::graph::destroy(g) };
+                return Err(self.fail("cuGraphInstantiate", e));
+            }
+        };
+        let id = self.id();
+        self.graphs.insert(id, (g, x));
+        Ok(GraphId(id))
+    }
+
+    fn replay(&mut self, g: GraphId) -> Result<()> {
+        self.not_capturing("replay")?;
+        let (_, x) = *self.graphs.get(&g.0).ok_or_else(|| Error::Cuda(format!("graph {} does not exist", g.0)))?;
+        // SAFETY: an instantiated graph whose buffers the executor keeps alive with it.
+        unsafe { result::graph::launch(x, self.stream) }.map_err(|e| self.fail("cuGraphLaunch", e))?;
+        self.clock.enqueue();
+        if self.sync_each_launch {
+            self.sync_stream("cuStreamSynchronize after a graph replay")?;
+        }
+        Ok(())
+    }
+
+    fn free_graph(&mut self, g: GraphId) -> Result<()> {
+        self.not_capturing("free_graph")?;
+        let (gr, x) = self.graphs.remove(&g.0).ok_or_else(|| Error::Cuda(format!("graph {} does not exist", g.0)))?;
+        // A replay may still be running.
+        self.sync_stream("cuStreamSynchronize before cuGraphExecDestroy")?;
+        // SAFETY: instantiated by end_capture, removed from the map, not running.
+        unsafe { result::graph::exec_destroy(x) }.map_err(|e| self.fail("cuGraphExecDestroy", e))?;
+        // SAFETY: as above.
+        unsafe { result::graph::destroy(gr) }.map_err(|e| self.fail("cuGraphDestroy", e))
+    }
+
+    fn set_sync_each_launch(&mut self, on: bool) {
+        self.sync_each_launch = on;
+    }
+
+    fn sync_each_launch(&self) -> bool {
+        self.sync_each_launch
+    }
+
+    fn fault(&self) -> Option<String> {
+        self.fault.clone()
     }
 }

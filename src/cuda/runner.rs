@@ -2,6 +2,12 @@
 //! implementations: the real GPU ([`super::gpu::GpuRunner`], cudarc + NVRTC) and the CPU simulation
 //! ([`super::sim::SimRunner`], the same kernels compiled with g++). The executor is written once over
 //! this trait, so the code the tests run in simulation is the code that runs on the GPU.
+//!
+//! Work is stream-ordered: launches, memsets, staged uploads, queued downloads, event records and
+//! graph replays run in the order they were issued, and the host sees their results only after
+//! [`KernelRunner::synchronize`] (or [`KernelRunner::event_synchronize`] on an event recorded after
+//! them). The simulation runs each call at once but keeps the same bookkeeping, so reading a download
+//! too early is an error there as it would be wrong on the GPU.
 
 use super::params::KernelParams;
 use crate::error::Result;
@@ -35,6 +41,24 @@ impl LaunchDims {
     }
 }
 
+/// A download queued by [`KernelRunner::download_async`]: the bytes land in pinned host memory and are
+/// read with [`KernelRunner::read_back`] once the stream has been synchronised past the copy.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a queued download holds a pinned buffer until read_back"]
+pub struct Readback {
+    pub(crate) id: u64,
+    pub(crate) seq: u64,
+    pub bytes: usize,
+}
+
+/// An event of a runner's stream (for ordering and device time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EventId(pub u64);
+
+/// A captured, instantiated graph of launches and memsets, replayed with [`KernelRunner::replay`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GraphId(pub u64);
+
 pub trait KernelRunner: Send {
     /// "cuda:0 NVIDIA H200 (sm_90)" or "simulation (N CPU threads)".
     fn describe(&self) -> String;
@@ -44,7 +68,7 @@ pub trait KernelRunner: Send {
     fn free(&mut self, buf: DevBuf) -> Result<()>;
     fn upload(&mut self, dst: DevBuf, offset: usize, src: &[u8]) -> Result<()>;
     fn download(&mut self, src: DevBuf, offset: usize, dst: &mut [u8]) -> Result<()>;
-    /// Sets every byte of `buf` to `value`.
+    /// Sets every byte of `buf` to `value` (stream-ordered; captured into a graph during capture).
     fn memset(&mut self, buf: DevBuf, value: u8) -> Result<()>;
     /// Fills `buf` with the f32 NaN pattern 0x7fc00000 (also a recognisable garbage for integers).
     fn poison(&mut self, buf: DevBuf) -> Result<()>;
@@ -52,6 +76,43 @@ pub trait KernelRunner: Send {
     fn launch_raw(&mut self, kernel: &str, dims: LaunchDims, params: &[u8]) -> Result<()>;
     /// Waits for all launched work; reports asynchronous kernel faults.
     fn synchronize(&mut self) -> Result<()>;
+
+    /// Copies `parts` end to end into a pinned staging buffer and queues one host-to-device copy of
+    /// them to `dst` at `offset`: one transfer per batch, which the host may overwrite at once.
+    fn upload_staged(&mut self, dst: DevBuf, offset: usize, parts: &[&[u8]]) -> Result<()>;
+    /// Queues a copy of `len` bytes of `src` at `offset` into pinned host memory.
+    fn download_async(&mut self, src: DevBuf, offset: usize, len: usize) -> Result<Readback>;
+    /// The bytes of a queued download, into `dst` (its length); an error before the stream has been
+    /// synchronised past the copy, since the bytes may not have landed.
+    fn read_back(&mut self, rb: Readback, dst: &mut [u8]) -> Result<()>;
+
+    fn event_create(&mut self) -> Result<EventId>;
+    /// Records `e` at this point of the stream.
+    fn event_record(&mut self, e: EventId) -> Result<()>;
+    /// Waits until the work before `e`'s last record is done (which completes downloads before it).
+    fn event_synchronize(&mut self, e: EventId) -> Result<()>;
+    /// Time between two recorded, completed events (the device's clock on the GPU, the host's in the
+    /// simulation, where work runs as it is issued).
+    fn event_elapsed(&mut self, start: EventId, end: EventId) -> Result<std::time::Duration>;
+    fn event_destroy(&mut self, e: EventId) -> Result<()>;
+
+    /// Starts recording launches and memsets into a graph instead of running them. Until
+    /// [`Self::end_capture`], synchronous copies, allocations, frees and synchronisation are errors
+    /// that name the call.
+    fn begin_capture(&mut self) -> Result<()>;
+    /// Ends the capture and instantiates what it recorded.
+    fn end_capture(&mut self) -> Result<GraphId>;
+    /// Queues every recorded launch and memset again, in order, with the parameters they had.
+    fn replay(&mut self, g: GraphId) -> Result<()>;
+    fn free_graph(&mut self, g: GraphId) -> Result<()>;
+
+    /// With `on`, every launch is followed by a synchronisation and an asynchronous fault is reported
+    /// with the kernel that caused it (`RETINAFACE_CUDA_SYNC=1`). Slow; for finding faults.
+    fn set_sync_each_launch(&mut self, on: bool);
+    fn sync_each_launch(&self) -> bool;
+    /// The error that left the device unusable (a sticky CUDA error: every later call fails and
+    /// results cannot be trusted), or None while it is healthy.
+    fn fault(&self) -> Option<String>;
 }
 
 /// Typed helpers over [`KernelRunner`].
@@ -85,6 +146,50 @@ pub trait KernelRunnerExt: KernelRunner {
 }
 
 impl<T: KernelRunner + ?Sized> KernelRunnerExt for T {}
+
+/// Sequence numbers of stream work: what was queued and what the host has seen complete. Both
+/// runners keep one, so an early read is the same error on the GPU and in the simulation.
+#[derive(Default)]
+pub(crate) struct StreamClock {
+    queued: u64,
+    done: u64,
+}
+
+impl StreamClock {
+    /// Numbers one more queued operation.
+    pub(crate) fn enqueue(&mut self) -> u64 {
+        self.queued += 1;
+        self.queued
+    }
+    /// Everything queued so far is complete (after a stream synchronisation).
+    pub(crate) fn all_done(&mut self) {
+        self.done = self.queued;
+    }
+    /// Everything up to `seq` is complete (after waiting on an event recorded at `seq`).
+    pub(crate) fn done_to(&mut self, seq: u64) {
+        self.done = self.done.max(seq);
+    }
+    pub(crate) fn is_done(&self, seq: u64) -> bool {
+        seq <= self.done
+    }
+}
+
+/// The error for a call the stream capture cannot record.
+pub(crate) fn capture_error(call: &str) -> crate::Error {
+    crate::Error::Cuda(format!(
+        "{call} during graph capture: only launches and memsets can be captured (upload before the capture, download after the replay)"
+    ))
+}
+
+/// Parses `RETINAFACE_CUDA_SYNC` (unset, 0 or 1).
+pub fn sync_from_env() -> Result<bool> {
+    match std::env::var("RETINAFACE_CUDA_SYNC") {
+        Err(_) => Ok(false),
+        Ok(v) if v.is_empty() || v == "0" => Ok(false),
+        Ok(v) if v == "1" => Ok(true),
+        Ok(v) => Err(crate::Error::InvalidArgument(format!("RETINAFACE_CUDA_SYNC={v:?}: expected 0 or 1"))),
+    }
+}
 
 pub(crate) fn check_range(buf: DevBuf, offset: usize, len: usize, what: &str) -> Result<()> {
     if offset.checked_add(len).is_none_or(|e| e > buf.bytes) {

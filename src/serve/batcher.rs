@@ -32,6 +32,8 @@ pub enum ExecError {
     ShuttingDown,
     /// The engine failed on the batch.
     Backend(String),
+    /// The device failed for good (a sticky fault): the server takes no more work and exits.
+    Unhealthy(String),
 }
 
 type Reply = std::result::Result<Vec<Detection>, ExecError>;
@@ -57,6 +59,8 @@ type Key = (usize, usize);
 struct State {
     buckets: HashMap<Key, VecDeque<Job>>,
     shutdown: bool,
+    /// Why the engine became unusable, once it did.
+    fault: Option<String>,
 }
 
 /// Test-only hook: while closed, the executor takes nothing from the queue, as if every worker were
@@ -174,7 +178,9 @@ impl Batcher {
         let (tx, rx) = oneshot::channel();
         let deadline = self.queue_timeout.map(|t| admitted_at + t);
         let mut st = lock(&self.state);
-        if st.shutdown {
+        if let Some(f) = &st.fault {
+            let _ = tx.send(Err(ExecError::Unhealthy(f.clone())));
+        } else if st.shutdown {
             let _ = tx.send(Err(ExecError::ShuttingDown));
         } else {
             st.buckets.entry(key).or_default().push_back(Job {
@@ -203,6 +209,26 @@ impl Batcher {
             st.buckets.remove(&key);
         }
         true
+    }
+
+    /// Why the engine became unusable, if it did (the server then answers 503 and exits non-zero).
+    pub fn fault(&self) -> Option<String> {
+        lock(&self.state).fault.clone()
+    }
+
+    /// The engine cannot be trusted any more: answer every queued request with the fault and stop,
+    /// so the executor loop returns and the server exits for its orchestrator to restart it.
+    fn fail_device(&self, fault: String) {
+        let mut st = lock(&self.state);
+        tracing::error!(error = %fault, "the device is unusable: refusing all work and stopping");
+        for (_, q) in st.buckets.drain() {
+            for job in q {
+                let _ = job.reply.send(Err(ExecError::Unhealthy(fault.clone())));
+            }
+        }
+        st.fault = Some(fault);
+        st.shutdown = true;
+        self.cv.notify_all();
     }
 
     /// Stops taking requests; the executor finishes what is queued, then returns.
@@ -334,8 +360,18 @@ impl Batcher {
             }
             Err(msg) => {
                 tracing::error!(batch = jobs.len(), error = %msg, "batch failed");
+                // A failure that left the device unusable fails this batch and everything after it.
+                // The fault is recorded before anyone hears of it, so a probe after an answer sees 503.
+                let fault = engine.healthy().err().map(|e| e.to_string());
+                if let Some(f) = &fault {
+                    self.fail_device(f.clone());
+                }
                 for job in jobs {
-                    let _ = job.reply.send(Err(ExecError::Backend(msg.clone())));
+                    let e = match &fault {
+                        Some(f) => ExecError::Unhealthy(f.clone()),
+                        None => ExecError::Backend(msg.clone()),
+                    };
+                    let _ = job.reply.send(Err(e));
                 }
             }
         }

@@ -26,6 +26,13 @@ pub struct ServeArgs {
     /// Compute backend: cpu, cuda (needs a GPU), auto (CUDA when a GPU is present, else cpu) or cuda-sim.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
+    /// CUDA backends: replay one captured CUDA graph per batch size (on) or launch every kernel (off).
+    #[arg(long, value_enum, default_value_t = crate::exec::Switch::On)]
+    pub cuda_graph: crate::exec::Switch,
+    /// CUDA backends: batches in flight at once, each run by its own executor on its own stream
+    /// (1..=16). The CPU backend runs one batch at a time over all cores.
+    #[arg(long, default_value_t = 2)]
+    pub streams: usize,
     /// Address to listen on. The default listens on every interface, as a container needs.
     #[arg(long, default_value = "0.0.0.0")]
     pub host: IpAddr,
@@ -180,6 +187,7 @@ pub struct Config {
     pub body_read_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
+    pub streams: usize,
 }
 
 impl Config {
@@ -191,6 +199,9 @@ impl Config {
             _ => return bad("give exactly one of --weights PATH and --synthetic-seed S".into()),
         };
         let network = a.network.as_deref().map(str::parse::<Network>).transpose()?;
+        if a.streams == 0 || a.streams > 16 {
+            return bad(format!("--streams {} is not in 1..=16", a.streams));
+        }
         if a.max_batch == 0 || a.max_batch > 256 {
             return bad(format!("--max-batch {} is not in 1..=256", a.max_batch));
         }
@@ -266,6 +277,7 @@ impl Config {
             body_read_timeout: Duration::from_millis(a.body_read_timeout_ms),
             shutdown_timeout: Duration::from_millis(a.shutdown_timeout_ms),
             log_format: a.log_format,
+            streams: a.streams,
         })
     }
 }

@@ -139,7 +139,11 @@ async fn live() -> StatusCode {
 }
 
 async fn ready(State(s): St) -> StatusCode {
-    if s.ready.load(Ordering::Acquire) { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+    if s.ready.load(Ordering::Acquire) && s.batcher.fault().is_none() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 async fn server_metadata() -> axum::Json<Value> {
@@ -191,7 +195,8 @@ async fn model_metadata_v(
 
 async fn model_ready(State(s): St, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     check_model(&s, &name, None)?;
-    Ok(if s.ready.load(Ordering::Acquire) { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE })
+    let ready = s.ready.load(Ordering::Acquire) && s.batcher.fault().is_none();
+    Ok(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE })
 }
 
 async fn model_ready_v(st: St, Path((name, version)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
@@ -451,6 +456,10 @@ async fn detect_images(
                     ),
                 ),
                 ExecError::ShuttingDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"),
+                ExecError::Unhealthy(m) => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the device failed and the server is exiting to be restarted: {m}"),
+                ),
                 ExecError::Backend(m) => {
                     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("inference failed: {m}"))
                 }

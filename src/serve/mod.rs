@@ -5,8 +5,9 @@
 //! `--header-read-timeout-ms`, and handlers bound the body read with `--body-read-timeout-ms`.
 //!
 //! Threads: the async runtime (two workers: it only parses and routes), a bounded pool of blocking
-//! threads that decode images, and one executor thread that runs batches on the engine (whose
-//! forward pass is itself parallel on rayon's pool).
+//! threads that decode images, and executor threads that run batches: one on the CPU (whose forward
+//! pass is itself parallel on rayon's pool), `--streams` on a CUDA backend, each with its own engine
+//! and stream, so that several batches are in flight on the device.
 
 pub mod batcher;
 pub mod config;
@@ -39,6 +40,10 @@ use tokio::sync::Notify;
 /// memory handed back to the OS. Smaller ones keep their buffers for the next request, which saves
 /// their page faults (a 1080p frame of mobilenetv1_0.25 takes about 140 MiB).
 const RELEASE_ABOVE_BYTES: u64 = 128 << 20;
+
+/// After a device fault, how long the server keeps answering 503 (ready and infer) before it exits:
+/// long enough for a probe or a load balancer to see it rather than only a closed port.
+const FAULT_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Hooks for tests only; the CLI never sets them.
 #[doc(hidden)]
@@ -116,15 +121,28 @@ impl ServerHandle {
     fn start_inner(args: ServeArgs, hooks: TestHooks, handle_signals: bool) -> Result<ServerHandle> {
         let cfg = Arc::new(Config::from_args(&args)?);
         let t0 = Instant::now();
-        let mut engine = Engine::new(&cfg.weights, cfg.network)?;
-        let backend = engine.set_backend(args.backend)?;
         let plan_cache = args.plan_cache_mb.checked_mul(1 << 20).ok_or_else(|| {
             Error::InvalidArgument(format!("--plan-cache-mb {} overflows a byte count", args.plan_cache_mb))
         })?;
-        engine.set_plan_cache_bytes(plan_cache)?;
-        let engine = Arc::new(engine);
+        let load = |backend: Backend| -> Result<(Engine, String)> {
+            let mut engine = Engine::new(&cfg.weights, cfg.network)?;
+            engine.set_cuda_graphs(args.cuda_graph.is_on())?;
+            let line = engine.set_backend(backend)?;
+            engine.set_plan_cache_bytes(plan_cache)?;
+            Ok((engine, line))
+        };
+        let (first, backend) = load(args.backend)?;
+        // On a CUDA backend each executor has its own runner, hence its own stream: several batches
+        // are in flight at once. The CPU executor already spreads one batch over every core.
+        let resolved = first.backend();
+        let executors = if resolved == Backend::Cpu { 1 } else { cfg.streams };
+        let mut engines = vec![Arc::new(first)];
+        for _ in 1..executors {
+            engines.push(Arc::new(load(resolved)?.0));
+        }
+        let engine = engines[0].clone();
         let backend = backend.trim_start_matches("backend ");
-        tracing::info!(network = %engine.network(), ms = t0.elapsed().as_millis() as u64, %backend, "engine loaded");
+        tracing::info!(network = %engine.network(), ms = t0.elapsed().as_millis() as u64, %backend, executors, "engine loaded");
 
         let bind = |a: SocketAddr| -> Result<std::net::TcpListener> {
             let l = std::net::TcpListener::bind(a).map_err(|e| Error::io(format!("listen on {a}"), e))?;
@@ -159,14 +177,27 @@ impl ServerHandle {
             network: engine.network().to_string(),
         });
 
-        let exec = {
-            let (batcher, engine, opts, gate) =
-                (batcher.clone(), engine.clone(), cfg.detect, hooks.executor_gate.clone());
-            std::thread::Builder::new()
+        let stop = Arc::new(Notify::new());
+        let mut execs = Vec::with_capacity(engines.len());
+        for engine in engines {
+            let (batcher, opts, gate) = (batcher.clone(), cfg.detect, hooks.executor_gate.clone());
+            let (state, stop) = (state.clone(), stop.clone());
+            let exec = std::thread::Builder::new()
                 .name("retinaface-exec".into())
-                .spawn(move || batcher.run_executor(&engine, &opts, gate.as_deref()))
-                .map_err(|e| Error::io("executor thread", e))?
-        };
+                .spawn(move || {
+                    batcher.run_executor(&engine, &opts, gate.as_deref());
+                    // The loop ends early only when the device failed: answer 503 (ready and infer)
+                    // for a moment, so probes and load balancers see it, then stop serving so the
+                    // process exits non-zero and its orchestrator starts a fresh one.
+                    if batcher.fault().is_some() {
+                        state.ready.store(false, Ordering::Release);
+                        std::thread::sleep(FAULT_LINGER);
+                        stop.notify_one();
+                    }
+                })
+                .map_err(|e| Error::io("executor thread", e))?;
+            execs.push(exec);
+        }
 
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -175,7 +206,6 @@ impl ServerHandle {
             .enable_all()
             .build()
             .map_err(|e| Error::io("tokio runtime", e))?;
-        let stop = Arc::new(Notify::new());
         let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<()>>();
         let thread = {
             let (state, stop) = (state.clone(), stop.clone());
@@ -191,9 +221,16 @@ impl ServerHandle {
                         return Err(Error::Serve("stopped by a second signal; in-flight requests abandoned".into()));
                     }
                     // Every connection is closed: let the executor finish what is queued, then stop.
-                    exec.join().map_err(|_| Error::InvalidArgument("executor thread panicked".into()))?;
+                    for exec in execs {
+                        exec.join().map_err(|_| Error::InvalidArgument("executor thread panicked".into()))?;
+                    }
                     rt.shutdown_timeout(std::time::Duration::from_secs(1));
                     tracing::info!("server stopped");
+                    if let Some(f) = batcher.fault() {
+                        return Err(Error::Serve(format!(
+                            "the device failed ({f}); exiting so that the server is restarted"
+                        )));
+                    }
                     r.map_err(|e| match e {
                         Stopped::Failed(e) => e,
                         Stopped::Abandoned(t) => Error::Serve(format!(

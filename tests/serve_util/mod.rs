@@ -202,10 +202,10 @@ pub fn spawn_server(flags: &[&str], wrap: &str) -> Child {
     use std::process::{Command, Stdio};
     let bin = env!("CARGO_BIN_EXE_retinaface");
     let mut args: Vec<String> =
-        ["serve", "--backend", "cpu", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"].iter().map(|s| s.to_string()).collect();
+    if !flags.contains(&"--backend") {
+        args.extend(["--backend".to_string(), "cpu".to_string()]);
+    }
     if !flags.iter().any(|f| *f == "--weights" || *f == "--synthetic-seed") {
         args.push("--weights".into());
         args.push(real_weights().display().to_string());
