@@ -32,7 +32,10 @@ pub fn conv2d(
     let (k, s, p, groups) = (conv.kernel, conv.stride, conv.pad, conv.groups);
     let (oh, ow) = (out_size(h, k, s, p), out_size(w, k, s, p));
     let name = &conv.name;
-    assert!(groups > 0 && conv.cin % groups == 0 && conv.cout % groups == 0, "conv {name}: {groups} groups");
+    assert!(
+        groups > 0 && conv.cin.is_multiple_of(groups) && conv.cout.is_multiple_of(groups),
+        "conv {name}: {groups} groups"
+    );
     let (cin_g, cout_g) = (conv.cin / groups, conv.cout / groups);
     assert_eq!(x.len(), n * conv.cin * h * w, "conv {name} input size");
     assert_eq!(out.len(), n * out_channels * oh * ow, "conv {name} output size");
