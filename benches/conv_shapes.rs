@@ -10,8 +10,9 @@
 //! Best of 20 runs after a warm-up: on a shared machine the minimum is the figure least disturbed by
 //! other tenants; run both variants back to back and compare ratios.
 
-use retinaface::cpu::ops::{conv2d, out_size};
+use retinaface::cpu::conv::conv2d;
 use retinaface::model::graph::{Act, Conv};
+use retinaface::reference::out_size;
 use std::time::Instant;
 
 fn main() {

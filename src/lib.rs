@@ -26,6 +26,7 @@ pub mod network;
 pub mod onnx;
 pub mod passes;
 pub mod post;
+pub mod reference;
 pub mod serve;
 pub mod video;
 pub mod weights;

@@ -1,5 +1,5 @@
 //! The f16 tensor-core convolutions (kernels/conv_f16.cu) in the CPU simulation, every variant on every
-//! shape, against the CPU reference `ops::conv2d` run on the same inputs, weights and residual rounded to
+//! shape, against the CPU reference `reference::conv2d` run on the same inputs, weights and residual rounded to
 //! f16 first, so the only differences are the f32 accumulation order and the final rounding to f16.
 //!
 //! Bound, per element: |gpu − ref| ≤ ½ulp_f16(ref) + 1e-5·max(1, max |ref|): the final rounding to f16
@@ -14,12 +14,12 @@
 #![cfg(feature = "cuda-sim")]
 
 mod rng;
-use retinaface::cpu::ops;
 use retinaface::cuda::conv_f16::{self, ConvShape, VARIANTS, Variant, last_sim_counters};
 use retinaface::cuda::params::{ConvF16Params, act_code};
 use retinaface::cuda::sim::SimRunner;
 use retinaface::cuda::{KernelRunner, nchw_to_nhwc};
 use retinaface::model::graph::{Act, Conv};
+use retinaface::reference;
 use rng::Rng;
 
 #[derive(Clone, Debug)]
@@ -102,11 +102,12 @@ fn prepare(cs: &Case, rng: &mut Rng) -> Prepared {
         act: cs.act,
         packed: Default::default(),
     };
-    let (oh, ow) = (ops::out_size(cs.h, cs.k, cs.stride, c.pad), ops::out_size(cs.w, cs.k, cs.stride, c.pad));
+    let (oh, ow) =
+        (reference::out_size(cs.h, cs.k, cs.stride, c.pad), reference::out_size(cs.w, cs.k, cs.stride, c.pad));
     let x = rng.vec16(cs.n * cs.cin * cs.h * cs.w, 1.0);
     let res = cs.residual.then(|| rng.vec16(cs.n * cs.cout * oh * ow, 1.0));
     let mut want = vec![f32::NAN; cs.n * cs.cout * oh * ow];
-    ops::conv2d(&c, &x, cs.n, cs.h, cs.w, &mut want, cs.cout, res.as_deref());
+    reference::conv2d(&c, &x, cs.n, cs.h, cs.w, &mut want, cs.cout, res.as_deref());
     let cinp = conv_f16::pad8(cs.cin);
     let x16 = conv_f16::nchw_to_nhwc_f16(&x, cs.n, cs.cin, cs.h, cs.w, cinp);
     let (w16, bias) = conv_f16::pack_weights(&c).unwrap();
@@ -332,11 +333,11 @@ fn depthwise_matches_the_reference() {
             act,
             packed: Default::default(),
         };
-        let (oh, ow) = (ops::out_size(h, 3, stride, 1), ops::out_size(w, 3, stride, 1));
+        let (oh, ow) = (reference::out_size(h, 3, stride, 1), reference::out_size(w, 3, stride, 1));
         let x = rng.vec16(n * c * h * w, 1.0);
         let res = with_res.then(|| rng.vec16(n * c * oh * ow, 1.0));
         let mut want = vec![f32::NAN; n * c * oh * ow];
-        ops::conv2d(&conv, &x, n, h, w, &mut want, c, res.as_deref());
+        reference::conv2d(&conv, &x, n, h, w, &mut want, c, res.as_deref());
         let want = nchw_to_nhwc(&want, n, c, oh, ow);
         let (w16, bias) = conv_f16::pack_depthwise(&conv).unwrap();
         let up = |r: &mut SimRunner, bytes: &[u8]| {

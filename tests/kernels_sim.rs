@@ -1,5 +1,5 @@
 //! Every CUDA kernel, run in the CPU simulation (kernels/sim/cuda_sim.h), against the CPU reference ops
-//! of src/cpu/ops.rs on random inputs. Outputs are poisoned with NaN before each launch; every element
+//! of src/reference/ on random inputs. Outputs are poisoned with NaN before each launch; every element
 //! a kernel owns must be written and every element it does not own must be left alone.
 //!
 //! Tolerances (normalised max error = max |gpu − cpu| / max(1, max |cpu|)):
@@ -9,7 +9,6 @@
 #![cfg(feature = "cuda-sim")]
 
 mod rng;
-use retinaface::cpu::ops;
 use retinaface::cuda::ops::{conv as conv_launcher, heads as heads_launcher};
 use retinaface::cuda::params::*;
 use retinaface::cuda::sim::SimRunner;
@@ -18,6 +17,7 @@ use retinaface::cuda::{
 };
 use retinaface::model::graph::{Act, Conv};
 use retinaface::post::{PostOptions, RawOutput, anchors, postprocess};
+use retinaface::reference;
 use rng::Rng;
 
 fn norm_err(got: &[f32], want: &[f32]) -> f32 {
@@ -67,11 +67,12 @@ fn conv(
 /// Runs one conv in the simulation and the reference; returns the normalised error.
 fn check_conv(c: &Conv, n: usize, h: usize, w: usize, out_ctot: usize, with_residual: bool, rng: &mut Rng) -> f32 {
     let mut r = SimRunner::new();
-    let (oh, ow) = (ops::out_size(h, c.kernel, c.stride, c.pad), ops::out_size(w, c.kernel, c.stride, c.pad));
+    let (oh, ow) =
+        (reference::out_size(h, c.kernel, c.stride, c.pad), reference::out_size(w, c.kernel, c.stride, c.pad));
     let x = rng.vec(n * c.cin * h * w, 1.0);
     let res = with_residual.then(|| rng.vec(n * c.cout * oh * ow, 1.0));
     let mut want = vec![f32::NAN; n * out_ctot * oh * ow];
-    ops::conv2d(c, &x, n, h, w, &mut want, out_ctot, res.as_deref());
+    reference::conv2d(c, &x, n, h, w, &mut want, out_ctot, res.as_deref());
 
     let xb = r.alloc_f32(&nchw_to_nhwc(&x, n, c.cin, h, w)).unwrap();
     let wb = r.alloc_f32(&conv_launcher::pack(c).unwrap()).unwrap();
@@ -165,7 +166,7 @@ fn preprocess_matches_reference() {
     let got = r.download_f32(dst, bytes.len()).unwrap();
     for b in 0..n {
         let mut want = vec![0.0; 3 * h * w];
-        ops::preprocess(&bytes[b * h * w * 3..(b + 1) * h * w * 3], h, w, &mut want);
+        reference::preprocess(&bytes[b * h * w * 3..(b + 1) * h * w * 3], h, w, &mut want);
         let g = nhwc_to_nchw(&got[b * h * w * 3..(b + 1) * h * w * 3], 1, h, w, 3);
         assert_eq!(g, want);
     }
@@ -175,10 +176,10 @@ fn preprocess_matches_reference() {
 fn maxpool_matches_reference_exactly() {
     let mut rng = Rng(11);
     for &(n, c, h, w) in &[(2, 8, 9, 7), (1, 3, 10, 12), (2, 5, 1, 1), (1, 16, 2, 3)] {
-        let (oh, ow) = (ops::out_size(h, 3, 2, 1), ops::out_size(w, 3, 2, 1));
+        let (oh, ow) = (reference::out_size(h, 3, 2, 1), reference::out_size(w, 3, 2, 1));
         let x = rng.vec(n * c * h * w, 3.0);
         let mut want = vec![0.0; n * c * oh * ow];
-        ops::max_pool_3x3s2(&x, n * c, h, w, &mut want);
+        reference::max_pool_3x3s2(&x, n * c, h, w, &mut want);
         let mut r = SimRunner::new();
         let xb = r.alloc_f32(&nchw_to_nhwc(&x, n, c, h, w)).unwrap();
         let yb = r.alloc(4 * want.len()).unwrap();
@@ -197,7 +198,7 @@ fn upsample_add_matches_reference_exactly() {
         let src = rng.vec(n * c * sh * sw, 2.0);
         let dst = rng.vec(n * c * dh * dw, 2.0);
         let mut want = dst.clone();
-        ops::upsample_nearest_add(&src, sh, sw, &mut want, dh, dw);
+        reference::upsample_nearest_add(&src, sh, sw, &mut want, dh, dw);
         let mut r = SimRunner::new();
         let sb = r.alloc_f32(&nchw_to_nhwc(&src, n, c, sh, sw)).unwrap();
         let db = r.alloc_f32(&nchw_to_nhwc(&dst, n, c, dh, dw)).unwrap();
@@ -228,12 +229,12 @@ fn heads_match_reference() {
         head.bias.iter_mut().take(4).for_each(|b| *b *= 8.0);
         let x = rng.vec(n * c * h * w, 2.0);
         let mut h32 = vec![0.0; n * 32 * h * w];
-        ops::conv2d(&head, &x, n, h, w, &mut h32, 32, None);
+        reference::conv2d(&head, &x, n, h, w, &mut h32, 32, None);
         for b in 0..n {
             let hw = h * w;
             let s = (b * a + base)..;
             let _ = s;
-            ops::heads_to_anchors(
+            reference::heads_to_anchors(
                 &h32[b * 32 * hw..(b + 1) * 32 * hw],
                 h,
                 w,

@@ -3,10 +3,10 @@
 //! (exact in f16), max-pool returns one of its inputs, and upsample-add rounds the same f32 sum once.
 #![cfg(feature = "cuda-sim")]
 
-use retinaface::cpu::ops;
 use retinaface::cuda::params::{PoolF16Params, PreprocessF16Params, UpsampleAddF16Params};
 use retinaface::cuda::sim::SimRunner;
 use retinaface::cuda::{DevBuf, KernelRunner, KernelRunnerExt, LaunchDims, nchw_to_nhwc};
+use retinaface::reference;
 
 fn f16v(n: usize, seed: &mut u64) -> Vec<f32> {
     (0..n)
@@ -36,7 +36,7 @@ fn preprocess_pads_to_8_channels_exactly() {
     let (h, w) = (7, 9);
     let bgr: Vec<u8> = (0..h * w * 3).map(|i| (i * 37 % 256) as u8).collect();
     let mut want = vec![0.0; 3 * h * w];
-    ops::preprocess(&bgr, h, w, &mut want);
+    reference::preprocess(&bgr, h, w, &mut want);
     let want = nchw_to_nhwc(&want, 1, 3, h, w);
     let sb = r.alloc(bgr.len()).unwrap();
     r.upload(sb, 0, &bgr).unwrap();
@@ -57,9 +57,9 @@ fn maxpool_f16_is_exact() {
     let mut seed = 7;
     for (n, c, h, w) in [(2, 16, 9, 11), (1, 64, 8, 8), (1, 8, 5, 3)] {
         let x = f16v(n * c * h * w, &mut seed);
-        let (oh, ow) = (ops::out_size(h, 3, 2, 1), ops::out_size(w, 3, 2, 1));
+        let (oh, ow) = (reference::out_size(h, 3, 2, 1), reference::out_size(w, 3, 2, 1));
         let mut want = vec![0.0; n * c * oh * ow];
-        ops::max_pool_3x3s2(&x, n * c, h, w, &mut want);
+        reference::max_pool_3x3s2(&x, n * c, h, w, &mut want);
         let xb = up16(&mut r, &nchw_to_nhwc(&x, n, c, h, w));
         let yb = r.alloc(n * oh * ow * c * 2).unwrap();
         r.memset(yb, 0xff).unwrap();
@@ -86,7 +86,7 @@ fn upsample_add_f16_rounds_the_f32_sum_once() {
         let src = f16v(n * c * sh * sw, &mut seed);
         let dst = f16v(n * c * dh * dw, &mut seed);
         let mut want = dst.clone();
-        ops::upsample_nearest_add(&src, sh, sw, &mut want, dh, dw);
+        reference::upsample_nearest_add(&src, sh, sw, &mut want, dh, dw);
         let want: Vec<f32> =
             nchw_to_nhwc(&want, n, c, dh, dw).iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
         let sb = up16(&mut r, &nchw_to_nhwc(&src, n, c, sh, sw));

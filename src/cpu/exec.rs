@@ -2,12 +2,13 @@
 //! cached with their plans in a cache bounded in bytes, so a steady stream of frames neither allocates
 //! nor faults in fresh pages, and a stream of many sizes holds at most the budget.
 
-use super::ops;
+use super::{conv, ops};
 use crate::error::{Error, Result};
 use crate::exec::{Activations, Executor, Timings, check_batch};
 use crate::graph::{Graph, Op, Plan, PlanBuffers, PlanCache, PlanKey, Stage, TensorId};
 use crate::image_io::BgrImage;
 use crate::post::{RawOutput, anchors};
+use crate::reference;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -75,7 +76,7 @@ impl CpuExecutor {
         let t0 = Instant::now();
         let input = &mut arena[plan.range(self.graph.input)];
         for (img, dst) in images.iter().zip(input.chunks_mut(3 * h * w)) {
-            ops::preprocess(&img.data, h, w, dst);
+            reference::preprocess(&img.data, h, w, dst);
         }
         let pre = t0.elapsed();
         let st = run(&self.graph, &plan, &mut arena);
@@ -108,7 +109,7 @@ impl CpuExecutor {
 
 impl Executor for CpuExecutor {
     fn describe(&self) -> String {
-        super::describe()
+        super::isa::describe()
     }
 
     fn run(&self, images: &[&BgrImage], keep_all: bool, timings: Option<&mut Timings>) -> Result<Activations> {
@@ -152,7 +153,7 @@ fn raw_outputs(graph: &Graph, plan: &Plan, arena: &[f32]) -> Vec<RawOutput> {
                 let per_image = c * th * tw;
                 let head = &arena[plan.range(t)][b * per_image..(b + 1) * per_image];
                 let n = 2 * th * tw;
-                ops::heads_to_anchors(
+                reference::heads_to_anchors(
                     head,
                     th,
                     tw,
@@ -219,11 +220,11 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
                 match c.residual {
                     Some(r) => {
                         let (o, [x, res]) = views(arena, out, [plan.range(c.input), plan.range(r)])?;
-                        ops::conv2d(c, x, n, ih, iw, o, oc, Some(res));
+                        conv::conv2d(c, x, n, ih, iw, o, oc, Some(res));
                     }
                     None => {
                         let (o, [x]) = views(arena, out, [plan.range(c.input)])?;
-                        ops::conv2d(c, x, n, ih, iw, o, oc, None);
+                        conv::conv2d(c, x, n, ih, iw, o, oc, None);
                     }
                 }
             }

@@ -16,10 +16,11 @@ use super::params::{ConvF16Params, act_code};
 use super::runner::{DevBuf, KernelRunner};
 use super::tune::{self, DeviceKey, TuneCache, TuneMode};
 use super::{nchw_to_nhwc, nvrtc, sass};
-use crate::cpu::ops;
+use crate::cpu::conv;
 use crate::error::{Error, Result};
 use crate::model::graph::{Conv, Op};
 use crate::network::Network;
+use crate::reference::out_size;
 use std::collections::HashMap;
 
 /// One distinct convolution shape of a network.
@@ -149,10 +150,10 @@ fn prepare(r: &mut dyn KernelRunner, l: &Layer) -> Result<Prepared> {
     c.weight = c.weight.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
     c.out_channel_offset = 0;
     let (n, h, w) = (l.n, l.h, l.w);
-    let (oh, ow) = (ops::out_size(h, c.kernel, c.stride, c.pad), ops::out_size(w, c.kernel, c.stride, c.pad));
+    let (oh, ow) = (out_size(h, c.kernel, c.stride, c.pad), out_size(w, c.kernel, c.stride, c.pad));
     let x = rng_vec(&mut seed, n * c.cin * h * w, 1.0);
     let mut want = vec![0.0f32; n * c.cout * oh * ow];
-    ops::conv2d(&c, &x, n, h, w, &mut want, c.cout, None);
+    conv::conv2d(&c, &x, n, h, w, &mut want, c.cout, None);
     let want = nchw_to_nhwc(&want, n, c.cout, oh, ow);
     let (cinp, coutp) = (conv_f16::pad8(c.cin), conv_f16::pad8(c.cout));
     let (wt, bias) = if l.depthwise() { conv_f16::pack_depthwise(&c)? } else { conv_f16::pack_weights(&c)? };

@@ -10,7 +10,7 @@
 use super::params::ConvF16Params;
 use super::runner::{DevBuf, KernelRunner, KernelRunnerExt, LaunchDims};
 use crate::error::{Error, Result};
-use crate::model::graph::Conv;
+use crate::graph::Conv;
 
 /// One way to run a groups-1 convolution: a kernel of the family and how K is split.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,8 +8,8 @@ use crate::detection::Detection;
 use crate::error::{Error, Result};
 use crate::exec::{Activations, Backend, Executor, Timings, check_batch};
 use crate::graph::{DEFAULT_PLAN_CACHE_BYTES, Plan, PlanBuffers, PlanCache, PlanKey};
+use crate::graph::{Graph, Op, TensorId};
 use crate::image_io::BgrImage;
-use crate::model::graph::{Graph, Op, TensorId};
 use crate::post::{PostOptions, RawOutput, anchors};
 use std::sync::Arc;
 

@@ -39,8 +39,8 @@ pub const ACT_LEAKY: i32 = consts::ACT_LEAKY as i32;
 pub const ACT_RELU6: i32 = consts::ACT_RELU6 as i32;
 
 /// (code, slope) of an activation.
-pub fn act_code(act: crate::model::graph::Act) -> (i32, f32) {
-    use crate::model::graph::Act;
+pub fn act_code(act: crate::graph::Act) -> (i32, f32) {
+    use crate::graph::Act;
     match act {
         Act::None => (ACT_NONE, 0.0),
         Act::Leaky(s) => (ACT_LEAKY, s),

@@ -16,7 +16,7 @@
 //! definition only by f32 rounding (fused multiply-adds), and do not depend on the thread count.
 
 #[cfg(target_arch = "x86_64")]
-use super::igemm::{MR, NR};
+use super::tile::{MR, NR};
 
 /// Output channels per micro-tile (`micro` names its 4×3 accumulators).
 #[cfg(target_arch = "x86_64")]

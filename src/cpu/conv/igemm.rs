@@ -15,20 +15,15 @@
 //! Each output sums its products in k order, in one thread: results do not depend on the thread
 //! count, and differ from the definition only by f32 rounding (fused multiply-adds).
 
-use super::Isa;
-use super::ops::{MIN_TASKS, SharedMut, out_size, store_grid, valid_columns};
-use crate::model::graph::Conv;
+use super::common::{MIN_TASKS, SharedMut, store_grid};
+use super::tile::{MR, NR};
+use crate::cpu::isa::Isa;
+use crate::cpu::rows::valid_columns;
+use crate::graph::Conv;
+use crate::reference::out_size;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// Output channels per micro-tile (rows of broadcast weights). Every channel count of these networks is
-/// a multiple of 8, so no row of a tile is wasted (12×32 tiles wasted 11% of the 64-channel layers).
-pub const MR: usize = 8;
-/// 16-lane registers per row of a micro-tile: MR·V = 24 accumulators, 3 B vectors and a broadcast of
-/// the 32 registers; per reduction step 3 B loads and 8 broadcasts feed 24 FMAs.
-const V: usize = 3;
-/// Output pixels per micro-tile.
-pub const NR: usize = 16 * V;
 /// Reduction steps per pass over a task's tiles: a tile's B rows (at most KC·NR floats, 48 KiB for a 1×1
 /// convolution, much less for 3×3 whose taps share lines) stay in L1 while every weight block uses them.
 const KC: usize = 256;
@@ -207,7 +202,7 @@ fn fill_planes(g: &Geometry, conv: &Conv, x: &[f32], n: usize, h: usize, w: usiz
     start
 }
 
-/// The convolution of `ops::conv2d`, on `kernel`. Call only when `handles(conv)` and `fits`.
+/// The convolution of `conv::conv2d`, on `kernel`. Call only when `handles(conv)` and `fits`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn conv(
     kernel: Kernel,
@@ -312,6 +307,7 @@ impl Task<'_> {
             // SAFETY: each output pixel of each channel belongs to exactly one task's band.
             unsafe {
                 store_grid(
+                    self.kernel.isa(),
                     &band[(co - blk0 * MR) * ld..][..len],
                     px0,
                     self.g.l.wq,
@@ -356,78 +352,45 @@ unsafe fn tile_dispatch(
                 super::igemm_avx2::tile::<false>(a, offsets, src, c, ldc, accumulate, valid)
             }
         } else if valid == NR && prefetch {
-            tile::<false, true>(a.as_ptr(), offsets, src.as_ptr(), c.as_mut_ptr(), ldc, accumulate, valid)
+            super::igemm_avx512::tile::<false, true>(
+                a.as_ptr(),
+                offsets,
+                src.as_ptr(),
+                c.as_mut_ptr(),
+                ldc,
+                accumulate,
+                valid,
+            )
         } else if valid == NR {
-            tile::<false, false>(a.as_ptr(), offsets, src.as_ptr(), c.as_mut_ptr(), ldc, accumulate, valid)
+            super::igemm_avx512::tile::<false, false>(
+                a.as_ptr(),
+                offsets,
+                src.as_ptr(),
+                c.as_mut_ptr(),
+                ldc,
+                accumulate,
+                valid,
+            )
         } else {
-            tile::<true, false>(a.as_ptr(), offsets, src.as_ptr(), c.as_mut_ptr(), ldc, accumulate, valid)
+            super::igemm_avx512::tile::<true, false>(
+                a.as_ptr(),
+                offsets,
+                src.as_ptr(),
+                c.as_mut_ptr(),
+                ldc,
+                accumulate,
+                valid,
+            )
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("the {kernel:?} kernel is only chosen on x86-64")
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn tile<const MASKED: bool, const PREFETCH: bool>(
-    a: *const f32,
-    offsets: &[u32],
-    src: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-    valid: usize,
-) {
-    // SAFETY: the caller's contract (see `tile_dispatch`).
-    unsafe {
-        use std::arch::x86_64::*;
-        let mut masks = [0xffffu16; V];
-        for (v, m) in masks.iter_mut().enumerate() {
-            let lanes = valid.saturating_sub(16 * v).min(16);
-            *m = ((1u32 << lanes) - 1) as u16;
-        }
-        let mut acc = [[_mm512_setzero_ps(); V]; MR];
-        if accumulate {
-            for (r, row) in acc.iter_mut().enumerate() {
-                for (v, x) in row.iter_mut().enumerate() {
-                    *x = _mm512_loadu_ps(c.add(r * ldc + 16 * v));
-                }
-            }
-        }
-        let mut ap = a;
-        for &off in offsets {
-            let bp = src.add(off as usize);
-            let mut b = [_mm512_setzero_ps(); V];
-            for (v, x) in b.iter_mut().enumerate() {
-                if PREFETCH {
-                    _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(NR + 16 * v) as *const i8);
-                }
-                *x = if MASKED {
-                    _mm512_maskz_loadu_ps(masks[v], bp.add(16 * v))
-                } else {
-                    _mm512_loadu_ps(bp.add(16 * v))
-                };
-            }
-            for (r, row) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*ap.add(r));
-                for (x, bv) in row.iter_mut().zip(&b) {
-                    *x = _mm512_fmadd_ps(av, *bv, *x);
-                }
-            }
-            ap = ap.add(MR);
-        }
-        for (r, row) in acc.iter().enumerate() {
-            for (v, x) in row.iter().enumerate() {
-                _mm512_storeu_ps(c.add(r * ldc + 16 * v), *x);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::graph::Act;
+    use crate::graph::Act;
 
     fn conv(cin: usize, k: usize, s: usize) -> Conv {
         Conv {

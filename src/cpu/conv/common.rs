@@ -1,0 +1,78 @@
+//! What the fast convolution paths share: the output pointer tasks write through, the task and column
+//! budgets, and the epilogue (bias, residual, activation) that every path ends with.
+
+use crate::cpu::isa::{Isa, avx2_dispatch};
+use crate::graph::Act;
+
+/// A raw pointer that tasks writing disjoint parts of one buffer may share.
+#[derive(Clone, Copy)]
+pub(super) struct SharedMut(pub(super) *mut f32);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    // A method, not a field access, so closures capture the Send + Sync wrapper rather than the raw pointer.
+    pub(super) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Elements of the im2col matrix budgeted per task (1 MiB of f32): the panel a task writes and the GEMM
+/// then reads stays in the core's L2.
+pub(super) const COLUMN_BUDGET: usize = 1 << 18;
+/// Tasks wanted per convolution, so small maps still spread over the cores (a few per core).
+pub(super) const MIN_TASKS: usize = 8;
+
+/// `v = act(v + bias [+ residual])` over a row, with the activation chosen once so the loop vectorises.
+#[inline(always)]
+pub(super) fn epilogue(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Act) {
+    #[inline(always)]
+    fn run(row: &mut [f32], bias: f32, residual: Option<&[f32]>, f: impl Fn(f32) -> f32) {
+        match residual {
+            Some(r) => row.iter_mut().zip(r).for_each(|(v, &res)| *v = f(*v + bias + res)),
+            None => row.iter_mut().for_each(|v| *v = f(*v + bias)),
+        }
+    }
+    match act {
+        Act::None => run(row, bias, residual, |v| v),
+        Act::Leaky(0.0) => run(row, bias, residual, |v| v.max(0.0)),
+        Act::Leaky(a) => run(row, bias, residual, |v| if v >= 0.0 { v } else { v * a }),
+        Act::Relu6 => run(row, bias, residual, |v| v.clamp(0.0, 6.0)),
+    }
+}
+
+/// Writes one output channel from a band of *grid* pixels `px0..px0 + band.len()`: grid rows are `wq`
+/// wide and only their first `ow` pixels are output pixels (the rest are padding columns computed as
+/// junk). Output pixel (y, x) becomes `act(band + bias + residual[y·ow + x])` at `out + plane_at +
+/// y·ow + x`; `residual` is the channel's plane.
+///
+/// # Safety
+/// The output pixels written must lie in `out`'s buffer and belong to the caller alone.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn store_grid(
+    level: Isa,
+    band: &[f32],
+    px0: usize,
+    wq: usize,
+    ow: usize,
+    out: SharedMut,
+    plane_at: usize,
+    bias: f32,
+    residual: Option<&[f32]>,
+    act: Act,
+) {
+    let px1 = px0 + band.len();
+    for oy in px0 / wq..px1.div_ceil(wq) {
+        let (lo, hi) = ((oy * wq).max(px0), (oy * wq + ow).min(px1));
+        if lo >= hi {
+            continue;
+        }
+        let at = oy * ow + lo - oy * wq;
+        // SAFETY: the caller's contract.
+        let orow = unsafe { std::slice::from_raw_parts_mut(out.get().add(plane_at + at), hi - lo) };
+        orow.copy_from_slice(&band[lo - px0..hi - px0]);
+        epilogue_fast(level, orow, bias, residual.map(|r| &r[at..at + hi - lo]), act);
+    }
+}
+
+avx2_dispatch!(pub(super) epilogue_fast, epilogue_avx2, epilogue, (row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Act));
