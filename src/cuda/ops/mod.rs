@@ -7,6 +7,7 @@
 //! `choose`.
 
 pub mod conv;
+pub mod conv_f16;
 pub mod heads;
 pub mod pool;
 pub mod upsample;
