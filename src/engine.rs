@@ -3,7 +3,7 @@
 use crate::cpu::CpuExecutor;
 use crate::detection::Detection;
 use crate::error::{Error, Result};
-pub use crate::exec::{Activations, Backend, MAX_INPUT_PIXELS, Timings};
+pub use crate::exec::{Activations, Backend, MAX_INPUT_PIXELS, Precision, Timings};
 use crate::exec::{Executor, check_batch, groups};
 use crate::graph::{DEFAULT_PLAN_CACHE_BYTES, Plan};
 use crate::image_io::{self, BgrImage, ResizeMode};
@@ -71,8 +71,20 @@ impl Engine {
     }
 
     /// Moves execution to `choice`; returns a line saying what runs (for `auto`, what was picked and why).
+    /// The CUDA executor computes in its default precision: f16 on a GPU, f32 in the simulation.
     pub fn set_backend(&mut self, choice: Backend) -> Result<String> {
+        self.set_backend_with(choice, None)
+    }
+
+    /// [`Self::set_backend`] computing in `precision` (None: f16 on a GPU, f32 elsewhere). The CPU
+    /// computes in f32 only: f16 with `cpu` is an error, and `auto` falling back to the CPU says f32.
+    pub fn set_backend_with(&mut self, choice: Backend, precision: Option<Precision>) -> Result<String> {
         use crate::cuda::{CudaExecutor, GpuEngine};
+        if choice == Backend::Cpu && precision == Some(Precision::F16) {
+            return Err(Error::InvalidArgument(
+                "--precision f16 needs a CUDA backend (cuda, auto on a GPU, cuda-sim): the CPU computes in f32".into(),
+            ));
+        }
         let (backend, note) = match choice {
             Backend::Cpu => {
                 self.exec = Box::new(CpuExecutor::new(self.graph.clone(), self.plan_cache_bytes));
@@ -87,11 +99,12 @@ impl Engine {
                 Ok(_) => (Backend::Cuda, "auto: ".to_string()),
                 Err(e) => {
                     self.exec = Box::new(CpuExecutor::new(self.graph.clone(), self.plan_cache_bytes));
-                    return Ok(format!("backend auto: {}, no usable GPU: {e}", self.exec.describe()));
+                    return Ok(format!("backend auto: {}, precision f32, no usable GPU: {e}", self.exec.describe()));
                 }
             },
         };
-        let mut gpu = GpuEngine::new(&self.graph, backend)?;
+        let precision = precision.unwrap_or(Precision::default_for(backend == Backend::Cuda));
+        let mut gpu = GpuEngine::with_precision(&self.graph, backend, precision)?;
         gpu.set_plan_cache_bytes(self.plan_cache_bytes)?;
         self.exec = Box::new(CudaExecutor::new(gpu));
         Ok(format!("backend {note}{}", self.exec.describe()))

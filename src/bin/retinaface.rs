@@ -5,7 +5,8 @@ use retinaface::image_io::{self, DecodeLimits};
 use retinaface::post::anchors;
 use retinaface::weights::{Tensor, safetensors_io};
 use retinaface::{
-    Backend, BgrImage, DetectOptions, Engine, Error, Network, PostOptions, ResizeMode, Result, Timings, WeightsSpec,
+    Backend, BgrImage, DetectOptions, Engine, Error, Network, PostOptions, Precision, ResizeMode, Result, Timings,
+    WeightsSpec,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -147,6 +148,10 @@ struct WeightsArgs {
     /// the CPU simulation: slow, for checking kernels without a GPU).
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     backend: Backend,
+    /// Number format of the CUDA executor: f16 (tensor cores, f32 accumulation; the default on a GPU)
+    /// or f32 (the default in cuda-sim). The CPU computes in f32 only.
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
 }
 
 impl WeightsArgs {
@@ -158,7 +163,7 @@ impl WeightsArgs {
             _ => return Err(Error::InvalidArgument("give --weights PATH or --synthetic-seed S".into())),
         };
         let mut engine = Engine::new(&spec, network)?;
-        let line = engine.set_backend(self.backend)?;
+        let line = engine.set_backend_with(self.backend, self.precision)?;
         eprintln!("{line}");
         Ok(engine)
     }

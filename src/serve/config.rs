@@ -26,6 +26,10 @@ pub struct ServeArgs {
     /// Compute backend: cpu, cuda (needs a GPU), auto (CUDA when a GPU is present, else cpu) or cuda-sim.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
+    /// Number format of the CUDA executor: f16 (the default on a GPU) or f32 (the default in
+    /// cuda-sim). The CPU computes in f32 only.
+    #[arg(long, value_enum)]
+    pub precision: Option<crate::exec::Precision>,
     /// Address to listen on. The default listens on every interface, as a container needs.
     #[arg(long, default_value = "0.0.0.0")]
     pub host: IpAddr,

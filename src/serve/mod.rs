@@ -116,7 +116,7 @@ impl ServerHandle {
         let cfg = Arc::new(Config::from_args(&args)?);
         let t0 = Instant::now();
         let mut engine = Engine::new(&cfg.weights, cfg.network)?;
-        let backend = engine.set_backend(args.backend)?;
+        let backend = engine.set_backend_with(args.backend, args.precision)?;
         let plan_cache = args.plan_cache_mb.checked_mul(1 << 20).ok_or_else(|| {
             Error::InvalidArgument(format!("--plan-cache-mb {} overflows a byte count", args.plan_cache_mb))
         })?;
