@@ -33,6 +33,8 @@ pub struct Engine {
     exec: Box<dyn Executor>,
     /// The byte bound of the executor's cached plans.
     plan_cache_bytes: usize,
+    /// How a GPU's f16 executor picks conv variants (see [`crate::cuda::tune`]).
+    tune: crate::cuda::tune::TuneMode,
 }
 
 impl Engine {
@@ -67,7 +69,12 @@ impl Engine {
         };
         let graph = Arc::new(crate::passes::optimize(graph)?);
         let plan_cache_bytes = DEFAULT_PLAN_CACHE_BYTES;
-        Ok(Engine { exec: Box::new(CpuExecutor::new(graph.clone(), plan_cache_bytes)), graph, plan_cache_bytes })
+        Ok(Engine {
+            exec: Box::new(CpuExecutor::new(graph.clone(), plan_cache_bytes)),
+            graph,
+            plan_cache_bytes,
+            tune: crate::cuda::tune::TuneMode::default(),
+        })
     }
 
     /// Moves execution to `choice`; returns a line saying what runs (for `auto`, what was picked and why).
@@ -105,9 +112,17 @@ impl Engine {
         };
         let precision = precision.unwrap_or(Precision::default_for(backend == Backend::Cuda));
         let mut gpu = GpuEngine::with_precision(&self.graph, backend, precision)?;
+        gpu.set_tune_mode(self.tune);
         gpu.set_plan_cache_bytes(self.plan_cache_bytes)?;
         self.exec = Box::new(CudaExecutor::new(gpu));
         Ok(format!("backend {note}{}", self.exec.describe()))
+    }
+
+    /// How the f16 executor on a GPU chooses each conv shape's kernel variant from the next
+    /// `set_backend` on: `off` (the heuristic), `cached` (the default: timed once, cached on disk),
+    /// `full` (re-timed, the cache rewritten). Without a GPU the heuristic always picks.
+    pub fn set_tune_mode(&mut self, mode: crate::cuda::tune::TuneMode) {
+        self.tune = mode;
     }
 
     /// What runs the network: "cpu (2 threads, AVX-512 conv kernel)", "cuda:0 NVIDIA H200 (sm_90)", "simulation (...)".

@@ -62,6 +62,7 @@ fn f16_on_the_cpu_and_a_bad_precision_are_clear_errors() {
             "--precision f16 needs a CUDA backend",
         ),
         (vec!["detect", "--backend", "cpu", "--precision", "bf16", &img], "bf16"),
+        (vec!["detect", "--backend", "cpu", "--tune", "fast", &img], "--tune `fast`"),
     ] {
         let out = bin().args(&args).args(["--weights", &weights()]).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

@@ -152,6 +152,10 @@ struct WeightsArgs {
     /// or f32 (the default in cuda-sim). The CPU computes in f32 only.
     #[arg(long, value_enum)]
     precision: Option<Precision>,
+    /// off | cached | full: how the f16 executor on a GPU picks each conv shape's kernel (timed and
+    /// cached on disk with `cached`; see cuda::tune).
+    #[arg(long, default_value = "cached")]
+    tune: String,
 }
 
 impl WeightsArgs {
@@ -163,6 +167,7 @@ impl WeightsArgs {
             _ => return Err(Error::InvalidArgument("give --weights PATH or --synthetic-seed S".into())),
         };
         let mut engine = Engine::new(&spec, network)?;
+        engine.set_tune_mode(self.tune.parse()?);
         let line = engine.set_backend_with(self.backend, self.precision)?;
         eprintln!("{line}");
         Ok(engine)

@@ -218,6 +218,11 @@ impl GpuEngine {
         self.tuning = f16::Tuning { mode, dev, cache };
     }
 
+    /// Changes only the tuning mode (the device and cache stay; `off` is the heuristic).
+    pub fn set_tune_mode(&mut self, mode: super::tune::TuneMode) {
+        self.tuning.mode = mode;
+    }
+
     /// The tuning cache's choices so far.
     pub fn tune_cache(&self) -> &super::tune::TuneCache {
         &self.tuning.cache

@@ -92,7 +92,7 @@ fn check_conv(graph: &Graph, c: &Conv) -> Result<()> {
         return bad(format!("input tensor has {cin_t} channels, the conv {}", c.cin));
     }
     let end = c.out_channel_offset + c.cout;
-    if c.out_channel_offset % 8 != 0 || (c.cout % 8 != 0 && end != cout_t) || end > cout_t {
+    if !c.out_channel_offset.is_multiple_of(8) || (!c.cout.is_multiple_of(8) && end != cout_t) || end > cout_t {
         return bad(format!(
             "writes channels {}..{end} of {cout_t}: with channels padded to 8 it would overwrite its neighbours",
             c.out_channel_offset

@@ -319,7 +319,7 @@ mod tests {
             assert_eq!(p.shapes, f.shapes);
             for t in 0..g.tensors.len() {
                 let c = p.stored_channels(t);
-                assert!(c % 8 == 0 && c >= p.shapes[t].0 && c < p.shapes[t].0 + 8, "{net}: tensor {t}");
+                assert!(c.is_multiple_of(8) && c >= p.shapes[t].0 && c < p.shapes[t].0 + 8, "{net}: tensor {t}");
                 assert_eq!(p.offsets[t] % ALIGN_ELEMS, 0);
                 for u in 0..t {
                     let (a, b) = (p.live[t], p.live[u]);

@@ -7,7 +7,7 @@ use crate::cuda::runner::{KernelRunner, KernelRunnerExt, LaunchDims};
 use crate::error::{Error, Result};
 
 fn check_c8(c: usize, what: &str) -> Result<()> {
-    if c == 0 || c % 8 != 0 {
+    if c == 0 || !c.is_multiple_of(8) {
         return Err(Error::InvalidArgument(format!("f16 {what}: {c} stored channels, not a positive multiple of 8")));
     }
     Ok(())
