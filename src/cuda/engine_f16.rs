@@ -169,7 +169,8 @@ pub(super) fn prepare(
             let mut timer = Timer::new(plan, arena, c, &p);
             tune::choose(mode, dev.as_ref(), &shape, "f16", &mut tuning.cache, |v| timer.time(&mut *r, v))?
         } else {
-            tune::choose(TuneMode::Off, None, &shape, "f16", &mut tuning.cache, |_| Ok(None))?
+            // The heuristic, for the device's SM count when there is one.
+            tune::choose(TuneMode::Off, tuning.dev.as_ref(), &shape, "f16", &mut tuning.cache, |_| Ok(None))?
         };
         timed |= choice.source == "timed";
         ws_bytes = ws_bytes.max(shape.workspace_bytes(v));
