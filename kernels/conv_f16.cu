@@ -15,7 +15,7 @@
 //   c ^ ((row / 2) % 4), so the 8 rows an ldmatrix phase reads, and the 2 rows × 4 chunks a cp.async
 //   phase writes, fall in 8 distinct 16-byte bank groups: conflict-free. Fragments come from
 //   ldmatrix.x4 (A: 16×16; B: two n8×k16) or .x2 (B of an 8-wide tile).
-//   Variants (the registry in src/cuda/conv_f16.rs): 128×128 (8 warps of 64×32), 128×64 (4 of 64×32),
+//   Variants (the registry in src/cuda/ops/conv_f16.rs): 128×128 (8 warps of 64×32), 128×64 (4 of 64×32),
 //   64×64 (4 of 32×32), and narrow-N 128×32 / 128×16 / 128×8 (4 warps of 32×BN) for 8..32 channels.
 //   Launch: grid (ceil(M/BM), ceil(cout/BN), splits), block 32·warps. Shared: 3·(BM+BN)·32·2 B (48 KiB
 //   at 128×128). Cost: 2·M·cout·K FLOPs; reads M·K·2 B of x per BN channels (L2 absorbs the k² reuse)

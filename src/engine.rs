@@ -3,7 +3,7 @@
 use crate::cpu::CpuExecutor;
 use crate::detection::Detection;
 use crate::error::{Error, Result};
-pub use crate::exec::{Activations, Backend, MAX_INPUT_PIXELS, Timings};
+pub use crate::exec::{Activations, Backend, MAX_INPUT_PIXELS, Precision, Timings};
 use crate::exec::{Executor, check_batch, groups};
 use crate::graph::{DEFAULT_PLAN_CACHE_BYTES, Plan};
 use crate::image_io::{self, BgrImage, ResizeMode};
@@ -37,6 +37,8 @@ pub struct Engine {
     cuda_graphs: bool,
     /// What runs the network (`auto` resolved).
     backend: Backend,
+    /// How a GPU's f16 executor picks conv variants (see [`crate::cuda::tune`]).
+    tune: crate::cuda::tune::TuneMode,
 }
 
 impl Engine {
@@ -77,12 +79,25 @@ impl Engine {
             plan_cache_bytes,
             cuda_graphs: true,
             backend: Backend::Cpu,
+            tune: crate::cuda::tune::TuneMode::default(),
         })
     }
 
     /// Moves execution to `choice`; returns a line saying what runs (for `auto`, what was picked and why).
+    /// The CUDA executor computes in its default precision: f16 on a GPU, f32 in the simulation.
     pub fn set_backend(&mut self, choice: Backend) -> Result<String> {
+        self.set_backend_with(choice, None)
+    }
+
+    /// [`Self::set_backend`] computing in `precision` (None: f16 on a GPU, f32 elsewhere). The CPU
+    /// computes in f32 only: f16 with `cpu` is an error, and `auto` falling back to the CPU says f32.
+    pub fn set_backend_with(&mut self, choice: Backend, precision: Option<Precision>) -> Result<String> {
         use crate::cuda::{CudaExecutor, GpuEngine};
+        if choice == Backend::Cpu && precision == Some(Precision::F16) {
+            return Err(Error::InvalidArgument(
+                "--precision f16 needs a CUDA backend (cuda, auto on a GPU, cuda-sim): the CPU computes in f32".into(),
+            ));
+        }
         let (backend, note) = match choice {
             Backend::Cpu => {
                 self.exec = Box::new(CpuExecutor::new(self.graph.clone(), self.plan_cache_bytes));
@@ -99,16 +114,25 @@ impl Engine {
                 Err(e) => {
                     self.exec = Box::new(CpuExecutor::new(self.graph.clone(), self.plan_cache_bytes));
                     self.backend = Backend::Cpu;
-                    return Ok(format!("backend auto: {}, no usable GPU: {e}", self.exec.describe()));
+                    return Ok(format!("backend auto: {}, precision f32, no usable GPU: {e}", self.exec.describe()));
                 }
             },
         };
-        let mut gpu = GpuEngine::new(&self.graph, backend)?;
+        let precision = precision.unwrap_or(Precision::default_for(backend == Backend::Cuda));
+        let mut gpu = GpuEngine::with_precision(&self.graph, backend, precision)?;
+        gpu.set_tune_mode(self.tune);
         gpu.set_plan_cache_bytes(self.plan_cache_bytes)?;
         gpu.set_cuda_graphs(self.cuda_graphs);
         self.exec = Box::new(CudaExecutor::new(gpu));
         self.backend = backend;
         Ok(format!("backend {note}{}", self.exec.describe()))
+    }
+
+    /// How the f16 executor on a GPU chooses each conv shape's kernel variant from the next
+    /// `set_backend` on: `off` (the heuristic), `cached` (the default: timed once, cached on disk),
+    /// `full` (re-timed, the cache rewritten). Without a GPU the heuristic always picks.
+    pub fn set_tune_mode(&mut self, mode: crate::cuda::tune::TuneMode) {
+        self.tune = mode;
     }
 
     /// What runs the network: "cpu (2 threads, AVX-512 conv kernel)", "cuda:0 NVIDIA H200 (sm_90)", "simulation (...)".

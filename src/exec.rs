@@ -45,6 +45,38 @@ impl Switch {
     }
 }
 
+/// The number format the CUDA executor computes in. The CPU always computes in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// f32 activations and weights (the CPU reference's arithmetic, to rounding order).
+    F32,
+    /// f16 activations (NHWC, channels padded to 8) and weights on the tensor cores, f32 accumulation.
+    F16,
+}
+
+impl Precision {
+    /// The default for a backend that resolved to `real_gpu` (a GPU, not the simulation or the CPU):
+    /// f16 on a GPU, f32 elsewhere.
+    pub fn default_for(real_gpu: bool) -> Precision {
+        if real_gpu { Precision::F16 } else { Precision::F32 }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        <Precision as clap::ValueEnum>::from_str(s, false)
+            .map_err(|_| Error::InvalidArgument(format!("precision `{s}`: expected f32 or f16")))
+    }
+}
+
 /// Time per stage of a batch, for `retinaface bench`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Timings {
@@ -176,5 +208,14 @@ mod tests {
         assert_eq!("cuda-sim".parse::<Backend>().unwrap(), Backend::CudaSim);
         assert_eq!("cpu".parse::<Backend>().unwrap(), Backend::Cpu);
         assert!("tpu".parse::<Backend>().unwrap_err().to_string().contains("backend `tpu`"));
+    }
+
+    #[test]
+    fn precision_parses_its_names_and_defaults_to_f16_only_on_a_gpu() {
+        use super::Precision;
+        assert_eq!("f16".parse::<Precision>().unwrap(), Precision::F16);
+        assert_eq!("f32".parse::<Precision>().unwrap(), Precision::F32);
+        assert!("bf16".parse::<Precision>().unwrap_err().to_string().contains("precision `bf16`"));
+        assert_eq!((Precision::default_for(true), Precision::default_for(false)), (Precision::F16, Precision::F32));
     }
 }

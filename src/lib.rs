@@ -35,7 +35,7 @@ pub mod widerface;
 pub use detection::Detection;
 pub use engine::{DetectOptions, Engine};
 pub use error::{Error, Result};
-pub use exec::{Backend, Timings};
+pub use exec::{Backend, Precision, Timings};
 pub use image_io::{BgrImage, ResizeMode};
 pub use network::Network;
 pub use post::{PostOptions, RawOutput};

@@ -5,7 +5,8 @@ use retinaface::image_io::{self, DecodeLimits};
 use retinaface::post::anchors;
 use retinaface::weights::{Tensor, safetensors_io};
 use retinaface::{
-    Backend, BgrImage, DetectOptions, Engine, Error, Network, PostOptions, ResizeMode, Result, Timings, WeightsSpec,
+    Backend, BgrImage, DetectOptions, Engine, Error, Network, PostOptions, Precision, ResizeMode, Result, Timings,
+    WeightsSpec,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -151,6 +152,14 @@ struct WeightsArgs {
     /// (on), or launch every kernel on its own (off).
     #[arg(long, value_enum, default_value_t = retinaface::exec::Switch::On)]
     cuda_graph: retinaface::exec::Switch,
+    /// Number format of the CUDA executor: f16 (tensor cores, f32 accumulation; the default on a GPU)
+    /// or f32 (the default in cuda-sim). The CPU computes in f32 only.
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
+    /// off | cached | full: how the f16 executor on a GPU picks each conv shape's kernel (timed and
+    /// cached on disk with `cached`; see cuda::tune).
+    #[arg(long, default_value = "cached")]
+    tune: String,
 }
 
 impl WeightsArgs {
@@ -162,8 +171,9 @@ impl WeightsArgs {
             _ => return Err(Error::InvalidArgument("give --weights PATH or --synthetic-seed S".into())),
         };
         let mut engine = Engine::new(&spec, network)?;
+        engine.set_tune_mode(self.tune.parse()?);
         engine.set_cuda_graphs(self.cuda_graph.is_on())?;
-        let line = engine.set_backend(self.backend)?;
+        let line = engine.set_backend_with(self.backend, self.precision)?;
         eprintln!("{line}");
         Ok(engine)
     }

@@ -11,7 +11,7 @@
 //! otherwise). Like llm.c's dev/cuda: one file per kernel family holds the variants; this is the
 //! harness that validates and times them.
 
-use super::conv_f16::{self, ConvShape, SimCounters, VARIANTS, Variant};
+use super::ops::conv_f16::{self, ConvShape, SimCounters, VARIANTS, Variant};
 use super::params::{ConvF16Params, act_code};
 use super::runner::{DevBuf, KernelRunner};
 use super::tune::{self, DeviceKey, TuneCache, TuneMode};

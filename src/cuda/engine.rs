@@ -6,12 +6,15 @@
 use super::runner::{DevBuf, EventId, GraphId, KernelRunner, KernelRunnerExt};
 use crate::detection::Detection;
 use crate::error::{Error, Result};
-use crate::exec::{Activations, Backend, Executor, Timings, check_batch};
-use crate::graph::{DEFAULT_PLAN_CACHE_BYTES, Plan, PlanBuffers, PlanCache, PlanKey};
+use crate::exec::{Activations, Backend, Executor, Precision, Timings, check_batch};
+use crate::graph::{DEFAULT_PLAN_CACHE_BYTES, Layout, Plan, PlanBuffers, PlanCache, PlanKey};
 use crate::graph::{Graph, Op, TensorId};
 use crate::image_io::BgrImage;
 use crate::post::{PostOptions, RawOutput, anchors};
 use std::sync::Arc;
+
+#[path = "engine_f16.rs"]
+mod f16;
 
 /// A plan's device memory: the f32 arena the plan lays the tensors out in (NHWC), the input bytes,
 /// the raw outputs and the post-processing buffers (made on the first `detect`).
@@ -25,6 +28,8 @@ struct GpuBufs {
     /// The captured forward pass of this plan (preprocess and every op), replayed on later passes;
     /// freed with the plan.
     graph: Option<GraphId>,
+    /// The f16 path's conv variants and split-K workspace (None in f32).
+    f16: Option<f16::F16Bufs>,
 }
 
 impl GpuBufs {
@@ -33,6 +38,7 @@ impl GpuBufs {
         if let Some(p) = &self.post {
             v.extend(p.all());
         }
+        v.extend(self.f16.as_ref().and_then(|f| f.ws));
         v
     }
 }
@@ -54,6 +60,9 @@ pub struct GpuEngine {
     cuda_graphs: bool,
     /// Events around a timed pass (made on first use).
     timer: Option<(EventId, EventId)>,
+    precision: Precision,
+    /// How the f16 path picks conv variants.
+    tuning: f16::Tuning,
 }
 
 use super::ops::{self, dim};
@@ -62,6 +71,14 @@ impl GpuEngine {
     /// Builds the executor for `graph` on `backend` (`Cuda`: the first GPU; `CudaSim`: the CPU
     /// simulation); uploads the weights.
     pub fn new(graph: &Graph, backend: Backend) -> Result<GpuEngine> {
+        GpuEngine::with_precision(graph, backend, Precision::F32)
+    }
+
+    /// [`Self::new`] computing in `precision`. On a GPU the f16 path's conv variants are timed per
+    /// shape and cached on disk ([`crate::cuda::tune`], mode `cached`); in the simulation the
+    /// heuristic picks.
+    pub fn with_precision(graph: &Graph, backend: Backend, precision: Precision) -> Result<GpuEngine> {
+        let mut tuning = f16::Tuning::heuristic();
         let mut runner: Box<dyn KernelRunner> = match backend {
             Backend::CudaSim => {
                 #[cfg(feature = "cuda-sim")]
@@ -79,21 +96,43 @@ impl GpuEngine {
             Backend::Cuda => {
                 let mut r = super::gpu::GpuRunner::new(0)?;
                 r.load_all()?;
+                if precision == Precision::F16 {
+                    let cache = match super::tune::default_cache_path() {
+                        Some(p) => super::tune::TuneCache::load(&p)?,
+                        None => super::tune::TuneCache::default(),
+                    };
+                    let dev = Some(super::bench_kernels::device_key(r.info()));
+                    tuning = f16::Tuning { mode: super::tune::TuneMode::Cached, dev, cache };
+                }
                 Box::new(r)
             }
         };
         runner.set_sync_each_launch(super::runner::sync_from_env()?);
-        GpuEngine::with_runner(graph, runner)
+        let mut g = GpuEngine::with_runner_precision(graph, runner, precision)?;
+        g.tuning = tuning;
+        Ok(g)
     }
 
     /// Builds the executor over any runner.
-    pub fn with_runner(graph: &Graph, mut runner: Box<dyn KernelRunner>) -> Result<GpuEngine> {
+    pub fn with_runner(graph: &Graph, runner: Box<dyn KernelRunner>) -> Result<GpuEngine> {
+        GpuEngine::with_runner_precision(graph, runner, Precision::F32)
+    }
+
+    /// [`Self::with_runner`] computing in `precision` (f16 conv variants by the heuristic until
+    /// [`Self::set_tuning`]).
+    pub fn with_runner_precision(
+        graph: &Graph,
+        mut runner: Box<dyn KernelRunner>,
+        precision: Precision,
+    ) -> Result<GpuEngine> {
+        if precision == Precision::F16 {
+            let weights = f16::upload_weights(runner.as_mut(), graph)?;
+            return GpuEngine::assemble(graph, runner, weights, precision);
+        }
         let mut weights = Vec::with_capacity(graph.ops.len());
-        let mut heads = 0;
         for op in &graph.ops {
             match op {
                 Op::Conv(c) | Op::Heads { conv: c, .. } => {
-                    heads += usize::from(matches!(op, Op::Heads { .. }));
                     let w = runner.alloc_f32(&ops::conv::pack(c)?)?;
                     let b = runner.alloc_f32(&c.bias)?;
                     weights.push(Some((w, b)));
@@ -101,6 +140,16 @@ impl GpuEngine {
                 _ => weights.push(None),
             }
         }
+        GpuEngine::assemble(graph, runner, weights, precision)
+    }
+
+    fn assemble(
+        graph: &Graph,
+        runner: Box<dyn KernelRunner>,
+        weights: Vec<Option<(DevBuf, DevBuf)>>,
+        precision: Precision,
+    ) -> Result<GpuEngine> {
+        let heads = graph.ops.iter().filter(|op| matches!(op, Op::Heads { .. })).count();
         if heads != 3 {
             return Err(Error::Cuda(format!(
                 "the graph has {heads} fused head ops, not 3: run passes::optimize before the CUDA executor"
@@ -110,10 +159,15 @@ impl GpuEngine {
             runner,
             graph: graph.clone(),
             weights,
-            plans: PlanCache::new(DEFAULT_PLAN_CACHE_BYTES),
+            plans: PlanCache::with_layout(
+                DEFAULT_PLAN_CACHE_BYTES,
+                if precision == Precision::F16 { Layout::F16 } else { Layout::F32 },
+            ),
             last: None,
             cuda_graphs: true,
             timer: None,
+            precision,
+            tuning: f16::Tuning::heuristic(),
         })
     }
 
@@ -170,7 +224,37 @@ impl GpuEngine {
     }
 
     pub fn describe(&self) -> String {
-        self.runner.describe()
+        match self.precision {
+            Precision::F32 => self.runner.describe(),
+            Precision::F16 => format!("{}, f16", self.runner.describe()),
+        }
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// How the f16 path chooses conv variants from now on (plans already made keep theirs): `dev`
+    /// None is the heuristic; with a device key the supported variants of each shape run on this
+    /// engine's runner, are checked against the heuristic's output and timed (the simulation times
+    /// meaninglessly but runs every step), and the fastest is kept in `cache`, saved to its file.
+    pub fn set_tuning(
+        &mut self,
+        mode: super::tune::TuneMode,
+        dev: Option<super::tune::DeviceKey>,
+        cache: super::tune::TuneCache,
+    ) {
+        self.tuning = f16::Tuning { mode, dev, cache };
+    }
+
+    /// Changes only the tuning mode (the device and cache stay; `off` is the heuristic).
+    pub fn set_tune_mode(&mut self, mode: super::tune::TuneMode) {
+        self.tuning.mode = mode;
+    }
+
+    /// The tuning cache's choices so far.
+    pub fn tune_cache(&self) -> &super::tune::TuneCache {
+        &self.tuning.cache
     }
 
     pub fn graph(&self) -> &Graph {
@@ -201,14 +285,18 @@ impl GpuEngine {
     /// The plan of `key` and its device buffers, allocated (after freeing evicted plans) on first use.
     fn plan(&mut self, key: PlanKey) -> Result<(Arc<Plan>, &mut GpuBufs)> {
         let r = &mut self.runner;
+        let (graph, weights, tuning) = (&self.graph, &self.weights, &mut self.tuning);
+        let f16 = self.precision == Precision::F16;
         self.plans.get(&self.graph, key, |plan, evicted| {
             for b in evicted {
                 free_all(r.as_mut(), b)?;
             }
             let (n, h, w) = (plan.n, plan.h, plan.w);
             let a = anchors::num_anchors(h, w);
+            let arena = r.alloc(plan.arena_bytes())?;
             Ok(GpuBufs {
-                arena: r.alloc(plan.arena_bytes())?,
+                f16: if f16 { Some(f16::prepare(r.as_mut(), graph, plan, arena, weights, tuning)?) } else { None },
+                arena,
                 input_u8: r.alloc(n * h * w * 3)?,
                 loc: r.alloc(4 * n * a * 4)?,
                 conf: r.alloc(4 * n * a * 2)?,
@@ -229,6 +317,9 @@ impl GpuEngine {
     /// The batch goes up in one staged copy; the launches are a graph captured on the plan's first
     /// pass and replayed after (or launched one by one with graphs off).
     fn forward(&mut self, images: &[&BgrImage], keep_all: bool) -> Result<(Arc<Plan>, [DevBuf; 3])> {
+        if self.precision == Precision::F16 {
+            return self.forward_f16(images, keep_all);
+        }
         let (h, w) = check_batch(images)?;
         let n = images.len();
         dim(n * h * w * 3, "batch elements")?;
@@ -407,6 +498,10 @@ impl GpuEngine {
             self.plans.peek(key).ok_or_else(|| Error::InvalidArgument("the last pass's plan was evicted".into()))?;
         if t >= plan.shapes.len() || self.graph.taps.head.contains(&t) || !(plan.keep_all || self.graph.is_tap(t)) {
             return Err(Error::InvalidArgument(format!("tensor {t} is not kept on the device")));
+        }
+        if plan.layout == Layout::F16 {
+            let (plan, arena) = (plan.clone(), bufs.arena);
+            return f16::tensor_nchw(self.runner.as_mut(), &plan, arena, t);
         }
         let (c, th, tw) = plan.shapes[t];
         let n = plan.n;

@@ -11,7 +11,6 @@
 //! errors when a library is missing.
 
 pub mod bench_kernels;
-pub mod conv_f16;
 pub mod engine;
 pub mod gpu;
 pub mod kernels;
@@ -23,6 +22,9 @@ pub mod sass;
 #[cfg(feature = "cuda-sim")]
 pub mod sim;
 pub mod tune;
+
+/// The f16 convolution launcher's old path (`retinaface::cuda::conv_f16`), kept for callers.
+pub use ops::conv_f16;
 
 pub use engine::{CudaExecutor, GpuEngine, nchw_to_nhwc, nhwc_to_nchw};
 pub use ops::post::{NmsPath, device_postprocess, device_postprocess_each};

@@ -6,7 +6,7 @@
 //! Modes: `off` (heuristic, no timing), `cached` (cached choices; shapes missing from the cache are
 //! timed once and added), `full` (every shape re-timed, the cache overwritten).
 
-use super::conv_f16::{self, ConvShape, VARIANTS, Variant};
+use super::ops::conv_f16::{self, ConvShape, VARIANTS, Variant};
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

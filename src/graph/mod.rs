@@ -5,4 +5,4 @@ pub mod ir;
 pub mod plan;
 
 pub use ir::{Act, Conv, Graph, Op, Stage, Taps, TensorId, TensorInfo};
-pub use plan::{DEFAULT_PLAN_CACHE_BYTES, Plan, PlanBuffers, PlanCache, PlanKey};
+pub use plan::{DEFAULT_PLAN_CACHE_BYTES, Layout, Plan, PlanBuffers, PlanCache, PlanKey};

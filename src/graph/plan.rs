@@ -19,6 +19,26 @@ pub const DEFAULT_PLAN_CACHE_BYTES: usize = 1 << 30;
 /// (batch, height, width, keep_all) of a plan.
 pub type PlanKey = (usize, usize, usize, bool);
 
+/// How an executor stores its tensors: each tensor's channels padded (with zeros) to a multiple of
+/// `channel_align`, elements of `elem_bytes`. Part of the plan, so the one planner lays out every
+/// executor's arena: the CPU's and the CUDA f32 path's ([`Layout::F32`]) and the f16 tensor-core path's
+/// ([`Layout::F16`]: 8 channels are one 16-byte vector, the unit of its loads and stores).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Layout {
+    pub channel_align: usize,
+    pub elem_bytes: usize,
+}
+
+impl Layout {
+    pub const F32: Layout = Layout { channel_align: 1, elem_bytes: 4 };
+    pub const F16: Layout = Layout { channel_align: 8, elem_bytes: 2 };
+
+    /// `c` channels as stored.
+    pub fn channels(&self, c: usize) -> usize {
+        c.next_multiple_of(self.channel_align.max(1))
+    }
+}
+
 /// Where each tensor of one forward pass lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
@@ -27,8 +47,11 @@ pub struct Plan {
     pub w: usize,
     /// Every tensor kept to the end of the pass (else only the taps are).
     pub keep_all: bool,
-    /// Per tensor: (channels, height, width) of each image.
+    /// Per tensor: (channels, height, width) of each image; channels as the graph has them (storage
+    /// pads them per `layout`).
     pub shapes: Vec<(usize, usize, usize)>,
+    /// How the tensors are stored (channel padding, element size).
+    pub layout: Layout,
     /// Per tensor: the step it is first written (0: the input, before op 0; op i is step i + 1) and
     /// the last step it is read, both inclusive. Kept tensors live to the last step.
     pub live: Vec<(usize, usize)>,
@@ -43,6 +66,11 @@ impl Plan {
     /// largest first at the lowest aligned offset clear of every placed tensor whose live range meets
     /// theirs (greedy by size, the usual heuristic for activation arenas).
     pub fn new(graph: &Graph, n: usize, h: usize, w: usize, keep_all: bool) -> Result<Plan> {
+        Plan::with_layout(graph, n, h, w, keep_all, Layout::F32)
+    }
+
+    /// [`Plan::new`] for tensors stored as `layout` says (offsets and sizes count stored elements).
+    pub fn with_layout(graph: &Graph, n: usize, h: usize, w: usize, keep_all: bool, layout: Layout) -> Result<Plan> {
         let nt = graph.tensors.len();
         let shapes: Vec<(usize, usize, usize)> =
             graph.tensors.iter().map(|t| (t.channels, t.height(h), t.width(w))).collect();
@@ -73,7 +101,7 @@ impl Plan {
         let elems: Vec<usize> = shapes
             .iter()
             .map(|&(c, th, tw)| {
-                n.checked_mul(c)
+                n.checked_mul(layout.channels(c))
                     .and_then(|v| v.checked_mul(th))
                     .and_then(|v| v.checked_mul(tw))
                     .ok_or_else(|| Error::InvalidArgument(format!("a {n}x3x{h}x{w} batch overflows tensor sizes")))
@@ -105,13 +133,18 @@ impl Plan {
             arena_elems = arena_elems.max(at + elems[t]);
             placed.push(t);
         }
-        Ok(Plan { n, h, w, keep_all, shapes, live: ranges, offsets, arena_elems })
+        Ok(Plan { n, h, w, keep_all, shapes, layout, live: ranges, offsets, arena_elems })
     }
 
-    /// Elements of tensor `t` for the whole batch.
+    /// Elements of tensor `t` for the whole batch, as stored (padded channels included).
     pub fn elems(&self, t: TensorId) -> usize {
-        let (c, h, w) = self.shapes[t];
-        self.n * c * h * w
+        let (_, h, w) = self.shapes[t];
+        self.n * self.stored_channels(t) * h * w
+    }
+
+    /// Channels of tensor `t` as stored: its channels padded per the layout.
+    pub fn stored_channels(&self, t: TensorId) -> usize {
+        self.layout.channels(self.shapes[t].0)
     }
 
     /// The arena elements of tensor `t`.
@@ -119,14 +152,14 @@ impl Plan {
         self.offsets[t]..self.offsets[t] + self.elems(t)
     }
 
-    /// Bytes of the f32 arena.
+    /// Bytes of the arena.
     pub fn arena_bytes(&self) -> usize {
-        4 * self.arena_elems
+        self.layout.elem_bytes * self.arena_elems
     }
 
     /// Bytes the tensors would take with a buffer each (what the arena saves, for logs and tests).
     pub fn unshared_bytes(&self) -> usize {
-        (0..self.shapes.len()).map(|t| 4 * self.elems(t)).sum()
+        (0..self.shapes.len()).map(|t| self.layout.elem_bytes * self.elems(t)).sum()
     }
 }
 
@@ -146,13 +179,24 @@ struct Entry<B> {
 /// bytes. The newest entry always stays, so one frame larger than the budget still runs.
 pub struct PlanCache<B> {
     budget: usize,
+    /// The layout of every plan made here (one executor stores its tensors one way).
+    layout: Layout,
     clock: u64,
     entries: Vec<Entry<B>>,
 }
 
 impl<B: PlanBuffers> PlanCache<B> {
     pub fn new(budget: usize) -> PlanCache<B> {
-        PlanCache { budget, clock: 0, entries: Vec::new() }
+        PlanCache::with_layout(budget, Layout::F32)
+    }
+
+    /// A cache whose plans store tensors as `layout` says.
+    pub fn with_layout(budget: usize, layout: Layout) -> PlanCache<B> {
+        PlanCache { budget, layout, clock: 0, entries: Vec::new() }
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
     }
 
     pub fn budget(&self) -> usize {
@@ -194,7 +238,7 @@ impl<B: PlanBuffers> PlanCache<B> {
             Some(i) => i,
             None => {
                 let (n, h, w, keep_all) = key;
-                let plan = Arc::new(Plan::new(graph, n, h, w, keep_all)?);
+                let plan = Arc::new(Plan::with_layout(graph, n, h, w, keep_all, self.layout)?);
                 let evicted = self.evict(plan.arena_bytes());
                 let bufs = alloc(&plan, evicted)?;
                 self.entries.push(Entry { key, plan, bufs, last_used: 0 });
@@ -261,6 +305,32 @@ mod tests {
                 // Sharing pays: without keep_all the arena is smaller than a buffer per tensor.
                 assert!(keep_all || p.arena_bytes() < p.unshared_bytes(), "{net}: no memory shared");
             }
+        }
+    }
+
+    /// The f16 layout: every tensor's stored channels are a multiple of 8, offsets stay aligned, live
+    /// tensors still never overlap, and the arena is the f32 one's size in halves or less (padding aside).
+    #[test]
+    fn f16_layout_pads_channels_to_8() {
+        for net in Network::ALL {
+            let g = crate::model::build(net, &mut SyntheticSource { seed: 1 }).unwrap();
+            let p = Plan::with_layout(&g, 2, 45, 37, false, Layout::F16).unwrap();
+            let f = Plan::new(&g, 2, 45, 37, false).unwrap();
+            assert_eq!(p.shapes, f.shapes);
+            for t in 0..g.tensors.len() {
+                let c = p.stored_channels(t);
+                assert!(c.is_multiple_of(8) && c >= p.shapes[t].0 && c < p.shapes[t].0 + 8, "{net}: tensor {t}");
+                assert_eq!(p.offsets[t] % ALIGN_ELEMS, 0);
+                for u in 0..t {
+                    let (a, b) = (p.live[t], p.live[u]);
+                    let (rt, ru) = (p.range(t), p.range(u));
+                    if a.0 <= b.1 && b.0 <= a.1 {
+                        assert!(rt.end <= ru.start || ru.end <= rt.start, "{net}: tensors {t} and {u} overlap");
+                    }
+                }
+            }
+            assert_eq!(p.elems(g.input), 2 * 8 * 45 * 37);
+            assert!(p.arena_bytes() < f.arena_bytes(), "{net}: {} vs {}", p.arena_bytes(), f.arena_bytes());
         }
     }
 

@@ -33,6 +33,10 @@ pub struct ServeArgs {
     /// (1..=16). The CPU backend runs one batch at a time over all cores.
     #[arg(long, default_value_t = 2)]
     pub streams: usize,
+    /// Number format of the CUDA executor: f16 (the default on a GPU) or f32 (the default in
+    /// cuda-sim). The CPU computes in f32 only.
+    #[arg(long, value_enum)]
+    pub precision: Option<crate::exec::Precision>,
     /// Address to listen on. The default listens on every interface, as a container needs.
     #[arg(long, default_value = "0.0.0.0")]
     pub host: IpAddr,

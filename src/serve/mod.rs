@@ -127,7 +127,7 @@ impl ServerHandle {
         let load = |backend: Backend| -> Result<(Engine, String)> {
             let mut engine = Engine::new(&cfg.weights, cfg.network)?;
             engine.set_cuda_graphs(args.cuda_graph.is_on())?;
-            let line = engine.set_backend(backend)?;
+            let line = engine.set_backend_with(backend, args.precision)?;
             engine.set_plan_cache_bytes(plan_cache)?;
             Ok((engine, line))
         };

@@ -7,7 +7,9 @@
 //! `choose`.
 
 pub mod conv;
+pub mod conv_f16;
 pub mod heads;
+pub mod net_f16;
 pub mod pool;
 pub mod post;
 pub mod preprocess;

@@ -7,8 +7,8 @@
 //! blocks a shape gets, and how much of a tile is wasted on narrow outputs). With a GPU the tuner times
 //! the supported variants per shape; without one [`heuristic`] picks.
 
-use super::params::ConvF16Params;
-use super::runner::{DevBuf, KernelRunner, KernelRunnerExt, LaunchDims};
+use crate::cuda::params::ConvF16Params;
+use crate::cuda::runner::{DevBuf, KernelRunner, KernelRunnerExt, LaunchDims};
 use crate::error::{Error, Result};
 use crate::graph::Conv;
 
