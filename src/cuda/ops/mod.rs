@@ -7,6 +7,7 @@
 //! `choose`.
 
 pub mod conv;
+pub mod fused;
 pub mod heads;
 pub mod pool;
 pub mod upsample;
