@@ -158,7 +158,7 @@ fn check(
 
 /// FPN lateral 1×1 (`cin` → `c`) with the upsample-add of a coarser map (a stride-`s` 3×3 conv of
 /// the same input) in its epilogue.
-fn fpn_case(n: usize, h: usize, w: usize, cin: usize, c: usize, s: usize, act: Act, seed: u64) {
+fn fpn_case((n, h, w): (usize, usize, usize), cin: usize, c: usize, s: usize, act: Act, seed: u64) {
     let mut rng = Rng(seed);
     // t0 input, t1 lateral, t2 coarse map.
     let lat = conv("lateral", (0, 1, 0), cin, c, 1, 1, 1, act, None, &mut rng);
@@ -183,10 +183,10 @@ fn fpn_case(n: usize, h: usize, w: usize, cin: usize, c: usize, s: usize, act: A
 
 #[test]
 fn fpn_lateral_with_upsample_add_matches_its_composition() {
-    fpn_case(2, 37, 23, 24, 40, 2, Act::Leaky(0.1), 1);
-    fpn_case(3, 20, 13, 64, 64, 2, Act::Leaky(0.0), 2);
-    fpn_case(2, 9, 31, 48, 72, 4, Act::Leaky(0.1), 3);
-    fpn_case(1, 25, 25, 128, 256, 2, Act::Relu6, 4);
+    fpn_case((2, 37, 23), 24, 40, 2, Act::Leaky(0.1), 1);
+    fpn_case((3, 20, 13), 64, 64, 2, Act::Leaky(0.0), 2);
+    fpn_case((2, 9, 31), 48, 72, 4, Act::Leaky(0.1), 3);
+    fpn_case((1, 25, 25), 128, 256, 2, Act::Relu6, 4);
 }
 
 /// SSH's conv3X3 (`c` → c/2, ReLU, into the output at channel 0) and conv5X5_1 (`c` → c/4, leaky,
@@ -226,7 +226,7 @@ fn conv_pair_matches_its_composition() {
 
 /// Depthwise 3×3 (stride `s`) + pointwise 1×1 (`c` → `cout`). With `expand`, MobileNetV2's inverted
 /// residual: a 1×1 expansion (run unfused) before, Relu6, and the shortcut when shapes allow.
-fn dwpw_case(n: usize, h: usize, w: usize, c: usize, cout: usize, s: usize, expand: Option<usize>, seed: u64) {
+fn dwpw_case((n, h, w): (usize, usize, usize), c: usize, cout: usize, s: usize, expand: Option<usize>, seed: u64) {
     let mut rng = Rng(seed);
     let (g, dw_in, res) = match expand {
         None => {
@@ -275,18 +275,18 @@ fn dwpw_case(n: usize, h: usize, w: usize, c: usize, cout: usize, s: usize, expa
 
 #[test]
 fn depthwise_pointwise_matches_its_composition() {
-    dwpw_case(2, 33, 21, 8, 16, 1, None, 21);
-    dwpw_case(3, 17, 30, 16, 32, 2, None, 22);
-    dwpw_case(2, 19, 13, 37, 70, 1, None, 23);
-    dwpw_case(2, 20, 11, 64, 128, 2, None, 24);
-    dwpw_case(1, 9, 9, 256, 256, 1, None, 25);
+    dwpw_case((2, 33, 21), 8, 16, 1, None, 21);
+    dwpw_case((3, 17, 30), 16, 32, 2, None, 22);
+    dwpw_case((2, 19, 13), 37, 70, 1, None, 23);
+    dwpw_case((2, 20, 11), 64, 128, 2, None, 24);
+    dwpw_case((1, 9, 9), 256, 256, 1, None, 25);
 }
 
 #[test]
 fn mobilenetv2_depthwise_project_matches_its_composition() {
-    dwpw_case(2, 23, 15, 144, 24, 1, Some(24), 31);
-    dwpw_case(2, 23, 15, 96, 24, 2, Some(16), 32);
-    dwpw_case(3, 12, 7, 57, 35, 1, Some(35), 33);
+    dwpw_case((2, 23, 15), 144, 24, 1, Some(24), 31);
+    dwpw_case((2, 23, 15), 96, 24, 2, Some(16), 32);
+    dwpw_case((3, 12, 7), 57, 35, 1, Some(35), 33);
 }
 
 /// Counts launches; otherwise the simulation.
