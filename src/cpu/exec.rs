@@ -5,7 +5,7 @@
 use super::{conv, ops};
 use crate::error::{Error, Result};
 use crate::exec::{Activations, Executor, Timings, check_batch};
-use crate::graph::{Graph, Op, Plan, PlanBuffers, PlanCache, PlanKey, Stage, TensorId};
+use crate::graph::{Conv, Graph, Op, Plan, PlanBuffers, PlanCache, PlanKey, Stage, TensorId};
 use crate::image_io::BgrImage;
 use crate::post::{RawOutput, anchors};
 use crate::reference;
@@ -32,7 +32,9 @@ pub struct CpuExecutor {
 }
 
 impl CpuExecutor {
+    /// The executor of `graph` with the CPU's fusions applied (each fused op runs as its composition).
     pub fn new(graph: Arc<Graph>, plan_cache_bytes: usize) -> CpuExecutor {
+        let graph = Arc::new(crate::passes::fuse(&graph, crate::passes::Fusions::CPU));
         CpuExecutor { graph, plans: Mutex::new(PlanCache::new(plan_cache_bytes)) }
     }
 
@@ -191,6 +193,48 @@ fn views<'a, const K: usize>(
     Ok((o, res))
 }
 
+/// One conv of `plan` in `arena` (the reference `ops::conv2d`).
+fn conv_op(c: &Conv, plan: &Plan, arena: &mut [f32]) -> Result<()> {
+    let (_, ih, iw) = plan.shapes[c.input];
+    let (oc, _, _) = plan.shapes[c.output];
+    let out = plan.range(c.output);
+    match c.residual {
+        Some(r) => {
+            let (o, [x, res]) = views(arena, out, [plan.range(c.input), plan.range(r)])?;
+            conv::conv2d(c, x, plan.n, ih, iw, o, oc, Some(res));
+        }
+        None => {
+            let (o, [x]) = views(arena, out, [plan.range(c.input)])?;
+            conv::conv2d(c, x, plan.n, ih, iw, o, oc, None);
+        }
+    }
+    Ok(())
+}
+
+/// `dst += nearest(src)` of `plan` in `arena`.
+fn upsample_add_op(src: TensorId, dst: TensorId, plan: &Plan, arena: &mut [f32]) -> Result<()> {
+    let (_, sh, sw) = plan.shapes[src];
+    let (_, dh, dw) = plan.shapes[dst];
+    let (d, [s]) = views(arena, plan.range(dst), [plan.range(src)])?;
+    ops::upsample_nearest_add(s, sh, sw, d, dh, dw);
+    Ok(())
+}
+
+/// Runs every op of `graph` in `arena` laid out by `plan` (the input already in place), as a pass
+/// does: for tests that run a fused op's CPU composition on a graph of their own.
+pub fn run_ops(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<()> {
+    if arena.len() < plan.arena_elems || plan.shapes.len() != graph.tensors.len() {
+        return Err(Error::InvalidArgument(format!(
+            "an arena of {} elements for a plan of {} ({} tensors) over a graph of {} tensors",
+            arena.len(),
+            plan.arena_elems,
+            plan.shapes.len(),
+            graph.tensors.len()
+        )));
+    }
+    run(graph, plan, arena).map(|_| ())
+}
+
 /// Time spent per stage of the graph.
 #[derive(Clone, Copy, Debug, Default)]
 struct StageTimes {
@@ -213,32 +257,26 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
         let start = Instant::now();
         match op {
             // The heads' reference composition: the conv here, the split into anchors in raw_outputs.
-            Op::Conv(c) | Op::Heads { conv: c, .. } => {
-                let (_, ih, iw) = dims(c.input);
-                let (oc, _, _) = dims(c.output);
-                let out = plan.range(c.output);
-                match c.residual {
-                    Some(r) => {
-                        let (o, [x, res]) = views(arena, out, [plan.range(c.input), plan.range(r)])?;
-                        conv::conv2d(c, x, n, ih, iw, o, oc, Some(res));
-                    }
-                    None => {
-                        let (o, [x]) = views(arena, out, [plan.range(c.input)])?;
-                        conv::conv2d(c, x, n, ih, iw, o, oc, None);
-                    }
-                }
+            Op::Conv(c) | Op::Heads { conv: c, .. } => conv_op(c, plan, arena)?,
+            // The fused ops' compositions of the reference ops: each equals the ops it replaced.
+            Op::ConvUpsampleAdd { conv, src } => {
+                conv_op(conv, plan, arena)?;
+                upsample_add_op(*src, conv.output, plan, arena)?;
+            }
+            Op::ConvPair { a, b } => {
+                conv_op(a, plan, arena)?;
+                conv_op(b, plan, arena)?;
+            }
+            Op::DwPw { dw, pw } => {
+                conv_op(dw, plan, arena)?;
+                conv_op(pw, plan, arena)?;
             }
             Op::MaxPool { input, output } => {
                 let (ic, ih, iw) = dims(*input);
                 let (o, [x]) = views(arena, plan.range(*output), [plan.range(*input)])?;
                 ops::max_pool_3x3s2(x, n * ic, ih, iw, o);
             }
-            Op::UpsampleAdd { src, dst } => {
-                let (_, sh, sw) = dims(*src);
-                let (_, dh, dw) = dims(*dst);
-                let (d, [s]) = views(arena, plan.range(*dst), [plan.range(*src)])?;
-                ops::upsample_nearest_add(s, sh, sw, d, dh, dw);
-            }
+            Op::UpsampleAdd { src, dst } => upsample_add_op(*src, *dst, plan, arena)?,
         }
         let dt = start.elapsed();
         if profile {
@@ -250,6 +288,9 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
                 Op::Heads { conv: c, level } => format!("heads {level} {} {}->{}", c.name, c.cin, c.cout),
                 Op::MaxPool { .. } => "maxpool".to_string(),
                 Op::UpsampleAdd { .. } => "upsample+add".to_string(),
+                Op::ConvUpsampleAdd { conv: c, .. } => format!("conv+upsample-add {} {}->{}", c.name, c.cin, c.cout),
+                Op::ConvPair { a, b } => format!("conv pair {} + {}", a.name, b.name),
+                Op::DwPw { dw, pw } => format!("depthwise+pointwise {} + {}", dw.name, pw.name),
             };
             op_times.push((dt.as_secs_f64() * 1e3, what));
         }

@@ -312,28 +312,7 @@ pub fn run(
     Ok(rows)
 }
 
-/// The device key of GPU `info` for the tuning cache (driver version from the driver itself).
-pub fn device_key(info: &super::gpu::DeviceInfo) -> DeviceKey {
-    let mut driver = 0;
-    if super::gpu::driver_present().is_ok() {
-        // SAFETY: the driver library is present (checked); plain out-parameter.
-        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) };
-    }
-    let n = info.name.to_ascii_lowercase();
-    let sms = if n.contains("h100") || n.contains("h200") {
-        132
-    } else if n.contains("a100") {
-        108
-    } else {
-        conv_f16::DEFAULT_SMS
-    };
-    DeviceKey {
-        name: info.name.clone(),
-        compute_capability: (info.compute_capability.0.max(0) as u32, info.compute_capability.1.max(0) as u32),
-        driver,
-        sms,
-    }
-}
+pub use super::tune::device_key;
 
 /// Peak f16 tensor (mma.sync, dense) FLOP/s and DRAM bytes/s of a device, for the roofline; None when
 /// the device is not in the table.

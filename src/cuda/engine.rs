@@ -52,8 +52,11 @@ impl PlanBuffers for GpuBufs {
 pub struct GpuEngine {
     runner: Box<dyn KernelRunner>,
     graph: Graph,
-    /// Per op: the repacked weight and the bias of a conv.
+    /// Per op: the repacked weight and the bias of a conv (a pair's both convs side by side; a
+    /// depthwise + pointwise op's depthwise conv).
     weights: Vec<Option<(DevBuf, DevBuf)>>,
+    /// Per op: a depthwise + pointwise op's pointwise weight and bias.
+    fused_pw: Vec<Option<(DevBuf, DevBuf)>>,
     plans: PlanCache<GpuBufs>,
     last: Option<PlanKey>,
     /// Capture each plan's forward pass once and replay it (`--cuda-graph`, default on).
@@ -101,7 +104,7 @@ impl GpuEngine {
                         Some(p) => super::tune::TuneCache::load(&p)?,
                         None => super::tune::TuneCache::default(),
                     };
-                    let dev = Some(super::bench_kernels::device_key(r.info()));
+                    let dev = Some(super::tune::device_key(r.info()));
                     tuning = f16::Tuning { mode: super::tune::TuneMode::Cached, dev, cache };
                 }
                 Box::new(r)
@@ -113,25 +116,50 @@ impl GpuEngine {
         Ok(g)
     }
 
-    /// Builds the executor over any runner.
+    /// Builds the f32 executor over any runner.
     pub fn with_runner(graph: &Graph, runner: Box<dyn KernelRunner>) -> Result<GpuEngine> {
         GpuEngine::with_runner_precision(graph, runner, Precision::F32)
     }
 
-    /// [`Self::with_runner`] computing in `precision` (f16 conv variants by the heuristic until
-    /// [`Self::set_tuning`]).
+    /// [`Self::with_runner`] computing in `precision`. f32 runs the graph with the fusions
+    /// kernels/conv.cu has kernels for (`Fusions::CUDA_F32`); f16 with none, as the f16 kernels have no
+    /// fused ops yet (its conv variants by the heuristic until [`Self::set_tuning`]).
     pub fn with_runner_precision(
         graph: &Graph,
         mut runner: Box<dyn KernelRunner>,
         precision: Precision,
     ) -> Result<GpuEngine> {
         if precision == Precision::F16 {
+            let graph = &crate::passes::fuse(graph, crate::passes::Fusions::NONE);
             let weights = f16::upload_weights(runner.as_mut(), graph)?;
-            return GpuEngine::assemble(graph, runner, weights, precision);
+            let fused_pw = vec![None; graph.ops.len()];
+            return GpuEngine::assemble(graph, runner, weights, fused_pw, precision);
         }
+        GpuEngine::with_runner_fused(graph, runner, crate::passes::Fusions::CUDA_F32)
+    }
+
+    /// The f32 executor over any runner, running `graph` with the fusions of `fusions` applied.
+    pub fn with_runner_fused(
+        graph: &Graph,
+        mut runner: Box<dyn KernelRunner>,
+        fusions: crate::passes::Fusions,
+    ) -> Result<GpuEngine> {
+        let graph = &crate::passes::fuse(graph, fusions);
         let mut weights = Vec::with_capacity(graph.ops.len());
-        for op in &graph.ops {
+        let mut fused_pw = vec![None; graph.ops.len()];
+        for (i, op) in graph.ops.iter().enumerate() {
             match op {
+                Op::ConvPair { a, b } => {
+                    let (w, bias) = ops::fused::pack_pair(a, b)?;
+                    weights.push(Some((runner.alloc_f32(&w)?, runner.alloc_f32(&bias)?)));
+                }
+                Op::ConvUpsampleAdd { conv: c, .. } => {
+                    weights.push(Some((runner.alloc_f32(&ops::conv::pack(c)?)?, runner.alloc_f32(&c.bias)?)));
+                }
+                Op::DwPw { dw, pw } => {
+                    weights.push(Some((runner.alloc_f32(&ops::conv::pack(dw)?)?, runner.alloc_f32(&dw.bias)?)));
+                    fused_pw[i] = Some((runner.alloc_f32(&ops::conv::pack(pw)?)?, runner.alloc_f32(&pw.bias)?));
+                }
                 Op::Conv(c) | Op::Heads { conv: c, .. } => {
                     let w = runner.alloc_f32(&ops::conv::pack(c)?)?;
                     let b = runner.alloc_f32(&c.bias)?;
@@ -140,13 +168,14 @@ impl GpuEngine {
                 _ => weights.push(None),
             }
         }
-        GpuEngine::assemble(graph, runner, weights, precision)
+        GpuEngine::assemble(graph, runner, weights, fused_pw, Precision::F32)
     }
 
     fn assemble(
         graph: &Graph,
         runner: Box<dyn KernelRunner>,
         weights: Vec<Option<(DevBuf, DevBuf)>>,
+        fused_pw: Vec<Option<(DevBuf, DevBuf)>>,
         precision: Precision,
     ) -> Result<GpuEngine> {
         let heads = graph.ops.iter().filter(|op| matches!(op, Op::Heads { .. })).count();
@@ -159,6 +188,7 @@ impl GpuEngine {
             runner,
             graph: graph.clone(),
             weights,
+            fused_pw,
             plans: PlanCache::with_layout(
                 DEFAULT_PLAN_CACHE_BYTES,
                 if precision == Precision::F16 { Layout::F16 } else { Layout::F32 },
@@ -259,6 +289,11 @@ impl GpuEngine {
 
     pub fn graph(&self) -> &Graph {
         &self.graph
+    }
+
+    /// Whether `t` is a fused op's scratch, which the device keeps in shared memory and never writes.
+    pub fn never_written(&self, t: TensorId) -> bool {
+        self.graph.ops.iter().any(|op| matches!(op, Op::DwPw { dw, .. } if dw.output == t))
     }
 
     /// Bytes of activation and post-processing memory the plans hold on the device.
@@ -441,6 +476,10 @@ impl GpuEngine {
                     }
                     ops::upsample::launch(r.as_mut(), buf(*src).ptr, buf(*dst).ptr, n, (sh, sw), (dh, dw), dc)?;
                 }
+                Op::ConvUpsampleAdd { .. } | Op::ConvPair { .. } | Op::DwPw { .. } => {
+                    let wts = [self.weights[i], self.fused_pw[i]];
+                    launch_fused(r.as_mut(), op, wts, n, &|t| (buf(t).ptr, dims(t)))?;
+                }
             }
         }
         Ok(())
@@ -496,7 +535,11 @@ impl GpuEngine {
         let key = self.last.ok_or_else(|| Error::InvalidArgument("no forward pass has run".into()))?;
         let (plan, bufs) =
             self.plans.peek(key).ok_or_else(|| Error::InvalidArgument("the last pass's plan was evicted".into()))?;
-        if t >= plan.shapes.len() || self.graph.taps.head.contains(&t) || !(plan.keep_all || self.graph.is_tap(t)) {
+        if t >= plan.shapes.len()
+            || self.graph.taps.head.contains(&t)
+            || !(plan.keep_all || self.graph.is_tap(t))
+            || self.never_written(t)
+        {
             return Err(Error::InvalidArgument(format!("tensor {t} is not kept on the device")));
         }
         if plan.layout == Layout::F16 {
@@ -570,7 +613,7 @@ impl Executor for CudaExecutor {
         let mut tensors = vec![None; g.graph.tensors.len()];
         for (t, slot) in tensors.iter_mut().enumerate() {
             // The head tensors never exist on the device: the heads kernel writes the raw outputs.
-            if (keep_all || g.graph.is_tap(t)) && !taps.head.contains(&t) {
+            if (keep_all || g.graph.is_tap(t)) && !taps.head.contains(&t) && !g.never_written(t) {
                 *slot = Some(g.tensor_nchw(t)?);
             }
         }
@@ -636,6 +679,75 @@ impl Executor for CudaExecutor {
     fn set_cuda_graphs(&self, on: bool) -> Result<()> {
         self.lock()?.set_cuda_graphs(on);
         Ok(())
+    }
+}
+
+/// Launches a fused op: `wts` are its uploaded weights (see `GpuEngine::with_runner_fused`), `at`
+/// gives a tensor's device address and (channels, height, width).
+fn launch_fused(
+    r: &mut dyn KernelRunner,
+    op: &Op,
+    wts: [Option<(DevBuf, DevBuf)>; 2],
+    n: usize,
+    at: &dyn Fn(TensorId) -> (u64, (usize, usize, usize)),
+) -> Result<()> {
+    use ops::fused::{DwPwBufs, Sizes};
+    let first = op.convs().first().map_or("?".to_string(), |c| c.name.clone());
+    let missing = || Error::Cuda(format!("fused op at {first} has no weights"));
+    let (wt, bias) = wts[0].ok_or_else(missing)?;
+    for c in op.convs() {
+        let (ic, ih, iw) = at(c.input).1;
+        let (oc, oh, ow) = at(c.output).1;
+        let expect = |s: usize| (s + 2 * c.pad - c.kernel) / c.stride + 1;
+        if ic != c.cin || expect(ih) != oh || expect(iw) != ow || c.out_channel_offset + c.cout > oc {
+            return Err(Error::Cuda(format!("conv {}: tensor shapes do not match the op", c.name)));
+        }
+    }
+    let sizes = |c: &crate::graph::Conv| {
+        let (_, h, w) = at(c.input).1;
+        let (_, oh, ow) = at(c.output).1;
+        Sizes { n, h, w, oh, ow }
+    };
+    let res = |c: &crate::graph::Conv| c.residual.map_or(0, |t| at(t).0);
+    match op {
+        Op::ConvUpsampleAdd { conv: c, src } => {
+            let (up, (uc, uh, uw)) = at(*src);
+            let (y, (oc, _, _)) = at(c.output);
+            if uc != c.cout {
+                return Err(Error::Cuda(format!(
+                    "conv {}: the upsampled map has {uc} channels, not {}",
+                    c.name, c.cout
+                )));
+            }
+            ops::fused::launch_upsample_add(
+                r,
+                c,
+                sizes(c),
+                (at(c.input).0, wt.ptr, bias.ptr, res(c)),
+                (y, oc),
+                (up, uh, uw),
+            )
+        }
+        Op::ConvPair { a, b } => {
+            let ((ya, (ca, ..)), (yb, (cb, ..))) = (at(a.output), at(b.output));
+            ops::fused::launch_pair(r, (a, b), sizes(a), (at(a.input).0, wt.ptr, bias.ptr), (ya, ca), (yb, cb))
+        }
+        Op::DwPw { dw, pw } => {
+            let (wpw, bpw) = wts[1].ok_or_else(missing)?;
+            let (y, (oc, _, _)) = at(pw.output);
+            let bufs = DwPwBufs {
+                x: at(dw.input).0,
+                wdw: wt.ptr,
+                bdw: bias.ptr,
+                wpw: wpw.ptr,
+                bpw: bpw.ptr,
+                residual: res(pw),
+                y,
+                out_ctot: oc,
+            };
+            ops::fused::launch_dwpw(r, dw, pw, sizes(dw), &bufs)
+        }
+        _ => Err(Error::Cuda(format!("op at {first} is not a fused op"))),
     }
 }
 

@@ -163,6 +163,29 @@ pub fn choose(
     Ok((v, choice))
 }
 
+/// The device key of GPU `info` for the tuning cache (driver version from the driver itself).
+pub fn device_key(info: &super::gpu::DeviceInfo) -> DeviceKey {
+    let mut driver = 0;
+    if super::gpu::driver_present().is_ok() {
+        // SAFETY: the driver library is present (checked); plain out-parameter.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) };
+    }
+    let n = info.name.to_ascii_lowercase();
+    let sms = if n.contains("h100") || n.contains("h200") {
+        132
+    } else if n.contains("a100") {
+        108
+    } else {
+        super::ops::conv_f16::DEFAULT_SMS
+    };
+    DeviceKey {
+        name: info.name.clone(),
+        compute_capability: (info.compute_capability.0.max(0) as u32, info.compute_capability.1.max(0) as u32),
+        driver,
+        sms,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -97,6 +97,27 @@ pub enum Op {
         level: usize,
         conv: Conv,
     },
+    /// `conv`, then `conv.output += nearest_resize(src)` (made by `passes::fuse_fpn`): the FPN lateral
+    /// 1×1 with the top-down merge in its epilogue. The upsampled map is added after the activation.
+    ConvUpsampleAdd {
+        conv: Conv,
+        src: TensorId,
+    },
+    /// Two convolutions of one input with the same geometry (made by `passes::fuse_pair`: SSH's
+    /// conv3X3 and conv5X5_1): one GEMM over `a.cout + b.cout` channels whose epilogue sends each
+    /// conv's channels to its own destination with its own activation and channel offset.
+    ConvPair {
+        a: Conv,
+        b: Conv,
+    },
+    /// A depthwise conv whose output only `pw`, a 1×1 dense conv, reads (made by `passes::fuse_dwpw`:
+    /// MobileNetV1 blocks, MobileNetV2's depthwise + project). `dw.output` is scratch: the plan gives
+    /// it arena space for the CPU's composition; the CUDA kernel keeps it in shared memory and never
+    /// writes it.
+    DwPw {
+        dw: Conv,
+        pw: Conv,
+    },
 }
 
 impl Op {
@@ -111,6 +132,29 @@ impl Op {
             Op::Conv(c) | Op::Heads { conv: c, .. } => std::iter::once(c.input).chain(c.residual).collect(),
             Op::MaxPool { input, .. } => vec![*input],
             Op::UpsampleAdd { src, dst } => vec![*src, *dst],
+            Op::ConvUpsampleAdd { conv, src } => [conv.input, *src].into_iter().chain(conv.residual).collect(),
+            Op::ConvPair { a, b } => [a.input, b.input].into_iter().chain(a.residual).chain(b.residual).collect(),
+            Op::DwPw { dw, pw } => std::iter::once(dw.input).chain(dw.residual).chain(pw.residual).collect(),
+        }
+    }
+
+    /// Every tensor the op writes, [`Op::output`] first: a pair's second destination, a fused
+    /// depthwise conv's scratch.
+    pub fn writes(&self) -> Vec<TensorId> {
+        match self {
+            Op::ConvPair { a, b } => vec![a.output, b.output],
+            Op::DwPw { dw, pw } => vec![pw.output, dw.output],
+            _ => vec![self.output()],
+        }
+    }
+
+    /// The convolutions the op runs, in the order its CPU composition runs them.
+    pub fn convs(&self) -> Vec<&Conv> {
+        match self {
+            Op::Conv(c) | Op::Heads { conv: c, .. } | Op::ConvUpsampleAdd { conv: c, .. } => vec![c],
+            Op::ConvPair { a, b } => vec![a, b],
+            Op::DwPw { dw, pw } => vec![dw, pw],
+            Op::MaxPool { .. } | Op::UpsampleAdd { .. } => Vec::new(),
         }
     }
 }
@@ -158,9 +202,11 @@ impl Graph {
 
     pub fn op_output(op: &Op) -> TensorId {
         match op {
-            Op::Conv(c) | Op::Heads { conv: c, .. } => c.output,
+            Op::Conv(c) | Op::Heads { conv: c, .. } | Op::ConvUpsampleAdd { conv: c, .. } => c.output,
             Op::MaxPool { output, .. } => *output,
             Op::UpsampleAdd { dst, .. } => *dst,
+            Op::ConvPair { a, .. } => a.output,
+            Op::DwPw { pw, .. } => pw.output,
         }
     }
 
@@ -168,12 +214,10 @@ impl Graph {
     pub fn macs(&self, h: usize, w: usize) -> u64 {
         self.ops
             .iter()
-            .map(|op| match op {
-                Op::Conv(c) | Op::Heads { conv: c, .. } => {
-                    let t = &self.tensors[c.output];
-                    (t.height(h) * t.width(w) * c.cout * (c.cin / c.groups) * c.kernel * c.kernel) as u64
-                }
-                _ => 0,
+            .flat_map(|op| op.convs())
+            .map(|c| {
+                let t = &self.tensors[c.output];
+                (t.height(h) * t.width(w) * c.cout * (c.cin / c.groups) * c.kernel * c.kernel) as u64
             })
             .sum()
     }

@@ -85,10 +85,11 @@ impl Plan {
                 })?;
                 r.1 = step;
             }
-            let out = op.output();
-            match &mut live[out] {
-                Some(r) => r.1 = r.1.max(step),
-                slot @ None => *slot = Some((step, step)),
+            for out in op.writes() {
+                match &mut live[out] {
+                    Some(r) => r.1 = r.1.max(step),
+                    slot @ None => *slot = Some((step, step)),
+                }
             }
         }
         let mut ranges = Vec::with_capacity(nt);

@@ -350,6 +350,15 @@ pub fn export(graph: &Graph, opts: &ExportOptions) -> Result<ModelProto> {
             }
             Op::UpsampleAdd { src, dst } => w.upsample_add(*src, *dst)?,
             Op::Heads { level, conv } => w.head(conv, *level)?,
+            // A fused op exports as the ops it fuses: ONNX runtimes fuse for themselves.
+            Op::ConvUpsampleAdd { conv, src } => {
+                w.conv(conv)?;
+                w.upsample_add(*src, conv.output)?;
+            }
+            Op::ConvPair { a: first, b: second } | Op::DwPw { dw: first, pw: second } => {
+                w.conv(first)?;
+                w.conv(second)?;
+            }
         }
     }
     for (i, (role, ..)) in HEADS.iter().enumerate() {

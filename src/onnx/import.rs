@@ -827,6 +827,10 @@ impl<'a> Matcher<'a> {
                     .upsample_add(*src, *dst)
                     .map_err(|e| format!("at the upsampling into `{}`: {e}", g.tensors[*dst].name)),
                 Op::Heads { level, conv } => self.head(oi, conv, *level).map_err(|e| format!("at `head.{level}`: {e}")),
+                // model::build makes no fused ops; the executors fuse their own copies.
+                Op::ConvUpsampleAdd { .. } | Op::ConvPair { .. } | Op::DwPw { .. } => {
+                    Err("a fused op in the graph the import matches against (it must be unfused)".to_string())
+                }
             };
             r.map_err(|e| (oi, e))?;
         }

@@ -1,20 +1,77 @@
-//! Graph passes: graph → graph rewrites run once, after the builder and before any plan, so every
-//! executor sees the same optimised graph. Order matters and lives in [`optimize`].
+//! Graph passes: graph → graph rewrites run after the builder and before any plan. Order matters and
+//! lives in [`optimize`] (every executor's graph) and [`fuse`] (per executor).
 //!
 //! - [`fold_bn`]: BatchNorm into the conv before it (applied by the builder per conv, see there);
-//! - [`fuse_heads`]: each level's 1×1 head conv into an explicit `Op::Heads`.
+//! - [`fuse_heads`]: each level's 1×1 head conv into an explicit `Op::Heads`;
+//! - [`fuse_fpn`], [`fuse_pair`], [`fuse_dwpw`]: the optional fusions of [`Fusions`]. Each executor
+//!   applies those it has kernels for to the engine's graph (the CPU runs every fused op as its
+//!   composition of reference ops; the f16 CUDA path has no fused kernels yet), and taps are never
+//!   fused away, so every executor's taps stay comparable.
 //!
-//! A new fusion (depthwise + pointwise, FPN lateral + upsample-add) is a new file here with its own
-//! `Op` variant in src/graph/ir.rs, a line in [`optimize`], the CPU's composition of reference ops
-//! for it in src/cpu/exec.rs and its kernel launch in src/cuda/engine.rs.
+//! A new fusion is a new file here with its own `Op` variant in src/graph/ir.rs, a flag in
+//! [`Fusions`] and a line in [`fuse`], the CPU's composition of reference ops for it in
+//! src/cpu/exec.rs and its kernel launch in src/cuda/engine.rs.
 
 pub mod fold_bn;
+pub mod fuse_dwpw;
+pub mod fuse_fpn;
 pub mod fuse_heads;
+pub mod fuse_pair;
 
 use crate::error::Result;
-use crate::graph::Graph;
+use crate::graph::{Graph, TensorId};
 
-/// Every pass, in order.
+/// The passes every executor's graph gets.
 pub fn optimize(graph: Graph) -> Result<Graph> {
     fuse_heads::run(graph)
+}
+
+/// Which optional fusions an executor runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fusions {
+    /// FPN lateral 1×1 with the upsample-add in its epilogue (`Op::ConvUpsampleAdd`).
+    pub fpn_upsample_add: bool,
+    /// Two convs of one input as one GEMM (`Op::ConvPair`).
+    pub conv_pair: bool,
+    /// Depthwise + pointwise through shared memory (`Op::DwPw`).
+    pub dw_pw: bool,
+}
+
+impl Fusions {
+    pub const NONE: Fusions = Fusions { fpn_upsample_add: false, conv_pair: false, dw_pw: false };
+    pub const ALL: Fusions = Fusions { fpn_upsample_add: true, conv_pair: true, dw_pw: true };
+    /// The CPU runs each fused op as its composition: the same results, and the same plan as the
+    /// f32 CUDA executor.
+    pub const CPU: Fusions = Fusions::ALL;
+    /// kernels/conv.cu has a kernel for each fused op.
+    pub const CUDA_F32: Fusions = Fusions::ALL;
+}
+
+/// `graph` with the fusions of `f` applied. A fusion only rewrites patterns it can prove equal, so
+/// it never fails; what does not fit stays as it was.
+pub fn fuse(graph: &Graph, f: Fusions) -> Graph {
+    let mut g = graph.clone();
+    if f.fpn_upsample_add {
+        g = fuse_fpn::run(g);
+    }
+    if f.conv_pair {
+        g = fuse_pair::run(g);
+    }
+    if f.dw_pw {
+        g = fuse_dwpw::run(g);
+    }
+    g
+}
+
+/// Removes op `i` and its stage.
+fn remove_op(graph: &mut Graph, i: usize) {
+    graph.ops.remove(i);
+    graph.op_stages.remove(i);
+}
+
+/// Whether any op strictly between `from` and `to` reads one of `read` or writes one of `written`.
+fn ops_between_touch(graph: &Graph, from: usize, to: usize, read: &[TensorId], written: &[TensorId]) -> bool {
+    graph.ops[from + 1..to]
+        .iter()
+        .any(|o| o.reads().iter().any(|t| read.contains(t)) || o.writes().iter().any(|t| written.contains(t)))
 }

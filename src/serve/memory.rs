@@ -50,6 +50,8 @@ impl ForwardModel {
                 c.bias = Vec::new();
             }
         }
+        // The CPU executor's graph: its plan is the one this bounds.
+        let skeleton = crate::passes::fuse(&skeleton, crate::passes::Fusions::CPU);
         ForwardModel {
             skeleton: Arc::new(skeleton),
             tensors: graph.tensors.iter().map(|t| (t.channels as u64, t.stride as u64)).collect(),
