@@ -17,3 +17,8 @@
 
 // The most candidates the device NMS takes per image: one block's 128 mask words of 64 bits.
 #define NMS_MAX_CANDIDATES 8192
+
+// How kernels/resize.cu makes an image's pixels (ResizeParams::desc, per image).
+#define RESIZE_BILINEAR 0
+#define RESIZE_AREA_HALF 1
+#define RESIZE_COPY 2

@@ -7,9 +7,9 @@ use super::params::*;
 use super::runner::{DevBuf, KernelRunner, KernelRunnerExt, LaunchDims};
 use crate::detection::Detection;
 use crate::error::{Error, Result};
-use crate::exec::{Activations, Backend, Executor, Timings, check_batch, groups};
+use crate::exec::{Activations, Backend, BenchMode, Executor, Timings, check_batch, check_specs, groups};
 use crate::graph::{DEFAULT_PLAN_CACHE_BYTES, Plan, PlanBuffers, PlanCache, PlanKey};
-use crate::image_io::BgrImage;
+use crate::image_io::{BgrImage, ResizeSpec};
 use crate::model::graph::{Graph, Op, TensorId};
 use crate::post::{PostOptions, RawOutput, anchors};
 use std::sync::Arc;
@@ -55,6 +55,8 @@ struct GpuBufs {
     conf: DevBuf,
     landm: DevBuf,
     post: Option<PostBufs>,
+    /// Decoded images and resize tables of `detect_specs` (made on its first use, grown as needed).
+    resize: Option<ops::resize::Staging>,
 }
 
 impl GpuBufs {
@@ -62,6 +64,9 @@ impl GpuBufs {
         let mut v = vec![self.arena, self.input_u8, self.loc, self.conf, self.landm];
         if let Some(p) = &self.post {
             v.extend(p.all());
+        }
+        if let Some(s) = &self.resize {
+            v.extend(s.all());
         }
         v
     }
@@ -80,6 +85,8 @@ pub struct GpuEngine {
     weights: Vec<Option<(DevBuf, DevBuf)>>,
     plans: PlanCache<GpuBufs>,
     last: Option<PlanKey>,
+    /// The batch `stage_input` uploaded for `bench --input-on-device`: its (n, h, w) and bytes.
+    staged: Option<(usize, usize, usize, DevBuf)>,
 }
 
 use super::ops::{self, dim};
@@ -137,6 +144,7 @@ impl GpuEngine {
             weights,
             plans: PlanCache::new(DEFAULT_PLAN_CACHE_BYTES),
             last: None,
+            staged: None,
         })
     }
 
@@ -185,6 +193,7 @@ impl GpuEngine {
                 conf: r.alloc(4 * n * a * 2)?,
                 landm: r.alloc(4 * n * a * 10)?,
                 post: None,
+                resize: None,
             })
         })
     }
@@ -194,15 +203,24 @@ impl GpuEngine {
         Ok(self.plan((n, h, w, false))?.0)
     }
 
+    /// [`Self::forward_input`] of network-input sized images from the host.
+    fn forward(&mut self, images: &[&BgrImage], keep_all: bool) -> Result<(Arc<Plan>, [DevBuf; 3])> {
+        self.forward_input(BatchInput::Host(images), keep_all)
+    }
+
     /// Runs preprocessing, the network and the heads; leaves loc/conf/landm on the device.
     /// With `keep_all` every tensor stays readable (by [`Self::tensor_nchw`]) after the pass.
-    fn forward(&mut self, images: &[&BgrImage], keep_all: bool) -> Result<(Arc<Plan>, [DevBuf; 3])> {
-        let (h, w) = check_batch(images)?;
-        let n = images.len();
+    fn forward_input(&mut self, input: BatchInput<'_>, keep_all: bool) -> Result<(Arc<Plan>, [DevBuf; 3])> {
+        let (n, h, w) = input.shape()?;
+        if let BatchInput::Staged(..) = input
+            && self.staged.is_none_or(|(sn, sh, sw, _)| (sn, sh, sw) != (n, h, w))
+        {
+            return Err(Error::InvalidArgument(format!("no {n}x{w}x{h} batch is staged on the device")));
+        }
         dim(n * h * w * 3, "batch elements")?;
         let key = (n, h, w, keep_all);
         let (plan, bufs) = self.plan(key)?;
-        let (arena, input_u8, loc, conf, landm) = (bufs.arena, bufs.input_u8, bufs.loc, bufs.conf, bufs.landm);
+        let (arena, mut input_u8, loc, conf, landm) = (bufs.arena, bufs.input_u8, bufs.loc, bufs.conf, bufs.landm);
         self.last = Some(key);
         let r = &mut self.runner;
         if r.is_simulation() {
@@ -212,8 +230,25 @@ impl GpuEngine {
             }
         }
         let per = h * w * 3;
-        for (i, img) in images.iter().enumerate() {
-            r.upload(input_u8, i * per, &img.data)?;
+        match input {
+            BatchInput::Host(images) => {
+                for (i, img) in images.iter().enumerate() {
+                    r.upload(input_u8, i * per, &img.data)?;
+                }
+            }
+            BatchInput::Resize(images, specs) => {
+                let mut staging = self.plans.buffers(key).and_then(|b| b.resize.take());
+                let res = ops::resize::run(r.as_mut(), &mut staging, images, specs, input_u8);
+                if let Some(b) = self.plans.buffers(key) {
+                    b.resize = staging;
+                }
+                res?;
+            }
+            BatchInput::Staged(..) => {
+                if let Some((.., b)) = self.staged {
+                    input_u8 = b;
+                }
+            }
         }
         let g = &self.graph;
         let buf = |t: TensorId| DevBuf { ptr: arena.at(4 * plan.offsets[t]), bytes: 4 * plan.elems(t) };
@@ -366,6 +401,122 @@ impl GpuEngine {
     }
 }
 
+/// Where a pass's input comes from.
+#[derive(Clone, Copy)]
+enum BatchInput<'a> {
+    /// Network-input sized images on the host, uploaded as they are.
+    Host(&'a [&'a BgrImage]),
+    /// Decoded images of any sizes and their specs (one canvas): each uploaded once, resized on the device.
+    Resize(&'a [&'a BgrImage], &'a [ResizeSpec]),
+    /// The batch `stage_input` left on the device: (n, h, w).
+    Staged(usize, usize, usize),
+}
+
+impl BatchInput<'_> {
+    /// (n, h, w) of the network input.
+    fn shape(&self) -> Result<(usize, usize, usize)> {
+        match *self {
+            BatchInput::Host(images) => {
+                let (h, w) = check_batch(images)?;
+                Ok((images.len(), h, w))
+            }
+            BatchInput::Resize(images, specs) => {
+                let (h, w) = check_specs(images, specs)?;
+                Ok((images.len(), h, w))
+            }
+            BatchInput::Staged(n, h, w) => Ok((n, h, w)),
+        }
+    }
+}
+
+impl GpuEngine {
+    /// Detections of decoded images resized on the device by `specs` (one canvas size), boxes divided
+    /// by `scale` (one factor for the batch, as [`Self::detect_scaled`]).
+    pub fn detect_specs(
+        &mut self,
+        images: &[&BgrImage],
+        specs: &[ResizeSpec],
+        post: &PostOptions,
+        scale: f32,
+    ) -> Result<Vec<Vec<Detection>>> {
+        post.validate()?;
+        let (h, w) = check_specs(images, specs)?;
+        post_sizes(h, w, post)?;
+        let (plan, raw) = self.forward_input(BatchInput::Resize(images, specs), false)?;
+        let n = plan.n;
+        let bufs =
+            self.plans.buffers((n, h, w, false)).ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
+        run_post(self.runner.as_mut(), &mut bufs.post, raw, n, h, w, post, scale)
+    }
+
+    /// The network input bytes of the last pass ([n][h][w][3] u8, after any device resize), for tests.
+    pub fn last_input_u8(&mut self) -> Result<Vec<u8>> {
+        let key = self.last.ok_or_else(|| Error::InvalidArgument("no forward pass has run".into()))?;
+        let (plan, bufs) =
+            self.plans.peek(key).ok_or_else(|| Error::InvalidArgument("the last pass's plan was evicted".into()))?;
+        let (len, src) = (plan.n * plan.h * plan.w * 3, bufs.input_u8);
+        let mut v = vec![0u8; len];
+        self.runner.download(src, 0, &mut v)?;
+        Ok(v)
+    }
+
+    /// Uploads network-input sized images once, for [`Self::bench_pass`] with `input_on_device`.
+    pub fn stage_input(&mut self, images: &[&BgrImage]) -> Result<()> {
+        let (h, w) = check_batch(images)?;
+        let n = images.len();
+        if let Some((.., old)) = self.staged.take() {
+            self.runner.free(old)?;
+        }
+        let buf = self.runner.alloc(n * h * w * 3)?;
+        for (i, img) in images.iter().enumerate() {
+            self.runner.upload(buf, i * h * w * 3, &img.data)?;
+        }
+        self.staged = Some((n, h, w, buf));
+        Ok(())
+    }
+
+    /// One pass of `retinaface bench`: from the staged input or the host images; `forward_only` leaves
+    /// the raw outputs on the device (nothing is downloaded), otherwise the device post-processing runs
+    /// and only detections come back. Host clocks around a synchronisation: forward as backbone, the
+    /// post-processing as postprocess.
+    pub fn bench_pass(
+        &mut self,
+        images: &[&BgrImage],
+        mode: BenchMode,
+        post: &PostOptions,
+        timings: Option<&mut Timings>,
+    ) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        let input = match (mode.input_on_device, self.staged) {
+            (true, Some((n, h, w, _))) => BatchInput::Staged(n, h, w),
+            (true, None) => return Err(Error::InvalidArgument("--input-on-device: no batch is staged".into())),
+            (false, _) => BatchInput::Host(images),
+        };
+        let (n, h, w) = input.shape()?;
+        if !mode.forward_only {
+            post.validate()?;
+            post_sizes(h, w, post)?;
+        }
+        let (_, raw) = self.forward_input(input, false)?;
+        self.runner.synchronize()?;
+        let t1 = std::time::Instant::now();
+        if !mode.forward_only {
+            let bufs = self
+                .plans
+                .buffers((n, h, w, false))
+                .ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
+            run_post(self.runner.as_mut(), &mut bufs.post, raw, n, h, w, post, 1.0)?;
+        }
+        if let Some(t) = timings {
+            t.backbone += t1 - t0;
+            if !mode.forward_only {
+                t.postprocess += t1.elapsed();
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The CUDA executor: a [`GpuEngine`] behind a lock, as one device runs one pass at a time.
 pub struct CudaExecutor(std::sync::Mutex<GpuEngine>);
 
@@ -436,6 +587,44 @@ impl Executor for CudaExecutor {
             t.backbone += t0.elapsed();
         }
         Ok(results)
+    }
+
+    fn detect_specs(
+        &self,
+        images: &[&BgrImage],
+        specs: &[ResizeSpec],
+        post: &PostOptions,
+        timings: Option<&mut Timings>,
+    ) -> Result<Vec<Vec<Detection>>> {
+        check_specs(images, specs)?;
+        let t0 = std::time::Instant::now();
+        let mut g = self.lock()?;
+        let mut results = vec![Vec::new(); images.len()];
+        for group in groups(images.len(), |j| specs[j].scale) {
+            let batch: Vec<&BgrImage> = group.iter().map(|&j| images[j]).collect();
+            let gs: Vec<ResizeSpec> = group.iter().map(|&j| specs[j]).collect();
+            for (d, &j) in g.detect_specs(&batch, &gs, post, specs[group[0]].scale as f32)?.into_iter().zip(&group) {
+                results[j] = d;
+            }
+        }
+        if let Some(t) = timings {
+            t.backbone += t0.elapsed();
+        }
+        Ok(results)
+    }
+
+    fn stage_input(&self, images: &[&BgrImage]) -> Result<()> {
+        self.lock()?.stage_input(images)
+    }
+
+    fn bench_pass(
+        &self,
+        images: &[&BgrImage],
+        mode: BenchMode,
+        post: &PostOptions,
+        timings: Option<&mut Timings>,
+    ) -> Result<()> {
+        self.lock()?.bench_pass(images, mode, post, timings)
     }
 
     fn plan(&self, n: usize, h: usize, w: usize) -> Result<Arc<Plan>> {

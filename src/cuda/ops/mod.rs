@@ -9,6 +9,7 @@
 pub mod conv;
 pub mod heads;
 pub mod pool;
+pub mod resize;
 pub mod upsample;
 
 use crate::error::{Error, Result};
