@@ -168,8 +168,7 @@ mod tests {
 
     #[test]
     fn the_spec_on_the_host_is_the_letterbox() {
-        for (w, h, cw, ch) in
-            [(37, 23, 64, 64), (23, 37, 64, 48), (64, 64, 64, 64), (128, 90, 64, 64), (5, 200, 32, 32)]
+        for (w, h, cw, ch) in [(37, 23, 64, 64), (23, 37, 64, 48), (64, 64, 64, 64), (128, 90, 64, 64), (5, 60, 32, 32)]
         {
             let data: Vec<u8> = (0..w * h * 3).map(|i| (i * 131 % 251) as u8).collect();
             let img = BgrImage::new(w, h, data).unwrap();
@@ -178,6 +177,7 @@ mod tests {
             assert_eq!(s.scale, factor);
             assert_eq!(image_io::apply_spec(&img, &s).unwrap().as_ref(), &want, "{w}x{h} on {cw}x{ch}");
         }
+        assert!(spec(5, 200, 32, 32).is_err(), "too elongated, as letterbox refuses it");
     }
 
     #[test]
