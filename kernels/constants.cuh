@@ -22,3 +22,8 @@
 #define RADIX_TILE 2048
 // Sorted candidates per tile of the tiled NMS, one per thread of its block (4 mask words per row).
 #define NMS_TILE 256
+
+// How kernels/resize.cu makes an image's pixels (ResizeParams::desc, per image).
+#define RESIZE_BILINEAR 0
+#define RESIZE_AREA_HALF 1
+#define RESIZE_COPY 2

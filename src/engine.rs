@@ -3,16 +3,15 @@
 use crate::cpu::CpuExecutor;
 use crate::detection::Detection;
 use crate::error::{Error, Result};
-pub use crate::exec::{Activations, Backend, MAX_INPUT_PIXELS, Precision, Timings};
+pub use crate::exec::{Activations, Backend, BenchMode, MAX_INPUT_PIXELS, Precision, Timings};
 use crate::exec::{Executor, check_batch, groups};
 use crate::graph::{DEFAULT_PLAN_CACHE_BYTES, Plan};
-use crate::image_io::{self, BgrImage, ResizeMode};
+use crate::image_io::{BgrImage, ResizeMode, ResizeSpec};
 use crate::model::{self, Graph};
 use crate::network::Network;
 use crate::post::{PostOptions, RawOutput};
 use crate::weights::{self, StateDictSource, WeightsSpec, synthetic::SyntheticSource};
 use std::sync::Arc;
-use std::time::Instant;
 
 /// Detection settings: post-processing and the resize plan.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -241,26 +240,57 @@ impl Engine {
         &self,
         images: &[BgrImage],
         opts: &DetectOptions,
-        mut timings: Option<&mut Timings>,
+        timings: Option<&mut Timings>,
     ) -> Result<Vec<Vec<Detection>>> {
         opts.post.validate()?;
-        let t0 = Instant::now();
-        let prepared: Vec<(std::borrow::Cow<'_, BgrImage>, f64)> =
-            images.iter().map(|i| image_io::apply_resize(i, opts.resize)).collect();
-        if let Some(t) = timings.as_deref_mut() {
-            t.preprocess += t0.elapsed();
+        let specs: Vec<ResizeSpec> =
+            images.iter().map(|i| ResizeSpec::for_mode(opts.resize, i.width, i.height)).collect();
+        let refs: Vec<&BgrImage> = images.iter().collect();
+        self.detect_specs(&refs, &specs, &opts.post, timings)
+    }
+
+    /// Detections of decoded images of any sizes, image i made into a network input by `specs[i]`
+    /// ([`ResizeSpec::for_mode`], or the video letterbox's `video::letterbox::spec`) and its boxes
+    /// divided by the spec's scale. One batch per network input size; the backend resizes (the CUDA
+    /// executor on the device, from one upload of each decoded image).
+    pub fn detect_specs(
+        &self,
+        images: &[&BgrImage],
+        specs: &[ResizeSpec],
+        post: &PostOptions,
+        mut timings: Option<&mut Timings>,
+    ) -> Result<Vec<Vec<Detection>>> {
+        if images.len() != specs.len() {
+            return Err(Error::InvalidArgument(format!("{} images but {} resize specs", images.len(), specs.len())));
         }
+        post.validate()?;
         let mut results: Vec<Vec<Detection>> = vec![Vec::new(); images.len()];
-        // One batch per network input size (resized images of different originals can share one).
-        for group in groups(prepared.len(), |j| (prepared[j].0.width, prepared[j].0.height)) {
-            let batch: Vec<&BgrImage> = group.iter().map(|&j| prepared[j].0.as_ref()).collect();
-            let scales: Vec<f64> = group.iter().map(|&j| prepared[j].1).collect();
-            for (d, &j) in
-                self.detect_resized(&batch, &scales, &opts.post, timings.as_deref_mut())?.into_iter().zip(&group)
-            {
+        for group in groups(images.len(), |j| (specs[j].canvas_w, specs[j].canvas_h)) {
+            let batch: Vec<&BgrImage> = group.iter().map(|&j| images[j]).collect();
+            let gs: Vec<ResizeSpec> = group.iter().map(|&j| specs[j]).collect();
+            for (d, &j) in self.exec.detect_specs(&batch, &gs, post, timings.as_deref_mut())?.into_iter().zip(&group) {
                 results[j] = d;
             }
         }
         Ok(results)
+    }
+
+    /// Uploads same-sized network inputs once to the backend's device for [`Self::bench_pass`] with
+    /// `input_on_device` (`retinaface bench --input-on-device`); an error on the CPU.
+    pub fn stage_input(&self, images: &[&BgrImage]) -> Result<()> {
+        check_batch(images)?;
+        self.exec.stage_input(images)
+    }
+
+    /// One timed pass of `retinaface bench` (see [`BenchMode`]).
+    pub fn bench_pass(
+        &self,
+        images: &[&BgrImage],
+        mode: BenchMode,
+        post: &PostOptions,
+        timings: Option<&mut Timings>,
+    ) -> Result<()> {
+        check_batch(images)?;
+        self.exec.bench_pass(images, mode, post, timings)
     }
 }

@@ -7,7 +7,7 @@
 use crate::detection::Detection;
 use crate::error::{Error, Result};
 use crate::graph::{Plan, TensorId};
-use crate::image_io::BgrImage;
+use crate::image_io::{self, BgrImage, ResizeSpec};
 use crate::post::{self, PostOptions, RawOutput, anchors};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -154,6 +154,57 @@ pub trait Executor: Send + Sync {
         Ok(dets)
     }
 
+    /// Detections of images of any sizes, each made into a network input by its spec (one canvas size
+    /// for all) and its boxes divided by the spec's scale. The default resizes on the host; the CUDA
+    /// executor uploads each decoded image once and resizes on the device.
+    fn detect_specs(
+        &self,
+        images: &[&BgrImage],
+        specs: &[ResizeSpec],
+        post: &PostOptions,
+        mut timings: Option<&mut Timings>,
+    ) -> Result<Vec<Vec<Detection>>> {
+        check_specs(images, specs)?;
+        let t0 = Instant::now();
+        let inputs = images.iter().zip(specs).map(|(i, s)| image_io::apply_spec(i, s)).collect::<Result<Vec<_>>>()?;
+        if let Some(t) = timings.as_deref_mut() {
+            t.preprocess += t0.elapsed();
+        }
+        let refs: Vec<&BgrImage> = inputs.iter().map(|c| c.as_ref()).collect();
+        let scales: Vec<f64> = specs.iter().map(|s| s.scale).collect();
+        self.detect(&refs, &scales, post, timings)
+    }
+
+    /// Uploads a batch once to the device, where [`Executor::bench_pass`] with `input_on_device` finds
+    /// it (`retinaface bench --input-on-device`). Executors without device memory refuse.
+    fn stage_input(&self, _images: &[&BgrImage]) -> Result<()> {
+        Err(Error::InvalidArgument(format!(
+            "--input-on-device: the {} executor has no device memory to keep inputs in (use --backend cuda or cuda-sim)",
+            self.describe()
+        )))
+    }
+
+    /// One timed pass of `retinaface bench`: the network alone (`forward_only`: raw outputs, on the
+    /// device where there is one) or with post-processing, from host images or from the staged input.
+    fn bench_pass(
+        &self,
+        images: &[&BgrImage],
+        mode: BenchMode,
+        post: &PostOptions,
+        timings: Option<&mut Timings>,
+    ) -> Result<()> {
+        if mode.input_on_device {
+            return Err(Error::InvalidArgument(format!(
+                "--input-on-device: the {} executor cannot run from a staged input",
+                self.describe()
+            )));
+        }
+        if mode.forward_only {
+            return self.forward(images, timings).map(|_| ());
+        }
+        self.detect(images, &vec![1.0; images.len()], post, timings).map(|_| ())
+    }
+
     /// The plan an n×3×h×w batch runs with: computed by [`Plan::new`] for every executor alike and
     /// cached with this executor's buffers for it.
     fn plan(&self, n: usize, h: usize, w: usize) -> Result<Arc<Plan>>;
@@ -178,6 +229,36 @@ pub trait Executor: Send + Sync {
     fn set_cuda_graphs(&self, _on: bool) -> Result<()> {
         Ok(())
     }
+}
+
+/// What a pass of `retinaface bench` times.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BenchMode {
+    /// The input was uploaded once by [`Executor::stage_input`]: only the device's part is timed.
+    pub input_on_device: bool,
+    /// The network alone; its raw outputs are not post-processed (nor downloaded, on a device).
+    pub forward_only: bool,
+}
+
+/// One spec per image, all with one canvas within [`MAX_INPUT_PIXELS`], each possible for its image.
+pub fn check_specs(images: &[&BgrImage], specs: &[ResizeSpec]) -> Result<(usize, usize)> {
+    if images.len() != specs.len() || images.is_empty() {
+        return Err(Error::InvalidArgument(format!("{} images but {} resize specs", images.len(), specs.len())));
+    }
+    let (w, h) = (specs[0].canvas_w, specs[0].canvas_h);
+    for (img, s) in images.iter().zip(specs) {
+        s.check(img.width, img.height)?;
+        if (s.canvas_w, s.canvas_h) != (w, h) {
+            return Err(Error::InvalidArgument(format!(
+                "batch mixes network input sizes {w}x{h} and {}x{}",
+                s.canvas_w, s.canvas_h
+            )));
+        }
+    }
+    if h * w > MAX_INPUT_PIXELS {
+        return Err(Error::InvalidArgument(format!("network input {w}x{h} is outside 1..={MAX_INPUT_PIXELS} pixels")));
+    }
+    Ok((h, w))
 }
 
 /// Indices 0..n grouped by equal `key`, groups in order of first appearance, indices ascending.

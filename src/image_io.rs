@@ -382,6 +382,78 @@ pub fn apply_resize(img: &BgrImage, mode: ResizeMode) -> (std::borrow::Cow<'_, B
     (std::borrow::Cow::Owned(resize_bilinear(img, ow, oh, r, r)), r)
 }
 
+/// Where an image goes on the network input: resized by `fx`, `fy` to `new_w`×`new_h`, at the top left
+/// of a `canvas_w`×`canvas_h` canvas that is black elsewhere (the canvas equals the resized image for
+/// [`ResizeMode`]s, and is the fixed input of the reference's video letterbox). Detections are divided
+/// by `scale`. One spec drives the host resize ([`apply_spec`]) and the device's (kernels/resize.cu).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ResizeSpec {
+    pub new_w: usize,
+    pub new_h: usize,
+    pub canvas_w: usize,
+    pub canvas_h: usize,
+    pub fx: f64,
+    pub fy: f64,
+    pub scale: f64,
+}
+
+impl ResizeSpec {
+    /// The spec of `mode` for a `w`×`h` image: what [`apply_resize`] does.
+    pub fn for_mode(mode: ResizeMode, w: usize, h: usize) -> ResizeSpec {
+        let r = resize_factor(mode, h, w);
+        let (new_w, new_h) = if r == 1.0 { (w, h) } else { resized_dims(w, h, r) };
+        ResizeSpec { new_w, new_h, canvas_w: new_w, canvas_h: new_h, fx: r, fy: r, scale: r }
+    }
+
+    /// True when the pixels are copied unchanged: no resize (a canvas may still pad them).
+    pub fn keeps_pixels(&self, w: usize, h: usize) -> bool {
+        self.fx == 1.0 && self.fy == 1.0 && (self.new_w, self.new_h) == (w, h)
+    }
+
+    /// Checks the spec against a `w`×`h` source: sizes non-zero, the image inside the canvas.
+    pub fn check(&self, w: usize, h: usize) -> Result<()> {
+        let ok = w > 0
+            && h > 0
+            && self.new_w > 0
+            && self.new_h > 0
+            && self.new_w <= self.canvas_w
+            && self.new_h <= self.canvas_h
+            && self.fx.is_finite()
+            && self.fy.is_finite()
+            && self.fx > 0.0
+            && self.fy > 0.0
+            && self.scale.is_finite()
+            && self.scale > 0.0;
+        if !ok {
+            return Err(Error::InvalidArgument(format!(
+                "resize of a {w}x{h} image to {}x{} (factors {}, {}) on a {}x{} canvas is not possible",
+                self.new_w, self.new_h, self.fx, self.fy, self.canvas_w, self.canvas_h
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The network input `spec` makes of `img` on the host: OpenCV's bilinear resize, then the canvas. No
+/// copy when nothing changes.
+pub fn apply_spec<'a>(img: &'a BgrImage, spec: &ResizeSpec) -> Result<std::borrow::Cow<'a, BgrImage>> {
+    spec.check(img.width, img.height)?;
+    let resized = if spec.keeps_pixels(img.width, img.height) {
+        std::borrow::Cow::Borrowed(img)
+    } else {
+        std::borrow::Cow::Owned(resize_bilinear(img, spec.new_w, spec.new_h, spec.fx, spec.fy))
+    };
+    if (spec.canvas_w, spec.canvas_h) == (spec.new_w, spec.new_h) {
+        return Ok(resized);
+    }
+    let mut data = vec![0u8; spec.canvas_w * spec.canvas_h * 3];
+    let row = spec.new_w * 3;
+    for y in 0..spec.new_h {
+        data[y * spec.canvas_w * 3..][..row].copy_from_slice(&resized.data[y * row..(y + 1) * row]);
+    }
+    Ok(std::borrow::Cow::Owned(BgrImage::new(spec.canvas_w, spec.canvas_h, data)?))
+}
+
 /// The output size OpenCV gives `resize(src, None, fx=r, fy=r)`: each side times r, rounded half to even.
 pub fn resized_dims(w: usize, h: usize, r: f64) -> (usize, usize) {
     (round_half_even(w as f64 * r).max(1.0) as usize, round_half_even(h as f64 * r).max(1.0) as usize)
@@ -399,7 +471,12 @@ const COEF_ONE: i32 = 1 << COEF_BITS;
 /// rule `src = (dst + 0.5) / scale − 0.5`. Columns (`clamp_weights`) are clamped as OpenCV clamps them:
 /// past an edge the weight goes wholly to the edge pixel. Rows are not: OpenCV keeps the fraction and
 /// clamps only the row indices, so an edge row is blended with itself (which rounds differently).
-fn linear_taps(dst_len: usize, src_len: usize, scale: f64, clamp_weights: bool) -> Vec<(usize, usize, i32, i32)> {
+pub(crate) fn linear_taps(
+    dst_len: usize,
+    src_len: usize,
+    scale: f64,
+    clamp_weights: bool,
+) -> Vec<(usize, usize, i32, i32)> {
     let inv = 1.0 / scale;
     let last = src_len as i64 - 1;
     (0..dst_len)
@@ -424,12 +501,16 @@ fn linear_taps(dst_len: usize, src_len: usize, scale: f64, clamp_weights: bool) 
         .collect()
 }
 
+/// OpenCV switches an exact 2x linear downscale to its fast area path.
+pub(crate) fn halves_by_area(fx: f64, fy: f64) -> bool {
+    1.0 / fx == 2.0 && 1.0 / fy == 2.0
+}
+
 /// OpenCV `resize(..., fx, fy, INTER_LINEAR)` on 8-bit BGR: horizontal pass to 32-bit sums, vertical pass
 /// with the rounding of its vectorised path `((s0>>4)·b0>>16 + (s1>>4)·b1>>16 + 2) >> 2`.
 pub fn resize_bilinear(img: &BgrImage, ow: usize, oh: usize, fx: f64, fy: f64) -> BgrImage {
     let (w, h) = (img.width, img.height);
-    if 1.0 / fx == 2.0 && 1.0 / fy == 2.0 {
-        // OpenCV switches an exact 2x linear downscale to its fast area path.
+    if halves_by_area(fx, fy) {
         return halve_area(img, ow, oh);
     }
     let xt = linear_taps(ow, w, fx, true);

@@ -11,7 +11,8 @@
 #
 # Environment: WEIGHTS, IMAGE, PORT (API; metrics on PORT+2), DUR (per sweep point), SWEEP
 # (concurrencies), OVERLOAD_S, RECOVER_S, SOAK_S, BATCH (max batch of the batching run), SERVER
-# (command that runs the server given serve flags; default: `retinaface serve` from a release build).
+# (command that runs the server given serve flags; default: `retinaface serve` from a release build),
+# BACKEND (serve --backend; default cpu; tools/gpu-check.sh sets cuda).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,7 @@ OVERLOAD_S=${OVERLOAD_S:-15}
 RECOVER_S=${RECOVER_S:-10}
 SOAK_S=${SOAK_S:-120}
 BATCH=${BATCH:-8}
+BACKEND=${BACKEND:-cpu}
 MAX_QUEUE=${MAX_QUEUE:-64}
 URL="http://127.0.0.1:$PORT/v1/detect"
 METRICS="http://127.0.0.1:$((PORT + 2))/metrics"
@@ -44,7 +46,7 @@ PID=""
 start_server() {
     # $SERVER is a command line: split on spaces on purpose.
     # shellcheck disable=SC2086
-    $SERVER --weights "$WEIGHTS" --backend cpu --host 127.0.0.1 --port "$PORT" --metrics-port "$((PORT + 2))" \
+    $SERVER --weights "$WEIGHTS" --backend "$BACKEND" --host 127.0.0.1 --port "$PORT" --metrics-port "$((PORT + 2))" \
         --max-queue "$MAX_QUEUE" --queue-timeout-ms 5000 "$@" 2>"$WORK/server.log" &
     PID=$!
     for _ in $(seq 1 200); do

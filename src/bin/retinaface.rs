@@ -234,18 +234,23 @@ struct BenchArgs {
     /// Network input size WxH.
     #[arg(long, default_value = "640x640")]
     size: String,
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
-    /// Timed iterations (after one warm-up).
+    /// Batch sizes to sweep, comma-separated (e.g. 1,8,64,256): one row (one JSON line) each.
+    #[arg(long, default_value = "1")]
+    batch: String,
+    /// Timed iterations per batch size (after one warm-up).
     #[arg(long, default_value_t = 10)]
     iters: usize,
-    /// Print one JSON object instead of the table.
+    /// Print one JSON object per batch size (one per line) instead of the table.
     #[arg(long)]
     json: bool,
     /// Time the network alone (raw loc / conf / landmarks, as a PyTorch or ONNX model returns them):
-    /// no resize, decoding or NMS.
+    /// no resize, decoding or NMS. On CUDA the raw outputs stay on the device (nothing is downloaded).
     #[arg(long)]
     forward_only: bool,
+    /// Upload the batch once before timing and run every iteration from device memory: the device's
+    /// part alone (CUDA and cuda-sim; an error on the CPU, which has no device memory).
+    #[arg(long)]
+    input_on_device: bool,
 }
 
 #[derive(Args)]
@@ -466,6 +471,32 @@ fn parse_size(s: &str) -> Result<(usize, usize)> {
     Ok((w, h))
 }
 
+/// `--batch 1,8,64`: each at least 1, no repeats.
+fn parse_batches(s: &str) -> Result<Vec<usize>> {
+    let bad = |why: &str| Error::InvalidArgument(format!("--batch `{s}`: {why} (expected sizes like 1,8,64,256)"));
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let b = part.trim().parse::<usize>().map_err(|_| bad(&format!("`{}` is not a batch size", part.trim())))?;
+        if b == 0 {
+            return Err(bad("a batch holds at least one image"));
+        }
+        if out.contains(&b) {
+            return Err(bad(&format!("{b} is listed twice")));
+        }
+        out.push(b);
+    }
+    Ok(out)
+}
+
+/// One batch size's measurements.
+struct BenchRow {
+    batch: usize,
+    images_per_s: f64,
+    /// Per batch, end to end on the host clock, sorted.
+    latency_ms: Vec<f64>,
+    stages: Timings,
+}
+
 fn bench(a: BenchArgs) -> Result<()> {
     let mut wa = a.weights.clone();
     if wa.weights.is_none() && wa.synthetic_seed.is_none() {
@@ -474,67 +505,99 @@ fn bench(a: BenchArgs) -> Result<()> {
     if wa.network.is_none() && wa.weights.is_none() {
         return Err(Error::InvalidArgument("bench with synthetic weights needs --network".into()));
     }
-    let engine = wa.engine()?;
     let (w, h) = parse_size(&a.size)?;
-    if a.batch == 0 || a.iters == 0 {
-        return Err(Error::InvalidArgument("--batch and --iters must be at least 1".into()));
+    let batches = parse_batches(&a.batch)?;
+    if a.iters == 0 {
+        return Err(Error::InvalidArgument("--iters must be at least 1".into()));
     }
+    let engine = wa.engine()?;
     // A deterministic textured frame: the work does not depend on pixel values, only on the size.
     let data: Vec<u8> = (0..w * h * 3).map(|i| ((i * 7919) % 251) as u8).collect();
     let img = BgrImage::new(w, h, data)?;
-    let batch = vec![img; a.batch];
-    let opts = DetectOptions::default();
-    let refs: Vec<&BgrImage> = batch.iter().collect();
-    let mut t = Timings::default();
-    let run = |t: Option<&mut Timings>| -> Result<()> {
-        if a.forward_only {
-            engine.forward_timed(&refs, t).map(|_| ())
-        } else {
-            engine.detect_batch(&batch, &opts, t).map(|_| ())
-        }
-    };
-    run(None)?;
-    let mut lat = Vec::with_capacity(a.iters);
-    let start = Instant::now();
-    for _ in 0..a.iters {
-        let t0 = Instant::now();
-        run(Some(&mut t))?;
-        lat.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    let total = start.elapsed().as_secs_f64();
-    lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| lat[((p / 100.0) * (lat.len() - 1) as f64).round() as usize];
-    let per = |d: std::time::Duration| d.as_secs_f64() * 1e3 / a.iters as f64;
-    let ips = (a.iters * a.batch) as f64 / total;
+    let mode = retinaface::exec::BenchMode { input_on_device: a.input_on_device, forward_only: a.forward_only };
+    let post = DetectOptions::default().post;
     let gmacs = engine.graph().macs(h, w) as f64 / 1e9;
+    let what = match (a.forward_only, a.input_on_device) {
+        (true, true) => "forward pass from device memory, outputs left on the device",
+        (true, false) => "host images -> forward pass (raw outputs on the device where there is one)",
+        (false, true) => "device memory -> detections on the host",
+        (false, false) => "host images -> detections on the host",
+    };
+    if !a.json {
+        emit(format!(
+            "{} on {}, {w}x{h}, {} iterations per batch size, {gmacs:.2} GMAC/image; {what}",
+            engine.network(),
+            engine.backend_description(),
+            a.iters
+        ));
+        emit(format!(
+            "{:>6} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10} | per batch, ms: {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "batch",
+            "images/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "min ms",
+            "device ms",
+            "preproc",
+            "backbone",
+            "fpn+ssh",
+            "heads",
+            "post"
+        ));
+    }
+    for &n in &batches {
+        let batch = vec![img.clone(); n];
+        let refs: Vec<&BgrImage> = batch.iter().collect();
+        if a.input_on_device {
+            engine.stage_input(&refs)?;
+        }
+        engine.bench_pass(&refs, mode, &post, None)?;
+        let mut stages = Timings::default();
+        let mut latency_ms = Vec::with_capacity(a.iters);
+        let start = Instant::now();
+        for _ in 0..a.iters {
+            let t0 = Instant::now();
+            engine.bench_pass(&refs, mode, &post, Some(&mut stages))?;
+            latency_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        let images_per_s = (a.iters * n) as f64 / start.elapsed().as_secs_f64();
+        latency_ms.sort_by(f64::total_cmp);
+        let row = BenchRow { batch: n, images_per_s, latency_ms, stages };
+        emit_bench_row(&row, &a, &engine, (w, h), gmacs, what);
+    }
+    Ok(())
+}
+
+fn emit_bench_row(row: &BenchRow, a: &BenchArgs, engine: &Engine, (w, h): (usize, usize), gmacs: f64, what: &str) {
+    let lat = &row.latency_ms;
+    let pct = |p: f64| lat[((p / 100.0) * (lat.len() - 1) as f64).round() as usize];
+    let t = &row.stages;
+    let per = |d: std::time::Duration| d.as_secs_f64() * 1e3 / a.iters as f64;
+    // Device time comes from CUDA events where the executor records them; zero means not measured.
+    let device = (!t.device.is_zero()).then(|| per(t.device));
     if a.json {
         let obj = serde_json::json!({
-            "network": engine.network().name(), "backend": engine.backend_description(), "width": w, "height": h, "batch": a.batch, "iters": a.iters,
-            "images_per_s": ips,
+            "network": engine.network().name(), "backend": engine.backend_description(), "width": w, "height": h,
+            "batch": row.batch, "iters": a.iters, "forward_only": a.forward_only, "input_on_device": a.input_on_device,
+            "measures": what,
+            "images_per_s": row.images_per_s,
             "latency_ms": {"p50": pct(50.0), "p90": pct(90.0), "p99": pct(99.0), "min": lat[0]},
+            "device_ms_per_batch": device,
             "stages_ms": {"preprocess": per(t.preprocess), "backbone": per(t.backbone), "fpn_ssh": per(t.neck), "heads": per(t.heads), "postprocess": per(t.postprocess)},
             "gmacs_per_image": gmacs,
         });
         emit(&obj);
     } else {
         emit(format!(
-            "{} on {}, {w}x{h}, batch {}, {} iterations, {:.2} GMAC/image",
-            engine.network(),
-            engine.backend_description(),
-            a.batch,
-            a.iters,
-            gmacs
-        ));
-        emit(format!("  throughput   {ips:.2} images/s"));
-        emit(format!(
-            "  latency/batch p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  min {:.2} ms",
+            "{:>6} {:>11.2} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>10} | {:>22.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}",
+            row.batch,
+            row.images_per_s,
             pct(50.0),
             pct(90.0),
             pct(99.0),
-            lat[0]
-        ));
-        emit(format!(
-            "  stages/batch preprocess {:.2} ms  backbone {:.2} ms  fpn+ssh {:.2} ms  heads {:.2} ms  postprocess {:.2} ms",
+            lat[0],
+            device.map_or("n/a".to_string(), |d| format!("{d:.3}")),
             per(t.preprocess),
             per(t.backbone),
             per(t.neck),
@@ -542,7 +605,6 @@ fn bench(a: BenchArgs) -> Result<()> {
             per(t.postprocess)
         ));
     }
-    Ok(())
 }
 
 fn widerface_predict(a: PredictArgs) -> Result<()> {

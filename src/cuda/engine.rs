@@ -6,10 +6,10 @@
 use super::runner::{DevBuf, EventId, GraphId, KernelRunner, KernelRunnerExt};
 use crate::detection::Detection;
 use crate::error::{Error, Result};
-use crate::exec::{Activations, Backend, Executor, Precision, Timings, check_batch};
+use crate::exec::{Activations, Backend, BenchMode, Executor, Precision, Timings, check_batch, check_specs};
 use crate::graph::{DEFAULT_PLAN_CACHE_BYTES, Layout, Plan, PlanBuffers, PlanCache, PlanKey};
 use crate::graph::{Graph, Op, TensorId};
-use crate::image_io::BgrImage;
+use crate::image_io::{BgrImage, ResizeSpec};
 use crate::post::{PostOptions, RawOutput, anchors};
 use std::sync::Arc;
 
@@ -30,6 +30,8 @@ struct GpuBufs {
     graph: Option<GraphId>,
     /// The f16 path's conv variants and split-K workspace (None in f32).
     f16: Option<f16::F16Bufs>,
+    /// Decoded images and resize tables of `detect_specs` (made on its first use, grown as needed).
+    resize: Option<ops::resize::Staging>,
 }
 
 impl GpuBufs {
@@ -39,6 +41,9 @@ impl GpuBufs {
             v.extend(p.all());
         }
         v.extend(self.f16.as_ref().and_then(|f| f.ws));
+        if let Some(s) = &self.resize {
+            v.extend(s.all());
+        }
         v
     }
 }
@@ -66,6 +71,8 @@ pub struct GpuEngine {
     precision: Precision,
     /// How the f16 path picks conv variants.
     tuning: f16::Tuning,
+    /// The batch `stage_input` uploaded for `bench --input-on-device`: its (n, h, w) and bytes.
+    staged: Option<(usize, usize, usize, DevBuf)>,
 }
 
 use super::ops::{self, dim};
@@ -198,6 +205,7 @@ impl GpuEngine {
             timer: None,
             precision,
             tuning: f16::Tuning::heuristic(),
+            staged: None,
         })
     }
 
@@ -338,6 +346,7 @@ impl GpuEngine {
                 landm: r.alloc(4 * n * a * 10)?,
                 post: None,
                 graph: None,
+                resize: None,
             })
         })
     }
@@ -347,33 +356,67 @@ impl GpuEngine {
         Ok(self.plan((n, h, w, false))?.0)
     }
 
+    /// [`Self::forward_input`] of network-input sized images from the host.
+    fn forward(&mut self, images: &[&BgrImage], keep_all: bool) -> Result<(Arc<Plan>, [DevBuf; 3])> {
+        self.forward_input(BatchInput::Host(images), keep_all)
+    }
+
     /// Runs preprocessing, the network and the heads; leaves loc/conf/landm on the device.
     /// With `keep_all` every tensor stays readable (by [`Self::tensor_nchw`]) after the pass.
-    /// The batch goes up in one staged copy; the launches are a graph captured on the plan's first
-    /// pass and replayed after (or launched one by one with graphs off).
-    fn forward(&mut self, images: &[&BgrImage], keep_all: bool) -> Result<(Arc<Plan>, [DevBuf; 3])> {
+    /// The batch goes up in one staged copy (or is resized on the device, or was staged before); the
+    /// launches are a graph captured on the plan's first pass and replayed after (or launched one by
+    /// one with graphs off).
+    fn forward_input(&mut self, input: BatchInput<'_>, keep_all: bool) -> Result<(Arc<Plan>, [DevBuf; 3])> {
         if self.precision == Precision::F16 {
-            return self.forward_f16(images, keep_all);
+            return match input {
+                BatchInput::Host(images) => self.forward_f16(images, keep_all),
+                _ => Err(Error::InvalidArgument(
+                    "the device resize and a batch staged on the device run in f32 only (--precision f32)".into(),
+                )),
+            };
         }
-        let (h, w) = check_batch(images)?;
-        let n = images.len();
+        let (n, h, w) = input.shape()?;
+        if let BatchInput::Staged(..) = input
+            && self.staged.is_none_or(|(sn, sh, sw, _)| (sn, sh, sw) != (n, h, w))
+        {
+            return Err(Error::InvalidArgument(format!("no {n}x{w}x{h} batch is staged on the device")));
+        }
         dim(n * h * w * 3, "batch elements")?;
         let key = (n, h, w, keep_all);
         let use_graph = self.cuda_graphs();
         let (plan, bufs) = self.plan(key)?;
         let (input_u8, loc, conf, landm, graph) = (bufs.input_u8, bufs.loc, bufs.conf, bufs.landm, bufs.graph);
         self.last = Some(key);
-        let parts: Vec<&[u8]> = images.iter().map(|i| i.data.as_slice()).collect();
-        self.runner.upload_staged(input_u8, 0, &parts)?;
-        if !use_graph {
-            self.launch_forward(&plan, key)?;
+        // The bytes the pass starts from: uploaded now, resized now into the plan's input buffer, or
+        // staged on the device before.
+        let source = match input {
+            BatchInput::Host(images) => {
+                let parts: Vec<&[u8]> = images.iter().map(|i| i.data.as_slice()).collect();
+                self.runner.upload_staged(input_u8, 0, &parts)?;
+                input_u8
+            }
+            BatchInput::Resize(images, specs) => {
+                let mut staging = self.plans.buffers(key).and_then(|b| b.resize.take());
+                let res = ops::resize::run(self.runner.as_mut(), &mut staging, images, specs, input_u8);
+                if let Some(b) = self.plans.buffers(key) {
+                    b.resize = staging;
+                }
+                res?;
+                input_u8
+            }
+            BatchInput::Staged(..) => self.staged.map_or(input_u8, |(.., b)| b),
+        };
+        // The plan's graph reads the plan's own input buffer: a batch staged elsewhere runs launch by
+        // launch.
+        if !use_graph || source != input_u8 {
+            self.launch_forward(&plan, key, source)?;
             return Ok((plan, [loc, conf, landm]));
         }
         let id = match graph {
             Some(id) => id,
             None => {
                 self.runner.begin_capture()?;
-                let launched = self.launch_forward(&plan, key);
+                let launched = self.launch_forward(&plan, key, input_u8);
                 // End the capture whatever happened, so the stream is usable again.
                 let captured = self.runner.end_capture();
                 let id = match (launched, captured) {
@@ -393,12 +436,12 @@ impl GpuEngine {
         Ok((plan, [loc, conf, landm]))
     }
 
-    /// Every launch of a forward pass over `key`'s buffers: preprocessing of the uploaded bytes, each
-    /// op, the heads. Nothing else (no copy, allocation or synchronisation), so it can be captured.
-    fn launch_forward(&mut self, plan: &Plan, key: PlanKey) -> Result<()> {
+    /// Every launch of a forward pass over `key`'s buffers: preprocessing of the bytes in `input_u8`,
+    /// each op, the heads. Nothing else (no copy, allocation or synchronisation), so it can be captured.
+    fn launch_forward(&mut self, plan: &Plan, key: PlanKey, input_u8: DevBuf) -> Result<()> {
         let (n, h, w, _) = key;
         let bufs = self.plans.buffers(key).ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
-        let (arena, input_u8, loc, conf, landm) = (bufs.arena, bufs.input_u8, bufs.loc, bufs.conf, bufs.landm);
+        let (arena, loc, conf, landm) = (bufs.arena, bufs.loc, bufs.conf, bufs.landm);
         let r = &mut self.runner;
         if r.is_simulation() {
             // Every intermediate starts as NaN, so an element a kernel forgot to write poisons the outputs.
@@ -583,6 +626,139 @@ impl GpuEngine {
     }
 }
 
+/// Where a pass's input comes from.
+#[derive(Clone, Copy)]
+enum BatchInput<'a> {
+    /// Network-input sized images on the host, uploaded as they are.
+    Host(&'a [&'a BgrImage]),
+    /// Decoded images of any sizes and their specs (one canvas): each uploaded once, resized on the device.
+    Resize(&'a [&'a BgrImage], &'a [ResizeSpec]),
+    /// The batch `stage_input` left on the device: (n, h, w).
+    Staged(usize, usize, usize),
+}
+
+impl BatchInput<'_> {
+    /// (n, h, w) of the network input.
+    fn shape(&self) -> Result<(usize, usize, usize)> {
+        match *self {
+            BatchInput::Host(images) => {
+                let (h, w) = check_batch(images)?;
+                Ok((images.len(), h, w))
+            }
+            BatchInput::Resize(images, specs) => {
+                let (h, w) = check_specs(images, specs)?;
+                Ok((images.len(), h, w))
+            }
+            BatchInput::Staged(n, h, w) => Ok((n, h, w)),
+        }
+    }
+}
+
+impl GpuEngine {
+    /// Detections of decoded images resized on the device by `specs` (one canvas size), image i's
+    /// boxes divided by its `specs[i].scale` (as [`Self::detect_scaled`]). One pass for the batch.
+    pub fn detect_specs(
+        &mut self,
+        images: &[&BgrImage],
+        specs: &[ResizeSpec],
+        post: &PostOptions,
+    ) -> Result<Vec<Vec<Detection>>> {
+        post.validate()?;
+        let (h, w) = check_specs(images, specs)?;
+        let resizes: Vec<f32> = specs.iter().map(|s| s.scale as f32).collect();
+        if self.precision == Precision::F16 {
+            // The resize kernel writes the f32 path's u8 input; the f16 pass resizes on the host.
+            let inputs =
+                images.iter().zip(specs).map(|(i, s)| crate::image_io::apply_spec(i, s)).collect::<Result<Vec<_>>>()?;
+            let refs: Vec<&BgrImage> = inputs.iter().map(|c| c.as_ref()).collect();
+            return self.detect_scaled(&refs, post, &resizes);
+        }
+        let (plan, raw) = self.forward_input(BatchInput::Resize(images, specs), false)?;
+        let n = plan.n;
+        let bufs =
+            self.plans.buffers((n, h, w, false)).ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
+        let path = ops::post::NmsPath::Auto;
+        ops::post::run_post(self.runner.as_mut(), &mut bufs.post, raw, n, h, w, post, &resizes, path)
+    }
+
+    /// The network input bytes of the last pass ([n][h][w][3] u8, after any device resize), for tests.
+    pub fn last_input_u8(&mut self) -> Result<Vec<u8>> {
+        let key = self.last.ok_or_else(|| Error::InvalidArgument("no forward pass has run".into()))?;
+        let (plan, bufs) =
+            self.plans.peek(key).ok_or_else(|| Error::InvalidArgument("the last pass's plan was evicted".into()))?;
+        let (len, src) = (plan.n * plan.h * plan.w * 3, bufs.input_u8);
+        let mut v = vec![0u8; len];
+        self.runner.download(src, 0, &mut v)?;
+        Ok(v)
+    }
+
+    /// Uploads network-input sized images once, for [`Self::bench_pass`] with `input_on_device`.
+    pub fn stage_input(&mut self, images: &[&BgrImage]) -> Result<()> {
+        let (h, w) = check_batch(images)?;
+        let n = images.len();
+        if let Some((.., old)) = self.staged.take() {
+            self.runner.free(old)?;
+        }
+        let buf = self.runner.alloc(n * h * w * 3)?;
+        for (i, img) in images.iter().enumerate() {
+            self.runner.upload(buf, i * h * w * 3, &img.data)?;
+        }
+        self.staged = Some((n, h, w, buf));
+        Ok(())
+    }
+
+    /// One pass of `retinaface bench`: from the staged input or the host images; `forward_only` leaves
+    /// the raw outputs on the device (nothing is downloaded), otherwise the device post-processing runs
+    /// and only detections come back. Host clocks around a synchronisation: forward as backbone, the
+    /// post-processing as postprocess.
+    pub fn bench_pass(
+        &mut self,
+        images: &[&BgrImage],
+        mode: BenchMode,
+        post: &PostOptions,
+        timings: Option<&mut Timings>,
+    ) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        let input = match (mode.input_on_device, self.staged) {
+            (true, Some((n, h, w, _))) => BatchInput::Staged(n, h, w),
+            (true, None) => return Err(Error::InvalidArgument("--input-on-device: no batch is staged".into())),
+            (false, _) => BatchInput::Host(images),
+        };
+        let (n, h, w) = input.shape()?;
+        if !mode.forward_only {
+            post.validate()?;
+        }
+        let (_, raw) = self.forward_input(input, false)?;
+        self.runner.synchronize()?;
+        let t1 = std::time::Instant::now();
+        if !mode.forward_only {
+            let bufs = self
+                .plans
+                .buffers((n, h, w, false))
+                .ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
+            let ones = vec![1.0; n];
+            ops::post::run_post(
+                self.runner.as_mut(),
+                &mut bufs.post,
+                raw,
+                n,
+                h,
+                w,
+                post,
+                &ones,
+                ops::post::NmsPath::Auto,
+            )?;
+        }
+        if let Some(t) = timings {
+            t.backbone += t1 - t0;
+            if !mode.forward_only {
+                t.postprocess += t1.elapsed();
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The CUDA executor: a [`GpuEngine`] behind a lock, as one device runs one pass at a time.
 pub struct CudaExecutor(std::sync::Mutex<GpuEngine>);
 
@@ -651,6 +827,39 @@ impl Executor for CudaExecutor {
             t.device += device;
         }
         Ok(results)
+    }
+
+    fn detect_specs(
+        &self,
+        images: &[&BgrImage],
+        specs: &[ResizeSpec],
+        post: &PostOptions,
+        timings: Option<&mut Timings>,
+    ) -> Result<Vec<Vec<Detection>>> {
+        check_specs(images, specs)?;
+        let t0 = std::time::Instant::now();
+        let mut g = self.lock()?;
+        // One pass for the batch: the device reads each image's factor from an array.
+        let (results, device) = g.device_timed(timings.is_some(), |g| g.detect_specs(images, specs, post))?;
+        if let Some(t) = timings {
+            t.backbone += t0.elapsed();
+            t.device += device;
+        }
+        Ok(results)
+    }
+
+    fn stage_input(&self, images: &[&BgrImage]) -> Result<()> {
+        self.lock()?.stage_input(images)
+    }
+
+    fn bench_pass(
+        &self,
+        images: &[&BgrImage],
+        mode: BenchMode,
+        post: &PostOptions,
+        timings: Option<&mut Timings>,
+    ) -> Result<()> {
+        self.lock()?.bench_pass(images, mode, post, timings)
     }
 
     fn plan(&self, n: usize, h: usize, w: usize) -> Result<Arc<Plan>> {

@@ -4,7 +4,7 @@
 //! separately).
 
 use crate::error::{Error, Result};
-use crate::image_io::{self, BgrImage, ResizeMode};
+use crate::image_io::{self, BgrImage, ResizeMode, ResizeSpec};
 
 /// How frames are sized before the network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +71,21 @@ pub fn geometry(frame_w: usize, frame_h: usize, canvas_w: usize, canvas_h: usize
         )));
     }
     Ok(Geometry { new_width, new_height, factor: new_height as f64 / frame_h as f64 })
+}
+
+/// The letterbox as a [`ResizeSpec`], for resizing on the executor's device ([`crate::Engine::detect_specs`]):
+/// the same geometry and factors as [`letterbox`].
+pub fn spec(frame_w: usize, frame_h: usize, canvas_w: usize, canvas_h: usize) -> Result<ResizeSpec> {
+    let g = geometry(frame_w, frame_h, canvas_w, canvas_h)?;
+    Ok(ResizeSpec {
+        new_w: g.new_width,
+        new_h: g.new_height,
+        canvas_w,
+        canvas_h,
+        fx: g.new_width as f64 / frame_w as f64,
+        fy: g.new_height as f64 / frame_h as f64,
+        scale: g.factor,
+    })
 }
 
 /// The frame on its canvas, as `cv2.resize(frame, (new_w, new_h))` (bilinear) placed at the top left.
@@ -149,6 +164,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_spec_on_the_host_is_the_letterbox() {
+        for (w, h, cw, ch) in [(37, 23, 64, 64), (23, 37, 64, 48), (64, 64, 64, 64), (128, 90, 64, 64), (5, 60, 32, 32)]
+        {
+            let data: Vec<u8> = (0..w * h * 3).map(|i| (i * 131 % 251) as u8).collect();
+            let img = BgrImage::new(w, h, data).unwrap();
+            let s = spec(w, h, cw, ch).unwrap();
+            let (want, factor) = letterbox(&img, cw, ch).unwrap();
+            assert_eq!(s.scale, factor);
+            assert_eq!(image_io::apply_spec(&img, &s).unwrap().as_ref(), &want, "{w}x{h} on {cw}x{ch}");
+        }
+        assert!(spec(5, 200, 32, 32).is_err(), "too elongated, as letterbox refuses it");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod net_f16;
 pub mod pool;
 pub mod post;
 pub mod preprocess;
+pub mod resize;
 pub mod upsample;
 
 use crate::error::{Error, Result};
