@@ -182,6 +182,30 @@ fn queued_downloads_and_events_follow_the_stream() {
 
 /// The device time of a pass comes from events: non-zero on the CUDA executor, and no more than the
 /// pass's wall time.
+/// The tuner's and bench-kernels' timer: `reps` launches between two events, time per repetition;
+/// a failing launch is the error (and the events are still destroyed: the next timing works).
+#[test]
+fn time_with_events_times_each_repetition_and_reports_a_failing_launch() {
+    let mut r = SimRunner::new();
+    let b = r.alloc(1 << 16).unwrap();
+    let mut calls = 0;
+    let per = retinaface::cuda::runner::time_with_events(&mut r, 4, |r| {
+        calls += 1;
+        r.memset(b, 1)
+    })
+    .unwrap();
+    assert_eq!(calls, 4);
+    assert!(per > std::time::Duration::ZERO);
+    let err = retinaface::cuda::runner::time_with_events(&mut r, 3, |r| {
+        r.launch_raw("no_such_kernel", retinaface::cuda::LaunchDims::linear(1, 32), &[])
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("no_such_kernel"), "{err}");
+    let again = retinaface::cuda::runner::time_with_events(&mut r, 1, |r| r.memset(b, 2));
+    assert!(again.is_ok(), "{again:?}");
+}
+
 #[test]
 fn timings_carry_device_time_from_events() {
     let graph = network_graph(Network::MobileNetV1_025);

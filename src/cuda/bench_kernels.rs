@@ -2,7 +2,7 @@
 //! every f16 variant that can run it (kernels/conv_f16.cu; the depthwise kernel for depthwise convs).
 //! Each row is first validated against the CPU reference (inputs, weights and residual rounded to f16,
 //! bound as in tests/conv_f16_sim.rs: ½ f16 ulp + 1e-5 of the output's scale), then:
-//! - on a GPU: timed over `iters` launches (wall clock around a synchronize), with TFLOPS, GB/s
+//! - on a GPU: timed over `iters` launches with CUDA events on the runner's stream, with TFLOPS, GB/s
 //!   (compulsory traffic: x, w, y once) and the percentage of the roofline;
 //! - in the simulation: the launch's shared-memory bank conflicts and global sectors per request.
 //!
@@ -262,12 +262,8 @@ pub fn run(
             let err_ratio = check(r, &p)?;
             let mut micros = None;
             if dev.is_some() && err_ratio <= 1.0 {
-                let t = std::time::Instant::now();
-                for _ in 0..iters.max(1) {
-                    launch(r, l, &p, v, ws)?;
-                }
-                r.synchronize()?;
-                micros = Some(t.elapsed().as_secs_f64() * 1e6 / iters.max(1) as f64);
+                let t = super::runner::time_with_events(r, iters, |r| launch(r, l, &p, v, ws))?;
+                micros = Some(t.as_secs_f64() * 1e6);
             }
             if let Some(b) = ws {
                 r.free(b)?;

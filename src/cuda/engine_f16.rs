@@ -255,9 +255,14 @@ impl<'a> Timer<'a> {
         }
         // The simulation's launches are slow and its timings meaningless: one proves the path.
         let reps = if r.is_simulation() { 1 } else { 20 };
-        let t0 = std::time::Instant::now();
-        let res = self.run(r, v, reps);
-        Ok(res.ok().map(|_| t0.elapsed().as_secs_f64() * 1e6 / reps as f64))
+        let need = self.p.shape().workspace_bytes(v);
+        let ws = if need > 0 { Some(r.alloc(need)?) } else { None };
+        let (name, p) = (&self.conv.name, &self.p);
+        let res = super::super::runner::time_with_events(r, reps, |r| conv_f16::launch(r, v, name, p, ws));
+        if let Some(b) = ws {
+            r.free(b)?;
+        }
+        Ok(res.ok().map(|t| t.as_secs_f64() * 1e6))
     }
 }
 

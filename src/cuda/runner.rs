@@ -115,6 +115,31 @@ pub trait KernelRunner: Send {
     fn fault(&self) -> Option<String>;
 }
 
+/// Device time per repetition of `launch` (called `reps` times, at least once) between two events
+/// recorded on the runner's stream: the GPU's own clock, so host overheads and other streams do not
+/// count (the host's clock in the simulation, where work runs as it is issued).
+pub fn time_with_events(
+    r: &mut dyn KernelRunner,
+    reps: usize,
+    mut launch: impl FnMut(&mut dyn KernelRunner) -> Result<()>,
+) -> Result<std::time::Duration> {
+    let (start, end) = (r.event_create()?, r.event_create()?);
+    let timed = (|| {
+        r.event_record(start)?;
+        for _ in 0..reps.max(1) {
+            launch(&mut *r)?;
+        }
+        r.event_record(end)?;
+        r.event_synchronize(end)?;
+        r.event_elapsed(start, end)
+    })();
+    // The events go whatever happened; the first error is the one reported.
+    let freed = r.event_destroy(start).and(r.event_destroy(end));
+    let total = timed?;
+    freed?;
+    Ok(total / reps.max(1) as u32)
+}
+
 /// Typed helpers over [`KernelRunner`].
 pub trait KernelRunnerExt: KernelRunner {
     fn launch<P: KernelParams>(&mut self, kernel: &str, dims: LaunchDims, params: &P) -> Result<()> {
