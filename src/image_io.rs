@@ -244,7 +244,7 @@ fn check_png_palette(bytes: &[u8]) -> std::result::Result<(), String> {
     while pos + 12 <= bytes.len() {
         let len = u32::from_be_bytes([bytes[pos], bytes[pos + 1], bytes[pos + 2], bytes[pos + 3]]) as usize;
         let kind = &bytes[pos + 4..pos + 8];
-        if kind == b"PLTE" && (len == 0 || len % 3 != 0 || len > 3 * 256) {
+        if kind == b"PLTE" && (len == 0 || !len.is_multiple_of(3) || len > 3 * 256) {
             return Err(format!("PNG palette (PLTE) of {len} bytes: not 1 to 256 RGB entries of 3 bytes"));
         }
         if kind == b"IDAT" || kind == b"IEND" {

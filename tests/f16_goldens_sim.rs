@@ -26,46 +26,14 @@
 
 mod common;
 
-use common::{load_case, max_abs_diff};
+use common::{load_case, match_f16_faces, max_abs_diff};
 use retinaface::cuda::GpuEngine;
-use retinaface::post::nms::iou;
 use retinaface::post::{anchors, postprocess};
-use retinaface::{Backend, BgrImage, Detection, Engine, Network, PostOptions, Precision, WeightsSpec};
+use retinaface::{Backend, BgrImage, Engine, Network, PostOptions, Precision, WeightsSpec};
 use std::time::Instant;
 
 /// Normalised bound of f16 raw outputs and taps vs f32 (see the header for the measurement).
 const RAW_REL: f32 = 5e-3;
-
-/// (worst IoU, worst score error, median landmark error in px) of `got` against every reference face
-/// with score ≥ 0.5; panics naming the first face not found at IoU ≥ 0.9 with score within 0.05.
-fn match_faces(name: &str, got: &[Detection], want: &[Detection]) -> (f32, f32, f32) {
-    let mut worst_iou = 1.0f32;
-    let mut worst_score = 0.0f32;
-    let mut land = Vec::new();
-    let mut faces = 0;
-    for w in want.iter().filter(|d| d.score >= 0.5) {
-        faces += 1;
-        let best = got
-            .iter()
-            .max_by(|a, b| iou(&a.bbox, &w.bbox).total_cmp(&iou(&b.bbox, &w.bbox)))
-            .unwrap_or_else(|| panic!("{name}: no detections at all"));
-        let i = iou(&best.bbox, &w.bbox);
-        let ds = (best.score - w.score).abs();
-        assert!(i >= 0.9 && ds <= 0.05, "{name}: face {w:?} best match {best:?} has IoU {i}, score error {ds}");
-        worst_iou = worst_iou.min(i);
-        worst_score = worst_score.max(ds);
-        for k in 0..5 {
-            let (dx, dy) =
-                (best.landmarks[2 * k] - w.landmarks[2 * k], best.landmarks[2 * k + 1] - w.landmarks[2 * k + 1]);
-            land.push((dx * dx + dy * dy).sqrt());
-        }
-    }
-    assert!(faces > 0, "{name}: no reference face with score >= 0.5");
-    land.sort_by(f32::total_cmp);
-    let median = land[land.len() / 2];
-    assert!(median <= 0.5, "{name}: median landmark error {median} px > 0.5");
-    (worst_iou, worst_score, median)
-}
 
 #[test]
 fn real_weights_find_every_golden_face_in_f16() {
@@ -90,7 +58,7 @@ fn real_weights_find_every_golden_face_in_f16() {
             let priors = anchors::priors(case.input.height, case.input.width);
             postprocess(&raw, &priors, 1.0, &PostOptions::default())
         };
-        let (i, s, m) = match_faces(name, &dets, &case.detections);
+        let (i, s, m) = match_f16_faces(name, &dets, &case.detections);
         println!("{line}; faces: worst IoU {i:.4}, worst score error {s:.1e}, landmark median {m:.3} px");
     }
 }

@@ -16,7 +16,7 @@ macro_rules! skip {
 
 mod common;
 
-use common::{case_names, load_case, max_abs_diff};
+use common::{case_names, load_case, match_f16_faces, max_abs_diff};
 use retinaface::Backend;
 use retinaface::cuda::{self, GpuEngine};
 use retinaface::{Detection, Engine, PostOptions};
@@ -109,6 +109,27 @@ fn every_golden_case_on_gpu() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The real checkpoints' goldens in f16 on the tensor cores, through the whole device path: every
+/// reference face with score >= 0.5 found at IoU >= 0.9, score within 0.05, landmark median <= 0.5 px
+/// (the bounds tests/f16_goldens_sim.rs checks in the simulation).
+#[test]
+fn real_weights_f16_goldens_on_gpu() {
+    if !gpu_or_skip("real_weights_f16_goldens_on_gpu") {
+        return;
+    }
+    let mut cases = 0;
+    for name in case_names().into_iter().filter(|n| n.starts_with("real-")) {
+        let case = load_case(&name);
+        let cpu = Engine::new(&case.weights, Some(case.network)).unwrap();
+        let mut gpu = GpuEngine::with_precision(cpu.graph(), Backend::Cuda, retinaface::Precision::F16).unwrap();
+        let dets = gpu.detect(&[&case.input], &PostOptions::default()).unwrap().pop().unwrap();
+        let (i, s, m) = match_f16_faces(&name, &dets, &case.detections);
+        println!("{name:<45} f16: worst IoU {i:.4}, worst score error {s:.1e}, landmark median {m:.3} px");
+        cases += 1;
+    }
+    assert!(cases > 0, "no real-weights golden case");
 }
 
 #[test]

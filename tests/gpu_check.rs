@@ -31,7 +31,7 @@ fn the_dry_run_plans_every_step_within_eight_minutes() {
     assert!(!stderr.contains("PROBLEM"), "{stderr}");
     let plan: Vec<&str> = stdout.lines().filter(|l| l.starts_with("plan: ")).collect();
     let has = |needle: &str| plan.iter().any(|l| l.contains(needle));
-    assert!(has("plan: goldens-f32 ") && has("--test gpu"), "{stdout}");
+    assert!(has("plan: goldens ") && has("--test gpu") && has("real_weights_f16_goldens_on_gpu"), "{stdout}");
     assert!(has("plan: goldens-f16"), "f16 goldens planned or skipped with a reason: {stdout}");
     assert!(has("plan: bench-kernels-resnet50 ") && has("plan: bench-kernels-mobilenetv1_0.25 "), "{stdout}");
     assert!(has("--tune full"), "{stdout}");

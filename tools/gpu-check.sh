@@ -207,8 +207,8 @@ PY="$VENV/bin/python"
 [ -x "$PY" ] || PY=python3
 T_START=$(date +%s)
 
-step goldens-f32 60 "every golden case on the device, f32, raw outputs and detections (tests/gpu.rs)" -- \
-  cargo test --release --test gpu -- --nocapture --test-threads=1 every_golden_case_on_gpu
+step goldens 75 "every golden case on the device, f32 raw outputs and detections; the real checkpoints in f16 with the tensor-core bounds (tests/gpu.rs)" -- \
+  cargo test --release --test gpu -- --nocapture --test-threads=1 every_golden_case_on_gpu real_weights_f16_goldens_on_gpu
 if [ "$F16" = 1 ]; then
   TO="$OUT/goldens-f16.jsonl" step goldens-f16 45 "every golden case on the device, f16 (forward --precision f16, scores within 0.05)" -- \
     "$PY" tools/gpu_check_goldens.py --bin "$BIN" --backend cuda --precision f16
@@ -235,7 +235,7 @@ if command -v oha >/dev/null || [ "$DRY" = 1 ]; then
 else
   skip_step serve 40 "serve --backend cuda under loopback load" "no oha"
 fi
-TO="$OUT/anchors.jsonl" step anchors 89 "PyTorch eager/CUDA graph f32+f16, ONNX Runtime CUDA + TensorRT, mobilenetv1_0.25 and resnet50, 640x640, batch 1 and 64" -- \
+TO="$OUT/anchors.jsonl" step anchors 74 "PyTorch eager/CUDA graph f32+f16, ONNX Runtime CUDA + TensorRT, mobilenetv1_0.25 and resnet50, 640x640, batch 1 and 64" -- \
   "$PY" benches/gpu_baselines.py --bin "$BIN" --networks mobilenetv1_0.25,resnet50 --size 640x640 --batches 1,64 --budget-s 80
 
 if [ "$planned" -gt "$BUDGET_S" ]; then
@@ -282,7 +282,7 @@ for s in steps:
             if l.startswith("capacity"):
                 rows.append({"section": "serve", "name": "retinaface_mv1_0.25.pth", "input": "trio.jpg",
                              "images_per_s": float(l.split(":")[1]), "status": "", "what": "best ok/s, max-batch 64"})
-    if name.startswith("goldens-") and name != "goldens-f32":
+    if name.startswith("goldens-"):
         for r in lines(os.path.join(out, name + ".jsonl")):
             rows.append({"section": name, "name": r.get("case", ""), "status": "PASS" if r.get("pass") else "FAIL",
                          "what": json.dumps(r.get("max_err", r.get("error", "")))})
