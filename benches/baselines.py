@@ -19,7 +19,6 @@ the same function; each network's PyTorch output is first checked against the re
 import argparse
 import json
 import os
-import struct
 import subprocess
 import sys
 import tempfile
@@ -29,26 +28,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors_np import read_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "retinaface")
 GOLDENS = os.path.join(ROOT, "..", "shared", "reference", "goldens")
-
-
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        base = 8 + n
-        out = {}
-        for k, v in header.items():
-            if k == "__metadata__":
-                continue
-            a, b = v["data_offsets"]
-            f.seek(base + a)
-            dt = {"F32": np.float32, "U8": np.uint8}[v["dtype"]]
-            out[k] = np.frombuffer(f.read(b - a), dtype=dt).reshape(v["shape"])
-        return out
 
 
 def cba(cin, cout, k, s, act, groups=1):

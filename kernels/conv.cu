@@ -113,6 +113,79 @@ __device__ __forceinline__ void conv_store(const ConvExParams& p, long long m, i
     }
 }
 
+// conv_dwpw's pointwise epilogue: as conv_store of a ConvParams.
+__device__ __forceinline__ void conv_store(const DwPwParams& p, long long m, int co, float v) {
+    v += p.bpw[co];
+    if (p.residual) v += p.residual[m * p.cout + co];
+    p.y[m * p.out_ctot + p.out_coff + co] = apply_act(v, p.act, p.slope);
+}
+
+// The A rows thread tid gathers: pixels m0 + tid / 16 + 16q of the 64-pixel tile, as (image, first input
+// row, first input column), and whether the pixel exists.
+__device__ __forceinline__ void conv_a_rows(int oh, int ow, int stride, int pad, long long M, long long m0, int tid,
+                                            int (&a_b)[4], int (&a_iy0)[4], int (&a_ix0)[4], bool (&a_ok)[4]) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const long long m = m0 + tid / CONV_BK + 16 * q;
+        a_ok[q] = m < M;
+        const long long mm = a_ok[q] ? m : 0;
+        const int ox = (int)(mm % ow);
+        const long long r = mm / ow;
+        const int oy = (int)(r % oh);
+        a_b[q] = (int)(r / oh);
+        a_iy0[q] = oy * stride - pad;
+        a_ix0[q] = ox * stride - pad;
+    }
+}
+
+// Loads B: CONV_BK reduction rows from k0 × CONV_BN output channels from n0 of [K][cout] weights, zero
+// past either edge.
+__device__ __forceinline__ void conv_load_b(float (&Bs)[CONV_BK][CONV_BN], const float* wt, int k0, int K, int n0,
+                                            int cout, int tid) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int e = tid + 256 * q;
+        const int kk = e / CONV_BN, nn = e % CONV_BN;
+        const int kr = k0 + kk, co = n0 + nn;
+        Bs[kk][nn] = (kr < K && co < cout) ? wt[(long long)kr * cout + co] : 0.0f;
+    }
+}
+
+// One CONV_BK-deep step of the 64×64 tile: thread (tx, ty) accumulates pixels ty + 16i and channels
+// tx + 16j, in k order (the CPU reference's order within a tile).
+__device__ __forceinline__ void conv_tile_fma(const float (&As)[CONV_BK][CONV_BM], const float (&Bs)[CONV_BK][CONV_BN],
+                                              int tx, int ty, float (&acc)[4][4]) {
+#pragma unroll
+    for (int kk = 0; kk < CONV_BK; ++kk) {
+        float a[4], b[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+}
+
+// The epilogue of the tile: conv_store of each existing (pixel, channel) of this thread.
+template <class P>
+__device__ __forceinline__ void conv_tile_store(const P& p, long long M, long long m0, int n0, int tx, int ty,
+                                                const float (&acc)[4][4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const long long m = m0 + ty + 16 * i;
+        if (m >= M) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int co = n0 + tx + 16 * j;
+            if (co >= p.cout) continue;
+            conv_store(p, m, co, acc[i][j]);
+        }
+    }
+}
+
 // KS > 0: kernel size fixed at compile time; KS == 0: runtime p.k. P: ConvParams or ConvExParams.
 template <int KS, class P>
 __device__ __forceinline__ void conv_igemm(const P& p) {
@@ -138,18 +211,7 @@ __device__ __forceinline__ void conv_igemm(const P& p) {
     const int ak = tid % CONV_BK;
     int a_b[4], a_iy0[4], a_ix0[4];
     bool a_ok[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-        const long long m = m0 + tid / CONV_BK + 16 * q;
-        a_ok[q] = m < M;
-        const long long mm = a_ok[q] ? m : 0;
-        const int ox = (int)(mm % p.ow);
-        const long long r = mm / p.ow;
-        const int oy = (int)(r % p.oh);
-        a_b[q] = (int)(r / p.oh);
-        a_iy0[q] = oy * p.stride - p.pad;
-        a_ix0[q] = ox * p.stride - p.pad;
-    }
+    conv_a_rows(p.oh, p.ow, p.stride, p.pad, M, m0, tid, a_b, a_iy0, a_ix0, a_ok);
 
     for (int k0 = 0; k0 < K; k0 += CONV_BK) {
         // Gather A: 64 pixels × 16 reduction indices.
@@ -170,41 +232,14 @@ __device__ __forceinline__ void conv_igemm(const P& p) {
             As[ak][tid / CONV_BK + 16 * q] = v;
         }
         // Load B: 16 reduction rows × 64 output channels.
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const int e = tid + 256 * q;
-            const int kk = e / CONV_BN, nn = e % CONV_BN;
-            const int kr = k0 + kk, co = n0 + nn;
-            Bs[kk][nn] = (kr < K && co < p.cout) ? p.wt[(long long)kr * p.cout + co] : 0.0f;
-        }
+        conv_load_b(Bs, p.wt, k0, K, n0, p.cout, tid);
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < CONV_BK; ++kk) {
-            float a[4], b[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-        }
+        conv_tile_fma(As, Bs, tx, ty, acc);
         __syncthreads();
     }
 
     // Epilogue: bias, residual, activation, store at the channel offset.
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const long long m = m0 + ty + 16 * i;
-        if (m >= M) continue;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int co = n0 + tx + 16 * j;
-            if (co >= p.cout) continue;
-            conv_store(p, m, co, acc[i][j]);
-        }
-    }
+    conv_tile_store(p, M, m0, n0, tx, ty, acc);
 }
 
 extern "C" __global__ void __launch_bounds__(256) conv1x1(const ConvParams p) { conv_igemm<1>(p); }
@@ -234,18 +269,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_dwpw(const DwPwParams p) 
     const int ak = tid % CONV_BK;
     int a_b[4], a_iy0[4], a_ix0[4];
     bool a_ok[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-        const long long m = m0 + tid / CONV_BK + 16 * q;
-        a_ok[q] = m < M;
-        const long long mm = a_ok[q] ? m : 0;
-        const int ox = (int)(mm % p.ow);
-        const long long r = mm / p.ow;
-        const int oy = (int)(r % p.oh);
-        a_b[q] = (int)(r / p.oh);
-        a_iy0[q] = oy * p.stride - p.pad;
-        a_ix0[q] = ox * p.stride - p.pad;
-    }
+    conv_a_rows(p.oh, p.ow, p.stride, p.pad, M, m0, tid, a_b, a_iy0, a_ix0, a_ok);
 
     for (int k0 = 0; k0 < p.c; k0 += CONV_BK) {
         const int ch = k0 + ak;
@@ -269,42 +293,13 @@ extern "C" __global__ void __launch_bounds__(256) conv_dwpw(const DwPwParams p) 
             }
             As[ak][tid / CONV_BK + 16 * q] = v;
         }
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const int e = tid + 256 * q;
-            const int kk = e / CONV_BN, nn = e % CONV_BN;
-            const int kr = k0 + kk, co = n0 + nn;
-            Bs[kk][nn] = (kr < p.c && co < p.cout) ? p.wpw[(long long)kr * p.cout + co] : 0.0f;
-        }
+        conv_load_b(Bs, p.wpw, k0, p.c, n0, p.cout, tid);
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < CONV_BK; ++kk) {
-            float a[4], b[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-        }
+        conv_tile_fma(As, Bs, tx, ty, acc);
         __syncthreads();
     }
 
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const long long m = m0 + ty + 16 * i;
-        if (m >= M) continue;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int co = n0 + tx + 16 * j;
-            if (co >= p.cout) continue;
-            float v = acc[i][j] + p.bpw[co];
-            if (p.residual) v += p.residual[m * p.cout + co];
-            p.y[m * p.out_ctot + p.out_coff + co] = apply_act(v, p.act, p.slope);
-        }
-    }
+    conv_tile_store(p, M, m0, n0, tx, ty, acc);
 }
 
 extern "C" __global__ void __launch_bounds__(256) conv_depthwise(const ConvParams p) {

@@ -21,25 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "benches"))
 SHARED = os.path.join(HERE, "..", "..", "shared")
 
-
-def read_safetensors(path):
-    import struct
-
-    import numpy as np
-
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        base = 8 + n
-        out = {}
-        for k, v in header.items():
-            if k == "__metadata__":
-                continue
-            a, b = v["data_offsets"]
-            f.seek(base + a)
-            dt = {"F32": np.float32, "U8": np.uint8}[v["dtype"]]
-            out[k] = np.frombuffer(f.read(b - a), dtype=dt).reshape(v["shape"])
-        return out
+from safetensors_np import read_safetensors  # noqa: E402 (benches/ is on the path above)
 
 
 def main():
