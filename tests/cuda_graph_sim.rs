@@ -72,6 +72,45 @@ fn graph_replay_equals_eager_execution() {
     assert_eq!(replay.held_bytes(), 0);
 }
 
+/// Post-processing is captured too, one graph per plan and post settings: replays with new resize
+/// factors per image (read from the device, not baked into the graph) and new inputs equal eager
+/// post-processing bit for bit, and changed settings (threshold, caps) recapture rather than replay a
+/// graph made for others.
+#[test]
+fn post_processing_replays_with_new_resize_factors_and_recaptures_on_new_settings() {
+    let graph = network_graph(Network::MobileNetV1_025);
+    let mut eager = GpuEngine::new(&graph, Backend::CudaSim).unwrap();
+    eager.set_cuda_graphs(false);
+    let mut replay = GpuEngine::new(&graph, Backend::CudaSim).unwrap();
+    let to_bits = |d: Vec<Vec<retinaface::Detection>>| -> Vec<Vec<u32>> {
+        d.iter()
+            .map(|d| {
+                d.iter()
+                    .flat_map(|x| x.bbox.iter().chain([&x.score]).chain(&x.landmarks).map(|v| v.to_bits()))
+                    .collect()
+            })
+            .collect()
+    };
+    let settings = [
+        PostOptions { conf_threshold: 0.3, ..PostOptions::default() },
+        PostOptions { conf_threshold: 0.3, ..PostOptions::default() },
+        PostOptions { conf_threshold: 0.1, nms_threshold: 0.3, ..PostOptions::default() },
+        PostOptions { conf_threshold: 0.1, pre_nms_topk: Some(50), post_nms_topk: Some(7), ..PostOptions::default() },
+        PostOptions { conf_threshold: 0.3, ..PostOptions::default() },
+    ];
+    let factors = [[1.0f32, 0.5], [2.5, 1.0], [0.75, 3.0], [1.0, 1.0], [0.4, 1.7]];
+    let mut found = 0;
+    for (i, (post, f)) in settings.iter().zip(factors).enumerate() {
+        let imgs = images(2, 40, 56, 300 + i as u64);
+        let refs: Vec<&BgrImage> = imgs.iter().collect();
+        let want = to_bits(eager.detect_scaled(&refs, post, &f).unwrap());
+        let got = to_bits(replay.detect_scaled(&refs, post, &f).unwrap());
+        assert_eq!(got, want, "call {i}: factors {f:?}, {post:?}");
+        found += want.iter().map(|d| d.len()).sum::<usize>();
+    }
+    assert!(found > 0, "no detections at all: the comparison would be vacuous");
+}
+
 /// ResNet's residual adds and the other backbone families replay equal too.
 #[test]
 fn graph_replay_equals_eager_on_resnet18_and_mobilenetv2() {

@@ -30,6 +30,9 @@ struct GpuBufs {
     graph: Option<GraphId>,
     /// The f16 path's conv variants and split-K workspace (None in f32).
     f16: Option<f16::F16Bufs>,
+    /// The captured post-processing of this plan and the settings it was captured for
+    /// (`ops::post::PostPass::graph_key`); recaptured when they change, freed with the plan.
+    post_graph: Option<(ops::post::PostGraphKey, GraphId)>,
     /// Decoded images and resize tables of `detect_specs` (made on its first use, grown as needed).
     resize: Option<ops::resize::Staging>,
 }
@@ -346,6 +349,7 @@ impl GpuEngine {
                 landm: r.alloc(4 * n * a * 10)?,
                 post: None,
                 graph: None,
+                post_graph: None,
                 resize: None,
             })
         })
@@ -621,8 +625,58 @@ impl GpuEngine {
         }
         let (plan, raw) = self.forward(images, false)?;
         let (n, key) = (plan.n, (plan.n, h, w, false));
+        debug_assert_eq!(n, images.len());
+        self.post_pass(key, raw, post, resizes)
+    }
+
+    /// The device post-processing of the pass that just ran on plan `key` (raw outputs `raw`): the
+    /// resize factors uploaded, then the launches (a graph per plan and post settings, captured on
+    /// first use and replayed, when graphs are on), then the detections downloaded.
+    fn post_pass(
+        &mut self,
+        key: PlanKey,
+        raw: [DevBuf; 3],
+        post: &PostOptions,
+        resizes: &[f32],
+    ) -> Result<Vec<Vec<Detection>>> {
+        let (n, h, w, _) = key;
+        let use_graph = self.cuda_graphs();
+        let r = self.runner.as_mut();
         let bufs = self.plans.buffers(key).ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
-        ops::post::run_post(self.runner.as_mut(), &mut bufs.post, raw, n, h, w, post, resizes, ops::post::NmsPath::Auto)
+        let path = ops::post::NmsPath::Auto;
+        let Some(pass) = ops::post::prepare(r, &mut bufs.post, n, h, w, post, resizes, path)? else {
+            return Ok(vec![Vec::new(); n]);
+        };
+        let pb = bufs.post.as_ref().ok_or_else(|| Error::Cuda("post buffers vanished".into()))?;
+        if !use_graph {
+            ops::post::launch(r, pb, raw, &pass)?;
+            return ops::post::collect(r, pb, &pass);
+        }
+        let gkey = pass.graph_key();
+        let id = match bufs.post_graph {
+            Some((k, id)) if k == gkey => id,
+            old => {
+                if let Some((_, id)) = old {
+                    bufs.post_graph = None;
+                    r.free_graph(id)?;
+                }
+                r.begin_capture()?;
+                let launched = ops::post::launch(r, pb, raw, &pass);
+                // End the capture whatever happened, so the stream is usable again.
+                let id = match (launched, r.end_capture()) {
+                    (Ok(()), Ok(id)) => id,
+                    (Err(e), Ok(id)) => {
+                        r.free_graph(id)?;
+                        return Err(e);
+                    }
+                    (Err(e), Err(_)) | (Ok(()), Err(e)) => return Err(e),
+                };
+                bufs.post_graph = Some((gkey, id));
+                id
+            }
+        };
+        r.replay(id)?;
+        ops::post::collect(r, pb, &pass)
     }
 }
 
@@ -674,11 +728,7 @@ impl GpuEngine {
             return self.detect_scaled(&refs, post, &resizes);
         }
         let (plan, raw) = self.forward_input(BatchInput::Resize(images, specs), false)?;
-        let n = plan.n;
-        let bufs =
-            self.plans.buffers((n, h, w, false)).ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
-        let path = ops::post::NmsPath::Auto;
-        ops::post::run_post(self.runner.as_mut(), &mut bufs.post, raw, n, h, w, post, &resizes, path)
+        self.post_pass((plan.n, h, w, false), raw, post, &resizes)
     }
 
     /// The network input bytes of the last pass ([n][h][w][3] u8, after any device resize), for tests.
@@ -732,22 +782,8 @@ impl GpuEngine {
         self.runner.synchronize()?;
         let t1 = std::time::Instant::now();
         if !mode.forward_only {
-            let bufs = self
-                .plans
-                .buffers((n, h, w, false))
-                .ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
             let ones = vec![1.0; n];
-            ops::post::run_post(
-                self.runner.as_mut(),
-                &mut bufs.post,
-                raw,
-                n,
-                h,
-                w,
-                post,
-                &ones,
-                ops::post::NmsPath::Auto,
-            )?;
+            self.post_pass((n, h, w, false), raw, post, &ones)?;
         }
         if let Some(t) = timings {
             t.backbone += t1 - t0;
@@ -962,7 +998,7 @@ fn launch_fused(
 
 /// Frees a plan's device buffers.
 fn free_all(r: &mut dyn KernelRunner, bufs: GpuBufs) -> Result<()> {
-    if let Some(g) = bufs.graph {
+    for g in bufs.graph.into_iter().chain(bufs.post_graph.map(|(_, g)| g)) {
         r.free_graph(g)?;
     }
     for b in bufs.all() {

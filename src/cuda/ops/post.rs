@@ -88,9 +88,36 @@ pub fn post_sizes(h: usize, w: usize, post: &PostOptions) -> (usize, usize, usiz
     (a, k, k.min(post.post_nms_topk.unwrap_or(k)))
 }
 
+/// One post-processing pass: its sizes, NMS path and thresholds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PostPass {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    /// Anchors per image, candidates kept before NMS (at most), detections kept (at most).
+    pub a: usize,
+    pub k: usize,
+    pub max_out: usize,
+    pub bitmask: bool,
+    pub conf_threshold: f32,
+    pub nms_threshold: f32,
+}
+
+/// What a pass's launches depend on besides the plan's buffers: (k, max_out, bitmask path, the bits of
+/// the score and NMS thresholds).
+pub type PostGraphKey = (usize, usize, bool, u32, u32);
+
+impl PostPass {
+    /// All the launches depend on but the resize factors, which they read from the device: a captured
+    /// graph of the pass is valid for this key.
+    pub fn graph_key(&self) -> PostGraphKey {
+        (self.k, self.max_out, self.bitmask, self.conf_threshold.to_bits(), self.nms_threshold.to_bits())
+    }
+}
+
 /// Post-processing of raw outputs already on the device ([loc, conf, landm], each [n][A][d]):
 /// threshold, sort, decode, NMS, packing; downloads only the detections. `resizes`: one factor per
-/// image, the one its boxes and landmarks are divided by.
+/// image, the one its boxes and landmarks are divided by. [`prepare`], [`launch`], [`collect`].
 #[allow(clippy::too_many_arguments)]
 pub fn run_post(
     r: &mut dyn KernelRunner,
@@ -103,6 +130,28 @@ pub fn run_post(
     resizes: &[f32],
     path: NmsPath,
 ) -> Result<Vec<Vec<Detection>>> {
+    let Some(pass) = prepare(r, slot, n, h, w, post, resizes, path)? else {
+        return Ok(vec![Vec::new(); n]);
+    };
+    let pb = slot.as_ref().ok_or_else(|| Error::Cuda("post buffers vanished".into()))?;
+    launch(r, pb, raw, &pass)?;
+    collect(r, pb, &pass)
+}
+
+/// Checks the pass, makes the buffers on first use and uploads the resize factors (read by the
+/// launches from the device, so a captured graph of them serves every call). None: nothing to do
+/// (no candidates can be kept).
+#[allow(clippy::too_many_arguments)]
+pub fn prepare(
+    r: &mut dyn KernelRunner,
+    slot: &mut Option<PostBufs>,
+    n: usize,
+    h: usize,
+    w: usize,
+    post: &PostOptions,
+    resizes: &[f32],
+    path: NmsPath,
+) -> Result<Option<PostPass>> {
     post.validate()?;
     if resizes.len() != n {
         return Err(Error::InvalidArgument(format!("{} resize factors for a batch of {n} images", resizes.len())));
@@ -122,9 +171,8 @@ pub fn run_post(
         NmsPath::Tiled => false,
     };
     if k == 0 || max_out == 0 {
-        return Ok(vec![Vec::new(); n]);
+        return Ok(None);
     }
-    let [loc, conf, landm] = raw;
     if slot.is_none() {
         *slot = Some(PostBufs::new(r, n, a)?);
     }
@@ -141,6 +189,15 @@ pub fn run_post(
         }
     }
     r.upload(pb.resize, 0, bytemuck::cast_slice(resizes))?;
+    let (conf_threshold, nms_threshold) = (post.conf_threshold, post.nms_threshold);
+    Ok(Some(PostPass { n, h, w, a, k, max_out, bitmask, conf_threshold, nms_threshold }))
+}
+
+/// Every launch of the pass, reading the raw outputs `raw` and the resize factors [`prepare`]
+/// uploaded: no copy, allocation or synchronisation, so it can be captured.
+pub fn launch(r: &mut dyn KernelRunner, pb: &PostBufs, raw: [DevBuf; 3], pass: &PostPass) -> Result<()> {
+    let PostPass { n, h, w, a, k, max_out, bitmask, conf_threshold, nms_threshold } = *pass;
+    let [loc, conf, landm] = raw;
     let tiles = a.div_ceil(RADIX_TILE);
     let (ni, ai, ki) = (dim(n, "batch")?, dim(a, "anchors")?, dim(k, "candidates")?);
     dim(n * a * 15, "post-processing elements")?;
@@ -164,7 +221,7 @@ pub fn run_post(
             tiles: dim(tiles, "radix tiles")?,
             shift,
             k: ki,
-            threshold: post.conf_threshold,
+            threshold: conf_threshold,
         };
         r.launch("radix_hist", per_image(tiles, 256), &p)?;
         r.launch("radix_scan", per_image(1, 256), &p)?;
@@ -205,7 +262,7 @@ pub fn run_post(
                 k: ki,
                 words: wi,
                 stride: ai,
-                threshold: post.nms_threshold,
+                threshold: nms_threshold,
                 pad0: 0,
             },
         )?;
@@ -242,7 +299,7 @@ pub fn run_post(
                 n: ni,
                 stride: ai,
                 max_out: mo,
-                threshold: post.nms_threshold,
+                threshold: nms_threshold,
             },
         )?;
     }
@@ -253,6 +310,12 @@ pub fn run_post(
         per_image(max_out.div_ceil(128), 128),
         &CompactParams { dets: pb.dets.ptr, det_count: pb.det_count.ptr, out: pb.cand.ptr, n: ni, max_out: mo },
     )?;
+    Ok(())
+}
+
+/// The kept detections of a launched pass: the counts, then one copy of all of them.
+pub fn collect(r: &mut dyn KernelRunner, pb: &PostBufs, pass: &PostPass) -> Result<Vec<Vec<Detection>>> {
+    let (n, max_out) = (pass.n, pass.max_out);
     let counts = r.download_i32(pb.det_count, n)?;
     let mut sizes = Vec::with_capacity(n);
     for (b, &c) in counts.iter().enumerate() {
