@@ -258,7 +258,7 @@ impl<'a> Timer<'a> {
         let need = self.p.shape().workspace_bytes(v);
         let ws = if need > 0 { Some(r.alloc(need)?) } else { None };
         let (name, p) = (&self.conv.name, &self.p);
-        let res = super::super::runner::time_with_events(r, reps, |r| conv_f16::launch(r, v, name, p, ws));
+        let res = crate::cuda::runner::time_with_events(r, reps, |r| conv_f16::launch(r, v, name, p, ws));
         if let Some(b) = ws {
             r.free(b)?;
         }
