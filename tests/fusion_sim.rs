@@ -9,7 +9,9 @@
 //! convolutions: f32 sums in another order than the CPU's; the upsample-add is the same f32 add.
 #![cfg(feature = "cuda-sim")]
 
+mod common;
 mod rng;
+use common::norm_err;
 use retinaface::cpu::exec::run_ops;
 use retinaface::cuda::ops::{conv::pack, fused};
 use retinaface::cuda::runner::{EventId, GraphId, Readback};
@@ -23,17 +25,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 const TOL: f32 = 1e-5;
-
-fn norm_err(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let (mut m, mut mag) = (0.0f32, 1.0f32);
-    for (g, w) in got.iter().zip(want) {
-        assert!(!g.is_nan(), "NaN in the kernel's output (unwritten element)");
-        m = m.max((g - w).abs());
-        mag = mag.max(w.abs());
-    }
-    m / mag
-}
 
 #[allow(clippy::too_many_arguments)]
 fn conv(

@@ -8,7 +8,9 @@
 //! - preprocess, max-pool, upsample-add, post-processing: exact (the same f32 operations).
 #![cfg(feature = "cuda-sim")]
 
+mod common;
 mod rng;
+use common::norm_err;
 use retinaface::cuda::ops::{conv as conv_launcher, heads as heads_launcher};
 use retinaface::cuda::params::*;
 use retinaface::cuda::sim::SimRunner;
@@ -19,18 +21,6 @@ use retinaface::model::graph::{Act, Conv};
 use retinaface::post::{PostOptions, RawOutput, anchors, postprocess};
 use retinaface::reference;
 use rng::Rng;
-
-fn norm_err(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let mut m = 0.0f32;
-    let mut mag = 1.0f32;
-    for (g, w) in got.iter().zip(want) {
-        assert!(!g.is_nan(), "NaN in the kernel's output (unwritten element)");
-        m = m.max((g - w).abs());
-        mag = mag.max(w.abs());
-    }
-    m / mag
-}
 
 #[allow(clippy::too_many_arguments)]
 fn conv(

@@ -20,22 +20,11 @@ fn fusable(graph: &Graph, dw: &Conv, pw: &Conv) -> bool {
         && graph.ops.iter().filter(|o| o.reads().contains(&dw.output)).count() == 1
 }
 
-pub fn run(mut graph: Graph) -> Graph {
-    let mut i = 0;
-    while i + 1 < graph.ops.len() {
-        let fused = match (&graph.ops[i], &graph.ops[i + 1]) {
-            (Op::Conv(dw), Op::Conv(pw)) if fusable(&graph, dw, pw) => {
-                Some(Op::DwPw { dw: dw.clone(), pw: pw.clone() })
-            }
-            _ => None,
-        };
-        if let Some(op) = fused {
-            graph.ops[i] = op;
-            super::remove_op(&mut graph, i + 1);
-        }
-        i += 1;
-    }
-    graph
+pub fn run(graph: Graph) -> Graph {
+    super::fuse_adjacent(graph, |g, first, second| match (first, second) {
+        (Op::Conv(dw), Op::Conv(pw)) if fusable(g, dw, pw) => Some(Op::DwPw { dw: dw.clone(), pw: pw.clone() }),
+        _ => None,
+    })
 }
 
 #[cfg(test)]

@@ -17,20 +17,11 @@ fn pairable(a: &Conv, b: &Conv) -> bool {
         && a.output != b.output
 }
 
-pub fn run(mut graph: Graph) -> Graph {
-    let mut i = 0;
-    while i + 1 < graph.ops.len() {
-        let pair = match (&graph.ops[i], &graph.ops[i + 1]) {
-            (Op::Conv(a), Op::Conv(b)) if pairable(a, b) => Some(Op::ConvPair { a: a.clone(), b: b.clone() }),
-            _ => None,
-        };
-        if let Some(op) = pair {
-            graph.ops[i] = op;
-            super::remove_op(&mut graph, i + 1);
-        }
-        i += 1;
-    }
-    graph
+pub fn run(graph: Graph) -> Graph {
+    super::fuse_adjacent(graph, |_, first, second| match (first, second) {
+        (Op::Conv(a), Op::Conv(b)) if pairable(a, b) => Some(Op::ConvPair { a: a.clone(), b: b.clone() }),
+        _ => None,
+    })
 }
 
 #[cfg(test)]

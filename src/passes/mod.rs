@@ -19,7 +19,7 @@ pub mod fuse_heads;
 pub mod fuse_pair;
 
 use crate::error::Result;
-use crate::graph::{Graph, TensorId};
+use crate::graph::{Graph, Op, TensorId};
 
 /// The passes every executor's graph gets.
 pub fn optimize(graph: Graph) -> Result<Graph> {
@@ -67,6 +67,20 @@ pub fn fuse(graph: &Graph, f: Fusions) -> Graph {
 fn remove_op(graph: &mut Graph, i: usize) {
     graph.ops.remove(i);
     graph.op_stages.remove(i);
+}
+
+/// Replaces each pair of adjacent ops that `fuse` makes one op of (scanning forward, a fused op not
+/// fused again) by that op, in the first one's place and stage.
+fn fuse_adjacent(mut graph: Graph, fuse: impl Fn(&Graph, &Op, &Op) -> Option<Op>) -> Graph {
+    let mut i = 0;
+    while i + 1 < graph.ops.len() {
+        if let Some(op) = fuse(&graph, &graph.ops[i], &graph.ops[i + 1]) {
+            graph.ops[i] = op;
+            remove_op(&mut graph, i + 1);
+        }
+        i += 1;
+    }
+    graph
 }
 
 /// Whether any op strictly between `from` and `to` reads one of `read` or writes one of `written`.

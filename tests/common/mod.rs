@@ -112,3 +112,17 @@ pub fn match_f16_faces(name: &str, got: &[Detection], want: &[Detection]) -> (f3
     assert!(median <= 0.5, "{name}: median landmark error {median} px > 0.5");
     (worst_iou, worst_score, median)
 }
+
+/// A kernel's largest error against the reference, relative to the reference's magnitude (at least
+/// 1); panics on a NaN, which in the simulation marks an element the kernel never wrote.
+pub fn norm_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let mut m = 0.0f32;
+    let mut mag = 1.0f32;
+    for (g, w) in got.iter().zip(want) {
+        assert!(!g.is_nan(), "NaN in the kernel's output (unwritten element)");
+        m = m.max((g - w).abs());
+        mag = mag.max(w.abs());
+    }
+    m / mag
+}
