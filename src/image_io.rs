@@ -374,12 +374,17 @@ pub fn resize_factor(mode: ResizeMode, h: usize, w: usize) -> f64 {
 
 /// Applies `mode`: returns the network input and the factor r. No copy when r is 1.
 pub fn apply_resize(img: &BgrImage, mode: ResizeMode) -> (std::borrow::Cow<'_, BgrImage>, f64) {
-    let r = resize_factor(mode, img.height, img.width);
-    if r == 1.0 {
-        return (std::borrow::Cow::Borrowed(img), 1.0);
+    let spec = ResizeSpec::for_mode(mode, img.width, img.height);
+    (resized_by(img, &spec), spec.scale)
+}
+
+/// `img` resized as `spec` says (its canvas aside); borrowed when the pixels stay as they are.
+fn resized_by<'a>(img: &'a BgrImage, spec: &ResizeSpec) -> std::borrow::Cow<'a, BgrImage> {
+    if spec.keeps_pixels(img.width, img.height) {
+        std::borrow::Cow::Borrowed(img)
+    } else {
+        std::borrow::Cow::Owned(resize_bilinear(img, spec.new_w, spec.new_h, spec.fx, spec.fy))
     }
-    let (ow, oh) = resized_dims(img.width, img.height, r);
-    (std::borrow::Cow::Owned(resize_bilinear(img, ow, oh, r, r)), r)
 }
 
 /// Where an image goes on the network input: resized by `fx`, `fy` to `new_w`×`new_h`, at the top left
@@ -438,11 +443,7 @@ impl ResizeSpec {
 /// copy when nothing changes.
 pub fn apply_spec<'a>(img: &'a BgrImage, spec: &ResizeSpec) -> Result<std::borrow::Cow<'a, BgrImage>> {
     spec.check(img.width, img.height)?;
-    let resized = if spec.keeps_pixels(img.width, img.height) {
-        std::borrow::Cow::Borrowed(img)
-    } else {
-        std::borrow::Cow::Owned(resize_bilinear(img, spec.new_w, spec.new_h, spec.fx, spec.fy))
-    };
+    let resized = resized_by(img, spec);
     if (spec.canvas_w, spec.canvas_h) == (spec.new_w, spec.new_h) {
         return Ok(resized);
     }
