@@ -8,15 +8,30 @@
 //!     cargo bench --bench conv_shapes -- layer3 layer4              # names containing these
 //!
 //! Best of 20 runs after a warm-up: on a shared machine the minimum is the figure least disturbed by
-//! other tenants; run both variants back to back and compare ratios.
+//! other tenants; run both variants back to back and compare ratios. `CONV_SHAPES_CLOCK=cpu` times by
+//! the process's CPU time instead of the wall clock: with `RAYON_NUM_THREADS=1` that is the work alone,
+//! which time-slicing with other processes on a loaded machine does not inflate.
 
-use retinaface::cpu::conv::conv2d;
+use retinaface::cpu::conv::{conv2d, dwpw};
 use retinaface::model::graph::{Act, Conv};
 use retinaface::reference::out_size;
 use std::time::Instant;
 
+/// Seconds on the clock `CONV_SHAPES_CLOCK` names: the wall clock (default) or the process's CPU time.
+fn now() -> f64 {
+    static CPU: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *CPU.get_or_init(|| std::env::var("CONV_SHAPES_CLOCK").is_ok_and(|v| v == "cpu")) {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime fills the timespec it is given.
+        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+        return ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
+    }
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs_f64()
+}
+
 fn main() {
-    // (what it is, cin, cout, kernel, stride, h, w)
+    // (what it is, cin, cout, kernel, stride, h, w); "dw" in the name makes it depthwise (groups = cin)
     let shapes = [
         ("ResNet 7x7 stem", 3, 64, 7, 2, 640, 640),
         ("ResNet layer1 3x3", 64, 64, 3, 1, 160, 160),
@@ -30,6 +45,17 @@ fn main() {
         ("MobileNetV1 1x1 32->64", 32, 64, 1, 1, 320, 320),
         ("MobileNetV1 1x1 128->128", 128, 128, 1, 1, 160, 160),
         ("MobileNetV1 1x1 512->512", 512, 512, 1, 1, 40, 40),
+        ("x0.25 stem 3x3 s2", 3, 8, 3, 2, 640, 640),
+        ("x0.25 dw 3x3 8ch", 8, 8, 3, 1, 320, 320),
+        ("x0.25 pw 8->16", 8, 16, 1, 1, 320, 320),
+        ("x0.25 dw 3x3 s2 16ch", 16, 16, 3, 2, 320, 320),
+        ("x0.25 pw 16->32", 16, 32, 1, 1, 160, 160),
+        ("x0.25 dw 3x3 32ch", 32, 32, 3, 1, 160, 160),
+        ("x0.25 pw 32->32", 32, 32, 1, 1, 160, 160),
+        ("x0.25 pw 64->64 40x40", 64, 64, 1, 1, 40, 40),
+        ("x0.25 FPN merge 3x3 64", 64, 64, 3, 1, 80, 80),
+        ("x0.25 SSH 3x3 64->48", 64, 48, 3, 1, 80, 80),
+        ("x0.25 FPN lateral 64->64", 64, 64, 1, 1, 80, 80),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     println!("{:<26} {:>22} {:>10} {:>8}", "conv", "shape", "best ms", "GFLOPS");
@@ -37,6 +63,7 @@ fn main() {
         if !filter.is_empty() && !filter.iter().any(|f| what.contains(f.as_str())) {
             continue;
         }
+        let groups = if what.contains(" dw ") { cin } else { 1 };
         let conv = Conv {
             name: what.into(),
             input: 0,
@@ -47,8 +74,8 @@ fn main() {
             kernel: k,
             stride: s,
             pad: k / 2,
-            groups: 1,
-            weight: (0..cout * cin * k * k).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect(),
+            groups,
+            weight: (0..cout * (cin / groups) * k * k).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect(),
             bias: vec![0.1; cout],
             residual: None,
             act: Act::Leaky(0.0),
@@ -57,16 +84,87 @@ fn main() {
         let x: Vec<f32> = (0..cin * h * w).map(|i| ((i * 104729) % 997) as f32 * 1e-3).collect();
         let (oh, ow) = (out_size(h, k, s, k / 2), out_size(w, k, s, k / 2));
         let mut out = vec![0.0; cout * oh * ow];
-        let flop = 2.0 * (cin * cout * k * k * oh * ow) as f64;
+        let flop = 2.0 * (cin / groups * cout * k * k * oh * ow) as f64;
         conv2d(&conv, &x, 1, h, w, &mut out, cout, None);
         let best = (0..20)
             .map(|_| {
-                let t = Instant::now();
+                let t = now();
                 conv2d(&conv, &x, 1, h, w, &mut out, cout, None);
-                t.elapsed().as_secs_f64()
+                now() - t
             })
             .fold(f64::MAX, f64::min);
         let shape = format!("{cin}->{cout} {k}x{k} s{s} {h}x{w}");
         println!("{what:<26} {shape:>22} {:>10.2} {:>8.1}", best * 1e3, flop / best * 1e-9);
+    }
+    dwpw_pairs(&filter);
+}
+
+/// MobileNet depthwise + pointwise pairs: the fused path (`dwpw`) against the composition of the two
+/// convolutions (each on its own path, the intermediate written to memory), in the same run.
+fn dwpw_pairs(filter: &[String]) {
+    // (what, channels, pointwise outputs, depthwise stride, input h, w)
+    let pairs = [
+        ("x0.25 stage1.1 dw+pw", 8, 16, 1, 320, 320),
+        ("x0.25 stage1.2 dw+pw s2", 16, 32, 2, 320, 320),
+        ("x0.25 stage1.3 dw+pw", 32, 32, 1, 160, 160),
+        ("x0.25 stage1.5 dw+pw", 64, 64, 1, 80, 80),
+        ("x0.25 stage2.1 dw+pw", 128, 128, 1, 40, 40),
+        ("x0.25 stage3.1 dw+pw", 256, 256, 1, 20, 20),
+        ("x1.0 stage1.3 dw+pw", 128, 128, 1, 160, 160),
+        ("x1.0 stage2 dw+pw", 512, 512, 1, 40, 40),
+        ("x1.0 stage3.1 dw+pw", 1024, 1024, 1, 20, 20),
+    ];
+    let level = retinaface::cpu::isa();
+    println!(
+        "\n{:<26} {:>22} {:>10} {:>10} {:>8}",
+        "depthwise + pointwise", "shape", "fused ms", "composed", "speed-up"
+    );
+    for (what, c, cout, s, h, w) in pairs {
+        if !filter.is_empty() && !filter.iter().any(|f| what.contains(f.as_str())) {
+            continue;
+        }
+        let make = |cin: usize, cout: usize, k: usize, stride: usize, groups: usize| Conv {
+            name: what.into(),
+            input: 0,
+            output: 1,
+            out_channel_offset: 0,
+            cin,
+            cout,
+            kernel: k,
+            stride,
+            pad: k / 2,
+            groups,
+            weight: (0..cout * (cin / groups) * k * k).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect(),
+            bias: vec![0.1; cout],
+            residual: None,
+            act: Act::Leaky(0.1),
+            packed: Default::default(),
+        };
+        let (dw, pw) = (make(c, c, 3, s, c), make(c, cout, 1, 1, 1));
+        if !dwpw::fuses(&dw, &pw, level) {
+            println!("{what:<26} not fused at {level:?}");
+            continue;
+        }
+        let x: Vec<f32> = (0..c * h * w).map(|i| ((i * 104729) % 997) as f32 * 1e-3).collect();
+        let (oh, ow) = (out_size(h, 3, s, 1), out_size(w, 3, s, 1));
+        let mut mid = vec![0.0; c * oh * ow];
+        let mut out = vec![0.0; cout * oh * ow];
+        let best = |f: &mut dyn FnMut()| {
+            f();
+            (0..20)
+                .map(|_| {
+                    let t = now();
+                    f();
+                    now() - t
+                })
+                .fold(f64::MAX, f64::min)
+        };
+        let fused = best(&mut || dwpw::conv(level, &dw, &pw, &x, 1, h, w, &mut out, cout, None));
+        let composed = best(&mut || {
+            conv2d(&dw, &x, 1, h, w, &mut mid, c, None);
+            conv2d(&pw, &mid, 1, oh, ow, &mut out, cout, None);
+        });
+        let shape = format!("{c}->{cout} s{s} {h}x{w}");
+        println!("{what:<26} {shape:>22} {:>10.2} {:>10.2} {:>7.2}x", fused * 1e3, composed * 1e3, composed / fused);
     }
 }

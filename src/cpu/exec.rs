@@ -211,6 +211,31 @@ fn conv_op(c: &Conv, plan: &Plan, arena: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
+/// A depthwise + pointwise pair: fused per row band where the level has a kernel for it and that is the
+/// faster way, so the depthwise output never leaves the cache; the composition otherwise, and where the
+/// plan keeps every tensor (the depthwise output is then one the caller asked for).
+fn dwpw_op(dw: &Conv, pw: &Conv, plan: &Plan, arena: &mut [f32]) -> Result<()> {
+    let level = super::isa::isa();
+    let (_, ih, iw) = plan.shapes[dw.input];
+    if plan.keep_all || !conv::dwpw::fuses(dw, pw, level) || !conv::dwpw::preferred(dw, pw, ih, iw) {
+        conv_op(dw, plan, arena)?;
+        return conv_op(pw, plan, arena);
+    }
+    let (oc, _, _) = plan.shapes[pw.output];
+    let out = plan.range(pw.output);
+    match pw.residual {
+        Some(r) => {
+            let (o, [x, res]) = views(arena, out, [plan.range(dw.input), plan.range(r)])?;
+            conv::dwpw::conv(level, dw, pw, x, plan.n, ih, iw, o, oc, Some(res));
+        }
+        None => {
+            let (o, [x]) = views(arena, out, [plan.range(dw.input)])?;
+            conv::dwpw::conv(level, dw, pw, x, plan.n, ih, iw, o, oc, None);
+        }
+    }
+    Ok(())
+}
+
 /// `dst += nearest(src)` of `plan` in `arena`.
 fn upsample_add_op(src: TensorId, dst: TensorId, plan: &Plan, arena: &mut [f32]) -> Result<()> {
     let (_, sh, sw) = plan.shapes[src];
@@ -235,6 +260,17 @@ pub fn run_ops(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<()> {
     run(graph, plan, arena).map(|_| ())
 }
 
+/// CPU time of the whole process so far (every thread), for `RETINAFACE_PROFILE=cpu`.
+fn process_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given; the clock id is a constant the kernel knows.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 /// Time spent per stage of the graph.
 #[derive(Clone, Copy, Debug, Default)]
 struct StageTimes {
@@ -250,11 +286,16 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
     let n = plan.n;
     let dims = |t: TensorId| plan.shapes[t];
     let mut times = StageTimes::default();
-    // RETINAFACE_PROFILE=1 prints each op's time (slowest first) after the pass, for tuning.
-    let profile = std::env::var_os("RETINAFACE_PROFILE").is_some_and(|v| v == "1");
+    // RETINAFACE_PROFILE=1 prints each op's wall time (slowest first) after the pass, for tuning;
+    // RETINAFACE_PROFILE=cpu prints the process's CPU time per op instead, which other tenants of a
+    // shared machine disturb far less (with RAYON_NUM_THREADS=1 it is the op's work alone).
+    let profile_var = std::env::var_os("RETINAFACE_PROFILE");
+    let cpu_clock = profile_var.as_deref().is_some_and(|v| v == "cpu");
+    let profile = cpu_clock || profile_var.is_some_and(|v| v == "1");
     let mut op_times: Vec<(f64, String)> = Vec::new();
     for (i, op) in graph.ops.iter().enumerate() {
         let start = Instant::now();
+        let cpu_start = if cpu_clock { process_cpu_seconds() } else { 0.0 };
         match op {
             // The heads' reference composition: the conv here, the split into anchors in raw_outputs.
             Op::Conv(c) | Op::Heads { conv: c, .. } => conv_op(c, plan, arena)?,
@@ -267,10 +308,7 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
                 conv_op(a, plan, arena)?;
                 conv_op(b, plan, arena)?;
             }
-            Op::DwPw { dw, pw } => {
-                conv_op(dw, plan, arena)?;
-                conv_op(pw, plan, arena)?;
-            }
+            Op::DwPw { dw, pw } => dwpw_op(dw, pw, plan, arena)?,
             Op::MaxPool { input, output } => {
                 let (ic, ih, iw) = dims(*input);
                 let (o, [x]) = views(arena, plan.range(*output), [plan.range(*input)])?;
@@ -292,7 +330,8 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
                 Op::ConvPair { a, b } => format!("conv pair {} + {}", a.name, b.name),
                 Op::DwPw { dw, pw } => format!("depthwise+pointwise {} + {}", dw.name, pw.name),
             };
-            op_times.push((dt.as_secs_f64() * 1e3, what));
+            let secs = if cpu_clock { process_cpu_seconds() - cpu_start } else { dt.as_secs_f64() };
+            op_times.push((secs * 1e3, what));
         }
         match graph.op_stages[i] {
             Stage::Backbone => times.backbone += dt,
@@ -303,7 +342,8 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
     if profile {
         op_times.sort_by(|a, b| b.0.total_cmp(&a.0));
         let total: f64 = op_times.iter().map(|t| t.0).sum();
-        eprintln!("profile: {} ops, {total:.2} ms at {n}x3x{}x{}", op_times.len(), plan.h, plan.w);
+        let clock = if cpu_clock { " of process CPU time" } else { "" };
+        eprintln!("profile: {} ops, {total:.2} ms{clock} at {n}x3x{}x{}", op_times.len(), plan.h, plan.w);
         for (ms, what) in op_times.iter().take(25) {
             eprintln!("  {ms:8.2} ms  {:5.1}%  {what}", ms / total * 100.0);
         }

@@ -165,6 +165,44 @@ macro_rules! avx2_dispatch {
 }
 pub(crate) use avx2_dispatch;
 
+/// As `avx2_dispatch`, with a third build at AVX-512 (16-lane vectors) when `level` is AVX-512. Only
+/// vector width changes (no FMA contraction): the results are the same bits at every level.
+macro_rules! avx_dispatch {
+    ($vis:vis $name:ident, $avx2:ident, $avx512:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        #[allow(clippy::too_many_arguments)] // the body's own arguments
+        unsafe fn $avx2($($arg: $ty),*) {
+            $body_fn($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $avx512($($arg: $ty),*) {
+            $body_fn($($arg),*)
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name(level: $crate::cpu::isa::Isa, $($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if level >= $crate::cpu::isa::Isa::Avx512 && $crate::cpu::isa::Isa::Avx512.supported() {
+                    // SAFETY: the processor supports AVX-512F (and AVX2), checked just above.
+                    return unsafe { $avx512($($arg),*) };
+                }
+                if level >= $crate::cpu::isa::Isa::Avx2 && $crate::cpu::isa::Isa::Avx2.supported() {
+                    // SAFETY: the processor supports AVX2, checked just above.
+                    return unsafe { $avx2($($arg),*) };
+                }
+            }
+            let _ = level;
+            $body_fn($($arg),*)
+        }
+    };
+}
+pub(crate) use avx_dispatch;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -72,8 +72,18 @@ pub struct Conv {
     /// Added before the activation (ResNet and MobileNetV2 shortcuts).
     pub residual: Option<TensorId>,
     pub act: Act,
-    /// The CPU backend's repacking of `weight` for its AVX-512 kernel, made on first use.
-    pub packed: std::sync::OnceLock<Vec<f32>>,
+    /// The CPU backend's repackings of `weight` for its kernels, each made on first use.
+    pub packed: PackedWeights,
+}
+
+/// `Conv::weight` as the CPU's micro-kernels read it, each layout made on first use (a conv may run on
+/// either path, at different input sizes).
+#[derive(Clone, Debug, Default)]
+pub struct PackedWeights {
+    /// [cout/MR][K][MR] for the implicit GEMM.
+    pub igemm: std::sync::OnceLock<Vec<f32>>,
+    /// The Winograd-transformed 3×3 weights, [16][cout/MR][cin][MR].
+    pub winograd: std::sync::OnceLock<Vec<f32>>,
 }
 
 #[derive(Clone, Debug)]

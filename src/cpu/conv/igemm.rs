@@ -26,7 +26,7 @@ use std::cell::RefCell;
 
 /// Reduction steps per pass over a task's tiles: a tile's B rows (at most KC·NR floats, 48 KiB for a 1×1
 /// convolution, much less for 3×3 whose taps share lines) stay in L1 while every weight block uses them.
-const KC: usize = 256;
+pub(super) const KC: usize = 256;
 /// Floats of accumulator band per task (1 MiB): the band and the planes it reads stay in L2.
 const BAND_BUDGET: usize = 1 << 18;
 
@@ -153,7 +153,7 @@ fn conflict_free(stride: usize) -> bool {
 }
 
 /// The smallest stride of at least `len` floats that is conflict-free: an odd number of cache lines.
-fn conflict_free_stride(len: usize) -> usize {
+pub(super) fn conflict_free_stride(len: usize) -> usize {
     let lines = len.div_ceil(16);
     (lines | 1) * 16
 }
@@ -192,10 +192,13 @@ fn fill_planes(g: &Geometry, conv: &Conv, x: &[f32], n: usize, h: usize, w: usiz
             let run = &mut row[lo..hi];
             if s == 1 {
                 run.copy_from_slice(&srow[first..first + run.len()]);
-            } else {
-                for (j, v) in run.iter_mut().enumerate() {
-                    *v = srow[first + j * s];
+            } else if let Some((last, head)) = run.split_last_mut() {
+                // Pairs, so the gather of every s-th column vectorises as a deinterleave (stride 2).
+                let len = head.len();
+                for (v, pair) in head.iter_mut().zip(srow[first..first + s * len].chunks_exact(s)) {
+                    *v = pair[0];
                 }
+                *last = srow[first + len * s];
             }
         }
     });
@@ -221,7 +224,7 @@ pub(super) fn conv(
     let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
     let (oh, ow) = (out_size(h, k, s, p), out_size(w, k, s, p));
     let depth = conv.cin * k * k;
-    let packed = conv.packed.get_or_init(|| pack_weights(&conv.weight, conv.cout, depth));
+    let packed = conv.packed.igemm.get_or_init(|| pack_weights(&conv.weight, conv.cout, depth));
     let g = geometry(conv, h, w, oh);
     // Taken rather than borrowed: a nested call on this thread (rayon work stealing) gets its own.
     let mut owned = PLANES.with(|c| c.take());
@@ -330,7 +333,7 @@ impl Task<'_> {
 /// The processor must run `kernel`; `src` must cover `offset[k] + valid` for every k; `c` must cover MR rows
 /// of NR floats `ldc` apart; `a` must hold `offsets.len() · MR` floats.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_dispatch(
+pub(super) unsafe fn tile_dispatch(
     kernel: Kernel,
     a: &[f32],
     offsets: &[u32],

@@ -11,12 +11,14 @@
 mod common;
 mod depthwise;
 mod direct;
+pub mod dwpw;
 mod gemm;
 mod igemm;
 mod igemm_avx2;
 mod igemm_avx512;
 mod shifted3x3;
 mod tile;
+mod winograd;
 
 use crate::cpu::isa::{Isa, isa};
 use crate::graph::Conv;
@@ -57,6 +59,8 @@ pub fn conv2d(
 enum ConvPath {
     /// Implicit GEMM on an AVX-512 or AVX2 micro-kernel (`igemm`), for any dense convolution.
     Igemm(Kernel),
+    /// 3×3 stride 1 by Winograd's F(2×2, 3×3) on the same micro-kernels (`winograd`).
+    Winograd(Kernel),
     /// Few taps per output: direct accumulation, all output channels at once (`direct`).
     DirectSmall,
     /// 3×3 stride 1: nine shifted GEMMs on a padded plane (`shifted3x3`).
@@ -71,8 +75,11 @@ enum ConvPath {
 fn choose_path(conv: &Conv, h: usize, w: usize, isa: Isa) -> ConvPath {
     let k = conv.kernel;
     let kernel = Kernel::for_isa(isa).filter(|_| igemm::preferred(conv) && igemm::fits(conv, h, w));
+    let winograd = Kernel::for_isa(isa).filter(|_| winograd::handles(conv, isa) && winograd::preferred(conv, h, w));
     if conv.groups != 1 {
         ConvPath::Depthwise
+    } else if let Some(kernel) = winograd {
+        ConvPath::Winograd(kernel)
     } else if let Some(kernel) = kernel {
         ConvPath::Igemm(kernel)
     } else if conv.cin * k * k <= direct::MAX_TAPS {
@@ -102,6 +109,7 @@ fn conv2d_on(
     let out = SharedMut(out.as_mut_ptr());
     match path {
         ConvPath::Igemm(kernel) => igemm::conv(kernel, conv, x, n, h, w, out, out_channels, residual),
+        ConvPath::Winograd(kernel) => winograd::conv(kernel.isa(), conv, x, n, h, w, out, out_channels, residual),
         ConvPath::DirectSmall => direct::conv(level, conv, x, n, h, w, oh, ow, out, out_channels, residual),
         ConvPath::Shifted3x3 => shifted3x3::conv(level, conv, x, n, h, w, out, out_channels, residual),
         ConvPath::Im2colGemm => gemm::conv(level, conv, x, n, h, w, oh, ow, out, out_channels, residual),
@@ -146,10 +154,15 @@ mod tests {
             (2, 300, 13, 1, 1, 1, 4, 8, Act::Relu6, false, 0),   // 1x1 over 32 pixels (copied planes), K = 300
             (1, 20, 14, 1, 1, 1, 8, 8, Act::None, true, 0),      // 1x1, 64 pixels: copied planes, few channels
             (1, 5, 30, 5, 2, 1, 13, 10, Act::Leaky(0.0), false, 0), // 5x5 stride 2: four phases, two taps deep
+            (2, 24, 40, 3, 1, 1, 33, 35, Act::Leaky(0.1), true, 2), // 3x3 s1 where Winograd is preferred, odd sizes
+            (1, 300, 20, 3, 1, 1, 7, 9, Act::Relu6, false, 0),   // Winograd with two reduction passes (KC)
+            (1, 16, 16, 3, 1, 1, 1, 1, Act::None, true, 0),      // a single pixel: one tile, mostly padding
+            (1, 64, 64, 3, 1, 1, 80, 80, Act::Leaky(0.1), false, 0), // the FPN merge shape, several bands
         ];
         let levels = Isa::supported_levels();
         let kernels: Vec<Kernel> = levels.iter().filter_map(|&l| Kernel::for_isa(l)).collect();
         let mut exercised = std::collections::HashSet::new();
+        let mut winograd_exercised = std::collections::HashSet::new();
         for (n, cin, cout, k, stride, groups, h, w, act, with_res, off) in cases {
             let conv = Conv {
                 name: "test".into(),
@@ -181,6 +194,7 @@ mod tests {
             if igemm::handles(&conv) && igemm::fits(&conv, h, w) {
                 paths.extend(kernels.iter().map(|&k| ConvPath::Igemm(k)));
             }
+            paths.extend(kernels.iter().filter(|k| winograd::handles(&conv, k.isa())).map(|&k| ConvPath::Winograd(k)));
             paths.dedup();
             // Each path with each level's element-wise loops (the AVX2 build of the epilogue and of the
             // direct and depthwise loops, or the baseline one).
@@ -188,6 +202,9 @@ mod tests {
             for (path, level) in runs {
                 if let ConvPath::Igemm(k) = path {
                     exercised.insert(k.isa());
+                }
+                if let ConvPath::Winograd(k) = path {
+                    winograd_exercised.insert(k.isa());
                 }
                 let mut got = vec![f32::NAN; n * oc * oh * ow];
                 conv2d_on(path, level, &conv, &x, n, h, w, &mut got, oc, res.as_deref());
@@ -209,6 +226,7 @@ mod tests {
         }
         for k in &kernels {
             assert!(exercised.contains(&k.isa()), "the {k:?} kernel was exercised");
+            assert!(winograd_exercised.contains(&k.isa()), "Winograd on the {k:?} kernel was exercised");
         }
         println!("levels tested: {levels:?}");
     }
@@ -232,11 +250,16 @@ mod tests {
             act: Act::None,
             packed: Default::default(),
         };
-        for c in [conv(64, 3, 1), conv(3, 3, 2), conv(16, 1, 1)] {
+        for c in [conv(3, 3, 2), conv(16, 1, 1), conv(8, 3, 1), conv(64, 3, 1)] {
             assert_eq!(choose_path(&c, 40, 40, Isa::Avx512), ConvPath::Igemm(Kernel::Avx512));
             assert_eq!(choose_path(&c, 40, 40, Isa::Avx2), ConvPath::Igemm(Kernel::Avx2));
             assert!(!matches!(choose_path(&c, 40, 40, Isa::Portable), ConvPath::Igemm(_)));
         }
+        // 3x3 stride 1 with enough channels and pixels: Winograd on the level's own kernel.
+        let c = Conv { cout: 64, weight: vec![0.0; 64 * 64 * 9], bias: vec![0.0; 64], ..conv(64, 3, 1) };
+        assert_eq!(choose_path(&c, 40, 40, Isa::Avx512), ConvPath::Winograd(Kernel::Avx512));
+        assert_eq!(choose_path(&c, 40, 40, Isa::Avx2), ConvPath::Winograd(Kernel::Avx2));
+        assert!(!matches!(choose_path(&c, 40, 40, Isa::Portable), ConvPath::Winograd(_) | ConvPath::Igemm(_)));
     }
 
     /// Every path other than the micro-kernels that computes `conv` (what the portable level runs).

@@ -1,0 +1,406 @@
+//! Depthwise 3×3 + pointwise 1×1 fused per band of output rows (MobileNetV1's blocks, MobileNetV2's
+//! depthwise + project), at the AVX2 and AVX-512 levels.
+//!
+//! The composition writes the depthwise output to memory and reads it back: on the early MobileNet
+//! layers (8–32 channels at 160²–320²) both convolutions are bound by that traffic, not by arithmetic.
+//! Here each task computes the depthwise output of a band of rows, all channels, into a scratch that
+//! stays in L2 ([channel][band pixels]), and the pointwise convolution reads it from there with the
+//! implicit-GEMM micro-kernel (the scratch is its B operand, one plane per channel, like a 1×1 input)
+//! and writes the band's output rows with the epilogue applied.
+//!
+//! Same values as the composition at the same level: the depthwise sums its nine taps in (ky, kx) order
+//! with separate multiplies and adds, as `depthwise` does (taps outside the image add a zero product),
+//! then the epilogue; the pointwise is the same micro-kernel over the same packed weights in the same k
+//! order. The only difference is the sign of a zero where every tap is outside the image.
+
+use super::common::{MIN_TASKS, SharedMut, epilogue_fast, store_grid};
+use super::igemm::{self, KC, Kernel, conflict_free_stride};
+use super::tile::{MR, NR};
+use crate::cpu::isa::Isa;
+use crate::graph::Conv;
+use crate::reference::out_size;
+use rayon::prelude::*;
+
+/// Floats of depthwise scratch plus pointwise accumulators per task (1 MiB): both stay in L2.
+const BAND_BUDGET: usize = 1 << 18;
+
+/// Whether `dw` then `pw` is a pair this path computes at `level` (else the caller runs the composition).
+pub fn fuses(dw: &Conv, pw: &Conv, level: Isa) -> bool {
+    Kernel::for_isa(level).is_some()
+        && dw.groups == dw.cin
+        && dw.cin == dw.cout
+        && dw.kernel == 3
+        && dw.pad == 1
+        && (dw.stride == 1 || dw.stride == 2)
+        && dw.residual.is_none()
+        && pw.kernel == 1
+        && pw.stride == 1
+        && pw.pad == 0
+        && pw.groups == 1
+        && pw.cin == dw.cout
+}
+
+/// Whether fusing is the faster way for this pair on an h×w input (measured with `cargo bench --bench
+/// conv_shapes -- dw+pw`, one thread, AVX-512 Xeon): it wins on narrow pointwise convolutions (up to 64
+/// input channels: 1.4–1.5x on MobileNet x0.25's 8–64 channel layers), and up to 128 on maps of at most
+/// 80×80 (1.2x); from 128 channels on large maps and from 256 on, the composition's GEMM-crate
+/// pointwise path is faster (0.5–0.9x fused).
+pub fn preferred(dw: &Conv, pw: &Conv, h: usize, w: usize) -> bool {
+    let (oh, ow) = (out_size(h, 3, dw.stride, 1), out_size(w, 3, dw.stride, 1));
+    pw.cin <= 64 || (pw.cin <= 128 && oh * ow <= 80 * 80)
+}
+
+/// `pw(dw(x))`: `x` is [n, dw.cin, h, w]; `out` is [n, out_channels, oh, ow] (pw's channels at
+/// `pw.out_channel_offset`); `residual` is pw's, [n, pw.cout, oh, ow]. Call only when `fuses`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv(
+    level: Isa,
+    dw: &Conv,
+    pw: &Conv,
+    x: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    out: &mut [f32],
+    out_channels: usize,
+    residual: Option<&[f32]>,
+) {
+    let Some(kernel) = Kernel::for_isa(level) else {
+        unreachable!("dwpw::conv at a level without a micro-kernel: `fuses` was not checked")
+    };
+    assert!(kernel.isa().supported(), "dwpw: the {kernel:?} kernel was chosen on a processor without it");
+    let (s, c) = (dw.stride, dw.cout);
+    let (oh, ow) = (out_size(h, 3, s, 1), out_size(w, 3, s, 1));
+    assert_eq!(x.len(), n * c * h * w, "dwpw {} input size", dw.name);
+    assert_eq!(out.len(), n * out_channels * oh * ow, "dwpw {} output size", pw.name);
+    assert!(pw.out_channel_offset + pw.cout <= out_channels);
+    if let Some(r) = residual {
+        assert_eq!(r.len(), n * pw.cout * oh * ow, "dwpw {} residual size", pw.name);
+    }
+    let packed = pw.packed.igemm.get_or_init(|| igemm::pack_weights(&pw.weight, pw.cout, pw.cin));
+    let blocks = pw.cout.div_ceil(MR);
+    // Rows per band: the scratch (c planes) and the accumulators (blocks·MR rows) within the budget,
+    // and enough bands for the threads.
+    let per_row = (c + blocks * MR) * ow;
+    let budget_rows = (BAND_BUDGET / per_row.max(1)).max(1);
+    let want = MIN_TASKS.div_ceil(n).min(oh);
+    let rows = budget_rows.min(oh.div_ceil(want)).max(1);
+    let bands = oh.div_ceil(rows);
+    let out = SharedMut(out.as_mut_ptr());
+    let task = Band { level, kernel, dw, pw, packed, x, h, w, oh, ow, out, out_channels, residual };
+    (0..n * bands).into_par_iter().for_each(|t| {
+        // A thread's scratch is reused across calls (taken, so a nested call on this thread gets its
+        // own): fresh megabytes per task would be page faults and zero fills.
+        let mut s = SCRATCH.with(|c| c.take());
+        let (b, bi) = (t / bands, t % bands);
+        let y0 = bi * rows;
+        task.run(b, y0, rows.min(oh - y0), &mut s);
+        SCRATCH.with(|c| *c.borrow_mut() = s);
+    });
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+#[derive(Default)]
+struct Scratch {
+    /// Depthwise output of the band: [c][plane], plane ≥ rows·ow.
+    mid: Vec<f32>,
+    /// Pointwise accumulators: [blocks·MR][ld].
+    acc: Vec<f32>,
+    /// Stride 2: the band's input rows split into even and odd padded columns.
+    split: Vec<f32>,
+    /// Pointwise reduction offsets (one plane per input channel).
+    offsets: Vec<u32>,
+}
+
+struct Band<'a> {
+    level: Isa,
+    kernel: Kernel,
+    dw: &'a Conv,
+    pw: &'a Conv,
+    packed: &'a [f32],
+    x: &'a [f32],
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    out: SharedMut,
+    out_channels: usize,
+    residual: Option<&'a [f32]>,
+}
+
+impl Band<'_> {
+    /// Output rows y0..y0+rows of image b.
+    fn run(&self, b: usize, y0: usize, rows: usize, s: &mut Scratch) {
+        let (c, ow) = (self.dw.cout, self.ow);
+        let len = rows * ow;
+        let plane = conflict_free_stride(len);
+        s.mid.resize(c * plane, 0.0);
+        let (h, w, stride) = (self.h, self.w, self.dw.stride);
+        // Stride 2: the band's input rows, each split once into even and odd padded columns.
+        let half = (w + 2).div_ceil(2);
+        let first_row = (2 * y0) as isize - 1;
+        let split_rows = 2 * rows + 1;
+        for ch in 0..c {
+            let input = &self.x[(b * c + ch) * h * w..][..h * w];
+            let weight: &[f32; 9] = self.dw.weight[ch * 9..ch * 9 + 9].try_into().expect("3x3 depthwise weights");
+            let line =
+                |iy: isize| (iy >= 0 && (iy as usize) < h).then(|| &input[iy as usize * w..(iy as usize + 1) * w]);
+            let dst = &mut s.mid[ch * plane..ch * plane + len];
+            if stride == 1 {
+                for (r, row) in dst.chunks_exact_mut(ow).enumerate() {
+                    let oy = (y0 + r) as isize;
+                    dw_row_s1_fast(self.level, [line(oy - 1), line(oy), line(oy + 1)], weight, row);
+                }
+            } else {
+                s.split.clear();
+                s.split.resize(split_rows * 2 * half, 0.0);
+                for (i, split) in s.split.chunks_exact_mut(2 * half).enumerate() {
+                    if let Some(src) = line(first_row + i as isize) {
+                        split_padded(src, split, half);
+                    }
+                }
+                for (r, row) in dst.chunks_exact_mut(ow).enumerate() {
+                    let present = [0, 1, 2].map(|ky| line(first_row + (2 * r + ky) as isize).is_some());
+                    let split = &s.split[2 * r * 2 * half..(2 * r + 3) * 2 * half];
+                    dw_row_s2_fast(self.level, split, half, present, weight, row);
+                }
+            }
+            epilogue_fast(self.level, dst, self.dw.bias[ch], None, self.dw.act);
+        }
+        self.pointwise(b, y0, len, plane, s);
+    }
+
+    /// The pointwise convolution of the band's `len` pixels from `s.mid`, written to the output.
+    fn pointwise(&self, b: usize, y0: usize, len: usize, plane: usize, s: &mut Scratch) {
+        let (pw, depth) = (self.pw, self.pw.cin);
+        let blocks = pw.cout.div_ceil(MR);
+        let tiles = len.div_ceil(NR);
+        let ld = tiles * NR;
+        s.acc.resize(blocks * MR * ld, 0.0);
+        s.offsets.clear();
+        s.offsets.extend((0..depth).map(|ci| (ci * plane) as u32));
+        for kc0 in (0..depth).step_by(KC) {
+            let kc = KC.min(depth - kc0);
+            let offsets = &s.offsets[kc0..kc0 + kc];
+            for t in 0..tiles {
+                let px = t * NR;
+                let valid = NR.min(len - px);
+                for j in 0..blocks {
+                    let a = &self.packed[(j * depth + kc0) * MR..][..kc * MR];
+                    let c = &mut s.acc[j * MR * ld + px..];
+                    // SAFETY: `conv` checked that the processor runs the kernel; every B read lies at
+                    // ci·plane + px + lane with lane < valid, inside the scratch.
+                    unsafe {
+                        igemm::tile_dispatch(self.kernel, a, offsets, &s.mid[px..], c, ld, kc0 > 0, valid, j == 0)
+                    };
+                }
+            }
+        }
+        let out_plane = self.oh * self.ow;
+        let px0 = y0 * self.ow;
+        for co in 0..pw.cout {
+            let res = self.residual.map(|r| &r[(b * pw.cout + co) * out_plane..][..out_plane]);
+            let plane_at = (b * self.out_channels + pw.out_channel_offset + co) * out_plane;
+            // SAFETY: the band's rows of each output channel belong to this task alone.
+            unsafe {
+                store_grid(
+                    self.level,
+                    &s.acc[co * ld..][..len],
+                    px0,
+                    self.ow,
+                    self.ow,
+                    self.out,
+                    plane_at,
+                    pw.bias[co],
+                    res,
+                    pw.act,
+                )
+            };
+        }
+    }
+}
+
+/// A row padded by one zero column on the left, split into its even padded columns (`split[..half]`)
+/// and odd ones (`split[half..]`): padded column j is input column j − 1, and padded column 2x + kx is
+/// tap kx of stride-2 output x. `split` is zeroed by the caller (the padding stays zero).
+#[inline(always)]
+fn split_padded(src: &[f32], split: &mut [f32], half: usize) {
+    let (even, odd) = split.split_at_mut(half);
+    // Input column 2k is padded column 2k + 1 (odd slot k); input column 2k + 1 is even slot k + 1.
+    for (k, pair) in src.chunks_exact(2).enumerate() {
+        odd[k] = pair[0];
+        even[k + 1] = pair[1];
+    }
+    if src.len() % 2 == 1 {
+        odd[src.len() / 2] = src[src.len() - 1];
+    }
+}
+
+/// Stride 1: interior columns vectorised over the three rows' shifted slices; the two edge columns,
+/// whose outer tap is padding, one by one. A missing row (padding) adds zero products.
+#[inline(always)]
+fn dw_row_s1(lines: [Option<&[f32]>; 3], wt: &[f32; 9], row: &mut [f32]) {
+    let ow = row.len();
+    let tap = |l: Option<&[f32]>, x: isize| -> f32 {
+        match l {
+            Some(r) if x >= 0 && (x as usize) < r.len() => r[x as usize],
+            _ => 0.0,
+        }
+    };
+    let edge = |x: usize| -> f32 {
+        let mut acc = 0.0f32;
+        for (ky, l) in lines.iter().enumerate() {
+            for kx in 0..3 {
+                acc += wt[ky * 3 + kx] * tap(*l, x as isize + kx as isize - 1);
+            }
+        }
+        acc
+    };
+    if ow <= 2 {
+        for (x, v) in row.iter_mut().enumerate() {
+            *v = edge(x);
+        }
+        return;
+    }
+    row[0] = edge(0);
+    row[ow - 1] = edge(ow - 1);
+    let n = ow - 2;
+    let inner = &mut row[1..ow - 1];
+    inner.fill(0.0);
+    for (ky, l) in lines.iter().enumerate() {
+        let Some(r) = l else {
+            // Zero products: acc + w·0 = acc (up to the sign of a zero sum).
+            continue;
+        };
+        let (a, b, c) = (&r[..n], &r[1..n + 1], &r[2..n + 2]);
+        let (w0, w1, w2) = (wt[ky * 3], wt[ky * 3 + 1], wt[ky * 3 + 2]);
+        for i in 0..n {
+            inner[i] = ((inner[i] + w0 * a[i]) + w1 * b[i]) + w2 * c[i];
+        }
+    }
+}
+
+/// Stride 2 over rows split into even/odd padded columns (`split`, 2·half floats per row): output x
+/// reads even[x], odd[x], even[x + 1].
+#[inline(always)]
+fn dw_row_s2(split: &[f32], half: usize, present: [bool; 3], wt: &[f32; 9], row: &mut [f32]) {
+    let ow = row.len();
+    row.fill(0.0);
+    for (ky, &p) in present.iter().enumerate() {
+        if !p {
+            continue;
+        }
+        let (even, odd) = split[ky * 2 * half..(ky + 1) * 2 * half].split_at(half);
+        let (a, b, c) = (&even[..ow], &odd[..ow], &even[1..ow + 1]);
+        let (w0, w1, w2) = (wt[ky * 3], wt[ky * 3 + 1], wt[ky * 3 + 2]);
+        for i in 0..ow {
+            row[i] = ((row[i] + w0 * a[i]) + w1 * b[i]) + w2 * c[i];
+        }
+    }
+}
+
+crate::cpu::isa::avx_dispatch!(dw_row_s1_fast, dw_row_s1_avx2, dw_row_s1_avx512, dw_row_s1, (lines: [Option<&[f32]>; 3], wt: &[f32; 9], row: &mut [f32]));
+crate::cpu::isa::avx_dispatch!(dw_row_s2_fast, dw_row_s2_avx2, dw_row_s2_avx512, dw_row_s2, (split: &[f32], half: usize, present: [bool; 3], wt: &[f32; 9], row: &mut [f32]));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::Act;
+    use crate::reference;
+
+    #[allow(clippy::too_many_arguments)]
+    fn conv(
+        name: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        groups: usize,
+        act: Act,
+        rnd: &mut impl FnMut() -> f32,
+    ) -> Conv {
+        Conv {
+            name: name.into(),
+            input: 0,
+            output: 1,
+            out_channel_offset: 0,
+            cin,
+            cout,
+            kernel: k,
+            stride,
+            pad: k / 2,
+            groups,
+            weight: (0..cout * (cin / groups) * k * k).map(|_| rnd()).collect(),
+            bias: (0..cout).map(|_| rnd()).collect(),
+            residual: None,
+            act,
+            packed: Default::default(),
+        }
+    }
+
+    /// The fused pair against the reference composition (f32 rounding) and against the fast paths'
+    /// composition at the same level (the same sums in the same order: equal values), on the shapes of
+    /// the MobileNets and odd ones: stride 1 and 2, odd and tiny sizes, batches, a residual, an output
+    /// channel offset, several bands, and more input channels than one reduction pass (KC).
+    #[test]
+    fn fused_depthwise_pointwise_equals_the_composition_at_every_level() {
+        let mut seed = 7u64;
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / 16777216.0) * 2.0 - 1.0
+        };
+        // (n, c, cout, stride, h, w, residual, offset)
+        let cases = [
+            (1, 8, 16, 1, 37, 41, false, 0),
+            (2, 16, 32, 2, 33, 30, false, 3),
+            (1, 24, 24, 1, 9, 7, true, 0),
+            (2, 5, 11, 2, 5, 6, false, 0),
+            (1, 3, 8, 1, 1, 1, false, 0),
+            (1, 4, 8, 1, 2, 3, true, 0),
+            (1, 3, 8, 2, 1, 2, false, 0),
+            (1, 300, 17, 1, 6, 5, false, 1),
+            (1, 32, 64, 2, 160, 161, false, 0),
+        ];
+        let levels: Vec<Isa> = Isa::supported_levels().into_iter().filter(|l| Kernel::for_isa(*l).is_some()).collect();
+        for (n, c, cout, s, h, w, with_res, off) in cases {
+            let dw = conv("dw", c, c, 3, s, c, Act::Leaky(0.1), &mut rnd);
+            let mut pw = conv("pw", c, cout, 1, 1, 1, Act::Relu6, &mut rnd);
+            pw.out_channel_offset = off;
+            assert!(levels.iter().all(|&l| fuses(&dw, &pw, l)));
+            let x: Vec<f32> = (0..n * c * h * w).map(|_| rnd() * 3.0).collect();
+            let (oh, ow) = (out_size(h, 3, s, 1), out_size(w, 3, s, 1));
+            let res: Option<Vec<f32>> = with_res.then(|| (0..n * cout * oh * ow).map(|_| rnd()).collect());
+            let oc = off + cout + 1;
+            let mut mid = vec![0.0; n * c * oh * ow];
+            reference::conv2d(&dw, &x, n, h, w, &mut mid, c, None);
+            let mut want = vec![f32::NAN; n * oc * oh * ow];
+            reference::conv2d(&pw, &mid, n, oh, ow, &mut want, oc, res.as_deref());
+            for &level in &levels {
+                // The composition as the executor runs it at this level.
+                let step = |cv: &Conv, x: &[f32], h, w, out: &mut [f32], oc, res: Option<&[f32]>| {
+                    let path = crate::cpu::conv::choose_path(cv, h, w, level);
+                    crate::cpu::conv::conv2d_on(path, level, cv, x, n, h, w, out, oc, res)
+                };
+                let mut fast_mid = vec![0.0; n * c * oh * ow];
+                step(&dw, &x, h, w, &mut fast_mid, c, None);
+                let mut composed = vec![f32::NAN; n * oc * oh * ow];
+                step(&pw, &fast_mid, oh, ow, &mut composed, oc, res.as_deref());
+                let mut got = vec![f32::NAN; n * oc * oh * ow];
+                super::conv(level, &dw, &pw, &x, n, h, w, &mut got, oc, res.as_deref());
+                for (i, ((g, e), m)) in got.iter().zip(&want).zip(&composed).enumerate() {
+                    let ch = (i / (oh * ow)) % oc;
+                    let at = format!("{level:?} n{n} c{c}->{cout} s{s} {h}x{w}: element {i} (channel {ch})");
+                    if ch < off || ch >= off + cout {
+                        assert!(g.is_nan(), "{at}: written outside the conv's channels");
+                        continue;
+                    }
+                    assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "{at}: {g} vs reference {e}");
+                    assert!(g == m, "{at}: {g} vs the composition's {m}");
+                }
+            }
+        }
+    }
+}
