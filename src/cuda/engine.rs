@@ -248,9 +248,10 @@ impl GpuEngine {
             graph: graph.clone(),
             weights,
             fused_pw,
-            plans: PlanCache::with_layout(
+            plans: PlanCache::without(
                 DEFAULT_PLAN_CACHE_BYTES,
                 if precision == Precision::F16 { Layout::F16 } else { Layout::F32 },
+                absent_tensors(graph),
             ),
             last: None,
             cuda_graphs: true,
@@ -1106,6 +1107,17 @@ fn launch_fused(
         }
         _ => Err(Error::Cuda(format!("op at {first} is not a fused op"))),
     }
+}
+
+/// The tensors the CUDA executors never store, so their plans give them no arena space: the
+/// depthwise output of a depthwise + pointwise op (its kernel keeps it in shared memory) and the head
+/// maps (the heads kernels write the decoded raw outputs instead).
+pub fn absent_tensors(graph: &Graph) -> Vec<TensorId> {
+    let fused = graph.ops.iter().filter_map(|op| match op {
+        Op::DwPw { dw, .. } => Some(dw.output),
+        _ => None,
+    });
+    graph.taps.head.iter().copied().chain(fused).collect()
 }
 
 /// Frees a slot's graphs and buffers.
