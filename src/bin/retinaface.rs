@@ -753,6 +753,7 @@ fn video(a: VideoArgs) -> Result<()> {
         realtime: a.realtime,
         track: a.track,
         progress: !a.quiet,
+        host_resize: false,
     };
     // Source and ffmpeg first: their mistakes should not wait for the weights to load.
     retinaface::video::source::SourceSpec::parse(&a.source)?;
