@@ -11,7 +11,10 @@ use serve_util::*;
 
 #[test]
 fn streamed_batches_answer_each_request_with_its_own_detections() {
-    let server = start(&["--backend", "cuda-sim", "--max-batch", "2", "--resize", "long-side:160"]);
+    // No queue timeout: the simulation is slow, more so beside other tests, and this test is about
+    // answers, not deadlines.
+    let server =
+        start(&["--backend", "cuda-sim", "--max-batch", "2", "--resize", "long-side:160", "--queue-timeout-ms", "0"]);
     let mut engine = Engine::new(&WeightsSpec::File(real_weights()), None).unwrap();
     engine.set_backend(Backend::CudaSim).unwrap();
     let opts = DetectOptions { resize: ResizeMode::LongSide(160), ..DetectOptions::default() };
