@@ -3,7 +3,7 @@
 use crate::cpu::CpuExecutor;
 use crate::detection::Detection;
 use crate::error::{Error, Result};
-pub use crate::exec::{Activations, Backend, BenchMode, MAX_INPUT_PIXELS, Precision, Timings};
+pub use crate::exec::{Activations, Backend, BenchMode, MAX_INPUT_PIXELS, Precision, StreamBatch, Timings};
 use crate::exec::{Executor, check_batch, groups};
 use crate::graph::{DEFAULT_PLAN_CACHE_BYTES, Plan};
 use crate::image_io::{BgrImage, ResizeMode, ResizeSpec};
@@ -273,6 +273,20 @@ impl Engine {
             }
         }
         Ok(results)
+    }
+
+    /// Detections of a stream of batches of already-resized network inputs (as
+    /// [`Self::detect_resized`] on each), handed to `done` in order. On a CUDA backend two batches
+    /// are in flight: the next is taken from `batches` (decoded, say) and uploaded while the current
+    /// one runs, and its detections come back while the next runs.
+    pub fn detect_stream<'a>(
+        &self,
+        batches: &mut dyn Iterator<Item = Result<StreamBatch<'a>>>,
+        post: &PostOptions,
+        done: &mut dyn FnMut(Vec<Vec<Detection>>) -> Result<()>,
+    ) -> Result<()> {
+        post.validate()?;
+        self.exec.detect_stream(batches, post, done)
     }
 
     /// Uploads same-sized network inputs once to the backend's device for [`Self::bench_pass`] with

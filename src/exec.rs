@@ -205,6 +205,23 @@ pub trait Executor: Send + Sync {
         self.detect(images, &vec![1.0; images.len()], post, timings).map(|_| ())
     }
 
+    /// Detections of a stream of batches, handed to `done` batch by batch in order; equal to
+    /// [`Executor::detect`] on each. The CUDA executor keeps two batches in flight (the next one
+    /// taken from `batches` and uploaded while the current one runs); the default runs them in turn.
+    fn detect_stream<'a>(
+        &self,
+        batches: &mut dyn Iterator<Item = Result<StreamBatch<'a>>>,
+        post: &PostOptions,
+        done: &mut dyn FnMut(Vec<Vec<Detection>>) -> Result<()>,
+    ) -> Result<()> {
+        for b in batches {
+            let b = b?;
+            let refs: Vec<&BgrImage> = b.images.iter().map(|c| c.as_ref()).collect();
+            done(self.detect(&refs, &b.scales, post, None)?)?;
+        }
+        Ok(())
+    }
+
     /// The plan an n×3×h×w batch runs with: computed by [`Plan::new`] for every executor alike and
     /// cached with this executor's buffers for it.
     fn plan(&self, n: usize, h: usize, w: usize) -> Result<Arc<Plan>>;
@@ -229,6 +246,13 @@ pub trait Executor: Send + Sync {
     fn set_cuda_graphs(&self, _on: bool) -> Result<()> {
         Ok(())
     }
+}
+
+/// One batch of [`Executor::detect_stream`]: same-sized network inputs (borrowed or owned: the
+/// executor is done with them once the batch is issued) and the factor each was resized by.
+pub struct StreamBatch<'a> {
+    pub images: Vec<std::borrow::Cow<'a, BgrImage>>,
+    pub scales: Vec<f64>,
 }
 
 /// What a pass of `retinaface bench` times.

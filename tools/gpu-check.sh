@@ -270,6 +270,10 @@ for s in steps:
             rows.append({"section": "engine", "name": r["network"], "input": f'{r["width"]}x{r["height"]}',
                          "batch": r["batch"], "images_per_s": r["images_per_s"], "p50_ms": r["latency_ms"]["p50"],
                          "device_ms": r.get("device_ms_per_batch"), "status": "", "what": r.get("measures", "")})
+            if r.get("pipelined_images_per_s") is not None:
+                rows.append({"section": "engine", "name": r["network"], "input": f'{r["width"]}x{r["height"]}',
+                             "batch": r["batch"], "images_per_s": r["pipelined_images_per_s"], "status": "",
+                             "what": "host images -> detections, batches streamed (two in flight)"})
     if name == "anchors":
         for r in lines(os.path.join(out, "anchors.jsonl")):
             rows.append({"section": "anchor:" + r.get("runtime", "?"), "name": r.get("network", ""),

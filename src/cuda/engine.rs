@@ -15,6 +15,8 @@ use std::sync::Arc;
 
 #[path = "engine_f16.rs"]
 mod f16;
+#[path = "pipeline.rs"]
+mod pipeline;
 
 /// A plan's device memory: the f32 arena the plan lays the tensors out in (NHWC), the input bytes,
 /// the raw outputs and the post-processing buffers (made on the first `detect`).
@@ -35,6 +37,32 @@ struct GpuBufs {
     post_graph: Option<(ops::post::PostGraphKey, GraphId)>,
     /// Decoded images and resize tables of `detect_specs` (made on its first use, grown as needed).
     resize: Option<ops::resize::Staging>,
+    /// The second input and post-processing slot of pipelined batches (made on its first use):
+    /// swapped with the fields above while a batch of that slot is issued.
+    spare: Option<Box<IoSlot>>,
+    /// The batch `stage_input` left on the device, in a slot of its own (with its graphs), swapped
+    /// in by `bench --input-on-device` passes.
+    staged: Option<Box<IoSlot>>,
+}
+
+/// What a batch in flight owns until its detections are read: its input bytes and its
+/// post-processing buffers (and the graphs captured over them). The arena and the raw outputs are
+/// shared, as only the compute stream uses them, batch after batch.
+struct IoSlot {
+    input_u8: DevBuf,
+    post: Option<ops::post::PostBufs>,
+    graph: Option<GraphId>,
+    post_graph: Option<(ops::post::PostGraphKey, GraphId)>,
+}
+
+impl GpuBufs {
+    /// Exchanges the slot the pass code reads (the fields) with `other`.
+    fn swap_slot(&mut self, other: &mut IoSlot) {
+        std::mem::swap(&mut self.input_u8, &mut other.input_u8);
+        std::mem::swap(&mut self.post, &mut other.post);
+        std::mem::swap(&mut self.graph, &mut other.graph);
+        std::mem::swap(&mut self.post_graph, &mut other.post_graph);
+    }
 }
 
 impl GpuBufs {
@@ -46,6 +74,12 @@ impl GpuBufs {
         v.extend(self.f16.as_ref().and_then(|f| f.ws));
         if let Some(s) = &self.resize {
             v.extend(s.all());
+        }
+        for s in self.spare.iter().chain(&self.staged) {
+            v.push(s.input_u8);
+            if let Some(p) = &s.post {
+                v.extend(p.all());
+            }
         }
         v
     }
@@ -74,8 +108,23 @@ pub struct GpuEngine {
     precision: Precision,
     /// How the f16 path picks conv variants.
     tuning: f16::Tuning,
-    /// The batch `stage_input` uploaded for `bench --input-on-device`: its (n, h, w) and bytes.
-    staged: Option<(usize, usize, usize, DevBuf)>,
+    /// The (n, h, w) of the batch `stage_input` uploaded for `bench --input-on-device` (its bytes
+    /// are in its plan's `GpuBufs::staged`).
+    staged: Option<(usize, usize, usize)>,
+    /// Per slot, the events of pipelined batches: the upload done (copy stream), the pass done
+    /// (compute stream), the last download done (copy stream). Made on first use.
+    pipe_events: Option<[[EventId; 3]; 2]>,
+    /// Test hook: a cross-stream wait the pipeline leaves out (to show the simulation catches it).
+    skip_wait: Option<PipelineWait>,
+}
+
+/// The cross-stream waits of a pipelined batch (see [`GpuEngine::detect_stream`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PipelineWait {
+    /// The compute stream waits for the batch's upload on the copy stream.
+    ComputeAfterUpload,
+    /// The copy stream waits for the batch's pass before downloading its detections.
+    DownloadAfterCompute,
 }
 
 use super::ops::{self, dim};
@@ -199,9 +248,10 @@ impl GpuEngine {
             graph: graph.clone(),
             weights,
             fused_pw,
-            plans: PlanCache::with_layout(
+            plans: PlanCache::without(
                 DEFAULT_PLAN_CACHE_BYTES,
                 if precision == Precision::F16 { Layout::F16 } else { Layout::F32 },
+                absent_tensors(graph),
             ),
             last: None,
             cuda_graphs: true,
@@ -209,6 +259,8 @@ impl GpuEngine {
             precision,
             tuning: f16::Tuning::heuristic(),
             staged: None,
+            pipe_events: None,
+            skip_wait: None,
         })
     }
 
@@ -351,6 +403,8 @@ impl GpuEngine {
                 graph: None,
                 post_graph: None,
                 resize: None,
+                spare: None,
+                staged: None,
             })
         })
     }
@@ -367,9 +421,9 @@ impl GpuEngine {
 
     /// Runs preprocessing, the network and the heads; leaves loc/conf/landm on the device.
     /// With `keep_all` every tensor stays readable (by [`Self::tensor_nchw`]) after the pass.
-    /// The batch goes up in one staged copy (or is resized on the device, or was staged before); the
-    /// launches are a graph captured on the plan's first pass and replayed after (or launched one by
-    /// one with graphs off).
+    /// The batch goes up in one staged copy (or is resized on the device, or is already in the input
+    /// buffer of the slot swapped in); the launches are a graph captured on the slot's first pass and
+    /// replayed after (or launched one by one with graphs off).
     fn forward_input(&mut self, input: BatchInput<'_>, keep_all: bool) -> Result<(Arc<Plan>, [DevBuf; 3])> {
         if self.precision == Precision::F16 {
             return match input {
@@ -381,7 +435,7 @@ impl GpuEngine {
         }
         let (n, h, w) = input.shape()?;
         if let BatchInput::Staged(..) = input
-            && self.staged.is_none_or(|(sn, sh, sw, _)| (sn, sh, sw) != (n, h, w))
+            && self.staged != Some((n, h, w))
         {
             return Err(Error::InvalidArgument(format!("no {n}x{w}x{h} batch is staged on the device")));
         }
@@ -391,13 +445,12 @@ impl GpuEngine {
         let (plan, bufs) = self.plan(key)?;
         let (input_u8, loc, conf, landm, graph) = (bufs.input_u8, bufs.loc, bufs.conf, bufs.landm, bufs.graph);
         self.last = Some(key);
-        // The bytes the pass starts from: uploaded now, resized now into the plan's input buffer, or
-        // staged on the device before.
-        let source = match input {
+        // The bytes the pass starts from, in the input buffer of the slot in use: uploaded now,
+        // resized now, or put there before (a staged batch, a pipelined upload).
+        match input {
             BatchInput::Host(images) => {
                 let parts: Vec<&[u8]> = images.iter().map(|i| i.data.as_slice()).collect();
                 self.runner.upload_staged(input_u8, 0, &parts)?;
-                input_u8
             }
             BatchInput::Resize(images, specs) => {
                 let mut staging = self.plans.buffers(key).and_then(|b| b.resize.take());
@@ -406,14 +459,11 @@ impl GpuEngine {
                     b.resize = staging;
                 }
                 res?;
-                input_u8
             }
-            BatchInput::Staged(..) => self.staged.map_or(input_u8, |(.., b)| b),
-        };
-        // The plan's graph reads the plan's own input buffer: a batch staged elsewhere runs launch by
-        // launch.
-        if !use_graph || source != input_u8 {
-            self.launch_forward(&plan, key, source)?;
+            BatchInput::Staged(..) | BatchInput::Uploaded(..) => {}
+        }
+        if !use_graph {
+            self.launch_forward(&plan, key, input_u8)?;
             return Ok((plan, [loc, conf, landm]));
         }
         let id = match graph {
@@ -639,18 +689,35 @@ impl GpuEngine {
         post: &PostOptions,
         resizes: &[f32],
     ) -> Result<Vec<Vec<Detection>>> {
+        let Some(pass) = self.post_launch(key, raw, post, resizes)? else {
+            return Ok(vec![Vec::new(); key.0]);
+        };
+        let bufs = self.plans.buffers(key).ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
+        let pb = bufs.post.as_ref().ok_or_else(|| Error::Cuda("post buffers vanished".into()))?;
+        ops::post::collect(self.runner.as_mut(), pb, &pass)
+    }
+
+    /// The queued part of [`Self::post_pass`]: the factors uploaded and the launches (or the graph
+    /// replayed), nothing waited for. None: nothing can be kept.
+    fn post_launch(
+        &mut self,
+        key: PlanKey,
+        raw: [DevBuf; 3],
+        post: &PostOptions,
+        resizes: &[f32],
+    ) -> Result<Option<ops::post::PostPass>> {
         let (n, h, w, _) = key;
         let use_graph = self.cuda_graphs();
         let r = self.runner.as_mut();
         let bufs = self.plans.buffers(key).ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
         let path = ops::post::NmsPath::Auto;
         let Some(pass) = ops::post::prepare(r, &mut bufs.post, n, h, w, post, resizes, path)? else {
-            return Ok(vec![Vec::new(); n]);
+            return Ok(None);
         };
         let pb = bufs.post.as_ref().ok_or_else(|| Error::Cuda("post buffers vanished".into()))?;
         if !use_graph {
             ops::post::launch(r, pb, raw, &pass)?;
-            return ops::post::collect(r, pb, &pass);
+            return Ok(Some(pass));
         }
         let gkey = pass.graph_key();
         let id = match bufs.post_graph {
@@ -676,7 +743,7 @@ impl GpuEngine {
             }
         };
         r.replay(id)?;
-        ops::post::collect(r, pb, &pass)
+        Ok(Some(pass))
     }
 }
 
@@ -687,8 +754,10 @@ enum BatchInput<'a> {
     Host(&'a [&'a BgrImage]),
     /// Decoded images of any sizes and their specs (one canvas): each uploaded once, resized on the device.
     Resize(&'a [&'a BgrImage], &'a [ResizeSpec]),
-    /// The batch `stage_input` left on the device: (n, h, w).
+    /// The batch `stage_input` left on the device, its slot swapped in: (n, h, w).
     Staged(usize, usize, usize),
+    /// Already in the plan's input buffer (queued there by a pipelined upload): (n, h, w).
+    Uploaded(usize, usize, usize),
 }
 
 impl BatchInput<'_> {
@@ -703,7 +772,7 @@ impl BatchInput<'_> {
                 let (h, w) = check_specs(images, specs)?;
                 Ok((images.len(), h, w))
             }
-            BatchInput::Staged(n, h, w) => Ok((n, h, w)),
+            BatchInput::Staged(n, h, w) | BatchInput::Uploaded(n, h, w) => Ok((n, h, w)),
         }
     }
 }
@@ -742,19 +811,43 @@ impl GpuEngine {
         Ok(v)
     }
 
-    /// Uploads network-input sized images once, for [`Self::bench_pass`] with `input_on_device`.
+    /// Uploads network-input sized images once, for [`Self::bench_pass`] with `input_on_device`:
+    /// into a slot of their plan's, so that their passes replay graphs captured over it.
     pub fn stage_input(&mut self, images: &[&BgrImage]) -> Result<()> {
         let (h, w) = check_batch(images)?;
         let n = images.len();
-        if let Some((.., old)) = self.staged.take() {
-            self.runner.free(old)?;
+        if let Some((sn, sh, sw)) = self.staged.take()
+            && let Some(old) = self.plans.buffers((sn, sh, sw, false)).and_then(|b| b.staged.take())
+        {
+            free_slot(self.runner.as_mut(), *old)?;
         }
+        let key = (n, h, w, false);
+        self.plan(key)?;
         let buf = self.runner.alloc(n * h * w * 3)?;
+        let slot = Box::new(IoSlot { input_u8: buf, post: None, graph: None, post_graph: None });
+        match self.plans.buffers(key) {
+            Some(b) => b.staged = Some(slot),
+            None => return free_slot(self.runner.as_mut(), *slot),
+        }
         for (i, img) in images.iter().enumerate() {
             self.runner.upload(buf, i * h * w * 3, &img.data)?;
         }
-        self.staged = Some((n, h, w, buf));
+        self.staged = Some((n, h, w));
         Ok(())
+    }
+
+    /// The detections of the batch [`Self::stage_input`] left on the device (resize factors 1),
+    /// through its slot's graphs.
+    pub fn detect_staged(&mut self, post: &PostOptions) -> Result<Vec<Vec<Detection>>> {
+        post.validate()?;
+        let (n, h, w) = self.staged.ok_or_else(|| Error::InvalidArgument("no batch is staged".into()))?;
+        let key = (n, h, w, false);
+        let mut slot = self.swap_in(key, pipeline::Slot::Staged)?;
+        let res = self
+            .forward_input(BatchInput::Staged(n, h, w), false)
+            .and_then(|(_, raw)| self.post_pass(key, raw, post, &vec![1.0; n]));
+        self.swap_out(key, pipeline::Slot::Staged, &mut slot)?;
+        res
     }
 
     /// One pass of `retinaface bench`: from the staged input or the host images; `forward_only` leaves
@@ -770,7 +863,7 @@ impl GpuEngine {
     ) -> Result<()> {
         let t0 = std::time::Instant::now();
         let input = match (mode.input_on_device, self.staged) {
-            (true, Some((n, h, w, _))) => BatchInput::Staged(n, h, w),
+            (true, Some((n, h, w))) => BatchInput::Staged(n, h, w),
             (true, None) => return Err(Error::InvalidArgument("--input-on-device: no batch is staged".into())),
             (false, _) => BatchInput::Host(images),
         };
@@ -778,13 +871,24 @@ impl GpuEngine {
         if !mode.forward_only {
             post.validate()?;
         }
-        let (_, raw) = self.forward_input(input, false)?;
-        self.runner.synchronize()?;
-        let t1 = std::time::Instant::now();
-        if !mode.forward_only {
-            let ones = vec![1.0; n];
-            self.post_pass((n, h, w, false), raw, post, &ones)?;
+        let key = (n, h, w, false);
+        // A staged batch's slot is swapped in for the pass, so the graphs captured over it replay.
+        let staged = mode.input_on_device;
+        let mut slot = if staged { self.swap_in(key, pipeline::Slot::Staged)? } else { None };
+        let res = (|| {
+            let (_, raw) = self.forward_input(input, false)?;
+            self.runner.synchronize()?;
+            let t1 = std::time::Instant::now();
+            if !mode.forward_only {
+                let ones = vec![1.0; n];
+                self.post_pass(key, raw, post, &ones)?;
+            }
+            Ok(t1)
+        })();
+        if staged {
+            self.swap_out(key, pipeline::Slot::Staged, &mut slot)?;
         }
+        let t1 = res?;
         if let Some(t) = timings {
             t.backbone += t1 - t0;
             if !mode.forward_only {
@@ -898,6 +1002,15 @@ impl Executor for CudaExecutor {
         self.lock()?.bench_pass(images, mode, post, timings)
     }
 
+    fn detect_stream<'a>(
+        &self,
+        batches: &mut dyn Iterator<Item = Result<crate::exec::StreamBatch<'a>>>,
+        post: &PostOptions,
+        done: &mut dyn FnMut(Vec<Vec<Detection>>) -> Result<()>,
+    ) -> Result<()> {
+        self.lock()?.detect_stream(batches, post, done)
+    }
+
     fn plan(&self, n: usize, h: usize, w: usize) -> Result<Arc<Plan>> {
         self.lock()?.plan_for(n, h, w)
     }
@@ -996,9 +1109,35 @@ fn launch_fused(
     }
 }
 
+/// The tensors the CUDA executors never store, so their plans give them no arena space: the
+/// depthwise output of a depthwise + pointwise op (its kernel keeps it in shared memory) and the head
+/// maps (the heads kernels write the decoded raw outputs instead).
+pub fn absent_tensors(graph: &Graph) -> Vec<TensorId> {
+    let fused = graph.ops.iter().filter_map(|op| match op {
+        Op::DwPw { dw, .. } => Some(dw.output),
+        _ => None,
+    });
+    graph.taps.head.iter().copied().chain(fused).collect()
+}
+
+/// Frees a slot's graphs and buffers.
+fn free_slot(r: &mut dyn KernelRunner, s: IoSlot) -> Result<()> {
+    for g in s.graph.into_iter().chain(s.post_graph.map(|(_, g)| g)) {
+        r.free_graph(g)?;
+    }
+    r.free(s.input_u8)?;
+    for b in s.post.iter().flat_map(|p| p.all()) {
+        r.free(b)?;
+    }
+    Ok(())
+}
+
 /// Frees a plan's device buffers.
 fn free_all(r: &mut dyn KernelRunner, bufs: GpuBufs) -> Result<()> {
-    for g in bufs.graph.into_iter().chain(bufs.post_graph.map(|(_, g)| g)) {
+    let slots = bufs.spare.iter().chain(&bufs.staged);
+    let slot_graphs: Vec<GraphId> =
+        slots.flat_map(|s| s.graph.into_iter().chain(s.post_graph.map(|(_, g)| g))).collect();
+    for g in bufs.graph.into_iter().chain(bufs.post_graph.map(|(_, g)| g)).chain(slot_graphs) {
         r.free_graph(g)?;
     }
     for b in bufs.all() {

@@ -1,13 +1,14 @@
 //! The real device through cudarc's driver API: discovery that never panics, modules compiled by NVRTC
 //! (cached on disk, see [`super::nvrtc`]) and loaded once per family, functions looked up once, one
-//! launch site. All work goes to one non-blocking stream of the runner's own (never the legacy default
-//! stream, which would serialise with every other stream of the process): launches, memsets, copies
-//! from and to pinned host buffers, events, graph capture and replay.
+//! launch site. Work goes to two non-blocking streams of the runner's own (never the legacy default
+//! stream, which would serialise with every other stream of the process): launches, memsets, graph
+//! capture and replay to the compute stream; copies from and to pinned host buffers and events to
+//! either, ordered across them by events.
 
 use super::kernels;
 use super::nvrtc;
 use super::runner::{
-    DevBuf, EventId, GraphId, KernelRunner, LaunchDims, Readback, StreamClock, capture_error, check_range,
+    DevBuf, EventId, GraphId, KernelRunner, LaunchDims, Readback, Stream, StreamClock, capture_error, check_range,
 };
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaContext, result, sys};
@@ -103,17 +104,19 @@ pub struct GpuRunner {
     modules: HashMap<&'static str, sys::CUmodule>,
     functions: HashMap<String, sys::CUfunction>,
     allocs: HashSet<u64>,
-    stream: sys::CUstream,
-    clock: StreamClock,
+    /// The compute stream, then the copy stream.
+    streams: [sys::CUstream; 2],
+    clocks: [StreamClock; 2],
     next_id: u64,
-    /// The staging buffer of `upload_staged`, and the event recorded after its last copy (the host
-    /// must not overwrite it before that copy has read it).
-    staging: Option<Pinned>,
-    staging_free: sys::CUevent,
+    /// Per stream, the staging buffer of `upload_staged_on`, and the event recorded after its last
+    /// copy (the host must not overwrite it before that copy has read it).
+    staging: [Option<Pinned>; 2],
+    staging_free: [sys::CUevent; 2],
     /// Idle pinned download buffers, and the queued ones by readback id.
     pinned_idle: Vec<Pinned>,
     pinned_busy: HashMap<u64, Pinned>,
-    events: HashMap<u64, (sys::CUevent, Option<u64>)>,
+    /// Events: the handle and the (stream, number) of the last record.
+    events: HashMap<u64, (sys::CUevent, Option<(usize, u64)>)>,
     graphs: HashMap<u64, (sys::CUgraph, sys::CUgraphExec)>,
     capturing: bool,
     sync_each_launch: bool,
@@ -132,9 +135,10 @@ impl GpuRunner {
         let ctx = CudaContext::new(ordinal).map_err(drv("creating the CUDA context"))?;
         let arch = format!("sm_{}{}", info.compute_capability.0, info.compute_capability.1);
         ctx.bind_to_thread().map_err(drv("binding the CUDA context"))?;
-        let stream = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(drv("cuStreamCreate"))?;
-        let staging_free =
-            result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(drv("cuEventCreate"))?;
+        let stream = || result::stream::create(result::stream::StreamKind::NonBlocking).map_err(drv("cuStreamCreate"));
+        let streams = [stream()?, stream()?];
+        let event = || result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(drv("cuEventCreate"));
+        let staging_free = [event()?, event()?];
         Ok(GpuRunner {
             ctx,
             info,
@@ -142,10 +146,10 @@ impl GpuRunner {
             modules: HashMap::new(),
             functions: HashMap::new(),
             allocs: HashSet::new(),
-            stream,
-            clock: StreamClock::default(),
+            streams,
+            clocks: Default::default(),
             next_id: 0,
-            staging: None,
+            staging: [None, None],
             staging_free,
             pinned_idle: Vec::new(),
             pinned_busy: HashMap::new(),
@@ -187,15 +191,26 @@ impl GpuRunner {
         if self.capturing { Err(capture_error(call)) } else { Ok(()) }
     }
 
+    /// Waits for the compute stream's work.
     fn sync_stream(&mut self, what: &str) -> Result<()> {
+        self.sync_one(Stream::Compute, what)
+    }
+
+    fn sync_one(&mut self, s: Stream, what: &str) -> Result<()> {
         // SAFETY: the runner's own live stream.
-        match unsafe { result::stream::synchronize(self.stream) } {
+        match unsafe { result::stream::synchronize(self.streams[s.index()]) } {
             Ok(()) => {
-                self.clock.all_done();
+                self.clocks[s.index()].all_done();
                 Ok(())
             }
             Err(e) => Err(self.fail(what, e)),
         }
+    }
+
+    /// Waits for both streams' work.
+    fn sync_both(&mut self, what: &str) -> Result<()> {
+        self.sync_one(Stream::Copy, what)?;
+        self.sync_one(Stream::Compute, what)
     }
 
     fn pinned(&mut self, bytes: usize) -> Result<Pinned> {
@@ -268,7 +283,9 @@ impl Drop for GpuRunner {
             return;
         }
         // SAFETY: the runner's stream; errors at teardown have no one to go to.
-        let _ = unsafe { result::stream::synchronize(self.stream) };
+        for s in self.streams {
+            let _ = unsafe { result::stream::synchronize(s) };
+        }
         for (_, (g, x)) in self.graphs.drain() {
             // SAFETY: instantiated by end_capture and not freed.
             let _ = unsafe { result::graph::exec_destroy(x) };
@@ -278,9 +295,11 @@ impl Drop for GpuRunner {
             // SAFETY: created by event_create.
             let _ = unsafe { result::event::destroy(e) };
         }
-        // SAFETY: created in new.
-        let _ = unsafe { result::event::destroy(self.staging_free) };
-        for p in self.staging.take().into_iter().chain(self.pinned_idle.drain(..)) {
+        for e in self.staging_free {
+            // SAFETY: created in new.
+            let _ = unsafe { result::event::destroy(e) };
+        }
+        for p in self.staging.iter_mut().filter_map(Option::take).chain(self.pinned_idle.drain(..)) {
             GpuRunner::free_pinned(p);
         }
         for (_, p) in self.pinned_busy.drain() {
@@ -294,8 +313,10 @@ impl Drop for GpuRunner {
             // SAFETY: loaded by load_data; functions from it are dropped with self.
             let _ = unsafe { result::module::unload(m) };
         }
-        // SAFETY: created in new; nothing is queued on it any more.
-        let _ = unsafe { result::stream::destroy(self.stream) };
+        for s in self.streams {
+            // SAFETY: created in new; nothing is queued on it any more.
+            let _ = unsafe { result::stream::destroy(s) };
+        }
     }
 }
 
@@ -322,8 +343,8 @@ impl KernelRunner for GpuRunner {
         if !self.allocs.contains(&buf.ptr) {
             return Err(Error::Cuda(format!("free of {:#x}, which is not a live allocation", buf.ptr)));
         }
-        // Work queued on the stream may still use it.
-        self.sync_stream("cuStreamSynchronize before cuMemFree")?;
+        // Work queued on either stream may still use it.
+        self.sync_both("cuStreamSynchronize before cuMemFree")?;
         self.allocs.remove(&buf.ptr);
         // SAFETY: a live allocation of this runner, no longer used by queued work.
         unsafe { result::free_sync(buf.ptr) }.map_err(|e| self.fail("cuMemFree", e))
@@ -334,9 +355,9 @@ impl KernelRunner for GpuRunner {
         check_range(dst, offset, src.len(), "upload")?;
         // SAFETY: range checked against the allocation. From pageable memory the call returns once
         // `src` has been staged by the driver, so the caller may reuse it.
-        unsafe { result::memcpy_htod_async(dst.ptr + offset as u64, src, self.stream) }
+        unsafe { result::memcpy_htod_async(dst.ptr + offset as u64, src, self.streams[0]) }
             .map_err(|e| self.fail("cuMemcpyHtoDAsync", e))?;
-        self.clock.enqueue();
+        self.clocks[0].enqueue();
         Ok(())
     }
 
@@ -344,7 +365,7 @@ impl KernelRunner for GpuRunner {
         self.not_capturing("download (synchronous)")?;
         check_range(src, offset, dst.len(), "download")?;
         // SAFETY: range checked against the allocation; the stream is synchronised before `dst` is used.
-        unsafe { result::memcpy_dtoh_async(dst, src.ptr + offset as u64, self.stream) }
+        unsafe { result::memcpy_dtoh_async(dst, src.ptr + offset as u64, self.streams[0]) }
             .map_err(|e| self.fail("cuMemcpyDtoHAsync", e))?;
         self.sync_stream("cuStreamSynchronize after a download (a kernel may have faulted)")
     }
@@ -352,19 +373,19 @@ impl KernelRunner for GpuRunner {
     fn memset(&mut self, buf: DevBuf, value: u8) -> Result<()> {
         self.ready("memset")?;
         // SAFETY: the whole of a live allocation.
-        unsafe { result::memset_d8_async(buf.ptr, value, buf.bytes, self.stream) }
+        unsafe { result::memset_d8_async(buf.ptr, value, buf.bytes, self.streams[0]) }
             .map_err(|e| self.fail("cuMemsetD8Async", e))?;
-        self.clock.enqueue();
+        self.clocks[0].enqueue();
         Ok(())
     }
 
     fn poison(&mut self, buf: DevBuf) -> Result<()> {
         self.ready("memset (poison)")?;
         // SAFETY: the whole of a live allocation, in 4-byte words.
-        unsafe { sys::cuMemsetD32Async(buf.ptr, 0x7fc0_0000, buf.bytes / 4, self.stream) }
+        unsafe { sys::cuMemsetD32Async(buf.ptr, 0x7fc0_0000, buf.bytes / 4, self.streams[0]) }
             .result()
             .map_err(|e| self.fail("cuMemsetD32Async", e))?;
-        self.clock.enqueue();
+        self.clocks[0].enqueue();
         Ok(())
     }
 
@@ -378,9 +399,9 @@ impl KernelRunner for GpuRunner {
         let b = (dims.block[0], dims.block[1], dims.block[2]);
         // SAFETY: f comes from a module compiled from the same common.cuh the params mirror; pointers
         // inside the params are live allocations of this runner (the executor owns them).
-        unsafe { result::launch_kernel(f, g, b, 0, self.stream, &mut args) }
+        unsafe { result::launch_kernel(f, g, b, 0, self.streams[0], &mut args) }
             .map_err(|e| self.fail(&format!("launching {kernel} grid {g:?} block {b:?}"), e))?;
-        self.clock.enqueue();
+        self.clocks[0].enqueue();
         if self.sync_each_launch && !self.capturing {
             self.sync_stream("cuStreamSynchronize")
                 .map_err(|e| Error::Cuda(format!("kernel {kernel} (grid {g:?} block {b:?}) failed: {e}")))?;
@@ -390,61 +411,15 @@ impl KernelRunner for GpuRunner {
 
     fn synchronize(&mut self) -> Result<()> {
         self.not_capturing("synchronize")?;
-        self.sync_stream("cuStreamSynchronize (a kernel faulted?)")
+        self.sync_both("cuStreamSynchronize (a kernel faulted?)")
     }
 
     fn upload_staged(&mut self, dst: DevBuf, offset: usize, parts: &[&[u8]]) -> Result<()> {
-        self.not_capturing("upload_staged")?;
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        check_range(dst, offset, total, "staged upload")?;
-        // The previous staged copy must have read the buffer before the host writes it again.
-        // SAFETY: our event; recording it on an idle stream completes at once.
-        unsafe { result::event::synchronize(self.staging_free) }.map_err(|e| self.fail("cuEventSynchronize", e))?;
-        if self.staging.as_ref().is_none_or(|p| p.cap < total) {
-            if let Some(old) = self.staging.take() {
-                GpuRunner::free_pinned(old);
-            }
-            let p = self.pinned(total.next_power_of_two())?;
-            self.staging = Some(p);
-        }
-        let st = self.staging.as_ref().ok_or_else(|| Error::Cuda("staging buffer vanished".into()))?;
-        // SAFETY: the staging buffer holds cap >= total bytes and no copy reads it now.
-        let host = unsafe { std::slice::from_raw_parts_mut(st.ptr, total) };
-        let mut at = 0;
-        for p in parts {
-            host[at..at + p.len()].copy_from_slice(p);
-            at += p.len();
-        }
-        // SAFETY: pinned source of `total` bytes that stays untouched until staging_free completes.
-        unsafe {
-            sys::cuMemcpyHtoDAsync_v2(dst.ptr + offset as u64, st.ptr as *const c_void, total, self.stream).result()
-        }
-        .map_err(|e| self.fail("cuMemcpyHtoDAsync (staged)", e))?;
-        // SAFETY: our event and stream.
-        unsafe { result::event::record(self.staging_free, self.stream) }.map_err(|e| self.fail("cuEventRecord", e))?;
-        self.clock.enqueue();
-        Ok(())
+        self.upload_staged_on(Stream::Compute, dst, offset, parts)
     }
 
     fn download_async(&mut self, src: DevBuf, offset: usize, len: usize) -> Result<Readback> {
-        self.not_capturing("download_async")?;
-        check_range(src, offset, len, "download")?;
-        let pos = self.pinned_idle.iter().enumerate().filter(|(_, p)| p.cap >= len).min_by_key(|(_, p)| p.cap);
-        let p = match pos.map(|(i, _)| i) {
-            Some(i) => self.pinned_idle.swap_remove(i),
-            None => self.pinned(len.next_power_of_two())?,
-        };
-        // SAFETY: a pinned buffer of cap >= len bytes that nothing else uses until read_back.
-        let r = unsafe {
-            sys::cuMemcpyDtoHAsync_v2(p.ptr as *mut c_void, src.ptr + offset as u64, len, self.stream).result()
-        };
-        if let Err(e) = r {
-            self.pinned_idle.push(p);
-            return Err(self.fail("cuMemcpyDtoHAsync", e));
-        }
-        let id = self.id();
-        self.pinned_busy.insert(id, p);
-        Ok(Readback { id, seq: self.clock.enqueue(), bytes: len })
+        self.download_async_on(Stream::Compute, src, offset, len)
     }
 
     fn read_back(&mut self, rb: Readback, dst: &mut [u8]) -> Result<()> {
@@ -452,16 +427,17 @@ impl KernelRunner for GpuRunner {
             .pinned_busy
             .remove(&rb.id)
             .ok_or_else(|| Error::Cuda(format!("read_back of an unknown download {}", rb.id)))?;
+        let done = self.clocks[rb.stream.index()].is_done(rb.seq);
         let res = if dst.len() != rb.bytes {
             Err(Error::Cuda(format!("read_back of {} bytes into a buffer of {}", rb.bytes, dst.len())))
-        } else if !self.clock.is_done(rb.seq) {
+        } else if !done {
             Err(Error::Cuda("read_back before synchronize: the download was queued and may not have landed yet".into()))
         } else {
             // SAFETY: the copy into p has completed (the stream was synchronised past it).
             dst.copy_from_slice(unsafe { std::slice::from_raw_parts(p.ptr, rb.bytes) });
             Ok(())
         };
-        if self.clock.is_done(rb.seq) {
+        if done {
             self.pinned_idle.push(p);
             if self.pinned_idle.len() > MAX_IDLE_PINNED {
                 let smallest = (0..self.pinned_idle.len()).min_by_key(|&i| self.pinned_idle[i].cap).unwrap_or(0);
@@ -485,24 +461,16 @@ impl KernelRunner for GpuRunner {
     }
 
     fn event_record(&mut self, e: EventId) -> Result<()> {
-        self.not_capturing("event_record")?;
-        let (ev, _) = *self.events.get(&e.0).ok_or_else(|| Error::Cuda(format!("event {} does not exist", e.0)))?;
-        // SAFETY: a live event and our stream.
-        unsafe { result::event::record(ev, self.stream) }.map_err(|er| self.fail("cuEventRecord", er))?;
-        let seq = self.clock.enqueue();
-        if let Some(slot) = self.events.get_mut(&e.0) {
-            slot.1 = Some(seq);
-        }
-        Ok(())
+        self.event_record_on(Stream::Compute, e)
     }
 
     fn event_synchronize(&mut self, e: EventId) -> Result<()> {
         self.not_capturing("event_synchronize")?;
-        let (ev, seq) = *self.events.get(&e.0).ok_or_else(|| Error::Cuda(format!("event {} does not exist", e.0)))?;
+        let (ev, rec) = *self.events.get(&e.0).ok_or_else(|| Error::Cuda(format!("event {} does not exist", e.0)))?;
         // SAFETY: a live event.
         unsafe { result::event::synchronize(ev) }.map_err(|er| self.fail("cuEventSynchronize", er))?;
-        if let Some(s) = seq {
-            self.clock.done_to(s);
+        if let Some((s, seq)) = rec {
+            self.clocks[s].done_to(seq);
         }
         Ok(())
     }
@@ -510,7 +478,7 @@ impl KernelRunner for GpuRunner {
     fn event_elapsed(&mut self, start: EventId, end: EventId) -> Result<std::time::Duration> {
         self.ready("event_elapsed")?;
         let get = |e: EventId| match self.events.get(&e.0) {
-            Some((ev, Some(seq))) if self.clock.is_done(*seq) => Ok(*ev),
+            Some((ev, Some((s, seq)))) if self.clocks[*s].is_done(*seq) => Ok(*ev),
             Some((_, Some(_))) => Err(Error::Cuda(format!("event {} has not completed: synchronize first", e.0))),
             Some((_, None)) => Err(Error::Cuda(format!("event {} was never recorded", e.0))),
             None => Err(Error::Cuda(format!("event {} does not exist", e.0))),
@@ -534,7 +502,10 @@ impl KernelRunner for GpuRunner {
         // capture, so other runners in the process carry on.
         // SAFETY: our stream.
         unsafe {
-            result::stream::begin_capture(self.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            result::stream::begin_capture(
+                self.streams[0],
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
         }
         .map_err(|e| self.fail("cuStreamBeginCapture", e))?;
         self.capturing = true;
@@ -548,7 +519,8 @@ impl KernelRunner for GpuRunner {
         self.capturing = false;
         self.bind()?;
         // SAFETY: our stream, capturing.
-        let g = unsafe { result::stream::end_capture(self.stream) }.map_err(|e| self.fail("cuStreamEndCapture", e))?;
+        let g =
+            unsafe { result::stream::end_capture(self.streams[0]) }.map_err(|e| self.fail("cuStreamEndCapture", e))?;
         // SAFETY: a complete graph from the capture.
         let x = match unsafe { result::graph::instantiate(g, sys::CUgraphInstantiate_flags(0)) } {
             Ok(x) => x,
@@ -567,8 +539,8 @@ impl KernelRunner for GpuRunner {
         self.not_capturing("replay")?;
         let (_, x) = *self.graphs.get(&g.0).ok_or_else(|| Error::Cuda(format!("graph {} does not exist", g.0)))?;
         // SAFETY: an instantiated graph whose buffers the executor keeps alive with it.
-        unsafe { result::graph::launch(x, self.stream) }.map_err(|e| self.fail("cuGraphLaunch", e))?;
-        self.clock.enqueue();
+        unsafe { result::graph::launch(x, self.streams[0]) }.map_err(|e| self.fail("cuGraphLaunch", e))?;
+        self.clocks[0].enqueue();
         if self.sync_each_launch {
             self.sync_stream("cuStreamSynchronize after a graph replay")?;
         }
@@ -596,5 +568,85 @@ impl KernelRunner for GpuRunner {
 
     fn fault(&self) -> Option<String> {
         self.fault.clone()
+    }
+
+    fn upload_staged_on(&mut self, s: Stream, dst: DevBuf, offset: usize, parts: &[&[u8]]) -> Result<()> {
+        self.not_capturing("upload_staged")?;
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        check_range(dst, offset, total, "staged upload")?;
+        let i = s.index();
+        // The previous staged copy of this stream must have read the buffer before the host writes it
+        // again.
+        // SAFETY: our event; recording it on an idle stream completes at once.
+        unsafe { result::event::synchronize(self.staging_free[i]) }.map_err(|e| self.fail("cuEventSynchronize", e))?;
+        if self.staging[i].as_ref().is_none_or(|p| p.cap < total) {
+            if let Some(old) = self.staging[i].take() {
+                GpuRunner::free_pinned(old);
+            }
+            let p = self.pinned(total.next_power_of_two())?;
+            self.staging[i] = Some(p);
+        }
+        let st = self.staging[i].as_ref().ok_or_else(|| Error::Cuda("staging buffer vanished".into()))?;
+        // SAFETY: the staging buffer holds cap >= total bytes and no copy reads it now.
+        let host = unsafe { std::slice::from_raw_parts_mut(st.ptr, total) };
+        let mut at = 0;
+        for p in parts {
+            host[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+        // SAFETY: pinned source of `total` bytes that stays untouched until staging_free completes.
+        unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst.ptr + offset as u64, st.ptr as *const c_void, total, self.streams[i]).result()
+        }
+        .map_err(|e| self.fail("cuMemcpyHtoDAsync (staged)", e))?;
+        // SAFETY: our event and stream.
+        unsafe { result::event::record(self.staging_free[i], self.streams[i]) }
+            .map_err(|e| self.fail("cuEventRecord", e))?;
+        self.clocks[i].enqueue();
+        Ok(())
+    }
+
+    fn download_async_on(&mut self, s: Stream, src: DevBuf, offset: usize, len: usize) -> Result<Readback> {
+        self.not_capturing("download_async")?;
+        check_range(src, offset, len, "download")?;
+        let pos = self.pinned_idle.iter().enumerate().filter(|(_, p)| p.cap >= len).min_by_key(|(_, p)| p.cap);
+        let p = match pos.map(|(i, _)| i) {
+            Some(i) => self.pinned_idle.swap_remove(i),
+            None => self.pinned(len.next_power_of_two())?,
+        };
+        // SAFETY: a pinned buffer of cap >= len bytes that nothing else uses until read_back.
+        let r = unsafe {
+            sys::cuMemcpyDtoHAsync_v2(p.ptr as *mut c_void, src.ptr + offset as u64, len, self.streams[s.index()])
+                .result()
+        };
+        if let Err(e) = r {
+            self.pinned_idle.push(p);
+            return Err(self.fail("cuMemcpyDtoHAsync", e));
+        }
+        let id = self.id();
+        self.pinned_busy.insert(id, p);
+        Ok(Readback { id, seq: self.clocks[s.index()].enqueue(), stream: s, bytes: len })
+    }
+
+    fn event_record_on(&mut self, s: Stream, e: EventId) -> Result<()> {
+        self.not_capturing("event_record")?;
+        let (ev, _) = *self.events.get(&e.0).ok_or_else(|| Error::Cuda(format!("event {} does not exist", e.0)))?;
+        // SAFETY: a live event and our stream.
+        unsafe { result::event::record(ev, self.streams[s.index()]) }.map_err(|er| self.fail("cuEventRecord", er))?;
+        let seq = self.clocks[s.index()].enqueue();
+        if let Some(slot) = self.events.get_mut(&e.0) {
+            slot.1 = Some((s.index(), seq));
+        }
+        Ok(())
+    }
+
+    fn wait_event(&mut self, s: Stream, e: EventId) -> Result<()> {
+        self.not_capturing("wait_event")?;
+        let (ev, _) = *self.events.get(&e.0).ok_or_else(|| Error::Cuda(format!("event {} does not exist", e.0)))?;
+        // SAFETY: a live event and our stream.
+        unsafe {
+            result::stream::wait_event(self.streams[s.index()], ev, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+        }
+        .map_err(|er| self.fail("cuStreamWaitEvent", er))
     }
 }

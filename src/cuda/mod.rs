@@ -26,9 +26,9 @@ pub mod tune;
 /// The f16 convolution launcher's old path (`retinaface::cuda::conv_f16`), kept for callers.
 pub use ops::conv_f16;
 
-pub use engine::{CudaExecutor, GpuEngine, nchw_to_nhwc, nhwc_to_nchw};
+pub use engine::{CudaExecutor, GpuEngine, PipelineWait, nchw_to_nhwc, nhwc_to_nchw};
 pub use ops::post::{NmsPath, device_postprocess, device_postprocess_each};
-pub use runner::{DevBuf, KernelRunner, KernelRunnerExt, LaunchDims};
+pub use runner::{DevBuf, KernelRunner, KernelRunnerExt, LaunchDims, Stream};
 
 /// Whether a GPU can be used now: the first device's description, or why not.
 pub fn gpu_status() -> crate::Result<String> {

@@ -8,6 +8,12 @@
 //! [`KernelRunner::synchronize`] (or [`KernelRunner::event_synchronize`] on an event recorded after
 //! them). The simulation runs each call at once but keeps the same bookkeeping, so reading a download
 //! too early is an error there as it would be wrong on the GPU.
+//!
+//! A runner has two streams ([`Stream`]): compute (every call without `_on`) and copy, so that the
+//! transfers of one batch overlap the kernels of another. Work on different streams is unordered
+//! unless an event orders it ([`KernelRunner::event_record_on`] on one, [`KernelRunner::wait_event`]
+//! on the other); the simulation can hold one stream back on purpose
+//! ([`super::sim::SimRunner::set_stream_order`]) so that a missing event shows as a wrong result.
 
 use super::params::KernelParams;
 use crate::error::Result;
@@ -48,7 +54,25 @@ impl LaunchDims {
 pub struct Readback {
     pub(crate) id: u64,
     pub(crate) seq: u64,
+    pub(crate) stream: Stream,
     pub bytes: usize,
+}
+
+/// The streams of a runner: kernels, memsets and graph replays go to `Compute` (as does every call
+/// that names no stream); `Copy` carries the transfers that overlap them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stream {
+    Compute,
+    Copy,
+}
+
+impl Stream {
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Stream::Compute => 0,
+            Stream::Copy => 1,
+        }
+    }
 }
 
 /// An event of a runner's stream (for ordering and device time).
@@ -113,6 +137,28 @@ pub trait KernelRunner: Send {
     /// The error that left the device unusable (a sticky CUDA error: every later call fails and
     /// results cannot be trusted), or None while it is healthy.
     fn fault(&self) -> Option<String>;
+
+    /// [`Self::upload_staged`] on stream `s`. A runner with one stream (the default) runs it on that.
+    fn upload_staged_on(&mut self, s: Stream, dst: DevBuf, offset: usize, parts: &[&[u8]]) -> Result<()> {
+        let _ = s;
+        self.upload_staged(dst, offset, parts)
+    }
+    /// [`Self::download_async`] on stream `s`.
+    fn download_async_on(&mut self, s: Stream, src: DevBuf, offset: usize, len: usize) -> Result<Readback> {
+        let _ = s;
+        self.download_async(src, offset, len)
+    }
+    /// Records `e` at this point of stream `s`.
+    fn event_record_on(&mut self, s: Stream, e: EventId) -> Result<()> {
+        let _ = s;
+        self.event_record(e)
+    }
+    /// Makes stream `s` wait, before its later work, for the work before `e`'s last record (on any
+    /// stream); an event never recorded is no wait. With one stream everything is in order already.
+    fn wait_event(&mut self, s: Stream, e: EventId) -> Result<()> {
+        let _ = (s, e);
+        Ok(())
+    }
 }
 
 /// Device time per repetition of `launch` (called `reps` times, at least once) between two events

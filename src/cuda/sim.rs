@@ -1,17 +1,21 @@
 //! The CPU simulation of the device: kernels/*.cu compiled with g++ against kernels/sim/cuda_sim.h
 //! (build.rs), launched through `cudasim_launch`. Memory is host memory aligned like cudaMalloc's.
 //!
-//! Work runs as it is issued, but the stream's rules are kept: a queued download is readable only
-//! after a synchronisation, a capture records launches and memsets (and refuses what a CUDA stream
+//! Each of the two streams is a queue of work run in order; a wait for an event holds its stream until
+//! the other has run the work before the event's record. By default work runs as it is issued (once
+//! its waits are met); [`StreamOrder::HoldBack`] holds one stream's work until something needs it, so
+//! that work on the other stream that no event orders runs first, and a missing event reads stale or
+//! overwritten bytes as it could on a GPU. The stream's rules are kept: a queued download is readable
+//! only after a synchronisation, a capture records launches and memsets (and refuses what a CUDA stream
 //! capture refuses), and an injected fault behaves like a sticky CUDA error: reported by a later call,
 //! not by the launch that caused it, and by every call after it.
 
 use super::runner::{
-    DevBuf, EventId, GraphId, KernelRunner, LaunchDims, Readback, StreamClock, capture_error, check_range,
+    DevBuf, EventId, GraphId, KernelRunner, LaunchDims, Readback, Stream, StreamClock, capture_error, check_range,
 };
 use crate::error::{Error, Result};
 use std::alloc::{Layout, alloc, dealloc};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::{CString, c_char, c_int, c_void};
 use std::time::Instant;
 
@@ -30,25 +34,75 @@ unsafe extern "C" {
 /// cudaMalloc aligns to 256 bytes; so do we, so vector loads behave alike.
 const ALIGN: usize = 256;
 
-/// One recorded graph node.
-enum Node {
-    Launch { kernel: String, dims: LaunchDims, params: Vec<u8> },
-    Memset { buf: DevBuf, value: u8 },
-    Poison { buf: DevBuf },
+/// Stream work: what a graph records (launches, memsets) and what the streams queue besides.
+#[derive(Clone)]
+enum Work {
+    Launch {
+        kernel: String,
+        dims: LaunchDims,
+        params: Vec<u8>,
+    },
+    Memset {
+        buf: DevBuf,
+        value: u8,
+    },
+    Poison {
+        buf: DevBuf,
+    },
+    /// A host-to-device copy; its bytes were taken from the host when it was queued.
+    Write {
+        dst: DevBuf,
+        offset: usize,
+        bytes: Vec<u8>,
+    },
+    /// A device-to-host copy into the readback `id`; the bytes are taken when it runs.
+    Read {
+        src: DevBuf,
+        offset: usize,
+        len: usize,
+        id: u64,
+    },
+    Record {
+        event: u64,
+    },
+    /// Holds the stream until `stream` has run its work numbered up to `seq`.
+    Wait {
+        stream: usize,
+        seq: u64,
+    },
+}
+
+/// When the simulation runs the work of its two streams. Every order is one the GPU may choose;
+/// holding a stream back makes the other's work run before it wherever no event forbids it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StreamOrder {
+    /// Work runs as it is issued (once what it waits for has run).
+    #[default]
+    AsIssued,
+    /// This stream's work runs only when something needs it: a host synchronisation, or the other
+    /// stream waiting for an event recorded behind it. A read on the other stream that no event
+    /// orders after this stream's write then sees the old bytes; a write that no event orders after
+    /// this stream's read overwrites what the read was to see.
+    HoldBack(Stream),
 }
 
 #[derive(Default)]
 pub struct SimRunner {
     /// Live allocations: address → layout.
     allocs: HashMap<u64, Layout>,
-    clock: StreamClock,
+    /// Per stream: the work queued and not yet run (numbered by its clock), and the number of the
+    /// last work run.
+    queues: [VecDeque<(u64, Work)>; 2],
+    ran: [u64; 2],
+    clocks: [StreamClock; 2],
+    order: StreamOrder,
     next_id: u64,
-    /// Queued downloads: id → bytes.
-    readbacks: HashMap<u64, Vec<u8>>,
-    /// Events: id → (host time, stream position) of the last record.
-    events: HashMap<u64, Option<(Instant, u64)>>,
-    graphs: HashMap<u64, Vec<Node>>,
-    capture: Option<Vec<Node>>,
+    /// Downloads: id → bytes (None until the copy has run).
+    readbacks: HashMap<u64, Option<Vec<u8>>>,
+    /// Events: id → (stream, number) of the last record and the host time it ran at (None before).
+    events: HashMap<u64, Option<(usize, u64, Option<Instant>)>>,
+    graphs: HashMap<u64, Vec<Work>>,
+    capture: Option<Vec<Work>>,
     sync_each_launch: bool,
     /// An injected fault: the kernel and which of its launches (1-based) fails.
     inject: Option<(String, u64)>,
@@ -93,6 +147,12 @@ impl SimRunner {
         self.launches_of_injected = 0;
     }
 
+    /// When the two streams' work runs from now on (see [`StreamOrder`]); runs what becomes runnable.
+    pub fn set_stream_order(&mut self, order: StreamOrder) -> Result<()> {
+        self.order = order;
+        self.pump()
+    }
+
     fn id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
@@ -111,6 +171,92 @@ impl SimRunner {
         if self.capture.is_some() { Err(capture_error(call)) } else { Ok(()) }
     }
 
+    /// Queues `work` on stream `s` and runs what may run now; its number on the stream.
+    fn enqueue(&mut self, s: Stream, work: Work) -> Result<u64> {
+        let seq = self.clocks[s.index()].enqueue();
+        self.queues[s.index()].push_back((seq, work));
+        self.pump()?;
+        Ok(seq)
+    }
+
+    fn held_back(&self, s: usize) -> bool {
+        matches!(self.order, StreamOrder::HoldBack(h) if h.index() == s)
+    }
+
+    /// Whether the next work of stream `s` may run (it is there, and any wait it is has been met).
+    fn runnable(&self, s: usize) -> bool {
+        match self.queues[s].front() {
+            None => false,
+            Some((_, Work::Wait { stream, seq })) => self.ran[*stream] >= *seq,
+            Some(_) => true,
+        }
+    }
+
+    /// Runs the work of the streams not held back while any of it may run.
+    fn pump(&mut self) -> Result<()> {
+        while let Some(s) = (0..2).find(|&s| !self.held_back(s) && self.runnable(s)) {
+            self.step(s)?;
+        }
+        Ok(())
+    }
+
+    /// Runs work until `done` holds: the streams not held back first, a held-back one only when
+    /// nothing else may run.
+    fn run_until(&mut self, done: impl Fn(&SimRunner) -> bool) -> Result<()> {
+        while !done(self) {
+            let s = (0..2)
+                .find(|&s| !self.held_back(s) && self.runnable(s))
+                .or_else(|| (0..2).find(|&s| self.runnable(s)))
+                .ok_or_else(|| Error::Cuda("simulation: both streams wait and nothing can run".into()))?;
+            self.step(s)?;
+        }
+        Ok(())
+    }
+
+    fn drain(&mut self) -> Result<()> {
+        self.run_until(|r| r.queues.iter().all(|q| q.is_empty()))
+    }
+
+    /// Runs the next work of stream `s`.
+    fn step(&mut self, s: usize) -> Result<()> {
+        let Some((seq, work)) = self.queues[s].pop_front() else { return Ok(()) };
+        self.ran[s] = seq;
+        self.run_work(&work)
+    }
+
+    fn run_work(&mut self, work: &Work) -> Result<()> {
+        match work {
+            Work::Launch { kernel, dims, params } => self.run_launch(kernel, *dims, params),
+            Work::Memset { buf, value } => {
+                self.slice(*buf)?.fill(*value);
+                Ok(())
+            }
+            Work::Poison { buf } => {
+                let nan = 0x7fc0_0000u32.to_le_bytes();
+                for (i, b) in self.slice(*buf)?.iter_mut().enumerate() {
+                    *b = nan[i % 4];
+                }
+                Ok(())
+            }
+            Work::Write { dst, offset, bytes } => {
+                self.slice(*dst)?[*offset..*offset + bytes.len()].copy_from_slice(bytes);
+                Ok(())
+            }
+            Work::Read { src, offset, len, id } => {
+                let bytes = self.slice(*src)?[*offset..*offset + *len].to_vec();
+                self.readbacks.insert(*id, Some(bytes));
+                Ok(())
+            }
+            Work::Record { event } => {
+                if let Some(Some((_, _, t))) = self.events.get_mut(event) {
+                    *t = Some(Instant::now());
+                }
+                Ok(())
+            }
+            Work::Wait { .. } => Ok(()),
+        }
+    }
+
     fn run_launch(&mut self, kernel: &str, dims: LaunchDims, params: &[u8]) -> Result<()> {
         self.check_fault(&format!("launching {kernel}"))?;
         if let Some((k, nth)) = &self.inject
@@ -122,7 +268,6 @@ impl SimRunner {
                     "simulated CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered (sticky: the context is unusable; RETINAFACE_CUDA_SYNC=1 names the kernel that faulted)"
                         .to_string(),
                 );
-                self.clock.enqueue();
                 return Ok(());
             }
         }
@@ -141,7 +286,6 @@ impl SimRunner {
                 err.len(),
             )
         };
-        self.clock.enqueue();
         if rc != 0 {
             let end = err.iter().position(|&c| c == 0).unwrap_or(err.len());
             return Err(Error::Cuda(format!("simulated launch of {kernel}: {}", String::from_utf8_lossy(&err[..end]))));
@@ -155,6 +299,17 @@ impl SimRunner {
         }
         // SAFETY: buf.ptr is a live allocation of at least buf.bytes bytes made by alloc below.
         Ok(unsafe { std::slice::from_raw_parts_mut(buf.ptr as *mut u8, buf.bytes) })
+    }
+
+    /// Queues a memset-like `work` on the compute stream, or records it during a capture.
+    fn memset_work(&mut self, call: &str, buf: DevBuf, work: Work) -> Result<()> {
+        self.check_fault(call)?;
+        self.slice(buf)?;
+        if let Some(nodes) = &mut self.capture {
+            nodes.push(work);
+            return Ok(());
+        }
+        self.enqueue(Stream::Compute, work).map(|_| ())
     }
 }
 
@@ -190,13 +345,16 @@ impl KernelRunner for SimRunner {
         }
         self.allocs.insert(p as u64, layout);
         let b = DevBuf { ptr: p as u64, bytes };
-        // New device memory holds garbage; the simulation makes it NaN so unwritten reads show.
-        self.poison(b)?;
+        // New device memory holds garbage; the simulation makes it NaN so unwritten reads show. No
+        // queued work can use it yet, so this happens at once.
+        self.run_work(&Work::Poison { buf: b })?;
         Ok(b)
     }
 
     fn free(&mut self, buf: DevBuf) -> Result<()> {
         self.not_capturing("free")?;
+        // Work queued on either stream may still use it.
+        self.drain()?;
         let layout = self
             .allocs
             .remove(&buf.ptr)
@@ -209,50 +367,37 @@ impl KernelRunner for SimRunner {
     fn upload(&mut self, dst: DevBuf, offset: usize, src: &[u8]) -> Result<()> {
         self.not_capturing("upload (synchronous)")?;
         check_range(dst, offset, src.len(), "upload")?;
-        self.slice(dst)?[offset..offset + src.len()].copy_from_slice(src);
-        Ok(())
+        self.slice(dst)?;
+        // As on the GPU: ordered on the compute stream; the host's bytes are taken now.
+        self.enqueue(Stream::Compute, Work::Write { dst, offset, bytes: src.to_vec() }).map(|_| ())
     }
 
     fn download(&mut self, src: DevBuf, offset: usize, dst: &mut [u8]) -> Result<()> {
         self.not_capturing("download (synchronous)")?;
-        // A synchronous copy waits for everything queued before it.
-        self.clock.all_done();
         check_range(src, offset, dst.len(), "download")?;
+        // A synchronous copy waits for everything queued on the compute stream before it.
+        let c = Stream::Compute.index();
+        self.run_until(|r| r.queues[c].is_empty())?;
+        self.clocks[c].all_done();
         dst.copy_from_slice(&self.slice(src)?[offset..offset + dst.len()]);
         Ok(())
     }
 
     fn memset(&mut self, buf: DevBuf, value: u8) -> Result<()> {
-        self.check_fault("memset")?;
-        if self.capture.is_some() {
-            self.slice(buf)?;
-            self.capture.get_or_insert_default().push(Node::Memset { buf, value });
-            return Ok(());
-        }
-        self.slice(buf)?.fill(value);
-        Ok(())
+        self.memset_work("memset", buf, Work::Memset { buf, value })
     }
 
     fn poison(&mut self, buf: DevBuf) -> Result<()> {
-        self.check_fault("memset (poison)")?;
-        if self.capture.is_some() {
-            self.slice(buf)?;
-            self.capture.get_or_insert_default().push(Node::Poison { buf });
-            return Ok(());
-        }
-        let nan = 0x7fc0_0000u32.to_le_bytes();
-        for (i, b) in self.slice(buf)?.iter_mut().enumerate() {
-            *b = nan[i % 4];
-        }
-        Ok(())
+        self.memset_work("memset (poison)", buf, Work::Poison { buf })
     }
 
     fn launch_raw(&mut self, kernel: &str, dims: LaunchDims, params: &[u8]) -> Result<()> {
+        let work = Work::Launch { kernel: kernel.to_string(), dims, params: params.to_vec() };
         if let Some(nodes) = &mut self.capture {
-            nodes.push(Node::Launch { kernel: kernel.to_string(), dims, params: params.to_vec() });
+            nodes.push(work);
             return Ok(());
         }
-        self.run_launch(kernel, dims, params)?;
+        self.enqueue(Stream::Compute, work)?;
         if self.sync_each_launch {
             self.synchronize().map_err(|e| {
                 Error::Cuda(format!("kernel {kernel} (grid {:?} block {:?}) failed: {e}", dims.grid, dims.block))
@@ -263,46 +408,37 @@ impl KernelRunner for SimRunner {
 
     fn synchronize(&mut self) -> Result<()> {
         self.not_capturing("synchronize")?;
-        self.clock.all_done();
-        Ok(())
+        self.drain()?;
+        for c in &mut self.clocks {
+            c.all_done();
+        }
+        self.check_fault("synchronize")
     }
 
     fn upload_staged(&mut self, dst: DevBuf, offset: usize, parts: &[&[u8]]) -> Result<()> {
-        self.not_capturing("upload_staged")?;
-        let total = parts.iter().map(|p| p.len()).sum();
-        check_range(dst, offset, total, "staged upload")?;
-        let d = &mut self.slice(dst)?[offset..offset + total];
-        let mut at = 0;
-        for p in parts {
-            d[at..at + p.len()].copy_from_slice(p);
-            at += p.len();
-        }
-        self.clock.enqueue();
-        Ok(())
+        self.upload_staged_on(Stream::Compute, dst, offset, parts)
     }
 
     fn download_async(&mut self, src: DevBuf, offset: usize, len: usize) -> Result<Readback> {
-        self.not_capturing("download_async")?;
-        check_range(src, offset, len, "download")?;
-        let bytes = self.slice(src)?[offset..offset + len].to_vec();
-        let id = self.id();
-        self.readbacks.insert(id, bytes);
-        Ok(Readback { id, seq: self.clock.enqueue(), bytes: len })
+        self.download_async_on(Stream::Compute, src, offset, len)
     }
 
     fn read_back(&mut self, rb: Readback, dst: &mut [u8]) -> Result<()> {
-        let bytes = self
+        let landed = self
             .readbacks
             .remove(&rb.id)
             .ok_or_else(|| Error::Cuda(format!("simulation: read_back of an unknown download {}", rb.id)))?;
-        if dst.len() != bytes.len() {
-            return Err(Error::Cuda(format!("read_back of {} bytes into a buffer of {}", bytes.len(), dst.len())));
+        if dst.len() != rb.bytes {
+            return Err(Error::Cuda(format!("read_back of {} bytes into a buffer of {}", rb.bytes, dst.len())));
         }
-        if !self.clock.is_done(rb.seq) {
-            return Err(Error::Cuda(
-                "read_back before synchronize: the download was queued and may not have landed yet".into(),
-            ));
-        }
+        let bytes = match landed {
+            Some(b) if self.clocks[rb.stream.index()].is_done(rb.seq) => b,
+            _ => {
+                return Err(Error::Cuda(
+                    "read_back before synchronize: the download was queued and may not have landed yet".into(),
+                ));
+            }
+        };
         self.check_fault("read_back")?;
         dst.copy_from_slice(&bytes);
         Ok(())
@@ -316,18 +452,16 @@ impl KernelRunner for SimRunner {
     }
 
     fn event_record(&mut self, e: EventId) -> Result<()> {
-        self.not_capturing("event_record")?;
-        let seq = self.clock.enqueue();
-        let slot = self.events.get_mut(&e.0).ok_or_else(|| Error::Cuda(format!("event {} does not exist", e.0)))?;
-        *slot = Some((Instant::now(), seq));
-        Ok(())
+        self.event_record_on(Stream::Compute, e)
     }
 
     fn event_synchronize(&mut self, e: EventId) -> Result<()> {
         self.not_capturing("event_synchronize")?;
         match self.events.get(&e.0) {
-            Some(Some((_, seq))) => {
-                self.clock.done_to(*seq);
+            Some(Some((s, seq, _))) => {
+                let (s, seq) = (*s, *seq);
+                self.run_until(|r| r.ran[s] >= seq)?;
+                self.clocks[s].done_to(seq);
                 Ok(())
             }
             Some(None) => Ok(()),
@@ -338,7 +472,7 @@ impl KernelRunner for SimRunner {
     fn event_elapsed(&mut self, start: EventId, end: EventId) -> Result<std::time::Duration> {
         self.check_fault("event_elapsed")?;
         let get = |e: EventId| match self.events.get(&e.0) {
-            Some(Some((t, seq))) if self.clock.is_done(*seq) => Ok(*t),
+            Some(Some((s, seq, Some(t)))) if self.clocks[*s].is_done(*seq) => Ok(*t),
             Some(Some(_)) => Err(Error::Cuda(format!("event {} has not completed: synchronize first", e.0))),
             Some(None) => Err(Error::Cuda(format!("event {} was never recorded", e.0))),
             None => Err(Error::Cuda(format!("event {} does not exist", e.0))),
@@ -367,20 +501,14 @@ impl KernelRunner for SimRunner {
 
     fn replay(&mut self, g: GraphId) -> Result<()> {
         self.not_capturing("replay")?;
-        let nodes = self.graphs.remove(&g.0).ok_or_else(|| Error::Cuda(format!("graph {} does not exist", g.0)))?;
-        let mut res = Ok(());
-        for n in &nodes {
-            res = match n {
-                Node::Launch { kernel, dims, params } => self.run_launch(kernel, *dims, params),
-                Node::Memset { buf, value } => self.memset(*buf, *value),
-                Node::Poison { buf } => self.poison(*buf),
-            };
-            if res.is_err() {
-                break;
-            }
+        let nodes = self.graphs.get(&g.0).ok_or_else(|| Error::Cuda(format!("graph {} does not exist", g.0)))?;
+        let s = Stream::Compute.index();
+        // The whole graph is queued before any of it runs, as one launch of it on a GPU.
+        for n in nodes.clone() {
+            let seq = self.clocks[s].enqueue();
+            self.queues[s].push_back((seq, n));
         }
-        self.graphs.insert(g.0, nodes);
-        res
+        self.pump()
     }
 
     fn free_graph(&mut self, g: GraphId) -> Result<()> {
@@ -398,5 +526,45 @@ impl KernelRunner for SimRunner {
 
     fn fault(&self) -> Option<String> {
         self.fault.clone()
+    }
+
+    fn upload_staged_on(&mut self, s: Stream, dst: DevBuf, offset: usize, parts: &[&[u8]]) -> Result<()> {
+        self.not_capturing("upload_staged")?;
+        let total = parts.iter().map(|p| p.len()).sum();
+        check_range(dst, offset, total, "staged upload")?;
+        self.slice(dst)?;
+        self.enqueue(s, Work::Write { dst, offset, bytes: parts.concat() }).map(|_| ())
+    }
+
+    fn download_async_on(&mut self, s: Stream, src: DevBuf, offset: usize, len: usize) -> Result<Readback> {
+        self.not_capturing("download_async")?;
+        check_range(src, offset, len, "download")?;
+        self.slice(src)?;
+        let id = self.id();
+        self.readbacks.insert(id, None);
+        let seq = self.enqueue(s, Work::Read { src, offset, len, id })?;
+        Ok(Readback { id, seq, stream: s, bytes: len })
+    }
+
+    fn event_record_on(&mut self, s: Stream, e: EventId) -> Result<()> {
+        self.not_capturing("event_record")?;
+        let seq = self.clocks[s.index()].enqueue();
+        let slot = self.events.get_mut(&e.0).ok_or_else(|| Error::Cuda(format!("event {} does not exist", e.0)))?;
+        *slot = Some((s.index(), seq, None));
+        self.queues[s.index()].push_back((seq, Work::Record { event: e.0 }));
+        self.pump()
+    }
+
+    fn wait_event(&mut self, s: Stream, e: EventId) -> Result<()> {
+        self.not_capturing("wait_event")?;
+        match self.events.get(&e.0) {
+            // The record's place when the wait is issued, as cuStreamWaitEvent takes it.
+            Some(Some((from, seq, _))) => {
+                let w = Work::Wait { stream: *from, seq: *seq };
+                self.enqueue(s, w).map(|_| ())
+            }
+            Some(None) => Ok(()),
+            None => Err(Error::Cuda(format!("event {} does not exist", e.0))),
+        }
     }
 }

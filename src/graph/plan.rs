@@ -57,6 +57,10 @@ pub struct Plan {
     pub live: Vec<(usize, usize)>,
     /// Per tensor: its first element in the arena.
     pub offsets: Vec<usize>,
+    /// Per tensor: whether the executor never stores it (a fused op's intermediate it keeps in
+    /// registers or shared memory, a head map its heads kernel decodes as it goes): no arena space,
+    /// [`Plan::elems`] 0.
+    pub absent: Vec<bool>,
     /// Elements of the arena: every tensor fits, no two live at once overlap.
     pub arena_elems: usize,
 }
@@ -71,7 +75,18 @@ impl Plan {
 
     /// [`Plan::new`] for tensors stored as `layout` says (offsets and sizes count stored elements).
     pub fn with_layout(graph: &Graph, n: usize, h: usize, w: usize, keep_all: bool, layout: Layout) -> Result<Plan> {
+        Plan::without(graph, (n, h, w, keep_all), layout, &[])
+    }
+
+    /// [`Plan::with_layout`] for an executor that never stores the tensors `absent`: they get no arena
+    /// space, so the arena is laid out from the tensors that exist on it alone.
+    pub fn without(graph: &Graph, key: PlanKey, layout: Layout, absent: &[TensorId]) -> Result<Plan> {
+        let (n, h, w, keep_all) = key;
         let nt = graph.tensors.len();
+        let mut is_absent = vec![false; nt];
+        for &t in absent {
+            *is_absent.get_mut(t).ok_or_else(|| Error::Graph(format!("absent tensor {t} is not in the graph")))? = true;
+        }
         let shapes: Vec<(usize, usize, usize)> =
             graph.tensors.iter().map(|t| (t.channels, t.height(h), t.width(w))).collect();
         let last_step = graph.ops.len();
@@ -101,7 +116,11 @@ impl Plan {
         }
         let elems: Vec<usize> = shapes
             .iter()
-            .map(|&(c, th, tw)| {
+            .zip(&is_absent)
+            .map(|(&(c, th, tw), &gone)| {
+                if gone {
+                    return Ok(0);
+                }
                 n.checked_mul(layout.channels(c))
                     .and_then(|v| v.checked_mul(th))
                     .and_then(|v| v.checked_mul(tw))
@@ -134,11 +153,14 @@ impl Plan {
             arena_elems = arena_elems.max(at + elems[t]);
             placed.push(t);
         }
-        Ok(Plan { n, h, w, keep_all, shapes, layout, live: ranges, offsets, arena_elems })
+        Ok(Plan { n, h, w, keep_all, shapes, layout, live: ranges, offsets, arena_elems, absent: is_absent })
     }
 
-    /// Elements of tensor `t` for the whole batch, as stored (padded channels included).
+    /// Elements of tensor `t` for the whole batch, as stored (padded channels included; 0 if absent).
     pub fn elems(&self, t: TensorId) -> usize {
+        if self.absent[t] {
+            return 0;
+        }
         let (_, h, w) = self.shapes[t];
         self.n * self.stored_channels(t) * h * w
     }
@@ -182,6 +204,8 @@ pub struct PlanCache<B> {
     budget: usize,
     /// The layout of every plan made here (one executor stores its tensors one way).
     layout: Layout,
+    /// The tensors this executor never stores (see [`Plan::absent`]).
+    absent: Vec<TensorId>,
     clock: u64,
     entries: Vec<Entry<B>>,
 }
@@ -193,7 +217,12 @@ impl<B: PlanBuffers> PlanCache<B> {
 
     /// A cache whose plans store tensors as `layout` says.
     pub fn with_layout(budget: usize, layout: Layout) -> PlanCache<B> {
-        PlanCache { budget, layout, clock: 0, entries: Vec::new() }
+        PlanCache { budget, layout, absent: Vec::new(), clock: 0, entries: Vec::new() }
+    }
+
+    /// A cache whose plans give the tensors `absent` no arena space (see [`Plan::without`]).
+    pub fn without(budget: usize, layout: Layout, absent: Vec<TensorId>) -> PlanCache<B> {
+        PlanCache { absent, ..PlanCache::with_layout(budget, layout) }
     }
 
     pub fn layout(&self) -> Layout {
@@ -238,8 +267,7 @@ impl<B: PlanBuffers> PlanCache<B> {
         let i = match self.entries.iter().position(|e| e.key == key) {
             Some(i) => i,
             None => {
-                let (n, h, w, keep_all) = key;
-                let plan = Arc::new(Plan::with_layout(graph, n, h, w, keep_all, self.layout)?);
+                let plan = Arc::new(Plan::without(graph, key, self.layout, &self.absent)?);
                 let evicted = self.evict(plan.arena_bytes());
                 let bufs = alloc(&plan, evicted)?;
                 self.entries.push(Entry { key, plan, bufs, last_used: 0 });

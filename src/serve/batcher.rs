@@ -8,6 +8,11 @@
 //! that want batching across a mixed stream should send images of a few fixed sizes, or run with
 //! `--resize long-side:N` so that images of one aspect ratio share a size.
 //!
+//! On a CUDA backend the executor streams batches (`Engine::detect_stream`): while one batch runs on
+//! the device, the next one that is ready (full, or due) is taken and uploaded, and the first one's
+//! detections come back while the second runs. A batch that is not ready yet is not waited for: the
+//! stream ends and the batches in flight are answered.
+//!
 //! Admission is bounded: a request takes a slot before its body is decoded and gives it back when
 //! its batch starts, when it fails, or when it is withdrawn; with every slot taken the next request
 //! is refused at once (503) instead of queueing without bound.
@@ -15,8 +20,9 @@
 use super::memory::{self, ForwardModel};
 use super::metrics::Metrics;
 use crate::detection::Detection;
-use crate::engine::{DetectOptions, Engine, Timings};
+use crate::engine::{Backend, DetectOptions, Engine, StreamBatch, Timings};
 use crate::image_io::BgrImage;
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -267,12 +273,28 @@ impl Batcher {
             };
             let (w, h) = jobs.first().map_or((0, 0), |j| (j.image.width, j.image.height));
             holding_large |= self.forward.bytes(h, w).saturating_mul(jobs.len() as u64) >= self.release_above;
-            self.execute(engine, opts, jobs);
+            // The test gate holds the executor between batches, which a stream would not.
+            if gate.is_none() && matches!(engine.backend(), Backend::Cuda | Backend::CudaSim) {
+                holding_large |= self.execute_stream(engine, opts, jobs);
+            } else {
+                self.execute(engine, opts, jobs);
+            }
         }
     }
 
     /// Waits for the next batch; None once shut down with nothing left.
     fn next_batch(&self) -> Option<Vec<Job>> {
+        self.take_batch(true)
+    }
+
+    /// The next batch if one is ready now (full, or its oldest request due), without waiting.
+    fn ready_batch(&self) -> Option<Vec<Job>> {
+        self.take_batch(false)
+    }
+
+    /// The next batch; with `wait`, waits for one (None once shut down with nothing left), else None
+    /// when none is ready now.
+    fn take_batch(&self, wait: bool) -> Option<Vec<Job>> {
         let mut st = lock(&self.state);
         loop {
             let now = Instant::now();
@@ -291,7 +313,7 @@ impl Batcher {
                 }
             }
             match best {
-                None if st.shutdown => return None,
+                None if st.shutdown || !wait => return None,
                 None => st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner()),
                 Some((key, oldest, full)) => {
                     let due = oldest + self.max_delay;
@@ -318,6 +340,8 @@ impl Batcher {
                         if !batch.is_empty() {
                             return Some(batch);
                         }
+                    } else if !wait {
+                        return None;
                     } else {
                         st = self.cv.wait_timeout(st, due - now).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0);
                     }
@@ -338,42 +362,116 @@ impl Batcher {
         };
         match result {
             Ok((dets, t)) => {
-                let m = &self.metrics;
-                m.exec_count.fetch_add(1, Ordering::Relaxed);
-                m.inference_count.fetch_add(jobs.len() as u64, Ordering::Relaxed);
-                let n = jobs.len() as u64;
-                // Triton adds a batch's compute time once per request in it.
-                m.compute_input_duration_us.fetch_add(t.preprocess.as_micros() as u64 * n, Ordering::Relaxed);
-                m.compute_infer_duration_us
-                    .fetch_add((t.backbone + t.neck + t.heads).as_micros() as u64 * n, Ordering::Relaxed);
-                m.compute_output_duration_us.fetch_add(t.postprocess.as_micros() as u64 * n, Ordering::Relaxed);
-                tracing::debug!(
-                    batch = jobs.len(),
-                    width = jobs[0].image.width,
-                    height = jobs[0].image.height,
-                    ms = start.elapsed().as_secs_f64() * 1e3,
-                    "batch done"
-                );
+                self.answered(&jobs, start, Some(&t));
                 for (job, d) in jobs.into_iter().zip(dets) {
                     let _ = job.reply.send(Ok(d));
                 }
             }
-            Err(msg) => {
-                tracing::error!(batch = jobs.len(), error = %msg, "batch failed");
-                // A failure that left the device unusable fails this batch and everything after it.
-                // The fault is recorded before anyone hears of it, so a probe after an answer sees 503.
-                let fault = engine.healthy().err().map(|e| e.to_string());
-                if let Some(f) = &fault {
-                    self.fail_device(f.clone());
-                }
-                for job in jobs {
-                    let e = match &fault {
-                        Some(f) => ExecError::Unhealthy(f.clone()),
-                        None => ExecError::Backend(msg.clone()),
-                    };
-                    let _ = job.reply.send(Err(e));
-                }
+            Err(msg) => self.failed(engine, jobs, &msg),
+        }
+    }
+}
+
+/// A batch in flight in a stream: its jobs (their images handed to the engine) and when it was issued.
+struct Issued {
+    jobs: Vec<Job>,
+    start: Instant,
+}
+
+impl Batcher {
+    /// Runs `first` and every batch ready while the ones before it run, two in flight, through
+    /// `Engine::detect_stream`; answers each as its detections come back. Returns whether a batch
+    /// was large (see `release_above`).
+    fn execute_stream(&self, engine: &Engine, opts: &DetectOptions, first: Vec<Job>) -> bool {
+        let inflight: std::cell::RefCell<VecDeque<Issued>> = Default::default();
+        let large = std::cell::Cell::new(false);
+        let mut first = Some(first);
+        let mut batches = std::iter::from_fn(|| {
+            let mut jobs = first.take().or_else(|| self.ready_batch())?;
+            let start = Instant::now();
+            let queue_us: u64 = jobs.iter().map(|j| start.duration_since(j.enqueued).as_micros() as u64).sum();
+            self.metrics.queue_duration_us.fetch_add(queue_us, Ordering::Relaxed);
+            let (w, h) = (jobs[0].image.width, jobs[0].image.height);
+            if self.forward.bytes(h, w).saturating_mul(jobs.len() as u64) >= self.release_above {
+                large.set(true);
             }
+            // The engine copies the images into its staging buffer when it issues the batch; the
+            // jobs keep only their sizes.
+            let images = jobs
+                .iter_mut()
+                .map(|j| {
+                    let empty = BgrImage { width: j.image.width, height: j.image.height, data: Vec::new() };
+                    Cow::Owned(std::mem::replace(&mut j.image, empty))
+                })
+                .collect();
+            let scales = jobs.iter().map(|j| j.scale).collect();
+            inflight.borrow_mut().push_back(Issued { jobs, start });
+            Some(Ok(StreamBatch { images, scales }))
+        });
+        let mut done = |dets: Vec<Vec<Detection>>| {
+            let Some(b) = inflight.borrow_mut().pop_front() else {
+                return Err(crate::Error::Cuda("the stream answered a batch it was not given".into()));
+            };
+            self.answered(&b.jobs, b.start, None);
+            for (job, d) in b.jobs.into_iter().zip(dets) {
+                let _ = job.reply.send(Ok(d));
+            }
+            Ok(())
+        };
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            engine.detect_stream(&mut batches, &opts.post, &mut done)
+        }));
+        let msg = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("the engine panicked on this batch".to_string()),
+        };
+        if let Some(msg) = msg {
+            for b in inflight.borrow_mut().drain(..) {
+                self.failed(engine, b.jobs, &msg);
+            }
+        }
+        large.get()
+    }
+
+    /// Metrics and the log line of a batch that ran.
+    /// `t`: the engine's stage times; a streamed batch has none, its compute time is the time from
+    /// its issue to its answer.
+    fn answered(&self, jobs: &[Job], start: Instant, t: Option<&Timings>) {
+        let m = &self.metrics;
+        m.exec_count.fetch_add(1, Ordering::Relaxed);
+        m.inference_count.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+        let n = jobs.len() as u64;
+        // Triton adds a batch's compute time once per request in it.
+        let infer = t.map_or_else(|| start.elapsed(), |t| t.backbone + t.neck + t.heads);
+        let t = t.copied().unwrap_or_default();
+        m.compute_input_duration_us.fetch_add(t.preprocess.as_micros() as u64 * n, Ordering::Relaxed);
+        m.compute_infer_duration_us.fetch_add(infer.as_micros() as u64 * n, Ordering::Relaxed);
+        m.compute_output_duration_us.fetch_add(t.postprocess.as_micros() as u64 * n, Ordering::Relaxed);
+        tracing::debug!(
+            batch = jobs.len(),
+            width = jobs[0].image.width,
+            height = jobs[0].image.height,
+            ms = start.elapsed().as_secs_f64() * 1e3,
+            "batch done"
+        );
+    }
+
+    /// Answers the jobs of a failed batch; a fault that left the device unusable fails everything
+    /// after it too.
+    fn failed(&self, engine: &Engine, jobs: Vec<Job>, msg: &str) {
+        tracing::error!(batch = jobs.len(), error = %msg, "batch failed");
+        // The fault is recorded before anyone hears of it, so a probe after an answer sees 503.
+        let fault = engine.healthy().err().map(|e| e.to_string());
+        if let Some(f) = &fault {
+            self.fail_device(f.clone());
+        }
+        for job in jobs {
+            let e = match &fault {
+                Some(f) => ExecError::Unhealthy(f.clone()),
+                None => ExecError::Backend(msg.to_string()),
+            };
+            let _ = job.reply.send(Err(e));
         }
     }
 }

@@ -2,6 +2,10 @@
 //! network never waits for ffmpeg and memory stays bounded. Files: every frame, in order (a full queue
 //! blocks the decoder). `realtime`: a frame that finds the inference queue full is dropped and counted,
 //! so latency stays bounded when inference falls behind a live source.
+//!
+//! On a CUDA backend the decoded frames go to the device as they are and are letterboxed (or resized)
+//! there (`Engine::detect_specs` with [`letterbox::spec`]): the host does no pixel work after decoding.
+//! Elsewhere the decoder thread letterboxes on the host.
 
 use super::letterbox::{self, FrameResize};
 use super::output::{self, Encoder};
@@ -10,7 +14,8 @@ use super::tracker::Tracker;
 use crate::detection::Detection;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::image_io::BgrImage;
+use crate::exec::Backend;
+use crate::image_io::{BgrImage, ResizeSpec};
 use crate::post::PostOptions;
 use std::io::Write;
 use std::path::PathBuf;
@@ -37,6 +42,9 @@ pub struct VideoOptions {
     pub track: bool,
     /// A progress line on stderr (files only).
     pub progress: bool,
+    /// Letterbox on the host even on a CUDA backend (which otherwise resizes on the device); the
+    /// detections are the same either way.
+    pub host_resize: bool,
 }
 
 impl Default for VideoOptions {
@@ -58,6 +66,7 @@ impl Default for VideoOptions {
             realtime: false,
             track: false,
             progress: false,
+            host_resize: false,
         }
     }
 }
@@ -85,9 +94,16 @@ struct Item {
     index: usize,
     time: f64,
     image: BgrImage,
-    /// The network input and factor, for frames the network runs on.
-    input: Option<(BgrImage, f64)>,
+    /// How the frame becomes the network input, for frames the network runs on.
+    input: Option<Input>,
     dets: Option<Vec<Detection>>,
+}
+
+/// A frame's network input: made on the host (with the factor its detections are divided by), or to
+/// be made from the frame on the device by its spec.
+enum Input {
+    Host(BgrImage, f64),
+    Device(ResizeSpec),
 }
 
 /// The first error any stage hit; the others stop when it is set.
@@ -156,7 +172,8 @@ pub fn run(
 
     let mut summary = std::thread::scope(|s| {
         let src = &mut src;
-        let decoder = s.spawn(move || decode_stage(src, opts, to_infer, halt, failure, dropped));
+        let device = !opts.host_resize && matches!(engine.backend(), Backend::Cuda | Backend::CudaSim);
+        let decoder = s.spawn(move || decode_stage(src, opts, device, to_infer, halt, failure, dropped));
         let busy = &infer_busy;
         s.spawn(move || infer_stage(engine, opts, infer_rx, to_draw, failure, busy));
         let encoder_thread = encoder.as_mut().map(|enc| s.spawn(move || encode_stage(enc, encode_rx, failure)));
@@ -187,9 +204,22 @@ pub fn run(
     Ok(summary)
 }
 
+/// The network input of a frame: its spec for the device's resize (`device`), else made here.
+fn frame_input(img: &BgrImage, resize: FrameResize, device: bool) -> Result<Input> {
+    if !device {
+        let (im, f) = letterbox::prepare(img, resize)?;
+        return Ok(Input::Host(im, f));
+    }
+    Ok(Input::Device(match resize {
+        FrameResize::Letterbox { width, height } => letterbox::spec(img.width, img.height, width, height)?,
+        FrameResize::Mode(m) => ResizeSpec::for_mode(m, img.width, img.height),
+    }))
+}
+
 fn decode_stage(
     src: &mut Source,
     opts: &VideoOptions,
+    device: bool,
     tx: SyncSender<Item>,
     halt: &dyn Fn() -> bool,
     failure: &Failure,
@@ -207,7 +237,7 @@ fn decode_stage(
         };
         decoded += 1;
         let input = if frame.index % opts.every == 0 {
-            match letterbox::prepare(&frame.image, opts.resize) {
+            match frame_input(&frame.image, opts.resize, device) {
                 Ok(x) => Some(x),
                 Err(e) => {
                     failure.set(e);
@@ -252,11 +282,30 @@ fn infer_stage(
                 None => break,
             }
         }
-        let inputs: Vec<&BgrImage> = items.iter().filter_map(|i| i.input.as_ref().map(|x| &x.0)).collect();
-        if !inputs.is_empty() {
-            let scales: Vec<f64> = items.iter().filter_map(|i| i.input.as_ref().map(|x| x.1)).collect();
+        let mut inputs: Vec<&BgrImage> = Vec::new();
+        let (mut scales, mut frames, mut specs) = (Vec::new(), Vec::new(), Vec::new());
+        for it in &items {
+            match &it.input {
+                Some(Input::Host(im, f)) => {
+                    inputs.push(im);
+                    scales.push(*f);
+                }
+                Some(Input::Device(spec)) => {
+                    frames.push(&it.image);
+                    specs.push(*spec);
+                }
+                None => {}
+            }
+        }
+        if !inputs.is_empty() || !frames.is_empty() {
             let t0 = Instant::now();
-            let result = engine.detect_resized(&inputs, &scales, &opts.post, None);
+            // One kind per run: every frame is made into its input on the host, or every one on the
+            // device.
+            let result = if frames.is_empty() {
+                engine.detect_resized(&inputs, &scales, &opts.post, None)
+            } else {
+                engine.detect_specs(&frames, &specs, &opts.post, None)
+            };
             if let Ok(mut b) = busy.lock() {
                 *b += t0.elapsed();
             }

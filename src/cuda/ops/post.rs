@@ -63,6 +63,11 @@ impl PostBufs {
         })
     }
 
+    /// The detection counts and the packed detections a pass leaves (what [`collect`] downloads).
+    pub fn outputs(&self) -> (DevBuf, DevBuf) {
+        (self.det_count, self.cand)
+    }
+
     pub fn all(&self) -> [DevBuf; 12] {
         [
             self.keys[0],
@@ -315,9 +320,17 @@ pub fn launch(r: &mut dyn KernelRunner, pb: &PostBufs, raw: [DevBuf; 3], pass: &
 
 /// The kept detections of a launched pass: the counts, then one copy of all of them.
 pub fn collect(r: &mut dyn KernelRunner, pb: &PostBufs, pass: &PostPass) -> Result<Vec<Vec<Detection>>> {
-    let (n, max_out) = (pass.n, pass.max_out);
-    let counts = r.download_i32(pb.det_count, n)?;
-    let mut sizes = Vec::with_capacity(n);
+    let counts = r.download_i32(pb.det_count, pass.n)?;
+    let sizes = detection_counts(&counts, pass.max_out)?;
+    let total: usize = sizes.iter().sum();
+    let mut dets = vec![0.0f32; total * 15];
+    r.download(pb.cand, 0, bytemuck::cast_slice_mut(&mut dets))?;
+    unpack(&sizes, &dets, r.is_simulation())
+}
+
+/// The detections kept per image, from the device's counts (each checked against `max_out`).
+pub fn detection_counts(counts: &[i32], max_out: usize) -> Result<Vec<usize>> {
+    let mut sizes = Vec::with_capacity(counts.len());
     for (b, &c) in counts.iter().enumerate() {
         let c = usize::try_from(c)
             .ok()
@@ -325,15 +338,18 @@ pub fn collect(r: &mut dyn KernelRunner, pb: &PostBufs, pass: &PostPass) -> Resu
             .ok_or_else(|| Error::Cuda(format!("device returned {c} detections for image {b}")))?;
         sizes.push(c);
     }
-    let total: usize = sizes.iter().sum();
-    let mut dets = vec![0.0f32; total * 15];
-    r.download(pb.cand, 0, bytemuck::cast_slice_mut(&mut dets))?;
-    let mut out = Vec::with_capacity(n);
+    Ok(sizes)
+}
+
+/// The packed detections (15 floats each, image after image, `sizes[b]` of image b) as detections;
+/// `check_nan` (the simulation) refuses a value never written.
+pub fn unpack(sizes: &[usize], dets: &[f32], check_nan: bool) -> Result<Vec<Vec<Detection>>> {
+    let mut out = Vec::with_capacity(sizes.len());
     let mut rows = dets.chunks_exact(15);
     for (b, &c) in sizes.iter().enumerate() {
         let mut v = Vec::with_capacity(c);
         for d in rows.by_ref().take(c) {
-            if r.is_simulation() && d.iter().any(|x| x.is_nan()) {
+            if check_nan && d.iter().any(|x| x.is_nan()) {
                 return Err(Error::Cuda(format!("simulation: a detection of image {b} holds NaN (unwritten element)")));
             }
             let mut landmarks = [0.0f32; 10];
