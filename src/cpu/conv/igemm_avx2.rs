@@ -74,7 +74,7 @@ pub(super) unsafe fn tile<const PREFETCH: bool>(
 /// One MR2×NR2 micro-tile; `a` points at its first row inside MR-wide packed rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[inline]
+#[inline(never)] // its own function: inlined into `tile`, LLVM spilled accumulators to the stack in the loop
 unsafe fn micro<const MASKED: bool, const PREFETCH: bool>(
     a: *const f32,
     offsets: &[u32],
