@@ -21,6 +21,30 @@ struct ConvF16Params {
     int splits, kt_per_split;
 };
 
+// conv_dwpw_f16_*: a depthwise k×k conv and the 1×1 conv of its output in one launch. ConvF16Params'
+// fields first, in its order, as the pointwise GEMM sees them (k = 1, cin = the depthwise channels;
+// x, h, w, stride, pad are the depthwise conv's input and geometry), so conv_f16_igemm serves both;
+// then the depthwise conv's own.
+struct DwPwF16Params {
+    const unsigned short* x;         // [n][h][w][cin] f16: the depthwise conv's input
+    const unsigned short* wt;        // pointwise [cout][cin] f16
+    const float* bias;               // pointwise [cout] f32
+    const unsigned short* residual;  // [n][oh][ow][cout] f16, or null
+    unsigned short* y;               // [n][oh][ow][out_ctot] f16, written at channels out_coff..out_coff+cout
+    int n, h, w, cin;
+    int oh, ow, cout, k;             // k = 1
+    int stride, pad, out_ctot, out_coff;
+    int act;
+    float slope;
+    float* ws;                       // split-K partials, as ConvF16Params'
+    int splits, kt_per_split;
+    const unsigned short* wdw;       // [kdw][kdw][cin] f16
+    const float* bdw;                // [cin] f32
+    int kdw, act_dw;
+    float slope_dw;
+    int pad0;
+};
+
 // kernels/net_f16.cu: the f16 network's other ops, 8 channels (16 bytes) per thread.
 struct PreprocessF16Params {
     const unsigned char* src;  // [pixels][3] BGR u8

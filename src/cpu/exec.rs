@@ -271,6 +271,11 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
                 conv_op(dw, plan, arena)?;
                 conv_op(pw, plan, arena)?;
             }
+            Op::InvRes { ex, dw, pw } => {
+                conv_op(ex, plan, arena)?;
+                conv_op(dw, plan, arena)?;
+                conv_op(pw, plan, arena)?;
+            }
             Op::MaxPool { input, output } => {
                 let (ic, ih, iw) = dims(*input);
                 let (o, [x]) = views(arena, plan.range(*output), [plan.range(*input)])?;
@@ -291,6 +296,7 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
                 Op::ConvUpsampleAdd { conv: c, .. } => format!("conv+upsample-add {} {}->{}", c.name, c.cin, c.cout),
                 Op::ConvPair { a, b } => format!("conv pair {} + {}", a.name, b.name),
                 Op::DwPw { dw, pw } => format!("depthwise+pointwise {} + {}", dw.name, pw.name),
+                Op::InvRes { ex, .. } => format!("inverted residual {}", ex.name),
             };
             op_times.push((dt.as_secs_f64() * 1e3, what));
         }
