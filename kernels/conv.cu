@@ -412,7 +412,8 @@ extern "C" __global__ void __launch_bounds__(256) conv_invres(const InvResParams
         // The depthwise outputs of the tile's 64 pixels at channel k0 + ak (conv_depthwise's order,
         // taps outside the image skipped) into A.
         const int hc = k0 + ak;
-#pragma unroll
+        // Not unrolled: four copies of the 3×3 window's addressing spill on sm_80.
+#pragma unroll 1
         for (int q = 0; q < 4; ++q) {
             const int pi = tid / CONV_BK + 16 * q;
             const int py = pi / INVRES_T, px = pi % INVRES_T;

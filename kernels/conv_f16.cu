@@ -37,6 +37,17 @@
 //   recomputed per column); reads k²·16 B of x (L1/L2 absorb the taps' reuse) per 8 A values per
 //   column; writes M·cout·2 B, and neither writes nor re-reads the M·c·2 B depthwise tensor.
 //
+// conv_ex_f16_BMxBN (ConvExF16Params): conv_f16_BMxBN with the f32 conv_ex family's epilogue, for the
+//   fused ops of the f16 executor: the FPN lateral 1×1 with the top-down upsample-add (`up`: the
+//   conv's output is rounded to f16, as the unfused conv stores it, then up is added in f32 and the
+//   sum rounded once, as upsample_nearest_add_f16 does: bit-identical to the unfused pair), and two
+//   convs of one input as one GEMM over split + cout2 channels (SSH's conv3X3 + conv5X5_1: each
+//   channel pair goes to its conv's destination, offset and activation; split is a multiple of 8).
+//   Split-K reduces through conv_ex_f16_splitk_reduce (the same epilogue). Launch, shared memory and
+//   cost as conv_f16_BMxBN over the combined cout, plus 4 B of `up` read per output pair when set
+//   (instead of upsample_nearest_add_f16's two reads and one write of the map); a pair reads its
+//   input once instead of twice.
+//
 // conv_dw_f16 (groups = cin = cout = c, c % 8 == 0): one thread per output pixel and 8 channels, one
 //   16-byte load of x and of w per tap (weights [k][k][c] f16), f32 sums over (ky, kx) in the CPU
 //   reference's order, one 16-byte store. Launch: 1-D over n·oh·ow·c/8, 256 threads. Cost: 2·k² FLOPs
@@ -44,6 +55,7 @@
 #include "common.cuh"
 #include "conv_f16.cuh"
 #include "mma.cuh"
+#include "nearest.cuh"
 
 #define CONVH_BK 32
 #define CONVH_STAGES 3
@@ -67,11 +79,42 @@ __device__ __forceinline__ void convh_store2(const P& p, int m, int co, float v0
     *reinterpret_cast<unsigned*>(p.y + m * p.out_ctot + p.out_coff + co) = pack_half2(v0, v1);
 }
 
+// conv_ex_f16's epilogue: channels below split to y (then + nearest(up), rounded as the unfused
+// conv and upsample-add round), the rest to y2 with the second activation.
+__device__ __forceinline__ void convh_store2(const ConvExF16Params& p, int m, int co, float v0, float v1) {
+    v0 += p.bias[co];
+    v1 += p.bias[co + 1];
+    if (p.residual) {
+        const unsigned r = *reinterpret_cast<const unsigned*>(p.residual + m * p.cout + co);
+        v0 += half_to_float((unsigned short)(r & 0xffff));
+        v1 += half_to_float((unsigned short)(r >> 16));
+    }
+    if (co >= p.split) {
+        v0 = apply_act(v0, p.act2, p.slope2);
+        v1 = apply_act(v1, p.act2, p.slope2);
+        *reinterpret_cast<unsigned*>(p.y2 + m * p.out_ctot2 + p.out_coff2 + (co - p.split)) = pack_half2(v0, v1);
+        return;
+    }
+    v0 = apply_act(v0, p.act, p.slope);
+    v1 = apply_act(v1, p.act, p.slope);
+    if (p.up) {
+        const unsigned c = pack_half2(v0, v1);
+        const int ox = m % p.ow, r = m / p.ow;
+        const int oy = r % p.oh, b = r / p.oh;
+        const int sy = nearest_src(oy, p.uh, p.oh), sx = nearest_src(ox, p.uw, p.ow);
+        const unsigned u = *reinterpret_cast<const unsigned*>(p.up + ((b * p.uh + sy) * p.uw + sx) * p.split + co);
+        v0 = half_to_float((unsigned short)(c & 0xffff)) + half_to_float((unsigned short)(u & 0xffff));
+        v1 = half_to_float((unsigned short)(c >> 16)) + half_to_float((unsigned short)(u >> 16));
+    }
+    *reinterpret_cast<unsigned*>(p.y + m * p.out_ctot + p.out_coff + co) = pack_half2(v0, v1);
+}
+
 // One 16-byte chunk of an A tile: 8 input channels ci.. of tap (ky, kx) of the pixel whose batch
 // offset is base and whose first tap is (iy0, ix0), copied asynchronously (zero outside the image or
 // past K).
-__device__ __forceinline__ void convh_load_a(const ConvF16Params& p, unsigned short* dst, bool kin, int ci, int ky,
-                                             int kx, int base, int iy0, int ix0) {
+template <class P>
+__device__ __forceinline__ void convh_load_a(const P& p, unsigned short* dst, bool kin, int ci, int ky, int kx,
+                                             int base, int iy0, int ix0) {
     const int iy = iy0 + ky, ix = ix0 + kx;
     const bool ok = kin && (unsigned)iy < (unsigned)p.h && (unsigned)ix < (unsigned)p.w;
     const unsigned short* src = ok ? p.x + base + (iy * p.w + ix) * p.cin + ci : p.x;
@@ -114,7 +157,7 @@ __device__ __forceinline__ void convh_load_a(const DwPwF16Params& p, unsigned sh
     *reinterpret_cast<uint4*>(dst) = o;
 }
 
-// P: ConvF16Params (A copied from x) or DwPwF16Params (A made by the depthwise conv).
+// P: ConvF16Params or ConvExF16Params (A copied from x), or DwPwF16Params (A made by the depthwise conv).
 template <int BM, int BN, int WM, int WN, class P>
 __device__ __forceinline__ void conv_f16_igemm(const P& p) {
     constexpr int WARPS_M = BM / WM, WARPS_N = BN / WN;
@@ -263,6 +306,13 @@ extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_128x32(const DwP
 extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_128x16(const DwPwF16Params p) { conv_f16_igemm<128, 16, 32, 16>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_128x8(const DwPwF16Params p) { conv_f16_igemm<128, 8, 32, 8>(p); }
 
+extern "C" __global__ void __launch_bounds__(256) conv_ex_f16_128x128(const ConvExF16Params p) { conv_f16_igemm<128, 128, 64, 32>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_128x64(const ConvExF16Params p) { conv_f16_igemm<128, 64, 64, 32>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_64x64(const ConvExF16Params p) { conv_f16_igemm<64, 64, 32, 32>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_128x32(const ConvExF16Params p) { conv_f16_igemm<128, 32, 32, 32>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_128x16(const ConvExF16Params p) { conv_f16_igemm<128, 16, 32, 16>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_128x8(const ConvExF16Params p) { conv_f16_igemm<128, 8, 32, 8>(p); }
+
 // Sums split-K partials in z order and applies P's epilogue.
 template <class P>
 __device__ __forceinline__ void convh_splitk_reduce(const P& p) {
@@ -280,6 +330,7 @@ __device__ __forceinline__ void convh_splitk_reduce(const P& p) {
 }
 
 extern "C" __global__ void __launch_bounds__(256) conv_f16_splitk_reduce(const ConvF16Params p) { convh_splitk_reduce(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_ex_f16_splitk_reduce(const ConvExF16Params p) { convh_splitk_reduce(p); }
 
 extern "C" __global__ void __launch_bounds__(256) conv_dw_f16(const ConvF16Params p) {
     const int c8 = p.cout / 8;

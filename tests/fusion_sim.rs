@@ -537,6 +537,258 @@ fn f16_depthwise_pointwise_matches_its_composition() {
     dwpw_f16_case((1, 5, 6), 256, 136, 1, (Act::Relu6, Act::None), false, 54);
 }
 
+/// f16 NHWC bits of an NCHW f32 tensor, channels padded to 8, uploaded.
+fn up_f16(r: &mut SimRunner, v: &[f32], (n, c, h, w): (usize, usize, usize, usize)) -> DevBuf {
+    let bits = retinaface::cuda::conv_f16::nchw_to_nhwc_f16(v, n, c, h, w, retinaface::cuda::conv_f16::pad8(c));
+    let b = r.alloc(2 * bits.len()).unwrap();
+    r.upload(b, 0, bytemuck::cast_slice(&bits)).unwrap();
+    b
+}
+
+fn up_bytes(r: &mut SimRunner, bytes: &[u8]) -> DevBuf {
+    let b = r.alloc(bytes.len()).unwrap();
+    r.upload(b, 0, bytes).unwrap();
+    b
+}
+
+fn down_u16(r: &mut SimRunner, b: DevBuf, len: usize) -> Vec<u16> {
+    let mut raw = vec![0u16; len];
+    r.download(b, 0, bytemuck::cast_slice_mut(&mut raw)).unwrap();
+    raw
+}
+
+/// conv_f16_sim's bound on `got` (NHWC f16 bits, `cs` stored channels) against `want` (NHWC f32,
+/// `ct` channels): |got − want| ≤ ½ulp_f16(want) + 1e-5·max(1, max |want|); padded channels zero.
+/// Returns the worst fraction of the bound.
+fn f16_bound(got: &[u16], want: &[f32], (cs, ct): (usize, usize), what: &str) -> f64 {
+    let mag = want.iter().fold(1.0f32, |m, v| m.max(v.abs())) as f64;
+    let mut worst = 0.0f64;
+    for (px, row) in got.chunks(cs).enumerate() {
+        for (ch, &bits) in row.iter().enumerate() {
+            let g = half::f16::from_bits(bits).to_f32() as f64;
+            if ch >= ct {
+                assert_eq!(g, 0.0, "{what}: padded channel {ch} not zero");
+                continue;
+            }
+            let wv = want[px * ct + ch] as f64;
+            worst = worst.max((g - wv).abs() / (half_ulp16(wv) + 1e-5 * mag));
+        }
+    }
+    assert!(worst <= 1.0, "{what}: {worst} of the bound");
+    worst
+}
+
+/// A conv for the f16 cases: f16-exact weights and bias.
+fn conv16(name: &str, (cin, cout, k, stride): (usize, usize, usize, usize), act: Act, rng: &mut Rng) -> Conv {
+    let fan = (cin * k * k) as f32;
+    Conv {
+        name: name.into(),
+        input: 0,
+        output: 1,
+        out_channel_offset: 0,
+        cin,
+        cout,
+        kernel: k,
+        stride,
+        pad: k / 2,
+        groups: 1,
+        weight: rng.vec16(cout * cin * k * k, 1.0 / fan.sqrt()),
+        bias: rng.vec16(cout, 0.5),
+        residual: None,
+        act,
+        packed: Default::default(),
+    }
+}
+
+/// The f16 launch parameters of `c` on NHWC f16 buffers with `cin`/`cout` padded to 8.
+fn params16(
+    c: &Conv,
+    (n, h, w): (usize, usize, usize),
+    (x, wt, bias, y): (u64, u64, u64, u64),
+) -> retinaface::cuda::params::ConvF16Params {
+    use retinaface::cuda::conv_f16::pad8;
+    let (act, slope) = retinaface::cuda::params::act_code(c.act);
+    let o = |s: usize| retinaface::reference::out_size(s, c.kernel, c.stride, c.pad) as i32;
+    retinaface::cuda::params::ConvF16Params {
+        x,
+        wt,
+        bias,
+        residual: 0,
+        y,
+        n: n as i32,
+        h: h as i32,
+        w: w as i32,
+        cin: pad8(c.cin) as i32,
+        oh: o(h),
+        ow: o(w),
+        cout: pad8(c.cout) as i32,
+        k: c.kernel as i32,
+        stride: c.stride as i32,
+        pad: c.pad as i32,
+        out_ctot: pad8(c.cout) as i32,
+        out_coff: 0,
+        act,
+        slope,
+        ..Default::default()
+    }
+}
+
+/// SSH's pair on f16 through conv_ex_f16 (conv3X3 `c` → ca, ReLU, and conv5X5_1 `c` → cb, leaky, as
+/// one GEMM over both padded widths), every variant: bit for bit the unfused conv_f16 launches of
+/// the same variant (a pair's GEMM sums each output in the same order), and each destination
+/// within conv_f16_sim's bound of `reference::conv2d` of its conv.
+fn pair_f16_case(
+    (n, h, w): (usize, usize, usize),
+    c: usize,
+    (ca, cb): (usize, usize),
+    (k, s): (usize, usize),
+    seed: u64,
+) {
+    use retinaface::cuda::conv_f16::{self, VARIANTS, pad8};
+    use retinaface::cuda::ops::fused_f16;
+    let mut rng = Rng(seed);
+    let a = conv16("conv3X3", (c, ca, k, s), Act::Leaky(0.0), &mut rng);
+    let b = conv16("conv5X5_1", (c, cb, k, s), Act::Leaky(0.1), &mut rng);
+    let x = rng.vec16(n * c * h * w, 1.0);
+    let (oh, ow) = (retinaface::reference::out_size(h, k, s, k / 2), retinaface::reference::out_size(w, k, s, k / 2));
+    let refc = |cv: &Conv| {
+        let mut y = vec![f32::NAN; n * cv.cout * oh * ow];
+        retinaface::reference::conv2d(cv, &x, n, h, w, &mut y, cv.cout, None);
+        nchw_to_nhwc(&y, n, cv.cout, oh, ow)
+    };
+    let (want_a, want_b) = (refc(&a), refc(&b));
+    let mut r = SimRunner::new();
+    let xb = up_f16(&mut r, &x, (n, c, h, w));
+    let (wv, bv) = fused_f16::pack_pair(&a, &b).unwrap();
+    let (wp, bp) = (up_bytes(&mut r, bytemuck::cast_slice(&wv)), up_bytes(&mut r, bytemuck::cast_slice(&bv)));
+    let sep = |r: &mut SimRunner, cv: &Conv| {
+        let (w16, b16) = conv_f16::pack_weights(cv).unwrap();
+        (up_bytes(r, bytemuck::cast_slice(&w16)), up_bytes(r, bytemuck::cast_slice(&b16)))
+    };
+    let ((wa, ba), (wb, bb)) = (sep(&mut r, &a), sep(&mut r, &b));
+    let (pa, pb) = (pad8(ca), pad8(cb));
+    let pixels = n * oh * ow;
+    let bufs: Vec<DevBuf> = [pa, pb, pa, pb].iter().map(|&cc| r.alloc(2 * pixels * cc).unwrap()).collect();
+    let (ya, yb, ua, ub) = (bufs[0], bufs[1], bufs[2], bufs[3]);
+    let what0 = format!("f16 pair {k}x{k}/{s} {c}->{ca}+{cb} at {h}x{w}, batch {n}");
+    let pf = params16(&a, (n, h, w), (xb.ptr, wp.ptr, bp.ptr, ya.ptr));
+    let pf = retinaface::cuda::params::ConvF16Params { cout: (pa + pb) as i32, ..pf };
+    let e = fused_f16::ExPart {
+        split: pa,
+        y2: yb.ptr,
+        out_ctot2: pb,
+        out_coff2: 0,
+        act2: Some(b.act),
+        ..Default::default()
+    };
+    let (mut worst_a, mut worst_b) = (0.0f64, 0.0f64);
+    for v in VARIANTS {
+        let need = pf.shape().workspace_bytes(v).max(params16(&a, (n, h, w), (0, 0, 0, 0)).shape().workspace_bytes(v));
+        let ws = (need > 0).then(|| r.alloc(need).unwrap());
+        for &bf in &bufs {
+            r.memset(bf, 0xff).unwrap();
+        }
+        fused_f16::launch_ex(&mut r, v, "pair", &pf, &e, ws).unwrap_or_else(|err| panic!("{}: {err}", v.name));
+        conv_f16::launch(&mut r, v, "a", &params16(&a, (n, h, w), (xb.ptr, wa.ptr, ba.ptr, ua.ptr)), ws).unwrap();
+        conv_f16::launch(&mut r, v, "b", &params16(&b, (n, h, w), (xb.ptr, wb.ptr, bb.ptr, ub.ptr)), ws).unwrap();
+        let what = format!("{what0}, {}", v.name);
+        let (ga, gb) = (down_u16(&mut r, ya, pixels * pa), down_u16(&mut r, yb, pixels * pb));
+        assert!(ga == down_u16(&mut r, ua, pixels * pa), "{what}: first conv differs from the unfused launch");
+        assert!(gb == down_u16(&mut r, ub, pixels * pb), "{what}: second conv differs from the unfused launch");
+        worst_a = worst_a.max(f16_bound(&ga, &want_a, (pa, ca), &format!("{what}, first")));
+        worst_b = worst_b.max(f16_bound(&gb, &want_b, (pb, cb), &format!("{what}, second")));
+        if let Some(b) = ws {
+            r.free(b).unwrap();
+        }
+    }
+    println!(
+        "{what0}: every variant bit-identical to the unfused convs; worst {worst_a:.2} / {worst_b:.2} of the bound"
+    );
+}
+
+#[test]
+fn f16_conv_pair_matches_its_composition() {
+    pair_f16_case((2, 13, 9), 64, (32, 16), (3, 1), 61);
+    pair_f16_case((3, 7, 11), 40, (20, 12), (3, 1), 62);
+    pair_f16_case((2, 9, 9), 96, (48, 24), (1, 2), 63);
+}
+
+/// The FPN lateral 1×1 (`cin` → `c`) with the upsample-add of a coarser f16 map (stride `s`) in
+/// conv_ex_f16's epilogue, every variant: bit for bit the unfused conv_f16 launch followed by
+/// upsample_nearest_add_f16; the conv step (the unfused conv's output) within conv_f16_sim's bound
+/// of `reference::conv2d`, and the add step exactly f16(conv + up[nearest]) summed in f32 (the
+/// reference's upsample-add on f16 values, rounded once).
+fn fpn_f16_case((n, h, w): (usize, usize, usize), cin: usize, c: usize, s: usize, act: Act, seed: u64) {
+    use retinaface::cuda::conv_f16::{self, VARIANTS, pad8};
+    use retinaface::cuda::ops::{fused_f16, net_f16};
+    let mut rng = Rng(seed);
+    let lat = conv16("lateral", (cin, c, 1, 1), act, &mut rng);
+    let (uh, uw) = (h.div_ceil(s), w.div_ceil(s));
+    let x = rng.vec16(n * cin * h * w, 1.0);
+    let upm = rng.vec16(n * c * uh * uw, 2.0);
+    let mut want_conv = vec![f32::NAN; n * c * h * w];
+    retinaface::reference::conv2d(&lat, &x, n, h, w, &mut want_conv, c, None);
+    let want_conv = nchw_to_nhwc(&want_conv, n, c, h, w);
+    let mut r = SimRunner::new();
+    let xb = up_f16(&mut r, &x, (n, cin, h, w));
+    let ub = up_f16(&mut r, &upm, (n, c, uh, uw));
+    let (w16, b16) = conv_f16::pack_weights(&lat).unwrap();
+    let (wt, bias) = (up_bytes(&mut r, bytemuck::cast_slice(&w16)), up_bytes(&mut r, bytemuck::cast_slice(&b16)));
+    let cp = pad8(c);
+    let pixels = n * h * w;
+    let (yf, yu) = (r.alloc(2 * pixels * cp).unwrap(), r.alloc(2 * pixels * cp).unwrap());
+    let what0 = format!("f16 fpn lateral {cin}->{c} + upsample {uh}x{uw}->{h}x{w}, batch {n}");
+    // The upsampled map's f16 values as NCHW f32, for the host's add.
+    let up16: Vec<f32> = upm.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+    let mut worst = 0.0f64;
+    for v in VARIANTS {
+        let p = params16(&lat, (n, h, w), (xb.ptr, wt.ptr, bias.ptr, yf.ptr));
+        let need = p.shape().workspace_bytes(v);
+        let ws = (need > 0).then(|| r.alloc(need).unwrap());
+        for b in [yf, yu] {
+            r.memset(b, 0xff).unwrap();
+        }
+        let e = fused_f16::ExPart { split: cp, up: ub.ptr, uh, uw, ..Default::default() };
+        fused_f16::launch_ex(&mut r, v, "lateral", &p, &e, ws).unwrap_or_else(|err| panic!("{}: {err}", v.name));
+        let pu = retinaface::cuda::params::ConvF16Params { y: yu.ptr, ..p };
+        conv_f16::launch(&mut r, v, "lateral", &pu, ws).unwrap();
+        let conv_only = down_u16(&mut r, yu, pixels * cp);
+        net_f16::upsample_add(&mut r, ub.ptr, yu.ptr, n, (uh, uw), (h, w), cp).unwrap();
+        let what = format!("{what0}, {}", v.name);
+        let got = down_u16(&mut r, yf, pixels * cp);
+        assert!(got == down_u16(&mut r, yu, pixels * cp), "{what}: differs from conv_f16 + upsample_nearest_add_f16");
+        worst = worst.max(f16_bound(&conv_only, &want_conv, (cp, c), &format!("{what}, conv step")));
+        // The add step: the reference's upsample-add of the map onto the device's f16 conv output,
+        // then one rounding.
+        let conv_nchw: Vec<f32> = nhwc_to_nchw(&conv_f16::f32_from_f16_bits(&conv_only), n, h, w, cp)
+            .chunks(cp * h * w)
+            .flat_map(|img| img[..c * h * w].to_vec())
+            .collect();
+        let mut sum = conv_nchw;
+        retinaface::reference::upsample_nearest_add(&up16, uh, uw, &mut sum, h, w);
+        let sum = nchw_to_nhwc(&sum, n, c, h, w);
+        for (px, row) in got.chunks(cp).enumerate() {
+            for ch in 0..c {
+                let want = half::f16::from_f32(sum[px * c + ch]).to_bits();
+                assert_eq!(row[ch], want, "{what}: pixel {px} channel {ch}: not f16(conv + up)");
+            }
+        }
+        if let Some(b) = ws {
+            r.free(b).unwrap();
+        }
+    }
+    println!(
+        "{what0}: every variant bit-identical to the unfused pair and exactly f16(conv + up); conv step {worst:.2} of the bound"
+    );
+}
+
+#[test]
+fn f16_fpn_lateral_with_upsample_add_matches_its_composition() {
+    fpn_f16_case((2, 13, 9), 24, 40, 2, Act::Leaky(0.1), 71);
+    fpn_f16_case((3, 10, 7), 64, 64, 2, Act::Leaky(0.0), 72);
+    fpn_f16_case((2, 9, 15), 48, 20, 4, Act::Relu6, 73);
+}
+
 /// Counts launches; otherwise the simulation.
 struct Counting(SimRunner, Arc<AtomicUsize>);
 
@@ -658,12 +910,18 @@ fn every_network_runs_fused_with_fewer_launches() {
     println!("{}", lines.join("\n"));
 }
 
-/// The f16 executor with and without its fusions (depthwise + pointwise): the same raw outputs bit
-/// for bit (the fused kernel feeds each GEMM the f16 values the unfused pair stores, and the
-/// pointwise variant is chosen for the same shape) and one launch fewer per op fused away, printed
-/// per network.
+/// The f16 executor with and without its fusions, per network, with launches counted. Depthwise +
+/// pointwise alone gives the unfused raw outputs bit for bit (the fused kernel feeds each GEMM the
+/// f16 values the unfused pair stores, and the variant is chosen for the same shape). All of
+/// `Fusions::CUDA_F16` (pairs and FPN too) stays within f16_goldens_sim's RAW_REL of the unfused
+/// f16 outputs: each fused kernel is bit-identical to the unfused kernels of its own variant (the
+/// kernel tests above), but a pair's GEMM over both convs' channels gets its own tile from the
+/// heuristic, and tiles of different widths round some outputs differently in the simulation
+/// (measured: mobilenetv1_0.25 and mobilenetv2 still identical, resnet18 ≤ 1e-4 abs in loc at
+/// 45x37). One launch fewer per op fused away.
 #[test]
-fn f16_networks_run_fused_bit_identically_with_fewer_launches() {
+fn f16_networks_run_fused_with_fewer_launches() {
+    const RAW_REL: f32 = 5e-3;
     let img = {
         let mut rng = Rng(9);
         let (w, h) = (45, 37);
@@ -679,20 +937,24 @@ fn f16_networks_run_fused_bit_identically_with_fewer_launches() {
             let raw = e.raw_outputs(&[&img, &img]).unwrap();
             (count.load(Ordering::Relaxed), raw)
         };
+        let outputs = |raw: &[retinaface::RawOutput]| -> Vec<Vec<f32>> {
+            raw.iter().flat_map(|r| [r.loc.clone(), r.conf.clone(), r.landmarks.clone()]).collect()
+        };
         let (before, want) = run(Fusions::NONE);
-        let (after, got) = run(Fusions::CUDA_F16);
-        for (a, b) in got.iter().zip(&want) {
-            for (name, x, y) in
-                [("loc", &a.loc, &b.loc), ("conf", &a.conf, &b.conf), ("landmarks", &a.landmarks, &b.landmarks)]
-            {
-                let same = x.len() == y.len() && x.iter().zip(y.iter()).all(|(p, q)| p.to_bits() == q.to_bits());
-                assert!(same, "{net} {name}: f16 fused differs from unfused");
-            }
+        let want = outputs(&want);
+        let (_, dwpw) = run(Fusions { dw_pw: true, ..Fusions::NONE });
+        for (x, y) in outputs(&dwpw).iter().zip(&want) {
+            let same = x.len() == y.len() && x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "{net}: f16 with depthwise + pointwise fused differs from unfused");
         }
-        lines.push(format!("{net} f16: {before} -> {after} launches per forward pass"));
+        let (after, got) = run(Fusions::CUDA_F16);
+        let err = outputs(&got).iter().zip(&want).map(|(x, y)| norm_err(x, y)).fold(0.0f32, f32::max);
+        assert!(err <= RAW_REL, "{net}: f16 fused vs unfused {err}");
+        lines.push(format!(
+            "{net} f16: {before} -> {after} launches per forward pass; raw outputs {err:.1e} of unfused"
+        ));
         let removed = g.graph().ops.len() - fuse(g.graph(), Fusions::CUDA_F16).ops.len();
-        assert_eq!(before - after, removed, "{net}: {before} -> {after}");
-        assert_eq!(removed > 0, net != Network::ResNet18, "{net}: {removed} ops fused away");
+        assert!(removed > 0 && before - after == removed, "{net}: {before} -> {after}, {removed} ops fused away");
     }
     println!("{}", lines.join("\n"));
 }

@@ -5,8 +5,8 @@
 //! - [`fuse_heads`]: each level's 1×1 head conv into an explicit `Op::Heads`;
 //! - [`fuse_fpn`], [`fuse_pair`], [`fuse_invres`], [`fuse_dwpw`]: the optional fusions of
 //!   [`Fusions`]. Each executor applies those it has kernels for to the engine's graph (the CPU runs
-//!   every fused op it enables as its composition of reference ops; the f16 CUDA path fuses
-//!   depthwise + pointwise only), and taps are never fused away, so every executor's taps stay comparable.
+//!   every fused op it enables as its composition of reference ops; the f16 CUDA path all but
+//!   the inverted residual), and taps are never fused away, so every executor's taps stay comparable.
 //!
 //! A new fusion is a new file here with its own `Op` variant in src/graph/ir.rs, a flag in
 //! [`Fusions`] and a line in [`fuse`], the CPU's composition of reference ops for it in
@@ -50,8 +50,8 @@ impl Fusions {
     pub const CPU: Fusions = Fusions { inv_res: false, ..Fusions::ALL };
     /// kernels/conv.cu has a kernel for each fused op.
     pub const CUDA_F32: Fusions = Fusions::ALL;
-    /// kernels/conv_f16.cu's fused kernels: depthwise + pointwise.
-    pub const CUDA_F16: Fusions = Fusions { dw_pw: true, ..Fusions::NONE };
+    /// kernels/conv_f16.cu's fused kernels: all but the inverted residual.
+    pub const CUDA_F16: Fusions = Fusions { inv_res: false, ..Fusions::ALL };
 }
 
 /// `graph` with the fusions of `f` applied. A fusion only rewrites patterns it can prove equal, so
