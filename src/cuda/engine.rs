@@ -61,7 +61,7 @@ pub struct GpuEngine {
     runner: Box<dyn KernelRunner>,
     graph: Graph,
     /// Per op: the repacked weight and the bias of a conv (a pair's both convs side by side; a
-    /// depthwise + pointwise op's depthwise conv).
+    /// depthwise + pointwise op's depthwise conv; an inverted residual's expansion).
     weights: Vec<Option<(DevBuf, DevBuf)>>,
     /// Per op: a fused op's further convs' weights and biases, in `Op::convs` order after the first
     /// (a depthwise + pointwise op's pointwise conv; an inverted residual's depthwise and project).
