@@ -37,6 +37,24 @@
 //   64 output channels, writes M·cout·4 B, and neither writes nor re-reads the n·oh·ow·c
 //   intermediate.
 //
+// conv_invres (InvResParams): MobileNetV2's inverted residual, expand 1×1 + act, depthwise 3×3
+//   (stride 1 or 2) + act, project 1×1 + bias (+ shortcut) + act, in one launch; neither the expanded
+//   (n·h·w·c) nor the depthwise (n·oh·ow·c) tensor is written. A block owns an 8×8 spatial tile of
+//   one image's output pixels × 64 output channels (the project GEMM's 64×64 tile, as conv_dwpw).
+//   K (the expanded channels c) advances 16 at a time: the expansion of those 16 channels over the
+//   tile's input window (halo included: (7s+3)² pixels, 10×10 at s = 1, 17×17 at s = 2) is computed
+//   into shared memory (cin in chunks of 64 with their weights staged; pixels outside the image are
+//   the depthwise conv's zero padding, not act(bias)), the depthwise outputs of the 64 pixels are
+//   made from it into the A tile, and the GEMM step multiplies by the 16 × 64 project weights.
+//   Weights: wex [cin][c], wdw [3][3][c], wpw [c][cout] (conv::pack of each conv).
+//   Launch: grid (n·ceil(oh/8)·ceil(ow/8), ceil(cout/64)), block 256. Shared: (17²·16 + 3·64·16)·4 B
+//   = 30.1 KiB. FLOPs per tile and 64-channel column: 2·(7s+3)²·c·cin (the expansion over the
+//   window: (7s+3)²/(64s²) = 1.56× the unfused expansion's at s = 1, 1.13× at s = 2) + 18·64·c
+//   (depthwise) + 2·64·64·c (project); with ceil(cout/64) > 1 columns the expansion and depthwise
+//   are recomputed per column. Reads x's window (cin·4 B per window pixel per column), the weights
+//   and the shortcut; writes n·oh·ow·cout·4 B. The unfused block writes and re-reads the expanded
+//   and depthwise tensors besides: 2·4·(h·w + oh·ow)·c B per image, which this kernel never moves.
+//
 // conv_depthwise (groups = cin = cout): one output element per thread, channel fastest, weights
 //   [k][k][c]; summed over (ky, kx) in the CPU reference's order. Launch: 1-D over n·oh·ow·c, 256
 //   threads. Cost: 2·k² FLOPs per output, k² reads (neighbouring pixels hit in L1).
@@ -83,6 +101,29 @@ struct DwPwParams {
     float slope;
 };
 
+// conv_invres: the expansion's, the depthwise conv's and the projection's fields.
+struct InvResParams {
+    const float* x;         // [n][h][w][cin]
+    const float* wex;       // [cin][c]
+    const float* bex;       // [c]
+    const float* wdw;       // [3][3][c]
+    const float* bdw;       // [c]
+    const float* wpw;       // [c][cout]
+    const float* bpw;       // [cout]
+    const float* residual;  // [n][oh][ow][cout] or null
+    float* y;               // [n][oh][ow][out_ctot], written at channels out_coff..out_coff+cout
+    int n, h, w, cin;
+    int c, oh, ow, cout;
+    int stride, pad, out_ctot, out_coff;
+    int tiles_y, tiles_x;   // ceil(oh/8), ceil(ow/8)
+    int act_ex;
+    float slope_ex;
+    int act_dw;
+    float slope_dw;
+    int act;
+    float slope;
+};
+
 #define CONV_BM 64
 #define CONV_BN 64
 #define CONV_BK 16
@@ -115,6 +156,13 @@ __device__ __forceinline__ void conv_store(const ConvExParams& p, long long m, i
 
 // conv_dwpw's pointwise epilogue: as conv_store of a ConvParams.
 __device__ __forceinline__ void conv_store(const DwPwParams& p, long long m, int co, float v) {
+    v += p.bpw[co];
+    if (p.residual) v += p.residual[m * p.cout + co];
+    p.y[m * p.out_ctot + p.out_coff + co] = apply_act(v, p.act, p.slope);
+}
+
+// conv_invres's projection epilogue: as conv_store of a ConvParams.
+__device__ __forceinline__ void conv_store(const InvResParams& p, long long m, int co, float v) {
     v += p.bpw[co];
     if (p.residual) v += p.residual[m * p.cout + co];
     p.y[m * p.out_ctot + p.out_coff + co] = apply_act(v, p.act, p.slope);
@@ -300,6 +348,110 @@ extern "C" __global__ void __launch_bounds__(256) conv_dwpw(const DwPwParams p) 
     }
 
     conv_tile_store(p, M, m0, n0, tx, ty, acc);
+}
+
+// conv_invres's output tile side and the largest input window side (stride 2: 7·2 + 3).
+#define INVRES_T 8
+#define INVRES_HS 17
+#define INVRES_CI 64
+
+extern "C" __global__ void __launch_bounds__(256) conv_invres(const InvResParams p) {
+    __shared__ float E[INVRES_HS * INVRES_HS * CONV_BK];  // [window pixel][16 expanded channels]
+    __shared__ float Wx[INVRES_CI][CONV_BK];              // a cin chunk of the expansion's weights
+    __shared__ float As[CONV_BK][CONV_BM];
+    __shared__ float Bs[CONV_BK][CONV_BN];
+    const int tid = threadIdx.x;
+    const int tx = tid % 16, ty = tid / 16;
+    const int tiles = p.tiles_y * p.tiles_x;
+    const int b = blockIdx.x / tiles;
+    const int t = blockIdx.x % tiles;
+    const int oy0 = (t / p.tiles_x) * INVRES_T, ox0 = (t % p.tiles_x) * INVRES_T;
+    const int s = p.stride;
+    const int hs = (INVRES_T - 1) * s + 3;  // window side
+    const int wy0 = oy0 * s - p.pad, wx0 = ox0 * s - p.pad;
+    const int n0 = blockIdx.y * CONV_BN;
+    const int ak = tid % CONV_BK;
+
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+
+    for (int k0 = 0; k0 < p.c; k0 += CONV_BK) {
+        // The expansion of channels k0..k0+16 over the window, summed over cin in order. Element e is
+        // window pixel e / 16, channel e % 16: 16 consecutive threads share one pixel's x (broadcast).
+        for (int e = tid; e < hs * hs * CONV_BK; e += 256) E[e] = 0.0f;
+        for (int c0 = 0; c0 < p.cin; c0 += INVRES_CI) {
+            __syncthreads();
+            for (int e = tid; e < INVRES_CI * CONV_BK; e += 256) {
+                const int ci = c0 + e / CONV_BK, hc = k0 + e % CONV_BK;
+                Wx[e / CONV_BK][e % CONV_BK] = (ci < p.cin && hc < p.c) ? p.wex[(long long)ci * p.c + hc] : 0.0f;
+            }
+            __syncthreads();
+            const int cn = min(INVRES_CI, p.cin - c0);
+            for (int e = tid; e < hs * hs * CONV_BK; e += 256) {
+                const int wp = e / CONV_BK;
+                const int iy = wy0 + wp / hs, ix = wx0 + wp % hs;
+                if (iy < 0 || iy >= p.h || ix < 0 || ix >= p.w) continue;
+                const float* xp = p.x + (((long long)b * p.h + iy) * p.w + ix) * p.cin + c0;
+                float a = E[e];
+                for (int ci = 0; ci < cn; ++ci) a = fmaf(xp[ci], Wx[ci][e % CONV_BK], a);
+                E[e] = a;
+            }
+        }
+        __syncthreads();
+        // Bias and activation inside the image; the window's outside stays 0 (the depthwise padding).
+        for (int e = tid; e < hs * hs * CONV_BK; e += 256) {
+            const int wp = e / CONV_BK, hc = k0 + e % CONV_BK;
+            const int iy = wy0 + wp / hs, ix = wx0 + wp % hs;
+            if (iy >= 0 && iy < p.h && ix >= 0 && ix < p.w && hc < p.c)
+                E[e] = apply_act(E[e] + p.bex[hc], p.act_ex, p.slope_ex);
+        }
+        __syncthreads();
+        // The depthwise outputs of the tile's 64 pixels at channel k0 + ak (conv_depthwise's order,
+        // taps outside the image skipped) into A.
+        const int hc = k0 + ak;
+        // Not unrolled: four copies of the 3×3 window's addressing spill on sm_80.
+#pragma unroll 1
+        for (int q = 0; q < 4; ++q) {
+            const int pi = tid / CONV_BK + 16 * q;
+            const int py = pi / INVRES_T, px = pi % INVRES_T;
+            float v = 0.0f;
+            if (hc < p.c && oy0 + py < p.oh && ox0 + px < p.ow) {
+                float d = 0.0f;
+                for (int ky = 0; ky < 3; ++ky) {
+                    const int wy = py * s + ky, iy = wy0 + wy;
+                    if (iy < 0 || iy >= p.h) continue;
+                    for (int kx = 0; kx < 3; ++kx) {
+                        const int wx = px * s + kx, ix = wx0 + wx;
+                        if (ix < 0 || ix >= p.w) continue;
+                        d = fmaf(p.wdw[(ky * 3 + kx) * p.c + hc], E[(wy * hs + wx) * CONV_BK + ak], d);
+                    }
+                }
+                v = apply_act(d + p.bdw[hc], p.act_dw, p.slope_dw);
+            }
+            As[ak][pi] = v;
+        }
+        conv_load_b(Bs, p.wpw, k0, p.c, n0, p.cout, tid);
+        __syncthreads();
+        conv_tile_fma(As, Bs, tx, ty, acc);
+        __syncthreads();
+    }
+
+    // Epilogue: tile pixel ty + 16i is (oy0 + pi / 8, ox0 + pi % 8).
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int pi = ty + 16 * i;
+        const int oy = oy0 + pi / INVRES_T, ox = ox0 + pi % INVRES_T;
+        if (oy >= p.oh || ox >= p.ow) continue;
+        const long long m = ((long long)b * p.oh + oy) * p.ow + ox;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int co = n0 + tx + 16 * j;
+            if (co < p.cout) conv_store(p, m, co, acc[i][j]);
+        }
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(256) conv_depthwise(const ConvParams p) {

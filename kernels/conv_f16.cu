@@ -25,6 +25,29 @@
 //   M·cout/2, 256 threads) sums them in z order, so the result does not depend on timing, and applies
 //   the epilogue. Extra traffic: 2·splits·M·cout·4 B.
 //
+// conv_dwpw_f16_BMxBN (DwPwF16Params): depthwise k×k (any stride) + pointwise 1×1 (MobileNet blocks),
+//   the depthwise output never written: conv_f16_igemm with K = c, whose A tiles (BM pixels × 32
+//   channels) are not copied from memory but made by the depthwise conv itself, 8 channels of one
+//   pixel per thread and step, exactly as conv_dw_f16 makes them (f32 sums in its order, bias,
+//   activation, one rounding to f16), stored with plain 16-byte shared stores into the same swizzled
+//   ring the weights' cp.async fills. So the GEMM sees the very f16 values the unfused pair would read
+//   back, and with the same variant the output is bit-identical to conv_dw_f16 + conv_f16_BMxBN.
+//   Variants, launch and split-K as conv_f16_BMxBN (shared memory the same). Cost: the pointwise
+//   GEMM's 2·M·cout·c FLOPs plus 2·k²·M·c per column of BN output channels (the depthwise tile is
+//   recomputed per column); reads k²·16 B of x (L1/L2 absorb the taps' reuse) per 8 A values per
+//   column; writes M·cout·2 B, and neither writes nor re-reads the M·c·2 B depthwise tensor.
+//
+// conv_ex_f16_BMxBN (ConvExF16Params): conv_f16_BMxBN with the f32 conv_ex family's epilogue, for the
+//   fused ops of the f16 executor: the FPN lateral 1×1 with the top-down upsample-add (`up`: the
+//   conv's output is rounded to f16, as the unfused conv stores it, then up is added in f32 and the
+//   sum rounded once, as upsample_nearest_add_f16 does: bit-identical to the unfused pair), and two
+//   convs of one input as one GEMM over split + cout2 channels (SSH's conv3X3 + conv5X5_1: each
+//   channel pair goes to its conv's destination, offset and activation; split is a multiple of 8).
+//   Split-K reduces through conv_ex_f16_splitk_reduce (the same epilogue). Launch, shared memory and
+//   cost as conv_f16_BMxBN over the combined cout, plus 4 B of `up` read per output pair when set
+//   (instead of upsample_nearest_add_f16's two reads and one write of the map); a pair reads its
+//   input once instead of twice.
+//
 // conv_dw_f16 (groups = cin = cout = c, c % 8 == 0): one thread per output pixel and 8 channels, one
 //   16-byte load of x and of w per tap (weights [k][k][c] f16), f32 sums over (ky, kx) in the CPU
 //   reference's order, one 16-byte store. Launch: 1-D over n·oh·ow·c/8, 256 threads. Cost: 2·k² FLOPs
@@ -32,6 +55,7 @@
 #include "common.cuh"
 #include "conv_f16.cuh"
 #include "mma.cuh"
+#include "nearest.cuh"
 
 #define CONVH_BK 32
 #define CONVH_STAGES 3
@@ -40,8 +64,9 @@
 __device__ __forceinline__ int convh_swz(int r, int c) { return r * CONVH_BK + ((c ^ ((r >> 1) & 3)) << 3); }
 
 // The fused epilogue for channels co, co + 1 of pixel m: bias, residual, activation, f16, one 32-bit
-// store (cout, out_ctot, out_coff are even).
-__device__ __forceinline__ void convh_store2(const ConvF16Params& p, int m, int co, float v0, float v1) {
+// store (cout, out_ctot, out_coff are even). P: ConvF16Params or DwPwF16Params.
+template <class P>
+__device__ __forceinline__ void convh_store2(const P& p, int m, int co, float v0, float v1) {
     v0 += p.bias[co];
     v1 += p.bias[co + 1];
     if (p.residual) {
@@ -54,8 +79,87 @@ __device__ __forceinline__ void convh_store2(const ConvF16Params& p, int m, int 
     *reinterpret_cast<unsigned*>(p.y + m * p.out_ctot + p.out_coff + co) = pack_half2(v0, v1);
 }
 
-template <int BM, int BN, int WM, int WN>
-__device__ __forceinline__ void conv_f16_igemm(const ConvF16Params& p) {
+// conv_ex_f16's epilogue: channels below split to y (then + nearest(up), rounded as the unfused
+// conv and upsample-add round), the rest to y2 with the second activation.
+__device__ __forceinline__ void convh_store2(const ConvExF16Params& p, int m, int co, float v0, float v1) {
+    v0 += p.bias[co];
+    v1 += p.bias[co + 1];
+    if (p.residual) {
+        const unsigned r = *reinterpret_cast<const unsigned*>(p.residual + m * p.cout + co);
+        v0 += half_to_float((unsigned short)(r & 0xffff));
+        v1 += half_to_float((unsigned short)(r >> 16));
+    }
+    if (co >= p.split) {
+        v0 = apply_act(v0, p.act2, p.slope2);
+        v1 = apply_act(v1, p.act2, p.slope2);
+        *reinterpret_cast<unsigned*>(p.y2 + m * p.out_ctot2 + p.out_coff2 + (co - p.split)) = pack_half2(v0, v1);
+        return;
+    }
+    v0 = apply_act(v0, p.act, p.slope);
+    v1 = apply_act(v1, p.act, p.slope);
+    if (p.up) {
+        const unsigned c = pack_half2(v0, v1);
+        const int ox = m % p.ow, r = m / p.ow;
+        const int oy = r % p.oh, b = r / p.oh;
+        const int sy = nearest_src(oy, p.uh, p.oh), sx = nearest_src(ox, p.uw, p.ow);
+        const unsigned u = *reinterpret_cast<const unsigned*>(p.up + ((b * p.uh + sy) * p.uw + sx) * p.split + co);
+        v0 = half_to_float((unsigned short)(c & 0xffff)) + half_to_float((unsigned short)(u & 0xffff));
+        v1 = half_to_float((unsigned short)(c >> 16)) + half_to_float((unsigned short)(u >> 16));
+    }
+    *reinterpret_cast<unsigned*>(p.y + m * p.out_ctot + p.out_coff + co) = pack_half2(v0, v1);
+}
+
+// One 16-byte chunk of an A tile: 8 input channels ci.. of tap (ky, kx) of the pixel whose batch
+// offset is base and whose first tap is (iy0, ix0), copied asynchronously (zero outside the image or
+// past K).
+template <class P>
+__device__ __forceinline__ void convh_load_a(const P& p, unsigned short* dst, bool kin, int ci, int ky, int kx,
+                                             int base, int iy0, int ix0) {
+    const int iy = iy0 + ky, ix = ix0 + kx;
+    const bool ok = kin && (unsigned)iy < (unsigned)p.h && (unsigned)ix < (unsigned)p.w;
+    const unsigned short* src = ok ? p.x + base + (iy * p.w + ix) * p.cin + ci : p.x;
+    cp_async_16(dst, src, ok ? 16 : 0);
+}
+
+// conv_dwpw_f16's A chunk: the depthwise outputs of channels ci..ci+8 at the pixel, computed as
+// conv_dw_f16 computes them and stored to shared memory (zero past K).
+__device__ __forceinline__ void convh_load_a(const DwPwF16Params& p, unsigned short* dst, bool kin, int ci, int,
+                                             int, int base, int iy0, int ix0) {
+    uint4 o;
+    o.x = o.y = o.z = o.w = 0u;
+    if (kin) {
+        float acc[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+        for (int ky = 0; ky < p.kdw; ++ky) {
+            const int iy = iy0 + ky;
+            for (int kx = 0; kx < p.kdw; ++kx) {
+                const int ix = ix0 + kx;
+                const bool ok = (unsigned)iy < (unsigned)p.h && (unsigned)ix < (unsigned)p.w;
+                const uint4 xv = ldg16_or_zero(p.x + (ok ? base + (iy * p.w + ix) * p.cin + ci : 0), ok);
+                const uint4 wv = ldg16_or_zero(p.wdw + (ky * p.kdw + kx) * p.cin + ci, true);
+                const unsigned xs[4] = {xv.x, xv.y, xv.z, xv.w}, ws[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    acc[2 * e] += half_to_float((unsigned short)(xs[e] & 0xffff)) * half_to_float((unsigned short)(ws[e] & 0xffff));
+                    acc[2 * e + 1] += half_to_float((unsigned short)(xs[e] >> 16)) * half_to_float((unsigned short)(ws[e] >> 16));
+                }
+            }
+        }
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = apply_act(acc[e] + p.bdw[ci + e], p.act_dw, p.slope_dw);
+        o.x = pack_half2(v[0], v[1]);
+        o.y = pack_half2(v[2], v[3]);
+        o.z = pack_half2(v[4], v[5]);
+        o.w = pack_half2(v[6], v[7]);
+    }
+    *reinterpret_cast<uint4*>(dst) = o;
+}
+
+// P: ConvF16Params or ConvExF16Params (A copied from x), or DwPwF16Params (A made by the depthwise conv).
+template <int BM, int BN, int WM, int WN, class P>
+__device__ __forceinline__ void conv_f16_igemm(const P& p) {
     constexpr int WARPS_M = BM / WM, WARPS_N = BN / WN;
     constexpr int THREADS = WARPS_M * WARPS_N * 32;
     constexpr int MT = WM / 16, NT = WN / 8;
@@ -95,10 +199,7 @@ __device__ __forceinline__ void conv_f16_igemm(const ConvF16Params& p) {
 #pragma unroll
         for (int i = 0; i < A_ITERS; ++i) {
             const int row = tid / 4 + i * (THREADS / 4);
-            const int iy = a_iy0[i] + ky, ix = a_ix0[i] + kx;
-            const bool ok = kin && (unsigned)iy < (unsigned)p.h && (unsigned)ix < (unsigned)p.w;
-            const unsigned short* src = ok ? p.x + a_base[i] + (iy * p.w + ix) * p.cin + ci : p.x;
-            cp_async_16(&As[slot][convh_swz(row, chunk)], src, ok ? 16 : 0);
+            convh_load_a(p, &As[slot][convh_swz(row, chunk)], kin, ci, ky, kx, a_base[i], a_iy0[i], a_ix0[i]);
         }
 #pragma unroll
         for (int i = 0; i < B_ITERS; ++i) {
@@ -198,7 +299,23 @@ extern "C" __global__ void __launch_bounds__(128) conv_f16_128x32(const ConvF16P
 extern "C" __global__ void __launch_bounds__(128) conv_f16_128x16(const ConvF16Params p) { conv_f16_igemm<128, 16, 32, 16>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_f16_128x8(const ConvF16Params p) { conv_f16_igemm<128, 8, 32, 8>(p); }
 
-extern "C" __global__ void __launch_bounds__(256) conv_f16_splitk_reduce(const ConvF16Params p) {
+extern "C" __global__ void __launch_bounds__(256) conv_dwpw_f16_128x128(const DwPwF16Params p) { conv_f16_igemm<128, 128, 64, 32>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_128x64(const DwPwF16Params p) { conv_f16_igemm<128, 64, 64, 32>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_64x64(const DwPwF16Params p) { conv_f16_igemm<64, 64, 32, 32>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_128x32(const DwPwF16Params p) { conv_f16_igemm<128, 32, 32, 32>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_128x16(const DwPwF16Params p) { conv_f16_igemm<128, 16, 32, 16>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_128x8(const DwPwF16Params p) { conv_f16_igemm<128, 8, 32, 8>(p); }
+
+extern "C" __global__ void __launch_bounds__(256) conv_ex_f16_128x128(const ConvExF16Params p) { conv_f16_igemm<128, 128, 64, 32>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_128x64(const ConvExF16Params p) { conv_f16_igemm<128, 64, 64, 32>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_64x64(const ConvExF16Params p) { conv_f16_igemm<64, 64, 32, 32>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_128x32(const ConvExF16Params p) { conv_f16_igemm<128, 32, 32, 32>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_128x16(const ConvExF16Params p) { conv_f16_igemm<128, 16, 32, 16>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_128x8(const ConvExF16Params p) { conv_f16_igemm<128, 8, 32, 8>(p); }
+
+// Sums split-K partials in z order and applies P's epilogue.
+template <class P>
+__device__ __forceinline__ void convh_splitk_reduce(const P& p) {
     const int M = p.n * p.oh * p.ow;
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= M * (p.cout / 2)) return;
@@ -211,6 +328,9 @@ extern "C" __global__ void __launch_bounds__(256) conv_f16_splitk_reduce(const C
     }
     convh_store2(p, m, co, v0, v1);
 }
+
+extern "C" __global__ void __launch_bounds__(256) conv_f16_splitk_reduce(const ConvF16Params p) { convh_splitk_reduce(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_ex_f16_splitk_reduce(const ConvExF16Params p) { convh_splitk_reduce(p); }
 
 extern "C" __global__ void __launch_bounds__(256) conv_dw_f16(const ConvF16Params p) {
     const int c8 = p.cout / 8;

@@ -46,7 +46,7 @@ fn f16_conv_kernels_use_tensor_cores_without_local_memory() {
                 failures.push(format!("{k} ({arch}): no ptxas report"));
                 continue;
             };
-            let threads = if *k == "conv_f16_128x128" || !k.contains('x') || k.ends_with("reduce") { 256 } else { 128 };
+            let threads = if k.ends_with("_128x128") || !k.contains('x') || k.ends_with("reduce") { 256 } else { 128 };
             let occ = sass::occupancy(arch, r.registers, threads, r.shared_bytes);
             let (hmma, ldsm, ldgsts) = (f.count("HMMA"), f.count("LDSM"), f.count("LDGSTS"));
             println!(
@@ -72,7 +72,9 @@ fn f16_conv_kernels_use_tensor_cores_without_local_memory() {
                     f.local_memory_ops()
                 ));
             }
-            let is_gemm = k.starts_with("conv_f16_") && !k.ends_with("reduce");
+            // The fused kernels (conv_dwpw_f16_*, conv_ex_f16_*) are the same GEMM.
+            let is_gemm = ["conv_f16_", "conv_dwpw_f16_", "conv_ex_f16_"].iter().any(|p| k.starts_with(p))
+                && !k.ends_with("reduce");
             if is_gemm && (hmma == 0 || ldsm == 0 || ldgsts == 0) {
                 failures.push(format!("{k} ({arch}): HMMA {hmma}, LDSM {ldsm}, LDGSTS {ldgsts}: all must be present"));
             }

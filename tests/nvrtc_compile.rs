@@ -22,6 +22,7 @@ const HOT: &[&str] = &[
     "conv3x3",
     "conv_kxk",
     "conv_depthwise",
+    "conv_invres",
     "heads_level",
     "maxpool3x3s2",
     "upsample_nearest_add",

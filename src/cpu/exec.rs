@@ -309,6 +309,11 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
                 conv_op(b, plan, arena)?;
             }
             Op::DwPw { dw, pw } => dwpw_op(dw, pw, plan, arena)?,
+            Op::InvRes { ex, dw, pw } => {
+                conv_op(ex, plan, arena)?;
+                conv_op(dw, plan, arena)?;
+                conv_op(pw, plan, arena)?;
+            }
             Op::MaxPool { input, output } => {
                 let (ic, ih, iw) = dims(*input);
                 let (o, [x]) = views(arena, plan.range(*output), [plan.range(*input)])?;
@@ -329,6 +334,7 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
                 Op::ConvUpsampleAdd { conv: c, .. } => format!("conv+upsample-add {} {}->{}", c.name, c.cin, c.cout),
                 Op::ConvPair { a, b } => format!("conv pair {} + {}", a.name, b.name),
                 Op::DwPw { dw, pw } => format!("depthwise+pointwise {} + {}", dw.name, pw.name),
+                Op::InvRes { ex, .. } => format!("inverted residual {}", ex.name),
             };
             let secs = if cpu_clock { process_cpu_seconds() - cpu_start } else { dt.as_secs_f64() };
             op_times.push((secs * 1e3, what));

@@ -95,10 +95,11 @@ pub struct GpuEngine {
     runner: Box<dyn KernelRunner>,
     graph: Graph,
     /// Per op: the repacked weight and the bias of a conv (a pair's both convs side by side; a
-    /// depthwise + pointwise op's depthwise conv).
+    /// depthwise + pointwise op's depthwise conv; an inverted residual's expansion).
     weights: Vec<Option<(DevBuf, DevBuf)>>,
-    /// Per op: a depthwise + pointwise op's pointwise weight and bias.
-    fused_pw: Vec<Option<(DevBuf, DevBuf)>>,
+    /// Per op: a fused op's further convs' weights and biases, in `Op::convs` order after the first
+    /// (a depthwise + pointwise op's pointwise conv; an inverted residual's depthwise and project).
+    fused_rest: Vec<Vec<(DevBuf, DevBuf)>>,
     plans: PlanCache<GpuBufs>,
     last: Option<PlanKey>,
     /// Capture each plan's forward pass once and replay it (`--cuda-graph`, default on).
@@ -181,20 +182,29 @@ impl GpuEngine {
     }
 
     /// [`Self::with_runner`] computing in `precision`. f32 runs the graph with the fusions
-    /// kernels/conv.cu has kernels for (`Fusions::CUDA_F32`); f16 with none, as the f16 kernels have no
-    /// fused ops yet (its conv variants by the heuristic until [`Self::set_tuning`]).
+    /// kernels/conv.cu has kernels for (`Fusions::CUDA_F32`); f16 with those kernels/conv_f16.cu has
+    /// (`Fusions::CUDA_F16`; its conv variants by the heuristic until [`Self::set_tuning`]).
     pub fn with_runner_precision(
         graph: &Graph,
-        mut runner: Box<dyn KernelRunner>,
+        runner: Box<dyn KernelRunner>,
         precision: Precision,
     ) -> Result<GpuEngine> {
         if precision == Precision::F16 {
-            let graph = &crate::passes::fuse(graph, crate::passes::Fusions::NONE);
-            let weights = f16::upload_weights(runner.as_mut(), graph)?;
-            let fused_pw = vec![None; graph.ops.len()];
-            return GpuEngine::assemble(graph, runner, weights, fused_pw, precision);
+            return GpuEngine::with_runner_f16_fused(graph, runner, crate::passes::Fusions::CUDA_F16);
         }
         GpuEngine::with_runner_fused(graph, runner, crate::passes::Fusions::CUDA_F32)
+    }
+
+    /// The f16 executor over any runner, running `graph` with the fusions of `fusions` applied (an
+    /// op the f16 kernels cannot run is an error naming it).
+    pub fn with_runner_f16_fused(
+        graph: &Graph,
+        mut runner: Box<dyn KernelRunner>,
+        fusions: crate::passes::Fusions,
+    ) -> Result<GpuEngine> {
+        let graph = &crate::passes::fuse(graph, fusions);
+        let (weights, fused_rest) = f16::upload_weights(runner.as_mut(), graph)?;
+        GpuEngine::assemble(graph, runner, weights, fused_rest, Precision::F16)
     }
 
     /// The f32 executor over any runner, running `graph` with the fusions of `fusions` applied.
@@ -205,7 +215,7 @@ impl GpuEngine {
     ) -> Result<GpuEngine> {
         let graph = &crate::passes::fuse(graph, fusions);
         let mut weights = Vec::with_capacity(graph.ops.len());
-        let mut fused_pw = vec![None; graph.ops.len()];
+        let mut fused_rest = vec![Vec::new(); graph.ops.len()];
         for (i, op) in graph.ops.iter().enumerate() {
             match op {
                 Op::ConvPair { a, b } => {
@@ -217,7 +227,13 @@ impl GpuEngine {
                 }
                 Op::DwPw { dw, pw } => {
                     weights.push(Some((runner.alloc_f32(&ops::conv::pack(dw)?)?, runner.alloc_f32(&dw.bias)?)));
-                    fused_pw[i] = Some((runner.alloc_f32(&ops::conv::pack(pw)?)?, runner.alloc_f32(&pw.bias)?));
+                    fused_rest[i] = vec![(runner.alloc_f32(&ops::conv::pack(pw)?)?, runner.alloc_f32(&pw.bias)?)];
+                }
+                Op::InvRes { ex, dw, pw } => {
+                    weights.push(Some((runner.alloc_f32(&ops::conv::pack(ex)?)?, runner.alloc_f32(&ex.bias)?)));
+                    for c in [dw, pw] {
+                        fused_rest[i].push((runner.alloc_f32(&ops::conv::pack(c)?)?, runner.alloc_f32(&c.bias)?));
+                    }
                 }
                 Op::Conv(c) | Op::Heads { conv: c, .. } => {
                     let w = runner.alloc_f32(&ops::conv::pack(c)?)?;
@@ -227,14 +243,14 @@ impl GpuEngine {
                 _ => weights.push(None),
             }
         }
-        GpuEngine::assemble(graph, runner, weights, fused_pw, Precision::F32)
+        GpuEngine::assemble(graph, runner, weights, fused_rest, Precision::F32)
     }
 
     fn assemble(
         graph: &Graph,
         runner: Box<dyn KernelRunner>,
         weights: Vec<Option<(DevBuf, DevBuf)>>,
-        fused_pw: Vec<Option<(DevBuf, DevBuf)>>,
+        fused_rest: Vec<Vec<(DevBuf, DevBuf)>>,
         precision: Precision,
     ) -> Result<GpuEngine> {
         let heads = graph.ops.iter().filter(|op| matches!(op, Op::Heads { .. })).count();
@@ -247,7 +263,7 @@ impl GpuEngine {
             runner,
             graph: graph.clone(),
             weights,
-            fused_pw,
+            fused_rest,
             plans: PlanCache::without(
                 DEFAULT_PLAN_CACHE_BYTES,
                 if precision == Precision::F16 { Layout::F16 } else { Layout::F32 },
@@ -356,7 +372,11 @@ impl GpuEngine {
 
     /// Whether `t` is a fused op's scratch, which the device keeps in shared memory and never writes.
     pub fn never_written(&self, t: TensorId) -> bool {
-        self.graph.ops.iter().any(|op| matches!(op, Op::DwPw { dw, .. } if dw.output == t))
+        self.graph.ops.iter().any(|op| match op {
+            Op::DwPw { dw, .. } => dw.output == t,
+            Op::InvRes { ex, dw, .. } => ex.output == t || dw.output == t,
+            _ => false,
+        })
     }
 
     /// Bytes of activation and post-processing memory the plans hold on the device.
@@ -573,9 +593,9 @@ impl GpuEngine {
                     }
                     ops::upsample::launch(r.as_mut(), buf(*src).ptr, buf(*dst).ptr, n, (sh, sw), (dh, dw), dc)?;
                 }
-                Op::ConvUpsampleAdd { .. } | Op::ConvPair { .. } | Op::DwPw { .. } => {
-                    let wts = [self.weights[i], self.fused_pw[i]];
-                    launch_fused(r.as_mut(), op, wts, n, &|t| (buf(t).ptr, dims(t)))?;
+                Op::ConvUpsampleAdd { .. } | Op::ConvPair { .. } | Op::DwPw { .. } | Op::InvRes { .. } => {
+                    let wts: Vec<_> = self.weights[i].into_iter().chain(self.fused_rest[i].iter().copied()).collect();
+                    launch_fused(r.as_mut(), op, &wts, n, &|t| (buf(t).ptr, dims(t)))?;
                 }
             }
         }
@@ -1040,19 +1060,20 @@ impl Executor for CudaExecutor {
     }
 }
 
-/// Launches a fused op: `wts` are its uploaded weights (see `GpuEngine::with_runner_fused`), `at`
-/// gives a tensor's device address and (channels, height, width).
+/// Launches a fused op: `wts` are its uploaded weights and biases, one per conv of `Op::convs` (a
+/// pair's both as one; see `GpuEngine::with_runner_fused`), `at` gives a tensor's device address and
+/// (channels, height, width).
 fn launch_fused(
     r: &mut dyn KernelRunner,
     op: &Op,
-    wts: [Option<(DevBuf, DevBuf)>; 2],
+    wts: &[(DevBuf, DevBuf)],
     n: usize,
     at: &dyn Fn(TensorId) -> (u64, (usize, usize, usize)),
 ) -> Result<()> {
-    use ops::fused::{DwPwBufs, Sizes};
+    use ops::fused::{DwPwBufs, InvResBufs, Sizes};
     let first = op.convs().first().map_or("?".to_string(), |c| c.name.clone());
     let missing = || Error::Cuda(format!("fused op at {first} has no weights"));
-    let (wt, bias) = wts[0].ok_or_else(missing)?;
+    let (wt, bias) = *wts.first().ok_or_else(missing)?;
     for c in op.convs() {
         let (ic, ih, iw) = at(c.input).1;
         let (oc, oh, ow) = at(c.output).1;
@@ -1091,7 +1112,7 @@ fn launch_fused(
             ops::fused::launch_pair(r, (a, b), sizes(a), (at(a.input).0, wt.ptr, bias.ptr), (ya, ca), (yb, cb))
         }
         Op::DwPw { dw, pw } => {
-            let (wpw, bpw) = wts[1].ok_or_else(missing)?;
+            let (wpw, bpw) = *wts.get(1).ok_or_else(missing)?;
             let (y, (oc, _, _)) = at(pw.output);
             let bufs = DwPwBufs {
                 x: at(dw.input).0,
@@ -1105,6 +1126,25 @@ fn launch_fused(
             };
             ops::fused::launch_dwpw(r, dw, pw, sizes(dw), &bufs)
         }
+        Op::InvRes { ex, dw, pw } => {
+            let ((wdw, bdw), (wpw, bpw)) = (*wts.get(1).ok_or_else(missing)?, *wts.get(2).ok_or_else(missing)?);
+            let (y, (oc, _, _)) = at(pw.output);
+            let bufs = InvResBufs {
+                x: at(ex.input).0,
+                wex: wt.ptr,
+                bex: bias.ptr,
+                wdw: wdw.ptr,
+                bdw: bdw.ptr,
+                wpw: wpw.ptr,
+                bpw: bpw.ptr,
+                residual: res(pw),
+                y,
+                out_ctot: oc,
+            };
+            let (_, h, w) = at(ex.input).1;
+            let (_, oh, ow) = at(pw.output).1;
+            ops::fused::launch_invres(r, (ex, dw, pw), Sizes { n, h, w, oh, ow }, &bufs)
+        }
         _ => Err(Error::Cuda(format!("op at {first} is not a fused op"))),
     }
 }
@@ -1113,9 +1153,11 @@ fn launch_fused(
 /// depthwise output of a depthwise + pointwise op (its kernel keeps it in shared memory) and the head
 /// maps (the heads kernels write the decoded raw outputs instead).
 pub fn absent_tensors(graph: &Graph) -> Vec<TensorId> {
-    let fused = graph.ops.iter().filter_map(|op| match op {
-        Op::DwPw { dw, .. } => Some(dw.output),
-        _ => None,
+    let fused = graph.ops.iter().flat_map(|op| match op {
+        Op::DwPw { dw, .. } => vec![dw.output],
+        // The expanded and depthwise tiles live in shared memory only.
+        Op::InvRes { ex, dw, .. } => vec![ex.output, dw.output],
+        _ => Vec::new(),
     });
     graph.taps.head.iter().copied().chain(fused).collect()
 }

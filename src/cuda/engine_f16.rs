@@ -45,12 +45,17 @@ fn op_name(op: &Op) -> String {
     s.split([' ', '(', '{']).next().unwrap_or("?").to_string()
 }
 
-/// The f16 weights of every op: (f16 weights, f32 bias padded to 8) per conv, the f32 1×1 weights
-/// of the heads kernel per head, None for weightless ops. An op or conv the f16 kernels cannot run is
-/// an error naming it.
-pub(super) fn upload_weights(r: &mut dyn KernelRunner, graph: &Graph) -> Result<Vec<Option<(DevBuf, DevBuf)>>> {
+/// Per op, each conv's uploaded weights and bias; see [`upload_weights`].
+pub(super) type Uploaded = (Vec<Option<(DevBuf, DevBuf)>>, Vec<Vec<(DevBuf, DevBuf)>>);
+
+/// The f16 weights of every op: (f16 weights, f32 bias padded to 8) per conv (a pair's two convs as
+/// one matrix), the f32 1×1 weights of the heads kernel per head, None for weightless ops; a fused
+/// op's further convs in the second list (a depthwise + pointwise op's pointwise conv). An op or conv
+/// the f16 kernels cannot run is an error naming it.
+pub(super) fn upload_weights(r: &mut dyn KernelRunner, graph: &Graph) -> Result<Uploaded> {
     let mut out = Vec::with_capacity(graph.ops.len());
-    for op in &graph.ops {
+    let mut rest = vec![Vec::new(); graph.ops.len()];
+    for (i, op) in graph.ops.iter().enumerate() {
         match op {
             Op::Conv(c) => {
                 check_conv(graph, c)?;
@@ -63,6 +68,19 @@ pub(super) fn upload_weights(r: &mut dyn KernelRunner, graph: &Graph) -> Result<
                 out.push(Some((r.alloc_f32(&ops::heads::pack(c)?)?, r.alloc_f32(&c.bias)?)));
             }
             Op::MaxPool { .. } | Op::UpsampleAdd { .. } => out.push(None),
+            Op::DwPw { dw, pw } => {
+                check_dwpw(graph, dw, pw)?;
+                out.push(Some(upload_f16(r, conv_f16::pack_depthwise(dw)?)?));
+                rest[i].push(upload_f16(r, conv_f16::pack_weights(pw)?)?);
+            }
+            Op::ConvPair { a, b } => {
+                check_pair(graph, a, b)?;
+                out.push(Some(upload_f16(r, ops::fused_f16::pack_pair(a, b)?)?));
+            }
+            Op::ConvUpsampleAdd { conv, src } => {
+                check_upsample_add(graph, conv, *src)?;
+                out.push(Some(upload_f16(r, conv_f16::pack_weights(conv)?)?));
+            }
             // Ops added for the f32 path (fusions) have no f16 kernel: say which, rather than guess.
             #[allow(unreachable_patterns)]
             other => {
@@ -73,7 +91,68 @@ pub(super) fn upload_weights(r: &mut dyn KernelRunner, graph: &Graph) -> Result<
             }
         }
     }
-    Ok(out)
+    Ok((out, rest))
+}
+
+/// f16 weights and an f32 bias on the device.
+fn upload_f16(r: &mut dyn KernelRunner, (w, b): (Vec<u16>, Vec<f32>)) -> Result<(DevBuf, DevBuf)> {
+    let wb = r.alloc(2 * w.len())?;
+    r.upload(wb, 0, bytemuck::cast_slice(&w))?;
+    Ok((wb, r.alloc_f32(&b)?))
+}
+
+/// What conv_ex_f16 needs of a pair beyond each conv's own checks: groups-1 convs of one input with
+/// one geometry and no residual.
+fn check_pair(graph: &Graph, a: &Conv, b: &Conv) -> Result<()> {
+    check_conv(graph, a)?;
+    check_conv(graph, b)?;
+    if a.groups != 1
+        || b.groups != 1
+        || a.input != b.input
+        || (a.kernel, a.stride, a.pad, a.cin) != (b.kernel, b.stride, b.pad, b.cin)
+        || a.residual.is_some()
+        || b.residual.is_some()
+    {
+        return Err(Error::Cuda(format!(
+            "f16 {} + {}: not two residual-free convs of one input with one geometry",
+            a.name, b.name
+        )));
+    }
+    Ok(())
+}
+
+/// What conv_ex_f16's upsample-add needs: a groups-1 conv writing its whole output, and a map of
+/// as many channels to upsample.
+fn check_upsample_add(graph: &Graph, c: &Conv, src: TensorId) -> Result<()> {
+    check_conv(graph, c)?;
+    let (cs, co) = (graph.tensors[src].channels, graph.tensors[c.output].channels);
+    if c.groups != 1 || c.out_channel_offset != 0 || c.cout != co || cs != co || src == c.output {
+        return Err(Error::Cuda(format!(
+            "f16 {} + upsample-add: a {}-channel map into {co} channels written from {} (the fused kernel adds a map of the conv's own channels)",
+            c.name, cs, c.out_channel_offset
+        )));
+    }
+    Ok(())
+}
+
+/// What conv_dwpw_f16 needs beyond each conv's own checks: a depthwise conv and a 1×1 stride-1
+/// conv of its output.
+fn check_dwpw(graph: &Graph, dw: &Conv, pw: &Conv) -> Result<()> {
+    check_conv(graph, dw)?;
+    check_conv(graph, pw)?;
+    if dw.groups != dw.cin || dw.groups == 1 || pw.groups != 1 || pw.kernel != 1 || pw.stride != 1 {
+        return Err(Error::Cuda(format!(
+            "f16 {} + {}: not a depthwise conv and a 1x1 conv of its output",
+            dw.name, pw.name
+        )));
+    }
+    if pw.input != dw.output || dw.residual.is_some() || dw.out_channel_offset != 0 {
+        return Err(Error::Cuda(format!(
+            "f16 {} + {}: the pointwise conv must read the depthwise output whole",
+            dw.name, pw.name
+        )));
+    }
+    Ok(())
 }
 
 /// What the f16 kernels need of a conv beyond its shape: groups 1 or depthwise; the input's channels
@@ -158,6 +237,24 @@ pub(super) fn prepare(
     let mut ws_bytes = 0usize;
     let mut timed = false;
     for (i, op) in graph.ops.iter().enumerate() {
+        let fused_gemm = match op {
+            Op::DwPw { pw: c, .. } | Op::ConvUpsampleAdd { conv: c, .. } => Some((c, 0)),
+            Op::ConvPair { a, b } => Some((a, pad8(b.cout))),
+            _ => None,
+        };
+        if let Some((c, extra)) = fused_gemm {
+            // A fused kernel's tile is its GEMM's (a pair's over both convs' channels); the heuristic
+            // picks it (the tuner times plain convs only: a fused op's timing would need its other
+            // buffers too).
+            let (wb, bb) = weights[i].ok_or_else(|| Error::Cuda(format!("conv {} has no weights", c.name)))?;
+            let p = conv_params(plan, arena, c, wb, bb)?;
+            let shape = ConvF16Params { cout: p.cout + dim(extra, "channels")?, ..p }.shape();
+            let (v, _) =
+                tune::choose(TuneMode::Off, tuning.dev.as_ref(), &shape, "f16", &mut tuning.cache, |_| Ok(None))?;
+            ws_bytes = ws_bytes.max(shape.workspace_bytes(v));
+            variants[i] = Some(v);
+            continue;
+        }
         let Op::Conv(c) = op else { continue };
         if c.groups != 1 {
             continue;
@@ -335,6 +432,57 @@ impl GpuEngine {
                         return Err(Error::Cuda(format!("head {}: not a 1x1 conv on its input's grid", c.name)));
                     }
                     ops::heads::launch_f16(r.as_mut(), &a, plan.stored_channels(c.input))?;
+                }
+                Op::DwPw { dw, pw } => {
+                    let (wdw, bdw) = wts()?;
+                    let (wpw, bpw) = *self.fused_rest[i]
+                        .first()
+                        .ok_or_else(|| Error::Cuda(format!("op {i} ({}) has no pointwise weights", op_name(op))))?;
+                    let v =
+                        variants[i].ok_or_else(|| Error::Cuda(format!("{} + {}: no f16 variant", dw.name, pw.name)))?;
+                    let (_, ih, iw) = dims(dw.input);
+                    let p = ConvF16Params {
+                        x: at(dw.input),
+                        h: dim(ih, "height")?,
+                        w: dim(iw, "width")?,
+                        stride: dim(dw.stride, "stride")?,
+                        pad: dim(dw.pad, "pad")?,
+                        ..conv_params(&plan, arena, pw, wpw, bpw)?
+                    };
+                    let part = ops::fused_f16::DepthwisePart { wdw: wdw.ptr, bdw: bdw.ptr, k: dw.kernel, act: dw.act };
+                    ops::fused_f16::launch_dwpw(r.as_mut(), v, &pw.name, &p, &part, ws)?;
+                }
+                Op::ConvPair { a, b } => {
+                    let (wb, bb) = wts()?;
+                    let v =
+                        variants[i].ok_or_else(|| Error::Cuda(format!("{} + {}: no f16 variant", a.name, b.name)))?;
+                    let pa = conv_params(&plan, arena, a, wb, bb)?;
+                    let split = pa.cout as usize;
+                    let p = ConvF16Params { cout: dim(split + pad8(b.cout), "channels")?, ..pa };
+                    let e = ops::fused_f16::ExPart {
+                        split,
+                        y2: at(b.output),
+                        out_ctot2: plan.stored_channels(b.output),
+                        out_coff2: b.out_channel_offset,
+                        act2: Some(b.act),
+                        ..Default::default()
+                    };
+                    ops::fused_f16::launch_ex(r.as_mut(), v, &a.name, &p, &e, ws)?;
+                }
+                Op::ConvUpsampleAdd { conv: c, src } => {
+                    let (wb, bb) = wts()?;
+                    let v = variants[i].ok_or_else(|| Error::Cuda(format!("{}: no f16 variant", c.name)))?;
+                    let p = conv_params(&plan, arena, c, wb, bb)?;
+                    let (_, uh, uw) = dims(*src);
+                    if plan.stored_channels(*src) != p.cout as usize {
+                        return Err(Error::Cuda(format!(
+                            "{}: the upsampled map's channels differ from the conv's",
+                            c.name
+                        )));
+                    }
+                    let e =
+                        ops::fused_f16::ExPart { split: p.cout as usize, up: at(*src), uh, uw, ..Default::default() };
+                    ops::fused_f16::launch_ex(r.as_mut(), v, &c.name, &p, &e, ws)?;
                 }
                 Op::MaxPool { input, output } => {
                     let (_, ih, iw) = dims(*input);

@@ -128,6 +128,15 @@ pub enum Op {
         dw: Conv,
         pw: Conv,
     },
+    /// MobileNetV2's inverted residual (made by `passes::fuse_invres`): the 1×1 expansion `ex`, the
+    /// depthwise conv `dw` of its output and the 1×1 projection `pw` of that (with the shortcut as
+    /// `pw.residual`). `ex.output` and `dw.output` are scratch, as `DwPw`'s: the CUDA kernel keeps
+    /// the expanded tile (with its halo) and the depthwise tile in shared memory.
+    InvRes {
+        ex: Conv,
+        dw: Conv,
+        pw: Conv,
+    },
 }
 
 impl Op {
@@ -145,15 +154,19 @@ impl Op {
             Op::ConvUpsampleAdd { conv, src } => [conv.input, *src].into_iter().chain(conv.residual).collect(),
             Op::ConvPair { a, b } => [a.input, b.input].into_iter().chain(a.residual).chain(b.residual).collect(),
             Op::DwPw { dw, pw } => std::iter::once(dw.input).chain(dw.residual).chain(pw.residual).collect(),
+            Op::InvRes { ex, dw, pw } => {
+                std::iter::once(ex.input).chain(ex.residual).chain(dw.residual).chain(pw.residual).collect()
+            }
         }
     }
 
     /// Every tensor the op writes, [`Op::output`] first: a pair's second destination, a fused
-    /// depthwise conv's scratch.
+    /// depthwise conv's (and expansion's) scratch.
     pub fn writes(&self) -> Vec<TensorId> {
         match self {
             Op::ConvPair { a, b } => vec![a.output, b.output],
             Op::DwPw { dw, pw } => vec![pw.output, dw.output],
+            Op::InvRes { ex, dw, pw } => vec![pw.output, dw.output, ex.output],
             _ => vec![self.output()],
         }
     }
@@ -164,6 +177,7 @@ impl Op {
             Op::Conv(c) | Op::Heads { conv: c, .. } | Op::ConvUpsampleAdd { conv: c, .. } => vec![c],
             Op::ConvPair { a, b } => vec![a, b],
             Op::DwPw { dw, pw } => vec![dw, pw],
+            Op::InvRes { ex, dw, pw } => vec![ex, dw, pw],
             Op::MaxPool { .. } | Op::UpsampleAdd { .. } => Vec::new(),
         }
     }
@@ -216,7 +230,7 @@ impl Graph {
             Op::MaxPool { output, .. } => *output,
             Op::UpsampleAdd { dst, .. } => *dst,
             Op::ConvPair { a, .. } => a.output,
-            Op::DwPw { pw, .. } => pw.output,
+            Op::DwPw { pw, .. } | Op::InvRes { pw, .. } => pw.output,
         }
     }
 

@@ -359,6 +359,11 @@ pub fn export(graph: &Graph, opts: &ExportOptions) -> Result<ModelProto> {
                 w.conv(first)?;
                 w.conv(second)?;
             }
+            Op::InvRes { ex, dw, pw } => {
+                w.conv(ex)?;
+                w.conv(dw)?;
+                w.conv(pw)?;
+            }
         }
     }
     for (i, (role, ..)) in HEADS.iter().enumerate() {

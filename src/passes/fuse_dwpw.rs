@@ -4,7 +4,7 @@
 
 use crate::graph::ir::{Conv, Graph, Op};
 
-fn fusable(graph: &Graph, dw: &Conv, pw: &Conv) -> bool {
+pub(super) fn fusable(graph: &Graph, dw: &Conv, pw: &Conv) -> bool {
     dw.groups == dw.cin
         && dw.cin == dw.cout
         && dw.groups > 1

@@ -3,10 +3,10 @@
 //!
 //! - [`fold_bn`]: BatchNorm into the conv before it (applied by the builder per conv, see there);
 //! - [`fuse_heads`]: each level's 1×1 head conv into an explicit `Op::Heads`;
-//! - [`fuse_fpn`], [`fuse_pair`], [`fuse_dwpw`]: the optional fusions of [`Fusions`]. Each executor
-//!   applies those it has kernels for to the engine's graph (the CPU runs every fused op as its
-//!   composition of reference ops; the f16 CUDA path has no fused kernels yet), and taps are never
-//!   fused away, so every executor's taps stay comparable.
+//! - [`fuse_fpn`], [`fuse_pair`], [`fuse_invres`], [`fuse_dwpw`]: the optional fusions of
+//!   [`Fusions`]. Each executor applies those it has kernels for to the engine's graph (the CPU runs
+//!   every fused op it enables as its composition of reference ops; the f16 CUDA path all but
+//!   the inverted residual), and taps are never fused away, so every executor's taps stay comparable.
 //!
 //! A new fusion is a new file here with its own `Op` variant in src/graph/ir.rs, a flag in
 //! [`Fusions`] and a line in [`fuse`], the CPU's composition of reference ops for it in
@@ -16,6 +16,7 @@ pub mod fold_bn;
 pub mod fuse_dwpw;
 pub mod fuse_fpn;
 pub mod fuse_heads;
+pub mod fuse_invres;
 pub mod fuse_pair;
 
 use crate::error::Result;
@@ -35,16 +36,22 @@ pub struct Fusions {
     pub conv_pair: bool,
     /// Depthwise + pointwise through shared memory (`Op::DwPw`).
     pub dw_pw: bool,
+    /// MobileNetV2's expand + depthwise + project through shared memory (`Op::InvRes`); applied
+    /// before `dw_pw`, which takes the blocks it leaves.
+    pub inv_res: bool,
 }
 
 impl Fusions {
-    pub const NONE: Fusions = Fusions { fpn_upsample_add: false, conv_pair: false, dw_pw: false };
-    pub const ALL: Fusions = Fusions { fpn_upsample_add: true, conv_pair: true, dw_pw: true };
+    pub const NONE: Fusions = Fusions { fpn_upsample_add: false, conv_pair: false, dw_pw: false, inv_res: false };
+    pub const ALL: Fusions = Fusions { fpn_upsample_add: true, conv_pair: true, dw_pw: true, inv_res: true };
     /// The CPU runs each fused op as its composition: the same results, and the same plan as the
-    /// f32 CUDA executor.
-    pub const CPU: Fusions = Fusions::ALL;
+    /// f32 CUDA executor for every network but MobileNetV2 (the inverted residual is the CUDA
+    /// executor's alone: the CPU's fast paths run its three convs as they are).
+    pub const CPU: Fusions = Fusions { inv_res: false, ..Fusions::ALL };
     /// kernels/conv.cu has a kernel for each fused op.
     pub const CUDA_F32: Fusions = Fusions::ALL;
+    /// kernels/conv_f16.cu's fused kernels: all but the inverted residual.
+    pub const CUDA_F16: Fusions = Fusions { inv_res: false, ..Fusions::ALL };
 }
 
 /// `graph` with the fusions of `f` applied. A fusion only rewrites patterns it can prove equal, so
@@ -56,6 +63,9 @@ pub fn fuse(graph: &Graph, f: Fusions) -> Graph {
     }
     if f.conv_pair {
         g = fuse_pair::run(g);
+    }
+    if f.inv_res {
+        g = fuse_invres::run(g);
     }
     if f.dw_pw {
         g = fuse_dwpw::run(g);

@@ -55,7 +55,7 @@ pub const VARIANTS: &[Variant] = &[
 
 /// The f16 depthwise kernel (its own family member; no variants).
 pub const DEPTHWISE_KERNEL: &str = "conv_dw_f16";
-const SPLITK_REDUCE: &str = "conv_f16_splitk_reduce";
+pub const SPLITK_REDUCE: &str = "conv_f16_splitk_reduce";
 
 pub fn variant(name: &str) -> Option<&'static Variant> {
     VARIANTS.iter().find(|v| v.name == name)

@@ -1,10 +1,10 @@
-//! The fused members of the convolution family (kernels/conv.cu: conv1x1_ex, conv3x3_ex, conv_dwpw):
-//! weight packing and launches of `Op::ConvUpsampleAdd`, `Op::ConvPair` and `Op::DwPw`. The plain
-//! convs' packing ([`super::conv::pack`]) serves each part.
+//! The fused members of the convolution family (kernels/conv.cu: conv1x1_ex, conv3x3_ex, conv_dwpw,
+//! conv_invres): weight packing and launches of `Op::ConvUpsampleAdd`, `Op::ConvPair`, `Op::DwPw`
+//! and `Op::InvRes`. The plain convs' packing ([`super::conv::pack`]) serves each part.
 
 use super::conv::pack;
 use super::dim;
-use crate::cuda::params::{ConvExParams, DwPwParams, act_code};
+use crate::cuda::params::{ConvExParams, DwPwParams, InvResParams, act_code};
 use crate::cuda::runner::{KernelRunner, KernelRunnerExt, LaunchDims};
 use crate::error::{Error, Result};
 use crate::graph::Conv;
@@ -210,4 +210,97 @@ pub fn launch_dwpw(r: &mut dyn KernelRunner, dw: &Conv, pw: &Conv, s: Sizes, b: 
         slope,
     };
     r.launch("conv_dwpw", gemm_dims(s.n * s.oh * s.ow, pw.cout), &p)
+}
+
+/// Device buffers of an `Op::InvRes` launch: `wex`, `wdw`, `wpw` are [`pack`] of the expansion
+/// ([cin][c]), the depthwise conv ([3][3][c]) and the projection ([c][cout]).
+#[derive(Clone, Copy, Debug)]
+pub struct InvResBufs {
+    pub x: u64,
+    pub wex: u64,
+    pub bex: u64,
+    pub wdw: u64,
+    pub bdw: u64,
+    pub wpw: u64,
+    pub bpw: u64,
+    /// 0 for none.
+    pub residual: u64,
+    pub y: u64,
+    /// Channels of the output tensor (pw writes `out_channel_offset..+cout` of them).
+    pub out_ctot: usize,
+}
+
+/// The output tile side of kernels/conv.cu's conv_invres (INVRES_T).
+const INVRES_TILE: usize = 8;
+
+/// `Op::InvRes`: `pw(dw(ex(x)))` with the expanded window and the depthwise tile in shared memory
+/// only. `s` is the block's input (h, w) and output (oh, ow) sizes.
+pub fn launch_invres(
+    r: &mut dyn KernelRunner,
+    (ex, dw, pw): (&Conv, &Conv, &Conv),
+    s: Sizes,
+    b: &InvResBufs,
+) -> Result<()> {
+    let shape_ok = ex.kernel == 1
+        && ex.stride == 1
+        && ex.pad == 0
+        && ex.groups == 1
+        && ex.cout == dw.cin
+        && dw.groups == dw.cin
+        && dw.cin == dw.cout
+        && dw.kernel == 3
+        && matches!(dw.stride, 1 | 2)
+        && pw.cin == dw.cout
+        && pw.kernel == 1
+        && pw.stride == 1
+        && pw.groups == 1;
+    if !shape_ok {
+        return Err(Error::Cuda(format!(
+            "{} + {} + {} is not a 1x1 expansion, a depthwise 3x3 of stride 1 or 2 and a 1x1 projection",
+            ex.name, dw.name, pw.name
+        )));
+    }
+    if ex.residual.is_some() || dw.residual.is_some() {
+        return Err(Error::Cuda(format!("inverted residual {}: only the projection takes a shortcut", ex.name)));
+    }
+    let (act_ex, slope_ex) = act_code(ex.act);
+    let (act_dw, slope_dw) = act_code(dw.act);
+    let (act, slope) = act_code(pw.act);
+    dim(s.n * s.oh * s.ow * b.out_ctot, "output elements")?;
+    dim(s.n * s.h * s.w * ex.cin, "input elements")?;
+    let (tiles_y, tiles_x) = (s.oh.div_ceil(INVRES_TILE), s.ow.div_ceil(INVRES_TILE));
+    let p = InvResParams {
+        x: b.x,
+        wex: b.wex,
+        bex: b.bex,
+        wdw: b.wdw,
+        bdw: b.bdw,
+        wpw: b.wpw,
+        bpw: b.bpw,
+        residual: b.residual,
+        y: b.y,
+        n: dim(s.n, "batch")?,
+        h: dim(s.h, "height")?,
+        w: dim(s.w, "width")?,
+        cin: dim(ex.cin, "channels")?,
+        c: dim(dw.cout, "channels")?,
+        oh: dim(s.oh, "height")?,
+        ow: dim(s.ow, "width")?,
+        cout: dim(pw.cout, "channels")?,
+        stride: dim(dw.stride, "stride")?,
+        pad: dim(dw.pad, "pad")?,
+        out_ctot: dim(b.out_ctot, "channels")?,
+        out_coff: dim(pw.out_channel_offset, "channel offset")?,
+        tiles_y: dim(tiles_y, "tiles")?,
+        tiles_x: dim(tiles_x, "tiles")?,
+        act_ex,
+        slope_ex,
+        act_dw,
+        slope_dw,
+        act,
+        slope,
+    };
+    let blocks = dim(s.n * tiles_y * tiles_x, "blocks")?;
+    let dims = LaunchDims { grid: [blocks as u32, pw.cout.div_ceil(64) as u32, 1], block: [256, 1, 1] };
+    r.launch("conv_invres", dims, &p)
 }

@@ -9,6 +9,7 @@
 pub mod conv;
 pub mod conv_f16;
 pub mod fused;
+pub mod fused_f16;
 pub mod heads;
 pub mod net_f16;
 pub mod pool;
