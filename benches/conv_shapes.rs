@@ -56,6 +56,10 @@ fn main() {
         ("x0.25 FPN merge 3x3 64", 64, 64, 3, 1, 80, 80),
         ("x0.25 SSH 3x3 64->48", 64, 48, 3, 1, 80, 80),
         ("x0.25 FPN lateral 64->64", 64, 64, 1, 1, 80, 80),
+        ("MobileNetV2 expand 16->96", 16, 96, 1, 1, 160, 160),
+        ("MobileNetV2 expand 24->144", 24, 144, 1, 1, 80, 80),
+        ("MobileNetV2 project 144->24", 144, 24, 1, 1, 80, 80),
+        ("MobileNetV2 dw 3x3 144ch", 144, 144, 3, 1, 80, 80),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     println!("{:<26} {:>22} {:>10} {:>8}", "conv", "shape", "best ms", "GFLOPS");

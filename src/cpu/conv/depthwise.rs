@@ -1,6 +1,6 @@
 //! Depthwise convolutions (groups = cin = cout), one output plane per task.
 
-use super::common::{SharedMut, epilogue};
+use super::common::{SharedMut, epilogue, epilogue_fast};
 use crate::cpu::isa::{Isa, avx2_dispatch};
 use crate::cpu::rows::{split_even_odd, valid_columns};
 use crate::graph::{Act, Conv};
@@ -44,6 +44,29 @@ pub(super) fn conv(
             ow,
             act: conv.act,
         };
+        if level >= Isa::Avx2 && k == 3 && conv.pad == 1 && (conv.stride == 1 || conv.stride == 2) {
+            // The register-blocked rows of the fused path (all nine taps per output vector, AVX-512
+            // wide at that level; same sums in the same order as below).
+            let weight: &[f32; 9] = plane.weight.try_into().expect("3x3 depthwise weights");
+            // In chunks of rows, so a stride-2 plane's split rows stay in L1.
+            const ROWS: usize = 8;
+            for (i, rows) in o.chunks_mut(ROWS * ow).enumerate() {
+                super::dwpw::depthwise3x3_rows(
+                    level,
+                    plane.input,
+                    h,
+                    w,
+                    conv.stride,
+                    weight,
+                    i * ROWS,
+                    rows,
+                    ow,
+                    scratch,
+                );
+            }
+            epilogue_fast(level, o, plane.bias, plane.residual, plane.act);
+            return;
+        }
         depthwise_plane_fast(level, &plane, o, scratch);
     });
 }

@@ -138,36 +138,12 @@ impl Band<'_> {
         let len = rows * ow;
         let plane = conflict_free_stride(len);
         s.mid.resize(c * plane, 0.0);
-        let (h, w, stride) = (self.h, self.w, self.dw.stride);
-        // Stride 2: the band's input rows, each split once into even and odd padded columns.
-        let half = (w + 2).div_ceil(2);
-        let first_row = (2 * y0) as isize - 1;
-        let split_rows = 2 * rows + 1;
+        let (h, w) = (self.h, self.w);
         for ch in 0..c {
             let input = &self.x[(b * c + ch) * h * w..][..h * w];
             let weight: &[f32; 9] = self.dw.weight[ch * 9..ch * 9 + 9].try_into().expect("3x3 depthwise weights");
-            let line =
-                |iy: isize| (iy >= 0 && (iy as usize) < h).then(|| &input[iy as usize * w..(iy as usize + 1) * w]);
             let dst = &mut s.mid[ch * plane..ch * plane + len];
-            if stride == 1 {
-                for (r, row) in dst.chunks_exact_mut(ow).enumerate() {
-                    let oy = (y0 + r) as isize;
-                    dw_row_s1_fast(self.level, [line(oy - 1), line(oy), line(oy + 1)], weight, row);
-                }
-            } else {
-                s.split.clear();
-                s.split.resize(split_rows * 2 * half, 0.0);
-                for (i, split) in s.split.chunks_exact_mut(2 * half).enumerate() {
-                    if let Some(src) = line(first_row + i as isize) {
-                        split_padded(src, split, half);
-                    }
-                }
-                for (r, row) in dst.chunks_exact_mut(ow).enumerate() {
-                    let present = [0, 1, 2].map(|ky| line(first_row + (2 * r + ky) as isize).is_some());
-                    let split = &s.split[2 * r * 2 * half..(2 * r + 3) * 2 * half];
-                    dw_row_s2_fast(self.level, split, half, present, weight, row);
-                }
-            }
+            depthwise3x3_rows(self.level, input, h, w, self.dw.stride, weight, y0, dst, ow, &mut s.split);
             epilogue_fast(self.level, dst, self.dw.bias[ch], None, self.dw.act);
         }
         self.pointwise(b, y0, len, plane, s);
@@ -220,6 +196,48 @@ impl Band<'_> {
                 )
             };
         }
+    }
+}
+
+/// Output rows y0.. of a 3×3 depthwise convolution (pad 1, stride 1 or 2) of one channel plane `input`
+/// (h×w) into `dst` (whole rows of `ow`), before bias and activation: `row[x] = Σ_{ky, kx} w[ky·3 + kx]
+/// · in[oy·s + ky − 1][x·s + kx − 1]`, summed in (ky, kx) order with separate multiplies and adds, so
+/// the same bits at every level; taps outside the image add zero products. `split` is scratch.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn depthwise3x3_rows(
+    level: Isa,
+    input: &[f32],
+    h: usize,
+    w: usize,
+    stride: usize,
+    weight: &[f32; 9],
+    y0: usize,
+    dst: &mut [f32],
+    ow: usize,
+    split: &mut Vec<f32>,
+) {
+    let rows = dst.len() / ow;
+    let line = |iy: isize| (iy >= 0 && (iy as usize) < h).then(|| &input[iy as usize * w..(iy as usize + 1) * w]);
+    if stride == 1 {
+        for (r, row) in dst.chunks_exact_mut(ow).enumerate() {
+            let oy = (y0 + r) as isize;
+            dw_row_s1_fast(level, [line(oy - 1), line(oy), line(oy + 1)], weight, row);
+        }
+        return;
+    }
+    // Stride 2: the input rows, each split once into even and odd padded columns.
+    let half = (w + 2).div_ceil(2);
+    let first_row = (2 * y0) as isize - 1;
+    split.clear();
+    split.resize((2 * rows + 1) * 2 * half, 0.0);
+    for (i, part) in split.chunks_exact_mut(2 * half).enumerate() {
+        if let Some(src) = line(first_row + i as isize) {
+            split_padded(src, part, half);
+        }
+    }
+    for (r, row) in dst.chunks_exact_mut(ow).enumerate() {
+        let present = [0, 1, 2].map(|ky| line(first_row + (2 * r + ky) as isize).is_some());
+        dw_row_s2_fast(level, &split[2 * r * 2 * half..(2 * r + 3) * 2 * half], half, present, weight, row);
     }
 }
 
