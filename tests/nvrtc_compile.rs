@@ -23,6 +23,8 @@ const HOT: &[&str] = &[
     "conv_kxk",
     "conv_depthwise",
     "heads_level",
+    "heads_fused",
+    "heads_fused_f16",
     "maxpool3x3s2",
     "upsample_nearest_add",
     "preprocess_bgr",
