@@ -104,9 +104,10 @@ pub struct CandidateOut {
     pub resize: u64,
 }
 
-/// The three levels of the fused heads for an `img_h`×`img_w` network input: threshold, decoding and
-/// the dense candidate keys and rows ([`CandidateOut`]), one launch per level. Each level's map must be
-/// the priors' (ceil(input / stride)), as the anchors are numbered from them.
+/// The three levels of the fused heads for an `img_h`×`img_w` network input, in one launch: threshold,
+/// decoding and the dense candidate keys and rows ([`CandidateOut`]). Each level's map must be the
+/// priors' (ceil(input / stride)), as the anchors are numbered from them, and all levels one batch and
+/// one precision.
 pub fn launch_fused(
     r: &mut dyn KernelRunner,
     levels: &[FusedHeadArgs; 3],
@@ -116,7 +117,7 @@ pub fn launch_fused(
     threshold: f32,
 ) -> Result<()> {
     let num_anchors = crate::post::anchors::num_anchors(img_h, img_w);
-    let mut anchor_base = 0;
+    let [l0, l1, l2] = levels;
     for (l, (a, &step)) in levels.iter().zip(&crate::post::anchors::STEPS).enumerate() {
         if (a.h, a.w) != (img_h.div_ceil(step), img_w.div_ceil(step)) {
             return Err(Error::InvalidArgument(format!(
@@ -133,32 +134,52 @@ pub fn launch_fused(
                 a.c, a.cstride
             )));
         }
+        if (a.n, a.f16) != (l0.n, l0.f16) {
+            return Err(Error::InvalidArgument(format!(
+                "fused heads level {l}: batch {} ({}), level 0: batch {} ({})",
+                a.n,
+                if a.f16 { "f16" } else { "f32" },
+                l0.n,
+                if l0.f16 { "f16" } else { "f32" }
+            )));
+        }
         dim(a.n * a.h * a.w * a.cstride, "head input elements")?;
-        dim(a.n * num_anchors * 15, "candidate row elements")?;
-        let p = HeadFusedParams {
-            x: a.x,
-            wt: a.wt,
-            bias: a.bias,
-            resize: out.resize,
-            keys: out.keys,
-            rows: out.rows,
-            n: dim(a.n, "batch")?,
-            h: dim(a.h, "height")?,
-            w: dim(a.w, "width")?,
-            c: dim(a.c, "channels")?,
-            cstride: dim(a.cstride, "channels")?,
-            anchor_base: dim(anchor_base, "anchors")?,
-            num_anchors: dim(num_anchors, "anchors")?,
-            level: l as i32,
-            img_h: dim(img_h, "height")?,
-            img_w: dim(img_w, "width")?,
-            threshold,
-            pad0: 0,
-        };
-        let name = if a.f16 { "heads_fused_f16" } else { "heads_fused" };
-        // Eight pixels per 256-thread block (one warp per pixel), as heads_level.
-        r.launch(name, LaunchDims { grid: [(a.n * a.h * a.w).div_ceil(8) as u32, 1, 1], block: [256, 1, 1] }, &p)?;
-        anchor_base += 2 * a.h * a.w;
     }
-    Ok(())
+    dim(l0.n * num_anchors * 15, "candidate row elements")?;
+    let pixels = levels.iter().map(|a| a.n * a.h * a.w).sum::<usize>();
+    let p = HeadFusedParams {
+        x0: l0.x,
+        x1: l1.x,
+        x2: l2.x,
+        wt0: l0.wt,
+        wt1: l1.wt,
+        wt2: l2.wt,
+        bias0: l0.bias,
+        bias1: l1.bias,
+        bias2: l2.bias,
+        resize: out.resize,
+        keys: out.keys,
+        rows: out.rows,
+        n: dim(l0.n, "batch")?,
+        num_anchors: dim(num_anchors, "anchors")?,
+        img_h: dim(img_h, "height")?,
+        img_w: dim(img_w, "width")?,
+        h0: dim(l0.h, "height")?,
+        w0: dim(l0.w, "width")?,
+        c0: dim(l0.c, "channels")?,
+        cs0: dim(l0.cstride, "channels")?,
+        h1: dim(l1.h, "height")?,
+        w1: dim(l1.w, "width")?,
+        c1: dim(l1.c, "channels")?,
+        cs1: dim(l1.cstride, "channels")?,
+        h2: dim(l2.h, "height")?,
+        w2: dim(l2.w, "width")?,
+        c2: dim(l2.c, "channels")?,
+        cs2: dim(l2.cstride, "channels")?,
+        threshold,
+        pad0: 0,
+    };
+    let name = if l0.f16 { "heads_fused_f16" } else { "heads_fused" };
+    // Eight pixels per 256-thread block (one warp per pixel), as heads_level.
+    r.launch(name, LaunchDims { grid: [pixels.div_ceil(8) as u32, 1, 1], block: [256, 1, 1] }, &p)
 }
