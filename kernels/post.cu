@@ -16,6 +16,10 @@
 // digit = "is a candidate", only candidates kept), then shift 0, 8, 16, 24 on key = ~bits(score)
 // (positive floats order like their bits; ~ makes the ascending sort descending). Every pass is stable,
 // and the compaction keeps anchor order, so equal scores stay in anchor order, as on the CPU.
+// On the detect path the fused heads (kernels/heads.cu heads_fused) have already thresholded and
+// decoded: RadixParams.dense = 1 makes the shift-0 pass read their dense [n][A] keys in anchor order
+// (skipping NOT_CANDIDATE; value = anchor index) and count the candidates, so that pass is the
+// compaction too: 4 passes, 12 launches, and no pass reads conf.
 //   radix_hist: grid (tiles = ceil(A / RADIX_TILE), n), 256 threads, RADIX_TILE = 2048 elements per
 //     block; counts the tile's digits (warp-aggregated: one shared atomic per distinct digit per warp)
 //     into hist [n][256][tiles] (digit-major, so one exclusive scan gives every tile's scatter bases).
@@ -47,6 +51,7 @@
 // compact_dets: grid (ceil(max_out/128), n), 128 threads: image i's det_count[i] rows of dets, copied
 //   to out at the sum of the counts of images before it (one [Σ count][15] array, downloaded in one copy).
 #include "common.cuh"
+#include "candidates.cuh"
 
 #define NMS_MAX_WORDS (NMS_BITMASK_MAX / 64)
 #define NMS_MAX_OUT NMS_BITMASK_MAX
@@ -63,6 +68,8 @@ struct RadixParams {
     int n, num_anchors, tiles, shift;  // shift < 0: the compaction pass
     int k;
     float threshold;
+    int dense;  // keys_in is the fused heads' dense [n][A] (NOT_CANDIDATE under the threshold), values the anchors
+    int pad0;
 };
 
 struct DecodeParams {
@@ -131,7 +138,8 @@ __device__ __forceinline__ bool radix_elem(const RadixParams& p, int img, int i,
         return true;
     }
     key = p.keys_in[o];
-    val = p.vals_in[o];
+    if (p.dense && key == NOT_CANDIDATE) return false;
+    val = p.dense ? i : p.vals_in[o];
     digit = (int)((key >> p.shift) & 255u);
     return true;
 }
@@ -149,7 +157,7 @@ __device__ __forceinline__ unsigned radix_peers(const RadixParams& p, bool valid
 }
 
 __device__ __forceinline__ int radix_limit(const RadixParams& p, int img) {
-    return p.shift < 0 ? p.num_anchors : p.count[img];
+    return p.shift < 0 || p.dense ? p.num_anchors : p.count[img];
 }
 
 extern "C" __global__ void __launch_bounds__(256) radix_hist(const RadixParams p) {
@@ -193,7 +201,7 @@ extern "C" __global__ void __launch_bounds__(256) radix_scan(const RadixParams p
         h[i] = run;
         run += c;
     }
-    if (p.shift < 0 && t == 255) {
+    if ((p.shift < 0 || p.dense) && t == 255) {
         p.count[img] = sums[255];
         p.kept[img] = min(sums[255], p.k);
     }
@@ -239,19 +247,13 @@ extern "C" __global__ void __launch_bounds__(256) radix_scatter(const RadixParam
 // (64, 128), (256, 512); rows, then columns, then the two sizes (src/post/anchors.rs).
 __device__ __forceinline__ void prior_of(int a, int h, int w, float pr[4]) {
     const int steps[3] = PRIOR_STEPS;
-    const int sizes[3][2] = PRIOR_MIN_SIZES;
     for (int l = 0; l < 3; ++l) {
         const int s = steps[l];
         const int fh = (h + s - 1) / s, fw = (w + s - 1) / s;
         const int n = 2 * fh * fw;
         if (a < n || l == 2) {
-            const int pix = a / 2, j = a % 2;
-            const int row = pix / fw, col = pix % fw;
-            const double ms = (double)sizes[l][j];
-            pr[0] = (float)__ddiv_rn(__dmul_rn(__dadd_rn((double)col, 0.5), (double)s), (double)w);
-            pr[1] = (float)__ddiv_rn(__dmul_rn(__dadd_rn((double)row, 0.5), (double)s), (double)h);
-            pr[2] = (float)__ddiv_rn(ms, (double)w);
-            pr[3] = (float)__ddiv_rn(ms, (double)h);
+            const int pix = a / 2;
+            prior_at(l, pix / fw, pix % fw, a % 2, h, w, pr);
             return;
         }
         a -= n;

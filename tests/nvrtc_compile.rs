@@ -24,6 +24,8 @@ const HOT: &[&str] = &[
     "conv_depthwise",
     "conv_invres",
     "heads_level",
+    "heads_fused",
+    "heads_fused_f16",
     "maxpool3x3s2",
     "upsample_nearest_add",
     "preprocess_bgr",

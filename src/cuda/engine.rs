@@ -30,11 +30,14 @@ struct GpuBufs {
     /// The captured forward pass of this plan (preprocess and every op), replayed on later passes;
     /// freed with the plan.
     graph: Option<GraphId>,
+    /// The same without the heads (the detect path's, whose post-processing runs them fused).
+    graph_no_heads: Option<GraphId>,
     /// The f16 path's conv variants and split-K workspace (None in f32).
     f16: Option<f16::F16Bufs>,
     /// The captured post-processing of this plan and the settings it was captured for
     /// (`ops::post::PostPass::graph_key`); recaptured when they change, freed with the plan.
-    post_graph: Option<(ops::post::PostGraphKey, GraphId)>,
+    /// The bool: whether it starts with the fused heads.
+    post_graph: Option<((ops::post::PostGraphKey, bool), GraphId)>,
     /// Decoded images and resize tables of `detect_specs` (made on its first use, grown as needed).
     resize: Option<ops::resize::Staging>,
     /// The second input and post-processing slot of pipelined batches (made on its first use):
@@ -52,7 +55,8 @@ struct IoSlot {
     input_u8: DevBuf,
     post: Option<ops::post::PostBufs>,
     graph: Option<GraphId>,
-    post_graph: Option<(ops::post::PostGraphKey, GraphId)>,
+    graph_no_heads: Option<GraphId>,
+    post_graph: Option<((ops::post::PostGraphKey, bool), GraphId)>,
 }
 
 impl GpuBufs {
@@ -61,6 +65,7 @@ impl GpuBufs {
         std::mem::swap(&mut self.input_u8, &mut other.input_u8);
         std::mem::swap(&mut self.post, &mut other.post);
         std::mem::swap(&mut self.graph, &mut other.graph);
+        std::mem::swap(&mut self.graph_no_heads, &mut other.graph_no_heads);
         std::mem::swap(&mut self.post_graph, &mut other.post_graph);
     }
 }
@@ -117,6 +122,16 @@ pub struct GpuEngine {
     pipe_events: Option<[[EventId; 3]; 2]>,
     /// Test hook: a cross-stream wait the pipeline leaves out (to show the simulation catches it).
     skip_wait: Option<PipelineWait>,
+    /// Detect with the heads fused into post-processing (threshold and decode in the heads kernel).
+    fused_heads: bool,
+}
+
+/// How a forward pass ends: with the raw outputs (loc, conf, landmarks: `forward`, `--forward-only`,
+/// the unfused detect path), or before the heads, which the detect path's post-processing runs fused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Heads {
+    Raw,
+    Fused,
 }
 
 /// The cross-stream waits of a pipelined batch (see [`GpuEngine::detect_stream`]).
@@ -277,6 +292,7 @@ impl GpuEngine {
             staged: None,
             pipe_events: None,
             skip_wait: None,
+            fused_heads: true,
         })
     }
 
@@ -421,6 +437,7 @@ impl GpuEngine {
                 landm: r.alloc(4 * n * a * 10)?,
                 post: None,
                 graph: None,
+                graph_no_heads: None,
                 post_graph: None,
                 resize: None,
                 spare: None,
@@ -436,7 +453,7 @@ impl GpuEngine {
 
     /// [`Self::forward_input`] of network-input sized images from the host.
     fn forward(&mut self, images: &[&BgrImage], keep_all: bool) -> Result<(Arc<Plan>, [DevBuf; 3])> {
-        self.forward_input(BatchInput::Host(images), keep_all)
+        self.forward_input(BatchInput::Host(images), keep_all, Heads::Raw)
     }
 
     /// Runs preprocessing, the network and the heads; leaves loc/conf/landm on the device.
@@ -444,10 +461,16 @@ impl GpuEngine {
     /// The batch goes up in one staged copy (or is resized on the device, or is already in the input
     /// buffer of the slot swapped in); the launches are a graph captured on the slot's first pass and
     /// replayed after (or launched one by one with graphs off).
-    fn forward_input(&mut self, input: BatchInput<'_>, keep_all: bool) -> Result<(Arc<Plan>, [DevBuf; 3])> {
+    /// `heads`: whether the pass ends with the raw heads or leaves them to [`Self::post_pass`].
+    fn forward_input(
+        &mut self,
+        input: BatchInput<'_>,
+        keep_all: bool,
+        heads: Heads,
+    ) -> Result<(Arc<Plan>, [DevBuf; 3])> {
         if self.precision == Precision::F16 {
             return match input {
-                BatchInput::Host(images) => self.forward_f16(images, keep_all),
+                BatchInput::Host(images) => self.forward_f16(images, keep_all, heads),
                 _ => Err(Error::InvalidArgument(
                     "the device resize and a batch staged on the device run in f32 only (--precision f32)".into(),
                 )),
@@ -463,7 +486,8 @@ impl GpuEngine {
         let key = (n, h, w, keep_all);
         let use_graph = self.cuda_graphs();
         let (plan, bufs) = self.plan(key)?;
-        let (input_u8, loc, conf, landm, graph) = (bufs.input_u8, bufs.loc, bufs.conf, bufs.landm, bufs.graph);
+        let graph = if heads == Heads::Raw { bufs.graph } else { bufs.graph_no_heads };
+        let (input_u8, loc, conf, landm) = (bufs.input_u8, bufs.loc, bufs.conf, bufs.landm);
         self.last = Some(key);
         // The bytes the pass starts from, in the input buffer of the slot in use: uploaded now,
         // resized now, or put there before (a staged batch, a pipelined upload).
@@ -483,14 +507,14 @@ impl GpuEngine {
             BatchInput::Staged(..) | BatchInput::Uploaded(..) => {}
         }
         if !use_graph {
-            self.launch_forward(&plan, key, input_u8)?;
+            self.launch_forward(&plan, key, input_u8, heads)?;
             return Ok((plan, [loc, conf, landm]));
         }
         let id = match graph {
             Some(id) => id,
             None => {
                 self.runner.begin_capture()?;
-                let launched = self.launch_forward(&plan, key, input_u8);
+                let launched = self.launch_forward(&plan, key, input_u8, heads);
                 // End the capture whatever happened, so the stream is usable again.
                 let captured = self.runner.end_capture();
                 let id = match (launched, captured) {
@@ -502,7 +526,7 @@ impl GpuEngine {
                     (Err(e), Err(_)) | (Ok(()), Err(e)) => return Err(e),
                 };
                 let bufs = self.plans.buffers(key).ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
-                bufs.graph = Some(id);
+                *(if heads == Heads::Raw { &mut bufs.graph } else { &mut bufs.graph_no_heads }) = Some(id);
                 id
             }
         };
@@ -511,8 +535,9 @@ impl GpuEngine {
     }
 
     /// Every launch of a forward pass over `key`'s buffers: preprocessing of the bytes in `input_u8`,
-    /// each op, the heads. Nothing else (no copy, allocation or synchronisation), so it can be captured.
-    fn launch_forward(&mut self, plan: &Plan, key: PlanKey, input_u8: DevBuf) -> Result<()> {
+    /// each op, the heads (with `Heads::Raw`). Nothing else (no copy, allocation or synchronisation), so
+    /// it can be captured.
+    fn launch_forward(&mut self, plan: &Plan, key: PlanKey, input_u8: DevBuf, heads: Heads) -> Result<()> {
         let (n, h, w, _) = key;
         let bufs = self.plans.buffers(key).ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
         let (arena, loc, conf, landm) = (bufs.arena, bufs.loc, bufs.conf, bufs.landm);
@@ -548,6 +573,9 @@ impl GpuEngine {
                         self.weights[i].ok_or_else(|| Error::Cuda(format!("conv {} has no weights", c.name)))?;
                     let x = buf(c.input);
                     if let Op::Heads { level: l, .. } = *op {
+                        if heads == Heads::Fused {
+                            continue;
+                        }
                         let a = ops::heads::HeadArgs {
                             x: x.ptr,
                             wt: wb.ptr,
@@ -693,23 +721,26 @@ impl GpuEngine {
                 images.len()
             )));
         }
-        let (plan, raw) = self.forward(images, false)?;
+        let heads = self.detect_heads();
+        let (plan, raw) = self.forward_input(BatchInput::Host(images), false, heads)?;
         let (n, key) = (plan.n, (plan.n, h, w, false));
         debug_assert_eq!(n, images.len());
-        self.post_pass(key, raw, post, resizes)
+        self.post_pass(key, raw, post, resizes, heads)
     }
 
-    /// The device post-processing of the pass that just ran on plan `key` (raw outputs `raw`): the
-    /// resize factors uploaded, then the launches (a graph per plan and post settings, captured on
-    /// first use and replayed, when graphs are on), then the detections downloaded.
+    /// The device post-processing of the pass that just ran on plan `key` (raw outputs `raw`, or, with
+    /// `Heads::Fused`, the heads' inputs in the plan's arena): the resize factors uploaded, then the
+    /// launches (a graph per plan and post settings, captured on first use and replayed, when graphs
+    /// are on), then the detections downloaded.
     fn post_pass(
         &mut self,
         key: PlanKey,
         raw: [DevBuf; 3],
         post: &PostOptions,
         resizes: &[f32],
+        heads: Heads,
     ) -> Result<Vec<Vec<Detection>>> {
-        let Some(pass) = self.post_launch(key, raw, post, resizes)? else {
+        let Some(pass) = self.post_launch(key, raw, post, resizes, heads)? else {
             return Ok(vec![Vec::new(); key.0]);
         };
         let bufs = self.plans.buffers(key).ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
@@ -725,9 +756,18 @@ impl GpuEngine {
         raw: [DevBuf; 3],
         post: &PostOptions,
         resizes: &[f32],
+        heads: Heads,
     ) -> Result<Option<ops::post::PostPass>> {
         let (n, h, w, _) = key;
         let use_graph = self.cuda_graphs();
+        let fused = match heads {
+            Heads::Fused => Some(self.fused_head_args(key)?),
+            Heads::Raw => None,
+        };
+        let launch = |r: &mut dyn KernelRunner, pb: &ops::post::PostBufs, pass: &ops::post::PostPass| match &fused {
+            Some(levels) => ops::post::launch_fused(r, pb, levels, pass),
+            None => ops::post::launch(r, pb, raw, pass),
+        };
         let r = self.runner.as_mut();
         let bufs = self.plans.buffers(key).ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
         let path = ops::post::NmsPath::Auto;
@@ -736,10 +776,10 @@ impl GpuEngine {
         };
         let pb = bufs.post.as_ref().ok_or_else(|| Error::Cuda("post buffers vanished".into()))?;
         if !use_graph {
-            ops::post::launch(r, pb, raw, &pass)?;
+            launch(r, pb, &pass)?;
             return Ok(Some(pass));
         }
-        let gkey = pass.graph_key();
+        let gkey = (pass.graph_key(), fused.is_some());
         let id = match bufs.post_graph {
             Some((k, id)) if k == gkey => id,
             old => {
@@ -748,7 +788,7 @@ impl GpuEngine {
                     r.free_graph(id)?;
                 }
                 r.begin_capture()?;
-                let launched = ops::post::launch(r, pb, raw, &pass);
+                let launched = launch(r, pb, &pass);
                 // End the capture whatever happened, so the stream is usable again.
                 let id = match (launched, r.end_capture()) {
                     (Ok(()), Ok(id)) => id,
@@ -816,8 +856,9 @@ impl GpuEngine {
             let refs: Vec<&BgrImage> = inputs.iter().map(|c| c.as_ref()).collect();
             return self.detect_scaled(&refs, post, &resizes);
         }
-        let (plan, raw) = self.forward_input(BatchInput::Resize(images, specs), false)?;
-        self.post_pass((plan.n, h, w, false), raw, post, &resizes)
+        let heads = self.detect_heads();
+        let (plan, raw) = self.forward_input(BatchInput::Resize(images, specs), false, heads)?;
+        self.post_pass((plan.n, h, w, false), raw, post, &resizes, heads)
     }
 
     /// The network input bytes of the last pass ([n][h][w][3] u8, after any device resize), for tests.
@@ -844,7 +885,7 @@ impl GpuEngine {
         let key = (n, h, w, false);
         self.plan(key)?;
         let buf = self.runner.alloc(n * h * w * 3)?;
-        let slot = Box::new(IoSlot { input_u8: buf, post: None, graph: None, post_graph: None });
+        let slot = Box::new(IoSlot { input_u8: buf, post: None, graph: None, graph_no_heads: None, post_graph: None });
         match self.plans.buffers(key) {
             Some(b) => b.staged = Some(slot),
             None => return free_slot(self.runner.as_mut(), *slot),
@@ -863,9 +904,10 @@ impl GpuEngine {
         let (n, h, w) = self.staged.ok_or_else(|| Error::InvalidArgument("no batch is staged".into()))?;
         let key = (n, h, w, false);
         let mut slot = self.swap_in(key, pipeline::Slot::Staged)?;
+        let heads = self.detect_heads();
         let res = self
-            .forward_input(BatchInput::Staged(n, h, w), false)
-            .and_then(|(_, raw)| self.post_pass(key, raw, post, &vec![1.0; n]));
+            .forward_input(BatchInput::Staged(n, h, w), false, heads)
+            .and_then(|(_, raw)| self.post_pass(key, raw, post, &vec![1.0; n], heads));
         self.swap_out(key, pipeline::Slot::Staged, &mut slot)?;
         res
     }
@@ -892,16 +934,17 @@ impl GpuEngine {
             post.validate()?;
         }
         let key = (n, h, w, false);
+        let heads = if mode.forward_only { Heads::Raw } else { self.detect_heads() };
         // A staged batch's slot is swapped in for the pass, so the graphs captured over it replay.
         let staged = mode.input_on_device;
         let mut slot = if staged { self.swap_in(key, pipeline::Slot::Staged)? } else { None };
         let res = (|| {
-            let (_, raw) = self.forward_input(input, false)?;
+            let (_, raw) = self.forward_input(input, false, heads)?;
             self.runner.synchronize()?;
             let t1 = std::time::Instant::now();
             if !mode.forward_only {
                 let ones = vec![1.0; n];
-                self.post_pass(key, raw, post, &ones)?;
+                self.post_pass(key, raw, post, &ones, heads)?;
             }
             Ok(t1)
         })();
@@ -916,6 +959,56 @@ impl GpuEngine {
             }
         }
         Ok(())
+    }
+}
+
+impl GpuEngine {
+    /// Whether detection runs the heads fused with the threshold and decoding (default on): the
+    /// forward pass stops before the heads and post-processing starts with `heads_fused`. Off, it
+    /// runs the raw heads and post-processing from the raw outputs (the same detections, bit for bit).
+    pub fn set_fused_heads(&mut self, on: bool) {
+        self.fused_heads = on;
+    }
+
+    pub fn fused_heads(&self) -> bool {
+        self.fused_heads
+    }
+
+    pub(super) fn detect_heads(&self) -> Heads {
+        if self.fused_heads { Heads::Fused } else { Heads::Raw }
+    }
+
+    /// The three levels' fused heads launch arguments on plan `key`: their inputs (the SSH taps, kept
+    /// to the end of the pass) in the plan's arena, f32 or f16 as the plan's layout, and their weights.
+    fn fused_head_args(&self, key: PlanKey) -> Result<[ops::heads::FusedHeadArgs; 3]> {
+        let (plan, bufs) = self.plans.peek(key).ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
+        let f16 = plan.layout == Layout::F16;
+        let mut levels = [None; 3];
+        for (i, op) in self.graph.ops.iter().enumerate() {
+            let Op::Heads { level, conv: c } = op else { continue };
+            let (ic, ih, iw) = plan.shapes[c.input];
+            let (_, oh, ow) = plan.shapes[c.output];
+            if c.kernel != 1 || c.stride != 1 || c.pad != 0 || ic != c.cin || (ih, iw) != (oh, ow) || c.cout != 32 {
+                return Err(Error::Cuda(format!("head {}: not a 1x1 conv from {ic} channels to 32", c.name)));
+            }
+            let (wb, bb) = self.weights[i].ok_or_else(|| Error::Cuda(format!("head {} has no weights", c.name)))?;
+            let slot = levels
+                .get_mut(*level)
+                .ok_or_else(|| Error::Cuda(format!("head {} is on level {level} of 3", c.name)))?;
+            *slot = Some(ops::heads::FusedHeadArgs {
+                x: bufs.arena.at(if f16 { 2 } else { 4 } * plan.offsets[c.input]),
+                wt: wb.ptr,
+                bias: bb.ptr,
+                n: plan.n,
+                h: ih,
+                w: iw,
+                c: c.cin,
+                cstride: if f16 { plan.stored_channels(c.input) } else { c.cin },
+                f16,
+            });
+        }
+        let level = |l: usize| levels[l].ok_or_else(|| Error::Cuda(format!("the graph has no head on level {l}")));
+        Ok([level(0)?, level(1)?, level(2)?])
     }
 }
 
@@ -1164,7 +1257,7 @@ pub fn absent_tensors(graph: &Graph) -> Vec<TensorId> {
 
 /// Frees a slot's graphs and buffers.
 fn free_slot(r: &mut dyn KernelRunner, s: IoSlot) -> Result<()> {
-    for g in s.graph.into_iter().chain(s.post_graph.map(|(_, g)| g)) {
+    for g in s.graph.into_iter().chain(s.graph_no_heads).chain(s.post_graph.map(|(_, g)| g)) {
         r.free_graph(g)?;
     }
     r.free(s.input_u8)?;
@@ -1178,8 +1271,9 @@ fn free_slot(r: &mut dyn KernelRunner, s: IoSlot) -> Result<()> {
 fn free_all(r: &mut dyn KernelRunner, bufs: GpuBufs) -> Result<()> {
     let slots = bufs.spare.iter().chain(&bufs.staged);
     let slot_graphs: Vec<GraphId> =
-        slots.flat_map(|s| s.graph.into_iter().chain(s.post_graph.map(|(_, g)| g))).collect();
-    for g in bufs.graph.into_iter().chain(bufs.post_graph.map(|(_, g)| g)).chain(slot_graphs) {
+        slots.flat_map(|s| s.graph.into_iter().chain(s.graph_no_heads).chain(s.post_graph.map(|(_, g)| g))).collect();
+    let own = bufs.graph.into_iter().chain(bufs.graph_no_heads).chain(bufs.post_graph.map(|(_, g)| g));
+    for g in own.chain(slot_graphs) {
         r.free_graph(g)?;
     }
     for b in bufs.all() {

@@ -366,7 +366,13 @@ impl<'a> Timer<'a> {
 impl GpuEngine {
     /// [`GpuEngine::forward`] in f16: preprocessing into 8 padded channels, every op on the f16
     /// kernels, the heads into the f32 raw outputs.
-    pub(super) fn forward_f16(&mut self, images: &[&BgrImage], keep_all: bool) -> Result<(Arc<Plan>, [DevBuf; 3])> {
+    /// With `Heads::Fused` the heads are left to the post-processing's fused kernel.
+    pub(super) fn forward_f16(
+        &mut self,
+        images: &[&BgrImage],
+        keep_all: bool,
+        heads: Heads,
+    ) -> Result<(Arc<Plan>, [DevBuf; 3])> {
         let (h, w) = check_batch(images)?;
         let n = images.len();
         dim(n * h * w * 8, "batch elements")?;
@@ -431,7 +437,9 @@ impl GpuEngine {
                     if c.kernel != 1 || dims(c.input).1 != oh || dims(c.input).2 != ow {
                         return Err(Error::Cuda(format!("head {}: not a 1x1 conv on its input's grid", c.name)));
                     }
-                    ops::heads::launch_f16(r.as_mut(), &a, plan.stored_channels(c.input))?;
+                    if heads == Heads::Raw {
+                        ops::heads::launch_f16(r.as_mut(), &a, plan.stored_channels(c.input))?;
+                    }
                 }
                 Op::DwPw { dw, pw } => {
                     let (wdw, bdw) = wts()?;

@@ -151,8 +151,9 @@ impl GpuEngine {
             if self.skip_wait != Some(PipelineWait::ComputeAfterUpload) {
                 self.runner.wait_event(Stream::Compute, uploaded)?;
             }
-            let (_, raw) = self.forward_input(BatchInput::Uploaded(n, h, w), false)?;
-            let pass = self.post_launch(key, raw, post, resizes)?;
+            let heads = self.detect_heads();
+            let (_, raw) = self.forward_input(BatchInput::Uploaded(n, h, w), false, heads)?;
+            let pass = self.post_launch(key, raw, post, resizes, heads)?;
             self.runner.event_record_on(Stream::Compute, computed)?;
             Ok(Pending::Queued { key, slot, pass })
         })();
@@ -169,7 +170,7 @@ impl GpuEngine {
             Slot::Spare if self.plans.buffers(key).is_some_and(|b| b.spare.is_none()) => {
                 let (n, h, w, _) = key;
                 let input_u8 = self.runner.alloc(n * h * w * 3)?;
-                let spare = IoSlot { input_u8, post: None, graph: None, post_graph: None };
+                let spare = IoSlot { input_u8, post: None, graph: None, graph_no_heads: None, post_graph: None };
                 match self.plans.buffers(key) {
                     Some(b) => b.spare = Some(Box::new(spare)),
                     None => {

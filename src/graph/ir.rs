@@ -86,6 +86,9 @@ pub struct PackedWeights {
     pub winograd: std::sync::OnceLock<Vec<f32>>,
 }
 
+// Ops are made once per graph and held in its Vec: the fused variants' size costs nothing per pass,
+// and boxing their convs would only add indirection to every match.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Op {
     Conv(Conv),

@@ -4,6 +4,7 @@
 //! count × 15 floats).
 
 use super::dim;
+use super::heads::{CandidateOut, FusedHeadArgs};
 use crate::cuda::params::*;
 use crate::cuda::runner::{DevBuf, KernelRunner, KernelRunnerExt, LaunchDims};
 use crate::detection::Detection;
@@ -201,41 +202,19 @@ pub fn prepare(
 /// Every launch of the pass, reading the raw outputs `raw` and the resize factors [`prepare`]
 /// uploaded: no copy, allocation or synchronisation, so it can be captured.
 pub fn launch(r: &mut dyn KernelRunner, pb: &PostBufs, raw: [DevBuf; 3], pass: &PostPass) -> Result<()> {
-    let PostPass { n, h, w, a, k, max_out, bitmask, conf_threshold, nms_threshold } = *pass;
+    let PostPass { n, h, w, a, k, .. } = *pass;
     let [loc, conf, landm] = raw;
-    let tiles = a.div_ceil(RADIX_TILE);
-    let (ni, ai, ki) = (dim(n, "batch")?, dim(a, "anchors")?, dim(k, "candidates")?);
     dim(n * a * 15, "post-processing elements")?;
-    let per_image =
-        |blocks: usize, threads: u32| LaunchDims { grid: [blocks.max(1) as u32, n as u32, 1], block: [threads, 1, 1] };
     // The compaction pass (shift −1) into keys[0]/vals[0], then four 8-bit digit passes ping-ponging
     // back into keys[0]/vals[0].
-    for (pass, shift) in [-1i32, 0, 8, 16, 24].into_iter().enumerate() {
-        let (src, dst) = if pass % 2 == 1 { (0, 1) } else { (1, 0) };
-        let p = RadixParams {
-            conf: conf.ptr,
-            keys_in: pb.keys[src].ptr,
-            vals_in: pb.vals[src].ptr,
-            keys_out: pb.keys[dst].ptr,
-            vals_out: pb.vals[dst].ptr,
-            hist: pb.hist.ptr,
-            count: pb.count.ptr,
-            kept: pb.kept.ptr,
-            n: ni,
-            num_anchors: ai,
-            tiles: dim(tiles, "radix tiles")?,
-            shift,
-            k: ki,
-            threshold: conf_threshold,
-        };
-        r.launch("radix_hist", per_image(tiles, 256), &p)?;
-        r.launch("radix_scan", per_image(1, 256), &p)?;
-        r.launch("radix_scatter", per_image(tiles, 256), &p)?;
+    for (i, shift) in [-1i32, 0, 8, 16, 24].into_iter().enumerate() {
+        let (src, dst) = if i % 2 == 1 { (0, 1) } else { (1, 0) };
+        radix_pass(r, pb, pass, (src, dst), shift, conf.ptr, false)?;
     }
-    let (boxes, scores, lands) = (pb.cand.ptr, pb.cand.at(4 * n * a * 4), pb.cand.at(4 * n * a * 5));
+    let (boxes, scores, lands) = cand_regions(pb, pass);
     r.launch(
         "decode_sorted",
-        per_image(k.div_ceil(128), 128),
+        per_image(n, k.div_ceil(128), 128),
         &DecodeParams {
             order: pb.vals[0].ptr,
             kept: pb.kept.ptr,
@@ -246,12 +225,108 @@ pub fn launch(r: &mut dyn KernelRunner, pb: &PostBufs, raw: [DevBuf; 3], pass: &
             boxes,
             scores,
             lands,
-            n: ni,
-            num_anchors: ai,
+            n: dim(n, "batch")?,
+            num_anchors: dim(a, "anchors")?,
             img_h: dim(h, "height")?,
             img_w: dim(w, "width")?,
         },
     )?;
+    launch_nms(r, pb, pass)
+}
+
+/// [`launch`] for the detect path, starting from the heads' inputs instead of the raw outputs: the
+/// fused heads (kernels/heads.cu `heads_fused`) threshold and decode every anchor into dense keys and
+/// rows; the first radix pass compacts the keys in anchor order while sorting by the lowest digit, so
+/// there is no separate compaction pass; `heads_gather` puts the sorted rows where NMS reads them.
+/// Capturable as [`launch`] (the threshold is in the pass's graph key, the resize factors on the device).
+pub fn launch_fused(
+    r: &mut dyn KernelRunner,
+    pb: &PostBufs,
+    heads: &[FusedHeadArgs; 3],
+    pass: &PostPass,
+) -> Result<()> {
+    let PostPass { n, h, w, a, k, .. } = *pass;
+    dim(n * a * 15, "post-processing elements")?;
+    if heads.iter().any(|l| l.n != n) {
+        return Err(Error::InvalidArgument(format!("fused heads of another batch than the pass's {n} images")));
+    }
+    // The dense keys go to keys[1] and the rows to `dets` (free until NMS writes it).
+    let out = CandidateOut { keys: pb.keys[1].ptr, rows: pb.dets.ptr, resize: pb.resize.ptr };
+    super::heads::launch_fused(r, heads, h, w, &out, pass.conf_threshold)?;
+    // Four digit passes from the dense keys[1]: 1→0, 0→1, 1→0, 0→1; the order ends in vals[1].
+    for (i, shift) in [0i32, 8, 16, 24].into_iter().enumerate() {
+        let (src, dst) = if i % 2 == 0 { (1, 0) } else { (0, 1) };
+        radix_pass(r, pb, pass, (src, dst), shift, 0, i == 0)?;
+    }
+    let (boxes, scores, lands) = cand_regions(pb, pass);
+    r.launch(
+        "heads_gather",
+        per_image(n, k.div_ceil(128), 128),
+        &HeadGatherParams {
+            order: pb.vals[1].ptr,
+            kept: pb.kept.ptr,
+            rows: pb.dets.ptr,
+            boxes,
+            scores,
+            lands,
+            n: dim(n, "batch")?,
+            num_anchors: dim(a, "anchors")?,
+        },
+    )?;
+    launch_nms(r, pb, pass)
+}
+
+/// A grid of `blocks` blocks per image (at least one), images along y.
+fn per_image(n: usize, blocks: usize, threads: u32) -> LaunchDims {
+    LaunchDims { grid: [blocks.max(1) as u32, n as u32, 1], block: [threads, 1, 1] }
+}
+
+/// The sorted candidates' boxes, scores and landmarks: three regions of `cand`.
+fn cand_regions(pb: &PostBufs, pass: &PostPass) -> (u64, u64, u64) {
+    let (n, a) = (pass.n, pass.a);
+    (pb.cand.ptr, pb.cand.at(4 * n * a * 4), pb.cand.at(4 * n * a * 5))
+}
+
+/// One radix pass (histogram, scan, scatter) from keys/vals[src] to keys/vals[dst]: `shift` < 0 is the
+/// compaction of `conf`; `dense` reads the fused heads' dense keys (and compacts them) at shift 0.
+fn radix_pass(
+    r: &mut dyn KernelRunner,
+    pb: &PostBufs,
+    pass: &PostPass,
+    (src, dst): (usize, usize),
+    shift: i32,
+    conf: u64,
+    dense: bool,
+) -> Result<()> {
+    let tiles = pass.a.div_ceil(RADIX_TILE);
+    let p = RadixParams {
+        conf,
+        keys_in: pb.keys[src].ptr,
+        vals_in: pb.vals[src].ptr,
+        keys_out: pb.keys[dst].ptr,
+        vals_out: pb.vals[dst].ptr,
+        hist: pb.hist.ptr,
+        count: pb.count.ptr,
+        kept: pb.kept.ptr,
+        n: dim(pass.n, "batch")?,
+        num_anchors: dim(pass.a, "anchors")?,
+        tiles: dim(tiles, "radix tiles")?,
+        shift,
+        k: dim(pass.k, "candidates")?,
+        threshold: pass.conf_threshold,
+        dense: dense as i32,
+        pad0: 0,
+    };
+    r.launch("radix_hist", per_image(pass.n, tiles, 256), &p)?;
+    r.launch("radix_scan", per_image(pass.n, 1, 256), &p)?;
+    r.launch("radix_scatter", per_image(pass.n, tiles, 256), &p)
+}
+
+/// NMS over the sorted, decoded candidates in `cand` and the packing of the kept detections.
+fn launch_nms(r: &mut dyn KernelRunner, pb: &PostBufs, pass: &PostPass) -> Result<()> {
+    let PostPass { n, a, k, max_out, bitmask, nms_threshold, .. } = *pass;
+    let (ni, ai, ki) = (dim(n, "batch")?, dim(a, "anchors")?, dim(k, "candidates")?);
+    let (boxes, scores, lands) = cand_regions(pb, pass);
     let mo = dim(max_out, "post_nms_topk")?;
     if bitmask {
         let words = k.div_ceil(64);
@@ -312,7 +387,7 @@ pub fn launch(r: &mut dyn KernelRunner, pb: &PostBufs, raw: [DevBuf; 3], pass: &
     // brings them back.
     r.launch(
         "compact_dets",
-        per_image(max_out.div_ceil(128), 128),
+        per_image(n, max_out.div_ceil(128), 128),
         &CompactParams { dets: pb.dets.ptr, det_count: pb.det_count.ptr, out: pb.cand.ptr, n: ni, max_out: mo },
     )?;
     Ok(())
