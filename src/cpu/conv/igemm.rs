@@ -348,12 +348,8 @@ pub(super) unsafe fn tile_dispatch(
     #[cfg(target_arch = "x86_64")]
     unsafe {
         if kernel == Kernel::Avx2 {
-            let (a, src, c) = (a.as_ptr(), src.as_ptr(), c.as_mut_ptr());
-            if prefetch {
-                super::igemm_avx2::tile::<true>(a, offsets, src, c, ldc, accumulate, valid)
-            } else {
-                super::igemm_avx2::tile::<false>(a, offsets, src, c, ldc, accumulate, valid)
-            }
+            // It prefetches in every call (see `igemm_avx2::tile`).
+            super::igemm_avx2::tile(a.as_ptr(), offsets, src.as_ptr(), c.as_mut_ptr(), ldc, accumulate, valid)
         } else if valid == NR && prefetch {
             super::igemm_avx512::tile::<false, true>(
                 a.as_ptr(),

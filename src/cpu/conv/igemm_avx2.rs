@@ -32,14 +32,14 @@ const _: () = assert!(MR.is_multiple_of(MR2) && NR.is_multiple_of(NR2));
 
 /// One MR×NR tile of `igemm`: `C[r, 0..NR] (+)= Σ_k a[k·MR + r] · src[offset[k] + 0..NR]` for r < MR,
 /// C rows `ldc` apart. Lanes ≥ `valid` of B are not read (their C values are junk or left as they were).
-/// With `PREFETCH`, the B columns of the next tile (NR further on) are prefetched.
+/// The B columns of the next tile (NR further on) are prefetched.
 ///
 /// # Safety
 /// AVX2 and FMA must be available; `src` must cover `offset[k] + valid` for every k; `c` must cover MR
 /// rows of NR floats `ldc` apart; `a` must hold `offsets.len() · MR` floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn tile<const PREFETCH: bool>(
+pub(super) unsafe fn tile(
     a: *const f32,
     offsets: &[u32],
     src: *const f32,
@@ -57,14 +57,15 @@ pub(super) unsafe fn tile<const PREFETCH: bool>(
                 continue;
             }
             for r0 in (0..MR).step_by(MR2) {
-                // The first row pass over these columns prefetches the next tile's; the second finds
-                // them already requested.
-                let pf = PREFETCH && r0 == 0;
+                // Every full micro-tile prefetches the next tile's columns, even where an earlier pass
+                // already did: the instantiation without prefetches compiled with its accumulators
+                // rotated through register moves inside the loop (perf annotate), and ran ~1.3x
+                // slower than this one, whose redundant prefetches fit in the spare load slots.
                 let (a, s, c) = (a.add(r0), src.add(col), c.add(r0 * ldc + col));
-                match (lanes == NR2, pf) {
-                    (true, true) => micro::<false, true>(a, offsets, s, c, ldc, accumulate, lanes),
-                    (true, false) => micro::<false, false>(a, offsets, s, c, ldc, accumulate, lanes),
-                    (false, _) => micro::<true, false>(a, offsets, s, c, ldc, accumulate, lanes),
+                if lanes == NR2 {
+                    micro::<false, true>(a, offsets, s, c, ldc, accumulate, lanes)
+                } else {
+                    micro::<true, false>(a, offsets, s, c, ldc, accumulate, lanes)
                 }
             }
         }
