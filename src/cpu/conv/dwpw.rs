@@ -14,7 +14,7 @@
 //! order. The only difference is the sign of a zero where every tap is outside the image.
 
 use super::common::{MIN_TASKS, SharedMut, epilogue_fast, store_grid};
-use super::igemm::{self, KC, Kernel, conflict_free_stride};
+use super::igemm::{self, Kernel, conflict_free_stride};
 use super::tile::{MR, NR};
 use crate::cpu::isa::Isa;
 use crate::graph::Conv;
@@ -158,23 +158,9 @@ impl Band<'_> {
         s.acc.resize(blocks * MR * ld, 0.0);
         s.offsets.clear();
         s.offsets.extend((0..depth).map(|ci| (ci * plane) as u32));
-        for kc0 in (0..depth).step_by(KC) {
-            let kc = KC.min(depth - kc0);
-            let offsets = &s.offsets[kc0..kc0 + kc];
-            for t in 0..tiles {
-                let px = t * NR;
-                let valid = NR.min(len - px);
-                for j in 0..blocks {
-                    let a = &self.packed[(j * depth + kc0) * MR..][..kc * MR];
-                    let c = &mut s.acc[j * MR * ld + px..];
-                    // SAFETY: `conv` checked that the processor runs the kernel; every B read lies at
-                    // ci·plane + px + lane with lane < valid, inside the scratch.
-                    unsafe {
-                        igemm::tile_dispatch(self.kernel, a, offsets, &s.mid[px..], c, ld, kc0 > 0, valid, j == 0)
-                    };
-                }
-            }
-        }
+        // SAFETY: `conv` checked that the processor runs the kernel; every B read lies at ci·plane +
+        // px + lane with px + lane < len, inside the scratch.
+        unsafe { igemm::gemm_tiles(self.kernel, self.packed, &s.offsets, &s.mid, len, tiles, blocks, &mut s.acc, ld) };
         let out_plane = self.oh * self.ow;
         let px0 = y0 * self.ow;
         for co in 0..pw.cout {

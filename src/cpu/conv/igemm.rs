@@ -26,7 +26,7 @@ use std::cell::RefCell;
 
 /// Reduction steps per pass over a task's tiles: a tile's B rows (at most KC·NR floats, 48 KiB for a 1×1
 /// convolution, much less for 3×3 whose taps share lines) stay in L1 while every weight block uses them.
-pub(super) const KC: usize = 256;
+const KC: usize = 256;
 /// Floats of accumulator band per task (1 MiB): the band and the planes it reads stay in L2.
 const BAND_BUDGET: usize = 1 << 18;
 
@@ -279,24 +279,11 @@ impl Task<'_> {
         let ld = ntiles * NR;
         band.resize(nblk * MR * ld, 0.0);
         let px0 = tile0 * NR;
-        let img = &self.src[b * self.g.image_stride..];
-        for kc0 in (0..self.depth).step_by(KC) {
-            let kc = KC.min(self.depth - kc0);
-            let offsets = &self.g.offsets[kc0..kc0 + kc];
-            // Tile-major: a tile's B rows (KC·NR floats) stay in L1 while every weight block of the task
-            // passes over them; the first block's pass also prefetches the next tile's rows.
-            for t in 0..ntiles {
-                let px = px0 + t * NR;
-                let valid = NR.min(self.g.grid - px);
-                for j in 0..nblk {
-                    let a = &self.packed[((blk0 + j) * self.depth + kc0) * MR..][..kc * MR];
-                    let c = &mut band[j * MR * ld + t * NR..];
-                    // SAFETY: `conv` checked that the processor runs `kernel`; every B read lies at
-                    // offset[k] + px + lane with lane < valid, inside the image's planes (or their slack).
-                    unsafe { tile_dispatch(self.kernel, a, offsets, &img[px..], c, ld, kc0 > 0, valid, j == 0) };
-                }
-            }
-        }
+        let img = &self.src[b * self.g.image_stride + px0..];
+        let a = &self.packed[blk0 * self.depth * MR..];
+        // SAFETY: `conv` checked that the processor runs `kernel`; every B read lies at offset[k] + px +
+        // lane with px + lane < grid − px0, inside the image's planes (or their slack).
+        unsafe { gemm_tiles(self.kernel, a, &self.g.offsets, img, self.g.grid - px0, ntiles, nblk, band, ld) };
         self.store(b, px0, ld, blk0, nblk, band);
     }
 
@@ -326,6 +313,55 @@ impl Task<'_> {
     }
 }
 
+/// `C[j·MR + r, t·NR + i] = Σ_k a[(j·depth + k)·MR + r] · src[offsets[k] + t·NR + i]` for blocks
+/// j < nblk, tiles t < ntiles and pixels t·NR + i < len (the rest of C is junk), depth = offsets.len(),
+/// C rows `ld` apart: the reduction in passes of KC steps, tile-major, so a tile's B rows (KC·NR floats)
+/// stay in L1 while every weight block passes over them; the first block's pass also prefetches the
+/// next tile's rows. Each output sums its products in k order.
+///
+/// # Safety
+/// The processor must run `kernel`; `src` must cover `offsets[k] + len` for every k; `a` must hold
+/// nblk·depth·MR floats; `c` must hold nblk·MR rows of `ld ≥ ntiles·NR` floats.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_tiles(
+    kernel: Kernel,
+    a: &[f32],
+    offsets: &[u32],
+    src: &[f32],
+    len: usize,
+    ntiles: usize,
+    nblk: usize,
+    c: &mut [f32],
+    ld: usize,
+) {
+    let depth = offsets.len();
+    for kc0 in (0..depth).step_by(KC) {
+        let kc = KC.min(depth - kc0);
+        let offsets = &offsets[kc0..kc0 + kc];
+        for t in 0..ntiles {
+            let px = t * NR;
+            let valid = NR.min(len - px);
+            for j in 0..nblk {
+                let a = &a[(j * depth + kc0) * MR..][..kc * MR];
+                // SAFETY: the caller's contract: every B read lies at offset[k] + px + lane, lane < valid.
+                unsafe {
+                    tile_dispatch(
+                        kernel,
+                        a,
+                        offsets,
+                        &src[px..],
+                        &mut c[j * MR * ld + px..],
+                        ld,
+                        kc0 > 0,
+                        valid,
+                        j == 0,
+                    )
+                };
+            }
+        }
+    }
+}
+
 /// One micro-tile: `C[r, 0..NR] (+)= Σ_k a[k·MR + r] · src[offset[k] + 0..NR]` for r < MR, C rows `ldc`
 /// apart. Lanes ≥ `valid` of B are not read (and their C values are junk).
 ///
@@ -333,7 +369,7 @@ impl Task<'_> {
 /// The processor must run `kernel`; `src` must cover `offset[k] + valid` for every k; `c` must cover MR rows
 /// of NR floats `ldc` apart; `a` must hold `offsets.len() · MR` floats.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn tile_dispatch(
+unsafe fn tile_dispatch(
     kernel: Kernel,
     a: &[f32],
     offsets: &[u32],

@@ -18,7 +18,7 @@
 //! up to four inputs, the weight transform halves). Tested against `reference::conv2d` at 1e-4.
 
 use super::common::{SharedMut, epilogue_fast};
-use super::igemm::{self, KC, Kernel, conflict_free_stride};
+use super::igemm::{self, Kernel, conflict_free_stride};
 use super::tile::{MR, NR};
 use crate::cpu::isa::Isa;
 use crate::graph::Conv;
@@ -211,32 +211,11 @@ impl Band<'_> {
         for e in 0..16 {
             let v = &s.v[e * cin * plane..(e + 1) * cin * plane];
             let m = &mut s.m[e * blocks * MR * ld..(e + 1) * blocks * MR * ld];
-            for kc0 in (0..cin).step_by(KC) {
-                let kc = KC.min(cin - kc0);
-                let offsets = &s.offsets[kc0..kc0 + kc];
-                for t in 0..ntiles {
-                    let px = t * NR;
-                    let valid = NR.min(tiles - px);
-                    for j in 0..blocks {
-                        let a = &self.packed[e * per_e + (j * cin + kc0) * MR..][..kc * MR];
-                        // SAFETY: `conv` checked that the processor runs the kernel; every B read lies at
-                        // ci·plane + px + lane with lane < valid, inside v's planes.
-                        unsafe {
-                            igemm::tile_dispatch(
-                                self.kernel,
-                                a,
-                                offsets,
-                                &v[px..],
-                                &mut m[j * MR * ld + px..],
-                                ld,
-                                kc0 > 0,
-                                valid,
-                                j == 0,
-                            )
-                        };
-                    }
-                }
-            }
+            // SAFETY: `conv` checked that the processor runs the kernel; every B read lies at ci·plane +
+            // px + lane with px + lane < tiles, inside v's planes.
+            unsafe {
+                igemm::gemm_tiles(self.kernel, &self.packed[e * per_e..], &s.offsets, v, tiles, ntiles, blocks, m, ld)
+            };
         }
         for co in 0..cout {
             for r in 0..rows {
