@@ -236,6 +236,32 @@ fn dwpw_op(dw: &Conv, pw: &Conv, plan: &Plan, arena: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
+/// An inverted residual: expansion, depthwise and projection fused per row band where the level has a
+/// kernel for it and that is the faster way, so neither the expanded nor the depthwise tensor leaves the
+/// cache; else the expansion, then the depthwise + pointwise pair as `dwpw_op` runs it.
+fn invres_op(ex: &Conv, dw: &Conv, pw: &Conv, plan: &Plan, arena: &mut [f32]) -> Result<()> {
+    let level = super::isa::isa();
+    let (_, ih, iw) = plan.shapes[ex.input];
+    let fused = conv::dwpw::fuses_invres(ex, dw, pw, level) && conv::dwpw::preferred_invres(ex);
+    if plan.keep_all || !fused {
+        conv_op(ex, plan, arena)?;
+        return dwpw_op(dw, pw, plan, arena);
+    }
+    let (oc, _, _) = plan.shapes[pw.output];
+    let out = plan.range(pw.output);
+    match pw.residual {
+        Some(r) => {
+            let (o, [x, res]) = views(arena, out, [plan.range(ex.input), plan.range(r)])?;
+            conv::dwpw::invres(level, ex, dw, pw, x, plan.n, ih, iw, o, oc, Some(res));
+        }
+        None => {
+            let (o, [x]) = views(arena, out, [plan.range(ex.input)])?;
+            conv::dwpw::invres(level, ex, dw, pw, x, plan.n, ih, iw, o, oc, None);
+        }
+    }
+    Ok(())
+}
+
 /// `dst += nearest(src)` of `plan` in `arena`.
 fn upsample_add_op(src: TensorId, dst: TensorId, plan: &Plan, arena: &mut [f32]) -> Result<()> {
     let (_, sh, sw) = plan.shapes[src];
@@ -309,11 +335,7 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
                 conv_op(b, plan, arena)?;
             }
             Op::DwPw { dw, pw } => dwpw_op(dw, pw, plan, arena)?,
-            Op::InvRes { ex, dw, pw } => {
-                conv_op(ex, plan, arena)?;
-                conv_op(dw, plan, arena)?;
-                conv_op(pw, plan, arena)?;
-            }
+            Op::InvRes { ex, dw, pw } => invres_op(ex, dw, pw, plan, arena)?,
             Op::MaxPool { input, output } => {
                 let (ic, ih, iw) = dims(*input);
                 let (o, [x]) = views(arena, plan.range(*output), [plan.range(*input)])?;

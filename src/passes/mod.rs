@@ -44,10 +44,10 @@ pub struct Fusions {
 impl Fusions {
     pub const NONE: Fusions = Fusions { fpn_upsample_add: false, conv_pair: false, dw_pw: false, inv_res: false };
     pub const ALL: Fusions = Fusions { fpn_upsample_add: true, conv_pair: true, dw_pw: true, inv_res: true };
-    /// The CPU runs each fused op as its composition: the same results, and the same plan as the
-    /// f32 CUDA executor for every network but MobileNetV2 (the inverted residual is the CUDA
-    /// executor's alone: the CPU's fast paths run its three convs as they are).
-    pub const CPU: Fusions = Fusions { inv_res: false, ..Fusions::ALL };
+    /// The CPU runs each fused op as its composition, or fused per row band where it has a faster
+    /// path for it (depthwise + pointwise, the inverted residual): the same results, and the same plan
+    /// as the f32 CUDA executor.
+    pub const CPU: Fusions = Fusions::ALL;
     /// kernels/conv.cu has a kernel for each fused op.
     pub const CUDA_F32: Fusions = Fusions::ALL;
     /// kernels/conv_f16.cu's fused kernels: all but the inverted residual.

@@ -1,7 +1,7 @@
 //! What the fast convolution paths share: the output pointer tasks write through, the task and column
 //! budgets, and the epilogue (bias, residual, activation) that every path ends with.
 
-use crate::cpu::isa::{Isa, avx2_dispatch};
+use crate::cpu::isa::{Isa, avx_dispatch, avx2_dispatch};
 use crate::graph::Act;
 
 /// A raw pointer that tasks writing disjoint parts of one buffer may share.
@@ -41,6 +41,32 @@ pub(super) fn epilogue(row: &mut [f32], bias: f32, residual: Option<&[f32]>, act
     }
 }
 
+/// `dst = act(src + bias [+ residual])`: the epilogue applied while storing a computed row, so the row
+/// is written once instead of copied and then rewritten (the same operations in the same order as a
+/// copy followed by `epilogue`, so the same values).
+#[inline(always)]
+pub(super) fn store_epilogue(src: &[f32], dst: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Act) {
+    #[inline(always)]
+    fn run(src: &[f32], dst: &mut [f32], bias: f32, residual: Option<&[f32]>, f: impl Fn(f32) -> f32) {
+        let src = &src[..dst.len()];
+        match residual {
+            Some(r) => {
+                let r = &r[..dst.len()];
+                for i in 0..dst.len() {
+                    dst[i] = f(src[i] + bias + r[i]);
+                }
+            }
+            None => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = f(v + bias)),
+        }
+    }
+    match act {
+        Act::None => run(src, dst, bias, residual, |v| v),
+        Act::Leaky(0.0) => run(src, dst, bias, residual, |v| v.max(0.0)),
+        Act::Leaky(a) => run(src, dst, bias, residual, |v| if v >= 0.0 { v } else { v * a }),
+        Act::Relu6 => run(src, dst, bias, residual, |v| v.clamp(0.0, 6.0)),
+    }
+}
+
 /// Writes one output channel from a band of *grid* pixels `px0..px0 + band.len()`: grid rows are `wq`
 /// wide and only their first `ow` pixels are output pixels (the rest are padding columns computed as
 /// junk). Output pixel (y, x) becomes `act(band + bias + residual[y·ow + x])` at `out + plane_at +
@@ -70,9 +96,9 @@ pub(super) unsafe fn store_grid(
         let at = oy * ow + lo - oy * wq;
         // SAFETY: the caller's contract.
         let orow = unsafe { std::slice::from_raw_parts_mut(out.get().add(plane_at + at), hi - lo) };
-        orow.copy_from_slice(&band[lo - px0..hi - px0]);
-        epilogue_fast(level, orow, bias, residual.map(|r| &r[at..at + hi - lo]), act);
+        store_epilogue_fast(level, &band[lo - px0..hi - px0], orow, bias, residual.map(|r| &r[at..at + hi - lo]), act);
     }
 }
 
 avx2_dispatch!(pub(super) epilogue_fast, epilogue_avx2, epilogue, (row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Act));
+avx_dispatch!(pub(super) store_epilogue_fast, store_epilogue_avx2, store_epilogue_avx512, store_epilogue, (src: &[f32], dst: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Act));

@@ -62,6 +62,7 @@ pub(super) fn conv(
                     rows,
                     ow,
                     scratch,
+                    0,
                 );
             }
             epilogue_fast(level, o, plane.bias, plane.residual, plane.act);

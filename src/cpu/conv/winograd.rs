@@ -17,7 +17,7 @@
 //! rounding a little larger than a change of summation order (the input transform adds and subtracts
 //! up to four inputs, the weight transform halves). Tested against `reference::conv2d` at 1e-4.
 
-use super::common::{SharedMut, epilogue_fast};
+use super::common::{SharedMut, store_epilogue_fast};
 use super::igemm::{self, Kernel, conflict_free_stride};
 use super::tile::{MR, NR};
 use crate::cpu::isa::Isa;
@@ -242,8 +242,8 @@ impl Band<'_> {
             output_transform_fast(self.level, m, at.0, at.1, tw, dy, tmp);
             // SAFETY: output row oy of this channel belongs to this task alone (its band of tile rows).
             let orow = unsafe { std::slice::from_raw_parts_mut(self.out.get().add(base + oy * ow), ow) };
-            orow.copy_from_slice(&tmp[4 * tw..4 * tw + ow]);
-            epilogue_fast(self.level, orow, c.bias[co], res.map(|r| &r[oy * ow..(oy + 1) * ow]), c.act);
+            let res_row = res.map(|r| &r[oy * ow..(oy + 1) * ow]);
+            store_epilogue_fast(self.level, &tmp[4 * tw..4 * tw + ow], orow, c.bias[co], res_row, c.act);
         }
     }
 }
