@@ -42,6 +42,7 @@
 #include <errno.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <ucontext.h>
@@ -164,9 +165,13 @@ __attribute__((constructor)) static void hide_avx512_init(void) {
     long rc = arch_prctl_raw(ARCH_SET_CPUID, 0);
     if (rc != 0) {
         real_sigaction(SIGSEGV, &chained, NULL);
-        die("hide_avx512.so: CPUID faulting is unavailable (arch_prctl(ARCH_SET_CPUID, 0) failed; "
-            "/proc/cpuinfo has no cpuid_fault flag on this machine?), so AVX-512 cannot be hidden "
-            "from this process; refusing to run it as if it were held to AVX2\n");
+        char msg[400];
+        snprintf(msg, sizeof msg,
+                 "hide_avx512.so: CPUID faulting is unavailable (arch_prctl(ARCH_SET_CPUID, 0): %s; "
+                 "no cpuid_fault flag in /proc/cpuinfo on this machine?), so AVX-512 cannot be hidden "
+                 "from this process; refusing to run it as if it were held to AVX2\n",
+                 strerror((int)-rc));
+        die(msg);
     }
     hide_avx512_active = 1;
 }
