@@ -488,7 +488,7 @@ def main():
         return worker(a)
     levels = [v.strip() for v in a.isa.split(",") if v.strip()] or [None]
     for lv in levels:
-        if lv not in ("avx512", "avx2", "portable"):
+        if lv is not None and lv not in ("avx512", "avx2", "portable"):
             sys.exit(f"--isa: unknown level `{lv}` (expected avx512, avx2 or portable)")
     w, h = (int(v) for v in a.size.split("x"))
     torch.set_num_threads(a.threads)
