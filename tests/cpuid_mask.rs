@@ -31,19 +31,30 @@ const SIGSEGV: i32 = 11;
 
 fn cc(dir: &Path, src: &str, out: &str, extra: &[&str]) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    // CI promises g++; `cc` is its usual alias, `gcc` the driver behind it where the alias is missing.
+    let compilers = match std::env::var("CC") {
+        Ok(c) => vec![c],
+        Err(_) => vec!["cc".to_string(), "gcc".to_string()],
+    };
     let path = dir.join(out);
-    let res = Command::new(&compiler)
-        .arg("-O2")
-        .args(extra)
-        .arg("-o")
-        .arg(&path)
-        .arg(root.join(src))
-        .args(if out.ends_with(".so") { &["-ldl"][..] } else { &["-lpthread"][..] })
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run the C compiler `{compiler}`: {e}"));
-    assert!(res.status.success(), "{compiler} {src} failed:\n{}", String::from_utf8_lossy(&res.stderr));
-    path
+    for compiler in &compilers {
+        let res = match Command::new(compiler)
+            .arg("-O2")
+            .args(extra)
+            .arg("-o")
+            .arg(&path)
+            .arg(root.join(src))
+            .args(if out.ends_with(".so") { &["-ldl"][..] } else { &["-lpthread"][..] })
+            .output()
+        {
+            Ok(res) => res,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("cannot run the C compiler `{compiler}`: {e}"),
+        };
+        assert!(res.status.success(), "{compiler} {src} failed:\n{}", String::from_utf8_lossy(&res.stderr));
+        return path;
+    }
+    panic!("no C compiler found (tried {compilers:?}; set CC)");
 }
 
 fn run(probe: &Path, shim: Option<&Path>, arg: Option<&str>) -> Output {
