@@ -279,8 +279,10 @@ def worker_env(level, shim):
     That MLAS really switches (2026-11-30, Xeon with AVX-512, ONNX Runtime 1.32, ResNet-18 640x640,
     2 threads, `perf record -e cpu-clock`, each sampled address in onnxruntime_pybind11_state.so
     disassembled): without the shim 57% of all samples fall on zmm instructions (vfmadd231ps 41%)
-    and none on ymm; under it none on zmm and 69% on ymm (vfmadd231ps 43%), and the session runs
-    1.6-1.75x longer (median 625-651 against 1012-1096 ms on a loaded machine)."""
+    and none on ymm; under it none on zmm and 69% on ymm (vfmadd231ps 43%). One thread, CPU time per
+    inference (minima of 8, two runs): ResNet-18 219-223 ms unmasked, 414-419 ms under the shim;
+    MobileNetV1 x0.25 22-24 against 31-33 ms. PyTorch, one thread, avx512 against avx2 as set here:
+    ResNet-18 379 against 582 ms, MobileNetV1 x0.25 62 against 73 ms."""
     env = dict(os.environ)
     if level == "auto":
         return env
