@@ -1,15 +1,16 @@
 //! Dense convolution (groups 1, stride 1 or 2, any kernel size) as an implicit GEMM with an AVX-512
 //! micro-kernel (`Isa::Avx512`) or an AVX2 + FMA one (`Isa::Avx2`, in `igemm_avx2`).
 //!
-//! `out[co, pixel] = Σ_k W[co, k] · B[k, pixel]` with k = (ci, ky, kx). B is never materialised: each
-//! task copies the input rows its pixels read into zero-padded *phase planes* (for stride 2 the padded
-//! plane is split into its four even/odd row/column phases), in which tap k of every output pixel of
-//! the flattened grid `oy·wq + ox` lies at `offset[k] + oy·wq + ox`. Per task rather than once per
-//! image, so the copy is written and read in the core's cache: on the memory-bound early layers a
-//! whole-image copy cost a write and a read of the input through memory (1.1–1.45x faster per band). So each step of the reduction loads NR consecutive
+//! `out[co, pixel] = Σ_k W[co, k] · B[k, pixel]` with k = (ci, ky, kx). B is never materialised: the
+//! input rows are copied into zero-padded *phase planes* (for stride 2 the padded plane is split into
+//! its four even/odd row/column phases), in which tap k of every output pixel of the flattened grid
+//! `oy·wq + ox` lies at `offset[k] + oy·wq + ox`. So each step of the reduction loads NR consecutive
 //! floats at a per-k offset, and the micro-kernel reads its B operand straight from the planes, with no
 //! packing and no im2col. Columns `ox ≥ ow` of the grid are junk, computed and dropped. A 1×1 stride-1
-//! convolution reads its input in place (the grid is the input plane itself).
+//! convolution reads its input in place (the grid is the input plane itself). On memory-bound layers
+//! each task copies only the rows it reads, so the copy is written and read in the core's cache (a
+//! whole-image copy costs a write and a read of the input through memory); elsewhere the whole image
+//! is copied once (`Planes`).
 //!
 //! The weights are packed once per convolution (`Conv::packed`) as [cout/MR][K][MR], so a micro-tile
 //! broadcasts MR consecutive floats per step.
@@ -35,6 +36,8 @@ const BAND_BUDGET: usize = 1 << 18;
 thread_local! {
     /// A task's phase planes and accumulator band, reused across calls.
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Whole-image phase planes (`Planes::Whole`), reused across calls.
+    static WHOLE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The micro-kernel that computes an MR×NR tile. Both share everything else here (planes, offsets,
@@ -81,8 +84,11 @@ pub fn preferred(conv: &Conv) -> bool {
 /// image limits admit; a larger one takes the portable paths).
 pub fn fits(conv: &Conv, h: usize, w: usize) -> bool {
     let l = Layout::new(conv, h, w);
-    // The largest offset, plus a grid (at most a plane) read from it.
-    conv.cin.saturating_mul(l.phases * l.phases).saturating_mul(l.plane).saturating_add(l.plane) < u32::MAX as usize
+    // The largest plane stride `conv` uses (whole planes with their halo rows); the largest offset,
+    // plus a grid (at most a plane) read from it.
+    let halo = (conv.kernel - 1) / conv.stride + 1;
+    let plane = if l.in_place { l.plane } else { conflict_free_stride((l.hq + halo) * l.wq) };
+    conv.cin.saturating_mul(l.phases * l.phases).saturating_mul(plane).saturating_add(plane) < u32::MAX as usize
 }
 
 /// `weight` [cout, K] as [cout.div_ceil(MR)][K][MR], rows past cout zero.
@@ -160,31 +166,15 @@ pub(super) fn conflict_free_stride(len: usize) -> usize {
     (lines | 1) * 16
 }
 
-/// Fills `planes` [cin][phases][plane] with rows `qy0..qy0 + rows` of image b's phase planes (the
-/// zero-padded input, split by phase; rows past the planes are zeros), plus NR zeroed floats of slack:
-/// every element a band's tiles read is written, so the buffer may hold old values.
+/// Fills `dst` [phases][plane] with rows `qy0..qy0 + rows` of one input channel's phase planes (the
+/// zero-padded channel `src` (h×w), split by phase; rows past the planes are zeros): every element a
+/// tile reads is written, so the buffer may hold old values.
 #[allow(clippy::too_many_arguments)]
-fn fill_band(
-    l: &Layout,
-    conv: &Conv,
-    x: &[f32],
-    b: usize,
-    h: usize,
-    w: usize,
-    qy0: usize,
-    rows: usize,
-    plane: usize,
-    planes: &mut Vec<f32>,
-) {
+fn fill_channel(l: &Layout, conv: &Conv, src: &[f32], h: usize, w: usize, qy0: usize, rows: usize, dst: &mut [f32]) {
     let (s, p) = (conv.stride, conv.pad);
-    let nph = l.phases * l.phases;
-    let body = conv.cin * nph * plane;
-    planes.resize(body + NR, 0.0);
-    planes[body..].fill(0.0);
-    for (idx, dst) in planes[..body].chunks_exact_mut(plane).enumerate() {
-        let (ci, phase) = (idx / nph, idx % nph);
+    let plane = dst.len() / (l.phases * l.phases);
+    for (phase, dst) in dst.chunks_exact_mut(plane).enumerate() {
         let (a, bp) = (phase / l.phases, phase % l.phases);
-        let src = &x[(b * conv.cin + ci) * h * w..][..h * w];
         // Columns qx whose input column qx·s + bp − p lies inside [0, w).
         let (lo, hi) = valid_columns(bp, s, p, w, l.wq);
         for (r, row) in dst[..rows * l.wq].chunks_exact_mut(l.wq).enumerate() {
@@ -210,6 +200,20 @@ fn fill_band(
             }
         }
     }
+}
+
+/// Where the tiles' B operand comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+enum Planes {
+    /// The input itself (1×1 stride 1 with a conflict-free plane size).
+    InPlace,
+    /// Phase planes of whole images, filled once before the GEMM and shared by every task (when bands
+    /// would refill too much: many small tasks, or tasks split by output channel).
+    Whole,
+    /// Each task fills the plane rows its pixels read, so the copy is written and read in the core's
+    /// cache instead of going through memory.
+    Bands,
 }
 
 /// The convolution of `conv::conv2d`, on `kernel`. Call only when `handles(conv)` and `fits`.
@@ -246,15 +250,62 @@ pub(super) fn conv(
     let co_tasks = MIN_TASKS.div_ceil(n * pix_tasks).clamp(1, blocks);
     let blocks_per_task = blocks.div_ceil(co_tasks);
     let co_tasks = blocks.div_ceil(blocks_per_task);
-    // Each task fills the plane rows its pixels read, so the planes are written and read within the
-    // core's cache instead of going through memory as a whole-image copy: a chunk's pixels span at most
-    // chunk/wq + 2 grid rows (it may start and end mid-row); its taps read (k − 1)/s rows below, and a
-    // junk column's taps wrap into one more row.
-    let band_rows = ((chunk_tiles * NR).div_ceil(l.wq) + 2 + (k - 1) / s + 1).min(l.hq + (k - 1) / s + 2);
-    let plane = if l.in_place { l.plane } else { conflict_free_stride(band_rows * l.wq) };
+    // A chunk's pixels span at most chunk/wq + 2 grid rows (it may start and end mid-row); its taps read
+    // (k − 1)/s rows below, and a junk column's taps wrap into one more row.
+    let halo = (k - 1) / s + 1;
+    let band_rows = ((chunk_tiles * NR).div_ceil(l.wq) + 2 + halo).min(l.hq + halo);
+    // Bands where the conv is bound by memory rather than arithmetic (few products per input read:
+    // cout·k² ≤ 256, the narrow 1×1 convolutions and the small stems), while their refills (halos, one
+    // fill per output-channel task) add at most half to a whole-image fill. Measured one thread, A/B
+    // interleaved: 1×1 16→32 and 32→32 at 160² 1.2x, 8→16 at 320² 1.13x, 16→96 at 160² 1.08x, the
+    // x0.25 stem 1.07x; a 3×3 stride-2 64→128 at 160² 0.92x, hence the arithmetic bound.
+    let mode = if l.in_place {
+        Planes::InPlace
+    } else if conv.cout * k * k <= 256 && pix_tasks * co_tasks * band_rows * 2 <= (l.hq + halo) * 3 {
+        Planes::Bands
+    } else {
+        Planes::Whole
+    };
+    let (rows, plane) = match mode {
+        Planes::InPlace => (l.hq, l.plane),
+        Planes::Bands => (band_rows, conflict_free_stride(band_rows * l.wq)),
+        Planes::Whole => (l.hq + halo, conflict_free_stride((l.hq + halo) * l.wq)),
+    };
+    #[cfg(test)]
+    tests::MODES_USED[mode as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let g = geometry(conv, l, plane, oh);
-    let task =
-        Task { kernel, conv, g: &g, x, h, w, band_rows, plane, packed, depth, out, out_channels, residual, oh, ow };
+    let per_image = conv.cin * l.phases * l.phases * plane;
+    // Taken rather than borrowed: a nested call on this thread (rayon work stealing) gets its own.
+    let mut whole = WHOLE.with(|c| c.take());
+    if mode == Planes::Whole {
+        whole.resize(n * per_image + NR, 0.0);
+        whole[n * per_image..].fill(0.0);
+        let nph = l.phases * l.phases;
+        whole[..n * per_image]
+            .par_chunks_mut(nph * plane)
+            .enumerate()
+            .for_each(|(bc, dst)| fill_channel(&l, conv, &x[bc * h * w..(bc + 1) * h * w], h, w, 0, rows, dst));
+    }
+    let task = Task {
+        kernel,
+        conv,
+        g: &g,
+        x,
+        h,
+        w,
+        mode,
+        rows,
+        plane,
+        whole: &whole,
+        per_image,
+        packed,
+        depth,
+        out,
+        out_channels,
+        residual,
+        oh,
+        ow,
+    };
     (0..n * pix_tasks * co_tasks).into_par_iter().for_each(|t| {
         let (b, rest) = (t / (pix_tasks * co_tasks), t % (pix_tasks * co_tasks));
         let (pt, ct) = (rest / co_tasks, rest % co_tasks);
@@ -267,19 +318,24 @@ pub(super) fn conv(
         task.run(b, tile0, ntiles, blk0, nblk, &mut planes, &mut band);
         SCRATCH.with(|c| *c.borrow_mut() = (planes, band));
     });
+    WHOLE.with(|c| *c.borrow_mut() = whole);
 }
 
 struct Task<'a> {
     kernel: Kernel,
     conv: &'a Conv,
     g: &'a Geometry,
-    /// The input [n, cin, h, w]: read in place (1×1 stride 1), or copied into each task's band planes.
+    /// The input [n, cin, h, w]: read in place, or copied into planes as `mode` says.
     x: &'a [f32],
     h: usize,
     w: usize,
-    /// Plane rows per band and the floats from one band plane to the next.
-    band_rows: usize,
+    mode: Planes,
+    /// Plane rows per band (or per whole plane), the floats from one plane to the next, the whole
+    /// images' planes and the floats per image there.
+    rows: usize,
     plane: usize,
+    whole: &'a [f32],
+    per_image: usize,
     packed: &'a [f32],
     depth: usize,
     out: SharedMut,
@@ -307,17 +363,25 @@ impl Task<'_> {
         let px0 = tile0 * NR;
         let len = (self.g.grid - px0).min(ld);
         let l = &self.g.l;
-        let img: &[f32] = if l.in_place {
-            &self.x[b * self.conv.cin * self.h * self.w + px0..]
-        } else {
-            let qy0 = px0 / l.wq;
-            fill_band(l, self.conv, self.x, b, self.h, self.w, qy0, self.band_rows, self.plane, planes);
-            &planes[px0 - qy0 * l.wq..]
+        let img: &[f32] = match self.mode {
+            Planes::InPlace => &self.x[b * self.conv.cin * self.h * self.w + px0..],
+            Planes::Whole => &self.whole[b * self.per_image + px0..],
+            Planes::Bands => {
+                let (cin, hw, nph) = (self.conv.cin, self.h * self.w, l.phases * l.phases);
+                let qy0 = px0 / l.wq;
+                planes.resize(self.per_image + NR, 0.0);
+                planes[self.per_image..].fill(0.0);
+                for (ci, dst) in planes[..self.per_image].chunks_exact_mut(nph * self.plane).enumerate() {
+                    let src = &self.x[(b * cin + ci) * hw..][..hw];
+                    fill_channel(l, self.conv, src, self.h, self.w, qy0, self.rows, dst);
+                }
+                &planes[px0 - qy0 * l.wq..]
+            }
         };
         let a = &self.packed[blk0 * self.depth * MR..];
         // SAFETY: `conv` checked that the processor runs `kernel`. Every B read lies at offset[k] + px +
-        // lane with px + lane < len: in place, inside the image's planes; in a band, within band_rows
-        // rows of the last plane (or the NR floats of slack after it), as `conv` sized the band.
+        // lane with px + lane < len: in place, inside the image's planes; otherwise within `rows` rows
+        // of the last plane (or the NR floats of slack after it), as `conv` sized them.
         unsafe { gemm_tiles(self.kernel, a, &self.g.offsets, img, len, ntiles, nblk, band, ld) };
         self.store(b, px0, ld, blk0, nblk, band);
     }
@@ -458,9 +522,17 @@ unsafe fn tile_dispatch(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::graph::Act;
+    use std::sync::atomic::AtomicUsize;
+
+    /// How often each `Planes` mode ran, so the path tests can check they covered every one.
+    pub(in crate::cpu::conv) static MODES_USED: [AtomicUsize; 3] = [const { AtomicUsize::new(0) }; 3];
+
+    pub(in crate::cpu::conv) fn planes_modes_used() -> [usize; 3] {
+        MODES_USED.each_ref().map(|m| m.load(std::sync::atomic::Ordering::Relaxed))
+    }
 
     fn conv(cin: usize, k: usize, s: usize) -> Conv {
         Conv {

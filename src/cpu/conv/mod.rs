@@ -158,6 +158,8 @@ mod tests {
             (1, 300, 20, 3, 1, 1, 7, 9, Act::Relu6, false, 0),   // Winograd with two reduction passes (KC)
             (1, 16, 16, 3, 1, 1, 1, 1, Act::None, true, 0),      // a single pixel: one tile, mostly padding
             (1, 64, 64, 3, 1, 1, 80, 80, Act::Leaky(0.1), false, 0), // the FPN merge shape, several bands
+            (1, 3, 8, 3, 2, 1, 200, 200, Act::Leaky(0.1), false, 0), // a stem on a large map: per-task plane bands
+            (1, 3, 5, 7, 2, 1, 61, 67, Act::Leaky(0.0), false, 0), // 7x7 stem, odd sizes
         ];
         let levels = Isa::supported_levels();
         let kernels: Vec<Kernel> = levels.iter().filter_map(|&l| Kernel::for_isa(l)).collect();
@@ -223,6 +225,10 @@ mod tests {
                     }
                 }
             }
+        }
+        if !kernels.is_empty() {
+            let modes = igemm::tests::planes_modes_used();
+            assert!(modes.iter().all(|&m| m > 0), "every igemm plane mode (in place, whole, bands) ran: {modes:?}");
         }
         for k in &kernels {
             assert!(exercised.contains(&k.isa()), "the {k:?} kernel was exercised");
