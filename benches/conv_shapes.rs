@@ -40,6 +40,8 @@ fn main() {
         ("ResNet layer4 3x3", 512, 512, 3, 1, 20, 20),
         ("ResNet layer2.0 3x3 s2", 64, 128, 3, 2, 160, 160),
         ("ResNet downsample 1x1 s2", 128, 256, 1, 2, 80, 80),
+        ("ResNet-50 downsample 1x1 s2", 256, 512, 1, 2, 160, 160),
+        ("ResNet-50 downsample 1x1 s2", 1024, 2048, 1, 2, 40, 40),
         ("FPN merge 3x3", 128, 128, 3, 1, 80, 80),
         ("MobileNet stem 3x3 s2", 3, 32, 3, 2, 640, 640),
         ("MobileNetV1 1x1 32->64", 32, 64, 1, 1, 320, 320),
