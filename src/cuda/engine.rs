@@ -1008,17 +1008,16 @@ impl GpuEngine {
         let key = (n, h, w, false);
         let heads = if mode.forward_only { Heads::Raw } else { self.detect_heads() };
         // The event before the upload, the forward pass's own, and one after the detections are read.
-        let timed = match timings.is_some() {
-            true => {
-                let mut stretches = self.forward_marks(heads).stretches;
-                let forward_events = 1 + stretches.len();
-                if !mode.forward_only {
-                    stretches.push(Stretch::Postprocess);
-                }
-                let events = self.stage_events.first(self.runner.as_mut(), stretches.len() + 1)?;
-                Some((events, stretches, forward_events))
+        let timed = if timings.is_some() {
+            let mut stretches = self.forward_marks(heads).stretches;
+            let forward_events = 1 + stretches.len();
+            if !mode.forward_only {
+                stretches.push(Stretch::Postprocess);
             }
-            false => None,
+            let events = self.stage_events.first(self.runner.as_mut(), stretches.len() + 1)?;
+            Some((events, stretches, forward_events))
+        } else {
+            None
         };
         self.host_preprocess = std::time::Duration::ZERO;
         // A staged batch's slot is swapped in for the pass, so the graphs captured over it replay.
