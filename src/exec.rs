@@ -87,6 +87,30 @@ pub struct Timings {
     pub postprocess: Duration,
     /// Time the device spent on the batch, from events on its stream (CUDA executor; zero elsewhere).
     pub device: Duration,
+    /// Where the five stage times come from: the host's clock, or events on the device's stream
+    /// (the CUDA executor's bench passes), where they add up to `device`.
+    pub stage_clock: StageClock,
+    /// With device stage times: the host's time putting the input where the device reads it (copying
+    /// the batch into pinned staging memory and issuing the upload), which is host work.
+    pub host_preprocess: Duration,
+}
+
+/// The clock of [`Timings`]' stage times.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StageClock {
+    #[default]
+    Host,
+    Device,
+}
+
+impl StageClock {
+    /// How `bench` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            StageClock::Host => "host clock",
+            StageClock::Device => "device events",
+        }
+    }
 }
 
 /// Above this many pixels (per image) the forward pass is refused rather than exhausting memory.

@@ -11,18 +11,17 @@
 
 mod common;
 mod rng;
+use common::hooked::counting_launches;
 use common::norm_err;
 use retinaface::cpu::exec::run_ops;
 use retinaface::cuda::ops::{conv::pack, fused};
-use retinaface::cuda::runner::{EventId, GraphId, Readback};
 use retinaface::cuda::sim::SimRunner;
-use retinaface::cuda::{DevBuf, GpuEngine, KernelRunner, KernelRunnerExt, LaunchDims, nchw_to_nhwc, nhwc_to_nchw};
+use retinaface::cuda::{DevBuf, GpuEngine, KernelRunner, KernelRunnerExt, nchw_to_nhwc, nhwc_to_nchw};
 use retinaface::graph::{Act, Conv, Graph, Op, Plan, Stage, Taps, TensorId, TensorInfo};
 use retinaface::network::Network;
 use retinaface::passes::{Fusions, fuse};
 use rng::Rng;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 const TOL: f32 = 1e-5;
 
@@ -789,89 +788,6 @@ fn f16_fpn_lateral_with_upsample_add_matches_its_composition() {
     fpn_f16_case((2, 9, 15), 48, 20, 4, Act::Relu6, 73);
 }
 
-/// Counts launches; otherwise the simulation.
-struct Counting(SimRunner, Arc<AtomicUsize>);
-
-impl KernelRunner for Counting {
-    fn describe(&self) -> String {
-        self.0.describe()
-    }
-    fn is_simulation(&self) -> bool {
-        self.0.is_simulation()
-    }
-    fn alloc(&mut self, bytes: usize) -> retinaface::Result<DevBuf> {
-        self.0.alloc(bytes)
-    }
-    fn free(&mut self, buf: DevBuf) -> retinaface::Result<()> {
-        self.0.free(buf)
-    }
-    fn upload(&mut self, dst: DevBuf, offset: usize, src: &[u8]) -> retinaface::Result<()> {
-        self.0.upload(dst, offset, src)
-    }
-    fn download(&mut self, src: DevBuf, offset: usize, dst: &mut [u8]) -> retinaface::Result<()> {
-        self.0.download(src, offset, dst)
-    }
-    fn memset(&mut self, buf: DevBuf, value: u8) -> retinaface::Result<()> {
-        self.0.memset(buf, value)
-    }
-    fn poison(&mut self, buf: DevBuf) -> retinaface::Result<()> {
-        self.0.poison(buf)
-    }
-    fn launch_raw(&mut self, kernel: &str, dims: LaunchDims, params: &[u8]) -> retinaface::Result<()> {
-        self.1.fetch_add(1, Ordering::Relaxed);
-        self.0.launch_raw(kernel, dims, params)
-    }
-    fn synchronize(&mut self) -> retinaface::Result<()> {
-        self.0.synchronize()
-    }
-    fn upload_staged(&mut self, dst: DevBuf, offset: usize, parts: &[&[u8]]) -> retinaface::Result<()> {
-        self.0.upload_staged(dst, offset, parts)
-    }
-    fn download_async(&mut self, src: DevBuf, offset: usize, len: usize) -> retinaface::Result<Readback> {
-        self.0.download_async(src, offset, len)
-    }
-    fn read_back(&mut self, rb: Readback, dst: &mut [u8]) -> retinaface::Result<()> {
-        self.0.read_back(rb, dst)
-    }
-    fn event_create(&mut self) -> retinaface::Result<EventId> {
-        self.0.event_create()
-    }
-    fn event_record(&mut self, e: EventId) -> retinaface::Result<()> {
-        self.0.event_record(e)
-    }
-    fn event_synchronize(&mut self, e: EventId) -> retinaface::Result<()> {
-        self.0.event_synchronize(e)
-    }
-    fn event_elapsed(&mut self, start: EventId, end: EventId) -> retinaface::Result<std::time::Duration> {
-        self.0.event_elapsed(start, end)
-    }
-    fn event_destroy(&mut self, e: EventId) -> retinaface::Result<()> {
-        self.0.event_destroy(e)
-    }
-    // Launches are counted as they are issued: a captured pass counts when captured, not on replay.
-    fn begin_capture(&mut self) -> retinaface::Result<()> {
-        self.0.begin_capture()
-    }
-    fn end_capture(&mut self) -> retinaface::Result<GraphId> {
-        self.0.end_capture()
-    }
-    fn replay(&mut self, g: GraphId) -> retinaface::Result<()> {
-        self.0.replay(g)
-    }
-    fn free_graph(&mut self, g: GraphId) -> retinaface::Result<()> {
-        self.0.free_graph(g)
-    }
-    fn set_sync_each_launch(&mut self, on: bool) {
-        self.0.set_sync_each_launch(on)
-    }
-    fn sync_each_launch(&self) -> bool {
-        self.0.sync_each_launch()
-    }
-    fn fault(&self) -> Option<String> {
-        self.0.fault()
-    }
-}
-
 /// Every network's forward pass with and without the fusions: the same raw outputs (1e-5 of the
 /// unfused kernels') and one launch fewer per op fused away, printed per network (mobilenetv1_0.25
 /// 53 -> 32, mobilenetv2 -> 37 with the inverted residuals, resnet50 80 -> 71).
@@ -886,8 +802,8 @@ fn every_network_runs_fused_with_fewer_launches() {
     for net in Network::ALL {
         let g = retinaface::Engine::new(&retinaface::WeightsSpec::Synthetic { seed: 1 }, Some(net)).unwrap();
         let run = |fusions| {
-            let count = Arc::new(AtomicUsize::new(0));
-            let runner = Box::new(Counting(SimRunner::new(), count.clone()));
+            let (runner, count) = counting_launches(SimRunner::new());
+            let runner = Box::new(runner);
             let mut e = GpuEngine::with_runner_fused(g.graph(), runner, fusions).unwrap();
             let raw = e.raw_outputs(&[&img, &img]).unwrap();
             (count.load(Ordering::Relaxed), raw)
@@ -931,8 +847,8 @@ fn f16_networks_run_fused_with_fewer_launches() {
     for net in [Network::MobileNetV1_025, Network::MobileNetV2, Network::ResNet18] {
         let g = retinaface::Engine::new(&retinaface::WeightsSpec::Synthetic { seed: 1 }, Some(net)).unwrap();
         let run = |fusions| {
-            let count = Arc::new(AtomicUsize::new(0));
-            let runner = Box::new(Counting(SimRunner::new(), count.clone()));
+            let (runner, count) = counting_launches(SimRunner::new());
+            let runner = Box::new(runner);
             let mut e = GpuEngine::with_runner_f16_fused(g.graph(), runner, fusions).unwrap();
             let raw = e.raw_outputs(&[&img, &img]).unwrap();
             (count.load(Ordering::Relaxed), raw)

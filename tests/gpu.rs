@@ -159,3 +159,36 @@ fn throughput_on_gpu() {
         );
     }
 }
+
+/// Per-stage device times of a bench pass on the GPU: the events recorded into the captured graph
+/// (record nodes) are timed like eager ones, and the stages add up to the device total within the
+/// events' resolution (about 0.5 µs each), eagerly and replayed, forward-only and with post-processing.
+#[test]
+fn stage_times_on_gpu() {
+    if !gpu_or_skip("stage_times_on_gpu") {
+        return;
+    }
+    let case = load_case("real-mv1_0.25-yakhyo-kids");
+    let cpu = Engine::new(&case.weights, Some(case.network)).unwrap();
+    let imgs = [&case.input, &case.input];
+    let post = PostOptions::default();
+    for graphs in [true, false] {
+        let mut gpu = GpuEngine::new(cpu.graph(), Backend::Cuda).unwrap();
+        gpu.set_cuda_graphs(graphs);
+        let want = gpu.detect(&imgs, &post).unwrap();
+        for forward_only in [false, true] {
+            let mode = retinaface::exec::BenchMode { input_on_device: false, forward_only };
+            let mut t = retinaface::Timings::default();
+            for _ in 0..3 {
+                gpu.bench_pass(&imgs, mode, &post, Some(&mut t)).unwrap();
+            }
+            assert_eq!(t.stage_clock, retinaface::exec::StageClock::Device);
+            let sum = t.preprocess + t.backbone + t.neck + t.heads + t.postprocess;
+            let slack = std::time::Duration::from_micros(3 * 6);
+            assert!(sum.abs_diff(t.device) <= slack, "graphs {graphs}: stages {sum:?}, device {:?}", t.device);
+            assert!(!t.backbone.is_zero() && !t.neck.is_zero(), "graphs {graphs}: {t:?}");
+            println!("STAGES graphs {graphs} forward_only {forward_only}: {t:?}");
+        }
+        assert_eq!(gpu.detect(&imgs, &post).unwrap(), want, "graphs {graphs}: detection after timed passes");
+    }
+}

@@ -17,12 +17,12 @@
 
 mod common;
 mod rng;
+use common::hooked::Hooked;
 use common::load_case;
 use retinaface::cuda::ops::heads::{CandidateOut, FusedHeadArgs, launch_fused};
 use retinaface::cuda::ops::post::{self, NmsPath, PostBufs};
-use retinaface::cuda::runner::{EventId, GraphId, Readback};
 use retinaface::cuda::sim::SimRunner;
-use retinaface::cuda::{DevBuf, GpuEngine, KernelRunner, KernelRunnerExt, LaunchDims};
+use retinaface::cuda::{GpuEngine, KernelRunner, KernelRunnerExt};
 use retinaface::post::{PostOptions, RawOutput, anchors, decode, postprocess};
 use retinaface::{BgrImage, Detection, Engine, Precision};
 use rng::Rng;
@@ -278,89 +278,6 @@ fn fused_post_processing_equals_the_cpu_and_the_unfused_device_path() {
     }
 }
 
-/// Records the kernels launched; otherwise the simulation.
-struct Recording(SimRunner, Arc<Mutex<Vec<String>>>);
-
-impl KernelRunner for Recording {
-    fn describe(&self) -> String {
-        self.0.describe()
-    }
-    fn is_simulation(&self) -> bool {
-        self.0.is_simulation()
-    }
-    fn alloc(&mut self, bytes: usize) -> retinaface::Result<DevBuf> {
-        self.0.alloc(bytes)
-    }
-    fn free(&mut self, buf: DevBuf) -> retinaface::Result<()> {
-        self.0.free(buf)
-    }
-    fn upload(&mut self, dst: DevBuf, offset: usize, src: &[u8]) -> retinaface::Result<()> {
-        self.0.upload(dst, offset, src)
-    }
-    fn download(&mut self, src: DevBuf, offset: usize, dst: &mut [u8]) -> retinaface::Result<()> {
-        self.0.download(src, offset, dst)
-    }
-    fn memset(&mut self, buf: DevBuf, value: u8) -> retinaface::Result<()> {
-        self.0.memset(buf, value)
-    }
-    fn poison(&mut self, buf: DevBuf) -> retinaface::Result<()> {
-        self.0.poison(buf)
-    }
-    fn launch_raw(&mut self, kernel: &str, dims: LaunchDims, params: &[u8]) -> retinaface::Result<()> {
-        self.1.lock().unwrap().push(kernel.to_string());
-        self.0.launch_raw(kernel, dims, params)
-    }
-    fn synchronize(&mut self) -> retinaface::Result<()> {
-        self.0.synchronize()
-    }
-    fn upload_staged(&mut self, dst: DevBuf, offset: usize, parts: &[&[u8]]) -> retinaface::Result<()> {
-        self.0.upload_staged(dst, offset, parts)
-    }
-    fn download_async(&mut self, src: DevBuf, offset: usize, len: usize) -> retinaface::Result<Readback> {
-        self.0.download_async(src, offset, len)
-    }
-    fn read_back(&mut self, rb: Readback, dst: &mut [u8]) -> retinaface::Result<()> {
-        self.0.read_back(rb, dst)
-    }
-    fn event_create(&mut self) -> retinaface::Result<EventId> {
-        self.0.event_create()
-    }
-    fn event_record(&mut self, e: EventId) -> retinaface::Result<()> {
-        self.0.event_record(e)
-    }
-    fn event_synchronize(&mut self, e: EventId) -> retinaface::Result<()> {
-        self.0.event_synchronize(e)
-    }
-    fn event_elapsed(&mut self, start: EventId, end: EventId) -> retinaface::Result<std::time::Duration> {
-        self.0.event_elapsed(start, end)
-    }
-    fn event_destroy(&mut self, e: EventId) -> retinaface::Result<()> {
-        self.0.event_destroy(e)
-    }
-    // Launches are recorded as they are issued: a captured pass when captured, not on replay.
-    fn begin_capture(&mut self) -> retinaface::Result<()> {
-        self.0.begin_capture()
-    }
-    fn end_capture(&mut self) -> retinaface::Result<GraphId> {
-        self.0.end_capture()
-    }
-    fn replay(&mut self, g: GraphId) -> retinaface::Result<()> {
-        self.0.replay(g)
-    }
-    fn free_graph(&mut self, g: GraphId) -> retinaface::Result<()> {
-        self.0.free_graph(g)
-    }
-    fn set_sync_each_launch(&mut self, on: bool) {
-        self.0.set_sync_each_launch(on)
-    }
-    fn sync_each_launch(&self) -> bool {
-        self.0.sync_each_launch()
-    }
-    fn fault(&self) -> Option<String> {
-        self.0.fault()
-    }
-}
-
 /// A second image of the case's size (the input flipped), so batches hold two different images.
 fn flipped(img: &BgrImage) -> BgrImage {
     let (w, h) = (img.width, img.height);
@@ -377,7 +294,8 @@ fn flipped(img: &BgrImage) -> BgrImage {
 fn engine(case: &common::Case, precision: Precision) -> (GpuEngine, Arc<Mutex<Vec<String>>>) {
     let cpu = Engine::new(&case.weights, Some(case.network)).unwrap();
     let log = Arc::new(Mutex::new(Vec::new()));
-    let runner = Box::new(Recording(SimRunner::new(), log.clone()));
+    let seen = log.clone();
+    let runner = Box::new(Hooked::new(SimRunner::new()).on_launch(move |k| seen.lock().unwrap().push(k.to_string())));
     (GpuEngine::with_runner_precision(cpu.graph(), runner, precision).unwrap(), log)
 }
 

@@ -5,11 +5,12 @@
 //! pass unnoticed.
 #![cfg(feature = "cuda-sim")]
 
+mod common;
 mod rng;
 
-use retinaface::cuda::runner::{EventId, GraphId, Readback};
+use common::hooked::counting_launches;
 use retinaface::cuda::sim::{SimRunner, StreamOrder};
-use retinaface::cuda::{DevBuf, GpuEngine, KernelRunner, KernelRunnerExt, LaunchDims, PipelineWait, Stream};
+use retinaface::cuda::{GpuEngine, KernelRunner, KernelRunnerExt, PipelineWait, Stream};
 use retinaface::exec::StreamBatch;
 use retinaface::{BgrImage, Detection, Engine, Network, PostOptions, WeightsSpec};
 use std::borrow::Cow;
@@ -163,102 +164,20 @@ fn simulated_streams_follow_events() {
     }
 }
 
-/// Counts the launches issued one by one (a graph replay issues none); otherwise the simulation.
-struct Counting(SimRunner, std::sync::Arc<std::sync::atomic::AtomicUsize>);
-
-impl KernelRunner for Counting {
-    fn describe(&self) -> String {
-        self.0.describe()
-    }
-    fn is_simulation(&self) -> bool {
-        true
-    }
-    fn alloc(&mut self, bytes: usize) -> retinaface::Result<DevBuf> {
-        self.0.alloc(bytes)
-    }
-    fn free(&mut self, buf: DevBuf) -> retinaface::Result<()> {
-        self.0.free(buf)
-    }
-    fn upload(&mut self, dst: DevBuf, offset: usize, src: &[u8]) -> retinaface::Result<()> {
-        self.0.upload(dst, offset, src)
-    }
-    fn download(&mut self, src: DevBuf, offset: usize, dst: &mut [u8]) -> retinaface::Result<()> {
-        self.0.download(src, offset, dst)
-    }
-    fn memset(&mut self, buf: DevBuf, value: u8) -> retinaface::Result<()> {
-        self.0.memset(buf, value)
-    }
-    fn poison(&mut self, buf: DevBuf) -> retinaface::Result<()> {
-        self.0.poison(buf)
-    }
-    fn launch_raw(&mut self, kernel: &str, dims: LaunchDims, params: &[u8]) -> retinaface::Result<()> {
-        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.0.launch_raw(kernel, dims, params)
-    }
-    fn synchronize(&mut self) -> retinaface::Result<()> {
-        self.0.synchronize()
-    }
-    fn upload_staged(&mut self, dst: DevBuf, offset: usize, parts: &[&[u8]]) -> retinaface::Result<()> {
-        self.0.upload_staged(dst, offset, parts)
-    }
-    fn download_async(&mut self, src: DevBuf, offset: usize, len: usize) -> retinaface::Result<Readback> {
-        self.0.download_async(src, offset, len)
-    }
-    fn read_back(&mut self, rb: Readback, dst: &mut [u8]) -> retinaface::Result<()> {
-        self.0.read_back(rb, dst)
-    }
-    fn event_create(&mut self) -> retinaface::Result<EventId> {
-        self.0.event_create()
-    }
-    fn event_record(&mut self, e: EventId) -> retinaface::Result<()> {
-        self.0.event_record(e)
-    }
-    fn event_synchronize(&mut self, e: EventId) -> retinaface::Result<()> {
-        self.0.event_synchronize(e)
-    }
-    fn event_elapsed(&mut self, a: EventId, b: EventId) -> retinaface::Result<std::time::Duration> {
-        self.0.event_elapsed(a, b)
-    }
-    fn event_destroy(&mut self, e: EventId) -> retinaface::Result<()> {
-        self.0.event_destroy(e)
-    }
-    fn begin_capture(&mut self) -> retinaface::Result<()> {
-        self.0.begin_capture()
-    }
-    fn end_capture(&mut self) -> retinaface::Result<GraphId> {
-        self.0.end_capture()
-    }
-    fn replay(&mut self, g: GraphId) -> retinaface::Result<()> {
-        self.0.replay(g)
-    }
-    fn free_graph(&mut self, g: GraphId) -> retinaface::Result<()> {
-        self.0.free_graph(g)
-    }
-    fn set_sync_each_launch(&mut self, on: bool) {
-        self.0.set_sync_each_launch(on)
-    }
-    fn sync_each_launch(&self) -> bool {
-        self.0.sync_each_launch()
-    }
-    fn fault(&self) -> Option<String> {
-        self.0.fault()
-    }
-}
-
 /// `bench --input-on-device`: the staged batch runs through graphs captured over its own slot (a
 /// second pass launches nothing itself, it replays), and gives what the same images give from the
 /// host, with graphs and without; a host pass between staged ones leaves the staged bytes alone.
 #[test]
 fn a_staged_batch_replays_its_graphs_and_equals_the_host_pass() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     let graph = network_graph(Network::MobileNetV1_025);
     let imgs = images(2, 32, 48, 7);
     let other = images(2, 32, 48, 8);
     let (refs, other_refs): (Vec<&BgrImage>, Vec<&BgrImage>) = (imgs.iter().collect(), other.iter().collect());
     let mut want = None;
     for graphs in [true, false] {
-        let launches = std::sync::Arc::new(AtomicUsize::new(0));
-        let mut g = GpuEngine::with_runner(&graph, Box::new(Counting(SimRunner::new(), launches.clone()))).unwrap();
+        let (runner, launches) = counting_launches(SimRunner::new());
+        let mut g = GpuEngine::with_runner(&graph, Box::new(runner)).unwrap();
         g.set_cuda_graphs(graphs);
         let host = bits(&g.detect_scaled(&refs, &post(), &[1.0, 1.0]).unwrap());
         assert!(host.iter().any(|d| !d.is_empty()), "the batch gives detections to compare");

@@ -1,6 +1,7 @@
 //! `retinaface`: detect, forward, bench.
 
 use clap::{Args, Parser, Subcommand};
+use retinaface::exec::StageClock;
 use retinaface::image_io::{self, DecodeLimits};
 use retinaface::post::anchors;
 use retinaface::weights::{Tensor, safetensors_io};
@@ -534,7 +535,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             a.iters
         ));
         emit(format!(
-            "{:>6} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10} | per batch, ms: {:>8} {:>8} {:>8} {:>8} {:>8} | {:>11}",
+            "{:>6} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10} | per batch, ms: {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} | {:>11} {}",
             "batch",
             "images/s",
             "p50 ms",
@@ -547,7 +548,9 @@ fn bench(a: BenchArgs) -> Result<()> {
             "fpn+ssh",
             "heads",
             "post",
-            "pipelined/s"
+            "host prep",
+            "pipelined/s",
+            "stages from"
         ));
     }
     for &n in &batches {
@@ -603,6 +606,8 @@ fn emit_bench_row(row: &BenchRow, a: &BenchArgs, engine: &Engine, (w, h): (usize
     let per = |d: std::time::Duration| d.as_secs_f64() * 1e3 / a.iters as f64;
     // Device time comes from CUDA events where the executor records them; zero means not measured.
     let device = (!t.device.is_zero()).then(|| per(t.device));
+    // With device stage times, the host's part of preprocessing (issuing the upload) is reported apart.
+    let host_preprocess = (t.stage_clock == StageClock::Device).then(|| per(t.host_preprocess));
     if a.json {
         let obj = serde_json::json!({
             "network": engine.network().name(), "backend": engine.backend_description(), "width": w, "height": h,
@@ -613,12 +618,14 @@ fn emit_bench_row(row: &BenchRow, a: &BenchArgs, engine: &Engine, (w, h): (usize
             "latency_ms": {"p50": pct(50.0), "p90": pct(90.0), "p99": pct(99.0), "min": lat[0]},
             "device_ms_per_batch": device,
             "stages_ms": {"preprocess": per(t.preprocess), "backbone": per(t.backbone), "fpn_ssh": per(t.neck), "heads": per(t.heads), "postprocess": per(t.postprocess)},
+            "stages_source": t.stage_clock.name(),
+            "host_preprocess_ms": host_preprocess,
             "gmacs_per_image": gmacs,
         });
         emit(&obj);
     } else {
         emit(format!(
-            "{:>6} {:>11.2} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>10} | {:>22.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} | {:>11}",
+            "{:>6} {:>11.2} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>10} | {:>22.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>9} | {:>11} {}",
             row.batch,
             row.images_per_s,
             pct(50.0),
@@ -631,7 +638,9 @@ fn emit_bench_row(row: &BenchRow, a: &BenchArgs, engine: &Engine, (w, h): (usize
             per(t.neck),
             per(t.heads),
             per(t.postprocess),
-            row.pipelined_images_per_s.map_or("n/a".to_string(), |v| format!("{v:.2}"))
+            host_preprocess.map_or("n/a".to_string(), |d| format!("{d:.3}")),
+            row.pipelined_images_per_s.map_or("n/a".to_string(), |v| format!("{v:.2}")),
+            t.stage_clock.name()
         ));
     }
 }

@@ -4,6 +4,7 @@
 //! allocates nothing. Post-processing runs on the device too; only detections come back.
 
 use super::runner::{DevBuf, EventId, GraphId, KernelRunner, KernelRunnerExt};
+use super::stages::{self, Marker, Stretch};
 use crate::detection::Detection;
 use crate::error::{Error, Result};
 use crate::exec::{Activations, Backend, BenchMode, Executor, Precision, Timings, check_batch, check_specs};
@@ -32,6 +33,9 @@ struct GpuBufs {
     graph: Option<GraphId>,
     /// The same without the heads (the detect path's, whose post-processing runs them fused).
     graph_no_heads: Option<GraphId>,
+    /// The two above with the stage events of a timed bench pass recorded in them (raw heads, then
+    /// without heads), so the graphs detection replays have no extra nodes.
+    timed_graphs: [Option<GraphId>; 2],
     /// The f16 path's conv variants and split-K workspace (None in f32).
     f16: Option<f16::F16Bufs>,
     /// The captured post-processing of this plan and the settings it was captured for
@@ -56,6 +60,7 @@ struct IoSlot {
     post: Option<ops::post::PostBufs>,
     graph: Option<GraphId>,
     graph_no_heads: Option<GraphId>,
+    timed_graphs: [Option<GraphId>; 2],
     post_graph: Option<((ops::post::PostGraphKey, bool), GraphId)>,
 }
 
@@ -66,6 +71,7 @@ impl GpuBufs {
         std::mem::swap(&mut self.post, &mut other.post);
         std::mem::swap(&mut self.graph, &mut other.graph);
         std::mem::swap(&mut self.graph_no_heads, &mut other.graph_no_heads);
+        std::mem::swap(&mut self.timed_graphs, &mut other.timed_graphs);
         std::mem::swap(&mut self.post_graph, &mut other.post_graph);
     }
 }
@@ -124,6 +130,15 @@ pub struct GpuEngine {
     skip_wait: Option<PipelineWait>,
     /// Detect with the heads fused into post-processing (threshold and decode in the heads kernel).
     fused_heads: bool,
+    /// Per op of `graph`, the stage its time is booked to (`stages::fused_op_stages`).
+    op_stage: Vec<crate::graph::Stage>,
+    /// The events of timed bench passes (kept: the timed graphs record them).
+    stage_events: stages::StageEvents,
+    /// While a bench pass is timed: the event before its input is uploaded, then the forward pass's
+    /// own events (see `stages::ForwardMarks`).
+    stage_marks: Option<Vec<EventId>>,
+    /// The host's time issuing the timed pass's input upload.
+    host_preprocess: std::time::Duration,
 }
 
 /// How a forward pass ends: with the raw outputs (loc, conf, landmarks: `forward`, `--forward-only`,
@@ -217,9 +232,10 @@ impl GpuEngine {
         mut runner: Box<dyn KernelRunner>,
         fusions: crate::passes::Fusions,
     ) -> Result<GpuEngine> {
+        let original = graph;
         let graph = &crate::passes::fuse(graph, fusions);
         let (weights, fused_rest) = f16::upload_weights(runner.as_mut(), graph)?;
-        GpuEngine::assemble(graph, runner, weights, fused_rest, Precision::F16)
+        GpuEngine::assemble(graph, runner, weights, fused_rest, Precision::F16).map(|e| e.with_op_stages(original))
     }
 
     /// The f32 executor over any runner, running `graph` with the fusions of `fusions` applied.
@@ -228,6 +244,7 @@ impl GpuEngine {
         mut runner: Box<dyn KernelRunner>,
         fusions: crate::passes::Fusions,
     ) -> Result<GpuEngine> {
+        let original = graph;
         let graph = &crate::passes::fuse(graph, fusions);
         let mut weights = Vec::with_capacity(graph.ops.len());
         let mut fused_rest = vec![Vec::new(); graph.ops.len()];
@@ -258,7 +275,13 @@ impl GpuEngine {
                 _ => weights.push(None),
             }
         }
-        GpuEngine::assemble(graph, runner, weights, fused_rest, Precision::F32)
+        GpuEngine::assemble(graph, runner, weights, fused_rest, Precision::F32).map(|e| e.with_op_stages(original))
+    }
+
+    /// Books each op's time to the stage it ends in, from the graph before fusion.
+    fn with_op_stages(mut self, original: &Graph) -> GpuEngine {
+        self.op_stage = stages::fused_op_stages(original, &self.graph);
+        self
     }
 
     fn assemble(
@@ -293,6 +316,10 @@ impl GpuEngine {
             pipe_events: None,
             skip_wait: None,
             fused_heads: true,
+            op_stage: graph.op_stages.clone(),
+            stage_events: stages::StageEvents::default(),
+            stage_marks: None,
+            host_preprocess: std::time::Duration::ZERO,
         })
     }
 
@@ -438,6 +465,7 @@ impl GpuEngine {
                 post: None,
                 graph: None,
                 graph_no_heads: None,
+                timed_graphs: [None; 2],
                 post_graph: None,
                 resize: None,
                 spare: None,
@@ -485,10 +513,22 @@ impl GpuEngine {
         dim(n * h * w * 3, "batch elements")?;
         let key = (n, h, w, keep_all);
         let use_graph = self.cuda_graphs();
+        let marks = self.stage_marks.clone();
         let (plan, bufs) = self.plan(key)?;
-        let graph = if heads == Heads::Raw { bufs.graph } else { bufs.graph_no_heads };
+        let graph = match (&marks, heads) {
+            (Some(_), _) => bufs.timed_graphs[heads as usize],
+            (None, Heads::Raw) => bufs.graph,
+            (None, Heads::Fused) => bufs.graph_no_heads,
+        };
         let (input_u8, loc, conf, landm) = (bufs.input_u8, bufs.loc, bufs.conf, bufs.landm);
         self.last = Some(key);
+        let (forward_marks, host0) = match marks.as_deref() {
+            Some([start, rest @ ..]) => {
+                self.runner.event_record(*start)?;
+                (Some(rest), std::time::Instant::now())
+            }
+            _ => (None, std::time::Instant::now()),
+        };
         // The bytes the pass starts from, in the input buffer of the slot in use: uploaded now,
         // resized now, or put there before (a staged batch, a pipelined upload).
         match input {
@@ -506,15 +546,18 @@ impl GpuEngine {
             }
             BatchInput::Staged(..) | BatchInput::Uploaded(..) => {}
         }
+        if forward_marks.is_some() {
+            self.host_preprocess += host0.elapsed();
+        }
         if !use_graph {
-            self.launch_forward(&plan, key, input_u8, heads)?;
+            self.launch_forward(&plan, key, input_u8, heads, forward_marks)?;
             return Ok((plan, [loc, conf, landm]));
         }
         let id = match graph {
             Some(id) => id,
             None => {
                 self.runner.begin_capture()?;
-                let launched = self.launch_forward(&plan, key, input_u8, heads);
+                let launched = self.launch_forward(&plan, key, input_u8, heads, forward_marks);
                 // End the capture whatever happened, so the stream is usable again.
                 let captured = self.runner.end_capture();
                 let id = match (launched, captured) {
@@ -526,7 +569,11 @@ impl GpuEngine {
                     (Err(e), Err(_)) | (Ok(()), Err(e)) => return Err(e),
                 };
                 let bufs = self.plans.buffers(key).ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
-                *(if heads == Heads::Raw { &mut bufs.graph } else { &mut bufs.graph_no_heads }) = Some(id);
+                *match (&marks, heads) {
+                    (Some(_), _) => &mut bufs.timed_graphs[heads as usize],
+                    (None, Heads::Raw) => &mut bufs.graph,
+                    (None, Heads::Fused) => &mut bufs.graph_no_heads,
+                } = Some(id);
                 id
             }
         };
@@ -536,9 +583,20 @@ impl GpuEngine {
 
     /// Every launch of a forward pass over `key`'s buffers: preprocessing of the bytes in `input_u8`,
     /// each op, the heads (with `Heads::Raw`). Nothing else (no copy, allocation or synchronisation), so
-    /// it can be captured.
-    fn launch_forward(&mut self, plan: &Plan, key: PlanKey, input_u8: DevBuf, heads: Heads) -> Result<()> {
+    /// it can be captured. With `marks` (a timed bench pass), the forward pass's stage events too.
+    fn launch_forward(
+        &mut self,
+        plan: &Plan,
+        key: PlanKey,
+        input_u8: DevBuf,
+        heads: Heads,
+        marks: Option<&[EventId]>,
+    ) -> Result<()> {
         let (n, h, w, _) = key;
+        let mut marker = match marks {
+            Some(ev) => Marker::new(ev, self.forward_marks(heads))?,
+            None => Marker::off(),
+        };
         let bufs = self.plans.buffers(key).ok_or_else(|| Error::Cuda("the pass's plan was evicted".into()))?;
         let (arena, loc, conf, landm) = (bufs.arena, bufs.loc, bufs.conf, bufs.landm);
         let r = &mut self.runner;
@@ -561,6 +619,7 @@ impl GpuEngine {
             anchor_base[l] = anchor_base[l - 1] + 2 * fh * fw;
         }
         for (i, op) in g.ops.iter().enumerate() {
+            marker.before(r.as_mut(), i)?;
             match op {
                 Op::Conv(c) | Op::Heads { conv: c, .. } => {
                     let (ic, ih, iw) = dims(c.input);
@@ -627,7 +686,13 @@ impl GpuEngine {
                 }
             }
         }
-        Ok(())
+        marker.end(r.as_mut())
+    }
+
+    /// Where a forward pass ending as `heads` records its stage events.
+    pub(super) fn forward_marks(&self, heads: Heads) -> stages::ForwardMarks {
+        let runs = |i: usize| heads == Heads::Raw || !matches!(self.graph.ops[i], Op::Heads { .. });
+        stages::forward_marks(&self.op_stage, runs)
     }
 
     /// The raw head outputs of each image (loc, softmaxed conf, landmarks) in the goldens' layout.
@@ -885,7 +950,14 @@ impl GpuEngine {
         let key = (n, h, w, false);
         self.plan(key)?;
         let buf = self.runner.alloc(n * h * w * 3)?;
-        let slot = Box::new(IoSlot { input_u8: buf, post: None, graph: None, graph_no_heads: None, post_graph: None });
+        let slot = Box::new(IoSlot {
+            input_u8: buf,
+            post: None,
+            graph: None,
+            graph_no_heads: None,
+            timed_graphs: [None; 2],
+            post_graph: None,
+        });
         match self.plans.buffers(key) {
             Some(b) => b.staged = Some(slot),
             None => return free_slot(self.runner.as_mut(), *slot),
@@ -914,8 +986,9 @@ impl GpuEngine {
 
     /// One pass of `retinaface bench`: from the staged input or the host images; `forward_only` leaves
     /// the raw outputs on the device (nothing is downloaded), otherwise the device post-processing runs
-    /// and only detections come back. Host clocks around a synchronisation: forward as backbone, the
-    /// post-processing as postprocess.
+    /// and only detections come back. With `timings`, device times from events on the compute stream
+    /// (see [`stages`]): per stage, and in all from before the input's upload to the detections on the
+    /// host (or the end of the forward pass); the host's time issuing the upload apart.
     pub fn bench_pass(
         &mut self,
         images: &[&BgrImage],
@@ -923,7 +996,6 @@ impl GpuEngine {
         post: &PostOptions,
         timings: Option<&mut Timings>,
     ) -> Result<()> {
-        let t0 = std::time::Instant::now();
         let input = match (mode.input_on_device, self.staged) {
             (true, Some((n, h, w))) => BatchInput::Staged(n, h, w),
             (true, None) => return Err(Error::InvalidArgument("--input-on-device: no batch is staged".into())),
@@ -935,28 +1007,45 @@ impl GpuEngine {
         }
         let key = (n, h, w, false);
         let heads = if mode.forward_only { Heads::Raw } else { self.detect_heads() };
+        // The event before the upload, the forward pass's own, and one after the detections are read.
+        let timed = if timings.is_some() {
+            let mut stretches = self.forward_marks(heads).stretches;
+            let forward_events = 1 + stretches.len();
+            if !mode.forward_only {
+                stretches.push(Stretch::Postprocess);
+            }
+            let events = self.stage_events.first(self.runner.as_mut(), stretches.len() + 1)?;
+            Some((events, stretches, forward_events))
+        } else {
+            None
+        };
+        self.host_preprocess = std::time::Duration::ZERO;
         // A staged batch's slot is swapped in for the pass, so the graphs captured over it replay.
         let staged = mode.input_on_device;
         let mut slot = if staged { self.swap_in(key, pipeline::Slot::Staged)? } else { None };
         let res = (|| {
-            let (_, raw) = self.forward_input(input, false, heads)?;
-            self.runner.synchronize()?;
-            let t1 = std::time::Instant::now();
-            if !mode.forward_only {
-                let ones = vec![1.0; n];
-                self.post_pass(key, raw, post, &ones, heads)?;
+            self.stage_marks = timed.as_ref().map(|(ev, _, forward)| ev[..*forward].to_vec());
+            let forward = self.forward_input(input, false, heads);
+            self.stage_marks = None;
+            let (_, raw) = forward?;
+            if mode.forward_only {
+                return self.runner.synchronize();
             }
-            Ok(t1)
+            self.post_pass(key, raw, post, &vec![1.0; n], heads)?;
+            match timed.as_ref().and_then(|(ev, _, _)| ev.last()) {
+                Some(&end) => self.runner.event_record(end),
+                None => Ok(()),
+            }
         })();
         if staged {
             self.swap_out(key, pipeline::Slot::Staged, &mut slot)?;
         }
-        let t1 = res?;
-        if let Some(t) = timings {
-            t.backbone += t1 - t0;
-            if !mode.forward_only {
-                t.postprocess += t1.elapsed();
-            }
+        res?;
+        if let (Some(t), Some((events, stretches, _))) = (timings, timed) {
+            let last = *events.last().ok_or_else(|| Error::Cuda("a timed pass without events".into()))?;
+            self.runner.event_synchronize(last)?;
+            stages::book(self.runner.as_mut(), &events, &stretches, t)?;
+            t.host_preprocess += self.host_preprocess;
         }
         Ok(())
     }
@@ -1257,7 +1346,8 @@ pub fn absent_tensors(graph: &Graph) -> Vec<TensorId> {
 
 /// Frees a slot's graphs and buffers.
 fn free_slot(r: &mut dyn KernelRunner, s: IoSlot) -> Result<()> {
-    for g in s.graph.into_iter().chain(s.graph_no_heads).chain(s.post_graph.map(|(_, g)| g)) {
+    let timed = s.timed_graphs.into_iter().flatten();
+    for g in s.graph.into_iter().chain(s.graph_no_heads).chain(timed).chain(s.post_graph.map(|(_, g)| g)) {
         r.free_graph(g)?;
     }
     r.free(s.input_u8)?;
@@ -1270,9 +1360,17 @@ fn free_slot(r: &mut dyn KernelRunner, s: IoSlot) -> Result<()> {
 /// Frees a plan's device buffers.
 fn free_all(r: &mut dyn KernelRunner, bufs: GpuBufs) -> Result<()> {
     let slots = bufs.spare.iter().chain(&bufs.staged);
-    let slot_graphs: Vec<GraphId> =
-        slots.flat_map(|s| s.graph.into_iter().chain(s.graph_no_heads).chain(s.post_graph.map(|(_, g)| g))).collect();
-    let own = bufs.graph.into_iter().chain(bufs.graph_no_heads).chain(bufs.post_graph.map(|(_, g)| g));
+    let slot_graphs: Vec<GraphId> = slots
+        .flat_map(|s| {
+            s.graph
+                .into_iter()
+                .chain(s.graph_no_heads)
+                .chain(s.timed_graphs.into_iter().flatten())
+                .chain(s.post_graph.map(|(_, g)| g))
+        })
+        .collect();
+    let own = bufs.graph.into_iter().chain(bufs.graph_no_heads).chain(bufs.timed_graphs.into_iter().flatten());
+    let own = own.chain(bufs.post_graph.map(|(_, g)| g));
     for g in own.chain(slot_graphs) {
         r.free_graph(g)?;
     }

@@ -385,6 +385,16 @@ impl GpuEngine {
         let f16 = bufs.f16.as_ref().ok_or_else(|| Error::Cuda("the f16 plan has no variant choices".into()))?;
         let (ws, variants) = (f16.ws, f16.variants.clone());
         self.last = Some(key);
+        // A timed bench pass: its first event before the upload, the rest by the op loop.
+        let marks = self.stage_marks.clone();
+        let mut marker = match marks.as_deref() {
+            Some([start, rest @ ..]) => {
+                self.runner.event_record(*start)?;
+                Marker::new(rest, self.forward_marks(heads))?
+            }
+            _ => Marker::off(),
+        };
+        let host0 = std::time::Instant::now();
         let r = &mut self.runner;
         if r.is_simulation() {
             // 0xffff is an f16 NaN: an element a kernel forgot to write poisons what reads it.
@@ -397,6 +407,9 @@ impl GpuEngine {
         for (i, img) in images.iter().enumerate() {
             r.upload(input_u8, i * per, &img.data)?;
         }
+        if marks.is_some() {
+            self.host_preprocess += host0.elapsed();
+        }
         let g = &self.graph;
         let at = |t: TensorId| arena.at(2 * plan.offsets[t]);
         ops::net_f16::preprocess(r.as_mut(), input_u8.ptr, at(g.input), n * h * w)?;
@@ -408,6 +421,7 @@ impl GpuEngine {
         }
         for (i, op) in g.ops.iter().enumerate() {
             let wts = || self.weights[i].ok_or_else(|| Error::Cuda(format!("op {i} ({}) has no weights", op_name(op))));
+            marker.before(r.as_mut(), i)?;
             match op {
                 Op::Conv(c) => {
                     let (wb, bb) = wts()?;
@@ -513,6 +527,7 @@ impl GpuEngine {
                 }
             }
         }
+        marker.end(r.as_mut())?;
         Ok((plan, [loc, conf, landm]))
     }
 }

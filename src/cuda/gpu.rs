@@ -119,6 +119,10 @@ pub struct GpuRunner {
     events: HashMap<u64, (sys::CUevent, Option<(usize, u64)>)>,
     graphs: HashMap<u64, (sys::CUgraph, sys::CUgraphExec)>,
     capturing: bool,
+    /// The events recorded into the capture under way, then per graph: each replay makes them
+    /// recorded at the replay's place in the compute stream's bookkeeping.
+    capture_events: Vec<u64>,
+    graph_events: HashMap<u64, Vec<u64>>,
     sync_each_launch: bool,
     fault: Option<String>,
 }
@@ -156,6 +160,8 @@ impl GpuRunner {
             events: HashMap::new(),
             graphs: HashMap::new(),
             capturing: false,
+            capture_events: Vec::new(),
+            graph_events: HashMap::new(),
             sync_each_launch: false,
             fault: None,
         })
@@ -509,6 +515,7 @@ impl KernelRunner for GpuRunner {
         }
         .map_err(|e| self.fail("cuStreamBeginCapture", e))?;
         self.capturing = true;
+        self.capture_events.clear();
         Ok(())
     }
 
@@ -517,6 +524,7 @@ impl KernelRunner for GpuRunner {
             return Err(Error::Cuda("end_capture without begin_capture".into()));
         }
         self.capturing = false;
+        let events = std::mem::take(&mut self.capture_events);
         self.bind()?;
         // SAFETY: our stream, capturing.
         let g =
@@ -532,15 +540,25 @@ impl KernelRunner for GpuRunner {
         };
         let id = self.id();
         self.graphs.insert(id, (g, x));
+        self.graph_events.insert(id, events);
         Ok(GraphId(id))
     }
 
     fn replay(&mut self, g: GraphId) -> Result<()> {
         self.not_capturing("replay")?;
         let (_, x) = *self.graphs.get(&g.0).ok_or_else(|| Error::Cuda(format!("graph {} does not exist", g.0)))?;
+        if let Some(e) = self.graph_events.get(&g.0).into_iter().flatten().find(|e| !self.events.contains_key(e)) {
+            return Err(Error::Cuda(format!("graph {} records event {e}, which was destroyed", g.0)));
+        }
         // SAFETY: an instantiated graph whose buffers the executor keeps alive with it.
         unsafe { result::graph::launch(x, self.streams[0]) }.map_err(|e| self.fail("cuGraphLaunch", e))?;
-        self.clocks[0].enqueue();
+        let seq = self.clocks[0].enqueue();
+        // Its record nodes complete with the graph: their events count as recorded at its place.
+        for e in self.graph_events.get(&g.0).into_iter().flatten() {
+            if let Some(slot) = self.events.get_mut(e) {
+                slot.1 = Some((0, seq));
+            }
+        }
         if self.sync_each_launch {
             self.sync_stream("cuStreamSynchronize after a graph replay")?;
         }
@@ -550,6 +568,7 @@ impl KernelRunner for GpuRunner {
     fn free_graph(&mut self, g: GraphId) -> Result<()> {
         self.not_capturing("free_graph")?;
         let (gr, x) = self.graphs.remove(&g.0).ok_or_else(|| Error::Cuda(format!("graph {} does not exist", g.0)))?;
+        self.graph_events.remove(&g.0);
         // A replay may still be running.
         self.sync_stream("cuStreamSynchronize before cuGraphExecDestroy")?;
         // SAFETY: instantiated by end_capture, removed from the map, not running.
@@ -629,8 +648,22 @@ impl KernelRunner for GpuRunner {
     }
 
     fn event_record_on(&mut self, s: Stream, e: EventId) -> Result<()> {
-        self.not_capturing("event_record")?;
+        self.ready("event_record")?;
         let (ev, _) = *self.events.get(&e.0).ok_or_else(|| Error::Cuda(format!("event {} does not exist", e.0)))?;
+        if self.capturing {
+            if s != Stream::Compute {
+                return Err(capture_error("event_record on the copy stream"));
+            }
+            // EXTERNAL makes the capture add an event record node (a plain record would only order
+            // the capture's streams); its time counts from CUDA 11.1, as the event has timing on.
+            let flags = sys::CUevent_record_flags::CU_EVENT_RECORD_EXTERNAL as std::ffi::c_uint;
+            // SAFETY: a live event and our capturing stream.
+            unsafe { sys::cuEventRecordWithFlags(ev, self.streams[0], flags) }
+                .result()
+                .map_err(|er| self.fail("cuEventRecordWithFlags (capture)", er))?;
+            self.capture_events.push(e.0);
+            return Ok(());
+        }
         // SAFETY: a live event and our stream.
         unsafe { result::event::record(ev, self.streams[s.index()]) }.map_err(|er| self.fail("cuEventRecord", er))?;
         let seq = self.clocks[s.index()].enqueue();

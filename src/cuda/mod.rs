@@ -21,6 +21,7 @@ pub mod runner;
 pub mod sass;
 #[cfg(feature = "cuda-sim")]
 pub mod sim;
+pub mod stages;
 pub mod tune;
 
 /// The f16 convolution launcher's old path (`retinaface::cuda::conv_f16`), kept for callers.

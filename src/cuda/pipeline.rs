@@ -170,7 +170,14 @@ impl GpuEngine {
             Slot::Spare if self.plans.buffers(key).is_some_and(|b| b.spare.is_none()) => {
                 let (n, h, w, _) = key;
                 let input_u8 = self.runner.alloc(n * h * w * 3)?;
-                let spare = IoSlot { input_u8, post: None, graph: None, graph_no_heads: None, post_graph: None };
+                let spare = IoSlot {
+                    input_u8,
+                    post: None,
+                    graph: None,
+                    graph_no_heads: None,
+                    timed_graphs: [None; 2],
+                    post_graph: None,
+                };
                 match self.plans.buffers(key) {
                     Some(b) => b.spare = Some(Box::new(spare)),
                     None => {

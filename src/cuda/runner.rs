@@ -110,8 +110,11 @@ pub trait KernelRunner: Send {
     /// synchronised past the copy, since the bytes may not have landed.
     fn read_back(&mut self, rb: Readback, dst: &mut [u8]) -> Result<()>;
 
+    /// An event with timing on (so [`Self::event_elapsed`] works, also between records in a graph).
     fn event_create(&mut self) -> Result<EventId>;
-    /// Records `e` at this point of the stream.
+    /// Records `e` at this point of the stream. During a capture (compute stream only) this becomes a
+    /// record node of the graph: `e` is recorded each time a replay reaches it, with the time it is
+    /// reached, and not by the capture itself.
     fn event_record(&mut self, e: EventId) -> Result<()>;
     /// Waits until the work before `e`'s last record is done (which completes downloads before it).
     fn event_synchronize(&mut self, e: EventId) -> Result<()>;
@@ -120,13 +123,14 @@ pub trait KernelRunner: Send {
     fn event_elapsed(&mut self, start: EventId, end: EventId) -> Result<std::time::Duration>;
     fn event_destroy(&mut self, e: EventId) -> Result<()>;
 
-    /// Starts recording launches and memsets into a graph instead of running them. Until
+    /// Starts recording launches, memsets and event records into a graph instead of running them. Until
     /// [`Self::end_capture`], synchronous copies, allocations, frees and synchronisation are errors
     /// that name the call.
     fn begin_capture(&mut self) -> Result<()>;
     /// Ends the capture and instantiates what it recorded.
     fn end_capture(&mut self) -> Result<GraphId>;
-    /// Queues every recorded launch and memset again, in order, with the parameters they had.
+    /// Queues every recorded launch, memset and event record again, in order, with the parameters they
+    /// had. An error if the graph records an event that was destroyed since.
     fn replay(&mut self, g: GraphId) -> Result<()>;
     fn free_graph(&mut self, g: GraphId) -> Result<()>;
 
@@ -248,7 +252,7 @@ impl StreamClock {
 /// The error for a call the stream capture cannot record.
 pub(crate) fn capture_error(call: &str) -> crate::Error {
     crate::Error::Cuda(format!(
-        "{call} during graph capture: only launches and memsets can be captured (upload before the capture, download after the replay)"
+        "{call} during graph capture: only launches, memsets and event records on the compute stream can be captured (upload before the capture, download after the replay)"
     ))
 }
 

@@ -6,8 +6,9 @@
 //! its waits are met); [`StreamOrder::HoldBack`] holds one stream's work until something needs it, so
 //! that work on the other stream that no event orders runs first, and a missing event reads stale or
 //! overwritten bytes as it could on a GPU. The stream's rules are kept: a queued download is readable
-//! only after a synchronisation, a capture records launches and memsets (and refuses what a CUDA stream
-//! capture refuses), and an injected fault behaves like a sticky CUDA error: reported by a later call,
+//! only after a synchronisation, a capture records launches, memsets and event records on the compute stream
+//! (and refuses what a CUDA stream capture refuses; a replay records the events with the clock of
+//! the moment it runs them), and an injected fault behaves like a sticky CUDA error: reported by a later call,
 //! not by the launch that caused it, and by every call after it.
 
 use super::runner::{
@@ -221,6 +222,15 @@ impl SimRunner {
     fn step(&mut self, s: usize) -> Result<()> {
         let Some((seq, work)) = self.queues[s].pop_front() else { return Ok(()) };
         self.ran[s] = seq;
+        if let Work::Record { event } = work {
+            // Only the event's last record stamps it: an earlier one still queued is overwritten.
+            if let Some(Some((es, eseq, t))) = self.events.get_mut(&event)
+                && (*es, *eseq) == (s, seq)
+            {
+                *t = Some(Instant::now());
+            }
+            return Ok(());
+        }
         self.run_work(&work)
     }
 
@@ -247,13 +257,8 @@ impl SimRunner {
                 self.readbacks.insert(*id, Some(bytes));
                 Ok(())
             }
-            Work::Record { event } => {
-                if let Some(Some((_, _, t))) = self.events.get_mut(event) {
-                    *t = Some(Instant::now());
-                }
-                Ok(())
-            }
-            Work::Wait { .. } => Ok(()),
+            // Stamped by `step`, which knows the record's place in its stream.
+            Work::Record { .. } | Work::Wait { .. } => Ok(()),
         }
     }
 
@@ -502,10 +507,21 @@ impl KernelRunner for SimRunner {
     fn replay(&mut self, g: GraphId) -> Result<()> {
         self.not_capturing("replay")?;
         let nodes = self.graphs.get(&g.0).ok_or_else(|| Error::Cuda(format!("graph {} does not exist", g.0)))?;
+        // A record node of a destroyed event would write a freed event on a GPU.
+        if let Some(e) = nodes.iter().find_map(|n| match n {
+            Work::Record { event } if !self.events.contains_key(event) => Some(*event),
+            _ => None,
+        }) {
+            return Err(Error::Cuda(format!("graph {} records event {e}, which was destroyed", g.0)));
+        }
         let s = Stream::Compute.index();
-        // The whole graph is queued before any of it runs, as one launch of it on a GPU.
+        // The whole graph is queued before any of it runs, as one launch of it on a GPU; each record
+        // node becomes its event's last record, at its place in the stream.
         for n in nodes.clone() {
             let seq = self.clocks[s].enqueue();
+            if let Work::Record { event } = n {
+                self.events.insert(event, Some((s, seq, None)));
+            }
             self.queues[s].push_back((seq, n));
         }
         self.pump()
@@ -547,7 +563,19 @@ impl KernelRunner for SimRunner {
     }
 
     fn event_record_on(&mut self, s: Stream, e: EventId) -> Result<()> {
-        self.not_capturing("event_record")?;
+        self.check_fault("event_record")?;
+        if !self.events.contains_key(&e.0) {
+            return Err(Error::Cuda(format!("event {} does not exist", e.0)));
+        }
+        if let Some(nodes) = &mut self.capture {
+            // A record node (CU_EVENT_RECORD_EXTERNAL on a GPU): the event is recorded when a replay
+            // reaches it, not now.
+            if s != Stream::Compute {
+                return Err(capture_error("event_record on the copy stream"));
+            }
+            nodes.push(Work::Record { event: e.0 });
+            return Ok(());
+        }
         let seq = self.clocks[s.index()].enqueue();
         let slot = self.events.get_mut(&e.0).ok_or_else(|| Error::Cuda(format!("event {} does not exist", e.0)))?;
         *slot = Some((s.index(), seq, None));

@@ -1,6 +1,8 @@
 //! Shared test helpers: the goldens in ../shared/reference/goldens and comparisons.
 #![allow(dead_code)]
 
+pub mod hooked;
+
 use retinaface::weights::safetensors_io;
 use retinaface::{BgrImage, Detection, Network, WeightsSpec};
 use std::collections::BTreeMap;
