@@ -78,7 +78,7 @@ impl CpuExecutor {
         let t0 = Instant::now();
         let input = &mut arena[plan.range(self.graph.input)];
         for (img, dst) in images.iter().zip(input.chunks_mut(3 * h * w)) {
-            reference::preprocess(&img.data, h, w, dst);
+            ops::preprocess(&img.data, h, w, dst);
         }
         let pre = t0.elapsed();
         let st = run(&self.graph, &plan, &mut arena);

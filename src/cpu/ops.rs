@@ -1,11 +1,36 @@
-//! The CPU engine's max-pool and nearest upsample-add: the same operations as `crate::reference`'s, row
-//! vectorised (the pool, under AVX2 where the level allows) and threaded over planes. Convolutions are in
-//! `super::conv`.
+//! The CPU engine's input transpose, max-pool and nearest upsample-add: the same operations as
+//! `crate::reference`'s, row vectorised (the pool, under AVX2 where the level allows) and threaded over
+//! planes or rows. Convolutions are in `super::conv`.
 
 use super::isa::{Isa, avx2_dispatch, isa};
 use super::rows::split_even_odd;
 use crate::reference::{nearest_index, out_size};
 use rayon::prelude::*;
+
+/// `reference::preprocess` (u8 HWC BGR to f32 CHW minus the means, exact) threaded over bands of rows,
+/// each reading its interleaved pixels once for all three planes.
+pub fn preprocess(bgr: &[u8], h: usize, w: usize, out: &mut [f32]) {
+    assert_eq!(bgr.len(), h * w * 3, "preprocess input size");
+    assert_eq!(out.len(), 3 * h * w, "preprocess output size");
+    let m = crate::reference::BGR_MEAN;
+    // Bands of at least 16 rows, about four per thread.
+    let rows = h.div_ceil(4 * rayon::current_num_threads()).max(16).min(h.max(1));
+    let band = rows * w;
+    let (b, rest) = out.split_at_mut(h * w);
+    let (g, r) = rest.split_at_mut(h * w);
+    b.par_chunks_mut(band.max(1))
+        .zip(g.par_chunks_mut(band.max(1)))
+        .zip(r.par_chunks_mut(band.max(1)))
+        .enumerate()
+        .for_each(|(i, ((b, g), r))| {
+            let px = &bgr[i * band * 3..][..b.len() * 3];
+            for (j, p) in px.chunks_exact(3).enumerate() {
+                b[j] = p[0] as f32 - m[0];
+                g[j] = p[1] as f32 - m[1];
+                r[j] = p[2] as f32 - m[2];
+            }
+        });
+}
 
 /// 3×3 stride-2 max-pool, padding 1 counted as −∞. `x` [n·c, h, w] → `out` [n·c, oh, ow].
 pub fn max_pool_3x3s2(x: &[f32], nc: usize, h: usize, w: usize, out: &mut [f32]) {
@@ -71,6 +96,18 @@ pub fn upsample_nearest_add(src: &[f32], sh: usize, sw: usize, dst: &mut [f32], 
 mod tests {
     use super::*;
     use crate::reference;
+
+    #[test]
+    fn threaded_preprocess_equals_the_reference() {
+        for (h, w) in [(1, 1), (2, 3), (17, 5), (203, 301), (640, 640)] {
+            let bgr: Vec<u8> = (0..h * w * 3).map(|i| (i * 7919 % 251) as u8).collect();
+            let mut want = vec![f32::NAN; 3 * h * w];
+            reference::preprocess(&bgr, h, w, &mut want);
+            let mut got = vec![f32::NAN; 3 * h * w];
+            preprocess(&bgr, h, w, &mut got);
+            assert!(got == want, "{h}x{w}");
+        }
+    }
 
     fn values(seed: &mut u64, n: usize) -> Vec<f32> {
         (0..n)
