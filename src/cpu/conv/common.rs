@@ -20,8 +20,12 @@ impl SharedMut {
 /// Elements of the im2col matrix budgeted per task (1 MiB of f32): the panel a task writes and the GEMM
 /// then reads stays in the core's L2.
 pub(super) const COLUMN_BUDGET: usize = 1 << 18;
-/// Tasks wanted per convolution, so small maps still spread over the cores (a few per core).
-pub(super) const MIN_TASKS: usize = 8;
+/// Tasks wanted per convolution, so small maps still spread over the cores: four per thread of the
+/// pool (at least 8), so that on 16–64 cores every core still gets work on the 20×20 and 40×40 maps,
+/// and the last tasks of an uneven split cost a quarter of a core's share.
+pub(super) fn min_tasks() -> usize {
+    (4 * rayon::current_num_threads()).max(8)
+}
 
 /// `v = act(v + bias [+ residual])` over a row, with the activation chosen once so the loop vectorises.
 #[inline(always)]

@@ -1,7 +1,7 @@
 //! The direct path for convolutions with few taps per output (the 3→8 stem and the 8→16 pointwise
 //! layers of MobileNet x0.25), where a GEMM would spend its time packing.
 
-use super::common::{MIN_TASKS, SharedMut, epilogue};
+use super::common::{min_tasks, SharedMut, epilogue};
 use crate::cpu::isa::{Isa, avx2_dispatch};
 use crate::cpu::rows::{split_even_odd, valid_columns};
 use crate::graph::Conv;
@@ -28,7 +28,7 @@ pub(super) fn conv(
     out_channels: usize,
     residual: Option<&[f32]>,
 ) {
-    let band = oh.div_ceil(MIN_TASKS.div_ceil(n)).max(1);
+    let band = oh.div_ceil(min_tasks().div_ceil(n)).max(1);
     let bands = oh.div_ceil(band);
     (0..n * bands).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, task| {
         let (b, bi) = (task / bands, task % bands);

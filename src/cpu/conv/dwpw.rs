@@ -13,7 +13,7 @@
 //! then the epilogue; the pointwise is the same micro-kernel over the same packed weights in the same k
 //! order. The only difference is the sign of a zero where every tap is outside the image.
 
-use super::common::{MIN_TASKS, SharedMut, epilogue_fast, store_grid};
+use super::common::{min_tasks, SharedMut, epilogue_fast, store_grid};
 use super::igemm::{self, Kernel, conflict_free_stride};
 use super::tile::{MR, NR};
 use crate::cpu::isa::Isa;
@@ -148,7 +148,7 @@ fn run_bands(
     // accumulators (blocks·MR rows) within the budget, and enough bands for the threads.
     let per_row = (c + blocks * MR) * ow + ex.map_or(0, |e| e.cin * s * w);
     let budget_rows = (BAND_BUDGET / per_row.max(1)).max(1);
-    let want = MIN_TASKS.div_ceil(n).min(oh);
+    let want = min_tasks().div_ceil(n).min(oh);
     let rows = budget_rows.min(oh.div_ceil(want)).max(1);
     let bands = oh.div_ceil(rows);
     let out = SharedMut(out.as_mut_ptr());

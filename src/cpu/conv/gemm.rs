@@ -1,7 +1,7 @@
 //! im2col + GEMM (the gemm crate) for dense convolutions no faster path takes; a 1×1 stride-1
 //! convolution multiplies straight on the input planes.
 
-use super::common::{COLUMN_BUDGET, MIN_TASKS, SharedMut, epilogue_fast};
+use super::common::{COLUMN_BUDGET, min_tasks, SharedMut, epilogue_fast};
 use crate::cpu::isa::Isa;
 use crate::cpu::rows::valid_columns;
 use crate::graph::Conv;
@@ -32,7 +32,7 @@ pub(super) fn conv(
     let direct = k == 1 && s == 1 && p == 0;
     let pix_chunk = npix.min((COLUMN_BUDGET / depth).max(64));
     let pix_tasks = npix.div_ceil(pix_chunk);
-    let co_tasks = (MIN_TASKS.div_ceil(n * pix_tasks)).min(conv.cout.div_ceil(16)).max(1);
+    let co_tasks = (min_tasks().div_ceil(n * pix_tasks)).min(conv.cout.div_ceil(16)).max(1);
     let co_chunk = conv.cout.div_ceil(co_tasks);
     let tasks: Vec<(usize, usize, usize)> =
         (0..n).flat_map(|b| (0..pix_tasks).flat_map(move |pt| (0..co_tasks).map(move |ct| (b, pt, ct)))).collect();

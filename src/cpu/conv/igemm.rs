@@ -18,7 +18,7 @@
 //! Each output sums its products in k order, in one thread: results do not depend on the thread
 //! count, and differ from the definition only by f32 rounding (fused multiply-adds).
 
-use super::common::{MIN_TASKS, SharedMut, store_grid};
+use super::common::{min_tasks, SharedMut, store_grid};
 use super::tile::{MR, NR};
 use crate::cpu::isa::Isa;
 use crate::cpu::rows::valid_columns;
@@ -241,13 +241,13 @@ pub(super) fn conv(
 
     let blocks = conv.cout.div_ceil(MR);
     let tiles = grid.div_ceil(NR);
-    // Split the pixels into even chunks (within the band budget, and into MIN_TASKS when each still gets
+    // Split the pixels into even chunks (within the band budget, and into min_tasks() when each still gets
     // a few tiles); split the output channels only when that is not enough tasks.
     let max_chunk = (BAND_BUDGET / (blocks * MR * NR)).clamp(1, tiles);
-    let want = tiles.div_ceil(max_chunk).max(MIN_TASKS.div_ceil(n).min(tiles / 4));
+    let want = tiles.div_ceil(max_chunk).max(min_tasks().div_ceil(n).min(tiles / 4));
     let chunk_tiles = tiles.div_ceil(want.max(1));
     let pix_tasks = tiles.div_ceil(chunk_tiles);
-    let co_tasks = MIN_TASKS.div_ceil(n * pix_tasks).clamp(1, blocks);
+    let co_tasks = min_tasks().div_ceil(n * pix_tasks).clamp(1, blocks);
     let blocks_per_task = blocks.div_ceil(co_tasks);
     let co_tasks = blocks.div_ceil(blocks_per_task);
     // A chunk's pixels span at most chunk/wq + 2 grid rows (it may start and end mid-row); its taps read

@@ -1,7 +1,7 @@
 //! 3×3 stride-1 convolutions as nine shifted GEMMs on a zero-padded plane (the portable level's path for
 //! the networks' 3×3 layers).
 
-use super::common::{COLUMN_BUDGET, MIN_TASKS, SharedMut, store_grid};
+use super::common::{COLUMN_BUDGET, min_tasks, SharedMut, store_grid};
 use crate::cpu::isa::Isa;
 use crate::graph::Conv;
 use rayon::prelude::*;
@@ -35,7 +35,7 @@ pub(super) fn conv(
     });
     let band_rows = (COLUMN_BUDGET / (conv.cout.min(256) * wp)).clamp(1, h);
     let row_tasks = h.div_ceil(band_rows);
-    let co_tasks = (MIN_TASKS.div_ceil(n * row_tasks)).min(conv.cout.div_ceil(16)).max(1);
+    let co_tasks = (min_tasks().div_ceil(n * row_tasks)).min(conv.cout.div_ceil(16)).max(1);
     let co_chunk = conv.cout.div_ceil(co_tasks);
     let tasks: Vec<(usize, usize, usize)> =
         (0..n).flat_map(|b| (0..row_tasks).flat_map(move |rt| (0..co_tasks).map(move |ct| (b, rt, ct)))).collect();
