@@ -7,13 +7,16 @@
 //!
 //! Tolerance (normalised max error = max |gpu − cpu| / max(1, max |cpu|)): 1e-5, as kernels_sim's
 //! convolutions: f32 sums in another order than the CPU's; the upsample-add is the same f32 add.
+//! conv_dwpw is also held bit for bit to the unfused device kernels (conv_depthwise + conv1x1), whose
+//! sums it repeats in their order.
 #![cfg(feature = "cuda-sim")]
 
 mod common;
 mod rng;
 use common::norm_err;
 use retinaface::cpu::exec::run_ops;
-use retinaface::cuda::ops::{conv::pack, fused};
+use retinaface::cuda::ops::conv::{self as conv_ops, pack};
+use retinaface::cuda::ops::fused;
 use retinaface::cuda::runner::{EventId, GraphId, Readback};
 use retinaface::cuda::sim::SimRunner;
 use retinaface::cuda::{DevBuf, GpuEngine, KernelRunner, KernelRunnerExt, LaunchDims, nchw_to_nhwc, nhwc_to_nchw};
@@ -276,6 +279,20 @@ fn dwpw_case((n, h, w): (usize, usize, usize), c: usize, cout: usize, s: usize, 
         if expand.is_some() { format!(", inverted residual, shortcut {}", res.is_some()) } else { String::new() }
     );
     check(&mut r, y, (n, cout, oh, ow), 0..cout, &t[pw.output], &what);
+    // The unfused kernels (conv_depthwise, then conv1x1 of its stored output): conv_dwpw makes each A
+    // value with conv_depthwise's fmaf chain and runs conv1x1's K tiles in its order, so the two
+    // agree bit for bit (a change to the fused kernel that moves any sum shows here, below TOL).
+    let mid = out_buf(&mut r, n * c * oh * ow);
+    let yu = out_buf(&mut r, n * cout * oh * ow);
+    let args = |x: DevBuf, (wt, b): (DevBuf, DevBuf), residual: u64, y: DevBuf, (h, w): (usize, usize), ctot| {
+        conv_ops::ConvArgs { x: x.ptr, wt: wt.ptr, bias: b.ptr, residual, y: y.ptr, n, h, w, oh, ow, out_ctot: ctot }
+    };
+    conv_ops::launch(&mut r, dw, &args(x, (wdw, bdw), 0, mid, (ih, iw), c)).unwrap();
+    conv_ops::launch(&mut r, pw, &args(mid, (wpw, bpw), bufs.residual, yu, (oh, ow), cout)).unwrap();
+    let (got, unfused) =
+        (r.download_f32(y, n * cout * oh * ow).unwrap(), r.download_f32(yu, n * cout * oh * ow).unwrap());
+    let same = got.iter().zip(&unfused).all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same, "{what}: conv_dwpw differs from conv_depthwise + conv1x1");
 }
 
 #[test]
