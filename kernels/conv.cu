@@ -318,13 +318,20 @@ extern "C" __global__ void __launch_bounds__(256) conv_dwpw(const DwPwParams p) 
     int a_b[4], a_iy0[4], a_ix0[4];
     bool a_ok[4];
     conv_a_rows(p.oh, p.ow, p.stride, p.pad, M, m0, tid, a_b, a_iy0, a_ix0, a_ok);
+    // A missing pixel is image -1, so the loop below tests one 32-bit int. Testing a_ok there, ptxas
+    // (sm_90) rematerialised each flag from the 64-bit pixel index (m < M) in every K tile and spilled
+    // the four indices' halves to the stack (16 B stored, 32 B loaded); sm_80 kept them in 80
+    // registers. Now both take 64 and nothing spills. Existing pixels keep their image, so the sums
+    // are unchanged.
+#pragma unroll
+    for (int q = 0; q < 4; ++q) a_b[q] = a_ok[q] ? a_b[q] : -1;
 
     for (int k0 = 0; k0 < p.c; k0 += CONV_BK) {
         const int ch = k0 + ak;
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             float v = 0.0f;
-            if (a_ok[q] && ch < p.c) {
+            if (a_b[q] >= 0 && ch < p.c) {
                 // conv_depthwise's sum, in its order.
                 float d = 0.0f;
                 for (int ky = 0; ky < k; ++ky) {

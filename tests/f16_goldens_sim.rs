@@ -21,13 +21,18 @@
 //!    padded channels dropped) are checked with the same relative bound per tensor.
 //! 3. Forty sizes through the f16 executor keep its held memory within the plan cache's bound.
 //! 4. The GPU's tuning path (check each variant against the heuristic's output, time, cache) runs in
-//!    the simulation under a stand-in device key; a second engine reuses the cache without timing.
+//!    the simulation under a stand-in device key, for every groups-1 conv and fused op (each fused
+//!    op timed as its fused kernel, under its own key); a second engine reuses the cache without
+//!    timing.
+//! 5. A plan whose every conv and fused op runs another tile than the heuristic's (from the cache)
+//!    gives the untuned plan's raw outputs and detections bit for bit on a golden image.
 #![cfg(feature = "cuda-sim")]
 
 mod common;
 
 use common::{load_case, match_f16_faces, max_abs_diff};
 use retinaface::cuda::GpuEngine;
+use retinaface::graph::Op;
 use retinaface::post::{anchors, postprocess};
 use retinaface::{Backend, BgrImage, Engine, Network, PostOptions, Precision, WeightsSpec};
 use std::time::Instant;
@@ -147,9 +152,11 @@ fn f16_executor_memory_is_bounded_over_40_sizes() {
 }
 
 /// The GPU's tuning path, run in the simulation under a stand-in device key: every groups-1 conv
-/// shape's supported variants are checked against the heuristic's output and timed, the choices are
-/// saved to the cache file, the outputs agree with the heuristic engine's, and an engine reading that
-/// cache in `cached` mode times nothing (the file is not rewritten).
+/// and fused op shape's supported variants are checked against the heuristic's output and timed (a
+/// fused op as its fused kernel), the choices are saved to the cache file under one key per shape,
+/// the outputs agree with the heuristic engine's (within RAW_REL: the simulation's timings are
+/// wall-clock, so a split-K variant may win somewhere), and an engine reading that cache in `cached`
+/// mode times nothing (the file is not rewritten).
 #[test]
 fn tuning_times_every_shape_and_the_cache_is_reused() {
     use retinaface::cuda::tune::{DeviceKey, TuneCache, TuneMode};
@@ -164,6 +171,25 @@ fn tuning_times_every_shape_and_the_cache_is_reused() {
     let saved = TuneCache::load(&path).unwrap();
     assert!(saved.entries.len() >= 5, "{} shapes tuned", saved.entries.len());
     assert!(saved.entries.values().all(|c| c.source == "timed" && c.micros.is_some()));
+    // Every op with a variant, the fused ones included, was timed under its own key, and the key is
+    // in the saved cache with the variant the plan runs.
+    let choices = tuned.f16_choices(1, img.height, img.width).unwrap();
+    let (mut fused, mut seen) = (0, std::collections::BTreeSet::new());
+    for (op, c) in tuned.graph().ops.iter().zip(&choices) {
+        let is_fused = matches!(op, Op::DwPw { .. } | Op::ConvPair { .. } | Op::ConvUpsampleAdd { .. });
+        let is_gemm = matches!(op, Op::Conv(c) if c.groups == 1);
+        assert_eq!(c.is_some(), is_fused || is_gemm, "{op:?}: variant {c:?}");
+        let Some((v, key)) = c else { continue };
+        let (key, choice) = key.as_ref().unwrap_or_else(|| panic!("{op:?}: no tuning key"));
+        // A shape is timed on its first op; its later ops (the same key) take that choice.
+        let first = seen.insert(key.clone());
+        let source = if first { "timed" } else { "cache" };
+        assert_eq!((choice.source.as_str(), choice.variant.as_str()), (source, v.name), "{key}");
+        assert_eq!(saved.entries.get(key).map(|c| c.variant.as_str()), Some(v.name), "{key} not saved");
+        fused += is_fused as usize;
+    }
+    let kinds = ["|dwpw ", "|pair ", "|upsample-add "].map(|k| saved.entries.keys().filter(|e| e.contains(k)).count());
+    assert!(fused >= 10 && kinds.iter().all(|&k| k > 0), "{fused} fused ops; keys per kind {kinds:?}");
     let mut plain = GpuEngine::with_precision(cpu.graph(), Backend::CudaSim, Precision::F16).unwrap();
     let want = plain.raw_outputs(&[&img]).unwrap().pop().unwrap();
     for (k, x, y) in
@@ -177,5 +203,82 @@ fn tuning_times_every_shape_and_the_cache_is_reused() {
     cached.set_tuning(TuneMode::Cached, Some(dev), TuneCache::load(&path).unwrap());
     cached.raw_outputs(&[&img]).unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), bytes, "cached mode re-timed and rewrote the cache");
-    println!("{} conv shapes tuned in the simulation", saved.entries.len());
+    println!(
+        "{} shapes tuned in the simulation ({fused} fused ops; dw+pw, pair, upsample-add keys: {kinds:?})",
+        saved.entries.len()
+    );
+}
+
+/// A tuned plan on a golden image: every op's key (computed with tuning off, nothing timed) gets a
+/// cached choice of another tile than the heuristic's that sums in the same order (any other
+/// non-split tile; a split-K choice keeps its own), so every fused op and conv runs a different
+/// kernel than the untuned plan; the raw outputs and the detections must equal the untuned
+/// plan's bit for bit. (A split-K choice, which the tuner may make on a GPU, sums in another order:
+/// its bound is fusion_sim's `variants_vs_heuristic`.)
+#[test]
+fn a_tuned_plan_detects_as_the_untuned_one_on_a_golden_image() {
+    use retinaface::cuda::conv_f16::VARIANTS;
+    use retinaface::cuda::tune::{Choice, DeviceKey, TuneCache, TuneMode};
+    let case = load_case("real-mv1_0.25-yakhyo-trio");
+    let cpu = Engine::new(&case.weights, Some(case.network)).unwrap();
+    let (w, h) = (case.input.width, case.input.height);
+    let dev = DeviceKey { name: "simulated".into(), compute_capability: (9, 0), driver: 0, sms: 132 };
+    let mut keyed = GpuEngine::with_precision(cpu.graph(), Backend::CudaSim, Precision::F16).unwrap();
+    keyed.set_tuning(TuneMode::Off, Some(dev.clone()), TuneCache::default());
+    let plain_tiles: Vec<_> = VARIANTS.iter().filter(|v| v.split_k == 1).collect();
+    let mut cache = TuneCache::default();
+    let mut want_variants = Vec::new();
+    for (i, c) in keyed.f16_choices(1, h, w).unwrap().into_iter().enumerate() {
+        let Some((v, key)) = c else {
+            want_variants.push(None);
+            continue;
+        };
+        let (key, choice) = key.unwrap();
+        assert_eq!(choice.source, "heuristic");
+        let other = if v.split_k == 1 {
+            let at = plain_tiles.iter().position(|t| *t == v).unwrap();
+            plain_tiles[(at + 1 + i % (plain_tiles.len() - 1)) % plain_tiles.len()]
+        } else {
+            v
+        };
+        // Ops of one shape share a key, so the first one's tile stands for all.
+        let e = cache.entries.entry(key);
+        let c = e.or_insert(Choice { variant: other.name.into(), micros: Some(1.0), source: "timed".into() });
+        want_variants.push(Some(VARIANTS.iter().find(|v| v.name == c.variant).unwrap().name));
+    }
+    let mut tuned = GpuEngine::with_precision(cpu.graph(), Backend::CudaSim, Precision::F16).unwrap();
+    tuned.set_tuning(TuneMode::Cached, Some(dev), cache);
+    let got: Vec<_> = tuned.f16_choices(1, h, w).unwrap().into_iter().map(|c| c.map(|(v, _)| v.name)).collect();
+    assert_eq!(got, want_variants, "the executor does not run the cached choices");
+    // Ops on another tile than the heuristic's: every kind of fused op among them.
+    let heuristic = keyed.f16_choices(1, h, w).unwrap();
+    let moved: Vec<&Op> = (tuned.graph().ops.iter().zip(&got).zip(&heuristic))
+        .filter(|((_, g), hc)| *g != &hc.as_ref().map(|(v, _)| v.name))
+        .map(|((op, _), _)| op)
+        .collect();
+    let kinds = [
+        moved.iter().filter(|o| matches!(o, Op::DwPw { .. })).count(),
+        moved.iter().filter(|o| matches!(o, Op::ConvPair { .. })).count(),
+        moved.iter().filter(|o| matches!(o, Op::ConvUpsampleAdd { .. })).count(),
+    ];
+    assert!(kinds.iter().all(|&k| k > 0), "fused ops on another tile (dw+pw, pair, upsample-add): {kinds:?}");
+    let moved = moved.len();
+    let mut plain = GpuEngine::with_precision(cpu.graph(), Backend::CudaSim, Precision::F16).unwrap();
+    let opts = PostOptions::default();
+    let (raw_t, raw_p) = (tuned.raw_outputs(&[&case.input]).unwrap(), plain.raw_outputs(&[&case.input]).unwrap());
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (k, a, b) in [
+        ("loc", &raw_t[0].loc, &raw_p[0].loc),
+        ("conf", &raw_t[0].conf, &raw_p[0].conf),
+        ("landmarks", &raw_t[0].landmarks, &raw_p[0].landmarks),
+    ] {
+        assert!(bits(a) == bits(b), "{k}: the tuned plan's raw outputs differ from the untuned plan's");
+    }
+    let (dt, dp) = (tuned.detect(&[&case.input], &opts).unwrap(), plain.detect(&[&case.input], &opts).unwrap());
+    assert!(!dp[0].is_empty());
+    assert_eq!(dt, dp, "the tuned plan's detections differ");
+    println!(
+        "trio: {moved} ops on another tile than the heuristic's (fused: dw+pw, pair, upsample-add {kinds:?}), {} detections equal",
+        dp[0].len()
+    );
 }

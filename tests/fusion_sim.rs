@@ -7,6 +7,8 @@
 //!
 //! Tolerance (normalised max error = max |gpu − cpu| / max(1, max |cpu|)): 1e-5, as kernels_sim's
 //! convolutions: f32 sums in another order than the CPU's; the upsample-add is the same f32 add.
+//! conv_dwpw is also held bit for bit to the unfused device kernels (conv_depthwise + conv1x1), whose
+//! sums it repeats in their order.
 #![cfg(feature = "cuda-sim")]
 
 mod common;
@@ -14,7 +16,8 @@ mod rng;
 use common::hooked::counting_launches;
 use common::norm_err;
 use retinaface::cpu::exec::run_ops;
-use retinaface::cuda::ops::{conv::pack, fused};
+use retinaface::cuda::ops::conv::{self as conv_ops, pack};
+use retinaface::cuda::ops::fused;
 use retinaface::cuda::sim::SimRunner;
 use retinaface::cuda::{DevBuf, GpuEngine, KernelRunner, KernelRunnerExt, nchw_to_nhwc, nhwc_to_nchw};
 use retinaface::graph::{Act, Conv, Graph, Op, Plan, Stage, Taps, TensorId, TensorInfo};
@@ -275,6 +278,20 @@ fn dwpw_case((n, h, w): (usize, usize, usize), c: usize, cout: usize, s: usize, 
         if expand.is_some() { format!(", inverted residual, shortcut {}", res.is_some()) } else { String::new() }
     );
     check(&mut r, y, (n, cout, oh, ow), 0..cout, &t[pw.output], &what);
+    // The unfused kernels (conv_depthwise, then conv1x1 of its stored output): conv_dwpw makes each A
+    // value with conv_depthwise's fmaf chain and runs conv1x1's K tiles in its order, so the two
+    // agree bit for bit (a change to the fused kernel that moves any sum shows here, below TOL).
+    let mid = out_buf(&mut r, n * c * oh * ow);
+    let yu = out_buf(&mut r, n * cout * oh * ow);
+    let args = |x: DevBuf, (wt, b): (DevBuf, DevBuf), residual: u64, y: DevBuf, (h, w): (usize, usize), ctot| {
+        conv_ops::ConvArgs { x: x.ptr, wt: wt.ptr, bias: b.ptr, residual, y: y.ptr, n, h, w, oh, ow, out_ctot: ctot }
+    };
+    conv_ops::launch(&mut r, dw, &args(x, (wdw, bdw), 0, mid, (ih, iw), c)).unwrap();
+    conv_ops::launch(&mut r, pw, &args(mid, (wpw, bpw), bufs.residual, yu, (oh, ow), cout)).unwrap();
+    let (got, unfused) =
+        (r.download_f32(y, n * cout * oh * ow).unwrap(), r.download_f32(yu, n * cout * oh * ow).unwrap());
+    let same = got.iter().zip(&unfused).all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same, "{what}: conv_dwpw differs from conv_depthwise + conv1x1");
 }
 
 #[test]
@@ -355,6 +372,43 @@ fn mobilenetv2_inverted_residual_matches_its_composition() {
 fn half_ulp16(v: f64) -> f64 {
     let a = v.abs();
     if a < 2f64.powi(-14) { 2f64.powi(-25) } else { 2f64.powi(a.log2().floor() as i32 - 11) }
+}
+
+/// The tuner's candidates for a fused op (every variant `tune::supported_fused` allows on sm_90) against
+/// the heuristic's output, as the f16 executor runs them when tuned: bit for bit where both split K
+/// alike (every tile shape sums an output over the same k-tiles in the same order through the same
+/// m16n8k16 MMAs; only the tile's extent differs), and for split-K (the partial sums of each K range
+/// added in z order: another association of the f32 sum) within one f16 ulp plus 1e-5 of the
+/// output's scale (a flip of the final rounding, or of a result far smaller than its terms).
+/// Returns (identical, bounded) candidate counts and how many elements the bounded ones moved.
+fn variants_vs_heuristic(
+    shape: retinaface::cuda::conv_f16::ConvShape,
+    fused: retinaface::cuda::tune::Fused,
+    outs: &[(&'static retinaface::cuda::conv_f16::Variant, Vec<u16>)],
+    what: &str,
+) -> (usize, usize, usize) {
+    use retinaface::cuda::{conv_f16, tune};
+    let h = conv_f16::heuristic(&shape, conv_f16::DEFAULT_SMS);
+    let reference = &outs.iter().find(|(v, _)| *v == h).unwrap_or_else(|| panic!("{what}: no {}", h.name)).1;
+    let f = |b: u16| half::f16::from_bits(b).to_f32() as f64;
+    let scale = reference.iter().fold(1.0f64, |m, &b| m.max(f(b).abs()));
+    let (mut same, mut bounded, mut moved) = (0, 0, 0);
+    for (v, got) in outs.iter().filter(|(v, _)| tune::supported_fused(v, &shape, fused, 90)) {
+        if shape.splits(v) == shape.splits(h) {
+            assert!(got == reference, "{what}: {} differs from the heuristic's {}", v.name, h.name);
+            same += 1;
+            continue;
+        }
+        for (i, (&a, &b)) in got.iter().zip(reference).enumerate() {
+            let (a, b) = (f(a), f(b));
+            let ulp = 2f64.powi((a.abs().max(b.abs()).max(2f64.powi(-14))).log2().floor() as i32 - 10);
+            assert!((a - b).abs() <= ulp + 1e-5 * scale, "{what}: {} element {i}: {a} vs {b} ({})", v.name, h.name);
+            moved += (a != b) as usize;
+        }
+        bounded += 1;
+    }
+    assert!(same >= 2, "{what}: fewer than two candidates sum like the heuristic");
+    (same, bounded, moved)
 }
 
 /// f16 depthwise 3×3 (stride `s`) + pointwise 1×1 (`c` → `cout`) through conv_dwpw_f16, every
@@ -502,6 +556,7 @@ fn dwpw_f16_case(
     reference::conv2d(&pw, &mid_nchw, n, oh, ow, &mut want, cout, res.as_deref());
     let want = nchw_to_nhwc(&want, n, cout, oh, ow);
     let shape = pu.shape();
+    let mut outs = Vec::new();
     for v in VARIANTS {
         let need = shape.workspace_bytes(v);
         let ws = (need > 0).then(|| {
@@ -521,10 +576,16 @@ fn dwpw_f16_case(
         println!(
             "{what}: worst error {e_dw:.2} (depthwise), {e:.2} (pointwise) of the bound; bit-identical to the unfused kernels"
         );
+        outs.push((v, got));
         if let Some(b) = ws {
             r.free(b).unwrap();
         }
     }
+    let fused = retinaface::cuda::tune::Fused::DwPw { k: 3, stride: s, pad: 1, h, w };
+    let (same, bounded, moved) = variants_vs_heuristic(shape, fused, &outs, &what);
+    println!(
+        "{what}: {same} candidates bit-identical to the heuristic's, {bounded} split-K within one ulp ({moved} elements moved)"
+    );
 }
 
 #[test]
@@ -681,6 +742,7 @@ fn pair_f16_case(
         ..Default::default()
     };
     let (mut worst_a, mut worst_b) = (0.0f64, 0.0f64);
+    let mut outs = Vec::new();
     for v in VARIANTS {
         let need = pf.shape().workspace_bytes(v).max(params16(&a, (n, h, w), (0, 0, 0, 0)).shape().workspace_bytes(v));
         let ws = (need > 0).then(|| r.alloc(need).unwrap());
@@ -696,12 +758,16 @@ fn pair_f16_case(
         assert!(gb == down_u16(&mut r, ub, pixels * pb), "{what}: second conv differs from the unfused launch");
         worst_a = worst_a.max(f16_bound(&ga, &want_a, (pa, ca), &format!("{what}, first")));
         worst_b = worst_b.max(f16_bound(&gb, &want_b, (pb, cb), &format!("{what}, second")));
+        outs.push((v, [ga, gb].concat()));
         if let Some(b) = ws {
             r.free(b).unwrap();
         }
     }
+    let fused = retinaface::cuda::tune::Fused::Pair { split: pa };
+    let (same, bounded, moved) = variants_vs_heuristic(pf.shape(), fused, &outs, &what0);
     println!(
-        "{what0}: every variant bit-identical to the unfused convs; worst {worst_a:.2} / {worst_b:.2} of the bound"
+        "{what0}: every variant bit-identical to the unfused convs; worst {worst_a:.2} / {worst_b:.2} of the bound; \
+         {same} candidates bit-identical to the heuristic's, {bounded} split-K within one ulp ({moved} elements moved)"
     );
 }
 
@@ -740,6 +806,8 @@ fn fpn_f16_case((n, h, w): (usize, usize, usize), cin: usize, c: usize, s: usize
     // The upsampled map's f16 values as NCHW f32, for the host's add.
     let up16: Vec<f32> = upm.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
     let mut worst = 0.0f64;
+    let mut outs = Vec::new();
+    let shape = params16(&lat, (n, h, w), (0, 0, 0, 0)).shape();
     for v in VARIANTS {
         let p = params16(&lat, (n, h, w), (xb.ptr, wt.ptr, bias.ptr, yf.ptr));
         let need = p.shape().workspace_bytes(v);
@@ -772,12 +840,18 @@ fn fpn_f16_case((n, h, w): (usize, usize, usize), cin: usize, c: usize, s: usize
                 assert_eq!(row[ch], want, "{what}: pixel {px} channel {ch}: not f16(conv + up)");
             }
         }
+        // The output is f16(conv step + up) exactly (above), so variants agree where their conv
+        // steps do: those are compared with the heuristic's.
+        outs.push((v, conv_only));
         if let Some(b) = ws {
             r.free(b).unwrap();
         }
     }
+    let fused = retinaface::cuda::tune::Fused::UpsampleAdd { uh, uw };
+    let (same, bounded, moved) = variants_vs_heuristic(shape, fused, &outs, &what0);
     println!(
-        "{what0}: every variant bit-identical to the unfused pair and exactly f16(conv + up); conv step {worst:.2} of the bound"
+        "{what0}: every variant bit-identical to the unfused pair and exactly f16(conv + up); conv step {worst:.2} of the bound; \
+         {same} candidates' conv steps bit-identical to the heuristic's, {bounded} split-K within one ulp ({moved} elements moved)"
     );
 }
 
@@ -786,6 +860,8 @@ fn f16_fpn_lateral_with_upsample_add_matches_its_composition() {
     fpn_f16_case((2, 13, 9), 24, 40, 2, Act::Leaky(0.1), 71);
     fpn_f16_case((3, 10, 7), 64, 64, 2, Act::Leaky(0.0), 72);
     fpn_f16_case((2, 9, 15), 48, 20, 4, Act::Relu6, 73);
+    // K deep enough (8 k-tiles) for the tuner's split-K candidate.
+    fpn_f16_case((1, 6, 5), 256, 24, 2, Act::Leaky(0.1), 74);
 }
 
 /// Every network's forward pass with and without the fusions: the same raw outputs (1e-5 of the

@@ -446,7 +446,7 @@ impl GpuEngine {
     /// The plan of `key` and its device buffers, allocated (after freeing evicted plans) on first use.
     fn plan(&mut self, key: PlanKey) -> Result<(Arc<Plan>, &mut GpuBufs)> {
         let r = &mut self.runner;
-        let (graph, weights, tuning) = (&self.graph, &self.weights, &mut self.tuning);
+        let (graph, weights, tuning) = (&self.graph, (&self.weights[..], &self.fused_rest[..]), &mut self.tuning);
         let f16 = self.precision == Precision::F16;
         self.plans.get(&self.graph, key, |plan, evicted| {
             for b in evicted {

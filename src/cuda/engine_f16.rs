@@ -6,14 +6,14 @@
 //!
 //! Padded channels are zeros everywhere: preprocessing writes them, packed weights and biases are zero
 //! there, so every conv writes act(0) = 0 into its padded outputs, and pool / upsample keep zeros.
-//! Each groups-1 conv runs the variant `tune::choose` keeps for its shape (the heuristic in the
-//! simulation; timed on a GPU), chosen when a plan is made and kept with its buffers, as is the
-//! split-K workspace the chosen variants need.
+//! Each groups-1 conv and fused op runs the variant `tune::choose_op` keeps for its shape (the
+//! heuristic in the simulation; timed on a GPU, a fused op as its fused kernel), chosen when a plan
+//! is made and kept with its buffers, as is the split-K workspace the chosen variants need.
 
 use super::*;
-use crate::cuda::ops::conv_f16::{self, Variant, pad8};
+use crate::cuda::ops::conv_f16::{self, ConvShape, Variant, pad8};
 use crate::cuda::params::{ConvF16Params, act_code};
-use crate::cuda::tune::{self, DeviceKey, TuneCache, TuneMode};
+use crate::cuda::tune::{self, DeviceKey, Fused, TuneCache, TuneMode};
 use crate::graph::Conv;
 use crate::graph::Layout;
 
@@ -22,6 +22,8 @@ use crate::graph::Layout;
 pub(super) struct F16Bufs {
     pub(super) ws: Option<DevBuf>,
     pub(super) variants: Vec<Option<&'static Variant>>,
+    /// Each tuned op's cache key and how its variant was chosen (None without a device key).
+    pub(super) keys: Vec<Option<(String, tune::Choice)>>,
 }
 
 /// How conv variants are chosen: the mode, the device whose timings count (None: the heuristic) and
@@ -47,6 +49,8 @@ fn op_name(op: &Op) -> String {
 
 /// Per op, each conv's uploaded weights and bias; see [`upload_weights`].
 pub(super) type Uploaded = (Vec<Option<(DevBuf, DevBuf)>>, Vec<Vec<(DevBuf, DevBuf)>>);
+/// [`Uploaded`] borrowed.
+pub(super) type UploadedRef<'a> = (&'a [Option<(DevBuf, DevBuf)>], &'a [Vec<(DevBuf, DevBuf)>]);
 
 /// The f16 weights of every op: (f16 weights, f32 bias padded to 8) per conv (a pair's two convs as
 /// one matrix), the f32 1×1 weights of the heads kernel per head, None for weightless ops; a fused
@@ -221,104 +225,208 @@ fn conv_params(plan: &Plan, arena: DevBuf, c: &Conv, wb: DevBuf, bb: DevBuf) -> 
     })
 }
 
-/// Chooses each groups-1 conv's variant for `plan` and allocates the split-K workspace they need. On a
-/// device with tuning on, a shape's supported variants run on the plan's own buffers (input filled
-/// with a fixed pattern), each is checked against the heuristic's result and timed, and the fastest
-/// is kept and cached.
+/// Launches fused op `op` (depthwise + pointwise, a conv pair, a conv with the upsample-add) with
+/// variant `v` on `plan`'s arena: `w` is its uploaded weights, `rest` its further convs' (the
+/// pointwise conv of a depthwise + pointwise op). The forward pass and the tuner both launch through
+/// here, so a variant is timed exactly as the pass runs it.
+#[allow(clippy::too_many_arguments)]
+fn launch_fused(
+    r: &mut dyn KernelRunner,
+    plan: &Plan,
+    arena: DevBuf,
+    op: &Op,
+    (wb, bb): (DevBuf, DevBuf),
+    rest: &[(DevBuf, DevBuf)],
+    v: &Variant,
+    ws: Option<DevBuf>,
+) -> Result<()> {
+    let at = |t: TensorId| arena.at(2 * plan.offsets[t]);
+    match op {
+        Op::DwPw { dw, pw } => {
+            let (wpw, bpw) =
+                *rest.first().ok_or_else(|| Error::Cuda(format!("{} + {}: no pointwise weights", dw.name, pw.name)))?;
+            let (_, ih, iw) = plan.shapes[dw.input];
+            let p = ConvF16Params {
+                x: at(dw.input),
+                h: dim(ih, "height")?,
+                w: dim(iw, "width")?,
+                stride: dim(dw.stride, "stride")?,
+                pad: dim(dw.pad, "pad")?,
+                ..conv_params(plan, arena, pw, wpw, bpw)?
+            };
+            let part = ops::fused_f16::DepthwisePart { wdw: wb.ptr, bdw: bb.ptr, k: dw.kernel, act: dw.act };
+            ops::fused_f16::launch_dwpw(r, v, &pw.name, &p, &part, ws)
+        }
+        Op::ConvPair { a, b } => {
+            let pa = conv_params(plan, arena, a, wb, bb)?;
+            let split = pa.cout as usize;
+            let p = ConvF16Params { cout: dim(split + pad8(b.cout), "channels")?, ..pa };
+            let e = ops::fused_f16::ExPart {
+                split,
+                y2: at(b.output),
+                out_ctot2: plan.stored_channels(b.output),
+                out_coff2: b.out_channel_offset,
+                act2: Some(b.act),
+                ..Default::default()
+            };
+            ops::fused_f16::launch_ex(r, v, &a.name, &p, &e, ws)
+        }
+        Op::ConvUpsampleAdd { conv: c, src } => {
+            let p = conv_params(plan, arena, c, wb, bb)?;
+            let (_, uh, uw) = plan.shapes[*src];
+            if plan.stored_channels(*src) != p.cout as usize {
+                return Err(Error::Cuda(format!("{}: the upsampled map's channels differ from the conv's", c.name)));
+            }
+            let e = ops::fused_f16::ExPart { split: p.cout as usize, up: at(*src), uh, uw, ..Default::default() };
+            ops::fused_f16::launch_ex(r, v, &c.name, &p, &e, ws)
+        }
+        other => Err(Error::Cuda(format!("op {} is not a fused f16 op", op_name(other)))),
+    }
+}
+
+/// A fused op's GEMM as the tuner keys it: its shape (a pair's over both convs' padded channels),
+/// its geometry beyond that, and the tensors it reads and writes.
+type FusedGemm = (ConvShape, Fused, Vec<TensorId>, Vec<TensorId>);
+
+/// [`FusedGemm`] of `op`; None for ops that are not fused.
+fn fused_gemm(plan: &Plan, arena: DevBuf, op: &Op) -> Result<Option<FusedGemm>> {
+    // Only the shape is wanted: the weights' addresses are placeholders.
+    let p = |c: &Conv| conv_params(plan, arena, c, arena, arena);
+    Ok(Some(match op {
+        Op::DwPw { dw, pw } => {
+            let (_, h, w) = plan.shapes[dw.input];
+            let fused = Fused::DwPw { k: dw.kernel, stride: dw.stride, pad: dw.pad, h, w };
+            (p(pw)?.shape(), fused, std::iter::once(dw.input).chain(pw.residual).collect(), vec![pw.output])
+        }
+        Op::ConvPair { a, b } => {
+            let pa = p(a)?;
+            let shape = ConvF16Params { cout: pa.cout + dim(pad8(b.cout), "channels")?, ..pa }.shape();
+            (shape, Fused::Pair { split: pa.cout as usize }, vec![a.input], vec![a.output, b.output])
+        }
+        Op::ConvUpsampleAdd { conv: c, src } => {
+            let (_, uh, uw) = plan.shapes[*src];
+            (p(c)?.shape(), Fused::UpsampleAdd { uh, uw }, vec![c.input, *src], vec![c.output])
+        }
+        _ => return Ok(None),
+    }))
+}
+
+/// Chooses each groups-1 conv's and fused op's variant for `plan` and allocates the split-K
+/// workspace they need. On a device with tuning on, a shape's supported variants run on the plan's
+/// own buffers (inputs filled with a fixed pattern), each is checked against the heuristic's result
+/// and timed, and the fastest is kept and cached; a fused op is timed as the fused kernel, under its
+/// own key ([`tune::choose_op`]).
 pub(super) fn prepare(
     r: &mut dyn KernelRunner,
     graph: &Graph,
     plan: &Plan,
     arena: DevBuf,
-    weights: &[Option<(DevBuf, DevBuf)>],
+    (weights, rest): UploadedRef<'_>,
     tuning: &mut Tuning,
 ) -> Result<F16Bufs> {
     let mut variants = vec![None; graph.ops.len()];
+    let mut keys = vec![None; graph.ops.len()];
     let mut ws_bytes = 0usize;
-    let mut timed = false;
+    let mut timed_keys = std::collections::BTreeSet::new();
+    let tune_on = tuning.dev.is_some() && tuning.mode != TuneMode::Off;
     for (i, op) in graph.ops.iter().enumerate() {
-        let fused_gemm = match op {
-            Op::DwPw { pw: c, .. } | Op::ConvUpsampleAdd { conv: c, .. } => Some((c, 0)),
-            Op::ConvPair { a, b } => Some((a, pad8(b.cout))),
-            _ => None,
-        };
-        if let Some((c, extra)) = fused_gemm {
-            // A fused kernel's tile is its GEMM's (a pair's over both convs' channels); the heuristic
-            // picks it (the tuner times plain convs only: a fused op's timing would need its other
-            // buffers too).
-            let (wb, bb) = weights[i].ok_or_else(|| Error::Cuda(format!("conv {} has no weights", c.name)))?;
+        let no_weights = || Error::Cuda(format!("op {i} ({}) has no weights", op_name(op)));
+        let (shape, fused, mut timer) = if let Some((shape, fused, reads, writes)) = fused_gemm(plan, arena, op)? {
+            let (w, rest) = (weights[i].ok_or_else(no_weights)?, rest[i].as_slice());
+            let launch =
+                move |r: &mut dyn KernelRunner, v: &Variant, ws| launch_fused(r, plan, arena, op, w, rest, v, ws);
+            (shape, fused, Timer::new(plan, arena, shape, reads, writes, Box::new(launch)))
+        } else if let Op::Conv(c) = op
+            && c.groups == 1
+        {
+            let (wb, bb) = weights[i].ok_or_else(no_weights)?;
             let p = conv_params(plan, arena, c, wb, bb)?;
-            let shape = ConvF16Params { cout: p.cout + dim(extra, "channels")?, ..p }.shape();
-            let (v, _) =
-                tune::choose(TuneMode::Off, tuning.dev.as_ref(), &shape, "f16", &mut tuning.cache, |_| Ok(None))?;
-            ws_bytes = ws_bytes.max(shape.workspace_bytes(v));
-            variants[i] = Some(v);
-            continue;
-        }
-        let Op::Conv(c) = op else { continue };
-        if c.groups != 1 {
-            continue;
-        }
-        let (wb, bb) = weights[i].ok_or_else(|| Error::Cuda(format!("conv {} has no weights", c.name)))?;
-        let p = conv_params(plan, arena, c, wb, bb)?;
-        let shape = p.shape();
-        let (v, choice) = if tuning.dev.is_some() && tuning.mode != TuneMode::Off {
-            let (mode, dev) = (tuning.mode, tuning.dev.clone());
-            let mut timer = Timer::new(plan, arena, c, &p);
-            tune::choose(mode, dev.as_ref(), &shape, "f16", &mut tuning.cache, |v| timer.time(&mut *r, v))?
+            let launch = move |r: &mut dyn KernelRunner, v: &Variant, ws| conv_f16::launch(r, v, &c.name, &p, ws);
+            let (reads, writes) = (std::iter::once(c.input).chain(c.residual).collect(), vec![c.output]);
+            (p.shape(), Fused::None, Timer::new(plan, arena, p.shape(), reads, writes, Box::new(launch)))
         } else {
-            // The heuristic, for the device's SM count when there is one.
-            tune::choose(TuneMode::Off, tuning.dev.as_ref(), &shape, "f16", &mut tuning.cache, |_| Ok(None))?
+            continue;
         };
-        timed |= choice.source == "timed";
+        let dev = tuning.dev.clone();
+        let key = dev.as_ref().map(|d| tune::op_key(d, &shape, fused, "f16"));
+        // Off (or no device): the heuristic, for the device's SM count when there is one. `full`
+        // times a shape once per plan: its later ops take the choice just made.
+        let mode = match tuning.mode {
+            _ if !tune_on => TuneMode::Off,
+            TuneMode::Full if key.as_ref().is_some_and(|k| timed_keys.contains(k)) => TuneMode::Cached,
+            m => m,
+        };
+        let (v, choice) =
+            tune::choose_op(mode, dev.as_ref(), &shape, fused, "f16", &mut tuning.cache, |v| timer.time(&mut *r, v))?;
+        if choice.source == "timed" {
+            timed_keys.extend(key.clone());
+        }
         ws_bytes = ws_bytes.max(shape.workspace_bytes(v));
         variants[i] = Some(v);
+        keys[i] = key.map(|k| (k, choice));
     }
-    if timed && let Err(e) = tuning.cache.save() {
+    if !timed_keys.is_empty()
+        && let Err(e) = tuning.cache.save()
+    {
         // The choices stand for this process; only their reuse by the next one is lost.
         eprintln!("warning: the f16 tuning cache was not saved: {e}");
     }
     let ws = if ws_bytes > 0 { Some(r.alloc(ws_bytes)?) } else { None };
-    Ok(F16Bufs { ws, variants })
+    Ok(F16Bufs { ws, variants, keys })
 }
 
-/// Times the variants of one conv on the plan's buffers; the heuristic's output is the reference each
-/// variant must reproduce (within f16 rounding of a different summation order) to be timed.
+/// A launch of one op with a given variant and split-K workspace.
+type Launch<'a> = Box<dyn FnMut(&mut dyn KernelRunner, &Variant, Option<DevBuf>) -> Result<()> + 'a>;
+
+/// Times the variants of one conv or fused op on the plan's buffers; the heuristic's output is the
+/// reference each variant must reproduce (within f16 rounding of another summation order: split-K)
+/// to be timed.
 struct Timer<'a> {
     plan: &'a Plan,
     /// The plan's arena: copies address its tensors by offset in it.
     arena: DevBuf,
-    conv: &'a Conv,
-    p: ConvF16Params,
+    /// The GEMM's shape (the heuristic's choice, each variant's workspace).
+    shape: ConvShape,
+    /// The tensors the op reads (filled with a pattern) and writes (compared).
+    reads: Vec<TensorId>,
+    writes: Vec<TensorId>,
+    launch: Launch<'a>,
     /// Made on the first variant timed (a cached choice runs nothing).
-    reference: Option<Vec<f32>>,
+    reference: Option<Vec<u16>>,
 }
 
 impl<'a> Timer<'a> {
-    fn new(plan: &'a Plan, arena: DevBuf, conv: &'a Conv, p: &ConvF16Params) -> Timer<'a> {
-        Timer { plan, arena, conv, p: *p, reference: None }
+    fn new(
+        plan: &'a Plan,
+        arena: DevBuf,
+        shape: ConvShape,
+        reads: Vec<TensorId>,
+        writes: Vec<TensorId>,
+        launch: Launch<'a>,
+    ) -> Timer<'a> {
+        Timer { plan, arena, shape, reads, writes, launch, reference: None }
     }
 
-    /// Fills the input (and residual) with a fixed pattern and runs the heuristic's variant.
-    fn reference(&mut self, r: &mut dyn KernelRunner) -> Result<Vec<f32>> {
-        let (plan, c) = (self.plan, self.conv);
+    /// Fills the inputs with a fixed pattern and runs the heuristic's variant.
+    fn reference(&mut self, r: &mut dyn KernelRunner) -> Result<Vec<u16>> {
+        let plan = self.plan;
         let pattern = |len: usize| -> Vec<u16> {
             (0..len).map(|i| half::f16::from_f32(((i * 7919) % 61) as f32 / 30.0 - 1.0).to_bits()).collect()
         };
-        for t in std::iter::once(c.input).chain(c.residual) {
+        for &t in &self.reads {
             r.upload(self.arena, 2 * plan.offsets[t], bytemuck::cast_slice(&pattern(plan.elems(t))))?;
         }
-        self.run(r, conv_f16::heuristic(&self.p.shape(), conv_f16::DEFAULT_SMS), 1)?;
+        self.run(r, conv_f16::heuristic(&self.shape, conv_f16::DEFAULT_SMS), 1)?;
         self.read(r)
     }
 
     /// `reps` launches of `v`, synchronized.
-    fn run(&self, r: &mut dyn KernelRunner, v: &Variant, reps: usize) -> Result<()> {
-        let need = self.p.shape().workspace_bytes(v);
+    fn run(&mut self, r: &mut dyn KernelRunner, v: &Variant, reps: usize) -> Result<()> {
+        let need = self.shape.workspace_bytes(v);
         let ws = if need > 0 { Some(r.alloc(need)?) } else { None };
         let mut res = Ok(());
         for _ in 0..reps {
-            res = res.and_then(|_| conv_f16::launch(&mut *r, v, &self.conv.name, &self.p, ws));
+            res = res.and_then(|_| (self.launch)(&mut *r, v, ws));
         }
         let res = res.and_then(|_| r.synchronize());
         if let Some(b) = ws {
@@ -327,11 +435,15 @@ impl<'a> Timer<'a> {
         res
     }
 
-    fn read(&self, r: &mut dyn KernelRunner) -> Result<Vec<f32>> {
-        let t = self.conv.output;
-        let mut bits = vec![0u16; self.plan.elems(t)];
-        r.download(self.arena, 2 * self.plan.offsets[t], bytemuck::cast_slice_mut(&mut bits))?;
-        Ok(conv_f16::f32_from_f16_bits(&bits))
+    /// Every tensor the op writes, whole (a channel slice's neighbours are left as they were).
+    fn read(&self, r: &mut dyn KernelRunner) -> Result<Vec<u16>> {
+        let mut out = Vec::new();
+        for &t in &self.writes {
+            let mut bits = vec![0u16; self.plan.elems(t)];
+            r.download(self.arena, 2 * self.plan.offsets[t], bytemuck::cast_slice_mut(&mut bits))?;
+            out.extend_from_slice(&bits);
+        }
+        Ok(out)
     }
 
     /// Microseconds per launch of `v`, or None when it fails or disagrees with the reference.
@@ -342,9 +454,11 @@ impl<'a> Timer<'a> {
         };
         let ok = self.run(r, v, 1).is_ok() && {
             let got = self.read(r)?;
-            // Variants differ only in summation order: a couple of f16 ulps of the output's scale.
-            let mag = reference.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-            got.iter().zip(&reference).all(|(a, b)| (a - b).abs() <= 4e-3 * mag)
+            // Variants differ only in summation order (none where the K splits agree): a couple of
+            // f16 ulps of the output's scale. Equal bits also pass what the op never writes.
+            let f = |b: u16| half::f16::from_bits(b).to_f32();
+            let mag = reference.iter().fold(1.0f32, |m, &x| if f(x).is_finite() { m.max(f(x).abs()) } else { m });
+            got.iter().zip(&reference).all(|(&a, &b)| a == b || (f(a) - f(b)).abs() <= 4e-3 * mag)
         };
         self.reference = Some(reference);
         if !ok {
@@ -352,10 +466,10 @@ impl<'a> Timer<'a> {
         }
         // The simulation's launches are slow and its timings meaningless: one proves the path.
         let reps = if r.is_simulation() { 1 } else { 20 };
-        let need = self.p.shape().workspace_bytes(v);
+        let need = self.shape.workspace_bytes(v);
         let ws = if need > 0 { Some(r.alloc(need)?) } else { None };
-        let (name, p) = (&self.conv.name, &self.p);
-        let res = crate::cuda::runner::time_with_events(r, reps, |r| conv_f16::launch(r, v, name, p, ws));
+        let launch = &mut self.launch;
+        let res = crate::cuda::runner::time_with_events(r, reps, |r| launch(r, v, ws));
         if let Some(b) = ws {
             r.free(b)?;
         }
@@ -364,6 +478,21 @@ impl<'a> Timer<'a> {
 }
 
 impl GpuEngine {
+    /// The f16 plan of an n×3×h×w batch (made, and tuned, on first use): per op, its variant and,
+    /// with a device key set, its tuning cache key and how the variant was chosen; None for ops
+    /// that have no variant (depthwise convs, pools, heads).
+    #[allow(clippy::type_complexity)]
+    pub fn f16_choices(
+        &mut self,
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<Vec<Option<(&'static Variant, Option<(String, tune::Choice)>)>>> {
+        let (_, bufs) = self.plan((n, h, w, false))?;
+        let f16 = bufs.f16.as_ref().ok_or_else(|| Error::Cuda("not an f16 engine: no variant choices".into()))?;
+        Ok(f16.variants.iter().zip(&f16.keys).map(|(v, k)| v.map(|v| (v, k.clone()))).collect())
+    }
+
     /// [`GpuEngine::forward`] in f16: preprocessing into 8 padded channels, every op on the f16
     /// kernels, the heads into the f32 raw outputs.
     /// With `Heads::Fused` the heads are left to the post-processing's fused kernel.
@@ -455,56 +584,10 @@ impl GpuEngine {
                         ops::heads::launch_f16(r.as_mut(), &a, plan.stored_channels(c.input))?;
                     }
                 }
-                Op::DwPw { dw, pw } => {
-                    let (wdw, bdw) = wts()?;
-                    let (wpw, bpw) = *self.fused_rest[i]
-                        .first()
-                        .ok_or_else(|| Error::Cuda(format!("op {i} ({}) has no pointwise weights", op_name(op))))?;
+                Op::DwPw { .. } | Op::ConvPair { .. } | Op::ConvUpsampleAdd { .. } => {
                     let v =
-                        variants[i].ok_or_else(|| Error::Cuda(format!("{} + {}: no f16 variant", dw.name, pw.name)))?;
-                    let (_, ih, iw) = dims(dw.input);
-                    let p = ConvF16Params {
-                        x: at(dw.input),
-                        h: dim(ih, "height")?,
-                        w: dim(iw, "width")?,
-                        stride: dim(dw.stride, "stride")?,
-                        pad: dim(dw.pad, "pad")?,
-                        ..conv_params(&plan, arena, pw, wpw, bpw)?
-                    };
-                    let part = ops::fused_f16::DepthwisePart { wdw: wdw.ptr, bdw: bdw.ptr, k: dw.kernel, act: dw.act };
-                    ops::fused_f16::launch_dwpw(r.as_mut(), v, &pw.name, &p, &part, ws)?;
-                }
-                Op::ConvPair { a, b } => {
-                    let (wb, bb) = wts()?;
-                    let v =
-                        variants[i].ok_or_else(|| Error::Cuda(format!("{} + {}: no f16 variant", a.name, b.name)))?;
-                    let pa = conv_params(&plan, arena, a, wb, bb)?;
-                    let split = pa.cout as usize;
-                    let p = ConvF16Params { cout: dim(split + pad8(b.cout), "channels")?, ..pa };
-                    let e = ops::fused_f16::ExPart {
-                        split,
-                        y2: at(b.output),
-                        out_ctot2: plan.stored_channels(b.output),
-                        out_coff2: b.out_channel_offset,
-                        act2: Some(b.act),
-                        ..Default::default()
-                    };
-                    ops::fused_f16::launch_ex(r.as_mut(), v, &a.name, &p, &e, ws)?;
-                }
-                Op::ConvUpsampleAdd { conv: c, src } => {
-                    let (wb, bb) = wts()?;
-                    let v = variants[i].ok_or_else(|| Error::Cuda(format!("{}: no f16 variant", c.name)))?;
-                    let p = conv_params(&plan, arena, c, wb, bb)?;
-                    let (_, uh, uw) = dims(*src);
-                    if plan.stored_channels(*src) != p.cout as usize {
-                        return Err(Error::Cuda(format!(
-                            "{}: the upsampled map's channels differ from the conv's",
-                            c.name
-                        )));
-                    }
-                    let e =
-                        ops::fused_f16::ExPart { split: p.cout as usize, up: at(*src), uh, uw, ..Default::default() };
-                    ops::fused_f16::launch_ex(r.as_mut(), v, &c.name, &p, &e, ws)?;
+                        variants[i].ok_or_else(|| Error::Cuda(format!("op {i} ({}): no f16 variant", op_name(op))))?;
+                    launch_fused(r.as_mut(), &plan, arena, op, wts()?, &self.fused_rest[i], v, ws)?;
                 }
                 Op::MaxPool { input, output } => {
                     let (_, ih, iw) = dims(*input);

@@ -3,6 +3,12 @@
 //! disk keyed by GPU name, compute capability, driver, shape and dtype. Without a GPU, or with
 //! `--tune off`, the deterministic [`conv_f16::heuristic`] picks.
 //!
+//! The fused f16 ops (depthwise + pointwise, SSH pairs, FPN lateral + upsample-add) run the same
+//! tiles as the plain convs with another A or epilogue ([`super::ops::fused_f16`]), so they are
+//! tuned the same way over the same variants, but under keys of their own ([`Fused`]): a fused
+//! kernel's cost is not its GEMM's (the depthwise tile is remade per column of output channels, the
+//! epilogue reads the upsampled map), so a plain conv's choice does not carry over.
+//!
 //! Modes: `off` (heuristic, no timing), `cached` (cached choices; shapes missing from the cache are
 //! timed once and added), `full` (every shape re-timed, the cache overwritten).
 
@@ -61,9 +67,45 @@ pub fn cache_key(dev: &DeviceKey, s: &ConvShape, dtype: &str) -> String {
     )
 }
 
+/// What runs a tuned GEMM shape besides the plain conv kernel: the fused op's own geometry, which the
+/// GEMM shape (`n` × `oh` × `ow` pixels, K and N) does not say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fused {
+    /// conv_f16_*: a plain groups-1 conv.
+    None,
+    /// conv_dwpw_f16_*: a k×k depthwise conv (stride, pad) of an h × w map, then the 1×1 GEMM.
+    DwPw { k: usize, stride: usize, pad: usize, h: usize, w: usize },
+    /// conv_ex_f16_* as two convs of one input: output channels below `split` go to the first.
+    Pair { split: usize },
+    /// conv_ex_f16_* with the nearest upsample of a uh × uw map added in the epilogue.
+    UpsampleAdd { uh: usize, uw: usize },
+}
+
+/// The cache key of `s` run as `fused`: a plain conv's is [`cache_key`]'s (caches written before
+/// fused ops were tuned stay valid); a fused op's adds its kernel and geometry.
+pub fn op_key(dev: &DeviceKey, s: &ConvShape, fused: Fused, dtype: &str) -> String {
+    let key = cache_key(dev, s, dtype);
+    match fused {
+        Fused::None => key,
+        Fused::DwPw { k, stride, pad, h, w } => format!("{key}|dwpw k{k} s{stride} p{pad} from {h}x{w}"),
+        Fused::Pair { split } => format!("{key}|pair split {split}"),
+        Fused::UpsampleAdd { uh, uw } => format!("{key}|upsample-add from {uh}x{uw}"),
+    }
+}
+
 /// Whether `v` can run `s` on a device of compute capability `sm` (e.g. 90).
 pub fn supported(v: &Variant, s: &ConvShape, sm: u32) -> bool {
     sm >= v.min_sm && (v.split_k == 1 || s.k_tiles() >= 2 * v.split_k)
+}
+
+/// Whether `v` can run `s` as `fused` on `sm`: [`supported`], and the fused family has `v`'s tile.
+pub fn supported_fused(v: &Variant, s: &ConvShape, fused: Fused, sm: u32) -> bool {
+    let kernel = match fused {
+        Fused::None => Ok(v.kernel),
+        Fused::DwPw { .. } => super::ops::fused_f16::dwpw_kernel(v),
+        Fused::Pair { .. } | Fused::UpsampleAdd { .. } => super::ops::fused_f16::ex_kernel(v),
+    };
+    kernel.is_ok() && supported(v, s, sm)
 }
 
 /// A variant kept for a shape, and how it was chosen.
@@ -130,6 +172,20 @@ pub fn choose(
     s: &ConvShape,
     dtype: &str,
     cache: &mut TuneCache,
+    time: impl FnMut(&'static Variant) -> Result<Option<f64>>,
+) -> Result<(&'static Variant, Choice)> {
+    choose_op(mode, dev, s, Fused::None, dtype, cache, time)
+}
+
+/// [`choose`] for `s` run as `fused`: the candidates are the variants the fused family has
+/// ([`supported_fused`]), the key [`op_key`]'s; the heuristic is the GEMM shape's.
+pub fn choose_op(
+    mode: TuneMode,
+    dev: Option<&DeviceKey>,
+    s: &ConvShape,
+    fused: Fused,
+    dtype: &str,
+    cache: &mut TuneCache,
     mut time: impl FnMut(&'static Variant) -> Result<Option<f64>>,
 ) -> Result<(&'static Variant, Choice)> {
     let heuristic = |sms: usize| {
@@ -140,15 +196,15 @@ pub fn choose(
         return Ok(heuristic(dev.map_or(conv_f16::DEFAULT_SMS, |d| d.sms)));
     };
     let sm = dev.compute_capability.0 * 10 + dev.compute_capability.1;
-    let key = cache_key(dev, s, dtype);
+    let key = op_key(dev, s, fused, dtype);
     if mode == TuneMode::Cached
         && let Some(c) = cache.entries.get(&key)
-        && let Some(v) = conv_f16::variant(&c.variant).filter(|v| supported(v, s, sm))
+        && let Some(v) = conv_f16::variant(&c.variant).filter(|v| supported_fused(v, s, fused, sm))
     {
         return Ok((v, Choice { source: "cache".into(), ..c.clone() }));
     }
     let mut best: Option<(&'static Variant, f64)> = None;
-    for v in VARIANTS.iter().filter(|v| supported(v, s, sm)) {
+    for v in VARIANTS.iter().filter(|v| supported_fused(v, s, fused, sm)) {
         if let Some(us) = time(v)?
             && best.is_none_or(|(_, b)| us < b)
         {
@@ -242,6 +298,47 @@ mod tests {
             let (v, c) = choose(mode, d.as_ref(), &shape(), "f16", &mut cache, |_| panic!("timed")).unwrap();
             assert_eq!((v, c.source.as_str()), (conv_f16::heuristic(&shape(), 132), "heuristic"));
         }
+    }
+
+    #[test]
+    fn fused_ops_are_keyed_and_timed_apart_from_their_gemm() {
+        let s = ConvShape { cin: 64, cout: 64, k: 1, pad: 0, ..shape() };
+        let plain = cache_key(&dev(), &s, "f16");
+        assert_eq!(op_key(&dev(), &s, Fused::None, "f16"), plain);
+        let fused = [
+            (Fused::DwPw { k: 3, stride: 2, pad: 1, h: 80, w: 79 }, "dwpw k3 s2 p1 from 80x79"),
+            (Fused::Pair { split: 32 }, "pair split 32"),
+            (Fused::UpsampleAdd { uh: 20, uw: 21 }, "upsample-add from 20x21"),
+        ];
+        let keys: Vec<String> = fused.iter().map(|(f, _)| op_key(&dev(), &s, *f, "f16")).collect();
+        for ((_, part), k) in fused.iter().zip(&keys) {
+            assert!(k.starts_with(&plain) && k.contains(part), "{k} lacks {part}");
+        }
+        assert_ne!(keys[0], op_key(&dev(), &s, Fused::DwPw { k: 3, stride: 1, pad: 1, h: 80, w: 79 }, "f16"));
+        // A plain conv's cached choice for the same GEMM does not answer for the fused op: it is timed
+        // over every variant its family has, stored under its own key, then read back.
+        let mut cache = TuneCache::default();
+        cache
+            .entries
+            .insert(plain, Choice { variant: "conv_f16_128x8".into(), micros: Some(1.0), source: "timed".into() });
+        let f = fused[0].0;
+        let mut timed = Vec::new();
+        let (v, c) = choose_op(TuneMode::Cached, Some(&dev()), &s, f, "f16", &mut cache, |v| {
+            timed.push(v.name);
+            Ok(Some(if v.name == "conv_f16_128x32" { 1.0 } else { 2.0 }))
+        })
+        .unwrap();
+        assert_eq!((v.name, c.source.as_str()), ("conv_f16_128x32", "timed"));
+        let want: Vec<&str> = VARIANTS.iter().filter(|v| supported_fused(v, &s, f, 90)).map(|v| v.name).collect();
+        assert_eq!(timed, want);
+        assert!(want.len() >= 6, "{want:?}");
+        assert_eq!(cache.entries[&keys[0]].variant, "conv_f16_128x32");
+        let (v, c) =
+            choose_op(TuneMode::Cached, Some(&dev()), &s, f, "f16", &mut cache, |_| panic!("timed again")).unwrap();
+        assert_eq!((v.name, c.source.as_str()), ("conv_f16_128x32", "cache"));
+        // Off: the GEMM shape's heuristic.
+        let (v, _) = choose_op(TuneMode::Off, Some(&dev()), &s, f, "f16", &mut cache, |_| panic!("timed")).unwrap();
+        assert_eq!(v, conv_f16::heuristic(&s, 132));
     }
 
     #[test]
