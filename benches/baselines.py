@@ -536,6 +536,8 @@ def main():
                 for lv in levels:
                     time.sleep(1)  # the other runtimes' idle worker threads stop spinning before ours start
                     env = dict(os.environ)
+                    # The same thread count as the baselines (rayon's pool otherwise takes every core).
+                    env["RAYON_NUM_THREADS"] = str(a.threads)
                     env.pop("RETINAFACE_CPU_AVX512", None)
                     if lv is None:
                         env.pop("RETINAFACE_CPU_ISA", None)
