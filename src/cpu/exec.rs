@@ -198,21 +198,36 @@ fn views<'a, const K: usize>(
     Ok((o, res))
 }
 
+/// An op's output view, its input view and its residual view, if any.
+type ConvViews<'a> = (&'a mut [f32], &'a [f32], Option<&'a [f32]>);
+
+/// The views of an op that reads `input` (and `residual`, if any) and writes `output`.
+fn conv_views<'a>(
+    arena: &'a mut [f32],
+    plan: &Plan,
+    input: TensorId,
+    output: TensorId,
+    residual: Option<TensorId>,
+) -> Result<ConvViews<'a>> {
+    let out = plan.range(output);
+    match residual {
+        Some(r) => {
+            let (o, [x, res]) = views(arena, out, [plan.range(input), plan.range(r)])?;
+            Ok((o, x, Some(res)))
+        }
+        None => {
+            let (o, [x]) = views(arena, out, [plan.range(input)])?;
+            Ok((o, x, None))
+        }
+    }
+}
+
 /// One conv of `plan` in `arena` (the reference `ops::conv2d`).
 fn conv_op(c: &Conv, plan: &Plan, arena: &mut [f32]) -> Result<()> {
     let (_, ih, iw) = plan.shapes[c.input];
     let (oc, _, _) = plan.shapes[c.output];
-    let out = plan.range(c.output);
-    match c.residual {
-        Some(r) => {
-            let (o, [x, res]) = views(arena, out, [plan.range(c.input), plan.range(r)])?;
-            conv::conv2d(c, x, plan.n, ih, iw, o, oc, Some(res));
-        }
-        None => {
-            let (o, [x]) = views(arena, out, [plan.range(c.input)])?;
-            conv::conv2d(c, x, plan.n, ih, iw, o, oc, None);
-        }
-    }
+    let (o, x, res) = conv_views(arena, plan, c.input, c.output, c.residual)?;
+    conv::conv2d(c, x, plan.n, ih, iw, o, oc, res);
     Ok(())
 }
 
@@ -227,17 +242,8 @@ fn dwpw_op(dw: &Conv, pw: &Conv, plan: &Plan, arena: &mut [f32]) -> Result<()> {
         return conv_op(pw, plan, arena);
     }
     let (oc, _, _) = plan.shapes[pw.output];
-    let out = plan.range(pw.output);
-    match pw.residual {
-        Some(r) => {
-            let (o, [x, res]) = views(arena, out, [plan.range(dw.input), plan.range(r)])?;
-            conv::dwpw::conv(level, dw, pw, x, plan.n, ih, iw, o, oc, Some(res));
-        }
-        None => {
-            let (o, [x]) = views(arena, out, [plan.range(dw.input)])?;
-            conv::dwpw::conv(level, dw, pw, x, plan.n, ih, iw, o, oc, None);
-        }
-    }
+    let (o, x, res) = conv_views(arena, plan, dw.input, pw.output, pw.residual)?;
+    conv::dwpw::conv(level, dw, pw, x, plan.n, ih, iw, o, oc, res);
     Ok(())
 }
 
@@ -253,17 +259,8 @@ fn invres_op(ex: &Conv, dw: &Conv, pw: &Conv, plan: &Plan, arena: &mut [f32]) ->
         return dwpw_op(dw, pw, plan, arena);
     }
     let (oc, _, _) = plan.shapes[pw.output];
-    let out = plan.range(pw.output);
-    match pw.residual {
-        Some(r) => {
-            let (o, [x, res]) = views(arena, out, [plan.range(ex.input), plan.range(r)])?;
-            conv::dwpw::invres(level, ex, dw, pw, x, plan.n, ih, iw, o, oc, Some(res));
-        }
-        None => {
-            let (o, [x]) = views(arena, out, [plan.range(ex.input)])?;
-            conv::dwpw::invres(level, ex, dw, pw, x, plan.n, ih, iw, o, oc, None);
-        }
-    }
+    let (o, x, res) = conv_views(arena, plan, ex.input, pw.output, pw.residual)?;
+    conv::dwpw::invres(level, ex, dw, pw, x, plan.n, ih, iw, o, oc, res);
     Ok(())
 }
 

@@ -15,21 +15,19 @@ pub fn preprocess(bgr: &[u8], h: usize, w: usize, out: &mut [f32]) {
     let m = crate::reference::BGR_MEAN;
     // Bands of at least 16 rows, about four per thread.
     let rows = h.div_ceil(4 * rayon::current_num_threads()).max(16).min(h.max(1));
-    let band = rows * w;
+    let band = (rows * w).max(1);
     let (b, rest) = out.split_at_mut(h * w);
     let (g, r) = rest.split_at_mut(h * w);
-    b.par_chunks_mut(band.max(1))
-        .zip(g.par_chunks_mut(band.max(1)))
-        .zip(r.par_chunks_mut(band.max(1)))
-        .enumerate()
-        .for_each(|(i, ((b, g), r))| {
+    b.par_chunks_mut(band).zip(g.par_chunks_mut(band)).zip(r.par_chunks_mut(band)).enumerate().for_each(
+        |(i, ((b, g), r))| {
             let px = &bgr[i * band * 3..][..b.len() * 3];
             for (j, p) in px.chunks_exact(3).enumerate() {
                 b[j] = p[0] as f32 - m[0];
                 g[j] = p[1] as f32 - m[1];
                 r[j] = p[2] as f32 - m[2];
             }
-        });
+        },
+    );
 }
 
 /// 3×3 stride-2 max-pool, padding 1 counted as −∞. `x` [n·c, h, w] → `out` [n·c, oh, ow].

@@ -1,7 +1,7 @@
 //! The direct path for convolutions with few taps per output (the 3→8 stem and the 8→16 pointwise
 //! layers of MobileNet x0.25), where a GEMM would spend its time packing.
 
-use super::common::{min_tasks, SharedMut, epilogue};
+use super::common::{SharedMut, epilogue, min_tasks};
 use crate::cpu::isa::{Isa, avx2_dispatch};
 use crate::cpu::rows::{split_even_odd, valid_columns};
 use crate::graph::Conv;

@@ -13,7 +13,7 @@
 //! then the epilogue; the pointwise is the same micro-kernel over the same packed weights in the same k
 //! order. The only difference is the sign of a zero where every tap is outside the image.
 
-use super::common::{min_tasks, SharedMut, epilogue_fast, store_grid};
+use super::common::{SharedMut, epilogue_fast, min_tasks, store_grid};
 use super::igemm::{self, Kernel, conflict_free_stride};
 use super::tile::{MR, NR};
 use crate::cpu::isa::Isa;
@@ -482,17 +482,46 @@ mod tests {
         }
     }
 
+    /// Uniform values in [−1, 1) from a fixed seed.
+    fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+        move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / 16777216.0) * 2.0 - 1.0
+        }
+    }
+
+    /// `got` against the reference `want` (f32 rounding) and bit for bit against `composed`, channels
+    /// `off..off + cout` of `oc` planes of `plane` pixels; the other channels unwritten (NaN).
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        got: &[f32],
+        want: &[f32],
+        composed: &[f32],
+        plane: usize,
+        oc: usize,
+        off: usize,
+        cout: usize,
+        what: &str,
+    ) {
+        for (i, ((g, e), m)) in got.iter().zip(want).zip(composed).enumerate() {
+            let ch = (i / plane) % oc;
+            let at = format!("{what}: element {i} (channel {ch})");
+            if ch < off || ch >= off + cout {
+                assert!(g.is_nan(), "{at}: written outside the conv's channels");
+                continue;
+            }
+            assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "{at}: {g} vs reference {e}");
+            assert!(g == m, "{at}: {g} vs the composition's {m}");
+        }
+    }
+
     /// The fused pair against the reference composition (f32 rounding) and against the fast paths'
     /// composition at the same level (the same sums in the same order: equal values), on the shapes of
     /// the MobileNets and odd ones: stride 1 and 2, odd and tiny sizes, batches, a residual, an output
     /// channel offset, several bands, and more input channels than one reduction pass (KC).
     #[test]
     fn fused_depthwise_pointwise_equals_the_composition_at_every_level() {
-        let mut seed = 7u64;
-        let mut rnd = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / 16777216.0) * 2.0 - 1.0
-        };
+        let mut rnd = uniform(7);
         // (n, c, cout, stride, h, w, residual, offset)
         let cases = [
             (1, 8, 16, 1, 37, 41, false, 0),
@@ -531,16 +560,8 @@ mod tests {
                 step(&pw, &fast_mid, oh, ow, &mut composed, oc, res.as_deref());
                 let mut got = vec![f32::NAN; n * oc * oh * ow];
                 super::conv(level, &dw, &pw, &x, n, h, w, &mut got, oc, res.as_deref());
-                for (i, ((g, e), m)) in got.iter().zip(&want).zip(&composed).enumerate() {
-                    let ch = (i / (oh * ow)) % oc;
-                    let at = format!("{level:?} n{n} c{c}->{cout} s{s} {h}x{w}: element {i} (channel {ch})");
-                    if ch < off || ch >= off + cout {
-                        assert!(g.is_nan(), "{at}: written outside the conv's channels");
-                        continue;
-                    }
-                    assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "{at}: {g} vs reference {e}");
-                    assert!(g == m, "{at}: {g} vs the composition's {m}");
-                }
+                let what = format!("{level:?} n{n} c{c}->{cout} s{s} {h}x{w}");
+                check(&got, &want, &composed, oh * ow, oc, off, cout, &what);
             }
         }
     }
@@ -551,11 +572,7 @@ mod tests {
     /// channels than one reduction pass, expansions not a multiple of the micro-tile's rows.
     #[test]
     fn fused_inverted_residual_equals_the_composition_at_every_level() {
-        let mut seed = 11u64;
-        let mut rnd = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / 16777216.0) * 2.0 - 1.0
-        };
+        let mut rnd = uniform(11);
         // (n, cin, hidden, cout, stride, h, w, residual, offset)
         let cases = [
             (1, 16, 96, 24, 2, 41, 38, false, 0),
@@ -593,16 +610,8 @@ mod tests {
                 super::conv(level, &dw, &pw, &fast_e, n, h, w, &mut composed, oc, res.as_deref());
                 let mut got = vec![f32::NAN; n * oc * oh * ow];
                 invres(level, &ex, &dw, &pw, &x, n, h, w, &mut got, oc, res.as_deref());
-                for (i, ((g, e), m)) in got.iter().zip(&want).zip(&composed).enumerate() {
-                    let ch = (i / (oh * ow)) % oc;
-                    let at = format!("{level:?} n{n} {cin}->{hid}->{cout} s{s} {h}x{w}: element {i} (channel {ch})");
-                    if ch < off || ch >= off + cout {
-                        assert!(g.is_nan(), "{at}: written outside the conv's channels");
-                        continue;
-                    }
-                    assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "{at}: {g} vs reference {e}");
-                    assert!(g == m, "{at}: {g} vs the composition's {m}");
-                }
+                let what = format!("{level:?} n{n} {cin}->{hid}->{cout} s{s} {h}x{w}");
+                check(&got, &want, &composed, oh * ow, oc, off, cout, &what);
             }
         }
     }

@@ -1,7 +1,7 @@
 //! im2col + GEMM (the gemm crate) for dense convolutions no faster path takes; a 1×1 stride-1
 //! convolution multiplies straight on the input planes.
 
-use super::common::{COLUMN_BUDGET, min_tasks, SharedMut, epilogue_fast};
+use super::common::{COLUMN_BUDGET, SharedMut, epilogue_fast, min_tasks};
 use crate::cpu::isa::Isa;
 use crate::cpu::rows::valid_columns;
 use crate::graph::Conv;

@@ -18,7 +18,7 @@
 //! Each output sums its products in k order, in one thread: results do not depend on the thread
 //! count, and differ from the definition only by f32 rounding (fused multiply-adds).
 
-use super::common::{min_tasks, SharedMut, store_grid};
+use super::common::{SharedMut, min_tasks, store_grid};
 use super::tile::{MR, NR};
 use crate::cpu::isa::Isa;
 use crate::cpu::rows::valid_columns;

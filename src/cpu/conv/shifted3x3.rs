@@ -1,7 +1,7 @@
 //! 3×3 stride-1 convolutions as nine shifted GEMMs on a zero-padded plane (the portable level's path for
 //! the networks' 3×3 layers).
 
-use super::common::{COLUMN_BUDGET, min_tasks, SharedMut, store_grid};
+use super::common::{COLUMN_BUDGET, SharedMut, min_tasks, store_grid};
 use crate::cpu::isa::Isa;
 use crate::graph::Conv;
 use rayon::prelude::*;
