@@ -17,6 +17,7 @@ use super::common::{SharedMut, epilogue_fast, min_tasks, store_grid};
 use super::igemm::{self, Kernel, conflict_free_stride};
 use super::tile::{MR, NR};
 use crate::cpu::isa::Isa;
+use crate::cpu::rows::deinterleave;
 use crate::graph::Conv;
 use crate::reference::out_size;
 use rayon::prelude::*;
@@ -351,11 +352,11 @@ pub(super) fn depthwise3x3_rows(
     // Stride 2: the input rows, each split once into even and odd padded columns.
     let half = (w + 2).div_ceil(2);
     let top = (2 * y0) as isize - 1;
-    split.clear();
+    // Rows outside the image are not split (`present` skips them), so no slot needs clearing here.
     split.resize((2 * rows + 1) * 2 * half, 0.0);
     for (i, part) in split.chunks_exact_mut(2 * half).enumerate() {
         if let Some(src) = line(top + i as isize) {
-            split_padded(src, part, half);
+            split_padded(level, src, part, half);
         }
     }
     for (r, row) in dst.chunks_exact_mut(ow).enumerate() {
@@ -366,18 +367,19 @@ pub(super) fn depthwise3x3_rows(
 
 /// A row padded by one zero column on the left, split into its even padded columns (`split[..half]`)
 /// and odd ones (`split[half..]`): padded column j is input column j − 1, and padded column 2x + kx is
-/// tap kx of stride-2 output x. `split` is zeroed by the caller (the padding stays zero).
+/// tap kx of stride-2 output x. Every slot is written (the padding with zeros).
 #[inline(always)]
-fn split_padded(src: &[f32], split: &mut [f32], half: usize) {
+fn split_padded(level: Isa, src: &[f32], split: &mut [f32], half: usize) {
     let (even, odd) = split.split_at_mut(half);
     // Input column 2k is padded column 2k + 1 (odd slot k); input column 2k + 1 is even slot k + 1.
-    for (k, pair) in src.chunks_exact(2).enumerate() {
-        odd[k] = pair[0];
-        even[k + 1] = pair[1];
+    let w = src.len();
+    deinterleave(level, src, odd, &mut even[1..]);
+    even[0] = 0.0;
+    even[w / 2 + 1..].fill(0.0);
+    if w % 2 == 1 {
+        odd[w / 2] = src[w - 1];
     }
-    if src.len() % 2 == 1 {
-        odd[src.len() / 2] = src[src.len() - 1];
-    }
+    odd[w.div_ceil(2)..].fill(0.0);
 }
 
 /// Stride 1: interior columns vectorised over the three rows' shifted slices; the two edge columns,

@@ -21,6 +21,7 @@ use super::common::{SharedMut, store_epilogue_fast};
 use super::igemm::{self, Kernel, conflict_free_stride};
 use super::tile::{MR, NR};
 use crate::cpu::isa::Isa;
+use crate::cpu::rows::{deinterleave, interleave};
 use crate::graph::Conv;
 use rayon::prelude::*;
 
@@ -187,6 +188,7 @@ impl Band<'_> {
             for r in 0..rows {
                 input_transform_fast(
                     self.level,
+                    self.level,
                     input,
                     self.h,
                     self.w,
@@ -239,7 +241,7 @@ impl Band<'_> {
             }
             // Every slot is written by the transform: grown once, never cleared.
             tmp.resize(6 * tw, 0.0);
-            output_transform_fast(self.level, m, at.0, at.1, tw, dy, tmp);
+            output_transform_fast(self.level, self.level, m, at.0, at.1, tw, dy, tmp);
             // SAFETY: output row oy of this channel belongs to this task alone (its band of tile rows).
             let orow = unsafe { std::slice::from_raw_parts_mut(self.out.get().add(base + oy * ow), ow) };
             let res_row = res.map(|r| &r[oy * ow..(oy + 1) * ow]);
@@ -253,6 +255,7 @@ impl Band<'_> {
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn input_transform(
+    level: Isa,
     input: &[f32],
     h: usize,
     w: usize,
@@ -283,10 +286,7 @@ fn input_transform(
         if w % 2 == 1 {
             even[tw] = 0.0;
         }
-        for (k, pair) in src.chunks_exact(2).enumerate() {
-            odd[k] = pair[0];
-            even[k + 1] = pair[1];
-        }
+        deinterleave(level, src, odd, &mut even[1..]);
         if w % 2 == 1 {
             odd[w / 2] = src[w - 1];
         }
@@ -323,7 +323,7 @@ fn input_transform(
 /// (dy, dx) of tile tx to `out[2tx + dx]`; m[e] of tile tx at `m[at + e·e_stride + tx]`. `tmp` holds
 /// the four columns of row dy of Aᵀ m (4·tw floats), then the row (2·tw).
 #[inline(always)]
-fn output_transform(m: &[f32], at: usize, e_stride: usize, tw: usize, dy: usize, tmp: &mut [f32]) {
+fn output_transform(level: Isa, m: &[f32], at: usize, e_stride: usize, tw: usize, dy: usize, tmp: &mut [f32]) {
     let me = |e: usize| &m[at + e * e_stride..][..tw];
     let (cols, out) = tmp.split_at_mut(4 * tw);
     for (j, dst) in cols.chunks_exact_mut(tw).enumerate() {
@@ -334,14 +334,15 @@ fn output_transform(m: &[f32], at: usize, e_stride: usize, tw: usize, dy: usize,
             dst.iter_mut().zip(b.iter().zip(c).zip(d)).for_each(|(o, ((b, c), d))| *o = b - c - d);
         }
     }
-    let (c0, rest) = cols.split_at(tw);
-    let (c1, rest) = rest.split_at(tw);
-    let (c2, c3) = rest.split_at(tw);
-    for (px, (((a, b), c), d)) in out.chunks_exact_mut(2).zip(c0.iter().zip(c1).zip(c2).zip(c3)) {
-        px[0] = a + b + c;
-        px[1] = b - c - d;
-    }
+    let (c0, rest) = cols.split_at_mut(tw);
+    let (c1, rest) = rest.split_at_mut(tw);
+    let (c2, c3) = rest.split_at_mut(tw);
+    // Column 1 of the tile row into c3, column 0 into c0 (each element read before it is overwritten),
+    // then the two interleaved into the pixel row.
+    c3.iter_mut().zip(c1.iter().zip(c2.iter())).for_each(|(d, (b, c))| *d = b - c - *d);
+    c0.iter_mut().zip(c1.iter().zip(c2.iter())).for_each(|(a, (b, c))| *a = *a + b + c);
+    interleave(level, c0, c3, &mut out[..2 * tw]);
 }
 
-crate::cpu::isa::avx_dispatch!(input_transform_fast, input_transform_avx2, input_transform_avx512, input_transform, (input: &[f32], h: usize, w: usize, ty: usize, tw: usize, split: &mut Vec<f32>, rt: &mut Vec<f32>, v: &mut [f32], at: usize, e_stride: usize));
-crate::cpu::isa::avx_dispatch!(output_transform_fast, output_transform_avx2, output_transform_avx512, output_transform, (m: &[f32], at: usize, e_stride: usize, tw: usize, dy: usize, tmp: &mut [f32]));
+crate::cpu::isa::avx_dispatch!(input_transform_fast, input_transform_avx2, input_transform_avx512, input_transform, (level: Isa, input: &[f32], h: usize, w: usize, ty: usize, tw: usize, split: &mut Vec<f32>, rt: &mut Vec<f32>, v: &mut [f32], at: usize, e_stride: usize));
+crate::cpu::isa::avx_dispatch!(output_transform_fast, output_transform_avx2, output_transform_avx512, output_transform, (level: Isa, m: &[f32], at: usize, e_stride: usize, tw: usize, dy: usize, tmp: &mut [f32]));
