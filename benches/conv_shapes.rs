@@ -12,7 +12,7 @@
 //! the process's CPU time instead of the wall clock: with `RAYON_NUM_THREADS=1` that is the work alone,
 //! which time-slicing with other processes on a loaded machine does not inflate.
 
-use retinaface::cpu::conv::{conv2d, dwpw};
+use retinaface::cpu::conv::{conv2d, conv2d_pair, dwpw};
 use retinaface::model::graph::{Act, Conv};
 use retinaface::reference::out_size;
 use std::time::Instant;
@@ -54,6 +54,10 @@ fn main() {
         ("ResNet-50 downsample 1x1 s2", 256, 512, 1, 2, 160, 160),
         ("ResNet-50 downsample 1x1 s2", 1024, 2048, 1, 2, 40, 40),
         ("FPN merge 3x3", 128, 128, 3, 1, 80, 80),
+        ("FPN merge 3x3 40x40", 128, 128, 3, 1, 40, 40),
+        ("ResNet FPN merge 3x3", 256, 256, 3, 1, 80, 80),
+        ("ResNet SSH conv3X3", 256, 128, 3, 1, 80, 80),
+        ("ResNet SSH conv3X3 40x40", 256, 128, 3, 1, 40, 40),
         ("MobileNet stem 3x3 s2", 3, 32, 3, 2, 640, 640),
         ("MobileNetV1 1x1 32->64", 32, 64, 1, 1, 320, 320),
         ("MobileNetV1 1x1 128->128", 128, 128, 1, 1, 160, 160),
@@ -67,6 +71,7 @@ fn main() {
         ("x0.25 pw 32->32", 32, 32, 1, 1, 160, 160),
         ("x0.25 pw 64->64 40x40", 64, 64, 1, 1, 40, 40),
         ("x0.25 FPN merge 3x3 64", 64, 64, 3, 1, 80, 80),
+        ("x0.25 FPN merge 3x3 64 40x40", 64, 64, 3, 1, 40, 40),
         ("x0.25 SSH 3x3 64->48", 64, 48, 3, 1, 80, 80),
         ("x1.0 SSH conv3X3", 128, 64, 3, 1, 80, 80),
         ("x1.0 SSH conv5X5_1", 128, 32, 3, 1, 80, 80),
@@ -118,6 +123,67 @@ fn main() {
         println!("{what:<26} {shape:>22} {:>10.2} {:>8.1}", best * 1e3, flop / best * 1e-9);
     }
     dwpw_pairs(&filter);
+    conv_pairs(&filter);
+}
+
+/// SSH's convolution pairs (two 3×3 convs of one input, `Op::ConvPair`): one GEMM over both weight sets
+/// (`conv2d_pair`) against the two convolutions each on its own path, in the same run.
+fn conv_pairs(filter: &[String]) {
+    // (what, cin, first cout, second cout, h, w)
+    let pairs = [
+        ("x0.25 SSH pair 1", 64, 32, 16, 80, 80),
+        ("x0.25 SSH pair 2", 16, 16, 16, 80, 80),
+        ("x1.0 SSH pair 1", 128, 64, 32, 80, 80),
+        ("x1.0 SSH pair 1 40x40", 128, 64, 32, 40, 40),
+        ("x1.0 SSH pair 2", 32, 32, 32, 80, 80),
+        ("ResNet SSH pair 1", 256, 128, 64, 80, 80),
+        ("ResNet SSH pair 1 40x40", 256, 128, 64, 40, 40),
+        ("ResNet SSH pair 2", 64, 64, 64, 80, 80),
+    ];
+    println!("\n{:<26} {:>22} {:>10} {:>10} {:>8}", "conv pair", "shape", "joint ms", "apart", "speed-up");
+    for (what, cin, ca, cb, h, w) in pairs {
+        if !filter.is_empty() && !filter.iter().any(|f| what.contains(f.as_str())) {
+            continue;
+        }
+        let make = |cout: usize, act: Act| Conv {
+            name: what.into(),
+            input: 0,
+            output: 1,
+            out_channel_offset: 0,
+            cin,
+            cout,
+            kernel: 3,
+            stride: 1,
+            pad: 1,
+            groups: 1,
+            weight: (0..cout * cin * 9).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect(),
+            bias: vec![0.1; cout],
+            residual: None,
+            act,
+            packed: Default::default(),
+        };
+        let (a, b) = (make(ca, Act::Leaky(0.0)), make(cb, Act::Leaky(0.1)));
+        let x: Vec<f32> = (0..cin * h * w).map(|i| ((i * 104729) % 997) as f32 * 1e-3).collect();
+        let (mut ya, mut yb) = (vec![0.0; ca * h * w], vec![0.0; cb * h * w]);
+        let best = |f: &mut dyn FnMut()| {
+            f();
+            (0..20)
+                .map(|_| {
+                    cool_caches();
+                    let t = now();
+                    f();
+                    now() - t
+                })
+                .fold(f64::MAX, f64::min)
+        };
+        let joint = best(&mut || conv2d_pair(&a, &b, &x, 1, h, w, &mut ya, ca, &mut yb, cb));
+        let apart = best(&mut || {
+            conv2d(&a, &x, 1, h, w, &mut ya, ca, None);
+            conv2d(&b, &x, 1, h, w, &mut yb, cb, None);
+        });
+        let shape = format!("{cin}->{ca}+{cb} {h}x{w}");
+        println!("{what:<26} {shape:>22} {:>10.2} {:>10.2} {:>7.2}x", joint * 1e3, apart * 1e3, apart / joint);
+    }
 }
 
 /// MobileNet depthwise + pointwise pairs: the fused path (`dwpw`) against the composition of the two

@@ -79,7 +79,14 @@ fn graph(tensors: &[(usize, usize)], ops: Vec<Op>) -> Graph {
 }
 
 /// Runs `g` on the CPU with every tensor kept; returns each tensor (NCHW) and the plan.
+///
+/// Without Winograd: the fused kernels are held to 1e-5 of the CPU's values, and F(4×4)'s own rounding
+/// is of that order on these random 256-channel maps; the direct sums of the implicit GEMM are the
+/// nearer oracle. (F(4×4) is held to the reference in the conv path tests, and through whole networks
+/// in the goldens.) Set for the whole test binary, which holds only such comparisons.
 fn cpu_run(g: &Graph, n: usize, h: usize, w: usize, input: &[f32]) -> (Vec<Vec<f32>>, Plan) {
+    use retinaface::cpu::conv::{WinogradMode, set_winograd_mode};
+    set_winograd_mode(Some(WinogradMode::Off));
     let plan = Plan::new(g, n, h, w, true).unwrap();
     let mut arena = vec![f32::NAN; plan.arena_elems];
     arena[plan.range(g.input)].copy_from_slice(input);

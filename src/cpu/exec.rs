@@ -222,6 +222,45 @@ fn conv_views<'a>(
     }
 }
 
+/// Two output views and one input view of `arena`, all disjoint (an overlap is an error, as in `views`).
+fn pair_views<'a>(
+    arena: &'a mut [f32],
+    out_a: Range<usize>,
+    out_b: Range<usize>,
+    input: Range<usize>,
+) -> Result<(&'a mut [f32], &'a mut [f32], &'a [f32])> {
+    let mut ranges = [(out_a.clone(), 0), (out_b.clone(), 1), (input.clone(), 2)];
+    ranges.sort_by_key(|(r, _)| r.start);
+    if ranges.windows(2).any(|p| p[0].0.end > p[1].0.start) || ranges[2].0.end > arena.len() {
+        return Err(Error::Graph(format!(
+            "plan overlaps a conv pair's outputs {out_a:?}, {out_b:?} and input {input:?} (arena {})",
+            arena.len()
+        )));
+    }
+    let mut slots: [Option<&'a mut [f32]>; 3] = [None, None, None];
+    let (mut rest, mut base) = (arena, 0);
+    for (r, slot) in ranges {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(r.start - base);
+        let (piece, tail) = tail.split_at_mut(r.len());
+        slots[slot] = Some(piece);
+        (rest, base) = (tail, r.end);
+    }
+    match slots {
+        [Some(a), Some(b), Some(x)] => Ok((a, b, x)),
+        _ => Err(Error::Graph("conv pair views: a range was not assigned".into())),
+    }
+}
+
+/// A conv pair: one GEMM over both weight sets (`conv::conv2d_pair`); both outputs are tensors of the
+/// plan either way.
+fn pair_op(a: &Conv, b: &Conv, plan: &Plan, arena: &mut [f32]) -> Result<()> {
+    let (_, ih, iw) = plan.shapes[a.input];
+    let ((oc_a, _, _), (oc_b, _, _)) = (plan.shapes[a.output], plan.shapes[b.output]);
+    let (o_a, o_b, x) = pair_views(arena, plan.range(a.output), plan.range(b.output), plan.range(a.input))?;
+    conv::conv2d_pair(a, b, x, plan.n, ih, iw, o_a, oc_a, o_b, oc_b);
+    Ok(())
+}
+
 /// One conv of `plan` in `arena` (the reference `ops::conv2d`).
 fn conv_op(c: &Conv, plan: &Plan, arena: &mut [f32]) -> Result<()> {
     let (_, ih, iw) = plan.shapes[c.input];
@@ -332,10 +371,7 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
                 conv_op(conv, plan, arena)?;
                 upsample_add_op(*src, conv.output, plan, arena)?;
             }
-            Op::ConvPair { a, b } => {
-                conv_op(a, plan, arena)?;
-                conv_op(b, plan, arena)?;
-            }
+            Op::ConvPair { a, b } => pair_op(a, b, plan, arena)?,
             Op::DwPw { dw, pw } => dwpw_op(dw, pw, plan, arena)?,
             Op::InvRes { ex, dw, pw } => invres_op(ex, dw, pw, plan, arena)?,
             Op::MaxPool { input, output } => {

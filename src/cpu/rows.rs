@@ -55,6 +55,28 @@ pub(crate) fn deinterleave(level: Isa, src: &[f32], even: &mut [f32], odd: &mut 
     }
 }
 
+/// A row padded by one zero column on the left, split into its even padded columns (`even`) and odd
+/// ones (`odd`): padded column j is input column j − 1, so `even[k + 1] = src[2k + 1]`, `odd[k] =
+/// src[2k]`. Every slot of both is written (past the row with zeros). Stride-2 taps and Winograd tiles
+/// (which start one column left of their outputs) read contiguous runs of these.
+#[inline(always)]
+pub(crate) fn split_padded(level: Isa, src: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    let w = src.len();
+    assert!(
+        even.len() > w / 2 && odd.len() >= w.div_ceil(2),
+        "split_padded: a row of {w} into {} and {}",
+        even.len(),
+        odd.len()
+    );
+    deinterleave(level, src, odd, &mut even[1..]);
+    even[0] = 0.0;
+    even[w / 2 + 1..].fill(0.0);
+    if w % 2 == 1 {
+        odd[w / 2] = src[w - 1];
+    }
+    odd[w.div_ceil(2)..].fill(0.0);
+}
+
 /// Whole blocks of 16 pairs; returns the pairs done.
 ///
 /// # Safety
@@ -188,6 +210,23 @@ unsafe fn interleave_avx2(even: &[f32], odd: &[f32], dst: &mut [f32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every slot written: the input columns where the padded row has them, zeros elsewhere.
+    #[test]
+    fn split_padded_writes_every_slot_at_every_level() {
+        for w in [1, 2, 3, 16, 31, 32, 33, 64, 65, 81] {
+            let src: Vec<f32> = (0..w).map(|i| i as f32 + 1.0).collect();
+            for level in Isa::supported_levels() {
+                let half = w / 2 + 3;
+                let (mut even, mut odd) = (vec![f32::NAN; half], vec![f32::NAN; half]);
+                split_padded(level, &src, &mut even, &mut odd);
+                let padded = |j: usize| if j >= 1 && j <= w { src[j - 1] } else { 0.0 };
+                for k in 0..half {
+                    assert_eq!((even[k], odd[k]), (padded(2 * k), padded(2 * k + 1)), "{level:?} w {w} slot {k}");
+                }
+            }
+        }
+    }
 
     /// Every level against the definition, on lengths around the vector blocks (odd ones included).
     #[test]

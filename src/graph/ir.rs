@@ -82,8 +82,13 @@ pub struct Conv {
 pub struct PackedWeights {
     /// [cout/MR][K][MR] for the implicit GEMM.
     pub igemm: std::sync::OnceLock<Vec<f32>>,
-    /// The Winograd-transformed 3×3 weights, [16][cout/MR][cin][MR].
+    /// The Winograd-transformed 3×3 weights, [16][cout/MR][cin][MR] for F(2×2, 3×3).
     pub winograd: std::sync::OnceLock<Vec<f32>>,
+    /// The same for F(4×4, 3×3), [36][cout/MR][cin][MR].
+    pub winograd4: std::sync::OnceLock<Vec<f32>>,
+    /// The first conv of an `Op::ConvPair` with the second's weights after its own: the one convolution
+    /// the CPU runs for the pair (its packings made on first use like these).
+    pub pair: std::sync::OnceLock<Box<Conv>>,
 }
 
 // Ops are made once per graph and held in its Vec: the fused variants' size costs nothing per pass,

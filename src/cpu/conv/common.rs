@@ -17,6 +17,45 @@ impl SharedMut {
     }
 }
 
+/// One destination of a convolution's output channels: the tensor (`out`, `out_channels` planes per
+/// image), the first channel written there, and the activation.
+#[derive(Clone, Copy)]
+pub(super) struct Sink {
+    pub(super) out: SharedMut,
+    pub(super) out_channels: usize,
+    pub(super) offset: usize,
+    pub(super) act: Act,
+}
+
+/// Where each output channel of a GEMM goes: all to one `Sink`, or (a pair of convolutions run as one
+/// GEMM, `conv2d_pair`) channels below `split` to the first conv's and the rest to the second's.
+#[derive(Clone, Copy)]
+pub(super) struct Sinks {
+    first: Sink,
+    split: usize,
+    second: Sink,
+}
+
+impl Sinks {
+    /// Every channel of `conv` to `out` ([n, out_channels, …], from `conv.out_channel_offset`).
+    pub(super) fn one(out: SharedMut, out_channels: usize, conv: &crate::graph::Conv) -> Sinks {
+        let sink = Sink { out, out_channels, offset: conv.out_channel_offset, act: conv.act };
+        Sinks { first: sink, split: usize::MAX, second: sink }
+    }
+
+    /// Channels below `split` to `first`, the rest (renumbered from 0) to `second`.
+    pub(super) fn two(first: Sink, split: usize, second: Sink) -> Sinks {
+        Sinks { first, split, second }
+    }
+
+    /// Output channel `co` of image b: its tensor, the index where its plane (`plane` floats) starts,
+    /// and its activation.
+    pub(super) fn route(&self, b: usize, co: usize, plane: usize) -> (SharedMut, usize, Act) {
+        let (sink, c) = if co < self.split { (&self.first, co) } else { (&self.second, co - self.split) };
+        (sink.out, (b * sink.out_channels + sink.offset + c) * plane, sink.act)
+    }
+}
+
 /// Elements of the im2col matrix budgeted per task (1 MiB of f32): the panel a task writes and the GEMM
 /// then reads stays in the core's L2.
 pub(super) const COLUMN_BUDGET: usize = 1 << 18;

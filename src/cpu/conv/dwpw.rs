@@ -17,7 +17,7 @@ use super::common::{SharedMut, epilogue_fast, min_tasks, store_grid};
 use super::igemm::{self, Kernel, conflict_free_stride};
 use super::tile::{MR, NR};
 use crate::cpu::isa::Isa;
-use crate::cpu::rows::deinterleave;
+use crate::cpu::rows::split_padded;
 use crate::graph::Conv;
 use crate::reference::out_size;
 use rayon::prelude::*;
@@ -356,30 +356,14 @@ pub(super) fn depthwise3x3_rows(
     split.resize((2 * rows + 1) * 2 * half, 0.0);
     for (i, part) in split.chunks_exact_mut(2 * half).enumerate() {
         if let Some(src) = line(top + i as isize) {
-            split_padded(level, src, part, half);
+            let (even, odd) = part.split_at_mut(half);
+            split_padded(level, src, even, odd);
         }
     }
     for (r, row) in dst.chunks_exact_mut(ow).enumerate() {
         let present = [0, 1, 2].map(|ky| line(top + (2 * r + ky) as isize).is_some());
         dw_row_s2_fast(level, &split[2 * r * 2 * half..(2 * r + 3) * 2 * half], half, present, weight, row);
     }
-}
-
-/// A row padded by one zero column on the left, split into its even padded columns (`split[..half]`)
-/// and odd ones (`split[half..]`): padded column j is input column j − 1, and padded column 2x + kx is
-/// tap kx of stride-2 output x. Every slot is written (the padding with zeros).
-#[inline(always)]
-fn split_padded(level: Isa, src: &[f32], split: &mut [f32], half: usize) {
-    let (even, odd) = split.split_at_mut(half);
-    // Input column 2k is padded column 2k + 1 (odd slot k); input column 2k + 1 is even slot k + 1.
-    let w = src.len();
-    deinterleave(level, src, odd, &mut even[1..]);
-    even[0] = 0.0;
-    even[w / 2 + 1..].fill(0.0);
-    if w % 2 == 1 {
-        odd[w / 2] = src[w - 1];
-    }
-    odd[w.div_ceil(2)..].fill(0.0);
 }
 
 /// Stride 1: interior columns vectorised over the three rows' shifted slices; the two edge columns,

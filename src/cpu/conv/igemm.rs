@@ -18,7 +18,7 @@
 //! Each output sums its products in k order, in one thread: results do not depend on the thread
 //! count, and differ from the definition only by f32 rounding (fused multiply-adds).
 
-use super::common::{SharedMut, min_tasks, store_grid};
+use super::common::{Sinks, min_tasks, store_grid};
 use super::tile::{MR, NR};
 use crate::cpu::isa::Isa;
 use crate::cpu::rows::valid_columns;
@@ -225,8 +225,7 @@ pub(super) fn conv(
     n: usize,
     h: usize,
     w: usize,
-    out: SharedMut,
-    out_channels: usize,
+    sinks: Sinks,
     residual: Option<&[f32]>,
 ) {
     // An internal invariant (levels are checked where they are chosen), kept as a check because the
@@ -300,8 +299,7 @@ pub(super) fn conv(
         per_image,
         packed,
         depth,
-        out,
-        out_channels,
+        sinks,
         residual,
         oh,
         ow,
@@ -338,8 +336,7 @@ struct Task<'a> {
     per_image: usize,
     packed: &'a [f32],
     depth: usize,
-    out: SharedMut,
-    out_channels: usize,
+    sinks: Sinks,
     residual: Option<&'a [f32]>,
     oh: usize,
     ow: usize,
@@ -392,7 +389,7 @@ impl Task<'_> {
         let len = (px0 + ld).min(self.g.grid) - px0;
         for co in blk0 * MR..((blk0 + nblk) * MR).min(conv.cout) {
             let res = self.residual.map(|r| &r[(b * conv.cout + co) * plane..][..plane]);
-            let plane_at = (b * self.out_channels + conv.out_channel_offset + co) * plane;
+            let (out, plane_at, act) = self.sinks.route(b, co, plane);
             // SAFETY: each output pixel of each channel belongs to exactly one task's band.
             unsafe {
                 store_grid(
@@ -401,11 +398,11 @@ impl Task<'_> {
                     px0,
                     self.g.l.wq,
                     self.ow,
-                    self.out,
+                    out,
                     plane_at,
                     conv.bias[co],
                     res,
-                    conv.act,
+                    act,
                 )
             };
         }

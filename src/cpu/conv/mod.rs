@@ -20,10 +20,12 @@ mod shifted3x3;
 mod tile;
 mod winograd;
 
+pub use winograd::{Tile as WinogradTile, WinogradMode, set_mode as set_winograd_mode};
+
 use crate::cpu::isa::{Isa, isa};
 use crate::graph::Conv;
 use crate::reference::out_size;
-use common::SharedMut;
+use common::{SharedMut, Sink, Sinks};
 use igemm::Kernel;
 
 /// `crate::reference::conv2d` (same operands, same result up to f32 rounding) on the fastest path for
@@ -54,13 +56,98 @@ pub fn conv2d(
     conv2d_on(choose_path(conv, h, w, level), level, conv, x, n, h, w, out, out_channels, residual);
 }
 
+/// Two convolutions of one input with the same geometry (`Op::ConvPair`: SSH's conv3X3 and conv5X5_1,
+/// and its conv5X5_2 and conv7X7_2) as one GEMM over both weight sets, where the joint convolution
+/// takes a micro-kernel path: the input is copied into planes or Winograd-transformed once, and the
+/// joint output channels reach 64 where Winograd applies (conv5X5_1 alone has 16–64). Each conv's
+/// channels go to its own tensor with its own activation and offset; neither may have a residual.
+/// Elsewhere each conv runs on its own path. `out_a` and `out_b` are [n, oc_a or oc_b, oh, ow].
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_pair(
+    a: &Conv,
+    b: &Conv,
+    x: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    out_a: &mut [f32],
+    oc_a: usize,
+    out_b: &mut [f32],
+    oc_b: usize,
+) {
+    let same = (a.cin, a.kernel, a.stride, a.pad, a.groups) == (b.cin, b.kernel, b.stride, b.pad, b.groups);
+    assert!(
+        same && a.residual.is_none() && b.residual.is_none(),
+        "conv pair {} + {}: not one geometry",
+        a.name,
+        b.name
+    );
+    let (k, s, p) = (a.kernel, a.stride, a.pad);
+    let (oh, ow) = (out_size(h, k, s, p), out_size(w, k, s, p));
+    assert_eq!(out_a.len(), n * oc_a * oh * ow, "conv {} output size", a.name);
+    assert_eq!(out_b.len(), n * oc_b * oh * ow, "conv {} output size", b.name);
+    assert!(a.out_channel_offset + a.cout <= oc_a && b.out_channel_offset + b.cout <= oc_b);
+    conv2d_pair_at(isa(), a, b, x, n, h, w, out_a, oc_a, out_b, oc_b)
+}
+
+/// `conv2d_pair` at `level`.
+#[allow(clippy::too_many_arguments)]
+fn conv2d_pair_at(
+    level: Isa,
+    a: &Conv,
+    b: &Conv,
+    x: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    out_a: &mut [f32],
+    oc_a: usize,
+    out_b: &mut [f32],
+    oc_b: usize,
+) {
+    let joint = a.packed.pair.get_or_init(|| Box::new(joint_conv(a, b)));
+    let sink = |out: &mut [f32], out_channels, c: &Conv| Sink {
+        out: SharedMut(out.as_mut_ptr()),
+        out_channels,
+        offset: c.out_channel_offset,
+        act: c.act,
+    };
+    match choose_path(joint, h, w, level) {
+        ConvPath::Igemm(kernel) => {
+            let sinks = Sinks::two(sink(out_a, oc_a, a), a.cout, sink(out_b, oc_b, b));
+            igemm::conv(kernel, joint, x, n, h, w, sinks, None)
+        }
+        ConvPath::Winograd(kernel, tile) => {
+            let sinks = Sinks::two(sink(out_a, oc_a, a), a.cout, sink(out_b, oc_b, b));
+            winograd::conv(kernel.isa(), tile, joint, x, n, h, w, sinks, None)
+        }
+        _ => {
+            conv2d_on(choose_path(a, h, w, level), level, a, x, n, h, w, out_a, oc_a, None);
+            conv2d_on(choose_path(b, h, w, level), level, b, x, n, h, w, out_b, oc_b, None);
+        }
+    }
+}
+
+/// `a` and `b` as one convolution: b's output channels after a's (weights and biases concatenated).
+fn joint_conv(a: &Conv, b: &Conv) -> Conv {
+    Conv {
+        name: format!("{} + {}", a.name, b.name),
+        out_channel_offset: 0,
+        cout: a.cout + b.cout,
+        weight: [a.weight.as_slice(), b.weight.as_slice()].concat(),
+        bias: [a.bias.as_slice(), b.bias.as_slice()].concat(),
+        packed: Default::default(),
+        ..a.clone()
+    }
+}
+
 /// The ways `conv2d` computes a convolution; each gives the definition's values up to f32 rounding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ConvPath {
     /// Implicit GEMM on an AVX-512 or AVX2 micro-kernel (`igemm`), for any dense convolution.
     Igemm(Kernel),
     /// 3×3 stride 1 by Winograd's F(2×2, 3×3) on the same micro-kernels (`winograd`).
-    Winograd(Kernel),
+    Winograd(Kernel, winograd::Tile),
     /// Few taps per output: direct accumulation, all output channels at once (`direct`).
     DirectSmall,
     /// 3×3 stride 1: nine shifted GEMMs on a padded plane (`shifted3x3`).
@@ -75,11 +162,13 @@ enum ConvPath {
 fn choose_path(conv: &Conv, h: usize, w: usize, isa: Isa) -> ConvPath {
     let k = conv.kernel;
     let kernel = Kernel::for_isa(isa).filter(|_| igemm::preferred(conv) && igemm::fits(conv, h, w));
-    let winograd = Kernel::for_isa(isa).filter(|_| winograd::handles(conv, isa) && winograd::preferred(conv, h, w));
+    let winograd = Kernel::for_isa(isa)
+        .filter(|_| winograd::handles(conv, isa))
+        .and_then(|k| winograd::choose(conv, h, w).map(|t| (k, t)));
     if conv.groups != 1 {
         ConvPath::Depthwise
-    } else if let Some(kernel) = winograd {
-        ConvPath::Winograd(kernel)
+    } else if let Some((kernel, tile)) = winograd {
+        ConvPath::Winograd(kernel, tile)
     } else if let Some(kernel) = kernel {
         ConvPath::Igemm(kernel)
     } else if conv.cin * k * k <= direct::MAX_TAPS {
@@ -108,8 +197,10 @@ fn conv2d_on(
     let (oh, ow) = (out_size(h, k, s, p), out_size(w, k, s, p));
     let out = SharedMut(out.as_mut_ptr());
     match path {
-        ConvPath::Igemm(kernel) => igemm::conv(kernel, conv, x, n, h, w, out, out_channels, residual),
-        ConvPath::Winograd(kernel) => winograd::conv(kernel.isa(), conv, x, n, h, w, out, out_channels, residual),
+        ConvPath::Igemm(kernel) => igemm::conv(kernel, conv, x, n, h, w, Sinks::one(out, out_channels, conv), residual),
+        ConvPath::Winograd(kernel, tile) => {
+            winograd::conv(kernel.isa(), tile, conv, x, n, h, w, Sinks::one(out, out_channels, conv), residual)
+        }
         ConvPath::DirectSmall => direct::conv(level, conv, x, n, h, w, oh, ow, out, out_channels, residual),
         ConvPath::Shifted3x3 => shifted3x3::conv(level, conv, x, n, h, w, out, out_channels, residual),
         ConvPath::Im2colGemm => gemm::conv(level, conv, x, n, h, w, oh, ow, out, out_channels, residual),
@@ -189,6 +280,12 @@ mod tests {
             let oc = cout + off + 1;
             let mut want = vec![f32::NAN; n * oc * oh * ow];
             reference::conv2d(&conv, &x, n, h, w, &mut want, oc, res.as_deref());
+            // Σ|w·x| + |bias| + |residual| per output: the size of the terms an output sums, which bounds
+            // the rounding of any summation order or transform (cancellation can make the result small).
+            let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
+            let abs_conv = Conv { weight: abs(&conv.weight), bias: abs(&conv.bias), act: Act::None, ..conv.clone() };
+            let mut terms = vec![0.0; n * oc * oh * ow];
+            reference::conv2d(&abs_conv, &abs(&x), n, h, w, &mut terms, oc, res.as_deref().map(abs).as_deref());
             // What every level this processor runs would choose, every portable path, and each
             // micro-kernel wherever it applies (not only where it is preferred).
             let mut paths: Vec<ConvPath> = levels.iter().map(|&l| choose_path(&conv, h, w, l)).collect();
@@ -196,7 +293,10 @@ mod tests {
             if igemm::handles(&conv) && igemm::fits(&conv, h, w) {
                 paths.extend(kernels.iter().map(|&k| ConvPath::Igemm(k)));
             }
-            paths.extend(kernels.iter().filter(|k| winograd::handles(&conv, k.isa())).map(|&k| ConvPath::Winograd(k)));
+            for tile in [winograd::Tile::F2, winograd::Tile::F4] {
+                let with = kernels.iter().filter(|k| winograd::handles(&conv, k.isa()));
+                paths.extend(with.map(|&k| ConvPath::Winograd(k, tile)));
+            }
             paths.dedup();
             // Each path with each level's element-wise loops (the AVX2 build of the epilogue and of the
             // direct and depthwise loops, or the baseline one).
@@ -205,8 +305,8 @@ mod tests {
                 if let ConvPath::Igemm(k) = path {
                     exercised.insert(k.isa());
                 }
-                if let ConvPath::Winograd(k) = path {
-                    winograd_exercised.insert(k.isa());
+                if let ConvPath::Winograd(k, tile) = path {
+                    winograd_exercised.insert((k.isa(), tile));
                 }
                 let mut got = vec![f32::NAN; n * oc * oh * ow];
                 conv2d_on(path, level, &conv, &x, n, h, w, &mut got, oc, res.as_deref());
@@ -216,6 +316,16 @@ mod tests {
                         assert!(
                             g.is_nan(),
                             "{path:?} at {level:?} k{k} s{stride} g{groups}: channel {c} outside the conv was written"
+                        );
+                    } else if let ConvPath::Winograd(_, WinogradTile::F4) = path {
+                        // F(4×4)'s transforms (entries up to 8 and 1/6) scale the rounding of the terms
+                        // well beyond a direct sum's; 4e-6 of the terms' size is about 4x the worst
+                        // seen in 200 random 128-channel tiles (1.05e-6 · Σ|w·x|, numpy, f32 against
+                        // f64). A wrong transform entry errs by a sizeable fraction of the terms.
+                        let bound = 4e-6 * terms[i].max(1.0);
+                        assert!(
+                            (g - e).abs() <= bound,
+                            "{path:?} at {level:?} k{k} s{stride} {h}x{w}: element {i}: {g} vs {e} (bound {bound:e})"
                         );
                     } else {
                         assert!(
@@ -232,7 +342,12 @@ mod tests {
         }
         for k in &kernels {
             assert!(exercised.contains(&k.isa()), "the {k:?} kernel was exercised");
-            assert!(winograd_exercised.contains(&k.isa()), "Winograd on the {k:?} kernel was exercised");
+            for tile in [winograd::Tile::F2, winograd::Tile::F4] {
+                assert!(
+                    winograd_exercised.contains(&(k.isa(), tile)),
+                    "Winograd {tile:?} on the {k:?} kernel was exercised"
+                );
+            }
         }
         println!("levels tested: {levels:?}");
     }
@@ -263,9 +378,89 @@ mod tests {
         }
         // 3x3 stride 1 with enough channels and pixels: Winograd on the level's own kernel.
         let c = Conv { cout: 64, weight: vec![0.0; 64 * 64 * 9], bias: vec![0.0; 64], ..conv(64, 3, 1) };
-        assert_eq!(choose_path(&c, 40, 40, Isa::Avx512), ConvPath::Winograd(Kernel::Avx512));
-        assert_eq!(choose_path(&c, 40, 40, Isa::Avx2), ConvPath::Winograd(Kernel::Avx2));
-        assert!(!matches!(choose_path(&c, 40, 40, Isa::Portable), ConvPath::Winograd(_) | ConvPath::Igemm(_)));
+        assert!(matches!(choose_path(&c, 40, 40, Isa::Avx512), ConvPath::Winograd(Kernel::Avx512, _)));
+        assert!(matches!(choose_path(&c, 40, 40, Isa::Avx2), ConvPath::Winograd(Kernel::Avx2, _)));
+        assert!(!matches!(choose_path(&c, 40, 40, Isa::Portable), ConvPath::Winograd(..) | ConvPath::Igemm(_)));
+    }
+
+    /// A pair as one GEMM: each conv's channels in its own tensor at its offset with its activation,
+    /// bit for bit what that conv alone gives on the path the joint conv takes (each output sums the
+    /// same products in the same order), and the reference's within that path's bound; at every level,
+    /// on joint convs that take the implicit GEMM, Winograd's F(2×2) and F(4×4), and the fallback.
+    #[test]
+    fn a_pair_as_one_gemm_equals_each_conv_alone() {
+        let mut seed = 17u64;
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / 16777216.0) * 2.0 - 1.0
+        };
+        // (n, cin, a.cout, b.cout, k, h, w)
+        let cases = [
+            (2, 64, 32, 16, 3, 11, 13),  // joint 48 outputs: implicit GEMM
+            (1, 128, 64, 32, 3, 41, 40), // Winograd F(4×4)
+            (1, 32, 32, 32, 3, 24, 23),  // Winograd F(2×2)
+            (1, 64, 24, 40, 1, 9, 10),   // 1×1 with 64 inputs: the GEMM crate, each conv on its own
+        ];
+        let mut paths_seen = std::collections::HashSet::new();
+        for level in Isa::supported_levels() {
+            for (n, cin, ca, cb, k, h, w) in cases {
+                let mk = |cout: usize, act: Act, off: usize, rnd: &mut dyn FnMut() -> f32| Conv {
+                    name: format!("c{cout}"),
+                    input: 0,
+                    output: 1,
+                    out_channel_offset: off,
+                    cin,
+                    cout,
+                    kernel: k,
+                    stride: 1,
+                    pad: k / 2,
+                    groups: 1,
+                    weight: (0..cout * cin * k * k).map(|_| rnd()).collect(),
+                    bias: (0..cout).map(|_| rnd()).collect(),
+                    residual: None,
+                    act,
+                    packed: Default::default(),
+                };
+                let a = mk(ca, Act::Leaky(0.0), 2, &mut rnd);
+                let b = mk(cb, Act::Leaky(0.1), 0, &mut rnd);
+                let x: Vec<f32> = (0..n * cin * h * w).map(|_| rnd()).collect();
+                let (oc_a, oc_b) = (ca + 3, cb);
+                let (mut got_a, mut got_b) = (vec![f32::NAN; n * oc_a * h * w], vec![f32::NAN; n * oc_b * h * w]);
+                conv2d_pair_at(level, &a, &b, &x, n, h, w, &mut got_a, oc_a, &mut got_b, oc_b);
+                let path = choose_path(&joint_conv(&a, &b), h, w, level);
+                paths_seen.insert(match path {
+                    ConvPath::Igemm(_) => "implicit GEMM",
+                    ConvPath::Winograd(..) => "Winograd",
+                    _ => "each conv on its own",
+                });
+                for (c, got, oc) in [(&a, &got_a, oc_a), (&b, &got_b, oc_b)] {
+                    let mut want = vec![f32::NAN; n * oc * h * w];
+                    reference::conv2d(c, &x, n, h, w, &mut want, oc, None);
+                    let alone_path = match path {
+                        ConvPath::Igemm(_) | ConvPath::Winograd(..) => path,
+                        _ => choose_path(c, h, w, level),
+                    };
+                    let mut alone = vec![f32::NAN; n * oc * h * w];
+                    conv2d_on(alone_path, level, c, &x, n, h, w, &mut alone, oc, None);
+                    let f4 = matches!(path, ConvPath::Winograd(_, WinogradTile::F4));
+                    for (i, ((g, e), s)) in got.iter().zip(&want).zip(&alone).enumerate() {
+                        let ch = (i / (h * w)) % oc;
+                        let what = format!("{level:?} {path:?} {} element {i} (channel {ch})", c.name);
+                        if ch < c.out_channel_offset || ch >= c.out_channel_offset + c.cout {
+                            assert!(g.is_nan(), "{what}: written outside the conv's channels");
+                            continue;
+                        }
+                        assert_eq!(g.to_bits(), s.to_bits(), "{what}: pair {g} vs the conv alone {s}");
+                        // F(4×4)'s bound is the per-path test's, in terms of Σ|w·x| (here at most cin·k²).
+                        let bound = if f4 { 4e-6 * (cin * k * k) as f32 } else { 1e-4 * e.abs().max(1.0) };
+                        assert!((g - e).abs() <= bound, "{what}: {g} vs reference {e}");
+                    }
+                }
+            }
+        }
+        if Isa::supported_levels().iter().any(|l| Kernel::for_isa(*l).is_some()) {
+            assert_eq!(paths_seen.len(), 3, "the joint conv took each kind of path: {paths_seen:?}");
+        }
     }
 
     /// Every path other than the micro-kernels that computes `conv` (what the portable level runs).

@@ -1,27 +1,35 @@
-//! 3×3 stride-1 convolutions (pad 1) by Winograd's F(2×2, 3×3), at the AVX2 and AVX-512 levels.
+//! 3×3 stride-1 convolutions (pad 1) by Winograd's F(m×m, 3×3), m = 2 or 4, at the AVX2 and AVX-512
+//! levels.
 //!
-//! Each 2×2 output tile is `Aᵀ [Σ_ci (G g G ᵀ) ⊙ (Bᵀ d B)] A` for the tile's 4×4 input patch d: 16
-//! multiplies per tile and input channel instead of 36, 2.25x fewer. The sums over input channels are
-//! 16 independent GEMMs (one per element e of the 4×4 transformed tile), run on the implicit-GEMM
-//! micro-kernel: weights transformed and packed once per convolution as [16][cout/MR][cin][MR]
-//! (`Conv::packed.winograd`), the transformed input of a band of tiles as 16 × cin planes (one row of the
-//! B operand per input channel, tiles along it), and the products summed per e into a scratch from which
-//! the output transform writes 2×2 pixels per tile with bias, residual and activation.
+//! Each m×m output tile is `Aᵀ [Σ_ci (G g Gᵀ) ⊙ (Bᵀ d B)] A` for the tile's (m + 2)² input patch d:
+//! F(2×2) does 16 multiplies per tile and input channel instead of 36 (2.25x fewer), F(4×4) 36 instead
+//! of 144 (4x fewer). The sums over input channels are (m + 2)² independent GEMMs (one per element e
+//! of the transformed tile), run on the implicit-GEMM micro-kernel: weights transformed and packed once
+//! per convolution and tile as [elems][cout/MR][cin][MR] (`Conv::packed.winograd`, `.winograd4`), the
+//! transformed input as elems × cin planes (one row of the B operand per input channel, tiles along
+//! it), and the products summed per e into a scratch from which the output transform writes m×m pixels
+//! per tile with bias, residual and activation.
 //!
-//! Bands of tile rows per task keep the transformed input and the products (16·(cin + cout) floats per
-//! tile) in L2. The transforms are vectorised along a tile row (adjacent tiles are adjacent lanes): the
-//! input rows are split into even and odd columns, so tile tx reads columns 2tx − 1 … 2tx + 2 as
-//! even[tx], odd[tx], even[tx + 1], odd[tx + 1] of the row padded by one zero.
+//! Two schedules (`Schedule`): bands of tile rows per task keep the transformed input and the products
+//! (elems·(cin + cout) floats per tile) in L2, but stream all the transformed weights per band; for many
+//! channels on small maps the whole image is transformed once and the tasks split the output channels
+//! instead, so each weight is read once. The transforms are vectorised along a tile row (adjacent tiles
+//! are adjacent lanes): the input rows are split into even and odd columns (F(2×2): tile tx reads
+//! columns 2tx − 1 … 2tx + 2 as even[tx], odd[tx], even[tx + 1], odd[tx + 1] of the row padded by one
+//! zero) or, splitting twice, into the four phases of columns mod 4 (F(4×4)).
 //!
-//! The transforms are exact in the sense of algebra, not of f32: results differ from the direct sum by
-//! rounding a little larger than a change of summation order (the input transform adds and subtracts
-//! up to four inputs, the weight transform halves). Tested against `reference::conv2d` at 1e-4.
+//! The transforms are exact in the sense of algebra, not of f32. F(2×2) rounds a little more than a
+//! change of summation order (its transforms add and subtract up to four inputs, the weight transform
+//! halves): tested against `reference::conv2d` at 1e-4. F(4×4)'s transforms have entries up to 8 and
+//! 1/6 and 1/24 (the interpolation points 0, ±1, ±2): its error scales with the size of the summed
+//! terms rather than the result, tested at 4e-6 of Σ|w·x| per output, and through whole networks by
+//! the goldens with it forced everywhere.
 
-use super::common::{SharedMut, store_epilogue_fast};
+use super::common::{Sinks, store_epilogue_fast};
 use super::igemm::{self, Kernel, conflict_free_stride};
 use super::tile::{MR, NR};
 use crate::cpu::isa::Isa;
-use crate::cpu::rows::{deinterleave, interleave};
+use crate::cpu::rows::{deinterleave, interleave, split_padded};
 use crate::graph::Conv;
 use rayon::prelude::*;
 
@@ -34,27 +42,93 @@ pub fn handles(conv: &Conv, level: Isa) -> bool {
     Kernel::for_isa(level).is_some() && conv.groups == 1 && conv.kernel == 3 && conv.stride == 1 && conv.pad == 1
 }
 
-/// Whether this path is the faster one for `conv` on an h×w input. Measured (`CONV_SHAPES_CLOCK=cpu
-/// RAYON_NUM_THREADS=1 cargo bench --bench conv_shapes -- 3x3`, AVX-512 Xeon, against
-/// `RETINAFACE_CPU_WINOGRAD=0`): 1.2–1.25x on 64–128 channels at 80²–160², 1.1x on 64 channels at 80²,
-/// even at 256 channels on 40²; at 512 channels on 20² it is 0.75x, as its 16 transformed weight
-/// matrices (16 MiB) stream from L3 for every band. The input transform costs per input channel and
-/// the saving is per output channel: with fewer than 64 outputs (SSH's 32- and 16-channel branches)
-/// it loses (0.65–0.85x in the network); and on small maps the micro-kernel's 48-tile columns are
-/// mostly empty.
-pub fn preferred(conv: &Conv, h: usize, w: usize) -> bool {
-    enabled()
-        && conv.cin >= 32
-        && conv.cout >= 64
-        && conv.cin * conv.cout <= 256 * 256
-        && h.div_ceil(2) * w.div_ceil(2) >= NR
+/// Winograd's output tile: F(m×m, 3×3) reads (m + 2)² inputs per tile and runs (m + 2)² GEMMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tile {
+    /// F(2×2, 3×3): 16 products per 4 outputs (2.25x fewer than direct), exact transforms (±1, ½).
+    F2,
+    /// F(4×4, 3×3): 36 products per 16 outputs (4x fewer), transforms with 4, 5, 8 and 1/6, 1/24;
+    /// a little more rounding.
+    F4,
 }
 
-/// `RETINAFACE_CPU_WINOGRAD=0` turns this path off (read once), so a benchmark can compare it with the
-/// implicit GEMM on the same machine in the same session.
-fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("RETINAFACE_CPU_WINOGRAD").map_or(true, |v| v != "0"))
+impl Tile {
+    /// Output rows and columns per tile.
+    pub const fn m(self) -> usize {
+        match self {
+            Tile::F2 => 2,
+            Tile::F4 => 4,
+        }
+    }
+
+    /// Transformed elements per tile, one GEMM each.
+    pub const fn elems(self) -> usize {
+        (self.m() + 2) * (self.m() + 2)
+    }
+}
+
+/// The tile this path would use for `conv` on an h×w input, if it is the faster way. Measured
+/// (`CONV_SHAPES_CLOCK=cpu RAYON_NUM_THREADS=1 cargo bench --bench conv_shapes`, AVX-512 Xeon, against
+/// `RETINAFACE_CPU_WINOGRAD=0`, `=2` and `=4`):
+/// - F(2×2) is 1.25–1.35x ahead of the implicit GEMM on 64–256 channels at 40²–160², and 1.17x on 512
+///   channels at 20² (whose 16 MiB of transformed weights would stream once per band: `schedule` runs
+///   it over the whole image instead). The input transform costs per input channel and the saving is
+///   per output channel: with fewer than 64 outputs (SSH's 32- and 16-channel branches) it loses
+///   (0.65–0.85x in the network); and on maps under 48 tiles the micro-kernel's columns are mostly empty.
+/// - F(4×4) against F(2×2): 1.2–1.3x on 128 input channels at 80² (ResNet layer2, the FPN merges, SSH's
+///   conv3X3), 1.05x at 40²; 1.25–1.4x on 256 channels at 80² (ResNet's FPN merge and SSH), 1.15x at
+///   40²; 1.2x on 64 channels at 160² (ResNet layer1), even at 80², 0.96x at 40²; even on 512 channels
+///   at 20² (25 tiles: half a micro-kernel column). Where they are even, F(2×2): it rounds less.
+pub fn choose(conv: &Conv, h: usize, w: usize) -> Option<Tile> {
+    let f2 = conv.cin >= 32 && conv.cout >= 64 && h.div_ceil(2) * w.div_ceil(2) >= NR;
+    let f4 = (conv.cin > 64 && conv.cin <= 256 && w >= 40) || (conv.cin <= 64 && w >= 120);
+    match mode() {
+        WinogradMode::Off => None,
+        WinogradMode::Force(t) => f2.then_some(t),
+        WinogradMode::Auto => f2.then_some(if f4 { Tile::F4 } else { Tile::F2 }),
+    }
+}
+
+/// How the Winograd path is chosen: by measurement, never, or always with one tile where it applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WinogradMode {
+    Auto,
+    Off,
+    Force(Tile),
+}
+
+/// `set_mode`'s choice (1 auto, 2 off, 3 F2, 4 F4), or 0: the environment's applies.
+static MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Forces a mode for the whole process (`None`: back to the environment's), so a test or a benchmark
+/// can run each tile on the same machine in the same process. Every mode meets the same tolerances.
+pub fn set_mode(mode: Option<WinogradMode>) {
+    let code = match mode {
+        None => 0,
+        Some(WinogradMode::Auto) => 1,
+        Some(WinogradMode::Off) => 2,
+        Some(WinogradMode::Force(Tile::F2)) => 3,
+        Some(WinogradMode::Force(Tile::F4)) => 4,
+    };
+    MODE.store(code, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The mode `set_mode` forced, else `RETINAFACE_CPU_WINOGRAD`: `0` off, `2` or `4` that tile wherever
+/// the path is taken, anything else (or unset) by measurement; read once.
+pub fn mode() -> WinogradMode {
+    static ENV: std::sync::OnceLock<WinogradMode> = std::sync::OnceLock::new();
+    match MODE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => WinogradMode::Auto,
+        2 => WinogradMode::Off,
+        3 => WinogradMode::Force(Tile::F2),
+        4 => WinogradMode::Force(Tile::F4),
+        _ => *ENV.get_or_init(|| match std::env::var("RETINAFACE_CPU_WINOGRAD").as_deref() {
+            Ok("0") => WinogradMode::Off,
+            Ok("2") => WinogradMode::Force(Tile::F2),
+            Ok("4") => WinogradMode::Force(Tile::F4),
+            _ => WinogradMode::Auto,
+        }),
+    }
 }
 
 /// G g Gᵀ for one 3×3 kernel g (row-major), row-major 4×4.
@@ -79,14 +153,44 @@ fn transform_weight(g: &[f32]) -> [f32; 16] {
     u
 }
 
-/// The weights transformed and packed as [16][cout/MR][cin][MR], rows past cout zero.
-pub fn pack_weights(weight: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+/// G g Gᵀ for F(4×4, 3×3), row-major 6×6, computed in f64 and rounded once:
+/// G = [[¼, 0, 0], [−⅙, −⅙, −⅙], [−⅙, ⅙, −⅙], [1/24, 1/12, ⅙], [1/24, −1/12, ⅙], [0, 0, 1]].
+fn transform_weight4(g: &[f32]) -> [f32; 36] {
+    const G: [[f64; 3]; 6] = [
+        [0.25, 0.0, 0.0],
+        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+        [0.0, 0.0, 1.0],
+    ];
+    let mut gg = [[0.0f64; 3]; 6];
+    for (r, row) in gg.iter_mut().enumerate() {
+        for (c, v) in row.iter_mut().enumerate() {
+            *v = (0..3).map(|k| G[r][k] * g[k * 3 + c] as f64).sum();
+        }
+    }
+    let mut u = [0.0f32; 36];
+    for r in 0..6 {
+        for c in 0..6 {
+            u[r * 6 + c] = (0..3).map(|k| gg[r][k] * G[c][k]).sum::<f64>() as f32;
+        }
+    }
+    u
+}
+
+/// The weights transformed for `tile` and packed as [elems][cout/MR][cin][MR], rows past cout zero.
+pub fn pack_weights(weight: &[f32], cout: usize, cin: usize, tile: Tile) -> Vec<f32> {
     let blocks = cout.div_ceil(MR);
     let per_e = blocks * cin * MR;
-    let mut packed = vec![0.0f32; 16 * per_e];
+    let mut packed = vec![0.0f32; tile.elems() * per_e];
     for co in 0..cout {
         for ci in 0..cin {
-            let u = transform_weight(&weight[(co * cin + ci) * 9..][..9]);
+            let g = &weight[(co * cin + ci) * 9..][..9];
+            let u: Vec<f32> = match tile {
+                Tile::F2 => transform_weight(g).to_vec(),
+                Tile::F4 => transform_weight4(g).to_vec(),
+            };
             for (e, v) in u.iter().enumerate() {
                 packed[e * per_e + ((co / MR) * cin + ci) * MR + co % MR] = *v;
             }
@@ -95,33 +199,44 @@ pub fn pack_weights(weight: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     packed
 }
 
-/// The convolution of `conv::conv2d` by F(2×2, 3×3). Call only when `handles(conv, level)`.
+/// The convolution of `conv::conv2d` by F(m×m, 3×3). Call only when `handles(conv, level)`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn conv(
     level: Isa,
+    tile: Tile,
     conv: &Conv,
     x: &[f32],
     n: usize,
     h: usize,
     w: usize,
-    out: SharedMut,
-    out_channels: usize,
+    sinks: Sinks,
     residual: Option<&[f32]>,
 ) {
     let Some(kernel) = Kernel::for_isa(level) else {
         unreachable!("winograd::conv at a level without a micro-kernel: `handles` was not checked")
     };
     assert!(kernel.isa().supported(), "winograd: the {kernel:?} kernel was chosen on a processor without it");
-    let packed = conv.packed.winograd.get_or_init(|| pack_weights(&conv.weight, conv.cout, conv.cin));
-    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let cache = match tile {
+        Tile::F2 => &conv.packed.winograd,
+        Tile::F4 => &conv.packed.winograd4,
+    };
+    let packed = cache.get_or_init(|| pack_weights(&conv.weight, conv.cout, conv.cin, tile));
+    let (th, tw) = (h.div_ceil(tile.m()), w.div_ceil(tile.m()));
     let blocks = conv.cout.div_ceil(MR);
     // Tile rows per band: the transformed input and the products within the budget, and enough bands
     // for the threads.
-    let per_tile_row = 16 * (conv.cin + blocks * MR) * tw;
+    let per_tile_row = tile.elems() * (conv.cin + blocks * MR) * tw;
     let budget_rows = (BAND_BUDGET / per_tile_row.max(1)).clamp(1, th);
     let rows = band_rows(th, tw, budget_rows, n, rayon::current_num_threads());
     let bands = th.div_ceil(rows);
-    let task = Band { level, kernel, conv, packed, x, h, w, tw, out, out_channels, residual };
+    let task = Band { level, kernel, tile, conv, packed, x, h, w, tw, sinks, residual };
+    let co_tasks = (2 * rayon::current_num_threads()).clamp(1, blocks);
+    if schedule(tile, conv.cin, conv.cout, th * tw, bands, co_tasks) == Schedule::WholeImage {
+        for b in 0..n {
+            task.whole_image(b, th, co_tasks);
+        }
+        return;
+    }
     (0..n * bands).into_par_iter().for_each(|t| {
         // A thread's scratch is reused across calls (taken, so a nested call on this thread gets its
         // own): fresh megabytes per task would be page faults and zero fills.
@@ -135,6 +250,43 @@ pub(super) fn conv(
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+    /// A whole image's transformed input (`Schedule::WholeImage`), reused across calls.
+    static WHOLE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// How the work is split into tasks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Schedule {
+    /// Bands of tile rows, each task transforming its input rows and running every output channel: the
+    /// transformed tiles stay in L2, but every band streams all the transformed weights.
+    Bands,
+    /// The whole image's input transformed once (in parallel over input channels), then one task per
+    /// range of output channels over every tile: each transformed weight is read once, and each task
+    /// reads the whole transformed input. For many channels on small maps (ResNet's layer4, 512
+    /// channels at 20², has 16 MiB of F(2×2) weights and four bands).
+    WholeImage,
+}
+
+/// The schedule that streams fewer floats: bands re-read the weights once per band beyond the first;
+/// the whole image is read once per output-channel task, and written once more.
+fn schedule(tile: Tile, cin: usize, cout: usize, tiles: usize, bands: usize, co_tasks: usize) -> Schedule {
+    if let Some(forced) = forced_schedule() {
+        return forced;
+    }
+    let weights = tile.elems() * cin * cout;
+    let image = tile.elems() * cin * tiles;
+    if weights * bands.saturating_sub(1) > image * (co_tasks + 1) { Schedule::WholeImage } else { Schedule::Bands }
+}
+
+/// `schedule`'s choice forced by a test (0: none, 1: bands, 2: whole image).
+static FORCED_SCHEDULE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+fn forced_schedule() -> Option<Schedule> {
+    match FORCED_SCHEDULE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => Some(Schedule::Bands),
+        2 => Some(Schedule::WholeImage),
+        _ => None,
+    }
 }
 
 /// Tile rows per band: the count within the budget whose slowest thread runs the fewest micro-tile
@@ -165,52 +317,41 @@ struct Scratch {
 struct Band<'a> {
     level: Isa,
     kernel: Kernel,
+    tile: Tile,
     conv: &'a Conv,
     packed: &'a [f32],
     x: &'a [f32],
     h: usize,
     w: usize,
     tw: usize,
-    out: SharedMut,
-    out_channels: usize,
+    sinks: Sinks,
     residual: Option<&'a [f32]>,
 }
 
 impl Band<'_> {
     /// Tile rows ty0..ty0+rows of image b.
     fn run(&self, b: usize, ty0: usize, rows: usize, s: &mut Scratch) {
-        let (cin, cout, tw) = (self.conv.cin, self.conv.cout, self.tw);
+        let (cin, cout, tw, elems) = (self.conv.cin, self.conv.cout, self.tw, self.tile.elems());
         let tiles = rows * tw;
         let plane = conflict_free_stride(tiles);
-        s.v.resize(16 * cin * plane, 0.0);
+        let mut v = std::mem::take(&mut s.v);
+        v.resize(elems * cin * plane, 0.0);
         for ci in 0..cin {
             let input = &self.x[(b * cin + ci) * self.h * self.w..][..self.h * self.w];
             for r in 0..rows {
-                input_transform_fast(
-                    self.level,
-                    self.level,
-                    input,
-                    self.h,
-                    self.w,
-                    ty0 + r,
-                    tw,
-                    &mut s.split,
-                    &mut s.rt,
-                    &mut s.v,
-                    ci * plane + r * tw,
-                    cin * plane,
-                );
+                self.transform_row(input, ty0 + r, s, &mut v, ci * plane + r * tw, cin * plane);
             }
         }
-        // The 16 GEMMs: m[e][co][t] = Σ_ci U[e][co][ci] · V[e][ci][t].
+        s.v = v;
+        // The GEMMs: m[e][co][t] = Σ_ci U[e][co][ci] · V[e][ci][t].
         let blocks = cout.div_ceil(MR);
         let ntiles = tiles.div_ceil(NR);
         let ld = ntiles * NR;
-        s.m.resize(16 * blocks * MR * ld, 0.0);
+        s.m.resize(elems * blocks * MR * ld, 0.0);
         s.offsets.clear();
         s.offsets.extend((0..cin).map(|ci| (ci * plane) as u32));
         let per_e = blocks * cin * MR;
-        for e in 0..16 {
+        for e in 0..elems {
             let v = &s.v[e * cin * plane..(e + 1) * cin * plane];
             let m = &mut s.m[e * blocks * MR * ld..(e + 1) * blocks * MR * ld];
             // SAFETY: `conv` checked that the processor runs the kernel; every B read lies at ci·plane +
@@ -226,26 +367,91 @@ impl Band<'_> {
         }
     }
 
-    /// Output rows 2ty and 2ty + 1 of channel co from the products of tile row ty (`at.0`: where its
+    /// Image b by `Schedule::WholeImage`: every tile row of every input channel transformed into one
+    /// [cin][elems][plane] (parallel over input channels), then `co_tasks` ranges of output blocks, each
+    /// task running its blocks' GEMMs over every tile and their output transforms.
+    fn whole_image(&self, b: usize, th: usize, co_tasks: usize) {
+        let (cin, tw, elems) = (self.conv.cin, self.tw, self.tile.elems());
+        let tiles = th * tw;
+        let plane = conflict_free_stride(tiles);
+        let mut v = WHOLE.with(|c| c.take());
+        v.resize(cin * elems * plane, 0.0);
+        v.par_chunks_mut(elems * plane).enumerate().for_each(|(ci, vc)| {
+            let mut s = SCRATCH.with(|c| c.take());
+            let input = &self.x[(b * cin + ci) * self.h * self.w..][..self.h * self.w];
+            for ty in 0..th {
+                self.transform_row(input, ty, &mut s, vc, ty * tw, plane);
+            }
+            SCRATCH.with(|c| *c.borrow_mut() = s);
+        });
+        let blocks = self.conv.cout.div_ceil(MR);
+        let per_task = blocks.div_ceil(co_tasks);
+        let offsets: Vec<u32> = (0..cin).map(|ci| (ci * elems * plane) as u32).collect();
+        let (ntiles, per_e) = (tiles.div_ceil(NR), blocks * cin * MR);
+        let ld = ntiles * NR;
+        (0..blocks.div_ceil(per_task)).into_par_iter().for_each(|t| {
+            let mut s = SCRATCH.with(|c| c.take());
+            let blk0 = t * per_task;
+            let nblk = per_task.min(blocks - blk0);
+            s.m.resize(elems * nblk * MR * ld, 0.0);
+            for e in 0..elems {
+                let m = &mut s.m[e * nblk * MR * ld..(e + 1) * nblk * MR * ld];
+                let a = &self.packed[e * per_e + blk0 * cin * MR..];
+                // SAFETY: `conv` checked that the processor runs the kernel; every B read lies at
+                // ci·elems·plane + e·plane + px + lane with px + lane < tiles, inside `v`.
+                unsafe { igemm::gemm_tiles(self.kernel, a, &offsets, &v[e * plane..], tiles, ntiles, nblk, m, ld) };
+            }
+            for co in blk0 * MR..((blk0 + nblk) * MR).min(self.conv.cout) {
+                for ty in 0..th {
+                    let at = ((co - blk0 * MR) * ld + ty * tw, nblk * MR * ld);
+                    self.output_row(b, co, ty, &s.m, at, &mut s.rt);
+                }
+            }
+            SCRATCH.with(|c| *c.borrow_mut() = s);
+        });
+        WHOLE.with(|c| *c.borrow_mut() = v);
+    }
+
+    /// Tile row ty of one input channel (`input`, its h×w plane) into `v[e·e_stride + at + tx]`.
+    fn transform_row(&self, input: &[f32], ty: usize, s: &mut Scratch, v: &mut [f32], at: usize, e_stride: usize) {
+        let (h, w, tw) = (self.h, self.w, self.tw);
+        let (split, rt) = (&mut s.split, &mut s.rt);
+        match self.tile {
+            Tile::F2 => input_transform_fast(self.level, self.level, input, h, w, ty, tw, split, rt, v, at, e_stride),
+            Tile::F4 => input_transform4_fast(self.level, self.level, input, h, w, ty, tw, split, rt, v, at, e_stride),
+        }
+    }
+
+    /// Output rows m·ty … m·ty + m − 1 of channel co from the products of tile row ty (`at.0`: where its
     /// first tile's e = 0 product is, `at.1`: floats from one e to the next).
     fn output_row(&self, b: usize, co: usize, ty: usize, m: &[f32], at: (usize, usize), tmp: &mut Vec<f32>) {
-        let (oh, ow, tw) = (self.h, self.w, self.tw);
+        let (oh, ow, tw, mt) = (self.h, self.w, self.tw, self.tile.m());
         let plane = oh * ow;
         let c = self.conv;
         let res = self.residual.map(|r| &r[(b * c.cout + co) * plane..][..plane]);
-        let base = (b * self.out_channels + c.out_channel_offset + co) * plane;
-        for dy in 0..2 {
-            let oy = 2 * ty + dy;
+        let (out, base, act) = self.sinks.route(b, co, plane);
+        for dy in 0..mt {
+            let oy = mt * ty + dy;
             if oy >= oh {
                 break;
             }
             // Every slot is written by the transform: grown once, never cleared.
-            tmp.resize(6 * tw, 0.0);
-            output_transform_fast(self.level, self.level, m, at.0, at.1, tw, dy, tmp);
+            let row = match self.tile {
+                Tile::F2 => {
+                    tmp.resize(6 * tw, 0.0);
+                    output_transform_fast(self.level, self.level, m, at.0, at.1, tw, dy, tmp);
+                    &tmp[4 * tw..4 * tw + ow]
+                }
+                Tile::F4 => {
+                    tmp.resize(18 * tw, 0.0);
+                    output_transform4_fast(self.level, self.level, m, at.0, at.1, tw, dy, tmp);
+                    &tmp[14 * tw..14 * tw + ow]
+                }
+            };
             // SAFETY: output row oy of this channel belongs to this task alone (its band of tile rows).
-            let orow = unsafe { std::slice::from_raw_parts_mut(self.out.get().add(base + oy * ow), ow) };
+            let orow = unsafe { std::slice::from_raw_parts_mut(out.get().add(base + oy * ow), ow) };
             let res_row = res.map(|r| &r[oy * ow..(oy + 1) * ow]);
-            store_epilogue_fast(self.level, &tmp[4 * tw..4 * tw + ow], orow, c.bias[co], res_row, c.act);
+            store_epilogue_fast(self.level, row, orow, c.bias[co], res_row, act);
         }
     }
 }
@@ -280,16 +486,7 @@ fn input_transform(
         }
         let src = &input[iy as usize * w..(iy as usize + 1) * w];
         let (even, odd) = split[r * 2 * half..(r + 1) * 2 * half].split_at_mut(half);
-        // Padded columns 0 and past w: even[0], odd[tw], and even[tw] when w is odd.
-        even[0] = 0.0;
-        odd[tw] = 0.0;
-        if w % 2 == 1 {
-            even[tw] = 0.0;
-        }
-        deinterleave(level, src, odd, &mut even[1..]);
-        if w % 2 == 1 {
-            odd[w / 2] = src[w - 1];
-        }
+        split_padded(level, src, even, odd);
         // Row transform d·B: columns (even[tx], odd[tx], even[tx+1], odd[tx+1]) → (d0−d2, d1+d2, d2−d1, d1−d3).
         let (d0, d1, d2, d3) = (&even[..tw], &odd[..tw], &even[1..tw + 1], &odd[1..tw + 1]);
         let row = &mut rt[r * 4 * tw..(r + 1) * 4 * tw];
@@ -344,5 +541,247 @@ fn output_transform(level: Isa, m: &[f32], at: usize, e_stride: usize, tw: usize
     interleave(level, c0, c3, &mut out[..2 * tw]);
 }
 
+/// Bᵀ d B of F(4×4, 3×3) for every tile of tile row `ty` of one input channel, into
+/// `v[e·e_stride + at + tx]` (e = 6i + j), with
+/// Bᵀ = [[4, 0, −5, 0, 1, 0], [0, −4, −4, 1, 1, 0], [0, 4, −4, −1, 1, 0], [0, −2, −1, 2, 1, 0],
+/// [0, 2, −1, −2, 1, 0], [0, 4, 0, −5, 0, 1]].
+/// Tile tx reads padded columns 4tx … 4tx + 5 (padded column c is input column c − 1): the padded row is
+/// split into its four phases q_r[k] = padded[4k + r] (two even/odd splits), so column 4tx + j is
+/// q_{j mod 4}[tx + j / 4] and every term of the transform is a contiguous run over the tiles.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn input_transform4(
+    level: Isa,
+    input: &[f32],
+    h: usize,
+    w: usize,
+    ty: usize,
+    tw: usize,
+    split: &mut Vec<f32>,
+    rt: &mut Vec<f32>,
+    v: &mut [f32],
+    at: usize,
+    e_stride: usize,
+) {
+    // The padded row's 4(tw + 1) columns: even/odd halves of 2q, then the four phases of q each.
+    let q = tw + 1;
+    split.resize(8 * q, 0.0);
+    rt.resize(36 * tw, 0.0);
+    for r in 0..6 {
+        let iy = (4 * ty + r) as isize - 1;
+        let row = &mut rt[r * 6 * tw..(r + 1) * 6 * tw];
+        if iy < 0 || iy as usize >= h {
+            row.fill(0.0);
+            continue;
+        }
+        let src = &input[iy as usize * w..(iy as usize + 1) * w];
+        let (halves, phases) = split.split_at_mut(4 * q);
+        let (even, odd) = halves.split_at_mut(2 * q);
+        split_padded(level, src, even, odd);
+        let (q0q2, q1q3) = phases.split_at_mut(2 * q);
+        let (q0, q2) = q0q2.split_at_mut(q);
+        let (q1, q3) = q1q3.split_at_mut(q);
+        deinterleave(level, even, q0, q2);
+        deinterleave(level, odd, q1, q3);
+        let (d0, d1, d2, d3, d4, d5) = (&q0[..tw], &q1[..tw], &q2[..tw], &q3[..tw], &q0[1..tw + 1], &q1[1..tw + 1]);
+        let d = [d0, d1, d2, d3, d4, d5];
+        for (i, c) in row.chunks_exact_mut(tw).enumerate() {
+            transform_b(i, d, c);
+        }
+    }
+    // Column transform Bᵀ·(d B) per column j, into element e = 6i + j.
+    for j in 0..6 {
+        let col = |r: usize| &rt[(r * 6 + j) * tw..(r * 6 + j + 1) * tw];
+        let d = [col(0), col(1), col(2), col(3), col(4), col(5)];
+        for i in 0..6 {
+            let start = (i * 6 + j) * e_stride + at;
+            transform_b(i, d, &mut v[start..start + tw]);
+        }
+    }
+}
+
+/// One Bᵀ row of F(4×4, 3×3) over runs of tiles: `out = Σ_j Bᵀ[i][j] · d_j`, written as 4d0 − 5d2 + d4,
+/// (d3 + d4) − 4(d1 + d2), (d4 − d3) + 4(d1 − d2), (d4 − d2) + 2(d3 − d1), (d4 − d2) − 2(d3 − d1),
+/// 4d1 − 5d3 + d5.
+#[inline(always)]
+fn transform_b(i: usize, d: [&[f32]; 6], out: &mut [f32]) {
+    let n = out.len();
+    let (d0, d1, d2, d3, d4, d5) = (&d[0][..n], &d[1][..n], &d[2][..n], &d[3][..n], &d[4][..n], &d[5][..n]);
+    // Plain indexed loops over equal-length slices: they vectorise inside the caller's level build
+    // (closures and array maps here were left out of line, at the baseline level).
+    match i {
+        0 => {
+            for t in 0..n {
+                out[t] = (4.0 * d0[t] - 5.0 * d2[t]) + d4[t];
+            }
+        }
+        1 => {
+            for t in 0..n {
+                out[t] = (d3[t] + d4[t]) - 4.0 * (d1[t] + d2[t]);
+            }
+        }
+        2 => {
+            for t in 0..n {
+                out[t] = (d4[t] - d3[t]) + 4.0 * (d1[t] - d2[t]);
+            }
+        }
+        3 => {
+            for t in 0..n {
+                out[t] = (d4[t] - d2[t]) + 2.0 * (d3[t] - d1[t]);
+            }
+        }
+        4 => {
+            for t in 0..n {
+                out[t] = (d4[t] - d2[t]) - 2.0 * (d3[t] - d1[t]);
+            }
+        }
+        _ => {
+            for t in 0..n {
+                out[t] = (4.0 * d1[t] - 5.0 * d3[t]) + d5[t];
+            }
+        }
+    }
+}
+
+/// One Aᵀ row of F(4×4, 3×3) over runs of tiles: output row `dy` of `Σ_k Aᵀ[dy][k] · x_k` with
+/// Aᵀ = [[1, 1, 1, 1, 1, 0], [0, 1, −1, 2, −2, 0], [0, 1, 1, 4, 4, 0], [0, 1, −1, 8, −8, 1]].
+#[inline(always)]
+fn transform_a(dy: usize, x: [&[f32]; 6], out: &mut [f32]) {
+    let n = out.len();
+    let (x0, x1, x2, x3, x4, x5) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n], &x[4][..n], &x[5][..n]);
+    match dy {
+        0 => {
+            for t in 0..n {
+                out[t] = (x0[t] + x1[t] + x2[t]) + (x3[t] + x4[t]);
+            }
+        }
+        1 => {
+            for t in 0..n {
+                out[t] = (x1[t] - x2[t]) + 2.0 * (x3[t] - x4[t]);
+            }
+        }
+        2 => {
+            for t in 0..n {
+                out[t] = (x1[t] + x2[t]) + 4.0 * (x3[t] + x4[t]);
+            }
+        }
+        _ => {
+            for t in 0..n {
+                out[t] = ((x1[t] - x2[t]) + 8.0 * (x3[t] - x4[t])) + x5[t];
+            }
+        }
+    }
+}
+
+/// Output row dy ∈ 0..4 of a tile row of F(4×4, 3×3): (Aᵀ m A) row dy, pixel (dy, dx) of tile tx to
+/// `row[4tx + dx]`; m[e] of tile tx at `m[at + e·e_stride + tx]`. `tmp` (18·tw floats) holds the six
+/// columns of row dy of Aᵀ m, the four pixel columns, two interleaved pairs of them, then the row
+/// (`tmp[14·tw..18·tw]`).
+#[inline(always)]
+fn output_transform4(level: Isa, m: &[f32], at: usize, e_stride: usize, tw: usize, dy: usize, tmp: &mut [f32]) {
+    let me = |e: usize| &m[at + e * e_stride..][..tw];
+    let (cols, rest) = tmp.split_at_mut(6 * tw);
+    for (j, dst) in cols.chunks_exact_mut(tw).enumerate() {
+        transform_a(dy, [me(j), me(6 + j), me(12 + j), me(18 + j), me(24 + j), me(30 + j)], dst);
+    }
+    let (px, rest) = rest.split_at_mut(4 * tw);
+    let col = |j: usize| &cols[j * tw..(j + 1) * tw];
+    let x = [col(0), col(1), col(2), col(3), col(4), col(5)];
+    for (dx, dst) in px.chunks_exact_mut(tw).enumerate() {
+        transform_a(dx, x, dst);
+    }
+    // Pixel 4tx + dx: interleave (dx 0, dx 2) and (dx 1, dx 3), then those two.
+    let (pairs, row) = rest.split_at_mut(4 * tw);
+    let (e02, e13) = pairs.split_at_mut(2 * tw);
+    interleave(level, &px[..tw], &px[2 * tw..3 * tw], e02);
+    interleave(level, &px[tw..2 * tw], &px[3 * tw..4 * tw], e13);
+    interleave(level, e02, e13, &mut row[..4 * tw]);
+}
+
+crate::cpu::isa::avx_dispatch!(input_transform4_fast, input_transform4_avx2, input_transform4_avx512, input_transform4, (level: Isa, input: &[f32], h: usize, w: usize, ty: usize, tw: usize, split: &mut Vec<f32>, rt: &mut Vec<f32>, v: &mut [f32], at: usize, e_stride: usize));
+crate::cpu::isa::avx_dispatch!(output_transform4_fast, output_transform4_avx2, output_transform4_avx512, output_transform4, (level: Isa, m: &[f32], at: usize, e_stride: usize, tw: usize, dy: usize, tmp: &mut [f32]));
 crate::cpu::isa::avx_dispatch!(input_transform_fast, input_transform_avx2, input_transform_avx512, input_transform, (level: Isa, input: &[f32], h: usize, w: usize, ty: usize, tw: usize, split: &mut Vec<f32>, rt: &mut Vec<f32>, v: &mut [f32], at: usize, e_stride: usize));
 crate::cpu::isa::avx_dispatch!(output_transform_fast, output_transform_avx2, output_transform_avx512, output_transform, (level: Isa, m: &[f32], at: usize, e_stride: usize, tw: usize, dy: usize, tmp: &mut [f32]));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::Act;
+    use std::sync::atomic::Ordering;
+
+    /// Both schedules run the same sums in the same order (per tile, per input channel, the same
+    /// reduction passes), so they agree bit for bit, at every level and with each tile; and both match
+    /// the reference. Other tests running meanwhile see a forced schedule, which changes no value.
+    #[test]
+    fn whole_image_schedule_equals_bands_bit_for_bit() {
+        let mut seed = 3u64;
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / 16777216.0) * 2.0 - 1.0
+        };
+        // (n, cin, cout, h, w): several bands, output blocks not filling the tasks, odd sizes, a batch.
+        for (n, cin, cout, h, w) in [(2, 40, 36, 13, 11), (1, 300, 64, 9, 30), (1, 8, 8, 1, 1)] {
+            let conv = Conv {
+                name: "t".into(),
+                input: 0,
+                output: 1,
+                out_channel_offset: 1,
+                cin,
+                cout,
+                kernel: 3,
+                stride: 1,
+                pad: 1,
+                groups: 1,
+                weight: (0..cout * cin * 9).map(|_| rnd()).collect(),
+                bias: (0..cout).map(|_| rnd()).collect(),
+                residual: None,
+                act: Act::Leaky(0.1),
+                packed: Default::default(),
+            };
+            let x: Vec<f32> = (0..n * cin * h * w).map(|_| rnd()).collect();
+            let res: Vec<f32> = (0..n * cout * h * w).map(|_| rnd()).collect();
+            let oc = cout + 2;
+            let mut want = vec![0.0; n * oc * h * w];
+            crate::reference::conv2d(&conv, &x, n, h, w, &mut want, oc, Some(&res));
+            for level in Isa::supported_levels().into_iter().filter(|l| handles(&conv, *l)) {
+                for tile in [Tile::F2, Tile::F4] {
+                    let run = |schedule: u8| {
+                        FORCED_SCHEDULE.store(schedule, Ordering::Relaxed);
+                        let mut out = vec![f32::NAN; n * oc * h * w];
+                        conv_on(level, tile, &conv, &x, n, h, w, &mut out, oc, &res);
+                        FORCED_SCHEDULE.store(0, Ordering::Relaxed);
+                        out
+                    };
+                    let (bands, whole) = (run(1), run(2));
+                    for (i, ((b, wh), e)) in bands.iter().zip(&whole).zip(&want).enumerate() {
+                        let ch = (i / (h * w)) % oc;
+                        let what = format!("{level:?} {tile:?} {cin}->{cout} {h}x{w} element {i}");
+                        if ch == 0 || ch > cout {
+                            assert!(b.is_nan() && wh.is_nan(), "{what}: outside the conv's channels");
+                            continue;
+                        }
+                        assert_eq!(b.to_bits(), wh.to_bits(), "{what}: bands {b} vs whole image {wh}");
+                        assert!((b - e).abs() <= 1e-3 * e.abs().max(1.0), "{what}: {b} vs reference {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn conv_on(
+        l: Isa,
+        t: Tile,
+        c: &Conv,
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        out: &mut [f32],
+        oc: usize,
+        r: &[f32],
+    ) {
+        let sinks = Sinks::one(super::super::common::SharedMut(out.as_mut_ptr()), oc, c);
+        super::conv(l, t, c, x, n, h, w, sinks, Some(r));
+    }
+}
