@@ -16,6 +16,10 @@
 #
 #   tools/gpu-check.sh OUT_DIR            # the check (needs a GPU)
 #   tools/gpu-check.sh --dry-run [OUT_DIR] # prints the plan and checks prerequisites; no GPU needed
+#   tools/gpu-check.sh --report-from DIR   # rebuilds DIR's report from its steps' outputs; nothing run
+#
+# The report (tools/gpu_check_report.py): per engine row, the end-to-end time (host clock) and the GPU
+# time (CUDA events) apart, and one column per stage bench's JSON reports, with its source.
 #
 # Environment: RETINAFACE_BIN (a built retinaface binary: no cargo build then, e.g. the tests' own),
 # GPU_CHECK_VENV (default .venv-gpu), GPU_CHECK_BUDGET_S (default 480), CARGO_TARGET_DIR.
@@ -24,14 +28,26 @@ set -uo pipefail
 
 DRY=0
 OUT=""
-for arg in "$@"; do
+REPORT_FROM=""
+while [ $# -gt 0 ]; do
+  arg="$1"
+  shift
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
+    --report-from)
+      [ $# -gt 0 ] || { echo "gpu-check: --report-from needs a directory" >&2; exit 2; }
+      REPORT_FROM="$1"
+      shift
+      ;;
+    --report-from=*) REPORT_FROM="${arg#--report-from=}" ;;
+    -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
     -*) echo "gpu-check: unknown option $arg" >&2; exit 2 ;;
     *) OUT="$arg" ;;
   esac
 done
+if [ -n "$REPORT_FROM" ]; then
+  exec python3 "$(dirname "$0")/gpu_check_report.py" "$REPORT_FROM"
+fi
 if [ -z "$OUT" ]; then
   [ "$DRY" = 1 ] || { echo "usage: tools/gpu-check.sh [--dry-run] OUT_DIR" >&2; exit 2; }
   OUT="$(mktemp -d)"
@@ -64,13 +80,13 @@ problem() { echo "gpu-check: PROBLEM: $*" >&2; problems=$((problems + 1)); }
 for t in python3 timeout curl; do
   command -v "$t" >/dev/null || problem "$t is required and not installed"
 done
-for f in tools/loadtest.sh benches/baselines.py benches/gpu_baselines.py tools/gpu_check_goldens.py \
+for f in tools/loadtest.sh benches/baselines.py benches/gpu_baselines.py tools/gpu_check_goldens.py tools/gpu_check_report.py \
   "$SHARED/reference/goldens/index.json" "$SHARED/weights/retinaface_mv1_0.25.pth" "$SHARED/images/trio.jpg"; do
   [ -e "$f" ] || problem "$f is missing"
 done
 bash -n tools/loadtest.sh || problem "tools/loadtest.sh does not parse"
 python3 -c 'import ast, sys; [ast.parse(open(f).read(), f) for f in sys.argv[1:]]' \
-  benches/gpu_baselines.py tools/gpu_check_goldens.py benches/baselines.py ||
+  benches/gpu_baselines.py tools/gpu_check_goldens.py tools/gpu_check_report.py benches/baselines.py ||
   problem "a Python step does not compile"
 
 if [ -x "$VENV/bin/python" ]; then
@@ -244,65 +260,12 @@ fi
 note "time-boxes: $planned s of the run's $BUDGET_S s"
 
 # ---- the report ----
-python3 - "$OUT" "$DRY" "$DRIVER_NOTE" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" <<'PY' || problem "the report could not be written"
-import json, os, sys
-out, dry, driver, commit = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4]
-def lines(p):
-    if not os.path.exists(p):
-        return []
-    rows = []
-    for l in open(p):
-        l = l.strip()
-        if l.startswith("{"):
-            try:
-                rows.append(json.loads(l))
-            except ValueError:
-                pass
-    return rows
-steps = lines(os.path.join(out, "steps.jsonl"))
-rows = []
-for s in steps:
-    rows.append({"section": "step", "name": s["step"], "status": s["status"], "seconds": s["seconds"],
-                 "budget_s": s["budget_s"], "what": s["what"]})
-    name = s["step"]
-    if name.startswith("sweep-"):
-        for r in lines(os.path.join(out, name + ".jsonl")):
-            rows.append({"section": "engine", "name": r["network"], "input": f'{r["width"]}x{r["height"]}',
-                         "batch": r["batch"], "images_per_s": r["images_per_s"], "p50_ms": r["latency_ms"]["p50"],
-                         "device_ms": r.get("device_ms_per_batch"), "status": "", "what": r.get("measures", "")})
-            if r.get("pipelined_images_per_s") is not None:
-                rows.append({"section": "engine", "name": r["network"], "input": f'{r["width"]}x{r["height"]}',
-                             "batch": r["batch"], "images_per_s": r["pipelined_images_per_s"], "status": "",
-                             "what": "host images -> detections, batches streamed (two in flight)"})
-    if name == "anchors":
-        for r in lines(os.path.join(out, "anchors.jsonl")):
-            rows.append({"section": "anchor:" + r.get("runtime", "?"), "name": r.get("network", ""),
-                         "input": f'{r.get("width", "")}x{r.get("height", "")}', "batch": r.get("batch"),
-                         "images_per_s": r.get("images_per_s"), "p50_ms": r.get("ms_per_batch_median"),
-                         "device_ms": None, "status": "", "what": r.get("note", "")})
-    if name == "serve":
-        log = os.path.join(out, "serve.log")
-        for l in open(log) if os.path.exists(log) else []:
-            if l.startswith("capacity"):
-                rows.append({"section": "serve", "name": "retinaface_mv1_0.25.pth", "input": "trio.jpg",
-                             "images_per_s": float(l.split(":")[1]), "status": "", "what": "best ok/s, max-batch 64"})
-    if name.startswith("goldens-"):
-        for r in lines(os.path.join(out, name + ".jsonl")):
-            rows.append({"section": name, "name": r.get("case", ""), "status": "PASS" if r.get("pass") else "FAIL",
-                         "what": json.dumps(r.get("max_err", r.get("error", "")))})
-report = {"commit": commit, "driver": driver, "dry_run": dry, "rows": rows}
-json.dump(report, open(os.path.join(out, "gpu-check.json"), "w"), indent=1)
-f = lambda v, d=1: "" if v is None or v == "" else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
-md = [f"gpu-check {'plan (dry run)' if dry else 'run'} at {commit}; {driver}", "",
-      "| section | name | input | batch | images/s | p50 ms / batch | device ms / batch | status | seconds | notes |",
-      "|---|---|---|---|---|---|---|---|---|---|"]
-for r in rows:
-    md.append("| " + " | ".join([r["section"], r["name"], r.get("input", ""), f(r.get("batch")), f(r.get("images_per_s")),
-              f(r.get("p50_ms"), 3), f(r.get("device_ms"), 3), r.get("status", ""),
-              f(r.get("seconds")) if "seconds" in r else "", r.get("what", "").replace("|", "/")]) + " |")
-open(os.path.join(out, "gpu-check.md"), "w").write("\n".join(md) + "\n")
-print("\n".join(md))
-PY
+# tools/gpu_check_report.py builds the table from the steps' outputs; it still writes what it could
+# read when an output is unreadable, and names the file.
+dry_flag=()
+[ "$DRY" = 1 ] && dry_flag=(--dry-run)
+python3 tools/gpu_check_report.py "$OUT" --commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+  --driver "$DRIVER_NOTE" "${dry_flag[@]}" || problem "the report is incomplete: a step's output could not be read (see above)"
 
 if [ "$DRY" = 1 ]; then
   if [ "$problems" = 0 ]; then note "dry run: consistent ($OUT/gpu-check.md)"; exit 0; fi
