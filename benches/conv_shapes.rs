@@ -28,6 +28,46 @@ fn cool_caches() {
     }
 }
 
+/// The best of 20 timed runs of `f` after a warm-up, the caches evicted before each under
+/// `CONV_SHAPES_COLD=1`.
+fn best(f: &mut dyn FnMut()) -> f64 {
+    f();
+    (0..20)
+        .map(|_| {
+            cool_caches();
+            let t = now();
+            f();
+            now() - t
+        })
+        .fold(f64::MAX, f64::min)
+}
+
+/// A convolution (pad k/2, bias 0.1) with deterministic weights in [−0.5, 0.5).
+fn conv(name: &str, cin: usize, cout: usize, k: usize, stride: usize, groups: usize, act: Act) -> Conv {
+    Conv {
+        name: name.into(),
+        input: 0,
+        output: 1,
+        out_channel_offset: 0,
+        cin,
+        cout,
+        kernel: k,
+        stride,
+        pad: k / 2,
+        groups,
+        weight: (0..cout * (cin / groups) * k * k).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect(),
+        bias: vec![0.1; cout],
+        residual: None,
+        act,
+        packed: Default::default(),
+    }
+}
+
+/// A deterministic input of `len` values in [0, 1).
+fn input(len: usize) -> Vec<f32> {
+    (0..len).map(|i| ((i * 104729) % 997) as f32 * 1e-3).collect()
+}
+
 /// Seconds on the clock `CONV_SHAPES_CLOCK` names: the wall clock (default) or the process's CPU time.
 fn now() -> f64 {
     static CPU: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -89,36 +129,12 @@ fn main() {
             continue;
         }
         let groups = if what.contains(" dw ") { cin } else { 1 };
-        let conv = Conv {
-            name: what.into(),
-            input: 0,
-            output: 1,
-            out_channel_offset: 0,
-            cin,
-            cout,
-            kernel: k,
-            stride: s,
-            pad: k / 2,
-            groups,
-            weight: (0..cout * (cin / groups) * k * k).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect(),
-            bias: vec![0.1; cout],
-            residual: None,
-            act: Act::Leaky(0.0),
-            packed: Default::default(),
-        };
-        let x: Vec<f32> = (0..cin * h * w).map(|i| ((i * 104729) % 997) as f32 * 1e-3).collect();
+        let conv = conv(what, cin, cout, k, s, groups, Act::Leaky(0.0));
+        let x = input(cin * h * w);
         let (oh, ow) = (out_size(h, k, s, k / 2), out_size(w, k, s, k / 2));
         let mut out = vec![0.0; cout * oh * ow];
         let flop = 2.0 * (cin / groups * cout * k * k * oh * ow) as f64;
-        conv2d(&conv, &x, 1, h, w, &mut out, cout, None);
-        let best = (0..20)
-            .map(|_| {
-                cool_caches();
-                let t = now();
-                conv2d(&conv, &x, 1, h, w, &mut out, cout, None);
-                now() - t
-            })
-            .fold(f64::MAX, f64::min);
+        let best = best(&mut || conv2d(&conv, &x, 1, h, w, &mut out, cout, None));
         let shape = format!("{cin}->{cout} {k}x{k} s{s} {h}x{w}");
         println!("{what:<26} {shape:>22} {:>10.2} {:>8.1}", best * 1e3, flop / best * 1e-9);
     }
@@ -145,37 +161,9 @@ fn conv_pairs(filter: &[String]) {
         if !filter.is_empty() && !filter.iter().any(|f| what.contains(f.as_str())) {
             continue;
         }
-        let make = |cout: usize, act: Act| Conv {
-            name: what.into(),
-            input: 0,
-            output: 1,
-            out_channel_offset: 0,
-            cin,
-            cout,
-            kernel: 3,
-            stride: 1,
-            pad: 1,
-            groups: 1,
-            weight: (0..cout * cin * 9).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect(),
-            bias: vec![0.1; cout],
-            residual: None,
-            act,
-            packed: Default::default(),
-        };
-        let (a, b) = (make(ca, Act::Leaky(0.0)), make(cb, Act::Leaky(0.1)));
-        let x: Vec<f32> = (0..cin * h * w).map(|i| ((i * 104729) % 997) as f32 * 1e-3).collect();
+        let (a, b) = (conv(what, cin, ca, 3, 1, 1, Act::Leaky(0.0)), conv(what, cin, cb, 3, 1, 1, Act::Leaky(0.1)));
+        let x = input(cin * h * w);
         let (mut ya, mut yb) = (vec![0.0; ca * h * w], vec![0.0; cb * h * w]);
-        let best = |f: &mut dyn FnMut()| {
-            f();
-            (0..20)
-                .map(|_| {
-                    cool_caches();
-                    let t = now();
-                    f();
-                    now() - t
-                })
-                .fold(f64::MAX, f64::min)
-        };
         let joint = best(&mut || conv2d_pair(&a, &b, &x, 1, h, w, &mut ya, ca, &mut yb, cb));
         let apart = best(&mut || {
             conv2d(&a, &x, 1, h, w, &mut ya, ca, None);
@@ -214,42 +202,16 @@ fn dwpw_pairs(filter: &[String]) {
         if !filter.is_empty() && !filter.iter().any(|f| what.contains(f.as_str())) {
             continue;
         }
-        let make = |cin: usize, cout: usize, k: usize, stride: usize, groups: usize| Conv {
-            name: what.into(),
-            input: 0,
-            output: 1,
-            out_channel_offset: 0,
-            cin,
-            cout,
-            kernel: k,
-            stride,
-            pad: k / 2,
-            groups,
-            weight: (0..cout * (cin / groups) * k * k).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect(),
-            bias: vec![0.1; cout],
-            residual: None,
-            act: Act::Leaky(0.1),
-            packed: Default::default(),
-        };
-        let (dw, pw) = (make(c, c, 3, s, c), make(c, cout, 1, 1, 1));
+        let leaky = Act::Leaky(0.1);
+        let (dw, pw) = (conv(what, c, c, 3, s, c, leaky), conv(what, c, cout, 1, 1, 1, leaky));
         if !dwpw::fuses(&dw, &pw, level) {
             println!("{what:<26} not fused at {level:?}");
             continue;
         }
-        let x: Vec<f32> = (0..c * h * w).map(|i| ((i * 104729) % 997) as f32 * 1e-3).collect();
+        let x = input(c * h * w);
         let (oh, ow) = (out_size(h, 3, s, 1), out_size(w, 3, s, 1));
         let mut mid = vec![0.0; c * oh * ow];
         let mut out = vec![0.0; cout * oh * ow];
-        let best = |f: &mut dyn FnMut()| {
-            f();
-            (0..20)
-                .map(|_| {
-                    let t = now();
-                    f();
-                    now() - t
-                })
-                .fold(f64::MAX, f64::min)
-        };
         let fused = best(&mut || dwpw::conv(level, &dw, &pw, &x, 1, h, w, &mut out, cout, None));
         let composed = best(&mut || {
             conv2d(&dw, &x, 1, h, w, &mut mid, c, None);

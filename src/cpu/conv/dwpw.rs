@@ -435,6 +435,7 @@ crate::cpu::isa::avx_dispatch!(dw_row_s2_fast, dw_row_s2_avx2, dw_row_s2_avx512,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::conv::tests::uniform;
     use crate::graph::Act;
     use crate::reference;
 
@@ -465,14 +466,6 @@ mod tests {
             residual: None,
             act,
             packed: Default::default(),
-        }
-    }
-
-    /// Uniform values in [−1, 1) from a fixed seed.
-    fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
-        move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / 16777216.0) * 2.0 - 1.0
         }
     }
 

@@ -112,15 +112,10 @@ fn conv2d_pair_at(
         offset: c.out_channel_offset,
         act: c.act,
     };
+    let sinks = Sinks::two(sink(out_a, oc_a, a), a.cout, sink(out_b, oc_b, b));
     match choose_path(joint, h, w, level) {
-        ConvPath::Igemm(kernel) => {
-            let sinks = Sinks::two(sink(out_a, oc_a, a), a.cout, sink(out_b, oc_b, b));
-            igemm::conv(kernel, joint, x, n, h, w, sinks, None)
-        }
-        ConvPath::Winograd(kernel, tile) => {
-            let sinks = Sinks::two(sink(out_a, oc_a, a), a.cout, sink(out_b, oc_b, b));
-            winograd::conv(kernel.isa(), tile, joint, x, n, h, w, sinks, None)
-        }
+        ConvPath::Igemm(kernel) => igemm::conv(kernel, joint, x, n, h, w, sinks, None),
+        ConvPath::Winograd(kernel, tile) => winograd::conv(kernel.isa(), tile, joint, x, n, h, w, sinks, None),
         _ => {
             conv2d_on(choose_path(a, h, w, level), level, a, x, n, h, w, out_a, oc_a, None);
             conv2d_on(choose_path(b, h, w, level), level, b, x, n, h, w, out_b, oc_b, None);
@@ -220,13 +215,17 @@ mod tests {
     use crate::graph::Act;
     use crate::reference;
 
-    #[test]
-    fn every_conv_path_at_every_level_matches_the_reference() {
-        let mut seed = 99u64;
-        let mut rnd = move || {
+    /// Uniform values in [−1, 1) from a fixed seed, for the conv paths' tests.
+    pub(in crate::cpu::conv) fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+        move || {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / 16777216.0) * 2.0 - 1.0
-        };
+        }
+    }
+
+    #[test]
+    fn every_conv_path_at_every_level_matches_the_reference() {
+        let mut rnd = uniform(99);
         // (n, cin, cout, k, stride, groups, h, w, act, residual, channel offset within a wider output)
         let cases = [
             (2, 5, 7, 3, 1, 1, 9, 13, Act::Leaky(0.1), true, 3), // shifted 3x3 path, batch, residual, offset
@@ -389,11 +388,7 @@ mod tests {
     /// on joint convs that take the implicit GEMM, Winograd's F(2×2) and F(4×4), and the fallback.
     #[test]
     fn a_pair_as_one_gemm_equals_each_conv_alone() {
-        let mut seed = 17u64;
-        let mut rnd = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / 16777216.0) * 2.0 - 1.0
-        };
+        let mut rnd = uniform(17);
         // (n, cin, a.cout, b.cout, k, h, w)
         let cases = [
             (2, 64, 32, 16, 3, 11, 13),  // joint 48 outputs: implicit GEMM

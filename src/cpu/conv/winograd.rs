@@ -187,9 +187,16 @@ pub fn pack_weights(weight: &[f32], cout: usize, cin: usize, tile: Tile) -> Vec<
     for co in 0..cout {
         for ci in 0..cin {
             let g = &weight[(co * cin + ci) * 9..][..9];
-            let u: Vec<f32> = match tile {
-                Tile::F2 => transform_weight(g).to_vec(),
-                Tile::F4 => transform_weight4(g).to_vec(),
+            let (u2, u4);
+            let u: &[f32] = match tile {
+                Tile::F2 => {
+                    u2 = transform_weight(g);
+                    &u2
+                }
+                Tile::F4 => {
+                    u4 = transform_weight4(g);
+                    &u4
+                }
             };
             for (e, v) in u.iter().enumerate() {
                 packed[e * per_e + ((co / MR) * cin + ci) * MR + co % MR] = *v;
@@ -250,13 +257,14 @@ pub(super) fn conv(
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
-    /// A whole image's transformed input (`Schedule::WholeImage`), reused across calls.
-    static WHOLE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A whole image's transformed input and its reduction offsets (`Schedule::WholeImage`), reused
+    /// across calls.
+    static WHOLE: std::cell::RefCell<(Vec<f32>, Vec<u32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// How the work is split into tasks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Schedule {
+enum Schedule {
     /// Bands of tile rows, each task transforming its input rows and running every output channel: the
     /// transformed tiles stay in L2, but every band streams all the transformed weights.
     Bands,
@@ -374,7 +382,7 @@ impl Band<'_> {
         let (cin, tw, elems) = (self.conv.cin, self.tw, self.tile.elems());
         let tiles = th * tw;
         let plane = conflict_free_stride(tiles);
-        let mut v = WHOLE.with(|c| c.take());
+        let (mut v, mut offsets) = WHOLE.with(|c| c.take());
         v.resize(cin * elems * plane, 0.0);
         v.par_chunks_mut(elems * plane).enumerate().for_each(|(ci, vc)| {
             let mut s = SCRATCH.with(|c| c.take());
@@ -386,7 +394,8 @@ impl Band<'_> {
         });
         let blocks = self.conv.cout.div_ceil(MR);
         let per_task = blocks.div_ceil(co_tasks);
-        let offsets: Vec<u32> = (0..cin).map(|ci| (ci * elems * plane) as u32).collect();
+        offsets.clear();
+        offsets.extend((0..cin).map(|ci| (ci * elems * plane) as u32));
         let (ntiles, per_e) = (tiles.div_ceil(NR), blocks * cin * MR);
         let ld = ntiles * NR;
         (0..blocks.div_ceil(per_task)).into_par_iter().for_each(|t| {
@@ -409,7 +418,7 @@ impl Band<'_> {
             }
             SCRATCH.with(|c| *c.borrow_mut() = s);
         });
-        WHOLE.with(|c| *c.borrow_mut() = v);
+        WHOLE.with(|c| *c.borrow_mut() = (v, offsets));
     }
 
     /// Tile row ty of one input channel (`input`, its h×w plane) into `v[e·e_stride + at + tx]`.
@@ -714,11 +723,7 @@ mod tests {
     /// the reference. Other tests running meanwhile see a forced schedule, which changes no value.
     #[test]
     fn whole_image_schedule_equals_bands_bit_for_bit() {
-        let mut seed = 3u64;
-        let mut rnd = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / 16777216.0) * 2.0 - 1.0
-        };
+        let mut rnd = crate::cpu::conv::tests::uniform(3);
         // (n, cin, cout, h, w): several bands, output blocks not filling the tasks, odd sizes, a batch.
         for (n, cin, cout, h, w) in [(2, 40, 36, 13, 11), (1, 300, 64, 9, 30), (1, 8, 8, 1, 1)] {
             let conv = Conv {
