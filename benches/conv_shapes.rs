@@ -121,6 +121,8 @@ fn main() {
         ("MobileNetV2 expand 24->144", 24, 144, 1, 1, 80, 80),
         ("MobileNetV2 project 144->24", 144, 24, 1, 1, 80, 80),
         ("MobileNetV2 dw 3x3 144ch", 144, 144, 3, 1, 80, 80),
+        ("x1.0 dw 3x3 128ch", 128, 128, 3, 1, 160, 160),
+        ("x1.0 dw 3x3 512ch", 512, 512, 3, 1, 40, 40),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     println!("{:<26} {:>22} {:>10} {:>8}", "conv", "shape", "best ms", "GFLOPS");

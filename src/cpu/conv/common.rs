@@ -145,3 +145,10 @@ pub(super) unsafe fn store_grid(
 
 avx2_dispatch!(pub(super) epilogue_fast, epilogue_avx2, epilogue, (row: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Act));
 avx_dispatch!(pub(super) store_epilogue_fast, store_epilogue_avx2, store_epilogue_avx512, store_epilogue, (src: &[f32], dst: &mut [f32], bias: f32, residual: Option<&[f32]>, act: Act));
+
+/// Resizes `v` to hold `len` floats from a 64-byte boundary and returns that boundary's index: vector
+/// loads of whole cache lines from it then never split across two lines (the allocator aligns to 16).
+pub(super) fn aligned(v: &mut Vec<f32>, len: usize) -> usize {
+    v.resize(len + 15, 0.0);
+    v.as_ptr().align_offset(64)
+}

@@ -13,7 +13,7 @@
 //! then the epilogue; the pointwise is the same micro-kernel over the same packed weights in the same k
 //! order. The only difference is the sign of a zero where every tap is outside the image.
 
-use super::common::{SharedMut, epilogue_fast, min_tasks, store_grid};
+use super::common::{SharedMut, aligned, epilogue_fast, min_tasks, store_grid};
 use super::igemm::{self, Kernel, conflict_free_stride};
 use super::tile::{MR, NR};
 use crate::cpu::isa::Isa;
@@ -171,8 +171,9 @@ thread_local! {
 
 #[derive(Default)]
 struct Scratch {
-    /// Depthwise output of the band: [c][plane], plane ≥ rows·ow.
+    /// Depthwise output of the band: [c][plane], plane ≥ rows·ow, from `mid_at` (a 64-byte boundary).
     mid: Vec<f32>,
+    mid_at: usize,
     /// Pointwise accumulators: [blocks·MR][ld].
     acc: Vec<f32>,
     /// Stride 2: the band's input rows split into even and odd padded columns.
@@ -210,14 +211,14 @@ impl Band<'_> {
         let (c, ow) = (self.dw.cout, self.ow);
         let len = rows * ow;
         let plane = conflict_free_stride(len);
-        s.mid.resize(c * plane, 0.0);
+        s.mid_at = aligned(&mut s.mid, c * plane);
         let (h, w) = (self.h, self.w);
         if let Some((ex, packed)) = self.expand {
             self.expand_depthwise(ex, packed, b, y0, len, plane, s);
         } else {
             for ch in 0..c {
                 let input = &self.x[(b * c + ch) * h * w..][..h * w];
-                let dst = &mut s.mid[ch * plane..ch * plane + len];
+                let dst = &mut s.mid[s.mid_at + ch * plane..][..len];
                 self.depthwise(ch, input, y0, dst, &mut s.split, 0);
             }
         }
@@ -275,7 +276,7 @@ impl Band<'_> {
                 let ch = blk * MR + r;
                 let row = &mut s.expanded[r * ld..][..len_in];
                 epilogue_fast(self.level, row, ex.bias[ch], None, ex.act);
-                self.depthwise(ch, row, y0, &mut s.mid[ch * plane..][..len], &mut s.split, r0);
+                self.depthwise(ch, row, y0, &mut s.mid[s.mid_at + ch * plane..][..len], &mut s.split, r0);
             }
         }
     }
@@ -286,12 +287,24 @@ impl Band<'_> {
         let blocks = pw.cout.div_ceil(MR);
         let tiles = len.div_ceil(NR);
         let ld = tiles * NR;
-        s.acc.resize(blocks * MR * ld, 0.0);
+        let acc_at = aligned(&mut s.acc, blocks * MR * ld);
         s.offsets.clear();
         s.offsets.extend((0..depth).map(|ci| (ci * plane) as u32));
         // SAFETY: `conv` checked that the processor runs the kernel; every B read lies at ci·plane +
         // px + lane with px + lane < len, inside the scratch.
-        unsafe { igemm::gemm_tiles(self.kernel, self.packed, &s.offsets, &s.mid, len, tiles, blocks, &mut s.acc, ld) };
+        unsafe {
+            igemm::gemm_tiles(
+                self.kernel,
+                self.packed,
+                &s.offsets,
+                &s.mid[s.mid_at..],
+                len,
+                tiles,
+                blocks,
+                &mut s.acc[acc_at..],
+                ld,
+            )
+        };
         let out_plane = self.oh * self.ow;
         let px0 = y0 * self.ow;
         for co in 0..pw.cout {
@@ -301,7 +314,7 @@ impl Band<'_> {
             unsafe {
                 store_grid(
                     self.level,
-                    &s.acc[co * ld..][..len],
+                    &s.acc[acc_at + co * ld..][..len],
                     px0,
                     self.ow,
                     self.ow,

@@ -18,7 +18,7 @@
 //! Each output sums its products in k order, in one thread: results do not depend on the thread
 //! count, and differ from the definition only by f32 rounding (fused multiply-adds).
 
-use super::common::{Sinks, min_tasks, store_grid};
+use super::common::{Sinks, aligned, min_tasks, store_grid};
 use super::tile::{MR, NR};
 use crate::cpu::isa::Isa;
 use crate::cpu::rows::valid_columns;
@@ -276,11 +276,12 @@ pub(super) fn conv(
     let per_image = conv.cin * l.phases * l.phases * plane;
     // Taken rather than borrowed: a nested call on this thread (rayon work stealing) gets its own.
     let mut whole = WHOLE.with(|c| c.take());
+    let mut at = 0;
     if mode == Planes::Whole {
-        whole.resize(n * per_image + NR, 0.0);
-        whole[n * per_image..].fill(0.0);
+        at = aligned(&mut whole, n * per_image + NR);
+        whole[at + n * per_image..].fill(0.0);
         let nph = l.phases * l.phases;
-        whole[..n * per_image]
+        whole[at..at + n * per_image]
             .par_chunks_mut(nph * plane)
             .enumerate()
             .for_each(|(bc, dst)| fill_channel(&l, conv, &x[bc * h * w..(bc + 1) * h * w], h, w, 0, rows, dst));
@@ -295,7 +296,7 @@ pub(super) fn conv(
         mode,
         rows,
         plane,
-        whole: &whole,
+        whole: &whole[at..],
         per_image,
         packed,
         depth,
@@ -356,7 +357,8 @@ impl Task<'_> {
         band: &mut Vec<f32>,
     ) {
         let ld = ntiles * NR;
-        band.resize(nblk * MR * ld, 0.0);
+        let band_at = aligned(band, nblk * MR * ld);
+        let band = &mut band[band_at..];
         let px0 = tile0 * NR;
         let len = (self.g.grid - px0).min(ld);
         let l = &self.g.l;
@@ -366,7 +368,8 @@ impl Task<'_> {
             Planes::Bands => {
                 let (cin, hw, nph) = (self.conv.cin, self.h * self.w, l.phases * l.phases);
                 let qy0 = px0 / l.wq;
-                planes.resize(self.per_image + NR, 0.0);
+                let at = aligned(planes, self.per_image + NR);
+                let planes = &mut planes[at..];
                 planes[self.per_image..].fill(0.0);
                 for (ci, dst) in planes[..self.per_image].chunks_exact_mut(nph * self.plane).enumerate() {
                     let src = &self.x[(b * cin + ci) * hw..][..hw];

@@ -25,7 +25,7 @@
 //! terms rather than the result, tested at 4e-6 of Σ|w·x| per output, and through whole networks by
 //! the goldens with it forced everywhere.
 
-use super::common::{Sinks, store_epilogue_fast};
+use super::common::{Sinks, aligned, store_epilogue_fast};
 use super::igemm::{self, Kernel, conflict_free_stride};
 use super::tile::{MR, NR};
 use crate::cpu::isa::Isa;
@@ -343,11 +343,11 @@ impl Band<'_> {
         let tiles = rows * tw;
         let plane = conflict_free_stride(tiles);
         let mut v = std::mem::take(&mut s.v);
-        v.resize(elems * cin * plane, 0.0);
+        let v_at = aligned(&mut v, elems * cin * plane);
         for ci in 0..cin {
             let input = &self.x[(b * cin + ci) * self.h * self.w..][..self.h * self.w];
             for r in 0..rows {
-                self.transform_row(input, ty0 + r, s, &mut v, ci * plane + r * tw, cin * plane);
+                self.transform_row(input, ty0 + r, s, &mut v[v_at..], ci * plane + r * tw, cin * plane);
             }
         }
         s.v = v;
@@ -355,13 +355,13 @@ impl Band<'_> {
         let blocks = cout.div_ceil(MR);
         let ntiles = tiles.div_ceil(NR);
         let ld = ntiles * NR;
-        s.m.resize(elems * blocks * MR * ld, 0.0);
+        let m_at = aligned(&mut s.m, elems * blocks * MR * ld);
         s.offsets.clear();
         s.offsets.extend((0..cin).map(|ci| (ci * plane) as u32));
         let per_e = blocks * cin * MR;
         for e in 0..elems {
-            let v = &s.v[e * cin * plane..(e + 1) * cin * plane];
-            let m = &mut s.m[e * blocks * MR * ld..(e + 1) * blocks * MR * ld];
+            let v = &s.v[v_at + e * cin * plane..][..cin * plane];
+            let m = &mut s.m[m_at + e * blocks * MR * ld..][..blocks * MR * ld];
             // SAFETY: `conv` checked that the processor runs the kernel; every B read lies at ci·plane +
             // px + lane with px + lane < tiles, inside v's planes.
             unsafe {
@@ -370,7 +370,7 @@ impl Band<'_> {
         }
         for co in 0..cout {
             for r in 0..rows {
-                self.output_row(b, co, ty0 + r, &s.m, (co * ld + r * tw, blocks * MR * ld), &mut s.rt);
+                self.output_row(b, co, ty0 + r, &s.m[m_at..], (co * ld + r * tw, blocks * MR * ld), &mut s.rt);
             }
         }
     }
@@ -383,8 +383,8 @@ impl Band<'_> {
         let tiles = th * tw;
         let plane = conflict_free_stride(tiles);
         let (mut v, mut offsets) = WHOLE.with(|c| c.take());
-        v.resize(cin * elems * plane, 0.0);
-        v.par_chunks_mut(elems * plane).enumerate().for_each(|(ci, vc)| {
+        let v_at = aligned(&mut v, cin * elems * plane);
+        v[v_at..][..cin * elems * plane].par_chunks_mut(elems * plane).enumerate().for_each(|(ci, vc)| {
             let mut s = SCRATCH.with(|c| c.take());
             let input = &self.x[(b * cin + ci) * self.h * self.w..][..self.h * self.w];
             for ty in 0..th {
@@ -402,18 +402,20 @@ impl Band<'_> {
             let mut s = SCRATCH.with(|c| c.take());
             let blk0 = t * per_task;
             let nblk = per_task.min(blocks - blk0);
-            s.m.resize(elems * nblk * MR * ld, 0.0);
+            let m_at = aligned(&mut s.m, elems * nblk * MR * ld);
             for e in 0..elems {
-                let m = &mut s.m[e * nblk * MR * ld..(e + 1) * nblk * MR * ld];
+                let m = &mut s.m[m_at + e * nblk * MR * ld..][..nblk * MR * ld];
                 let a = &self.packed[e * per_e + blk0 * cin * MR..];
                 // SAFETY: `conv` checked that the processor runs the kernel; every B read lies at
                 // ci·elems·plane + e·plane + px + lane with px + lane < tiles, inside `v`.
-                unsafe { igemm::gemm_tiles(self.kernel, a, &offsets, &v[e * plane..], tiles, ntiles, nblk, m, ld) };
+                unsafe {
+                    igemm::gemm_tiles(self.kernel, a, &offsets, &v[v_at + e * plane..], tiles, ntiles, nblk, m, ld)
+                };
             }
             for co in blk0 * MR..((blk0 + nblk) * MR).min(self.conv.cout) {
                 for ty in 0..th {
                     let at = ((co - blk0 * MR) * ld + ty * tw, nblk * MR * ld);
-                    self.output_row(b, co, ty, &s.m, at, &mut s.rt);
+                    self.output_row(b, co, ty, &s.m[m_at..], at, &mut s.rt);
                 }
             }
             SCRATCH.with(|c| *c.borrow_mut() = s);
