@@ -46,8 +46,10 @@ pub(super) fn conv(
         };
         if level >= Isa::Avx2 && k == 3 && conv.pad == 1 && (conv.stride == 1 || conv.stride == 2) {
             // The register-blocked rows of the fused path (all nine taps per output vector, AVX-512
-            // wide at that level; same sums in the same order as below).
+            // wide at that level, fused multiply-adds), with the epilogue; a residual is added after
+            // (bias then residual, as `epilogue` orders them).
             let weight: &[f32; 9] = plane.weight.try_into().expect("3x3 depthwise weights");
+            let (bias, act) = if plane.residual.is_some() { (0.0, Act::None) } else { (plane.bias, plane.act) };
             // In chunks of rows, so a stride-2 plane's split rows stay in L1.
             const ROWS: usize = 8;
             for (i, rows) in o.chunks_mut(ROWS * ow).enumerate() {
@@ -58,6 +60,8 @@ pub(super) fn conv(
                     w,
                     conv.stride,
                     weight,
+                    bias,
+                    act,
                     i * ROWS,
                     rows,
                     ow,
@@ -65,7 +69,9 @@ pub(super) fn conv(
                     0,
                 );
             }
-            epilogue_fast(level, o, plane.bias, plane.residual, plane.act);
+            if plane.residual.is_some() {
+                epilogue_fast(level, o, plane.bias, plane.residual, plane.act);
+            }
             return;
         }
         depthwise_plane_fast(level, &plane, o, scratch);

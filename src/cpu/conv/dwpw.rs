@@ -8,17 +8,17 @@
 //! implicit-GEMM micro-kernel (the scratch is its B operand, one plane per channel, like a 1×1 input)
 //! and writes the band's output rows with the epilogue applied.
 //!
-//! Same values as the composition at the same level: the depthwise sums its nine taps in (ky, kx) order
-//! with separate multiplies and adds, as `depthwise` does (taps outside the image add a zero product),
-//! then the epilogue; the pointwise is the same micro-kernel over the same packed weights in the same k
-//! order. The only difference is the sign of a zero where every tap is outside the image.
+//! Same values as the composition at the same level: the depthwise is the same row kernel as
+//! `depthwise`'s (nine taps in (ky, kx) order, fused multiply-adds, taps outside the image adding a zero
+//! product, then the epilogue); the pointwise is the same micro-kernel over the same packed weights in
+//! the same k order.
 
 use super::common::{SharedMut, aligned, epilogue_fast, min_tasks, store_grid};
 use super::igemm::{self, Kernel, conflict_free_stride};
 use super::tile::{MR, NR};
 use crate::cpu::isa::Isa;
 use crate::cpu::rows::split_padded;
-use crate::graph::Conv;
+use crate::graph::{Act, Conv};
 use crate::reference::out_size;
 use rayon::prelude::*;
 
@@ -230,8 +230,21 @@ impl Band<'_> {
     fn depthwise(&self, ch: usize, input: &[f32], y0: usize, dst: &mut [f32], split: &mut Vec<f32>, first_row: usize) {
         let (h, w, dw) = (self.h, self.w, self.dw);
         let weight: &[f32; 9] = dw.weight[ch * 9..ch * 9 + 9].try_into().expect("3x3 depthwise weights");
-        depthwise3x3_rows(self.level, input, h, w, dw.stride, weight, y0, dst, self.ow, split, first_row);
-        epilogue_fast(self.level, dst, dw.bias[ch], None, dw.act);
+        depthwise3x3_rows(
+            self.level,
+            input,
+            h,
+            w,
+            dw.stride,
+            weight,
+            dw.bias[ch],
+            dw.act,
+            y0,
+            dst,
+            self.ow,
+            split,
+            first_row,
+        );
     }
 
     /// The expansion of the input rows that output rows y0.. (`len` pixels) read, MR channels at a
@@ -331,9 +344,13 @@ impl Band<'_> {
 
 /// Output rows y0.. of a 3×3 depthwise convolution (pad 1, stride 1 or 2) of one channel plane (h×w, of
 /// which `input` holds rows `first_row..`, at least every row the output rows read) into `dst` (whole
-/// rows of `ow`), before bias and activation: `row[x] = Σ_{ky, kx} w[ky·3 + kx] · in[oy·s + ky −
-/// 1][x·s + kx − 1]`, summed in (ky, kx) order with separate multiplies and adds, so the same bits at
-/// every level; taps outside the image add zero products. `split` is scratch.
+/// rows of `ow`), bias and activation applied: `row[x] = act(Σ_{ky, kx} w[ky·3 + kx] · in[oy·s + ky −
+/// 1][x·s + kx − 1] + bias)`, summed in (ky, kx) order, each output's nine taps in registers; taps
+/// outside the image add zero products. At AVX2 and AVX-512 the sum is fused multiply-adds, as in the
+/// GEMM micro-kernels (one instruction a tap instead of two, where multiplies and adds share ports); at
+/// the portable level separate multiplies and adds (a software fma would be slower than both). The
+/// epilogue is applied in registers, so each output is written once. `scratch` holds the stride-2 split
+/// rows or the zero row that stands for padding.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn depthwise3x3_rows(
     level: Isa,
@@ -342,108 +359,188 @@ pub(super) fn depthwise3x3_rows(
     w: usize,
     stride: usize,
     weight: &[f32; 9],
+    bias: f32,
+    act: Act,
     y0: usize,
     dst: &mut [f32],
     ow: usize,
-    split: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
     first_row: usize,
 ) {
-    let rows = dst.len() / ow;
-    let line = |iy: isize| {
-        (iy >= 0 && (iy as usize) < h).then(|| {
-            let at = (iy as usize - first_row) * w;
-            &input[at..at + w]
-        })
-    };
-    if stride == 1 {
-        for (r, row) in dst.chunks_exact_mut(ow).enumerate() {
-            let oy = (y0 + r) as isize;
-            dw_row_s1_fast(level, [line(oy - 1), line(oy), line(oy + 1)], weight, row);
+    let p = DwRows { level, input, h, w, stride, weight, bias, act, y0, ow, first_row };
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn avx512(p: &DwRows<'_>, dst: &mut [f32], scratch: &mut Vec<f32>) {
+            p.run::<true>(dst, scratch)
         }
-        return;
-    }
-    // Stride 2: the input rows, each split once into even and odd padded columns.
-    let half = (w + 2).div_ceil(2);
-    let top = (2 * y0) as isize - 1;
-    // Rows outside the image are not split (`present` skips them), so no slot needs clearing here.
-    split.resize((2 * rows + 1) * 2 * half, 0.0);
-    for (i, part) in split.chunks_exact_mut(2 * half).enumerate() {
-        if let Some(src) = line(top + i as isize) {
-            let (even, odd) = part.split_at_mut(half);
-            split_padded(level, src, even, odd);
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(p: &DwRows<'_>, dst: &mut [f32], scratch: &mut Vec<f32>) {
+            p.run::<true>(dst, scratch)
+        }
+        if level >= Isa::Avx512 && Isa::Avx512.supported() {
+            // SAFETY: the processor supports AVX-512F, AVX2 and FMA (`Isa::supported`).
+            return unsafe { avx512(&p, dst, scratch) };
+        }
+        if level >= Isa::Avx2 && Isa::Avx2.supported() {
+            // SAFETY: the processor supports AVX2 and FMA (`Isa::supported`).
+            return unsafe { avx2(&p, dst, scratch) };
         }
     }
-    for (r, row) in dst.chunks_exact_mut(ow).enumerate() {
-        let present = [0, 1, 2].map(|ky| line(top + (2 * r + ky) as isize).is_some());
-        dw_row_s2_fast(level, &split[2 * r * 2 * half..(2 * r + 3) * 2 * half], half, present, weight, row);
-    }
+    p.run::<false>(dst, scratch)
 }
 
-/// Stride 1: interior columns vectorised over the three rows' shifted slices; the two edge columns,
-/// whose outer tap is padding, one by one. A missing row (padding) adds zero products.
-#[inline(always)]
-fn dw_row_s1(lines: [Option<&[f32]>; 3], wt: &[f32; 9], row: &mut [f32]) {
-    let ow = row.len();
-    let tap = |l: Option<&[f32]>, x: isize| -> f32 {
-        match l {
-            Some(r) if x >= 0 && (x as usize) < r.len() => r[x as usize],
-            _ => 0.0,
+/// The arguments of `depthwise3x3_rows`.
+struct DwRows<'a> {
+    level: Isa,
+    input: &'a [f32],
+    h: usize,
+    w: usize,
+    stride: usize,
+    weight: &'a [f32; 9],
+    bias: f32,
+    act: Act,
+    y0: usize,
+    ow: usize,
+    first_row: usize,
+}
+
+/// Outputs per step of the row loops: two AVX2 or one AVX-512 register, independent sums in flight.
+const DW_LANES: usize = 16;
+
+impl DwRows<'_> {
+    #[inline(always)]
+    fn run<const FMA: bool>(&self, dst: &mut [f32], scratch: &mut Vec<f32>) {
+        let bias = self.bias;
+        match self.act {
+            Act::None => self.rows::<FMA>(dst, scratch, move |v: f32| v + bias),
+            Act::Leaky(0.0) => self.rows::<FMA>(dst, scratch, move |v: f32| (v + bias).max(0.0)),
+            Act::Leaky(a) => self.rows::<FMA>(dst, scratch, move |v: f32| {
+                let v = v + bias;
+                if v >= 0.0 { v } else { v * a }
+            }),
+            Act::Relu6 => self.rows::<FMA>(dst, scratch, move |v: f32| (v + bias).clamp(0.0, 6.0)),
         }
-    };
-    let edge = |x: usize| -> f32 {
-        let mut acc = 0.0f32;
-        for (ky, l) in lines.iter().enumerate() {
-            for kx in 0..3 {
-                acc += wt[ky * 3 + kx] * tap(*l, x as isize + kx as isize - 1);
+    }
+
+    /// The rows with `f` (bias and activation) applied to each sum.
+    #[inline(always)]
+    fn rows<const FMA: bool>(&self, dst: &mut [f32], scratch: &mut Vec<f32>, f: impl Fn(f32) -> f32 + Copy) {
+        let (h, w, ow, wt) = (self.h, self.w, self.ow, self.weight);
+        let rows = dst.len() / ow;
+        let line = |iy: isize| {
+            (iy >= 0 && (iy as usize) < h).then(|| {
+                let at = (iy as usize - self.first_row) * w;
+                &self.input[at..at + w]
+            })
+        };
+        if self.stride == 1 {
+            scratch.clear();
+            scratch.resize(w, 0.0);
+            let zero = &scratch[..w];
+            for (r, row) in dst.chunks_exact_mut(ow).enumerate() {
+                let oy = (self.y0 + r) as isize;
+                let lines = [line(oy - 1).unwrap_or(zero), line(oy).unwrap_or(zero), line(oy + 1).unwrap_or(zero)];
+                row_s1::<FMA>(lines, wt, row, f);
+            }
+            return;
+        }
+        // Stride 2: the input rows, each split once into even and odd padded columns; a row outside
+        // the image is a zero row.
+        let half = (w + 2).div_ceil(2);
+        let top = (2 * self.y0) as isize - 1;
+        scratch.resize((2 * rows + 1) * 2 * half, 0.0);
+        for (i, part) in scratch.chunks_exact_mut(2 * half).enumerate() {
+            match line(top + i as isize) {
+                Some(src) => {
+                    let (even, odd) = part.split_at_mut(half);
+                    split_padded(self.level, src, even, odd);
+                }
+                None => part.fill(0.0),
             }
         }
-        acc
-    };
+        for (r, row) in dst.chunks_exact_mut(ow).enumerate() {
+            // Output x reads even[x], odd[x], even[x + 1] of each of its three rows.
+            let seg = |i: usize| &scratch[(2 * r * 2 + i) * half..][..half];
+            let (e0, o0, e1, o1, e2, o2) = (seg(0), seg(1), seg(2), seg(3), seg(4), seg(5));
+            let src = [e0, o0, &e0[1..], e1, o1, &e1[1..], e2, o2, &e2[1..]];
+            taps::<FMA>(src, wt, row, f);
+        }
+    }
+}
+
+/// `acc + w·x`, fused at the AVX levels.
+#[inline(always)]
+fn madd<const FMA: bool>(acc: f32, w: f32, x: f32) -> f32 {
+    if FMA { w.mul_add(x, acc) } else { acc + w * x }
+}
+
+/// `out[x] = f(Σ_t wt[t] · src[t][x])` in t order, DW_LANES outputs a step; the last step overlaps the
+/// one before (recomputing equal values) rather than leaving a scalar tail, when the row has a step.
+/// (Functions, not closures, down to the multiply-add: a closure is compiled without the caller's
+/// target features, and an un-inlined `mul_add` there is a call to the software fma.)
+#[inline(always)]
+fn taps<const FMA: bool>(src: [&[f32]; 9], wt: &[f32; 9], out: &mut [f32], f: impl Fn(f32) -> f32 + Copy) {
+    #[inline(always)]
+    fn step<const FMA: bool>(src: &[&[f32]; 9], x: usize, wt: &[f32; 9], out: &mut [f32], f: impl Fn(f32) -> f32) {
+        let len = out.len();
+        let mut s: [&[f32]; 9] = [&[]; 9];
+        for t in 0..9 {
+            s[t] = &src[t][x..][..len];
+        }
+        for (j, o) in out.iter_mut().enumerate() {
+            let mut acc = wt[0] * s[0][j];
+            for t in 1..9 {
+                acc = madd::<FMA>(acc, wt[t], s[t][j]);
+            }
+            *o = f(acc);
+        }
+    }
+    let n = out.len();
+    if n < DW_LANES {
+        step::<FMA>(&src, 0, wt, out, f);
+        return;
+    }
+    let mut x = 0;
+    while x + DW_LANES <= n {
+        step::<FMA>(&src, x, wt, &mut out[x..][..DW_LANES], f);
+        x += DW_LANES;
+    }
+    if x < n {
+        step::<FMA>(&src, n - DW_LANES, wt, &mut out[n - DW_LANES..], f);
+    }
+}
+
+/// Output column `x` of a stride-1 row, taps outside the row zero: the two edge columns.
+#[inline(always)]
+fn edge_s1<const FMA: bool>(lines: &[&[f32]; 3], wt: &[f32; 9], x: usize, ow: usize, f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = 0.0;
+    for t in 0..9 {
+        let ix = (x + t % 3).wrapping_sub(1);
+        let v = if ix < ow { lines[t / 3][ix] } else { 0.0 };
+        acc = if t == 0 { wt[0] * v } else { madd::<FMA>(acc, wt[t], v) };
+    }
+    f(acc)
+}
+
+/// Stride 1 over three whole input rows (`w` = `row.len()`): the interior columns as `taps` over the
+/// rows' shifted slices; the two edge columns, whose outer tap is padding, with that tap a zero.
+#[inline(always)]
+fn row_s1<const FMA: bool>(lines: [&[f32]; 3], wt: &[f32; 9], row: &mut [f32], f: impl Fn(f32) -> f32 + Copy) {
+    let ow = row.len();
     if ow <= 2 {
         for (x, v) in row.iter_mut().enumerate() {
-            *v = edge(x);
+            *v = edge_s1::<FMA>(&lines, wt, x, ow, f);
         }
         return;
     }
-    row[0] = edge(0);
-    row[ow - 1] = edge(ow - 1);
+    row[0] = edge_s1::<FMA>(&lines, wt, 0, ow, f);
+    row[ow - 1] = edge_s1::<FMA>(&lines, wt, ow - 1, ow, f);
     let n = ow - 2;
-    let inner = &mut row[1..ow - 1];
-    inner.fill(0.0);
-    for (ky, l) in lines.iter().enumerate() {
-        let Some(r) = l else {
-            // Zero products: acc + w·0 = acc (up to the sign of a zero sum).
-            continue;
-        };
-        let (a, b, c) = (&r[..n], &r[1..n + 1], &r[2..n + 2]);
-        let (w0, w1, w2) = (wt[ky * 3], wt[ky * 3 + 1], wt[ky * 3 + 2]);
-        for i in 0..n {
-            inner[i] = ((inner[i] + w0 * a[i]) + w1 * b[i]) + w2 * c[i];
-        }
-    }
+    let (l0, l1, l2) = (&lines[0][..ow], &lines[1][..ow], &lines[2][..ow]);
+    let src = [&l0[..n], &l0[1..], &l0[2..], &l1[..n], &l1[1..], &l1[2..], &l2[..n], &l2[1..], &l2[2..]];
+    taps::<FMA>(src, wt, &mut row[1..ow - 1], f);
 }
-
-/// Stride 2 over rows split into even/odd padded columns (`split`, 2·half floats per row): output x
-/// reads even[x], odd[x], even[x + 1].
-#[inline(always)]
-fn dw_row_s2(split: &[f32], half: usize, present: [bool; 3], wt: &[f32; 9], row: &mut [f32]) {
-    let ow = row.len();
-    row.fill(0.0);
-    for (ky, &p) in present.iter().enumerate() {
-        if !p {
-            continue;
-        }
-        let (even, odd) = split[ky * 2 * half..(ky + 1) * 2 * half].split_at(half);
-        let (a, b, c) = (&even[..ow], &odd[..ow], &even[1..ow + 1]);
-        let (w0, w1, w2) = (wt[ky * 3], wt[ky * 3 + 1], wt[ky * 3 + 2]);
-        for i in 0..ow {
-            row[i] = ((row[i] + w0 * a[i]) + w1 * b[i]) + w2 * c[i];
-        }
-    }
-}
-
-crate::cpu::isa::avx_dispatch!(dw_row_s1_fast, dw_row_s1_avx2, dw_row_s1_avx512, dw_row_s1, (lines: [Option<&[f32]>; 3], wt: &[f32; 9], row: &mut [f32]));
-crate::cpu::isa::avx_dispatch!(dw_row_s2_fast, dw_row_s2_avx2, dw_row_s2_avx512, dw_row_s2, (split: &[f32], half: usize, present: [bool; 3], wt: &[f32; 9], row: &mut [f32]));
 
 #[cfg(test)]
 mod tests {

@@ -240,6 +240,8 @@ mod tests {
             (1, 8, 6, 3, 2, 1, 9, 9, Act::Leaky(0.1), false, 0), // 3x3 s2 with 72 taps: im2col GEMM
             (2, 10, 10, 3, 1, 10, 7, 11, Act::Relu6, true, 0),   // depthwise stride 1
             (1, 9, 9, 3, 2, 9, 8, 13, Act::Leaky(0.1), false, 2), // depthwise stride 2, odd width
+            (1, 6, 6, 3, 1, 6, 5, 37, Act::Leaky(0.1), true, 0), // depthwise rows of two steps and an overlapping one
+            (2, 4, 4, 3, 2, 4, 6, 45, Act::Relu6, false, 1),     // stride 2: one step and an overlapping one
             (1, 40, 27, 3, 1, 1, 8, 8, Act::Leaky(0.1), true, 1), // 3x3 with K = 360: two reduction passes
             (2, 300, 13, 1, 1, 1, 4, 8, Act::Relu6, false, 0),   // 1x1 over 32 pixels (copied planes), K = 300
             (1, 20, 14, 1, 1, 1, 8, 8, Act::None, true, 0),      // 1x1, 64 pixels: copied planes, few channels
@@ -327,9 +329,14 @@ mod tests {
                             "{path:?} at {level:?} k{k} s{stride} {h}x{w}: element {i}: {g} vs {e} (bound {bound:e})"
                         );
                     } else {
+                        // Relative to the result, or, where the terms cancel (a small sum of large terms),
+                        // to the terms' size: no f32 summation order gets such an output closer than a
+                        // few ulps of Σ|w·x| (seen: 0.1646 vs 0.1647 from terms of 2013, 5e-8 of them,
+                        // F(2×2) over 300 channels). A wrong tap errs by about Σ|w·x| / taps.
+                        let bound = (1e-4 * e.abs().max(1.0)).max(1e-6 * terms[i]);
                         assert!(
-                            (g - e).abs() <= 1e-4 * e.abs().max(1.0),
-                            "{path:?} at {level:?} k{k} s{stride} g{groups} {h}x{w}: element {i}: {g} vs {e}"
+                            (g - e).abs() <= bound,
+                            "{path:?} at {level:?} k{k} s{stride} g{groups} {h}x{w}: element {i}: {g} vs {e} (bound {bound:e})"
                         );
                     }
                 }
