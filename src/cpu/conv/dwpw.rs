@@ -435,9 +435,14 @@ impl DwRows<'_> {
             })
         };
         if self.stride == 1 {
-            scratch.clear();
-            scratch.resize(w, 0.0);
-            let zero = &scratch[..w];
+            // Only bands at the image's top or bottom edge read a padding row: the others skip zeroing
+            // one (an empty row there would fail loudly if that reasoning were wrong).
+            let pads = self.y0 == 0 || self.y0 + rows >= h;
+            if pads {
+                scratch.clear();
+                scratch.resize(w, 0.0);
+            }
+            let zero: &[f32] = if pads { &scratch[..w] } else { &[] };
             for (r, row) in dst.chunks_exact_mut(ow).enumerate() {
                 let oy = (self.y0 + r) as isize;
                 let lines = [line(oy - 1).unwrap_or(zero), line(oy).unwrap_or(zero), line(oy + 1).unwrap_or(zero)];
