@@ -443,10 +443,20 @@ impl DwRows<'_> {
                 scratch.resize(w, 0.0);
             }
             let zero: &[f32] = if pads { &scratch[..w] } else { &[] };
+            // The rows with an image row above and below, as one flat run (see `flat_s1`) where the
+            // explicit kernel runs; their edge columns are then recomputed below.
+            let (ya, yb) = (self.y0.max(1), (self.y0 + rows).min(h.saturating_sub(1)));
+            let flat = FMA && ya < yb && self.flat_s1(ya, yb, dst);
             for (r, row) in dst.chunks_exact_mut(ow).enumerate() {
-                let oy = (self.y0 + r) as isize;
+                let y = self.y0 + r;
+                let oy = y as isize;
                 let lines = [line(oy - 1).unwrap_or(zero), line(oy).unwrap_or(zero), line(oy + 1).unwrap_or(zero)];
-                row_s1::<FMA>(lines, wt, row, f);
+                if flat && (ya..yb).contains(&y) {
+                    row[0] = edge_s1::<FMA>(&lines, wt, 0, ow, f);
+                    row[ow - 1] = edge_s1::<FMA>(&lines, wt, ow - 1, ow, f);
+                } else {
+                    row_s1::<FMA>(lines, wt, row, f);
+                }
             }
             return;
         }
@@ -469,7 +479,151 @@ impl DwRows<'_> {
             let seg = |i: usize| &scratch[(2 * r * 2 + i) * half..][..half];
             let (e0, o0, e1, o1, e2, o2) = (seg(0), seg(1), seg(2), seg(3), seg(4), seg(5));
             let src = [e0, o0, &e0[1..], e1, o1, &e1[1..], e2, o2, &e2[1..]];
-            taps::<FMA>(src, wt, row, f);
+            if !(FMA && self.taps_explicit(src, row)) {
+                taps::<FMA>(src, wt, row, f);
+            }
+        }
+    }
+
+    /// Stride 1, output rows ya..yb (each with an image row above and below): the image's rows seen as
+    /// one flat run of pixels, output pixel j (row-major) reading input pixels j + (ky − 1)·w + kx − 1,
+    /// so the run vectorises across row ends without a tail per row. A pixel in column 0 or w − 1 then
+    /// holds a sum that wrapped into the neighbouring row (its padding tap read a real pixel): the
+    /// caller recomputes those columns. Whether the explicit kernel ran (false on short runs: the
+    /// caller computes those rows per row).
+    #[inline(always)]
+    fn flat_s1(&self, ya: usize, yb: usize, dst: &mut [f32]) -> bool {
+        let w = self.w;
+        // From column 1 of row ya to column w − 2 of row yb − 1: every tap then lies inside rows
+        // ya − 1 ..= yb, which `input` holds.
+        let n = ((yb - ya) * w).saturating_sub(2);
+        if n < EXPLICIT_MIN {
+            return false;
+        }
+        let base = (ya - 1 - self.first_row) * w;
+        let src: [&[f32]; 9] = std::array::from_fn(|t| &self.input[base + (t / 3) * w + t % 3..][..n]);
+        self.taps_explicit(src, &mut dst[(ya - self.y0) * w + 1..][..n])
+    }
+
+    /// `out[x] = act(Σ_t wt[t] · src[t][x] + bias)` on the explicit AVX2 kernel (`taps_avx2`), the same
+    /// operations in the same order as `taps::<true>`; false (nothing written) where `out` is shorter
+    /// than one vector. Call only from the AVX2/AVX-512 instantiations (`FMA`).
+    #[inline(always)]
+    fn taps_explicit(&self, src: [&[f32]; 9], out: &mut [f32]) -> bool {
+        let n = out.len();
+        if n < EXPLICIT_MIN || !cfg!(target_arch = "x86_64") {
+            return false;
+        }
+        assert!(src.iter().all(|s| s.len() >= n), "depthwise taps shorter than the output");
+        #[cfg(target_arch = "x86_64")]
+        {
+            debug_assert!(Isa::Avx2.supported());
+            let (p, wt, o, b) = (src.map(|s| s.as_ptr()), self.weight, out.as_mut_ptr(), self.bias);
+            // SAFETY: only the AVX2/AVX-512 instantiations call this (their dispatch checked the
+            // processor); each source holds n floats (asserted), `out` n.
+            unsafe {
+                match self.act {
+                    Act::None => taps_avx2::<ACT_NONE>(p, wt, o, n, b, 0.0),
+                    Act::Leaky(0.0) => taps_avx2::<ACT_RELU>(p, wt, o, n, b, 0.0),
+                    Act::Leaky(a) => taps_avx2::<ACT_LEAKY>(p, wt, o, n, b, a),
+                    Act::Relu6 => taps_avx2::<ACT_RELU6>(p, wt, o, n, b, 0.0),
+                }
+            }
+        }
+        true
+    }
+}
+
+/// The shortest run `taps_avx2` takes: one 8-lane vector (its last step overlaps the one before).
+const EXPLICIT_MIN: usize = 8;
+
+const ACT_NONE: u8 = 0;
+const ACT_RELU: u8 = 1;
+const ACT_LEAKY: u8 = 2;
+const ACT_RELU6: u8 = 3;
+
+/// `taps`'s sums with explicit AVX2 + FMA instructions: the nine weights broadcast once into registers,
+/// four 8-lane outputs a step (four independent chains of nine dependent multiply-adds in flight, where
+/// the autovectorised `taps` kept two and reloaded spilled weights each step), the last step
+/// overlapping the one before. Each output is `wt[0]·src[0]` then fused multiply-adds in t order, then
+/// bias and activation as `taps`' closure computes them (NaN as `f32::max` / `f32::clamp` treat it).
+///
+/// # Safety
+/// AVX2 and FMA must be available; each `src[t]` must point at `n` ≥ 8 readable floats and `out` at n
+/// writable ones that no source overlaps.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn taps_avx2<const ACT: u8>(
+    src: [*const f32; 9],
+    wt: &[f32; 9],
+    out: *mut f32,
+    n: usize,
+    bias: f32,
+    alpha: f32,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(n >= EXPLICIT_MIN);
+    // SAFETY: the caller's contract; every load reads src[t][i..i + 8] and every store out[i..i + 8]
+    // with i + 8 ≤ n.
+    unsafe {
+        let [w0, w1, w2, w3, w4, w5, w6, w7, w8] = wt.map(|v| _mm256_set1_ps(v));
+        let [s0, s1, s2, s3, s4, s5, s6, s7, s8] = src;
+        let (vb, va) = (_mm256_set1_ps(bias), _mm256_set1_ps(alpha));
+        macro_rules! sum {
+            ($i:expr) => {{
+                let i = $i;
+                let mut a = _mm256_mul_ps(w0, _mm256_loadu_ps(s0.add(i)));
+                a = _mm256_fmadd_ps(w1, _mm256_loadu_ps(s1.add(i)), a);
+                a = _mm256_fmadd_ps(w2, _mm256_loadu_ps(s2.add(i)), a);
+                a = _mm256_fmadd_ps(w3, _mm256_loadu_ps(s3.add(i)), a);
+                a = _mm256_fmadd_ps(w4, _mm256_loadu_ps(s4.add(i)), a);
+                a = _mm256_fmadd_ps(w5, _mm256_loadu_ps(s5.add(i)), a);
+                a = _mm256_fmadd_ps(w6, _mm256_loadu_ps(s6.add(i)), a);
+                a = _mm256_fmadd_ps(w7, _mm256_loadu_ps(s7.add(i)), a);
+                _mm256_fmadd_ps(w8, _mm256_loadu_ps(s8.add(i)), a)
+            }};
+        }
+        let mut i = 0;
+        while i + 32 <= n {
+            let (a0, a1, a2, a3) = (sum!(i), sum!(i + 8), sum!(i + 16), sum!(i + 24));
+            _mm256_storeu_ps(out.add(i), act8::<ACT>(a0, vb, va));
+            _mm256_storeu_ps(out.add(i + 8), act8::<ACT>(a1, vb, va));
+            _mm256_storeu_ps(out.add(i + 16), act8::<ACT>(a2, vb, va));
+            _mm256_storeu_ps(out.add(i + 24), act8::<ACT>(a3, vb, va));
+            i += 32;
+        }
+        while i + 8 <= n {
+            _mm256_storeu_ps(out.add(i), act8::<ACT>(sum!(i), vb, va));
+            i += 8;
+        }
+        if i < n {
+            // Recomputes some outputs of the step before with the same values.
+            _mm256_storeu_ps(out.add(n - 8), act8::<ACT>(sum!(n - 8), vb, va));
+        }
+    }
+}
+
+/// Bias then activation on 8 sums, as `DwRows::run`'s closures do per value.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn act8<const ACT: u8>(
+    v: std::arch::x86_64::__m256,
+    bias: std::arch::x86_64::__m256,
+    alpha: std::arch::x86_64::__m256,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: called only from `taps_avx2`, which has AVX.
+    unsafe {
+        let v = _mm256_add_ps(v, bias);
+        let zero = _mm256_setzero_ps();
+        match ACT {
+            // max_ps returns its second operand when either is NaN: 0 for a NaN sum, as f32::max.
+            ACT_RELU => _mm256_max_ps(v, zero),
+            // A NaN sum compares false and takes v·alpha, NaN, as the closure's `v >= 0.0` does.
+            ACT_LEAKY => _mm256_blendv_ps(_mm256_mul_ps(v, alpha), v, _mm256_cmp_ps::<_CMP_GE_OQ>(v, zero)),
+            // NaN stays NaN through both (second operands), as f32::clamp keeps it.
+            ACT_RELU6 => _mm256_min_ps(_mm256_set1_ps(6.0), _mm256_max_ps(zero, v)),
+            _ => v,
         }
     }
 }

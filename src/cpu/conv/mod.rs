@@ -252,6 +252,14 @@ mod tests {
             (1, 64, 64, 3, 1, 1, 80, 80, Act::Leaky(0.1), false, 0), // the FPN merge shape, several bands
             (1, 3, 8, 3, 2, 1, 200, 200, Act::Leaky(0.1), false, 0), // a stem on a large map: per-task plane bands
             (1, 3, 5, 7, 2, 1, 61, 67, Act::Leaky(0.0), false, 0), // 7x7 stem, odd sizes
+            // Depthwise with the activation in the row kernel (no residual): stride 1 as one flat run
+            // over the interior rows (edge columns recomputed), one vector wide, a single row, stride 2.
+            (1, 5, 5, 3, 1, 5, 9, 21, Act::Leaky(0.1), false, 0),
+            (2, 3, 3, 3, 1, 3, 6, 8, Act::Leaky(0.0), false, 1),
+            (1, 2, 2, 3, 1, 2, 3, 5, Act::Relu6, false, 0),
+            (1, 4, 4, 3, 1, 4, 1, 30, Act::Relu6, false, 0),
+            (1, 3, 3, 3, 2, 3, 7, 40, Act::Leaky(0.0), false, 0),
+            (1, 2, 2, 3, 1, 2, 40, 40, Act::None, false, 0),
         ];
         let levels = Isa::supported_levels();
         let kernels: Vec<Kernel> = levels.iter().filter_map(|&l| Kernel::for_isa(l)).collect();
