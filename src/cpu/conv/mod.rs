@@ -159,7 +159,7 @@ fn choose_path(conv: &Conv, h: usize, w: usize, isa: Isa) -> ConvPath {
     let kernel = Kernel::for_isa(isa).filter(|_| igemm::preferred(conv) && igemm::fits(conv, h, w));
     let winograd = Kernel::for_isa(isa)
         .filter(|_| winograd::handles(conv, isa))
-        .and_then(|k| winograd::choose(conv, h, w).map(|t| (k, t)));
+        .and_then(|k| winograd::choose(conv, h, w, k).map(|t| (k, t)));
     if conv.groups != 1 {
         ConvPath::Depthwise
     } else if let Some((kernel, tile)) = winograd {

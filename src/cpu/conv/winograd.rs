@@ -79,8 +79,13 @@ impl Tile {
 ///   conv3X3), 1.05x at 40²; 1.25–1.4x on 256 channels at 80² (ResNet's FPN merge and SSH), 1.15x at
 ///   40²; 1.2x on 64 channels at 160² (ResNet layer1), even at 80², 0.96x at 40²; even on 512 channels
 ///   at 20² (25 tiles: half a micro-kernel column). Where they are even, F(2×2): it rounds less.
-pub fn choose(conv: &Conv, h: usize, w: usize) -> Option<Tile> {
-    let f2 = conv.cin >= 32 && conv.cout >= 64 && h.div_ceil(2) * w.div_ceil(2) >= NR;
+/// - On the AVX2 kernel (Zen 3, `RAYON_NUM_THREADS=1`, best of three alternating runs) the implicit GEMM
+///   is weaker and Winograd already wins from 32 output channels: F(2×2) runs x0.25's SSH conv3X3 +
+///   conv5X5_1 (64→32+16 at 80²) 1.65–1.7x faster than the implicit GEMM, x1.0's conv5X5_1 (128→32)
+///   1.23–1.41x.
+pub fn choose(conv: &Conv, h: usize, w: usize, kernel: Kernel) -> Option<Tile> {
+    let min_cout = if kernel == Kernel::Avx2 { 32 } else { 64 };
+    let f2 = conv.cin >= 32 && conv.cout >= min_cout && h.div_ceil(2) * w.div_ceil(2) >= NR;
     let f4 = (conv.cin > 64 && conv.cin <= 256 && w >= 40) || (conv.cin <= 64 && w >= 120);
     match mode() {
         WinogradMode::Off => None,
