@@ -276,7 +276,7 @@ fn conv_op(c: &Conv, plan: &Plan, arena: &mut [f32]) -> Result<()> {
 fn dwpw_op(dw: &Conv, pw: &Conv, plan: &Plan, arena: &mut [f32]) -> Result<()> {
     let level = super::isa::isa();
     let (_, ih, iw) = plan.shapes[dw.input];
-    if plan.keep_all || !conv::dwpw::fuses(dw, pw, level) || !conv::dwpw::preferred(dw, pw, ih, iw) {
+    if plan.keep_all || !conv::dwpw::fuses(dw, pw, level) || !conv::dwpw::preferred(dw, pw, ih, iw, level) {
         conv_op(dw, plan, arena)?;
         return conv_op(pw, plan, arena);
     }

@@ -45,10 +45,12 @@ pub fn fuses(dw: &Conv, pw: &Conv, level: Isa) -> bool {
 /// conv_shapes -- dw+pw`, one thread, AVX-512 Xeon): it wins on narrow pointwise convolutions (up to 64
 /// input channels: 1.4–1.5x on MobileNet x0.25's 8–64 channel layers), and up to 128 on maps of at most
 /// 80×80 (1.2x); from 128 channels on large maps and from 256 on, the composition's GEMM-crate
-/// pointwise path is faster (0.5–0.9x fused).
-pub fn preferred(dw: &Conv, pw: &Conv, h: usize, w: usize) -> bool {
+/// pointwise path is faster (0.5–0.9x fused). On the AVX2 kernel (Zen 3, one thread, four runs) the
+/// 128-channel 40² pair (x0.25's stage2) runs 0.54–0.92x of the composition fused, the 64-channel
+/// pairs 1.0–1.3x: the AVX2 micro-kernel trails the GEMM crate from 128 channels, so only up to 64 fuse.
+pub fn preferred(dw: &Conv, pw: &Conv, h: usize, w: usize, level: Isa) -> bool {
     let (oh, ow) = (out_size(h, 3, dw.stride, 1), out_size(w, 3, dw.stride, 1));
-    pw.cin <= 64 || (pw.cin <= 128 && oh * ow <= 80 * 80)
+    pw.cin <= 64 || (level >= Isa::Avx512 && pw.cin <= 128 && oh * ow <= 80 * 80)
 }
 
 /// `pw(dw(x))`: `x` is [n, dw.cin, h, w]; `out` is [n, out_channels, oh, ow] (pw's channels at
