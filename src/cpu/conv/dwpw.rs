@@ -513,16 +513,17 @@ impl DwRows<'_> {
     #[inline(always)]
     fn taps_explicit(&self, src: [&[f32]; 9], out: &mut [f32]) -> bool {
         let n = out.len();
-        if n < EXPLICIT_MIN || !cfg!(target_arch = "x86_64") {
+        // The processor check is a cached load; it keeps the unsafe call sound even if a portable
+        // caller reached here.
+        if n < EXPLICIT_MIN || !Isa::Avx2.supported() {
             return false;
         }
         assert!(src.iter().all(|s| s.len() >= n), "depthwise taps shorter than the output");
         #[cfg(target_arch = "x86_64")]
         {
-            debug_assert!(Isa::Avx2.supported());
             let (p, wt, o, b) = (src.map(|s| s.as_ptr()), self.weight, out.as_mut_ptr(), self.bias);
-            // SAFETY: only the AVX2/AVX-512 instantiations call this (their dispatch checked the
-            // processor); each source holds n floats (asserted), `out` n.
+            // SAFETY: the processor runs AVX2 and FMA (checked above); each source holds n floats
+            // (asserted), `out` n.
             unsafe {
                 match self.act {
                     Act::None => taps_avx2::<ACT_NONE>(p, wt, o, n, b, 0.0),
