@@ -416,7 +416,9 @@ impl Task<'_> {
 /// j < nblk, tiles t < ntiles and pixels t·NR + i < len (the rest of C is junk), depth = offsets.len(),
 /// C rows `ld` apart: the reduction in passes of KC steps, tile-major, so a tile's B rows (KC·NR floats)
 /// stay in L1 while every weight block passes over them; the first block's pass also prefetches the
-/// next tile's rows. Each output sums its products in k order.
+/// next tile's rows. On the AVX2 kernel with a deep reduction and several blocks, each tile's B rows
+/// are first copied to one contiguous panel (see `PACK_MIN_DEPTH`). Each output sums its products in k
+/// order, packed or not.
 ///
 /// # Safety
 /// The processor must run `kernel`; `src` must cover `offsets[k] + len` for every k; `a` must hold
@@ -433,119 +435,105 @@ pub(super) unsafe fn gemm_tiles(
     c: &mut [f32],
     ld: usize,
 ) {
-    let depth = offsets.len();
-    if kernel == Kernel::Avx2 && nblk >= PACK_MIN_BLOCKS && depth >= PACK_MIN_DEPTH {
-        // SAFETY: the caller's contract.
-        return unsafe { gemm_tiles_packed(kernel, a, offsets, src, len, ntiles, nblk, c, ld) };
-    }
-    for kc0 in (0..depth).step_by(KC) {
-        let kc = KC.min(depth - kc0);
-        let offsets = &offsets[kc0..kc0 + kc];
-        for t in 0..ntiles {
-            let px = t * NR;
-            let valid = NR.min(len - px);
-            for j in 0..nblk {
-                let a = &a[(j * depth + kc0) * MR..][..kc * MR];
-                // SAFETY: the caller's contract: every B read lies at offset[k] + px + lane, lane < valid.
-                unsafe {
-                    tile_dispatch(
-                        kernel,
-                        a,
-                        offsets,
-                        &src[px..],
-                        &mut c[j * MR * ld + px..],
-                        ld,
-                        kc0 > 0,
-                        valid,
-                        j == 0,
-                    )
-                };
+    let g = Gemm { kernel, a, offsets, src, len, ntiles, nblk, ld };
+    if kernel == Kernel::Avx2 && nblk >= PACK_MIN_BLOCKS && offsets.len() >= PACK_MIN_DEPTH {
+        PANEL.with_borrow_mut(|(panel, poffs)| {
+            panel.resize(KC_PACK * NR + 16, 0.0);
+            let at = panel.as_ptr().align_offset(64);
+            if poffs.len() != KC_PACK {
+                *poffs = (0..KC_PACK).map(|k| (k * NR) as u32).collect();
             }
-        }
+            // SAFETY: the caller's contract.
+            unsafe { g.run(c, Some((&mut panel[at..at + KC_PACK * NR], poffs))) }
+        })
+    } else {
+        // SAFETY: the caller's contract.
+        unsafe { g.run(c, None) }
     }
 }
 
-/// Blocks of output channels from which `gemm_tiles` packs each B panel (see `gemm_tiles_packed`).
+/// Blocks of output channels from which `gemm_tiles` packs each B panel.
 const PACK_MIN_BLOCKS: usize = 2;
 /// Reduction depth from which `gemm_tiles` packs (Zen 3, conv_shapes, one thread, best of three
 /// alternating runs: K = 256 gains 1.16–1.43x — ResNet FPN merge, layer3, SSH, x1.0 stage3.1; K = 128
 /// was mixed, 0.93–0.95x on the Winograd layer2 and FPN merge, 1.41x on the fused x0.25 stage2.1; K
-/// ≤ 64 loses 0.7–0.9x: the planes a panel reads stay in L1 anyway and the copy costs more).
+/// ≤ 64 loses 0.7–0.9x: the planes a panel reads stay in L1 anyway and the copy costs more). Packed,
+/// the micro-kernel's loads walk one sequential stream instead of KC_PACK planes far apart.
 const PACK_MIN_DEPTH: usize = 256;
 /// Reduction steps per packed panel: KC_PACK·NR floats (24 KiB) stay in L1 with an A block.
 const KC_PACK: usize = 128;
 
 thread_local! {
-    /// `gemm_tiles_packed`'s panel and its offsets.
+    /// `gemm_tiles`' packed panel and its offsets (k·NR).
     static PANEL: RefCell<(Vec<f32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// `gemm_tiles` with each B panel (KC_PACK reduction steps × NR pixels) first copied to one contiguous
-/// buffer, which every block of output channels then reads: the micro-kernel's loads walk one
-/// sequential stream instead of KC_PACK planes megabytes apart, and the panel stays in L1. The same
-/// products in the same k order (accumulating across panels as across KC chunks): the same values.
-///
-/// # Safety
-/// As `gemm_tiles`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_tiles_packed(
+/// `gemm_tiles`' operands.
+struct Gemm<'a> {
     kernel: Kernel,
-    a: &[f32],
-    offsets: &[u32],
-    src: &[f32],
+    a: &'a [f32],
+    offsets: &'a [u32],
+    src: &'a [f32],
     len: usize,
     ntiles: usize,
     nblk: usize,
-    c: &mut [f32],
     ld: usize,
-) {
-    let depth = offsets.len();
-    PANEL.with(|cell| {
-        let mut guard = cell.borrow_mut();
-        let (panel, poffs) = &mut *guard;
-        panel.resize(KC_PACK * NR + 16, 0.0);
-        let at = panel.as_ptr().align_offset(64);
-        if poffs.len() != KC_PACK {
-            *poffs = (0..KC_PACK).map(|k| (k * NR) as u32).collect();
-        }
-        for kc0 in (0..depth).step_by(KC_PACK) {
-            let kc = KC_PACK.min(depth - kc0);
-            let offs = &offsets[kc0..kc0 + kc];
-            for t in 0..ntiles {
+}
+
+impl Gemm<'_> {
+    /// The passes; with `panel` (KC_PACK·NR floats and their offsets) each tile's B rows of a pass are
+    /// copied there first and every block reads the copy. Passes are KC_PACK steps then (accumulating
+    /// across passes continues each sum in k order, so the values do not change).
+    ///
+    /// # Safety
+    /// As `gemm_tiles`.
+    unsafe fn run(&self, c: &mut [f32], mut panel: Option<(&mut [f32], &[u32])>) {
+        let (depth, ld) = (self.offsets.len(), self.ld);
+        let packing = panel.is_some();
+        let pass = if packing { KC_PACK } else { KC };
+        for kc0 in (0..depth).step_by(pass) {
+            let kc = pass.min(depth - kc0);
+            let offsets = &self.offsets[kc0..kc0 + kc];
+            for t in 0..self.ntiles {
                 let px = t * NR;
-                let valid = NR.min(len - px);
-                let dst = &mut panel[at..at + kc * NR];
-                for (k, &off) in offs.iter().enumerate() {
-                    let from = off as usize + px;
-                    if valid == NR {
-                        // A fixed-size copy: vector moves, not a call to memcpy per row.
-                        let row: &[f32; NR] = src[from..from + NR].try_into().expect("NR floats");
-                        dst[k * NR..(k + 1) * NR].copy_from_slice(row);
-                    } else {
-                        dst[k * NR..k * NR + valid].copy_from_slice(&src[from..from + valid]);
+                let valid = NR.min(self.len - px);
+                let (b_offsets, b): (&[u32], &[f32]) = match panel.as_mut() {
+                    Some((buf, poffs)) => {
+                        for (k, &off) in offsets.iter().enumerate() {
+                            let from = off as usize + px;
+                            if valid == NR {
+                                // A fixed-size copy: vector moves, not a call to memcpy per row.
+                                let row: &[f32; NR] = self.src[from..from + NR].try_into().expect("NR floats");
+                                buf[k * NR..(k + 1) * NR].copy_from_slice(row);
+                            } else {
+                                buf[k * NR..k * NR + valid].copy_from_slice(&self.src[from..from + valid]);
+                            }
+                        }
+                        (&poffs[..kc], &buf[..])
                     }
-                }
-                for j in 0..nblk {
-                    let a = &a[(j * depth + kc0) * MR..][..kc * MR];
-                    // SAFETY: the panel holds kc rows of NR floats, of which the kernel reads the first
-                    // `valid`; the rest of the caller's contract holds as for `gemm_tiles`.
+                    None => (offsets, &self.src[px..]),
+                };
+                for j in 0..self.nblk {
+                    let a = &self.a[(j * depth + kc0) * MR..][..kc * MR];
+                    // SAFETY: the caller's contract: every B read lies at b_offsets[k] + lane, lane <
+                    // valid, inside `src` (from px on) or inside the panel (kc rows of NR floats).
                     unsafe {
                         tile_dispatch(
-                            kernel,
+                            self.kernel,
                             a,
-                            &poffs[..kc],
-                            &panel[at..],
+                            b_offsets,
+                            b,
                             &mut c[j * MR * ld + px..],
                             ld,
                             kc0 > 0,
                             valid,
-                            false,
+                            j == 0 && !packing,
                         )
                     };
                 }
             }
         }
-    });
+    }
 }
 
 /// One micro-tile: `C[r, 0..NR] (+)= Σ_k a[k·MR + r] · src[offset[k] + 0..NR]` for r < MR, C rows `ldc`
