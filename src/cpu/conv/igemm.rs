@@ -20,7 +20,7 @@
 
 use super::common::{Sinks, aligned, min_tasks, store_grid};
 use super::tile::{MR, NR};
-use crate::cpu::isa::Isa;
+use crate::cpu::isa::{Isa, avx_dispatch};
 use crate::cpu::rows::valid_columns;
 use crate::graph::Conv;
 use crate::reference::out_size;
@@ -170,6 +170,7 @@ pub(super) fn conflict_free_stride(len: usize) -> usize {
 /// zero-padded channel `src` (h×w), split by phase; rows past the planes are zeros): every element a
 /// tile reads is written, so the buffer may hold old values.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn fill_channel(l: &Layout, conv: &Conv, src: &[f32], h: usize, w: usize, qy0: usize, rows: usize, dst: &mut [f32]) {
     let (s, p) = (conv.stride, conv.pad);
     let plane = dst.len() / (l.phases * l.phases);
@@ -191,16 +192,25 @@ fn fill_channel(l: &Layout, conv: &Conv, src: &[f32], h: usize, w: usize, qy0: u
             if s == 1 {
                 run.copy_from_slice(&srow[first..first + run.len()]);
             } else if let Some((last, head)) = run.split_last_mut() {
-                // Pairs, so the gather of every s-th column vectorises as a deinterleave (stride 2).
+                // Pairs of a constant size, so the gather of every other column vectorises as a
+                // deinterleave (shuffles at the level `fill_channel_fast` builds for).
                 let len = head.len();
-                for (v, pair) in head.iter_mut().zip(srow[first..first + s * len].chunks_exact(s)) {
-                    *v = pair[0];
+                if s == 2 {
+                    for (v, pair) in head.iter_mut().zip(srow[first..first + 2 * len].chunks_exact(2)) {
+                        *v = pair[0];
+                    }
+                } else {
+                    for (v, pair) in head.iter_mut().zip(srow[first..first + s * len].chunks_exact(s)) {
+                        *v = pair[0];
+                    }
                 }
                 *last = srow[first + len * s];
             }
         }
     }
 }
+
+avx_dispatch!(fill_channel_fast, fill_channel_avx2, fill_channel_avx512, fill_channel, (l: &Layout, conv: &Conv, src: &[f32], h: usize, w: usize, qy0: usize, rows: usize, dst: &mut [f32]));
 
 /// Where the tiles' B operand comes from.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -281,10 +291,9 @@ pub(super) fn conv(
         at = aligned(&mut whole, n * per_image + NR);
         whole[at + n * per_image..].fill(0.0);
         let nph = l.phases * l.phases;
-        whole[at..at + n * per_image]
-            .par_chunks_mut(nph * plane)
-            .enumerate()
-            .for_each(|(bc, dst)| fill_channel(&l, conv, &x[bc * h * w..(bc + 1) * h * w], h, w, 0, rows, dst));
+        whole[at..at + n * per_image].par_chunks_mut(nph * plane).enumerate().for_each(|(bc, dst)| {
+            fill_channel_fast(kernel.isa(), &l, conv, &x[bc * h * w..(bc + 1) * h * w], h, w, 0, rows, dst)
+        });
     }
     let task = Task {
         kernel,
@@ -373,7 +382,7 @@ impl Task<'_> {
                 planes[self.per_image..].fill(0.0);
                 for (ci, dst) in planes[..self.per_image].chunks_exact_mut(nph * self.plane).enumerate() {
                     let src = &self.x[(b * cin + ci) * hw..][..hw];
-                    fill_channel(l, self.conv, src, self.h, self.w, qy0, self.rows, dst);
+                    fill_channel_fast(self.kernel.isa(), l, self.conv, src, self.h, self.w, qy0, self.rows, dst);
                 }
                 &planes[px0 - qy0 * l.wq..]
             }
