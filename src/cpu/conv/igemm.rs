@@ -192,19 +192,15 @@ fn fill_channel(l: &Layout, conv: &Conv, src: &[f32], h: usize, w: usize, qy0: u
             if s == 1 {
                 run.copy_from_slice(&srow[first..first + run.len()]);
             } else if let Some((last, head)) = run.split_last_mut() {
-                // Pairs of a constant size, so the gather of every other column vectorises as a
-                // deinterleave (shuffles at the level `fill_channel_fast` builds for).
+                // Stride 2 (the only other one `handles` takes): pairs of a constant size, so the
+                // gather of every other column vectorises as a deinterleave (shuffles at the level
+                // `fill_channel_fast` builds for).
+                debug_assert_eq!(s, 2);
                 let len = head.len();
-                if s == 2 {
-                    for (v, pair) in head.iter_mut().zip(srow[first..first + 2 * len].chunks_exact(2)) {
-                        *v = pair[0];
-                    }
-                } else {
-                    for (v, pair) in head.iter_mut().zip(srow[first..first + s * len].chunks_exact(s)) {
-                        *v = pair[0];
-                    }
+                for (v, pair) in head.iter_mut().zip(srow[first..first + 2 * len].chunks_exact(2)) {
+                    *v = pair[0];
                 }
-                *last = srow[first + len * s];
+                *last = srow[first + 2 * len];
             }
         }
     }
