@@ -154,6 +154,95 @@ fn main() {
     }
     dwpw_pairs(&filter);
     conv_pairs(&filter);
+    blocked_pointwise(&filter);
+}
+
+/// The 1×1 convolutions in the channel-blocked layout (`cpu::blocked`, NCHW16c, AVX-512) against the
+/// engine's NCHW path for the same convolution, paired: each round times both (best of 3 calls each,
+/// the order alternating), and the speed-up is the median of the rounds' ratios, so a slow spell of a
+/// shared machine falls on both sides of a ratio. The reorders into and out of the layout, which a
+/// blocked executor would pay only at its edges, are timed apart.
+fn blocked_pointwise(filter: &[String]) {
+    use retinaface::cpu::blocked::{PointwiseWeights, blocked_len, from_blocked, pointwise, to_blocked};
+    if !retinaface::cpu::Isa::Avx512.supported() {
+        return;
+    }
+    // (what, cin, cout, h, w)
+    let shapes = [
+        ("blocked MobileNetV1 128->128", 128, 128, 160, 160),
+        ("blocked MobileNetV1 256->256", 256, 256, 80, 80),
+        ("blocked MobileNetV1 512->512", 512, 512, 40, 40),
+        ("blocked MobileNetV1 1024->1024", 1024, 1024, 20, 20),
+        ("blocked ResNet-50 64->256", 64, 256, 160, 160),
+        ("blocked ResNet-50 256->64", 256, 64, 160, 160),
+        ("blocked ResNet-50 512->128", 512, 128, 80, 80),
+        ("blocked ResNet-50 1024->256", 1024, 256, 40, 40),
+        ("blocked ResNet-50 2048->512", 2048, 512, 20, 20),
+        ("blocked MobileNetV2 96->576", 96, 576, 40, 40),
+        ("blocked MobileNetV2 576->96", 576, 96, 40, 40),
+        ("blocked MobileNetV2 144->24", 144, 24, 80, 80),
+        ("blocked FPN lateral 64->64", 64, 64, 80, 80),
+    ];
+    const ROUNDS: usize = 7;
+    println!(
+        "\n{:<30} {:>18} {:>8} {:>7} {:>8} {:>7} {:>8} {:>10} {:>9}",
+        "1x1, NCHW16c vs NCHW", "shape", "blk ms", "GFLOPS", "NCHW ms", "GFLOPS", "speed-up", "range", "reorders"
+    );
+    for (what, cin, cout, h, w) in shapes {
+        if !filter.is_empty() && !filter.iter().any(|f| what.contains(f.as_str())) {
+            continue;
+        }
+        let npix = h * w;
+        let conv = conv(what, cin, cout, 1, 1, 1, Act::Leaky(0.1));
+        let packed = PointwiseWeights::new(&conv).expect("a 1x1 conv");
+        let x = input(cin * npix);
+        // Blocked tensors from a 64-byte boundary, as an executor's arena would place them.
+        let (mut xb_buf, mut yb_buf) =
+            (vec![0.0f32; blocked_len(1, cin, npix) + 16], vec![0.0f32; blocked_len(1, cout, npix) + 16]);
+        let (xo, yo) = (xb_buf.as_ptr().align_offset(64), yb_buf.as_ptr().align_offset(64));
+        let xb = &mut xb_buf[xo..][..blocked_len(1, cin, npix)];
+        let yb = &mut yb_buf[yo..][..blocked_len(1, cout, npix)];
+        to_blocked(&x, 1, cin, npix, xb);
+        let mut out = vec![0.0; cout * npix];
+        let best3 = |f: &mut dyn FnMut()| {
+            f();
+            (0..3)
+                .map(|_| {
+                    let t = now();
+                    f();
+                    now() - t
+                })
+                .fold(f64::MAX, f64::min)
+        };
+        let (mut best_b, mut best_n, mut ratios) = (f64::MAX, f64::MAX, Vec::new());
+        for round in 0..ROUNDS {
+            let mut blk = || pointwise(&packed, xb, 1, npix, yb, None);
+            let tb = if round % 2 == 0 { best3(&mut blk) } else { 0.0 };
+            let tn = best3(&mut || conv2d(&conv, &x, 1, h, w, &mut out, cout, None));
+            let tb = if round % 2 == 0 { tb } else { best3(&mut || pointwise(&packed, xb, 1, npix, yb, None)) };
+            best_b = best_b.min(tb);
+            best_n = best_n.min(tn);
+            ratios.push(tn / tb);
+        }
+        let reorders = best3(&mut || {
+            to_blocked(&x, 1, cin, npix, xb);
+            from_blocked(yb, 1, cout, npix, &mut out);
+        });
+        ratios.sort_by(f64::total_cmp);
+        let flop = 2.0 * (cin * cout * npix) as f64;
+        let shape = format!("{cin}->{cout} {h}x{w}");
+        println!(
+            "{what:<30} {shape:>18} {:>8.2} {:>7.1} {:>8.2} {:>7.1} {:>7.2}x {:>4.2}-{:<4.2} {:>8.2}",
+            best_b * 1e3,
+            flop / best_b * 1e-9,
+            best_n * 1e3,
+            flop / best_n * 1e-9,
+            ratios[ROUNDS / 2],
+            ratios[0],
+            ratios[ROUNDS - 1],
+            reorders * 1e3
+        );
+    }
 }
 
 /// SSH's convolution pairs (two 3×3 convs of one input, `Op::ConvPair`): one GEMM over both weight sets

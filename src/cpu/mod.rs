@@ -3,8 +3,11 @@
 //!
 //! - `exec`: the executor (plans, arenas, the op loop).
 //! - `conv`: the convolution paths and their dispatch; `ops`: the max-pool and upsample-add.
+//! - `blocked`: the channel-blocked layout (NCHW16c) and its 1x1 convolution, measured against the
+//!   NCHW paths; not yet used by the executor.
 //! - `isa`: the SIMD level the paths run at; `rows`: row helpers shared by the paths.
 
+pub mod blocked;
 pub mod conv;
 pub mod exec;
 pub mod isa;

@@ -62,7 +62,7 @@ pub(super) const COLUMN_BUDGET: usize = 1 << 18;
 /// Tasks wanted per convolution, so small maps still spread over the cores: four per thread of the
 /// pool (at least 8), so that on 16–64 cores every core still gets work on the 20×20 and 40×40 maps,
 /// and the last tasks of an uneven split cost a quarter of a core's share.
-pub(super) fn min_tasks() -> usize {
+pub(crate) fn min_tasks() -> usize {
     (4 * rayon::current_num_threads()).max(8)
 }
 
@@ -148,7 +148,7 @@ avx_dispatch!(pub(super) store_epilogue_fast, store_epilogue_avx2, store_epilogu
 
 /// Resizes `v` to hold `len` floats from a 64-byte boundary and returns that boundary's index: vector
 /// loads of whole cache lines from it then never split across two lines (the allocator aligns to 16).
-pub(super) fn aligned(v: &mut Vec<f32>, len: usize) -> usize {
+pub(crate) fn aligned(v: &mut Vec<f32>, len: usize) -> usize {
     v.resize(len + 15, 0.0);
     v.as_ptr().align_offset(64)
 }

@@ -26,6 +26,7 @@ use crate::cpu::isa::{Isa, isa};
 use crate::graph::Conv;
 use crate::reference::out_size;
 use common::{SharedMut, Sink, Sinks};
+pub(crate) use common::{aligned, min_tasks};
 use igemm::Kernel;
 
 /// `crate::reference::conv2d` (same operands, same result up to f32 rounding) on the fastest path for

@@ -1,0 +1,413 @@
+//! The channel-blocked activation layout (NCHW16c) and its 1×1 convolution at the AVX-512 level: the
+//! first piece of a blocked CPU executor, measured against the NCHW paths by `cargo bench --bench
+//! conv_shapes -- blocked` and not yet used by `CpuExecutor`.
+//!
+//! Why this layout: in NCHW the output channels of a GEMM micro-tile lie a plane apart, so a pointwise
+//! convolution either packs its input into panels and writes each tile's rows to separate planes, or
+//! reads a plane per reduction step; both stall on memory on the large maps (1x1 convolutions at
+//! 80²–160² run at 65–120 GFLOPS on the GEMM crate and on packed NCHW tiles on the Ice Lake Xeon of
+//! benches/RESULTS.md, whose FMA peak is ~175; this kernel at 120–150). In NCHW16c ([n][c/16][h·w][16], channels past c zero)
+//! the 16 channels of a pixel are one vector: a tile of 64 output channels × 6 pixels broadcasts one
+//! input value per pixel and reduction step against four weight vectors, reads its input in place
+//! (sixteen steps share each input line), and stores four runs of six whole vectors. ONNX Runtime's
+//! MLAS runs its CPU convolutions in this layout.
+//!
+//! `pointwise`: `out[co, p] = act(Σ_ci W[co, ci] · x[ci, p] + bias[co] (+ residual[co, p]))`, weights
+//! packed once (`PointwiseWeights`, [cout/64][cin/16·16][64], zeros past cout and cin). Work: 2·cin·cout
+//! flops per pixel; memory: the input read once per 64 output channels, the weights once per task, the
+//! output written once per reduction pass of KC input channels (once when cin ≤ KC). Tasks split the
+//! pixels and the blocks of 64 output channels. Each output sums its products in ci order, in one
+//! task, with fused multiply-adds: results do not depend on the thread count.
+
+use crate::cpu::conv::aligned;
+use crate::cpu::isa::Isa;
+use crate::graph::{Act, Conv};
+use rayon::prelude::*;
+
+/// Channels per block: one 16-lane register.
+pub const BLOCK: usize = 16;
+/// Output channels per micro-tile: four registers of weights.
+const CO_TILE: usize = 4 * BLOCK;
+/// Pixels per micro-tile: 6 × 4 = 24 accumulators, four weight vectors and a broadcast of the 32 registers.
+const PX_TILE: usize = 6;
+/// Input channels per reduction pass: a tile's weights (KC·64 floats, 128 KiB) stay in L2 while the
+/// pass sweeps the task's pixels.
+const KC: usize = 512;
+
+/// Floats of an [n][c] activation of `npix` pixels in the blocked layout.
+pub fn blocked_len(n: usize, c: usize, npix: usize) -> usize {
+    n * c.div_ceil(BLOCK) * npix * BLOCK
+}
+
+/// `x` [n][c][npix] (NCHW) into `out` [n][c/16][npix][16], channels past c zero.
+pub fn to_blocked(x: &[f32], n: usize, c: usize, npix: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), n * c * npix, "to_blocked: input size");
+    assert_eq!(out.len(), blocked_len(n, c, npix), "to_blocked: output size");
+    let blocks = c.div_ceil(BLOCK);
+    out.par_chunks_mut(npix * BLOCK).enumerate().for_each(|(nb, dst)| {
+        let (b, cb) = (nb / blocks, nb % blocks);
+        let lanes = BLOCK.min(c - cb * BLOCK);
+        let src = &x[(b * c + cb * BLOCK) * npix..][..lanes * npix];
+        if lanes < BLOCK {
+            dst.fill(0.0);
+        }
+        // 16 pixels at a time: each channel's run is read whole, the 1 KiB written stays in L1.
+        for (p0, tile) in (0..npix).step_by(BLOCK).zip(dst.chunks_mut(BLOCK * BLOCK)) {
+            let run = BLOCK.min(npix - p0);
+            for j in 0..lanes {
+                for (i, &v) in src[j * npix + p0..][..run].iter().enumerate() {
+                    tile[i * BLOCK + j] = v;
+                }
+            }
+        }
+    });
+}
+
+/// `x` [n][c/16][npix][16] back into `out` [n][c][npix] (NCHW).
+pub fn from_blocked(x: &[f32], n: usize, c: usize, npix: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), blocked_len(n, c, npix), "from_blocked: input size");
+    assert_eq!(out.len(), n * c * npix, "from_blocked: output size");
+    let blocks = c.div_ceil(BLOCK);
+    // One task per channel block: its up to 16 planes are written 16 pixels at a time from 1 KiB of
+    // the block, which stays in L1.
+    let mut planes: Vec<&mut [f32]> = out.chunks_mut(npix).collect();
+    let mut groups: Vec<(usize, &mut [&mut [f32]])> = Vec::new();
+    for (b, image) in planes.chunks_mut(c).enumerate() {
+        for (cb, group) in image.chunks_mut(BLOCK).enumerate() {
+            groups.push((b * blocks + cb, group));
+        }
+    }
+    groups.into_par_iter().for_each(|(nb, group)| {
+        let src = &x[nb * npix * BLOCK..][..npix * BLOCK];
+        for (p0, tile) in (0..npix).step_by(BLOCK).zip(src.chunks(BLOCK * BLOCK)) {
+            let run = BLOCK.min(npix - p0);
+            for (j, plane) in group.iter_mut().enumerate() {
+                for (i, e) in plane[p0..p0 + run].iter_mut().enumerate() {
+                    *e = tile[i * BLOCK + j];
+                }
+            }
+        }
+    });
+}
+
+/// A 1×1 stride-1 convolution's weights and biases as `pointwise` reads them, packed once.
+pub struct PointwiseWeights {
+    cin: usize,
+    cout: usize,
+    act: Act,
+    /// [cout/64][cin/16·16][64], zeros past cout and cin, from `w_at` (a 64-byte boundary, so no
+    /// weight load splits across two cache lines).
+    w: Vec<f32>,
+    w_at: usize,
+    /// Per tile of 64 output channels, zeros past cout.
+    bias: Vec<[f32; CO_TILE]>,
+}
+
+impl PointwiseWeights {
+    /// `conv`'s weights packed for `pointwise`; `None` unless it is a 1×1 stride-1 unpadded dense
+    /// convolution.
+    pub fn new(conv: &Conv) -> Option<PointwiseWeights> {
+        if (conv.kernel, conv.stride, conv.pad, conv.groups) != (1, 1, 0, 1) {
+            return None;
+        }
+        let (cin, cout) = (conv.cin, conv.cout);
+        let (kp, tiles) = (cin.div_ceil(BLOCK) * BLOCK, cout.div_ceil(CO_TILE));
+        let mut w = Vec::new();
+        let w_at = aligned(&mut w, tiles * kp * CO_TILE);
+        for co in 0..cout {
+            for ci in 0..cin {
+                w[w_at + ((co / CO_TILE) * kp + ci) * CO_TILE + co % CO_TILE] = conv.weight[co * cin + ci];
+            }
+        }
+        let mut bias = vec![[0.0f32; CO_TILE]; tiles];
+        for (co, &b) in conv.bias.iter().enumerate() {
+            bias[co / CO_TILE][co % CO_TILE] = b;
+        }
+        Some(PointwiseWeights { cin, cout, act: conv.act, w, w_at, bias })
+    }
+}
+
+/// The 1×1 convolution `pw` of `x` [n][cin/16][npix][16] into `out` [n][cout/16][npix][16] (blocked
+/// layout), `residual` in `out`'s layout added before the activation. The input's padding channels
+/// must be zeros (as `to_blocked` writes them); `out` and `residual` from a 64-byte boundary keep each
+/// vector in one cache line (any alignment gives the same values). Runs at `Isa::Avx512` (panics
+/// without it: the caller checks `Isa::Avx512.supported()`).
+pub fn pointwise(pw: &PointwiseWeights, x: &[f32], n: usize, npix: usize, out: &mut [f32], residual: Option<&[f32]>) {
+    assert!(Isa::Avx512.supported(), "the blocked pointwise convolution needs AVX-512F");
+    assert_eq!(x.len(), blocked_len(n, pw.cin, npix), "blocked pointwise: input size");
+    assert_eq!(out.len(), blocked_len(n, pw.cout, npix), "blocked pointwise: output size");
+    if let Some(r) = residual {
+        assert_eq!(r.len(), out.len(), "blocked pointwise: residual size");
+    }
+    let (in_blocks, out_blocks) = (pw.cin.div_ceil(BLOCK), pw.cout.div_ceil(BLOCK));
+    let tiles = pw.cout.div_ceil(CO_TILE);
+    // Pixel runs per (image, channel tile): enough tasks for every thread, each run a whole number
+    // of micro-tiles.
+    let runs = crate::cpu::conv::min_tasks().div_ceil(n * tiles).min(npix.div_ceil(PX_TILE)).max(1);
+    let run = npix.div_ceil(runs).div_ceil(PX_TILE) * PX_TILE;
+    let runs = npix.div_ceil(run);
+    let outp = SendPtr(out.as_mut_ptr());
+    (0..n * tiles * runs).into_par_iter().for_each(|task| {
+        let (b, t, r) = (task / (tiles * runs), task / runs % tiles, task % runs);
+        let nb = (out_blocks - t * 4).min(4);
+        let (p0, p1) = (r * run, ((r + 1) * run).min(npix));
+        let xb = &x[b * in_blocks * npix * BLOCK..][..in_blocks * npix * BLOCK];
+        let wt = &pw.w[pw.w_at + t * in_blocks * BLOCK * CO_TILE..][..in_blocks * BLOCK * CO_TILE];
+        let bias = &pw.bias[t];
+        let at = |p: usize| ((b * out_blocks + t * 4) * npix + p) * BLOCK;
+        for k0 in (0..in_blocks).step_by(KC / BLOCK) {
+            let kb = (KC / BLOCK).min(in_blocks - k0);
+            let last = k0 + kb == in_blocks;
+            for p in (p0..p1).step_by(PX_TILE) {
+                let step = Step {
+                    x: xb[(k0 * npix + p) * BLOCK..].as_ptr(),
+                    w: wt[k0 * BLOCK * CO_TILE..].as_ptr(),
+                    kb,
+                    stride: npix * BLOCK,
+                    // SAFETY: within `out`: tile t's blocks of image b at pixel p.
+                    out: unsafe { outp.get().add(at(p)) },
+                    accumulate: k0 > 0,
+                    finish: last.then(|| Finish { bias, residual: residual.map(|r| r[at(p)..].as_ptr()), act: pw.act }),
+                };
+                // SAFETY: AVX-512F was asserted; the step's pointers cover kb channel blocks of
+                // `nb` output blocks × `px` pixels, this task's alone.
+                unsafe { tile_dispatch(nb, (p1 - p).min(PX_TILE), &step) };
+            }
+        }
+    });
+}
+
+/// A raw output pointer the tasks share; each writes its own tiles.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// The last pass's epilogue: `act(acc + bias [+ residual])`, in `common::epilogue`'s order.
+struct Finish<'a> {
+    bias: &'a [f32; CO_TILE],
+    /// The residual at the tile's first block and pixel (the output's layout).
+    residual: Option<*const f32>,
+    act: Act,
+}
+
+/// One micro-tile's operands: `kb` blocks of 16 input channels from `x` (blocks `stride` floats
+/// apart) and `w` (64 floats per input channel), into `out` (blocks `stride` apart).
+struct Step<'a> {
+    x: *const f32,
+    w: *const f32,
+    kb: usize,
+    stride: usize,
+    out: *mut f32,
+    accumulate: bool,
+    finish: Option<Finish<'a>>,
+}
+
+/// The tile for `nb` output blocks (1–4) and `px` pixels (1–6), each a separate instantiation so
+/// the accumulators stay in registers.
+///
+/// # Safety
+/// As `tile`.
+unsafe fn tile_dispatch(nb: usize, px: usize, s: &Step) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's contract.
+    unsafe {
+        macro_rules! by_px {
+            ($nb:literal) => {
+                match px {
+                    6 => tile::<$nb, 6>(s),
+                    5 => tile::<$nb, 5>(s),
+                    4 => tile::<$nb, 4>(s),
+                    3 => tile::<$nb, 3>(s),
+                    2 => tile::<$nb, 2>(s),
+                    _ => tile::<$nb, 1>(s),
+                }
+            };
+        }
+        match nb {
+            4 => by_px!(4),
+            3 => by_px!(3),
+            2 => by_px!(2),
+            _ => by_px!(1),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("the AVX-512 level exists only on x86_64 ({nb}, {px}, {})", s.kb)
+}
+
+/// `out[j][i] = [out +] Σ_k w[k][j] · x[k][i]` for output block j < NB and pixel i < PX, then the
+/// epilogue if `finish`.
+///
+/// # Safety
+/// AVX-512F must be available; `x` must cover kb blocks of PX pixels, `w` kb·16 rows of 64 floats,
+/// `out` (and the residual) NB blocks of PX pixels.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile<const NB: usize, const PX: usize>(s: &Step) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract covers every pointer formed below.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); NB]; PX];
+        if s.accumulate {
+            for (i, row) in acc.iter_mut().enumerate() {
+                for (j, a) in row.iter_mut().enumerate() {
+                    *a = _mm512_loadu_ps(s.out.add(j * s.stride + i * BLOCK));
+                }
+            }
+        }
+        for k in 0..s.kb {
+            let (xp, wp) = (s.x.add(k * s.stride), s.w.add(k * BLOCK * CO_TILE));
+            for c in 0..BLOCK {
+                let mut wv = [_mm512_setzero_ps(); NB];
+                for (j, v) in wv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(wp.add(c * CO_TILE + j * BLOCK));
+                }
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_set1_ps(*xp.add(i * BLOCK + c));
+                    for (a, w) in row.iter_mut().zip(&wv) {
+                        *a = _mm512_fmadd_ps(*w, xv, *a);
+                    }
+                }
+            }
+        }
+        let zero = _mm512_setzero_ps();
+        for (i, row) in acc.iter().enumerate() {
+            for (j, &a) in row.iter().enumerate() {
+                let at = j * s.stride + i * BLOCK;
+                let y = match &s.finish {
+                    None => a,
+                    Some(f) => {
+                        let mut y = _mm512_add_ps(a, _mm512_loadu_ps(f.bias.as_ptr().add(j * BLOCK)));
+                        if let Some(r) = f.residual {
+                            y = _mm512_add_ps(y, _mm512_loadu_ps(r.add(at)));
+                        }
+                        match f.act {
+                            Act::None => y,
+                            // f32::max(y, 0): NaN gives 0, as `max_ps` returns its second operand.
+                            Act::Leaky(0.0) => _mm512_max_ps(y, zero),
+                            Act::Leaky(slope) => {
+                                let neg = _mm512_mul_ps(y, _mm512_set1_ps(slope));
+                                _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(y, zero), neg, y)
+                            }
+                            // f32::clamp(y, 0, 6) keeps NaN: with y second, `max_ps`/`min_ps` return it.
+                            Act::Relu6 => _mm512_min_ps(_mm512_set1_ps(6.0), _mm512_max_ps(zero, y)),
+                        }
+                    }
+                };
+                _mm512_storeu_ps(s.out.add(at), y);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference;
+
+    fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+        move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / 16777216.0) * 2.0 - 1.0
+        }
+    }
+
+    #[test]
+    fn reorders_round_trip_and_zero_the_padding_channels() {
+        let mut rnd = uniform(5);
+        for (n, c, npix) in [(1, 16, 7), (2, 21, 13), (1, 3, 1), (3, 40, 50)] {
+            let x: Vec<f32> = (0..n * c * npix).map(|_| rnd()).collect();
+            let mut blocked = vec![f32::NAN; blocked_len(n, c, npix)];
+            to_blocked(&x, n, c, npix, &mut blocked);
+            let blocks = c.div_ceil(BLOCK);
+            for b in 0..n {
+                for ch in 0..blocks * BLOCK {
+                    for p in 0..npix {
+                        let got = blocked[((b * blocks + ch / BLOCK) * npix + p) * BLOCK + ch % BLOCK];
+                        let want = if ch < c { x[(b * c + ch) * npix + p] } else { 0.0 };
+                        assert_eq!(got.to_bits(), want.to_bits(), "image {b} channel {ch} pixel {p}");
+                    }
+                }
+            }
+            let mut back = vec![f32::NAN; x.len()];
+            from_blocked(&blocked, n, c, npix, &mut back);
+            assert_eq!(back, x);
+        }
+    }
+
+    /// Against `reference::conv2d` through the reorders: partial channel blocks and tiles, pixel
+    /// counts that leave partial micro-tiles, two reduction passes, batches, residuals, every
+    /// activation, and several thread counts' worth of tasks.
+    #[test]
+    fn pointwise_matches_the_reference() {
+        if !Isa::Avx512.supported() {
+            eprintln!("no AVX-512 on this machine: the blocked pointwise convolution is not run");
+            return;
+        }
+        let mut rnd = uniform(11);
+        // (n, cin, cout, npix, act, residual)
+        let cases = [
+            (1, 16, 64, 6, Act::None, false),
+            (2, 21, 37, 13, Act::Leaky(0.1), true),
+            (1, 64, 130, 97, Act::Leaky(0.0), false),
+            (1, 600, 70, 25, Act::Relu6, true),
+            (3, 3, 5, 1, Act::Leaky(0.1), false),
+            (1, 128, 256, 1600, Act::Leaky(0.1), true),
+        ];
+        for (n, cin, cout, npix, act, with_res) in cases {
+            let conv = Conv {
+                name: "pw".into(),
+                input: 0,
+                output: 1,
+                out_channel_offset: 0,
+                cin,
+                cout,
+                kernel: 1,
+                stride: 1,
+                pad: 0,
+                groups: 1,
+                weight: (0..cout * cin).map(|_| rnd()).collect(),
+                bias: (0..cout).map(|_| rnd()).collect(),
+                residual: None,
+                act,
+                packed: Default::default(),
+            };
+            let x: Vec<f32> = (0..n * cin * npix).map(|_| rnd() * 3.0).collect();
+            let res: Option<Vec<f32>> = with_res.then(|| (0..n * cout * npix).map(|_| rnd()).collect());
+            let mut want = vec![0.0; n * cout * npix];
+            reference::conv2d(&conv, &x, n, npix, 1, &mut want, cout, res.as_deref());
+            let pw = PointwiseWeights::new(&conv).expect("a 1x1 conv");
+            let mut xb = vec![0.0; blocked_len(n, cin, npix)];
+            to_blocked(&x, n, cin, npix, &mut xb);
+            let rb = res.as_ref().map(|r| {
+                let mut rb = vec![0.0; blocked_len(n, cout, npix)];
+                to_blocked(r, n, cout, npix, &mut rb);
+                rb
+            });
+            let mut yb = vec![f32::NAN; blocked_len(n, cout, npix)];
+            pointwise(&pw, &xb, n, npix, &mut yb, rb.as_deref());
+            let mut got = vec![0.0; n * cout * npix];
+            from_blocked(&yb, n, cout, npix, &mut got);
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                let bound = 1e-4 * e.abs().max(1.0);
+                assert!((g - e).abs() <= bound, "{cin}->{cout} x{npix}: element {i}: {g} vs {e}");
+            }
+            // Padding channels of the output: the zero weights and biases past cout give act(0 [+ 0]).
+            let blocks = cout.div_ceil(BLOCK);
+            for b in 0..n {
+                for ch in cout..blocks * BLOCK {
+                    for p in 0..npix {
+                        let v = yb[((b * blocks + ch / BLOCK) * npix + p) * BLOCK + ch % BLOCK];
+                        assert_eq!(v, 0.0, "padding channel {ch} pixel {p}");
+                    }
+                }
+            }
+        }
+    }
+}
