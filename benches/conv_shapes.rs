@@ -155,6 +155,80 @@ fn main() {
     dwpw_pairs(&filter);
     conv_pairs(&filter);
     blocked_pointwise(&filter);
+    blocked_depthwise(&filter);
+}
+
+/// The 3×3 depthwise convolutions in the channel-blocked layout against the engine's NCHW path, paired
+/// as `blocked_pointwise` does.
+fn blocked_depthwise(filter: &[String]) {
+    use retinaface::cpu::blocked::{DepthwiseWeights, blocked_len, depthwise3x3, to_blocked};
+    if !retinaface::cpu::Isa::Avx512.supported() {
+        return;
+    }
+    // (what, channels, stride, input h, w)
+    let shapes = [
+        ("blocked dw x0.25 8ch", 8, 1, 320, 320),
+        ("blocked dw x0.25 16ch s2", 16, 2, 320, 320),
+        ("blocked dw x0.25 64ch", 64, 1, 80, 80),
+        ("blocked dw x1.0 32ch", 32, 1, 320, 320),
+        ("blocked dw x1.0 64ch s2", 64, 2, 320, 320),
+        ("blocked dw x1.0 128ch", 128, 1, 160, 160),
+        ("blocked dw x1.0 256ch", 256, 1, 80, 80),
+        ("blocked dw x1.0 256ch s2", 256, 2, 80, 80),
+        ("blocked dw x1.0 512ch", 512, 1, 40, 40),
+        ("blocked dw x1.0 1024ch", 1024, 1, 20, 20),
+        ("blocked dw MobileNetV2 144ch", 144, 1, 80, 80),
+    ];
+    const ROUNDS: usize = 7;
+    println!(
+        "\n{:<30} {:>18} {:>8} {:>8} {:>8} {:>10}",
+        "3x3 depthwise, NCHW16c vs NCHW", "shape", "blk ms", "NCHW ms", "speed-up", "range"
+    );
+    for (what, c, s, h, w) in shapes {
+        if !filter.is_empty() && !filter.iter().any(|f| what.contains(f.as_str())) {
+            continue;
+        }
+        let conv = conv(what, c, c, 3, s, c, Act::Leaky(0.1));
+        let packed = DepthwiseWeights::new(&conv).expect("a 3x3 depthwise conv");
+        let (oh, ow) = (out_size(h, 3, s, 1), out_size(w, 3, s, 1));
+        let x = input(c * h * w);
+        let (mut xb_buf, mut yb_buf) =
+            (vec![0.0f32; blocked_len(1, c, h * w) + 16], vec![0.0f32; blocked_len(1, c, oh * ow) + 16]);
+        let (xo, yo) = (xb_buf.as_ptr().align_offset(64), yb_buf.as_ptr().align_offset(64));
+        let xb = &mut xb_buf[xo..][..blocked_len(1, c, h * w)];
+        let yb = &mut yb_buf[yo..][..blocked_len(1, c, oh * ow)];
+        to_blocked(&x, 1, c, h * w, xb);
+        let mut out = vec![0.0; c * oh * ow];
+        let best3 = |f: &mut dyn FnMut()| {
+            f();
+            (0..3)
+                .map(|_| {
+                    let t = now();
+                    f();
+                    now() - t
+                })
+                .fold(f64::MAX, f64::min)
+        };
+        let (mut best_b, mut best_n, mut ratios) = (f64::MAX, f64::MAX, Vec::new());
+        for round in 0..ROUNDS {
+            let first = if round % 2 == 0 { best3(&mut || depthwise3x3(&packed, xb, 1, h, w, yb)) } else { 0.0 };
+            let tn = best3(&mut || conv2d(&conv, &x, 1, h, w, &mut out, c, None));
+            let tb = if round % 2 == 0 { first } else { best3(&mut || depthwise3x3(&packed, xb, 1, h, w, yb)) };
+            best_b = best_b.min(tb);
+            best_n = best_n.min(tn);
+            ratios.push(tn / tb);
+        }
+        ratios.sort_by(f64::total_cmp);
+        let shape = format!("{c}ch s{s} {h}x{w}");
+        println!(
+            "{what:<30} {shape:>18} {:>8.2} {:>8.2} {:>7.2}x {:>4.2}-{:<4.2}",
+            best_b * 1e3,
+            best_n * 1e3,
+            ratios[ROUNDS / 2],
+            ratios[0],
+            ratios[ROUNDS - 1]
+        );
+    }
 }
 
 /// The 1×1 convolutions in the channel-blocked layout (`cpu::blocked`, NCHW16c, AVX-512) against the

@@ -15,6 +15,10 @@ use retinaface::post::{PostOptions, anchors, nms::iou, postprocess};
 use retinaface::{Detection, Engine};
 
 const RAW_TOL: f32 = 1e-4;
+
+/// Held by the tests that switch a process-wide setting (the level, the Winograd tile, the blocked run),
+/// so that none of them runs under another's setting.
+static SETTINGS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const INTERMEDIATE_TOL: f32 = 2e-5;
 
 fn check_case(name: &str) -> Vec<String> {
@@ -119,6 +123,7 @@ fn crowd_with_real_weights_finds_the_reference_27_faces_above_half() {
 #[test]
 fn golden_cases_match_at_every_cpu_isa_level() {
     use retinaface::cpu::{Isa, describe, isa, set_isa};
+    let _settings = SETTINGS.lock().unwrap_or_else(|e| e.into_inner());
     let levels = Isa::supported_levels();
     let mut failures = Vec::new();
     for level in Isa::ALL {
@@ -151,6 +156,7 @@ fn golden_cases_match_at_every_cpu_isa_level() {
 #[test]
 fn golden_cases_match_with_each_winograd_tile() {
     use retinaface::cpu::conv::{WinogradMode, WinogradTile, set_winograd_mode};
+    let _settings = SETTINGS.lock().unwrap_or_else(|e| e.into_inner());
     let mut failures = Vec::new();
     for mode in [WinogradMode::Force(WinogradTile::F4), WinogradMode::Force(WinogradTile::F2), WinogradMode::Off] {
         set_winograd_mode(Some(mode));
@@ -164,5 +170,36 @@ fn golden_cases_match_with_each_winograd_tile() {
         }
     }
     set_winograd_mode(None);
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// The MobileNet cases with the backbone's blocked run (NCHW16c, AVX-512) on and off: the blocked
+/// kernels and the NCHW depthwise + pointwise and inverted-residual paths must each hold every
+/// tolerance, and the blocked run must have been taken where the processor has AVX-512.
+#[test]
+fn mobilenet_cases_match_with_the_blocked_run_on_and_off() {
+    use retinaface::cpu::{Isa, blocked_runs_taken, isa, set_blocked_enabled};
+    let _settings = SETTINGS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut failures = Vec::new();
+    for on in [true, false] {
+        set_blocked_enabled(Some(on));
+        let before = blocked_runs_taken();
+        let names = [
+            "synthetic-mobilenetv1_0.25-seed1-301x203",
+            "synthetic-mobilenetv1_0.50-seed1-320x256",
+            "synthetic-mobilenetv1-seed1-301x203",
+            "synthetic-mobilenetv2-seed1-301x203",
+            "synthetic-mobilenetv2-seed1-320x256",
+            "real-mv1_0.25-yakhyo-crowd",
+        ];
+        for name in names {
+            println!("blocked run {on}:");
+            failures.extend(check_case(name).into_iter().map(|f| format!("blocked {on}: {f}")));
+        }
+        if on && isa() == Isa::Avx512 {
+            assert!(blocked_runs_taken() >= before + names.len(), "the blocked run was taken on every case");
+        }
+    }
+    set_blocked_enabled(None);
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }

@@ -1,6 +1,6 @@
-//! The channel-blocked activation layout (NCHW16c) and its 1×1 convolution at the AVX-512 level: the
-//! first piece of a blocked CPU executor, measured against the NCHW paths by `cargo bench --bench
-//! conv_shapes -- blocked` and not yet used by `CpuExecutor`.
+//! The channel-blocked activation layout (NCHW16c) and its kernels at the AVX-512 level: the 1×1
+//! convolution and the 3×3 depthwise convolution, which `chain` runs MobileNetV1's backbone with.
+//! `cargo bench --bench conv_shapes -- blocked` times each against the engine's NCHW path.
 //!
 //! Why this layout: in NCHW the output channels of a GEMM micro-tile lie a plane apart, so a pointwise
 //! convolution either packs its input into panels and writes each tile's rows to separate planes, or
@@ -276,7 +276,6 @@ unsafe fn tile<const NB: usize, const PX: usize>(s: &Step) {
                 }
             }
         }
-        let zero = _mm512_setzero_ps();
         for (i, row) in acc.iter().enumerate() {
             for (j, &a) in row.iter().enumerate() {
                 let at = j * s.stride + i * BLOCK;
@@ -287,22 +286,183 @@ unsafe fn tile<const NB: usize, const PX: usize>(s: &Step) {
                         if let Some(r) = f.residual {
                             y = _mm512_add_ps(y, _mm512_loadu_ps(r.add(at)));
                         }
-                        match f.act {
-                            Act::None => y,
-                            // f32::max(y, 0): NaN gives 0, as `max_ps` returns its second operand.
-                            Act::Leaky(0.0) => _mm512_max_ps(y, zero),
-                            Act::Leaky(slope) => {
-                                let neg = _mm512_mul_ps(y, _mm512_set1_ps(slope));
-                                _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(y, zero), neg, y)
-                            }
-                            // f32::clamp(y, 0, 6) keeps NaN: with y second, `max_ps`/`min_ps` return it.
-                            Act::Relu6 => _mm512_min_ps(_mm512_set1_ps(6.0), _mm512_max_ps(zero, y)),
-                        }
+                        act_vec(y, f.act)
                     }
                 };
                 _mm512_storeu_ps(s.out.add(at), y);
             }
         }
+    }
+}
+
+/// A 3×3 depthwise convolution's weights and biases as `depthwise3x3` reads them, packed once.
+pub struct DepthwiseWeights {
+    c: usize,
+    stride: usize,
+    act: Act,
+    /// Per block of 16 channels, the nine taps' weights (ky, kx order), zeros past c.
+    w: Vec<[[f32; BLOCK]; 9]>,
+    /// Per block, zeros past c.
+    bias: Vec<[f32; BLOCK]>,
+}
+
+impl DepthwiseWeights {
+    /// `conv`'s weights packed for `depthwise3x3`; `None` unless it is a 3×3 depthwise convolution of
+    /// stride 1 or 2 with padding 1.
+    pub fn new(conv: &Conv) -> Option<DepthwiseWeights> {
+        let depthwise = conv.groups == conv.cin && conv.cin == conv.cout;
+        if !depthwise || conv.kernel != 3 || conv.pad != 1 || !(conv.stride == 1 || conv.stride == 2) {
+            return None;
+        }
+        let blocks = conv.cin.div_ceil(BLOCK);
+        let (mut w, mut bias) = (vec![[[0.0f32; BLOCK]; 9]; blocks], vec![[0.0f32; BLOCK]; blocks]);
+        for (ch, (taps, &b)) in conv.weight.chunks_exact(9).zip(&conv.bias).enumerate() {
+            for (dst, &v) in w[ch / BLOCK].iter_mut().zip(taps) {
+                dst[ch % BLOCK] = v;
+            }
+            bias[ch / BLOCK][ch % BLOCK] = b;
+        }
+        Some(DepthwiseWeights { c: conv.cin, stride: conv.stride, act: conv.act, w, bias })
+    }
+}
+
+/// The 3×3 depthwise convolution `dw` (padding 1) of `x` [n][c/16][h·w][16] into `out`
+/// [n][c/16][oh·ow][16] (blocked layout). Work: 18 flops per output element; memory: the input read
+/// once (each row serves three output rows from the cache), the output written once. Tasks split the
+/// channel blocks and the output rows. Runs at `Isa::Avx512` (panics without it).
+pub fn depthwise3x3(dw: &DepthwiseWeights, x: &[f32], n: usize, h: usize, w: usize, out: &mut [f32]) {
+    assert!(Isa::Avx512.supported(), "the blocked depthwise convolution needs AVX-512F");
+    let s = dw.stride;
+    let (oh, ow) = (crate::reference::out_size(h, 3, s, 1), crate::reference::out_size(w, 3, s, 1));
+    assert_eq!(x.len(), blocked_len(n, dw.c, h * w), "blocked depthwise: input size");
+    assert_eq!(out.len(), blocked_len(n, dw.c, oh * ow), "blocked depthwise: output size");
+    let blocks = dw.c.div_ceil(BLOCK);
+    // Row bands per (image, block): enough tasks for every thread.
+    let bands = crate::cpu::conv::min_tasks().div_ceil(n * blocks).min(oh).max(1);
+    let band = oh.div_ceil(bands);
+    let bands = oh.div_ceil(band);
+    let outp = SendPtr(out.as_mut_ptr());
+    (0..n * blocks * bands).into_par_iter().for_each(|task| {
+        let (nb, r) = (task / bands, task % bands);
+        let xb = &x[nb * h * w * BLOCK..][..h * w * BLOCK];
+        let geometry = DwRows { h, w, ow, s };
+        for oy in r * band..((r + 1) * band).min(oh) {
+            // SAFETY: AVX-512F was asserted; row oy of block nb lies in `out` and is this task's.
+            unsafe {
+                let orow = outp.get().add((nb * oh * ow + oy * ow) * BLOCK);
+                dw_row(&geometry, xb, oy, &dw.w[nb % blocks], &dw.bias[nb % blocks], dw.act, orow);
+            }
+        }
+    });
+}
+
+/// The shape one block's rows are read with.
+struct DwRows {
+    h: usize,
+    w: usize,
+    ow: usize,
+    s: usize,
+}
+
+/// Output pixels per step of `dw_row`: eight accumulators beside the nine tap weights.
+const DW_PX: usize = 8;
+
+/// One output row of one channel block: the interior in steps of DW_PX pixels with no bounds checks,
+/// the columns whose taps reach the padding one at a time.
+///
+/// # Safety
+/// AVX-512F must be available; `orow` must cover ow vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dw_row(
+    g: &DwRows,
+    xb: &[f32],
+    oy: usize,
+    taps: &[[f32; BLOCK]; 9],
+    bias: &[f32; BLOCK],
+    act: Act,
+    orow: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let (h, w, ow, s) = (g.h, g.w, g.ow, g.s);
+    // SAFETY: every load below is of a whole vector inside `xb` (rows iy < h, columns ix < w), the
+    // stores inside `orow` (columns < ow); the caller's contract covers the rest.
+    unsafe {
+        let wv: [__m512; 9] = std::array::from_fn(|t| _mm512_loadu_ps(taps[t].as_ptr()));
+        let bv = _mm512_loadu_ps(bias.as_ptr());
+        let rows: [Option<usize>; 3] = std::array::from_fn(|ky| {
+            let iy = (oy * s + ky) as isize - 1;
+            (iy >= 0 && (iy as usize) < h).then_some(iy as usize * w)
+        });
+        let x = xb.as_ptr();
+        // Output columns whose three taps all lie inside the row: ox·s − 1 ≥ 0 and ox·s + 1 ≤ w − 1.
+        let lo = 1usize.min(ow);
+        let hi = if w >= 2 { ((w - 2) / s + 1).min(ow) } else { 0 }.max(lo);
+        // A column whose taps may reach the padding: each tap checked (as many FMAs as taps inside).
+        let one = |ox: usize| {
+            let mut acc = _mm512_setzero_ps();
+            for (ky, row) in rows.iter().enumerate() {
+                if let Some(row) = row {
+                    for kx in 0..3 {
+                        let ix = (ox * s + kx) as isize - 1;
+                        if ix >= 0 && (ix as usize) < w {
+                            let xv = _mm512_loadu_ps(x.add((row + ix as usize) * BLOCK));
+                            acc = _mm512_fmadd_ps(wv[ky * 3 + kx], xv, acc);
+                        }
+                    }
+                }
+            }
+            _mm512_storeu_ps(orow.add(ox * BLOCK), act_vec(_mm512_add_ps(acc, bv), act));
+        };
+        for ox in 0..lo {
+            one(ox);
+        }
+        let mut ox = lo;
+        while ox + DW_PX <= hi {
+            let mut acc = [_mm512_setzero_ps(); DW_PX];
+            for (ky, row) in rows.iter().enumerate() {
+                if let Some(row) = row {
+                    let base = x.add((row + ox * s - 1) * BLOCK);
+                    for kx in 0..3 {
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            let xv = _mm512_loadu_ps(base.add((i * s + kx) * BLOCK));
+                            *a = _mm512_fmadd_ps(wv[ky * 3 + kx], xv, *a);
+                        }
+                    }
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(orow.add((ox + i) * BLOCK), act_vec(_mm512_add_ps(*a, bv), act));
+            }
+            ox += DW_PX;
+        }
+        for ox in ox..ow {
+            one(ox);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dw_row(g: &DwRows, _: &[f32], oy: usize, _: &[[f32; BLOCK]; 9], _: &[f32; BLOCK], _: Act, _: *mut f32) {
+    unreachable!("the AVX-512 level exists only on x86_64 (row {oy} of {})", g.ow)
+}
+
+/// `act(v)`, as `common::epilogue` computes it lane by lane.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn act_vec(y: std::arch::x86_64::__m512, act: Act) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let zero = _mm512_setzero_ps();
+    match act {
+        Act::None => y,
+        // f32::max(y, 0): NaN gives 0, as `max_ps` returns its second operand.
+        Act::Leaky(0.0) => _mm512_max_ps(y, zero),
+        Act::Leaky(slope) => {
+            let neg = _mm512_mul_ps(y, _mm512_set1_ps(slope));
+            _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(y, zero), neg, y)
+        }
+        // f32::clamp(y, 0, 6) keeps NaN: with y second, `max_ps`/`min_ps` return it.
+        Act::Relu6 => _mm512_min_ps(_mm512_set1_ps(6.0), _mm512_max_ps(zero, y)),
     }
 }
 
@@ -408,6 +568,65 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Against `reference::conv2d` through the reorders: strides 1 and 2, partial channel blocks, maps
+    /// of one to three columns (no interior step), odd sizes, every activation, batches.
+    #[test]
+    fn depthwise_matches_the_reference() {
+        if !Isa::Avx512.supported() {
+            eprintln!("no AVX-512 on this machine: the blocked depthwise convolution is not run");
+            return;
+        }
+        let mut rnd = uniform(23);
+        // (n, c, h, w, stride, act)
+        let cases = [
+            (1, 16, 7, 9, 1, Act::Leaky(0.1)),
+            (2, 21, 10, 13, 2, Act::Relu6),
+            (1, 40, 1, 1, 1, Act::None),
+            (1, 5, 2, 30, 2, Act::Leaky(0.0)),
+            (1, 64, 40, 40, 1, Act::Leaky(0.1)),
+            (1, 33, 17, 20, 2, Act::None),
+            (1, 16, 5, 1, 1, Act::Leaky(0.1)),
+            (1, 16, 6, 2, 2, Act::Leaky(0.1)),
+            (1, 16, 3, 3, 1, Act::Relu6),
+            (3, 48, 19, 37, 1, Act::Leaky(0.1)),
+        ];
+        for (n, c, h, w, stride, act) in cases {
+            let conv = Conv {
+                name: "dw".into(),
+                input: 0,
+                output: 1,
+                out_channel_offset: 0,
+                cin: c,
+                cout: c,
+                kernel: 3,
+                stride,
+                pad: 1,
+                groups: c,
+                weight: (0..c * 9).map(|_| rnd()).collect(),
+                bias: (0..c).map(|_| rnd()).collect(),
+                residual: None,
+                act,
+                packed: Default::default(),
+            };
+            let (oh, ow) = (reference::out_size(h, 3, stride, 1), reference::out_size(w, 3, stride, 1));
+            let x: Vec<f32> = (0..n * c * h * w).map(|_| rnd() * 3.0).collect();
+            let mut want = vec![0.0; n * c * oh * ow];
+            reference::conv2d(&conv, &x, n, h, w, &mut want, c, None);
+            let dw = DepthwiseWeights::new(&conv).expect("a 3x3 depthwise conv");
+            let mut xb = vec![0.0; blocked_len(n, c, h * w)];
+            to_blocked(&x, n, c, h * w, &mut xb);
+            let mut yb = vec![f32::NAN; blocked_len(n, c, oh * ow)];
+            depthwise3x3(&dw, &xb, n, h, w, &mut yb);
+            let mut got = vec![0.0; n * c * oh * ow];
+            from_blocked(&yb, n, c, oh * ow, &mut got);
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                let bound = 1e-5 * e.abs().max(1.0);
+                assert!((g - e).abs() <= bound, "c{c} {h}x{w} s{stride}: element {i}: {g} vs {e}");
+            }
+            assert!(yb.iter().all(|v| !v.is_nan()), "c{c} {h}x{w} s{stride}: every output vector written");
         }
     }
 }

@@ -2,7 +2,7 @@
 //! cached with their plans in a cache bounded in bytes, so a steady stream of frames neither allocates
 //! nor faults in fresh pages, and a stream of many sizes holds at most the budget.
 
-use super::{conv, ops};
+use super::{chain, conv, ops};
 use crate::error::{Error, Result};
 use crate::exec::{Activations, Executor, Timings, check_batch};
 use crate::graph::{Conv, Graph, Op, Plan, PlanBuffers, PlanCache, PlanKey, Stage, TensorId};
@@ -29,13 +29,22 @@ impl PlanBuffers for Arena {
 pub struct CpuExecutor {
     graph: Arc<Graph>,
     plans: Mutex<PlanCache<Arena>>,
+    /// The runs of ops the blocked layout computes at the AVX-512 level (`chain`).
+    chains: Vec<chain::Chain>,
 }
 
 impl CpuExecutor {
     /// The executor of `graph` with the CPU's fusions applied (each fused op runs as its composition).
     pub fn new(graph: Arc<Graph>, plan_cache_bytes: usize) -> CpuExecutor {
         let graph = Arc::new(crate::passes::fuse(&graph, crate::passes::Fusions::CPU));
-        CpuExecutor { graph, plans: Mutex::new(PlanCache::new(plan_cache_bytes)) }
+        // Only a processor with AVX-512 can run them (the level may still be forced lower per pass).
+        let chains = if super::isa::Isa::Avx512.supported() { chain::find(&graph) } else { Vec::new() };
+        CpuExecutor { graph, plans: Mutex::new(PlanCache::new(plan_cache_bytes)), chains }
+    }
+
+    /// Floats an arena of `plan` holds after the plan's tensors: the blocked runs' scratch.
+    fn scratch_elems(&self, plan: &Plan) -> usize {
+        self.chains.iter().map(|c| chain::scratch_elems(&self.graph, c, plan)).max().unwrap_or(0)
     }
 
     fn cache(&self) -> Result<std::sync::MutexGuard<'_, PlanCache<Arena>>> {
@@ -46,9 +55,9 @@ impl CpuExecutor {
     fn checkout(&self, key: PlanKey) -> Result<(Arc<Plan>, Vec<f32>)> {
         let mut cache = self.cache()?;
         // Evicted arenas are dropped: freed to the allocator.
-        let alloc = |p: &Plan, _evicted| Ok(Arena { data: None, bytes: p.arena_bytes() });
+        let alloc = |p: &Plan, _evicted| Ok(Arena { data: None, bytes: p.arena_bytes() + 4 * self.scratch_elems(p) });
         let (plan, arena) = cache.get(&self.graph, key, alloc)?;
-        let data = arena.data.take().unwrap_or_else(|| vec![0.0; plan.arena_elems]);
+        let data = arena.data.take().unwrap_or_else(|| vec![0.0; plan.arena_elems + self.scratch_elems(&plan)]);
         Ok((plan, data))
     }
 
@@ -85,7 +94,7 @@ impl CpuExecutor {
                 ops::preprocess(&img.data, h, w, dst);
             }
             let pre = t0.elapsed();
-            (pre, run(&self.graph, &plan, &mut arena))
+            (pre, run(&self.graph, &plan, &mut arena, &self.chains))
         });
         let raw = if st.is_ok() { raw_outputs(&self.graph, &plan, &arena) } else { Vec::new() };
         let tensors = match (&st, want_tensors) {
@@ -109,7 +118,7 @@ impl CpuExecutor {
     pub fn plan(&self, n: usize, h: usize, w: usize) -> Result<Arc<Plan>> {
         let key = (n, h, w, false);
         let mut cache = self.cache()?;
-        let alloc = |p: &Plan, _evicted| Ok(Arena { data: None, bytes: p.arena_bytes() });
+        let alloc = |p: &Plan, _evicted| Ok(Arena { data: None, bytes: p.arena_bytes() + 4 * self.scratch_elems(p) });
         Ok(cache.get(&self.graph, key, alloc)?.0)
     }
 }
@@ -324,7 +333,7 @@ pub fn run_ops(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<()> {
             graph.tensors.len()
         )));
     }
-    run(graph, plan, arena).map(|_| ())
+    run(graph, plan, arena, &[]).map(|_| ())
 }
 
 /// CPU time of the whole process so far (every thread), for `RETINAFACE_PROFILE=cpu`.
@@ -338,6 +347,22 @@ fn process_cpu_seconds() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
+/// An op as `RETINAFACE_PROFILE` lists it.
+fn describe(op: &Op) -> String {
+    match op {
+        Op::Conv(c) => {
+            format!("conv {} {}x{} s{} g{} {}->{}", c.name, c.kernel, c.kernel, c.stride, c.groups, c.cin, c.cout)
+        }
+        Op::Heads { conv: c, level } => format!("heads {level} {} {}->{}", c.name, c.cin, c.cout),
+        Op::MaxPool { .. } => "maxpool".to_string(),
+        Op::UpsampleAdd { .. } => "upsample+add".to_string(),
+        Op::ConvUpsampleAdd { conv: c, .. } => format!("conv+upsample-add {} {}->{}", c.name, c.cin, c.cout),
+        Op::ConvPair { a, b } => format!("conv pair {} + {}", a.name, b.name),
+        Op::DwPw { dw, pw } => format!("depthwise+pointwise {} + {}", dw.name, pw.name),
+        Op::InvRes { ex, .. } => format!("inverted residual {}", ex.name),
+    }
+}
+
 /// Time spent per stage of the graph.
 #[derive(Clone, Copy, Debug, Default)]
 struct StageTimes {
@@ -348,8 +373,9 @@ struct StageTimes {
 
 /// Runs every op of `graph` in `arena` laid out by `plan`; the input is already in place. Every op
 /// overwrites all of its output (SSH's three branches cover all channels), so an arena's stale values
-/// from an earlier pass never show.
-fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
+/// from an earlier pass never show. The `chains` run in the blocked layout where the level allows, with
+/// the arena's floats after the plan's tensors as their scratch.
+fn run(graph: &Graph, plan: &Plan, arena: &mut [f32], chains: &[chain::Chain]) -> Result<StageTimes> {
     let n = plan.n;
     let dims = |t: TensorId| plan.shapes[t];
     let mut times = StageTimes::default();
@@ -360,7 +386,26 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
     let cpu_clock = profile_var.as_deref().is_some_and(|v| v == "cpu");
     let profile = cpu_clock || profile_var.is_some_and(|v| v == "1");
     let mut op_times: Vec<(f64, String)> = Vec::new();
-    for (i, op) in graph.ops.iter().enumerate() {
+    let blocked = chain::enabled(super::isa::isa()) && !plan.keep_all && arena.len() > plan.arena_elems;
+    let (arena, scratch) = arena.split_at_mut(plan.arena_elems.min(arena.len()));
+    let mut i = 0;
+    while i < graph.ops.len() {
+        if let Some(ch) = chains.iter().find(|c| c.ops.start == i).filter(|_| blocked) {
+            let dts = chain::run(graph, ch, plan, arena, scratch)?;
+            for (k, dt) in ch.ops.clone().zip(dts) {
+                if profile {
+                    op_times.push((dt.as_secs_f64() * 1e3, format!("blocked {}", describe(&graph.ops[k]))));
+                }
+                match graph.op_stages[k] {
+                    Stage::Backbone => times.backbone += dt,
+                    Stage::Neck => times.neck += dt,
+                    Stage::Heads => times.heads += dt,
+                }
+            }
+            i = ch.ops.end;
+            continue;
+        }
+        let op = &graph.ops[i];
         let start = Instant::now();
         let cpu_start = if cpu_clock { process_cpu_seconds() } else { 0.0 };
         match op {
@@ -383,19 +428,7 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
         }
         let dt = start.elapsed();
         if profile {
-            let what = match op {
-                Op::Conv(c) => format!(
-                    "conv {} {}x{} s{} g{} {}->{}",
-                    c.name, c.kernel, c.kernel, c.stride, c.groups, c.cin, c.cout
-                ),
-                Op::Heads { conv: c, level } => format!("heads {level} {} {}->{}", c.name, c.cin, c.cout),
-                Op::MaxPool { .. } => "maxpool".to_string(),
-                Op::UpsampleAdd { .. } => "upsample+add".to_string(),
-                Op::ConvUpsampleAdd { conv: c, .. } => format!("conv+upsample-add {} {}->{}", c.name, c.cin, c.cout),
-                Op::ConvPair { a, b } => format!("conv pair {} + {}", a.name, b.name),
-                Op::DwPw { dw, pw } => format!("depthwise+pointwise {} + {}", dw.name, pw.name),
-                Op::InvRes { ex, .. } => format!("inverted residual {}", ex.name),
-            };
+            let what = describe(op);
             let secs = if cpu_clock { process_cpu_seconds() - cpu_start } else { dt.as_secs_f64() };
             op_times.push((secs * 1e3, what));
         }
@@ -404,6 +437,7 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<StageTimes> {
             Stage::Neck => times.neck += dt,
             Stage::Heads => times.heads += dt,
         }
+        i += 1;
     }
     if profile {
         op_times.sort_by(|a, b| b.0.total_cmp(&a.0));

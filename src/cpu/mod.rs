@@ -3,16 +3,18 @@
 //!
 //! - `exec`: the executor (plans, arenas, the op loop).
 //! - `conv`: the convolution paths and their dispatch; `ops`: the max-pool and upsample-add.
-//! - `blocked`: the channel-blocked layout (NCHW16c) and its 1x1 convolution, measured against the
-//!   NCHW paths; not yet used by the executor.
+//! - `blocked`: the channel-blocked layout (NCHW16c) and its kernels (1x1 and 3x3 depthwise).
+//! - `chain`: runs of depthwise + pointwise ops executed in the blocked layout at AVX-512.
 //! - `isa`: the SIMD level the paths run at; `rows`: row helpers shared by the paths.
 
 pub mod blocked;
+mod chain;
 pub mod conv;
 pub mod exec;
 pub mod isa;
 pub mod ops;
 mod rows;
 
+pub use chain::{runs_taken as blocked_runs_taken, set_enabled as set_blocked_enabled};
 pub use exec::CpuExecutor;
 pub use isa::{Isa, describe, isa, set_isa};

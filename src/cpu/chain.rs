@@ -1,0 +1,375 @@
+//! Runs of MobileNet backbone ops executed in the channel-blocked layout (`cpu::blocked`, NCHW16c) at
+//! the AVX-512 level: depthwise + pointwise pairs (MobileNetV1, MobileNetV2's first block), inverted
+//! residuals (expansion, depthwise, projection with its shortcut) and 1×1 convolutions. The run's input
+//! is reordered into the layout once, every op runs on the blocked kernels, and only the tensors read
+//! after the run (the backbone taps) are reordered back into the plan's NCHW tensors. `cargo bench
+//! --bench conv_shapes -- blocked` measures each blocked kernel against its NCHW path (1.1–3.6x on
+//! these shapes, one thread, Ice Lake Xeon); the reorders are the price, paid once per run.
+//!
+//! The run's blocked activations live in three buffers after the plan's tensors in the arena
+//! (`scratch`): `cur` holds the op's input (and shortcut), `mid` an expansion's output and then the op's
+//! output, `dw` the depthwise output; after each op `cur` and `mid` trade places. Values: the same
+//! operations as the NCHW paths up to summation order (the depthwise sums its taps in (ky, kx) order
+//! and adds the bias after, the pointwise sums input channels in order), so the results agree with the
+//! reference within the tolerances of every conv path; tests run the networks' goldens on this path
+//! wherever the processor has AVX-512.
+
+use super::blocked::{self, DepthwiseWeights, PointwiseWeights, blocked_len};
+use crate::error::{Error, Result};
+use crate::graph::{Conv, Graph, Op, Plan};
+use std::ops::Range;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Ops in a run below which the reorders cost more than the blocked kernels save.
+const MIN_OPS: usize = 3;
+/// Depthwise channels below which a pair stays NCHW: 8 channels fill half of each 16-lane block
+/// (the blocked depthwise runs x0.25's 8-channel layer at 0.63x of the NCHW kernel), and MobileNetV1
+/// x0.25 runs even or a little faster starting the run at its 16-channel pair (`retinaface bench`,
+/// one thread, four alternating rounds: minimum 25.7–25.9 against 25.8–27.3 ms).
+const MIN_CHANNELS: usize = 16;
+
+/// One run of ops the blocked layout computes.
+pub(super) struct Chain {
+    /// The run: `graph.ops[ops]`, each an op `steps` takes.
+    pub(super) ops: Range<usize>,
+    /// Per op of the run: whether its output is read after the run (or is a tap), so it is written
+    /// back to the plan's tensor.
+    export: Vec<bool>,
+    /// Per op: the packed weights, made on the first run.
+    packed: OnceLock<Vec<Packed>>,
+}
+
+/// `set_enabled`'s choice (1 on, 2 off), or 0: `RETINAFACE_CPU_BLOCKED` applies (`0` off, else on).
+static ENABLED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Turns the blocked runs on or off for the whole process (`None`: back to the environment's), so a
+/// test or a benchmark can run both ways on one machine in one process.
+pub fn set_enabled(on: Option<bool>) {
+    let code = match on {
+        None => 0,
+        Some(true) => 1,
+        Some(false) => 2,
+    };
+    ENABLED.store(code, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the blocked runs are taken at `level`: at AVX-512 unless turned off (`set_enabled`, else
+/// `RETINAFACE_CPU_BLOCKED=0`, read once), so that the NCHW paths can be timed against them.
+pub(super) fn enabled(level: super::isa::Isa) -> bool {
+    static ENV: OnceLock<bool> = OnceLock::new();
+    let on = match ENABLED.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => *ENV.get_or_init(|| std::env::var("RETINAFACE_CPU_BLOCKED").map_or(true, |v| v != "0")),
+    };
+    level == super::isa::Isa::Avx512 && on
+}
+
+/// The convolutions of an op the blocked kernels compute, in order: (expansion, depthwise,
+/// projection) with the first two optional.
+type Steps<'a> = (Option<&'a Conv>, Option<&'a Conv>, &'a Conv);
+
+/// `op`'s steps, if it is a kind a run takes.
+fn steps(op: &Op) -> Option<Steps<'_>> {
+    match op {
+        Op::DwPw { dw, pw } => Some((None, Some(dw), pw)),
+        Op::InvRes { ex, dw, pw } => Some((Some(ex), Some(dw), pw)),
+        Op::Conv(c) if c.kernel == 1 => Some((None, None, c)),
+        _ => None,
+    }
+}
+
+/// Whether the blocked kernels compute `op`, writing whole tensors: each step a kernel's shape, the
+/// only shortcut the projection's (the op's own input), from `MIN_CHANNELS` input channels.
+fn blockable(graph: &Graph, op: &Op) -> bool {
+    let Some((ex, dw, pw)) = steps(op) else { return false };
+    let whole = |c: &Conv| c.out_channel_offset == 0 && graph.tensors[c.output].channels == c.cout;
+    let input = ex.or(dw).unwrap_or(pw);
+    input.cin >= MIN_CHANNELS
+        && ex.is_none_or(|c| PointwiseWeights::new(c).is_some() && c.residual.is_none() && whole(c))
+        && dw.is_none_or(|c| DepthwiseWeights::new(c).is_some() && c.residual.is_none() && whole(c))
+        && PointwiseWeights::new(pw).is_some()
+        && pw.residual.is_none_or(|r| r == input.input)
+        && whole(pw)
+}
+
+/// The maximal runs of at least `MIN_OPS` consecutive blockable ops, each reading the previous one's
+/// output.
+pub(super) fn find(graph: &Graph) -> Vec<Chain> {
+    let mut chains = Vec::new();
+    let mut i = 0;
+    while i < graph.ops.len() {
+        if !blockable(graph, &graph.ops[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i + 1 < graph.ops.len()
+            && blockable(graph, &graph.ops[i + 1])
+            && graph.ops[i + 1].reads().first() == Some(&graph.ops[i].output())
+        {
+            i += 1;
+        }
+        let ops = start..i + 1;
+        i += 1;
+        if ops.len() < MIN_OPS {
+            continue;
+        }
+        let export = ops
+            .clone()
+            .map(|k| {
+                let t = graph.ops[k].output();
+                k + 1 == ops.end
+                    || graph.is_tap(t)
+                    || graph.ops.iter().enumerate().any(|(j, op)| !ops.contains(&j) && op.reads().contains(&t))
+            })
+            .collect();
+        chains.push(Chain { ops, export, packed: OnceLock::new() });
+    }
+    chains
+}
+
+/// The steps of op `k` (only called on ops `find` accepted).
+fn steps_of(graph: &Graph, k: usize) -> Result<Steps<'_>> {
+    steps(&graph.ops[k]).ok_or_else(|| Error::Graph(format!("blocked run: op {k} is not a kind the run takes")))
+}
+
+/// One op's packed weights.
+struct Packed {
+    ex: Option<PointwiseWeights>,
+    dw: Option<DepthwiseWeights>,
+    pw: PointwiseWeights,
+}
+
+impl Packed {
+    fn new((ex, dw, pw): Steps) -> Option<Packed> {
+        Some(Packed {
+            ex: match ex {
+                Some(c) => Some(PointwiseWeights::new(c)?),
+                None => None,
+            },
+            dw: match dw {
+                Some(c) => Some(DepthwiseWeights::new(c)?),
+                None => None,
+            },
+            pw: PointwiseWeights::new(pw)?,
+        })
+    }
+}
+
+/// Blocked runs executed by this process so far, for tests that must know the path was taken.
+static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many blocked runs this process has executed.
+pub fn runs_taken() -> usize {
+    RUNS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The blocked sizes of the run's buffers in `plan`: (`cur` and `mid`, `dw`).
+fn buffer_lens(graph: &Graph, chain: &Chain, plan: &Plan) -> (usize, usize) {
+    let blen = |t: usize| {
+        let (c, h, w) = plan.shapes[t];
+        blocked_len(plan.n, c, h * w)
+    };
+    let (mut big, mut dwl) = (0, 0);
+    for k in chain.ops.clone() {
+        if let Ok((ex, dw, pw)) = steps_of(graph, k) {
+            let input = ex.or(dw).unwrap_or(pw).input;
+            big = big.max(blen(input)).max(blen(pw.output));
+            if let Some(ex) = ex {
+                big = big.max(blen(ex.output));
+            }
+            if let Some(dw) = dw {
+                dwl = dwl.max(blen(dw.output));
+            }
+        }
+    }
+    (big, dwl)
+}
+
+/// Floats of blocked scratch `chain` needs in `plan` (three buffers, each from a 64-byte boundary).
+pub(super) fn scratch_elems(graph: &Graph, chain: &Chain, plan: &Plan) -> usize {
+    let (big, dwl) = buffer_lens(graph, chain, plan);
+    2 * big + dwl + 48
+}
+
+/// `len` floats of `buf` from a 64-byte boundary, and the rest after them.
+fn take_aligned(buf: &mut [f32], len: usize) -> (&mut [f32], &mut [f32]) {
+    let at = buf.as_ptr().align_offset(64).min(16);
+    buf[at..].split_at_mut(len)
+}
+
+/// Runs `chain` (the plan's input tensor of its first op in place in `arena`) with `scratch` for the
+/// blocked buffers, writing back the tensors read after it; returns each op's time.
+pub(super) fn run(
+    graph: &Graph,
+    chain: &Chain,
+    plan: &Plan,
+    arena: &mut [f32],
+    scratch: &mut [f32],
+) -> Result<Vec<Duration>> {
+    let need = scratch_elems(graph, chain, plan);
+    if scratch.len() < need {
+        return Err(Error::Graph(format!("blocked run: {} floats of scratch for {need}", scratch.len())));
+    }
+    let packed = chain
+        .packed
+        .get_or_init(|| chain.ops.clone().filter_map(|k| steps_of(graph, k).ok()).filter_map(Packed::new).collect());
+    if packed.len() != chain.ops.len() {
+        return Err(Error::Graph("blocked run: an op's weights could not be packed".into()));
+    }
+    let n = plan.n;
+    let (big, dwl) = buffer_lens(graph, chain, plan);
+    let (cur_buf, rest) = take_aligned(scratch, big);
+    let (mid_buf, rest) = take_aligned(rest, big);
+    let (dw_buf, _) = take_aligned(rest, dwl);
+    let (mut cur, mut mid) = (cur_buf, mid_buf);
+    let dims = |t: usize| {
+        let (c, h, w) = plan.shapes[t];
+        (c, h, w, blocked_len(n, c, h * w))
+    };
+    RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut times = Vec::with_capacity(chain.ops.len());
+    let t0 = Instant::now();
+    let (first_ex, first_dw, first_pw) = steps_of(graph, chain.ops.start)?;
+    let (c0, h0, w0, len0) = dims(first_ex.or(first_dw).unwrap_or(first_pw).input);
+    blocked::to_blocked(
+        &arena[plan.range(first_ex.or(first_dw).unwrap_or(first_pw).input)],
+        n,
+        c0,
+        h0 * w0,
+        &mut cur[..len0],
+    );
+    let mut reorder = t0.elapsed();
+    for ((k, p), &export) in chain.ops.clone().zip(packed).zip(&chain.export) {
+        let start = Instant::now();
+        let (ex, dw, pw) = steps_of(graph, k)?;
+        let (_, _, _, in_len) = dims(ex.or(dw).unwrap_or(pw).input);
+        let (oc, oh, ow, out_len) = dims(pw.output);
+        // The projection's input: the op's input itself, or the depthwise output (of the input, or
+        // of the expansion, which goes to `mid`).
+        let src: &[f32] = match (ex.zip(p.ex.as_ref()), dw.zip(p.dw.as_ref())) {
+            (None, None) => &cur[..in_len],
+            (exp, Some((dwc, dww))) => {
+                let (_, h, w, _) = dims(dwc.input);
+                let (_, _, _, len) = dims(dwc.output);
+                let dw_in: &[f32] = match exp {
+                    Some((exc, exw)) => {
+                        let (_, eh, ew, elen) = dims(exc.output);
+                        blocked::pointwise(exw, &cur[..in_len], n, eh * ew, &mut mid[..elen], None);
+                        &mid[..elen]
+                    }
+                    None => &cur[..in_len],
+                };
+                blocked::depthwise3x3(dww, dw_in, n, h, w, &mut dw_buf[..len]);
+                &dw_buf[..len]
+            }
+            (Some(_), None) => {
+                return Err(Error::Graph(format!("blocked run: op {k} expands without a depthwise step")));
+            }
+        };
+        // The projection into `mid` (free again: the depthwise consumed the expansion), its shortcut
+        // the op's input in `cur`.
+        let residual = pw.residual.map(|_| &cur[..out_len]);
+        let out = &mut mid[..out_len];
+        blocked::pointwise(&p.pw, src, n, oh * ow, out, residual);
+        std::mem::swap(&mut cur, &mut mid);
+        if export {
+            blocked::from_blocked(&cur[..out_len], n, oc, oh * ow, &mut arena[plan.range(pw.output)]);
+        }
+        // The reorder into the layout is booked to the run's first op.
+        times.push(start.elapsed() + std::mem::take(&mut reorder));
+    }
+    Ok(times)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::network::Network;
+
+    /// One run per MobileNet: every backbone op from 16 channels on (MobileNetV1's depthwise +
+    /// pointwise pairs; MobileNetV2's first pair, its inverted residuals and its last 1x1) and the FPN
+    /// lateral 1x1 that reads the last tap, written back exactly where a later op reads the output or
+    /// it is a tap; the ResNets have none.
+    #[test]
+    fn runs_are_the_mobilenet_backbones() {
+        let graph_of = |net| {
+            let built = crate::model::build(net, &mut crate::weights::synthetic::SyntheticSource { seed: 1 }).unwrap();
+            crate::passes::fuse(&built, crate::passes::Fusions::CPU)
+        };
+        // (network, ops in the run)
+        for (net, want_ops) in [
+            (Network::MobileNetV1_025, 13),
+            (Network::MobileNetV1_050, 14),
+            (Network::MobileNetV1, 14),
+            (Network::MobileNetV2, 19),
+        ] {
+            let graph = graph_of(net);
+            let chains = find(&graph);
+            assert_eq!(chains.len(), 1, "{net:?}");
+            let ch = &chains[0];
+            println!("{net:?}: ops {:?}: {:?}", ch.ops, ch.ops.clone().map(|k| graph.op_stages[k]).collect::<Vec<_>>());
+            assert_eq!(ch.ops.len(), want_ops, "{net:?}");
+            for (k, &export) in ch.ops.clone().zip(&ch.export) {
+                let t = graph.ops[k].output();
+                let read_later = graph.ops[ch.ops.end..].iter().any(|op| op.reads().contains(&t));
+                assert_eq!(export, graph.is_tap(t) || read_later || k + 1 == ch.ops.end, "{net:?} op {k}");
+                assert!(blockable(&graph, &graph.ops[k]), "{net:?} op {k}");
+            }
+            // The three backbone taps are inside the run and written back.
+            let taps = ch.ops.clone().filter(|&k| graph.taps.backbone.contains(&graph.ops[k].output())).count();
+            assert_eq!(taps, 3, "{net:?}: the three backbone taps");
+        }
+        for net in [Network::ResNet18, Network::ResNet34, Network::ResNet50] {
+            assert!(find(&graph_of(net)).is_empty(), "{net:?}");
+        }
+    }
+
+    /// A batch of two different images through MobileNetV2 (inverted residuals with shortcuts, a
+    /// stride-2 depthwise, padded 24-channel blocks, the taps written back) and MobileNetV1 x0.25 with
+    /// the blocked run on and off: the raw outputs agree within the goldens' tolerance, image by image.
+    #[test]
+    fn a_batch_runs_the_same_with_and_without_the_blocked_run() {
+        use crate::exec::Executor;
+        use crate::image_io::BgrImage;
+        if !crate::cpu::Isa::Avx512.supported() {
+            eprintln!("no AVX-512 on this machine: the blocked run is not taken");
+            return;
+        }
+        let image = |seed: usize| {
+            let data = (0..97 * 75 * 3).map(|k| ((k * 37 + seed * 101 + k / 3 * 11) % 251) as u8).collect();
+            BgrImage::new(97, 75, data).unwrap()
+        };
+        let (a, b) = (image(1), image(2));
+        for net in [Network::MobileNetV2, Network::MobileNetV1_025] {
+            let built = crate::model::build(net, &mut crate::weights::synthetic::SyntheticSource { seed: 3 }).unwrap();
+            let ex = super::super::CpuExecutor::new(std::sync::Arc::new(built), 1 << 30);
+            let before = runs_taken();
+            let mut outs = Vec::new();
+            for on in [true, false] {
+                set_enabled(Some(on));
+                outs.push(ex.forward(&[&a, &b], None).unwrap());
+            }
+            set_enabled(None);
+            // Other tests may switch the level meanwhile; the run must have been taken at least once
+            // when this processor's default level is AVX-512.
+            if crate::cpu::isa() == crate::cpu::Isa::Avx512 {
+                assert!(runs_taken() > before, "{net:?}: the blocked run was taken");
+            }
+            for (img, (on, off)) in outs[0].iter().zip(&outs[1]).enumerate() {
+                for (what, x, y) in [
+                    ("loc", &on.loc, &off.loc),
+                    ("conf", &on.conf, &off.conf),
+                    ("landmarks", &on.landmarks, &off.landmarks),
+                ] {
+                    let d = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+                    assert!(d <= 1e-4, "{net:?} image {img} {what}: blocked and NCHW differ by {d}");
+                }
+            }
+            let d = outs[0][0].conf.iter().zip(&outs[0][1].conf).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+            assert!(d > 1e-3, "{net:?}: the two images give different outputs");
+        }
+    }
+}
