@@ -39,55 +39,171 @@ pub fn blocked_len(n: usize, c: usize, npix: usize) -> usize {
     n * c.div_ceil(BLOCK) * npix * BLOCK
 }
 
-/// `x` [n][c][npix] (NCHW) into `out` [n][c/16][npix][16], channels past c zero.
+/// `x` [n][c][npix] (NCHW) into `out` [n][c/16][npix][16], channels past c zero. One task per
+/// channel block; 16 pixels at a time, the 16 channel rows are read whole and written transposed (one
+/// 16×16 transpose in registers at the AVX-512 level, a plain loop elsewhere).
 pub fn to_blocked(x: &[f32], n: usize, c: usize, npix: usize, out: &mut [f32]) {
     assert_eq!(x.len(), n * c * npix, "to_blocked: input size");
     assert_eq!(out.len(), blocked_len(n, c, npix), "to_blocked: output size");
     let blocks = c.div_ceil(BLOCK);
+    let fast = Isa::Avx512.supported();
     out.par_chunks_mut(npix * BLOCK).enumerate().for_each(|(nb, dst)| {
         let (b, cb) = (nb / blocks, nb % blocks);
         let lanes = BLOCK.min(c - cb * BLOCK);
         let src = &x[(b * c + cb * BLOCK) * npix..][..lanes * npix];
-        if lanes < BLOCK {
-            dst.fill(0.0);
-        }
-        // 16 pixels at a time: each channel's run is read whole, the 1 KiB written stays in L1.
-        for (p0, tile) in (0..npix).step_by(BLOCK).zip(dst.chunks_mut(BLOCK * BLOCK)) {
-            let run = BLOCK.min(npix - p0);
-            for j in 0..lanes {
-                for (i, &v) in src[j * npix + p0..][..run].iter().enumerate() {
-                    tile[i * BLOCK + j] = v;
-                }
-            }
+        if fast {
+            // SAFETY: AVX-512F is available; `src` holds `lanes` planes of npix and `dst` npix vectors.
+            unsafe { to_block_avx512(src, lanes, npix, dst) };
+        } else {
+            to_block_plain(src, lanes, npix, dst);
         }
     });
 }
 
-/// `x` [n][c/16][npix][16] back into `out` [n][c][npix] (NCHW).
+/// `to_block_avx512` without SIMD.
+fn to_block_plain(src: &[f32], lanes: usize, npix: usize, dst: &mut [f32]) {
+    if lanes < BLOCK {
+        dst.fill(0.0);
+    }
+    for (p0, tile) in (0..npix).step_by(BLOCK).zip(dst.chunks_mut(BLOCK * BLOCK)) {
+        let run = BLOCK.min(npix - p0);
+        for j in 0..lanes {
+            for (i, &v) in src[j * npix + p0..][..run].iter().enumerate() {
+                tile[i * BLOCK + j] = v;
+            }
+        }
+    }
+}
+
+/// `x` [n][c/16][npix][16] back into `out` [n][c][npix] (NCHW): `to_blocked`'s inverse, one task per
+/// channel block.
 pub fn from_blocked(x: &[f32], n: usize, c: usize, npix: usize, out: &mut [f32]) {
     assert_eq!(x.len(), blocked_len(n, c, npix), "from_blocked: input size");
     assert_eq!(out.len(), n * c * npix, "from_blocked: output size");
     let blocks = c.div_ceil(BLOCK);
-    // One task per channel block: its up to 16 planes are written 16 pixels at a time from 1 KiB of
-    // the block, which stays in L1.
-    let mut planes: Vec<&mut [f32]> = out.chunks_mut(npix).collect();
-    let mut groups: Vec<(usize, &mut [&mut [f32]])> = Vec::new();
-    for (b, image) in planes.chunks_mut(c).enumerate() {
-        for (cb, group) in image.chunks_mut(BLOCK).enumerate() {
-            groups.push((b * blocks + cb, group));
-        }
-    }
-    groups.into_par_iter().for_each(|(nb, group)| {
+    let fast = Isa::Avx512.supported();
+    let outp = SendPtr(out.as_mut_ptr());
+    (0..n * blocks).into_par_iter().for_each(|nb| {
+        let (b, cb) = (nb / blocks, nb % blocks);
+        let lanes = BLOCK.min(c - cb * BLOCK);
         let src = &x[nb * npix * BLOCK..][..npix * BLOCK];
-        for (p0, tile) in (0..npix).step_by(BLOCK).zip(src.chunks(BLOCK * BLOCK)) {
-            let run = BLOCK.min(npix - p0);
-            for (j, plane) in group.iter_mut().enumerate() {
-                for (i, e) in plane[p0..p0 + run].iter_mut().enumerate() {
-                    *e = tile[i * BLOCK + j];
-                }
-            }
+        // SAFETY: the block's `lanes` planes of image b lie in `out` and are this task's alone.
+        let dst = unsafe { std::slice::from_raw_parts_mut(outp.get().add((b * c + cb * BLOCK) * npix), lanes * npix) };
+        if fast {
+            // SAFETY: AVX-512F is available; the slices hold what `from_block_avx512` reads and writes.
+            unsafe { from_block_avx512(src, lanes, npix, dst) };
+        } else {
+            from_block_plain(src, npix, dst);
         }
     });
+}
+
+/// `from_block_avx512` without SIMD (`dst` holds the block's planes).
+fn from_block_plain(src: &[f32], npix: usize, dst: &mut [f32]) {
+    for (p0, tile) in (0..npix).step_by(BLOCK).zip(src.chunks(BLOCK * BLOCK)) {
+        let run = BLOCK.min(npix - p0);
+        for (j, plane) in dst.chunks_exact_mut(npix).enumerate() {
+            for (i, e) in plane[p0..p0 + run].iter_mut().enumerate() {
+                *e = tile[i * BLOCK + j];
+            }
+        }
+    }
+}
+
+/// Transposes 16 rows of 16 floats: `out[k]` lane i = `r[i]` lane k. Unpacks pair the rows' floats
+/// and doubles, then two rounds of 128-bit lane shuffles gather each column's four quarters.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    // t[2m], t[2m + 1]: rows 2m and 2m + 1 interleaved (low and high pairs of each 128-bit lane).
+    let t: [__m512; 16] = std::array::from_fn(|k| {
+        let (a, b) = (r[k & !1], r[k | 1]);
+        if k % 2 == 0 { _mm512_unpacklo_ps(a, b) } else { _mm512_unpackhi_ps(a, b) }
+    });
+    // u[4q + col]: in 128-bit lane L, rows 4q..4q + 4 of column 4L + col.
+    let u: [__m512; 16] = std::array::from_fn(|k| {
+        let (q, col) = (k / 4, k % 4);
+        let (a, b) = (_mm512_castps_pd(t[4 * q + col / 2]), _mm512_castps_pd(t[4 * q + col / 2 + 2]));
+        _mm512_castpd_ps(if col % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) })
+    });
+    std::array::from_fn(|k| {
+        // Column k = 4L + col: lane L of u[col], u[4 + col], u[8 + col], u[12 + col].
+        let (lane, col) = (k / 4, k % 4);
+        let (lo, hi) = if lane % 2 == 0 {
+            (_mm512_shuffle_f32x4::<0x88>(u[col], u[4 + col]), _mm512_shuffle_f32x4::<0x88>(u[8 + col], u[12 + col]))
+        } else {
+            (_mm512_shuffle_f32x4::<0xdd>(u[col], u[4 + col]), _mm512_shuffle_f32x4::<0xdd>(u[8 + col], u[12 + col]))
+        };
+        if lane < 2 { _mm512_shuffle_f32x4::<0x88>(lo, hi) } else { _mm512_shuffle_f32x4::<0xdd>(lo, hi) }
+    })
+}
+
+/// One channel block into the blocked layout: `src` holds `lanes` planes of `npix`, `dst` npix
+/// vectors (lanes past `lanes` zero).
+///
+/// # Safety
+/// AVX-512F must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn to_block_avx512(src: &[f32], lanes: usize, npix: usize, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(src.len() >= lanes * npix && dst.len() >= npix * BLOCK && lanes <= BLOCK);
+    for p0 in (0..npix).step_by(BLOCK) {
+        let run = BLOCK.min(npix - p0);
+        let mask = ((1u32 << run) - 1) as u16;
+        // SAFETY: row j's loads cover pixels p0..p0 + run of plane j < lanes (masked past `run`),
+        // the stores vectors p0..p0 + run of `dst`, all within the asserted lengths.
+        unsafe {
+            let rows: [__m512; 16] = std::array::from_fn(|j| {
+                if j < lanes {
+                    _mm512_maskz_loadu_ps(mask, src.as_ptr().add(j * npix + p0))
+                } else {
+                    _mm512_setzero_ps()
+                }
+            });
+            let cols = transpose16(rows);
+            for (i, v) in cols.iter().enumerate().take(run) {
+                _mm512_storeu_ps(dst.as_mut_ptr().add((p0 + i) * BLOCK), *v);
+            }
+        }
+    }
+}
+
+/// One channel block back to NCHW: `src` holds npix vectors, `dst` `lanes` planes of `npix`.
+///
+/// # Safety
+/// AVX-512F must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn from_block_avx512(src: &[f32], lanes: usize, npix: usize, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(src.len() >= npix * BLOCK && dst.len() >= lanes * npix && lanes <= BLOCK);
+    for p0 in (0..npix).step_by(BLOCK) {
+        let run = BLOCK.min(npix - p0);
+        let mask = ((1u32 << run) - 1) as u16;
+        // SAFETY: the loads are vectors p0..p0 + run of `src`, the stores pixels p0..p0 + run
+        // (masked) of planes j < lanes of `dst`, all within the asserted lengths.
+        unsafe {
+            let rows: [__m512; 16] = std::array::from_fn(|i| {
+                if i < run { _mm512_loadu_ps(src.as_ptr().add((p0 + i) * BLOCK)) } else { _mm512_setzero_ps() }
+            });
+            let cols = transpose16(rows);
+            for (j, v) in cols.iter().enumerate().take(lanes) {
+                _mm512_mask_storeu_ps(dst.as_mut_ptr().add(j * npix + p0), mask, *v);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn to_block_avx512(_: &[f32], _: usize, _: usize, _: &mut [f32]) {
+    unreachable!("the AVX-512 level exists only on x86_64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn from_block_avx512(_: &[f32], _: usize, _: usize, _: &mut [f32]) {
+    unreachable!("the AVX-512 level exists only on x86_64")
 }
 
 /// A 1×1 stride-1 convolution's weights and biases as `pointwise` reads them, packed once.
@@ -498,6 +614,27 @@ mod tests {
             let mut back = vec![f32::NAN; x.len()];
             from_blocked(&blocked, n, c, npix, &mut back);
             assert_eq!(back, x);
+            // Both builds of each block's reorder, whichever the functions above took.
+            if Isa::Avx512.supported() {
+                for cb in 0..blocks {
+                    let lanes = BLOCK.min(c - cb * BLOCK);
+                    let src = &x[cb * BLOCK * npix..][..lanes * npix];
+                    let (mut fast, mut plain) = (vec![f32::NAN; npix * BLOCK], vec![f32::NAN; npix * BLOCK]);
+                    // SAFETY: AVX-512F is available; the buffers have the sizes the function takes.
+                    unsafe { to_block_avx512(src, lanes, npix, &mut fast) };
+                    to_block_plain(src, lanes, npix, &mut plain);
+                    assert_eq!(
+                        fast.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        plain.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    );
+                    let (mut fast_back, mut plain_back) = (vec![f32::NAN; lanes * npix], vec![f32::NAN; lanes * npix]);
+                    // SAFETY: as above.
+                    unsafe { from_block_avx512(&plain, lanes, npix, &mut fast_back) };
+                    from_block_plain(&plain, npix, &mut plain_back);
+                    assert_eq!(fast_back, src);
+                    assert_eq!(plain_back, src);
+                }
+            }
         }
     }
 
