@@ -158,6 +158,46 @@ fn main() {
     blocked_depthwise(&filter);
 }
 
+/// `len` zeros from a 64-byte boundary: the buffer and the boundary's index in it.
+fn aligned_zeros(len: usize) -> (Vec<f32>, usize) {
+    let v = vec![0.0f32; len + 16];
+    let at = v.as_ptr().align_offset(64);
+    (v, at)
+}
+
+/// The best of three timed calls of `f` after a warm-up.
+fn best_of_3(f: &mut dyn FnMut()) -> f64 {
+    f();
+    (0..3)
+        .map(|_| {
+            let t = now();
+            f();
+            now() - t
+        })
+        .fold(f64::MAX, f64::min)
+}
+
+/// `rounds` paired rounds of `a` against `b` (each `best_of_3`, which goes first alternating), so a slow
+/// spell of a shared machine falls on both sides of a round's ratio: the best time of each and the
+/// rounds' ratios b / a, sorted.
+fn paired(rounds: usize, a: &mut dyn FnMut(), b: &mut dyn FnMut()) -> (f64, f64, Vec<f64>) {
+    let (mut best_a, mut best_b, mut ratios) = (f64::MAX, f64::MAX, Vec::with_capacity(rounds));
+    for round in 0..rounds {
+        let (ta, tb) = if round % 2 == 0 {
+            let ta = best_of_3(a);
+            (ta, best_of_3(b))
+        } else {
+            let tb = best_of_3(b);
+            (best_of_3(a), tb)
+        };
+        best_a = best_a.min(ta);
+        best_b = best_b.min(tb);
+        ratios.push(tb / ta);
+    }
+    ratios.sort_by(f64::total_cmp);
+    (best_a, best_b, ratios)
+}
+
 /// The 3×3 depthwise convolutions in the channel-blocked layout against the engine's NCHW path, paired
 /// as `blocked_pointwise` does.
 fn blocked_depthwise(filter: &[String]) {
@@ -192,33 +232,15 @@ fn blocked_depthwise(filter: &[String]) {
         let packed = DepthwiseWeights::new(&conv).expect("a 3x3 depthwise conv");
         let (oh, ow) = (out_size(h, 3, s, 1), out_size(w, 3, s, 1));
         let x = input(c * h * w);
-        let (mut xb_buf, mut yb_buf) =
-            (vec![0.0f32; blocked_len(1, c, h * w) + 16], vec![0.0f32; blocked_len(1, c, oh * ow) + 16]);
-        let (xo, yo) = (xb_buf.as_ptr().align_offset(64), yb_buf.as_ptr().align_offset(64));
+        let (mut xb_buf, xo) = aligned_zeros(blocked_len(1, c, h * w));
+        let (mut yb_buf, yo) = aligned_zeros(blocked_len(1, c, oh * ow));
         let xb = &mut xb_buf[xo..][..blocked_len(1, c, h * w)];
         let yb = &mut yb_buf[yo..][..blocked_len(1, c, oh * ow)];
         to_blocked(&x, 1, c, h * w, xb);
         let mut out = vec![0.0; c * oh * ow];
-        let best3 = |f: &mut dyn FnMut()| {
-            f();
-            (0..3)
-                .map(|_| {
-                    let t = now();
-                    f();
-                    now() - t
-                })
-                .fold(f64::MAX, f64::min)
-        };
-        let (mut best_b, mut best_n, mut ratios) = (f64::MAX, f64::MAX, Vec::new());
-        for round in 0..ROUNDS {
-            let first = if round % 2 == 0 { best3(&mut || depthwise3x3(&packed, xb, 1, h, w, yb)) } else { 0.0 };
-            let tn = best3(&mut || conv2d(&conv, &x, 1, h, w, &mut out, c, None));
-            let tb = if round % 2 == 0 { first } else { best3(&mut || depthwise3x3(&packed, xb, 1, h, w, yb)) };
-            best_b = best_b.min(tb);
-            best_n = best_n.min(tn);
-            ratios.push(tn / tb);
-        }
-        ratios.sort_by(f64::total_cmp);
+        let (best_b, best_n, ratios) = paired(ROUNDS, &mut || depthwise3x3(&packed, xb, 1, h, w, yb), &mut || {
+            conv2d(&conv, &x, 1, h, w, &mut out, c, None)
+        });
         let shape = format!("{c}ch s{s} {h}x{w}");
         println!(
             "{what:<30} {shape:>18} {:>8.2} {:>8.2} {:>7.2}x {:>4.2}-{:<4.2}",
@@ -232,9 +254,8 @@ fn blocked_depthwise(filter: &[String]) {
 }
 
 /// The 1×1 convolutions in the channel-blocked layout (`cpu::blocked`, NCHW16c, AVX-512) against the
-/// engine's NCHW path for the same convolution, paired: each round times both (best of 3 calls each,
-/// the order alternating), and the speed-up is the median of the rounds' ratios, so a slow spell of a
-/// shared machine falls on both sides of a ratio. The reorders into and out of the layout, which a
+/// engine's NCHW path for the same convolution, in `paired` rounds: the speed-up is the median of the
+/// rounds' ratios. The reorders into and out of the layout, which a
 /// blocked executor would pay only at its edges, are timed apart.
 fn blocked_pointwise(filter: &[String]) {
     use retinaface::cpu::blocked::{PointwiseWeights, blocked_len, from_blocked, pointwise, to_blocked};
@@ -271,38 +292,19 @@ fn blocked_pointwise(filter: &[String]) {
         let packed = PointwiseWeights::new(&conv).expect("a 1x1 conv");
         let x = input(cin * npix);
         // Blocked tensors from a 64-byte boundary, as an executor's arena would place them.
-        let (mut xb_buf, mut yb_buf) =
-            (vec![0.0f32; blocked_len(1, cin, npix) + 16], vec![0.0f32; blocked_len(1, cout, npix) + 16]);
-        let (xo, yo) = (xb_buf.as_ptr().align_offset(64), yb_buf.as_ptr().align_offset(64));
+        let (mut xb_buf, xo) = aligned_zeros(blocked_len(1, cin, npix));
+        let (mut yb_buf, yo) = aligned_zeros(blocked_len(1, cout, npix));
         let xb = &mut xb_buf[xo..][..blocked_len(1, cin, npix)];
         let yb = &mut yb_buf[yo..][..blocked_len(1, cout, npix)];
         to_blocked(&x, 1, cin, npix, xb);
         let mut out = vec![0.0; cout * npix];
-        let best3 = |f: &mut dyn FnMut()| {
-            f();
-            (0..3)
-                .map(|_| {
-                    let t = now();
-                    f();
-                    now() - t
-                })
-                .fold(f64::MAX, f64::min)
-        };
-        let (mut best_b, mut best_n, mut ratios) = (f64::MAX, f64::MAX, Vec::new());
-        for round in 0..ROUNDS {
-            let mut blk = || pointwise(&packed, xb, 1, npix, yb, None);
-            let tb = if round % 2 == 0 { best3(&mut blk) } else { 0.0 };
-            let tn = best3(&mut || conv2d(&conv, &x, 1, h, w, &mut out, cout, None));
-            let tb = if round % 2 == 0 { tb } else { best3(&mut || pointwise(&packed, xb, 1, npix, yb, None)) };
-            best_b = best_b.min(tb);
-            best_n = best_n.min(tn);
-            ratios.push(tn / tb);
-        }
-        let reorders = best3(&mut || {
+        let (best_b, best_n, ratios) = paired(ROUNDS, &mut || pointwise(&packed, xb, 1, npix, yb, None), &mut || {
+            conv2d(&conv, &x, 1, h, w, &mut out, cout, None)
+        });
+        let reorders = best_of_3(&mut || {
             to_blocked(&x, 1, cin, npix, xb);
             from_blocked(yb, 1, cout, npix, &mut out);
         });
-        ratios.sort_by(f64::total_cmp);
         let flop = 2.0 * (cin * cout * npix) as f64;
         let shape = format!("{cin}->{cout} {h}x{w}");
         println!(

@@ -585,14 +585,8 @@ fn act_vec(y: std::arch::x86_64::__m512, act: Act) -> std::arch::x86_64::__m512 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::conv::tests::uniform;
     use crate::reference;
-
-    fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
-        move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / 16777216.0) * 2.0 - 1.0
-        }
-    }
 
     #[test]
     fn reorders_round_trip_and_zero_the_padding_channels() {

@@ -70,6 +70,11 @@ pub(super) fn enabled(level: super::isa::Isa) -> bool {
 /// projection) with the first two optional.
 type Steps<'a> = (Option<&'a Conv>, Option<&'a Conv>, &'a Conv);
 
+/// The tensor an op of these steps reads (and whose shape its shortcut has).
+fn input_of<'a>((ex, dw, pw): Steps<'a>) -> &'a Conv {
+    ex.or(dw).unwrap_or(pw)
+}
+
 /// `op`'s steps, if it is a kind a run takes.
 fn steps(op: &Op) -> Option<Steps<'_>> {
     match op {
@@ -83,9 +88,9 @@ fn steps(op: &Op) -> Option<Steps<'_>> {
 /// Whether the blocked kernels compute `op`, writing whole tensors: each step a kernel's shape, the
 /// only shortcut the projection's (the op's own input), from `MIN_CHANNELS` input channels.
 fn blockable(graph: &Graph, op: &Op) -> bool {
-    let Some((ex, dw, pw)) = steps(op) else { return false };
+    let Some(st @ (ex, dw, pw)) = steps(op) else { return false };
     let whole = |c: &Conv| c.out_channel_offset == 0 && graph.tensors[c.output].channels == c.cout;
-    let input = ex.or(dw).unwrap_or(pw);
+    let input = input_of(st);
     input.cin >= MIN_CHANNELS
         && ex.is_none_or(|c| PointwiseWeights::new(c).is_some() && c.residual.is_none() && whole(c))
         && dw.is_none_or(|c| DepthwiseWeights::new(c).is_some() && c.residual.is_none() && whole(c))
@@ -174,8 +179,8 @@ fn buffer_lens(graph: &Graph, chain: &Chain, plan: &Plan) -> (usize, usize) {
     };
     let (mut big, mut dwl) = (0, 0);
     for k in chain.ops.clone() {
-        if let Ok((ex, dw, pw)) = steps_of(graph, k) {
-            let input = ex.or(dw).unwrap_or(pw).input;
+        if let Ok(st @ (ex, dw, pw)) = steps_of(graph, k) {
+            let input = input_of(st).input;
             big = big.max(blen(input)).max(blen(pw.output));
             if let Some(ex) = ex {
                 big = big.max(blen(ex.output));
@@ -188,10 +193,15 @@ fn buffer_lens(graph: &Graph, chain: &Chain, plan: &Plan) -> (usize, usize) {
     (big, dwl)
 }
 
-/// Floats of blocked scratch `chain` needs in `plan` (three buffers, each from a 64-byte boundary).
-pub(super) fn scratch_elems(graph: &Graph, chain: &Chain, plan: &Plan) -> usize {
-    let (big, dwl) = buffer_lens(graph, chain, plan);
+/// Floats of blocked scratch for buffers of these lengths (`cur` and `mid`, `dw`), each from a 64-byte
+/// boundary.
+fn scratch_for((big, dwl): (usize, usize)) -> usize {
     2 * big + dwl + 48
+}
+
+/// Floats of blocked scratch `chain` needs in `plan`.
+pub(super) fn scratch_elems(graph: &Graph, chain: &Chain, plan: &Plan) -> usize {
+    scratch_for(buffer_lens(graph, chain, plan))
 }
 
 /// `len` floats of `buf` from a 64-byte boundary, and the rest after them.
@@ -209,7 +219,8 @@ pub(super) fn run(
     arena: &mut [f32],
     scratch: &mut [f32],
 ) -> Result<Vec<Duration>> {
-    let need = scratch_elems(graph, chain, plan);
+    let (big, dwl) = buffer_lens(graph, chain, plan);
+    let need = scratch_for((big, dwl));
     if scratch.len() < need {
         return Err(Error::Graph(format!("blocked run: {} floats of scratch for {need}", scratch.len())));
     }
@@ -220,11 +231,9 @@ pub(super) fn run(
         return Err(Error::Graph("blocked run: an op's weights could not be packed".into()));
     }
     let n = plan.n;
-    let (big, dwl) = buffer_lens(graph, chain, plan);
-    let (cur_buf, rest) = take_aligned(scratch, big);
-    let (mid_buf, rest) = take_aligned(rest, big);
+    let (mut cur, rest) = take_aligned(scratch, big);
+    let (mut mid, rest) = take_aligned(rest, big);
     let (dw_buf, _) = take_aligned(rest, dwl);
-    let (mut cur, mut mid) = (cur_buf, mid_buf);
     let dims = |t: usize| {
         let (c, h, w) = plan.shapes[t];
         (c, h, w, blocked_len(n, c, h * w))
@@ -232,20 +241,14 @@ pub(super) fn run(
     RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut times = Vec::with_capacity(chain.ops.len());
     let t0 = Instant::now();
-    let (first_ex, first_dw, first_pw) = steps_of(graph, chain.ops.start)?;
-    let (c0, h0, w0, len0) = dims(first_ex.or(first_dw).unwrap_or(first_pw).input);
-    blocked::to_blocked(
-        &arena[plan.range(first_ex.or(first_dw).unwrap_or(first_pw).input)],
-        n,
-        c0,
-        h0 * w0,
-        &mut cur[..len0],
-    );
+    let first = input_of(steps_of(graph, chain.ops.start)?).input;
+    let (c0, h0, w0, len0) = dims(first);
+    blocked::to_blocked(&arena[plan.range(first)], n, c0, h0 * w0, &mut cur[..len0]);
     let mut reorder = t0.elapsed();
     for ((k, p), &export) in chain.ops.clone().zip(packed).zip(&chain.export) {
         let start = Instant::now();
-        let (ex, dw, pw) = steps_of(graph, k)?;
-        let (_, _, _, in_len) = dims(ex.or(dw).unwrap_or(pw).input);
+        let st @ (ex, dw, pw) = steps_of(graph, k)?;
+        let (_, _, _, in_len) = dims(input_of(st).input);
         let (oc, oh, ow, out_len) = dims(pw.output);
         // The projection's input: the op's input itself, or the depthwise output (of the input, or
         // of the expansion, which goes to `mid`).

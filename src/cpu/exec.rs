@@ -47,6 +47,11 @@ impl CpuExecutor {
         self.chains.iter().map(|c| chain::scratch_elems(&self.graph, c, plan)).max().unwrap_or(0)
     }
 
+    /// The cache entry of a new plan: no arena yet, and the bytes its arena (scratch included) will take.
+    fn entry(&self, plan: &Plan) -> Arena {
+        Arena { data: None, bytes: plan.arena_bytes() + 4 * self.scratch_elems(plan) }
+    }
+
     fn cache(&self) -> Result<std::sync::MutexGuard<'_, PlanCache<Arena>>> {
         self.plans.lock().map_err(|_| Error::InvalidArgument("a previous CPU pass panicked".into()))
     }
@@ -55,7 +60,7 @@ impl CpuExecutor {
     fn checkout(&self, key: PlanKey) -> Result<(Arc<Plan>, Vec<f32>)> {
         let mut cache = self.cache()?;
         // Evicted arenas are dropped: freed to the allocator.
-        let alloc = |p: &Plan, _evicted| Ok(Arena { data: None, bytes: p.arena_bytes() + 4 * self.scratch_elems(p) });
+        let alloc = |p: &Plan, _evicted| Ok(self.entry(p));
         let (plan, arena) = cache.get(&self.graph, key, alloc)?;
         let data = arena.data.take().unwrap_or_else(|| vec![0.0; plan.arena_elems + self.scratch_elems(&plan)]);
         Ok((plan, data))
@@ -118,7 +123,7 @@ impl CpuExecutor {
     pub fn plan(&self, n: usize, h: usize, w: usize) -> Result<Arc<Plan>> {
         let key = (n, h, w, false);
         let mut cache = self.cache()?;
-        let alloc = |p: &Plan, _evicted| Ok(Arena { data: None, bytes: p.arena_bytes() + 4 * self.scratch_elems(p) });
+        let alloc = |p: &Plan, _evicted| Ok(self.entry(p));
         Ok(cache.get(&self.graph, key, alloc)?.0)
     }
 }
@@ -371,6 +376,16 @@ struct StageTimes {
     heads: Duration,
 }
 
+impl StageTimes {
+    fn add(&mut self, stage: Stage, dt: Duration) {
+        match stage {
+            Stage::Backbone => self.backbone += dt,
+            Stage::Neck => self.neck += dt,
+            Stage::Heads => self.heads += dt,
+        }
+    }
+}
+
 /// Runs every op of `graph` in `arena` laid out by `plan`; the input is already in place. Every op
 /// overwrites all of its output (SSH's three branches cover all channels), so an arena's stale values
 /// from an earlier pass never show. The `chains` run in the blocked layout where the level allows, with
@@ -396,11 +411,7 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32], chains: &[chain::Chain]) -
                 if profile {
                     op_times.push((dt.as_secs_f64() * 1e3, format!("blocked {}", describe(&graph.ops[k]))));
                 }
-                match graph.op_stages[k] {
-                    Stage::Backbone => times.backbone += dt,
-                    Stage::Neck => times.neck += dt,
-                    Stage::Heads => times.heads += dt,
-                }
+                times.add(graph.op_stages[k], dt);
             }
             i = ch.ops.end;
             continue;
@@ -432,11 +443,7 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32], chains: &[chain::Chain]) -
             let secs = if cpu_clock { process_cpu_seconds() - cpu_start } else { dt.as_secs_f64() };
             op_times.push((secs * 1e3, what));
         }
-        match graph.op_stages[i] {
-            Stage::Backbone => times.backbone += dt,
-            Stage::Neck => times.neck += dt,
-            Stage::Heads => times.heads += dt,
-        }
+        times.add(graph.op_stages[i], dt);
         i += 1;
     }
     if profile {

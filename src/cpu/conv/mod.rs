@@ -211,13 +211,13 @@ fn conv2d_on(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::graph::Act;
     use crate::reference;
 
     /// Uniform values in [−1, 1) from a fixed seed, for the conv paths' tests.
-    pub(in crate::cpu::conv) fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+    pub(crate) fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
         move || {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / 16777216.0) * 2.0 - 1.0
