@@ -156,6 +156,7 @@ fn main() {
     conv_pairs(&filter);
     blocked_pointwise(&filter);
     blocked_depthwise(&filter);
+    bands(&filter);
 }
 
 /// `len` zeros from a 64-byte boundary: the buffer and the boundary's index in it.
@@ -398,5 +399,97 @@ fn dwpw_pairs(filter: &[String]) {
         });
         let shape = format!("{c}->{cout} s{s} {h}x{w}");
         println!("{what:<26} {shape:>22} {:>10.2} {:>10.2} {:>7.2}x", fused * 1e3, composed * 1e3, composed / fused);
+    }
+}
+
+/// The depthwise-separable ops band by band (`cpu::bands`) against the same blocked kernels on whole
+/// maps (expansion, depthwise and projection each writing its whole output), in `paired` rounds: the
+/// speed-up is the median of the rounds' ratios. The engine's band choice, and bands of one and of 16
+/// output rows beside it, on MobileNetV2's inverted residuals and MobileNetV1 x1.0's pairs.
+fn bands(filter: &[String]) {
+    use retinaface::cpu::bands::FusedOp;
+    use retinaface::cpu::blocked::{
+        DepthwiseWeights, PointwiseWeights, blocked_len, depthwise3x3, pointwise, to_blocked,
+    };
+    if !retinaface::cpu::Isa::Avx512.supported() {
+        return;
+    }
+    // (what, cin, expanded (0: none), cout, stride, h, w, shortcut)
+    let ops = [
+        ("bands MobileNetV2 features.1", 32, 0, 16, 1, 320, 320, false),
+        ("bands MobileNetV2 features.2", 16, 96, 24, 2, 320, 320, false),
+        ("bands MobileNetV2 features.3", 24, 144, 24, 1, 160, 160, true),
+        ("bands MobileNetV2 features.4", 24, 144, 32, 2, 160, 160, false),
+        ("bands MobileNetV2 features.5", 32, 192, 32, 1, 80, 80, true),
+        ("bands MobileNetV2 features.12", 96, 576, 96, 1, 40, 40, true),
+        ("bands MobileNetV2 features.15", 160, 960, 160, 1, 20, 20, true),
+        ("bands MobileNetV1 x1.0 pair 1", 32, 0, 64, 1, 320, 320, false),
+        ("bands MobileNetV1 x1.0 pair 2", 64, 0, 128, 2, 320, 320, false),
+        ("bands MobileNetV1 x1.0 pair 3", 128, 0, 128, 1, 160, 160, false),
+        ("bands MobileNetV1 x1.0 pair 5", 256, 0, 256, 1, 80, 80, false),
+    ];
+    const ROUNDS: usize = 7;
+    println!(
+        "\n{:<30} {:>20} {:>6} {:>8} {:>8} {:>8} {:>10} {:>9} {:>9}",
+        "band by band vs whole maps", "shape", "rows", "band ms", "whole ms", "speed-up", "range", "1 row", "16 rows"
+    );
+    for (what, cin, cm, cout, s, h, w, shortcut) in ops {
+        if !filter.is_empty() && !filter.iter().any(|f| what.contains(f.as_str())) {
+            continue;
+        }
+        let mid = if cm > 0 { cm } else { cin };
+        let ex = (cm > 0).then(|| conv(what, cin, cm, 1, 1, 1, Act::Relu6));
+        let dwc = conv(what, mid, mid, 3, s, mid, Act::Relu6);
+        let pwc = conv(what, mid, cout, 1, 1, 1, Act::None);
+        let exw = ex.as_ref().map(|c| PointwiseWeights::new(c).expect("a 1x1 conv"));
+        let dww = DepthwiseWeights::new(&dwc).expect("a 3x3 depthwise conv");
+        let pww = PointwiseWeights::new(&pwc).expect("a 1x1 conv");
+        let (oh, ow) = (out_size(h, 3, s, 1), out_size(w, 3, s, 1));
+        let n_x = blocked_len(1, cin, h * w);
+        let (n_e, n_d, n_y) = (blocked_len(1, mid, h * w), blocked_len(1, mid, oh * ow), blocked_len(1, cout, oh * ow));
+        let (mut bufs, at): (Vec<_>, Vec<_>) = [n_x, n_e, n_d, n_y].iter().map(|&len| aligned_zeros(len)).unzip();
+        let [xb, eb, db, yb] = bufs.get_disjoint_mut([0, 1, 2, 3]).expect("four buffers");
+        let (xb, eb, db, yb) =
+            (&mut xb[at[0]..][..n_x], &mut eb[at[1]..][..n_e], &mut db[at[2]..][..n_d], &mut yb[at[3]..][..n_y]);
+        to_blocked(&input(cin * h * w), 1, cin, h * w, xb);
+        let xb = &*xb;
+        let fused = FusedOp::new(exw.as_ref(), &dww, &pww, 1, (h, w));
+        let variants = [fused.band().rows, 1, 16]
+            .map(|rows| FusedOp::new(exw.as_ref(), &dww, &pww, 1, (h, w)).with_band_rows(rows));
+        let threads = rayon::current_num_threads();
+        let slot = variants.iter().map(FusedOp::slot_floats).max().unwrap_or(0);
+        let (mut slot_buf, so) = aligned_zeros(threads * slot);
+        let slots = &mut slot_buf[so..][..threads * slot];
+        // Per variant: its best time, the whole maps' best time, the rounds' ratios.
+        let mut runs = Vec::new();
+        for op in &variants {
+            let mut out = vec![0.0; n_y];
+            let residual = shortcut.then_some(xb);
+            runs.push(paired(ROUNDS, &mut || op.run(xb, &mut out, shortcut, slots, slot), &mut || {
+                let dw_in: &[f32] = match &exw {
+                    Some(e) => {
+                        pointwise(e, xb, 1, h * w, eb, None);
+                        eb
+                    }
+                    None => xb,
+                };
+                depthwise3x3(&dww, dw_in, 1, h, w, db);
+                pointwise(&pww, db, 1, oh * ow, yb, residual);
+            }));
+        }
+        let whole = runs.iter().map(|r| r.1).fold(f64::MAX, f64::min);
+        let ratios = &runs[0].2;
+        let shape = format!("{cin}->{cm}->{cout} s{s} {h}x{w}");
+        println!(
+            "{what:<30} {shape:>20} {:>6} {:>8.2} {:>8.2} {:>7.2}x {:>4.2}-{:<4.2} {:>9.2} {:>9.2}",
+            fused.band().rows,
+            runs[0].0 * 1e3,
+            whole * 1e3,
+            ratios[ROUNDS / 2],
+            ratios[0],
+            ratios[ROUNDS - 1],
+            runs[1].0 * 1e3,
+            runs[2].0 * 1e3,
+        );
     }
 }

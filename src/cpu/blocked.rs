@@ -23,6 +23,7 @@ use crate::cpu::conv::aligned;
 use crate::cpu::isa::Isa;
 use crate::graph::{Act, Conv};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Channels per block: one 16-lane register.
 pub const BLOCK: usize = 16;
@@ -241,6 +242,16 @@ impl PointwiseWeights {
         }
         Some(PointwiseWeights { cin, cout, act: conv.act, w, w_at, bias })
     }
+
+    /// Input channels.
+    pub fn cin(&self) -> usize {
+        self.cin
+    }
+
+    /// Output channels.
+    pub fn cout(&self) -> usize {
+        self.cout
+    }
 }
 
 /// The 1×1 convolution `pw` of `x` [n][cin/16][npix][16] into `out` [n][cout/16][npix][16] (blocked
@@ -263,34 +274,85 @@ pub fn pointwise(pw: &PointwiseWeights, x: &[f32], n: usize, npix: usize, out: &
     let run = npix.div_ceil(runs).div_ceil(PX_TILE) * PX_TILE;
     let runs = npix.div_ceil(run);
     let outp = SendPtr(out.as_mut_ptr());
+    let resp = residual.map(|r| SendPtr(r.as_ptr().cast_mut()));
     (0..n * tiles * runs).into_par_iter().for_each(|task| {
         let (b, t, r) = (task / (tiles * runs), task / runs % tiles, task % runs);
-        let nb = (out_blocks - t * 4).min(4);
         let (p0, p1) = (r * run, ((r + 1) * run).min(npix));
-        let xb = &x[b * in_blocks * npix * BLOCK..][..in_blocks * npix * BLOCK];
-        let wt = &pw.w[pw.w_at + t * in_blocks * BLOCK * CO_TILE..][..in_blocks * BLOCK * CO_TILE];
-        let bias = &pw.bias[t];
-        let at = |p: usize| ((b * out_blocks + t * 4) * npix + p) * BLOCK;
-        for k0 in (0..in_blocks).step_by(KC / BLOCK) {
-            let kb = (KC / BLOCK).min(in_blocks - k0);
-            let last = k0 + kb == in_blocks;
-            for p in (p0..p1).step_by(PX_TILE) {
-                let step = Step {
-                    x: xb[(k0 * npix + p) * BLOCK..].as_ptr(),
-                    w: wt[k0 * BLOCK * CO_TILE..].as_ptr(),
-                    kb,
-                    stride: npix * BLOCK,
-                    // SAFETY: within `out`: tile t's blocks of image b at pixel p.
-                    out: unsafe { outp.get().add(at(p)) },
-                    accumulate: k0 > 0,
-                    finish: last.then(|| Finish { bias, residual: residual.map(|r| r[at(p)..].as_ptr()), act: pw.act }),
-                };
-                // SAFETY: AVX-512F was asserted; the step's pointers cover kb channel blocks of
-                // `nb` output blocks × `px` pixels, this task's alone.
-                unsafe { tile_dispatch(nb, (p1 - p).min(PX_TILE), &step) };
-            }
+        let at = (b * out_blocks * npix + p0) * BLOCK;
+        // SAFETY: AVX-512F was asserted; image b's planes (npix apart) from pixel p0 lie in `x`,
+        // `out` and the residual for p1 − p0 pixels, and tile t of those pixels is this task's alone.
+        unsafe {
+            let span = Span {
+                x: x.as_ptr().add((b * in_blocks * npix + p0) * BLOCK),
+                x_plane: npix * BLOCK,
+                npix: p1 - p0,
+                out: outp.get().add(at),
+                out_plane: npix * BLOCK,
+                residual: resp.map(|r| r.get().add(at).cast_const()),
+            };
+            pointwise_tile(pw, t, &span);
         }
     });
+}
+
+/// Pixels of one image in the blocked layout at arbitrary plane strides (floats between one channel
+/// block and the next): a whole map, a band of rows of one, or a buffer of rows.
+pub struct Span {
+    /// The input's first pixel in block 0.
+    pub x: *const f32,
+    pub x_plane: usize,
+    pub npix: usize,
+    /// The output's first pixel in block 0; the residual (if any) has the output's strides.
+    pub out: *mut f32,
+    pub out_plane: usize,
+    pub residual: Option<*const f32>,
+}
+
+/// `pointwise` on one span, every output tile, on the calling thread: what a fused band runs.
+///
+/// # Safety
+/// AVX-512F must be available; `span` must cover cin/16 input blocks and cout/16 output (and
+/// residual) blocks of `npix` pixels, the output no other thread's.
+pub unsafe fn pointwise_span(pw: &PointwiseWeights, span: &Span) {
+    for t in 0..pw.cout.div_ceil(CO_TILE) {
+        // SAFETY: the caller's contract.
+        unsafe { pointwise_tile(pw, t, span) };
+    }
+}
+
+/// Output tile t (64 channels) of `pw` over `span`: reduction passes of KC input channels, each
+/// sweeping the pixels in micro-tiles.
+///
+/// # Safety
+/// As `pointwise_span`.
+unsafe fn pointwise_tile(pw: &PointwiseWeights, t: usize, span: &Span) {
+    let (in_blocks, out_blocks) = (pw.cin.div_ceil(BLOCK), pw.cout.div_ceil(BLOCK));
+    let nb = (out_blocks - t * 4).min(4);
+    let wt = &pw.w[pw.w_at + t * in_blocks * BLOCK * CO_TILE..][..in_blocks * BLOCK * CO_TILE];
+    let bias = &pw.bias[t];
+    let tile_out = t * 4 * span.out_plane;
+    for k0 in (0..in_blocks).step_by(KC / BLOCK) {
+        let kb = (KC / BLOCK).min(in_blocks - k0);
+        let last = k0 + kb == in_blocks;
+        for p in (0..span.npix).step_by(PX_TILE) {
+            let at = tile_out + p * BLOCK;
+            // SAFETY: the caller's contract: pixel p of blocks k0.. of the input, of the tile's
+            // blocks of the output and residual.
+            unsafe {
+                let step = Step {
+                    x: span.x.add(k0 * span.x_plane + p * BLOCK),
+                    w: wt[k0 * BLOCK * CO_TILE..].as_ptr(),
+                    kb,
+                    x_stride: span.x_plane,
+                    out_stride: span.out_plane,
+                    out: span.out.add(at),
+                    accumulate: k0 > 0,
+                    finish: last.then(|| Finish { bias, residual: span.residual.map(|r| r.add(at)), act: pw.act }),
+                };
+                tile_dispatch(nb, (span.npix - p).min(PX_TILE), &step);
+            }
+        }
+    }
 }
 
 /// A raw output pointer the tasks share; each writes its own tiles.
@@ -313,13 +375,14 @@ struct Finish<'a> {
     act: Act,
 }
 
-/// One micro-tile's operands: `kb` blocks of 16 input channels from `x` (blocks `stride` floats
-/// apart) and `w` (64 floats per input channel), into `out` (blocks `stride` apart).
+/// One micro-tile's operands: `kb` blocks of 16 input channels from `x` (blocks `x_stride` floats
+/// apart) and `w` (64 floats per input channel), into `out` (blocks `out_stride` apart).
 struct Step<'a> {
     x: *const f32,
     w: *const f32,
     kb: usize,
-    stride: usize,
+    x_stride: usize,
+    out_stride: usize,
     out: *mut f32,
     accumulate: bool,
     finish: Option<Finish<'a>>,
@@ -373,12 +436,12 @@ unsafe fn tile<const NB: usize, const PX: usize>(s: &Step) {
         if s.accumulate {
             for (i, row) in acc.iter_mut().enumerate() {
                 for (j, a) in row.iter_mut().enumerate() {
-                    *a = _mm512_loadu_ps(s.out.add(j * s.stride + i * BLOCK));
+                    *a = _mm512_loadu_ps(s.out.add(j * s.out_stride + i * BLOCK));
                 }
             }
         }
         for k in 0..s.kb {
-            let (xp, wp) = (s.x.add(k * s.stride), s.w.add(k * BLOCK * CO_TILE));
+            let (xp, wp) = (s.x.add(k * s.x_stride), s.w.add(k * BLOCK * CO_TILE));
             for c in 0..BLOCK {
                 let mut wv = [_mm512_setzero_ps(); NB];
                 for (j, v) in wv.iter_mut().enumerate() {
@@ -394,7 +457,7 @@ unsafe fn tile<const NB: usize, const PX: usize>(s: &Step) {
         }
         for (i, row) in acc.iter().enumerate() {
             for (j, &a) in row.iter().enumerate() {
-                let at = j * s.stride + i * BLOCK;
+                let at = j * s.out_stride + i * BLOCK;
                 let y = match &s.finish {
                     None => a,
                     Some(f) => {
@@ -440,6 +503,16 @@ impl DepthwiseWeights {
         }
         Some(DepthwiseWeights { c: conv.cin, stride: conv.stride, act: conv.act, w, bias })
     }
+
+    /// The convolution's stride (1 or 2).
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// Its channels (in and out).
+    pub fn channels(&self) -> usize {
+        self.c
+    }
 }
 
 /// The 3×3 depthwise convolution `dw` (padding 1) of `x` [n][c/16][h·w][16] into `out`
@@ -460,21 +533,75 @@ pub fn depthwise3x3(dw: &DepthwiseWeights, x: &[f32], n: usize, h: usize, w: usi
     let outp = SendPtr(out.as_mut_ptr());
     (0..n * blocks * bands).into_par_iter().for_each(|task| {
         let (nb, r) = (task / bands, task % bands);
-        let xb = &x[nb * h * w * BLOCK..][..h * w * BLOCK];
-        let geometry = DwRows { h, w, ow, s };
-        for oy in r * band..((r + 1) * band).min(oh) {
-            // SAFETY: AVX-512F was asserted; row oy of block nb lies in `out` and is this task's.
-            unsafe {
-                let orow = outp.get().add((nb * oh * ow + oy * ow) * BLOCK);
-                dw_row(&geometry, xb, oy, &dw.w[nb % blocks], &dw.bias[nb % blocks], dw.act, orow);
-            }
+        let rows = r * band..((r + 1) * band).min(oh);
+        // SAFETY: AVX-512F was asserted; block nb's input plane lies in `x`, its output rows in
+        // `out`, and those rows are this task's alone.
+        unsafe {
+            let src = DwSource { x: x.as_ptr().add(nb * h * w * BLOCK), ring: h, h, w };
+            let orow = outp.get().add((nb * oh * ow + rows.start * ow) * BLOCK);
+            dw_block_rows(dw, nb % blocks, &src, rows, orow);
         }
     });
 }
 
+/// Rows of one channel block of a depthwise input: a whole map, or a ring of rows a band buffer holds.
+#[derive(Clone, Copy)]
+pub struct DwSource {
+    /// The block's first row (rows `w` vectors apart).
+    pub x: *const f32,
+    /// Image row iy lies at row iy % `ring`: the image's height for a whole map, the buffer's
+    /// rows for a ring.
+    pub ring: usize,
+    /// The image's size (the rows past it, and before row 0, are the padding).
+    pub h: usize,
+    pub w: usize,
+}
+
+/// `depthwise3x3` of output `rows` on the calling thread, every channel block: block cb of the input
+/// at `x` + cb · `x_plane` (as `src` describes block 0), of the output at `out` + cb · `out_plane`
+/// (row `rows.start` first).
+///
+/// # Safety
+/// AVX-512F must be available; the input rows those output rows read (inside the image) must lie in
+/// each block's plane, the output rows in `out`'s, no other thread's.
+pub unsafe fn depthwise_span(
+    dw: &DepthwiseWeights,
+    src: &DwSource,
+    x_plane: usize,
+    rows: Range<usize>,
+    out: *mut f32,
+    out_plane: usize,
+) {
+    for cb in 0..dw.c.div_ceil(BLOCK) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let block = DwSource { x: src.x.add(cb * x_plane), ..*src };
+            dw_block_rows(dw, cb, &block, rows.clone(), out.add(cb * out_plane));
+        }
+    }
+}
+
+/// Output `rows` of channel block `cb` from `src` into `orow` (row `rows.start` first).
+///
+/// # Safety
+/// As `depthwise_span`, for one block.
+unsafe fn dw_block_rows(dw: &DepthwiseWeights, cb: usize, src: &DwSource, rows: Range<usize>, orow: *mut f32) {
+    let (h, w, s) = (src.h, src.w, dw.stride);
+    let ow = crate::reference::out_size(w, 3, s, 1);
+    let geometry = DwRows { w, ow, s };
+    for (i, oy) in rows.enumerate() {
+        let taps: [Option<*const f32>; 3] = std::array::from_fn(|ky| {
+            let iy = (oy * s + ky) as isize - 1;
+            // SAFETY: rows inside the image lie in the source (the caller's contract).
+            (iy >= 0 && (iy as usize) < h).then(|| unsafe { src.x.add(iy as usize % src.ring * w * BLOCK) })
+        });
+        // SAFETY: the caller's contract; row i of the output lies at `orow` + i·ow vectors.
+        unsafe { dw_row(&geometry, taps, &dw.w[cb], &dw.bias[cb], dw.act, orow.add(i * ow * BLOCK)) };
+    }
+}
+
 /// The shape one block's rows are read with.
 struct DwRows {
-    h: usize,
     w: usize,
     ow: usize,
     s: usize,
@@ -483,34 +610,28 @@ struct DwRows {
 /// Output pixels per step of `dw_row`: eight accumulators beside the nine tap weights.
 const DW_PX: usize = 8;
 
-/// One output row of one channel block: the interior in steps of DW_PX pixels with no bounds checks,
-/// the columns whose taps reach the padding one at a time.
+/// One output row of one channel block from its three input rows (`None`: padding): the interior in
+/// steps of DW_PX pixels with no bounds checks, the columns whose taps reach the padding one at a time.
 ///
 /// # Safety
-/// AVX-512F must be available; `orow` must cover ow vectors.
+/// AVX-512F must be available; each row must hold w vectors, `orow` ow vectors.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn dw_row(
     g: &DwRows,
-    xb: &[f32],
-    oy: usize,
+    rows: [Option<*const f32>; 3],
     taps: &[[f32; BLOCK]; 9],
     bias: &[f32; BLOCK],
     act: Act,
     orow: *mut f32,
 ) {
     use std::arch::x86_64::*;
-    let (h, w, ow, s) = (g.h, g.w, g.ow, g.s);
-    // SAFETY: every load below is of a whole vector inside `xb` (rows iy < h, columns ix < w), the
-    // stores inside `orow` (columns < ow); the caller's contract covers the rest.
+    let (w, ow, s) = (g.w, g.ow, g.s);
+    // SAFETY: every load below is of a whole vector inside a row (columns ix < w), the stores inside
+    // `orow` (columns < ow); the caller's contract covers the rest.
     unsafe {
         let wv: [__m512; 9] = std::array::from_fn(|t| _mm512_loadu_ps(taps[t].as_ptr()));
         let bv = _mm512_loadu_ps(bias.as_ptr());
-        let rows: [Option<usize>; 3] = std::array::from_fn(|ky| {
-            let iy = (oy * s + ky) as isize - 1;
-            (iy >= 0 && (iy as usize) < h).then_some(iy as usize * w)
-        });
-        let x = xb.as_ptr();
         // Output columns whose three taps all lie inside the row: ox·s − 1 ≥ 0 and ox·s + 1 ≤ w − 1.
         let lo = 1usize.min(ow);
         let hi = if w >= 2 { ((w - 2) / s + 1).min(ow) } else { 0 }.max(lo);
@@ -522,7 +643,7 @@ unsafe fn dw_row(
                     for kx in 0..3 {
                         let ix = (ox * s + kx) as isize - 1;
                         if ix >= 0 && (ix as usize) < w {
-                            let xv = _mm512_loadu_ps(x.add((row + ix as usize) * BLOCK));
+                            let xv = _mm512_loadu_ps(row.add(ix as usize * BLOCK));
                             acc = _mm512_fmadd_ps(wv[ky * 3 + kx], xv, acc);
                         }
                     }
@@ -538,7 +659,7 @@ unsafe fn dw_row(
             let mut acc = [_mm512_setzero_ps(); DW_PX];
             for (ky, row) in rows.iter().enumerate() {
                 if let Some(row) = row {
-                    let base = x.add((row + ox * s - 1) * BLOCK);
+                    let base = row.add((ox * s - 1) * BLOCK);
                     for kx in 0..3 {
                         for (i, a) in acc.iter_mut().enumerate() {
                             let xv = _mm512_loadu_ps(base.add((i * s + kx) * BLOCK));
@@ -559,8 +680,8 @@ unsafe fn dw_row(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn dw_row(g: &DwRows, _: &[f32], oy: usize, _: &[[f32; BLOCK]; 9], _: &[f32; BLOCK], _: Act, _: *mut f32) {
-    unreachable!("the AVX-512 level exists only on x86_64 (row {oy} of {})", g.ow)
+unsafe fn dw_row(g: &DwRows, _: [Option<*const f32>; 3], _: &[[f32; BLOCK]; 9], _: &[f32; BLOCK], _: Act, _: *mut f32) {
+    unreachable!("the AVX-512 level exists only on x86_64 ({} columns)", g.ow)
 }
 
 /// `act(v)`, as `common::epilogue` computes it lane by lane.

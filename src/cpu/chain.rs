@@ -14,6 +14,7 @@
 //! reference within the tolerances of every conv path; tests run the networks' goldens on this path
 //! wherever the processor has AVX-512.
 
+use super::bands::{self, FusedOp};
 use super::blocked::{self, DepthwiseWeights, PointwiseWeights, blocked_len};
 use crate::error::{Error, Result};
 use crate::graph::{Conv, Graph, Op, Plan};
@@ -171,37 +172,35 @@ pub fn runs_taken() -> usize {
     RUNS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// The blocked sizes of the run's buffers in `plan`: (`cur` and `mid`, `dw`).
+/// The plan's sizes of the run: the longest blocked input or output of an op (`cur` and `mid`), and
+/// the floats of one slot's band buffers.
 fn buffer_lens(graph: &Graph, chain: &Chain, plan: &Plan) -> (usize, usize) {
     let blen = |t: usize| {
         let (c, h, w) = plan.shapes[t];
         blocked_len(plan.n, c, h * w)
     };
-    let (mut big, mut dwl) = (0, 0);
+    let (mut big, mut slot) = (0, 0);
     for k in chain.ops.clone() {
         if let Ok(st @ (ex, dw, pw)) = steps_of(graph, k) {
-            let input = input_of(st).input;
-            big = big.max(blen(input)).max(blen(pw.output));
-            if let Some(ex) = ex {
-                big = big.max(blen(ex.output));
-            }
+            big = big.max(blen(input_of(st).input)).max(blen(pw.output));
             if let Some(dw) = dw {
-                dwl = dwl.max(blen(dw.output));
+                let (_, h, w) = plan.shapes[dw.input];
+                slot = slot.max(bands::slot_floats(dw.cin, dw.stride, ex.is_some(), (h, w)));
             }
         }
     }
-    (big, dwl)
+    (big, slot)
 }
 
-/// Floats of blocked scratch for buffers of these lengths (`cur` and `mid`, `dw`), each from a 64-byte
-/// boundary.
-fn scratch_for((big, dwl): (usize, usize)) -> usize {
-    2 * big + dwl + 48
+/// Floats of blocked scratch for buffers of these lengths (`cur` and `mid`, one slot's) with `slots`
+/// slots, each buffer from a 64-byte boundary.
+fn scratch_for((big, slot): (usize, usize), slots: usize) -> usize {
+    2 * big + slots * slot + 48
 }
 
-/// Floats of blocked scratch `chain` needs in `plan`.
+/// Floats of blocked scratch `chain` needs in `plan`: a slot of band buffers per thread of the pool.
 pub(super) fn scratch_elems(graph: &Graph, chain: &Chain, plan: &Plan) -> usize {
-    scratch_for(buffer_lens(graph, chain, plan))
+    scratch_for(buffer_lens(graph, chain, plan), rayon::current_num_threads())
 }
 
 /// `len` floats of `buf` from a 64-byte boundary, and the rest after them.
@@ -219,10 +218,16 @@ pub(super) fn run(
     arena: &mut [f32],
     scratch: &mut [f32],
 ) -> Result<Vec<Duration>> {
-    let (big, dwl) = buffer_lens(graph, chain, plan);
-    let need = scratch_for((big, dwl));
-    if scratch.len() < need {
-        return Err(Error::Graph(format!("blocked run: {} floats of scratch for {need}", scratch.len())));
+    let (big, slot) = buffer_lens(graph, chain, plan);
+    // As many slots as the pool has threads, or as the scratch (sized when the plan was made) holds.
+    let slots =
+        rayon::current_num_threads().min(scratch.len().saturating_sub(scratch_for((big, slot), 0)) / slot.max(1));
+    if slots == 0 {
+        return Err(Error::Graph(format!(
+            "blocked run: {} floats of scratch for {}",
+            scratch.len(),
+            scratch_for((big, slot), 1)
+        )));
     }
     let packed = chain
         .packed
@@ -233,7 +238,7 @@ pub(super) fn run(
     let n = plan.n;
     let (mut cur, rest) = take_aligned(scratch, big);
     let (mut mid, rest) = take_aligned(rest, big);
-    let (dw_buf, _) = take_aligned(rest, dwl);
+    let (band_bufs, _) = take_aligned(rest, slots * slot);
     let dims = |t: usize| {
         let (c, h, w) = plan.shapes[t];
         (c, h, w, blocked_len(n, c, h * w))
@@ -248,35 +253,23 @@ pub(super) fn run(
     for ((k, p), &export) in chain.ops.clone().zip(packed).zip(&chain.export) {
         let start = Instant::now();
         let st @ (ex, dw, pw) = steps_of(graph, k)?;
-        let (_, _, _, in_len) = dims(input_of(st).input);
+        let (ic, ih, iw, in_len) = dims(input_of(st).input);
         let (oc, oh, ow, out_len) = dims(pw.output);
-        // The projection's input: the op's input itself, or the depthwise output (of the input, or
-        // of the expansion, which goes to `mid`).
-        let src: &[f32] = match (ex.zip(p.ex.as_ref()), dw.zip(p.dw.as_ref())) {
-            (None, None) => &cur[..in_len],
-            (exp, Some((dwc, dww))) => {
-                let (_, h, w, _) = dims(dwc.input);
-                let (_, _, _, len) = dims(dwc.output);
-                let dw_in: &[f32] = match exp {
-                    Some((exc, exw)) => {
-                        let (_, eh, ew, elen) = dims(exc.output);
-                        blocked::pointwise(exw, &cur[..in_len], n, eh * ew, &mut mid[..elen], None);
-                        &mid[..elen]
-                    }
-                    None => &cur[..in_len],
-                };
-                blocked::depthwise3x3(dww, dw_in, n, h, w, &mut dw_buf[..len]);
-                &dw_buf[..len]
+        let (src, out) = (&cur[..in_len], &mut mid[..out_len]);
+        match (dw.zip(p.dw.as_ref()), ex.is_some() == p.ex.is_some()) {
+            (Some((_, dww)), true) => {
+                let op = FusedOp::new(p.ex.as_ref(), dww, &p.pw, n, (ih, iw));
+                if op.input != (ic, ih, iw) || op.output != (oc, oh, ow) || op.slot_floats() > slot {
+                    return Err(Error::Graph(format!("blocked run: op {k}'s packed weights do not fit its maps")));
+                }
+                op.run(src, out, pw.residual.is_some(), &mut band_bufs[..slots * slot], slot);
             }
-            (Some(_), None) => {
-                return Err(Error::Graph(format!("blocked run: op {k} expands without a depthwise step")));
+            (None, true) if ex.is_none() => {
+                // A 1x1 convolution: the whole map at once, its shortcut (if any) the op's input.
+                blocked::pointwise(&p.pw, src, n, oh * ow, out, pw.residual.map(|_| src));
             }
-        };
-        // The projection into `mid` (free again: the depthwise consumed the expansion), its shortcut
-        // the op's input in `cur`.
-        let residual = pw.residual.map(|_| &cur[..out_len]);
-        let out = &mut mid[..out_len];
-        blocked::pointwise(&p.pw, src, n, oh * ow, out, residual);
+            _ => return Err(Error::Graph(format!("blocked run: op {k}'s steps and packed weights differ"))),
+        }
         std::mem::swap(&mut cur, &mut mid);
         if export {
             blocked::from_blocked(&cur[..out_len], n, oc, oh * ow, &mut arena[plan.range(pw.output)]);

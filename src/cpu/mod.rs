@@ -4,9 +4,11 @@
 //! - `exec`: the executor (plans, arenas, the op loop).
 //! - `conv`: the convolution paths and their dispatch; `ops`: the max-pool and upsample-add.
 //! - `blocked`: the channel-blocked layout (NCHW16c) and its kernels (1x1 and 3x3 depthwise).
+//! - `bands`: depthwise-separable ops run band by band in that layout, their intermediates in cache.
 //! - `chain`: runs of depthwise + pointwise ops executed in the blocked layout at AVX-512.
 //! - `isa`: the SIMD level the paths run at; `rows`: row helpers shared by the paths.
 
+pub mod bands;
 pub mod blocked;
 mod chain;
 pub mod conv;

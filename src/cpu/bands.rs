@@ -1,0 +1,330 @@
+//! Depthwise-separable ops (MobileNetV1's depthwise + pointwise pairs, MobileNetV2's inverted
+//! residuals) run band by band in the channel-blocked layout (`cpu::blocked`), so that their
+//! intermediate maps stay in the cache: the expansion of an inverted residual is six times its input
+//! (MobileNetV2's 96-channel map at 320², 39 MB, written and read back whole otherwise) and the
+//! depthwise output as wide as its input. `cargo bench --bench conv_shapes -- bands` times each op
+//! against the same kernels on whole maps.
+//!
+//! Per band of output rows the expansion computes the input rows the band reads into a ring of rows
+//! (the rows the slot's previous band expanded stay: no row is expanded twice), the depthwise writes
+//! the band's rows into a second buffer, and the projection reads them from the cache into the output
+//! (with the shortcut). The values are the whole-map kernels' (the same kernels on the same operands,
+//! bit for bit). Threads: the batch's output rows are split evenly into one contiguous run per slot,
+//! each slot a thread's buffers; work per band: the three steps' flops, the input and output read and
+//! written once, the weights read once per band (hence MIN_BAND_PIXELS).
+
+use super::blocked::{
+    BLOCK, DepthwiseWeights, DwSource, PointwiseWeights, Span, blocked_len, depthwise_span, pointwise_span,
+};
+use super::isa::Isa;
+use crate::reference::out_size;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Bytes of a band's buffers (the expansion's rows and the depthwise output's) a slot keeps in the
+/// cache: half the L2 of a 1.25 MiB-L2 Xeon, the whole of a 512 KiB-L2 EPYC's.
+const BAND_BYTES: usize = 512 << 10;
+
+/// The same for a pair without an expansion, whose one buffer (the depthwise output) competes in the
+/// cache with the input rows it is made of: `conv_shapes -- bands` on MobileNetV1 x1.0's pairs (one
+/// thread, Ice Lake Xeon) ran 1.03–1.26x the whole maps at 64 KiB and 0.76–1.19x at 512.
+const DW_BAND_BYTES: usize = 64 << 10;
+
+/// Output rows per band of an op with a depthwise step, most first.
+const MAX_BAND_ROWS: usize = 16;
+
+/// Output pixels per band, least: each band reads the op's weights again.
+const MIN_BAND_PIXELS: usize = 128;
+
+/// How an op with a depthwise step runs in bands of output rows: `rows` per band, the expansion's
+/// buffer holding `cap` input rows (0 without an expansion), each buffer `mid` channels wide.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Band {
+    /// Output rows per band.
+    pub rows: usize,
+    /// Input rows the expansion's ring holds.
+    pub cap: usize,
+    /// Channels of either buffer (whole blocks).
+    pub mid: usize,
+}
+
+impl Band {
+    /// The band for a depthwise step of `channels` and stride `s` (of an expansion when `expands`)
+    /// on a `h`×`w` map: as many output rows as keep both buffers within BAND_BYTES, at least
+    /// MIN_BAND_PIXELS.
+    fn new(channels: usize, s: usize, expands: bool, (h, w): (usize, usize)) -> Band {
+        let (oh, ow) = (out_size(h, 3, s, 1), out_size(w, 3, s, 1));
+        let mid = channels.div_ceil(BLOCK) * BLOCK;
+        let band = |rows: usize| Band { rows, cap: if expands { (rows - 1) * s + 3 } else { 0 }, mid };
+        let mut rows = 1;
+        let budget = if expands { BAND_BYTES } else { DW_BAND_BYTES };
+        while rows < MAX_BAND_ROWS.min(oh) && band(rows + 1).floats(w, ow) * 4 <= budget {
+            rows += 1;
+        }
+        band(rows.max(MIN_BAND_PIXELS.div_ceil(ow)).min(oh))
+    }
+
+    /// Floats of the two buffers on a map `w` wide whose output is `ow` wide.
+    pub fn floats(&self, w: usize, ow: usize) -> usize {
+        (self.cap * w + self.rows * ow) * self.mid
+    }
+}
+
+/// An op with a depthwise step, run band by band: per band of output rows the expansion computes the
+/// input rows the band reads (into the slot's row buffer, keeping the rows the previous band of the
+/// slot computed: no row is expanded twice), the depthwise writes the band's rows (into the slot's
+/// second buffer) and the projection reads them from the cache into the output. Every value is the
+/// one the whole-map kernels compute (the same kernels on the same operands), so the expanded map,
+/// the largest tensor of an inverted residual (six times its input), never goes to memory.
+///
+/// Threads: the output rows of the batch are split evenly into one contiguous range per slot.
+pub struct FusedOp<'a> {
+    ex: Option<&'a PointwiseWeights>,
+    dw: &'a DepthwiseWeights,
+    pw: &'a PointwiseWeights,
+    band: Band,
+    n: usize,
+    /// (channels, height, width) of the op's input and output.
+    pub(super) input: (usize, usize, usize),
+    pub(super) output: (usize, usize, usize),
+}
+
+/// Floats of one slot's buffers for a depthwise step of `channels` and stride `s` (of an expansion
+/// when `expands`) on a `h`×`w` map: what `FusedOp::slot_floats` gives for it.
+pub fn slot_floats(channels: usize, s: usize, expands: bool, (h, w): (usize, usize)) -> usize {
+    Band::new(channels, s, expands, (h, w)).floats(w, out_size(w, 3, s, 1)).next_multiple_of(BLOCK)
+}
+
+impl<'a> FusedOp<'a> {
+    /// The op of these steps on `n` images of `h`×`w` (input channels: the expansion's, else the
+    /// depthwise step's), in bands as `Band::new` chooses.
+    pub fn new(
+        ex: Option<&'a PointwiseWeights>,
+        dw: &'a DepthwiseWeights,
+        pw: &'a PointwiseWeights,
+        n: usize,
+        (h, w): (usize, usize),
+    ) -> FusedOp<'a> {
+        let s = dw.stride();
+        let band = Band::new(dw.channels(), s, ex.is_some(), (h, w));
+        let cin = ex.map_or(dw.channels(), |e| e.cin());
+        FusedOp {
+            ex,
+            dw,
+            pw,
+            band,
+            n,
+            input: (cin, h, w),
+            output: (pw.cout(), out_size(h, 3, s, 1), out_size(w, 3, s, 1)),
+        }
+    }
+
+    /// The same op in bands of `rows` output rows (at least one), whatever their size: for
+    /// benchmarks and tests of the choice.
+    pub fn with_band_rows(self, rows: usize) -> FusedOp<'a> {
+        let (s, rows) = (self.dw.stride(), rows.clamp(1, self.output.1));
+        let cap = if self.ex.is_some() { (rows - 1) * s + 3 } else { 0 };
+        FusedOp { band: Band { rows, cap, ..self.band }, ..self }
+    }
+
+    /// The bands it runs in.
+    pub fn band(&self) -> Band {
+        self.band
+    }
+
+    /// Floats of one slot's buffers (a whole number of blocks, so slots cut from one 64-byte aligned
+    /// buffer stay aligned).
+    pub fn slot_floats(&self) -> usize {
+        self.band.floats(self.input.2, self.output.2).next_multiple_of(BLOCK)
+    }
+
+    /// `x` (the op's input, and its shortcut when `residual`) into `out`, with `bands` holding the
+    /// slots' buffers, `slot` floats each.
+    pub fn run(&self, x: &[f32], out: &mut [f32], residual: bool, bands: &mut [f32], slot: usize) {
+        let (n, (ic, h, w), (oc, oh, ow)) = (self.n, self.input, self.output);
+        assert_eq!(x.len(), blocked_len(n, ic, h * w), "fused op: input size");
+        assert_eq!(out.len(), blocked_len(n, oc, oh * ow), "fused op: output size");
+        assert!(slot >= self.band.floats(w, ow), "fused op: slot size");
+        assert!(!residual || x.len() == out.len(), "fused op: shortcut size");
+        assert!(Isa::Avx512.supported(), "the fused blocked op needs AVX-512F");
+        let total = n * oh;
+        let used = (bands.len() / slot).min(total);
+        let outp = SendPtr(out.as_mut_ptr());
+        bands.par_chunks_mut(slot).take(used).enumerate().for_each(|(i, buf)| {
+            let rows = i * total / used..(i + 1) * total / used;
+            // SAFETY: AVX-512F was asserted; the slot's rows of the output are its alone, and the
+            // spans below lie inside `x`, `out` and `buf` (`band_rows`' contract).
+            unsafe { self.band_rows(x, outp, residual, buf, rows) };
+        });
+    }
+
+    /// Output rows `rows` of the batch (image-major) on the calling thread.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `out` must hold the op's output, those rows no other thread's;
+    /// `buf` the slot's floats.
+    unsafe fn band_rows(&self, x: &[f32], out: SendPtr, residual: bool, buf: &mut [f32], rows: Range<usize>) {
+        let ((ic, h, w), (oc, oh, ow), band) = (self.input, self.output, self.band);
+        let s = self.dw.stride();
+        let (in_plane, out_plane) = (h * w * BLOCK, oh * ow * BLOCK);
+        let (win_plane, dw_plane) = (band.cap * w * BLOCK, band.rows * ow * BLOCK);
+        let (ring, dwb) = buf.split_at_mut(band.cap * w * band.mid);
+        // The expanded rows the ring holds (image b's row iy at row iy % cap): (image, rows).
+        let mut held: Option<(usize, Range<usize>)> = None;
+        let mut r = rows.start;
+        while r < rows.end {
+            let (b, y0) = (r / oh, r % oh);
+            let y1 = (y0 + band.rows).min(oh).min(y0 + rows.end - r);
+            let image = x.as_ptr().wrapping_add(b * ic.div_ceil(BLOCK) * in_plane);
+            // SAFETY: the function's contract; every offset below stays inside image b's planes of
+            // `x`, `out`, or the slot's buffers (the band's input rows number at most `cap`).
+            unsafe {
+                let src = match self.ex {
+                    Some(ex) => {
+                        // Input rows [lo, hi) feed output rows [y0, y1); those the previous band
+                        // expanded are still in the ring.
+                        let (lo, hi) = ((y0 * s).saturating_sub(1), ((y1 - 1) * s + 2).min(h));
+                        let mut from = match &held {
+                            Some((hb, kept)) if *hb == b && kept.start <= lo && lo < kept.end => kept.end,
+                            _ => lo,
+                        };
+                        // The new rows, in runs that do not wrap around the ring.
+                        while from < hi {
+                            let at = from % band.cap;
+                            let to = hi.min(from + band.cap - at);
+                            let span = Span {
+                                x: image.add(from * w * BLOCK),
+                                x_plane: in_plane,
+                                npix: (to - from) * w,
+                                out: ring.as_mut_ptr().add(at * w * BLOCK),
+                                out_plane: win_plane,
+                                residual: None,
+                            };
+                            pointwise_span(ex, &span);
+                            from = to;
+                        }
+                        held = Some((b, lo..hi));
+                        (DwSource { x: ring.as_ptr(), ring: band.cap, h, w }, win_plane)
+                    }
+                    None => (DwSource { x: image, ring: h, h, w }, in_plane),
+                };
+                depthwise_span(self.dw, &src.0, src.1, y0..y1, dwb.as_mut_ptr(), dw_plane);
+                let at = b * oc.div_ceil(BLOCK) * out_plane + y0 * ow * BLOCK;
+                let span = Span {
+                    x: dwb.as_ptr(),
+                    x_plane: dw_plane,
+                    npix: (y1 - y0) * ow,
+                    out: out.get().add(at),
+                    out_plane,
+                    residual: residual.then(|| x.as_ptr().add(at)),
+                };
+                pointwise_span(self.pw, &span);
+            }
+            r += y1 - y0;
+        }
+    }
+}
+
+/// A raw output pointer the slots share; each writes its own rows.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::blocked::{depthwise3x3, pointwise, to_blocked};
+    use crate::graph::Conv;
+
+    /// A random convolution for the fused-op test.
+    fn conv(
+        rnd: &mut impl FnMut() -> f32,
+        (cin, cout, kernel, stride): (usize, usize, usize, usize),
+        act: crate::graph::Act,
+    ) -> Conv {
+        let groups = if kernel == 3 { cin } else { 1 };
+        Conv {
+            name: "c".into(),
+            input: 0,
+            output: 1,
+            out_channel_offset: 0,
+            cin,
+            cout,
+            kernel,
+            stride,
+            pad: kernel / 2,
+            groups,
+            weight: (0..cout * cin / groups * kernel * kernel).map(|_| rnd()).collect(),
+            bias: (0..cout).map(|_| rnd()).collect(),
+            residual: None,
+            act,
+            packed: Default::default(),
+        }
+    }
+
+    /// The band-by-band op against the whole-map kernels it is made of, bit for bit: with and without
+    /// an expansion, strides 1 and 2, shortcuts, odd sizes, batches, one to seven slots, bands of one
+    /// row (wide expansions: the ring of three rows wraps every band) and of many.
+    #[test]
+    fn a_fused_op_equals_its_kernels_run_on_whole_maps() {
+        use crate::graph::Act;
+        if !Isa::Avx512.supported() {
+            eprintln!("no AVX-512 on this machine: the fused op is not run");
+            return;
+        }
+        let mut rnd = crate::cpu::conv::tests::uniform(41);
+        // (n, cin, expanded channels (0: no expansion), cout, h, w, stride, shortcut)
+        let cases = [
+            (1, 16, 96, 24, 37, 29, 2, false),
+            (2, 24, 144, 24, 21, 17, 1, true),
+            (1, 32, 0, 64, 19, 23, 1, false),
+            (2, 64, 0, 128, 13, 11, 2, false),
+            (1, 40, 576, 40, 12, 40, 1, true),
+            (1, 20, 960, 36, 6, 50, 2, false),
+            (3, 16, 16, 16, 1, 1, 1, true),
+            (1, 16, 48, 16, 2, 3, 2, false),
+        ];
+        for (n, cin, cm, cout, h, w, s, shortcut) in cases {
+            let ex = (cm > 0).then(|| conv(&mut rnd, (cin, cm, 1, 1), Act::Relu6));
+            let mid = if cm > 0 { cm } else { cin };
+            let dwc = conv(&mut rnd, (mid, mid, 3, s), Act::Leaky(0.1));
+            let pwc = conv(&mut rnd, (mid, cout, 1, 1), Act::None);
+            let (oh, ow) = (crate::reference::out_size(h, 3, s, 1), crate::reference::out_size(w, 3, s, 1));
+            let x: Vec<f32> = (0..n * cin * h * w).map(|_| rnd() * 3.0).collect();
+            let mut xb = vec![0.0; blocked_len(n, cin, h * w)];
+            to_blocked(&x, n, cin, h * w, &mut xb);
+            let (exw, dww, pww) = (
+                ex.as_ref().map(|c| PointwiseWeights::new(c).unwrap()),
+                DepthwiseWeights::new(&dwc).unwrap(),
+                PointwiseWeights::new(&pwc).unwrap(),
+            );
+            // The whole maps, one kernel after the other.
+            let expanded = exw.as_ref().map(|e| {
+                let mut y = vec![0.0; blocked_len(n, mid, h * w)];
+                pointwise(e, &xb, n, h * w, &mut y, None);
+                y
+            });
+            let mut dwy = vec![0.0; blocked_len(n, mid, oh * ow)];
+            depthwise3x3(&dww, expanded.as_deref().unwrap_or(&xb), n, h, w, &mut dwy);
+            let mut want = vec![0.0; blocked_len(n, cout, oh * ow)];
+            pointwise(&pww, &dwy, n, oh * ow, &mut want, shortcut.then_some(&xb[..]));
+            let op = FusedOp::new(exw.as_ref(), &dww, &pww, n, (h, w));
+            let band = op.band();
+            for slots in [1, 2, 3, 7] {
+                let slot = op.slot_floats();
+                let mut bands = vec![f32::NAN; slots * slot];
+                let mut got = vec![f32::NAN; want.len()];
+                op.run(&xb, &mut got, shortcut, &mut bands, slot);
+                let differ = got.iter().zip(&want).filter(|(g, e)| g.to_bits() != e.to_bits()).count();
+                assert_eq!(differ, 0, "{cin}->{cm}->{cout} {h}x{w} s{s} n{n} {band:?}, {slots} slots: elements differ");
+            }
+        }
+    }
+}
