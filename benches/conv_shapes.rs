@@ -157,6 +157,7 @@ fn main() {
     blocked_pointwise(&filter);
     blocked_depthwise(&filter);
     bands(&filter);
+    direct_co(&filter);
 }
 
 /// `len` zeros from a 64-byte boundary: the buffer and the boundary's index in it.
@@ -490,6 +491,84 @@ fn bands(filter: &[String]) {
             ratios[ROUNDS - 1],
             runs[1].0 * 1e3,
             runs[2].0 * 1e3,
+        );
+    }
+}
+
+/// The direct path vectorised over output channels (`cpu::conv::direct_co`, AVX-512) against the path
+/// the engine chooses without it, on the networks' dense convolutions (an SSH pair as its joint
+/// convolution), in `paired` rounds: the speed-up is the median of the rounds' ratios.
+fn direct_co(filter: &[String]) {
+    use retinaface::cpu::conv::{DirectCoMode, set_direct_co_mode};
+    if !retinaface::cpu::Isa::Avx512.supported() {
+        return;
+    }
+    // (what, cin, cout, k, stride, input h, w)
+    let shapes = [
+        ("direct_co stem x0.25", 3, 8, 3, 2, 640, 640),
+        ("direct_co stem x0.5", 3, 16, 3, 2, 640, 640),
+        ("direct_co stem x1.0/MobileNetV2", 3, 32, 3, 2, 640, 640),
+        ("direct_co stem ResNet", 3, 64, 7, 2, 640, 640),
+        ("direct_co x0.25 merge1", 64, 64, 3, 1, 80, 80),
+        ("direct_co x0.25 merge2", 64, 64, 3, 1, 40, 40),
+        ("direct_co x0.25 SSH1 pair", 64, 48, 3, 1, 80, 80),
+        ("direct_co x0.25 SSH2 pair", 64, 48, 3, 1, 40, 40),
+        ("direct_co x0.25 SSH3 pair", 64, 48, 3, 1, 20, 20),
+        ("direct_co 128 merge1", 128, 128, 3, 1, 80, 80),
+        ("direct_co 128 merge2", 128, 128, 3, 1, 40, 40),
+        ("direct_co 128 SSH1 pair", 128, 96, 3, 1, 80, 80),
+        ("direct_co 128 SSH2 pair", 128, 96, 3, 1, 40, 40),
+        ("direct_co 128 SSH3 pair", 128, 96, 3, 1, 20, 20),
+        ("direct_co 256 merge2", 256, 256, 3, 1, 40, 40),
+        ("direct_co 256 SSH2 pair", 256, 192, 3, 1, 40, 40),
+        ("direct_co 256 SSH3 pair", 256, 192, 3, 1, 20, 20),
+        ("direct_co ResNet 64", 64, 64, 3, 1, 160, 160),
+        ("direct_co ResNet 128", 128, 128, 3, 1, 80, 80),
+        ("direct_co ResNet 256", 256, 256, 3, 1, 40, 40),
+        ("direct_co ResNet 512", 512, 512, 3, 1, 20, 20),
+        ("direct_co ResNet 64 s2", 64, 128, 3, 2, 160, 160),
+        ("direct_co ResNet 128 s2", 128, 256, 3, 2, 80, 80),
+        ("direct_co ResNet 256 s2", 256, 512, 3, 2, 40, 40),
+    ];
+    const ROUNDS: usize = 5;
+    println!(
+        "\n{:<32} {:>22} {:>8} {:>7} {:>8} {:>7} {:>8} {:>10}",
+        "direct_co vs the chosen path", "shape", "dco ms", "GFLOPS", "path ms", "GFLOPS", "speed-up", "range"
+    );
+    for (what, cin, cout, k, s, h, w) in shapes {
+        if !filter.is_empty() && !filter.iter().any(|f| what.contains(f.as_str())) {
+            continue;
+        }
+        let conv = conv(what, cin, cout, k, s, 1, Act::Leaky(0.1));
+        let x = input(cin * h * w);
+        let (oh, ow) = (out_size(h, k, s, k / 2), out_size(w, k, s, k / 2));
+        let mut out = vec![0.0; cout * oh * ow];
+        let mut out2 = vec![0.0; cout * oh * ow];
+        let (best_d, best_p, ratios) = paired(
+            ROUNDS,
+            &mut || {
+                set_direct_co_mode(Some(DirectCoMode::Force));
+                conv2d(&conv, &x, 1, h, w, &mut out, cout, None)
+            },
+            &mut || {
+                set_direct_co_mode(Some(DirectCoMode::Off));
+                conv2d(&conv, &x, 1, h, w, &mut out2, cout, None)
+            },
+        );
+        set_direct_co_mode(None);
+        let worst = out.iter().zip(&out2).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0.0f32, f32::max);
+        assert!(worst < 1e-3, "{what}: the two paths differ by {worst}");
+        let flop = 2.0 * (cin * cout * k * k * oh * ow) as f64;
+        let shape = format!("{cin}->{cout} {k}x{k} s{s} {h}x{w}");
+        println!(
+            "{what:<32} {shape:>22} {:>8.2} {:>7.1} {:>8.2} {:>7.1} {:>7.2}x {:>4.2}-{:<4.2}",
+            best_d * 1e3,
+            flop / best_d * 1e-9,
+            best_p * 1e3,
+            flop / best_p * 1e-9,
+            ratios[ROUNDS / 2],
+            ratios[0],
+            ratios[ROUNDS - 1]
         );
     }
 }

@@ -451,7 +451,9 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32], chains: &[chain::Chain]) -
         let total: f64 = op_times.iter().map(|t| t.0).sum();
         let clock = if cpu_clock { " of process CPU time" } else { "" };
         eprintln!("profile: {} ops, {total:.2} ms{clock} at {n}x3x{}x{}", op_times.len(), plan.h, plan.w);
-        for (ms, what) in op_times.iter().take(25) {
+        // Every op, so runs can be compared op by op (`RETINAFACE_PROFILE_TOP=N` keeps the slowest N).
+        let top = std::env::var("RETINAFACE_PROFILE_TOP").ok().and_then(|v| v.parse().ok()).unwrap_or(usize::MAX);
+        for (ms, what) in op_times.iter().take(top) {
             eprintln!("  {ms:8.2} ms  {:5.1}%  {what}", ms / total * 100.0);
         }
     }

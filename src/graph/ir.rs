@@ -86,6 +86,8 @@ pub struct PackedWeights {
     pub winograd: std::sync::OnceLock<Vec<f32>>,
     /// The same for F(4×4, 3×3), [36][cout/MR][cin][MR].
     pub winograd4: std::sync::OnceLock<Vec<f32>>,
+    /// [cout/64][K][64] from a 64-byte boundary, for the direct path vectorised over output channels.
+    pub direct_co: std::sync::OnceLock<Vec<f32>>,
     /// The first conv of an `Op::ConvPair` with the second's weights after its own: the one convolution
     /// the CPU runs for the pair (its packings made on first use like these).
     pub pair: std::sync::OnceLock<Box<Conv>>,

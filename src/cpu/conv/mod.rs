@@ -2,6 +2,7 @@
 //! `crate::reference::conv2d` up to f32 rounding; which one runs depends on the shape and the level.
 //!
 //! - `igemm` (+ `igemm_avx512`, `igemm_avx2`, `tile`): implicit GEMM, at the AVX-512 and AVX2 levels.
+//! - `direct_co`: direct, vectorised over output channels (AVX-512): stems and small maps.
 //! - `direct`: few taps per output. `shifted3x3`: 3×3 stride 1 as nine GEMMs. `gemm`: im2col + GEMM.
 //! - `depthwise`: groups = channels. `common`: the output pointer, budgets and the epilogue.
 //!
@@ -11,6 +12,7 @@
 mod common;
 mod depthwise;
 mod direct;
+mod direct_co;
 pub mod dwpw;
 mod gemm;
 mod igemm;
@@ -20,6 +22,7 @@ mod shifted3x3;
 mod tile;
 mod winograd;
 
+pub use direct_co::{Mode as DirectCoMode, set_mode as set_direct_co_mode};
 pub use winograd::{Tile as WinogradTile, WinogradMode, set_mode as set_winograd_mode};
 
 use crate::cpu::isa::{Isa, isa};
@@ -117,6 +120,7 @@ fn conv2d_pair_at(
     match choose_path(joint, h, w, level) {
         ConvPath::Igemm(kernel) => igemm::conv(kernel, joint, x, n, h, w, sinks, None),
         ConvPath::Winograd(kernel, tile) => winograd::conv(kernel.isa(), tile, joint, x, n, h, w, sinks, None),
+        ConvPath::DirectCo => direct_co::conv(joint, x, n, h, w, sinks, None),
         _ => {
             conv2d_on(choose_path(a, h, w, level), level, a, x, n, h, w, out_a, oc_a, None);
             conv2d_on(choose_path(b, h, w, level), level, b, x, n, h, w, out_b, oc_b, None);
@@ -146,6 +150,8 @@ enum ConvPath {
     Winograd(Kernel, winograd::Tile),
     /// Few taps per output: direct accumulation, all output channels at once (`direct`).
     DirectSmall,
+    /// Direct, vectorised over output channels (`direct_co`, AVX-512).
+    DirectCo,
     /// 3×3 stride 1: nine shifted GEMMs on a padded plane (`shifted3x3`).
     Shifted3x3,
     /// im2col + GEMM, or GEMM straight on the input for 1×1 stride 1 (`gemm`).
@@ -161,8 +167,17 @@ fn choose_path(conv: &Conv, h: usize, w: usize, isa: Isa) -> ConvPath {
     let winograd = Kernel::for_isa(isa)
         .filter(|_| winograd::handles(conv, isa))
         .and_then(|k| winograd::choose(conv, h, w, k).map(|t| (k, t)));
+    let direct_co = isa == Isa::Avx512
+        && direct_co::handles(conv)
+        && match direct_co::mode() {
+            direct_co::Mode::Force => true,
+            direct_co::Mode::Off => false,
+            direct_co::Mode::Auto => direct_co::preferred(conv, h, w),
+        };
     if conv.groups != 1 {
         ConvPath::Depthwise
+    } else if direct_co {
+        ConvPath::DirectCo
     } else if let Some((kernel, tile)) = winograd {
         ConvPath::Winograd(kernel, tile)
     } else if let Some(kernel) = kernel {
@@ -198,6 +213,7 @@ fn conv2d_on(
             winograd::conv(kernel.isa(), tile, conv, x, n, h, w, Sinks::one(out, out_channels, conv), residual)
         }
         ConvPath::DirectSmall => direct::conv(level, conv, x, n, h, w, oh, ow, out, out_channels, residual),
+        ConvPath::DirectCo => direct_co::conv(conv, x, n, h, w, Sinks::one(out, out_channels, conv), residual),
         ConvPath::Shifted3x3 => shifted3x3::conv(level, conv, x, n, h, w, out, out_channels, residual),
         ConvPath::Im2colGemm => gemm::conv(level, conv, x, n, h, w, oh, ow, out, out_channels, residual),
         ConvPath::Depthwise => {
@@ -253,6 +269,9 @@ pub(crate) mod tests {
             (1, 64, 64, 3, 1, 1, 80, 80, Act::Leaky(0.1), false, 0), // the FPN merge shape, several bands
             (1, 3, 8, 3, 2, 1, 200, 200, Act::Leaky(0.1), false, 0), // a stem on a large map: per-task plane bands
             (1, 3, 5, 7, 2, 1, 61, 67, Act::Leaky(0.0), false, 0), // 7x7 stem, odd sizes
+            (1, 70, 100, 3, 1, 1, 13, 11, Act::Leaky(0.1), true, 2), // direct_co: 2 passes, a partial 3-block tile
+            (1, 130, 48, 3, 2, 1, 21, 19, Act::Relu6, false, 0), // direct_co: stride 2, 3 passes, 3 blocks
+            (2, 3, 32, 3, 2, 1, 40, 41, Act::Leaky(0.1), false, 0), // a 32-channel stem: 2-block tiles of 12
             // Depthwise with the activation in the row kernel (no residual): stride 1 as one flat run
             // over the interior rows (edge columns recomputed), one vector wide, a single row, stride 2.
             (1, 5, 5, 3, 1, 5, 9, 21, Act::Leaky(0.1), false, 0),
@@ -386,16 +405,22 @@ pub(crate) mod tests {
             act: Act::None,
             packed: Default::default(),
         };
+        // The AVX-512 level may also take the direct path vectorised over output channels (an AVX-512
+        // kernel too; on 40² maps it is preferred for 3x3 stride 1 up to 128 input channels).
         for c in [conv(3, 3, 2), conv(16, 1, 1), conv(8, 3, 1), conv(64, 3, 1)] {
-            assert_eq!(choose_path(&c, 40, 40, Isa::Avx512), ConvPath::Igemm(Kernel::Avx512));
+            let at512 = choose_path(&c, 40, 40, Isa::Avx512);
+            assert!(matches!(at512, ConvPath::Igemm(Kernel::Avx512) | ConvPath::DirectCo), "{at512:?}");
             assert_eq!(choose_path(&c, 40, 40, Isa::Avx2), ConvPath::Igemm(Kernel::Avx2));
-            assert!(!matches!(choose_path(&c, 40, 40, Isa::Portable), ConvPath::Igemm(_)));
+            assert!(!matches!(choose_path(&c, 40, 40, Isa::Portable), ConvPath::Igemm(_) | ConvPath::DirectCo));
         }
         // 3x3 stride 1 with enough channels and pixels: Winograd on the level's own kernel.
         let c = Conv { cout: 64, weight: vec![0.0; 64 * 64 * 9], bias: vec![0.0; 64], ..conv(64, 3, 1) };
-        assert!(matches!(choose_path(&c, 40, 40, Isa::Avx512), ConvPath::Winograd(Kernel::Avx512, _)));
-        assert!(matches!(choose_path(&c, 40, 40, Isa::Avx2), ConvPath::Winograd(Kernel::Avx2, _)));
-        assert!(!matches!(choose_path(&c, 40, 40, Isa::Portable), ConvPath::Winograd(..) | ConvPath::Igemm(_)));
+        assert!(matches!(choose_path(&c, 80, 80, Isa::Avx512), ConvPath::Winograd(Kernel::Avx512, _)));
+        assert!(matches!(choose_path(&c, 80, 80, Isa::Avx2), ConvPath::Winograd(Kernel::Avx2, _)));
+        assert!(!matches!(choose_path(&c, 80, 80, Isa::Portable), ConvPath::Winograd(..) | ConvPath::Igemm(_)));
+        // The direct path's rule: small maps and stride 2 at AVX-512, never at the other levels.
+        assert_eq!(choose_path(&c, 20, 20, Isa::Avx512) == ConvPath::DirectCo, Isa::Avx512.supported());
+        assert_ne!(choose_path(&c, 20, 20, Isa::Avx2), ConvPath::DirectCo);
     }
 
     /// A pair as one GEMM: each conv's channels in its own tensor at its offset with its activation,
@@ -485,6 +510,9 @@ pub(crate) mod tests {
         }
         if conv.kernel == 3 && conv.stride == 1 && conv.pad == 1 {
             paths.push(ConvPath::Shifted3x3);
+        }
+        if direct_co::handles(conv) {
+            paths.push(ConvPath::DirectCo);
         }
         paths
     }

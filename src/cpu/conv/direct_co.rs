@@ -1,0 +1,480 @@
+//! Dense convolution (groups 1, any kernel, stride and padding) computed directly and vectorised over
+//! output channels, at the AVX-512 level. A micro-tile of 64 output channels × 6 pixels of one output
+//! row (48 × 8, 32 × 12 or 16 × 12 when fewer channels are left) keeps its 24 sums in registers; each
+//! reduction step (input channel, tap ky, kx) loads four weight vectors and broadcasts one input value
+//! per pixel straight from the NCHW planes. Nothing is copied or transformed: no phase planes, no
+//! im2col, no Winograd tiles, whose overheads dominate on the 40² and 20² maps (where Winograd's 10×10
+//! and 5×5 tile grids leave its GEMMs short) and on the 3-channel stems (K = 27 or 147).
+//!
+//! Layout: the input NCHW, read in place; the weights packed once ([cout/64][cin·k·k][64], zeros past
+//! cout, from a 64-byte boundary: `PackedWeights::direct_co`); each task's sums go to a band buffer in
+//! the blocked layout ([4][rows·ow][16], in L2), written to the NCHW output (through `Sinks`, so an
+//! SSH pair's two tensors) by 16×16 register transposes with the epilogue (bias, residual,
+//! activation, in `common::epilogue`'s order).
+//!
+//! Work: 2·cin·k²·cout flops per output pixel; memory: the input read once per 64 output channels (its
+//! rows from the cache), the output written once. Tasks: (image, tile of 64 output channels, band of
+//! output rows), at least `min_tasks()`. Input channels go in passes of KC_TAPS taps (the tile's
+//! weights for a pass, 128 KiB, stay in L2 while the pass sweeps the band). Columns whose taps reach
+//! the padding run one pixel at a time with each tap checked. Each output sums its products in
+//! (ci, ky, kx) order in one task: results do not depend on the thread count.
+
+use super::common::{Sinks, aligned, min_tasks};
+use crate::cpu::isa::Isa;
+use crate::graph::Conv;
+use crate::reference::out_size;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Channels per vector.
+const BLOCK: usize = 16;
+/// Output channels per tile: four vectors.
+const CO_TILE: usize = 4 * BLOCK;
+/// Taps (input channel × ky × kx) per reduction pass: a tile's weights for a pass (36 KiB) stay in
+/// the 48 KiB L1 while the pass sweeps the band; the sums go through the band buffer once per pass.
+/// `conv_shapes -- direct_co` at 64 / 144 / 512 taps: 84–141 / 122–147 / 112–136 GFLOPS (one thread,
+/// Ice Lake Xeon).
+const KC_TAPS: usize = 144;
+/// Floats of a task's band buffer, at most (128 KiB; at least one output row).
+const BAND_FLOATS: usize = 32 << 10;
+
+thread_local! {
+    /// A task's band buffer, reused across calls.
+    static BAND: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `conv`'s weights as the tiles read them: [cout/64][cin·k·k][64], zeros past cout, from the
+/// 64-byte boundary `aligned` chose (recomputed from the allocation on use).
+fn pack(conv: &Conv) -> Vec<f32> {
+    let depth = conv.cin * conv.kernel * conv.kernel;
+    let tiles = conv.cout.div_ceil(CO_TILE);
+    let mut w = Vec::new();
+    let at = aligned(&mut w, tiles * depth * CO_TILE);
+    for co in 0..conv.cout {
+        for (kk, &v) in conv.weight[co * depth..][..depth].iter().enumerate() {
+            w[at + ((co / CO_TILE) * depth + kk) * CO_TILE + co % CO_TILE] = v;
+        }
+    }
+    w
+}
+
+/// Whether this path computes `conv`: dense, at a processor with AVX-512F.
+pub(super) fn handles(conv: &Conv) -> bool {
+    conv.groups == 1 && Isa::Avx512.supported()
+}
+
+/// `set_mode`'s choice (1 auto, 2 off, 3 forced), or 0: `RETINAFACE_CPU_DIRECT_CO` applies.
+static MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Where the path is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Where `conv_shapes -- direct_co` measured it ahead of the other paths.
+    Auto,
+    /// Never.
+    Off,
+    /// Wherever it applies (every dense convolution at AVX-512).
+    Force,
+}
+
+/// Forces a mode for the whole process (`None`: back to the environment's), so a test or a benchmark
+/// can time this path against the others on one machine in one process.
+pub fn set_mode(mode: Option<Mode>) {
+    let code = match mode {
+        None => 0,
+        Some(Mode::Auto) => 1,
+        Some(Mode::Off) => 2,
+        Some(Mode::Force) => 3,
+    };
+    MODE.store(code, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The mode `set_mode` forced, else `RETINAFACE_CPU_DIRECT_CO`: `0` off, `1` forced, else auto; read
+/// once.
+pub fn mode() -> Mode {
+    static ENV: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
+    match MODE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => Mode::Auto,
+        2 => Mode::Off,
+        3 => Mode::Force,
+        _ => *ENV.get_or_init(|| match std::env::var("RETINAFACE_CPU_DIRECT_CO").as_deref() {
+            Ok("0") => Mode::Off,
+            Ok("1") => Mode::Force,
+            _ => Mode::Auto,
+        }),
+    }
+}
+
+/// Whether the measured rule takes this path for `conv` on a `h`×`w` input (see `Mode::Auto`):
+/// `conv_shapes -- direct_co` (Ice Lake Xeon, against the path chosen without it, median of paired
+/// rounds at one / two threads) had it ahead on stride 2 with 32 output channels or more (stems
+/// 1.15x / 1.55x, ResNet's downsampling 3×3 1.2–1.4x), and on 3×3 stride 1 on maps of 20² (SSH's
+/// last pair 1.1–1.9x) and of 40² up to 128 input channels (the merges and SSH pairs 0.9–1.3x), where
+/// Winograd's tile grid is short; behind Winograd on larger maps (0.7–0.8x) and on the 8- and
+/// 16-channel stems (0.7–0.85x).
+pub(super) fn preferred(conv: &Conv, h: usize, w: usize) -> bool {
+    let (oh, ow) = (out_size(h, conv.kernel, conv.stride, conv.pad), out_size(w, conv.kernel, conv.stride, conv.pad));
+    let px = oh * ow;
+    match conv.stride {
+        1 => conv.kernel == 3 && (px <= 400 || (px <= 1600 && conv.cin <= 128)),
+        _ => conv.cout >= 32,
+    }
+}
+
+/// `conv` of `x` [n, cin, h, w] into `sinks`, `residual` [n, cout, oh, ow] added before the
+/// activation. Panics without AVX-512F (the caller checks `handles`).
+#[allow(clippy::too_many_arguments)] // the definition's operands and sizes, as every conv path takes them
+pub(super) fn conv(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, sinks: Sinks, residual: Option<&[f32]>) {
+    assert!(handles(conv), "direct_co: conv {} is not dense, or no AVX-512F", conv.name);
+    let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
+    let (oh, ow) = (out_size(h, k, s, p), out_size(w, k, s, p));
+    assert_eq!(x.len(), n * conv.cin * h * w, "direct_co: conv {} input size", conv.name);
+    if let Some(r) = residual {
+        assert_eq!(r.len(), n * conv.cout * oh * ow, "direct_co: conv {} residual size", conv.name);
+    }
+    let packed = conv.packed.direct_co.get_or_init(|| pack(conv));
+    let w_at = packed.as_ptr().align_offset(64).min(15);
+    let tiles = conv.cout.div_ceil(CO_TILE);
+    // Bands of output rows: within the buffer budget, and enough tasks for every thread.
+    let rows = (BAND_FLOATS / (CO_TILE * ow)).clamp(1, oh);
+    let rows = rows.min(oh.div_ceil(min_tasks().div_ceil(n * tiles).clamp(1, oh)));
+    let bands = oh.div_ceil(rows);
+    let geometry = Geometry { cin: conv.cin, h, w, k, s, p, oh, ow };
+    (0..n * tiles * bands).into_par_iter().for_each(|task| {
+        let (b, t, r) = (task / (tiles * bands), task / bands % tiles, task % bands);
+        let (y0, y1) = (r * rows, ((r + 1) * rows).min(oh));
+        BAND.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let at = aligned(&mut buf, CO_TILE * (y1 - y0) * ow);
+            let band = &mut buf[at..][..CO_TILE * (y1 - y0) * ow];
+            let depth = conv.cin * k * k;
+            let weights = &packed[w_at + t * depth * CO_TILE..][..depth * CO_TILE];
+            let image = &x[b * conv.cin * h * w..][..conv.cin * h * w];
+            let nb = (conv.cout.div_ceil(BLOCK) - t * 4).min(4);
+            // SAFETY: AVX-512F was asserted (`handles`); `band` holds 4 blocks of the band's pixels,
+            // `weights` the tile's, `image` the image's planes.
+            unsafe { geometry.sums(image, weights, nb, y0..y1, band) };
+            // SAFETY: AVX-512F; the tile's channels of rows y0..y1 of image b are this task's alone.
+            unsafe { write_back(conv, &sinks, residual, b, t * CO_TILE, nb, (y0, y1), (oh, ow), band) };
+        });
+    });
+}
+
+/// The convolution's shape, as the tiles read it.
+struct Geometry {
+    cin: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Geometry {
+    /// The sums (no bias) of one tile of `nb` output blocks for output rows `rows` into `band`
+    /// ([4][rows·ow][16]), every input channel in passes of KC_TAPS taps.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `image` must hold cin planes of h·w, `weights` cin·k²·64 floats,
+    /// `band` 4 · rows·ow · 16.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn sums(&self, image: &[f32], weights: &[f32], nb: usize, rows: std::ops::Range<usize>, band: &mut [f32]) {
+        let (k, s, p, w, ow) = (self.k, self.s, self.p, self.w, self.ow);
+        let plane_out = rows.len() * ow * BLOCK;
+        assert!(image.len() == self.cin * self.h * w && weights.len() == self.cin * k * k * CO_TILE);
+        assert!(band.len() >= 4 * plane_out && rows.end <= self.oh);
+        // Output columns whose taps all lie inside the row: ox·s ≥ p and ox·s − p + k − 1 ≤ w − 1.
+        let lo = p.div_ceil(s).min(ow);
+        let hi = if w + p >= k { ((w + p - k) / s + 1).min(ow) } else { 0 }.max(lo);
+        let kc = (KC_TAPS / (k * k)).max(1);
+        let band = band.as_mut_ptr();
+        for c0 in (0..self.cin).step_by(kc) {
+            let nc = kc.min(self.cin - c0);
+            for (row, oy) in rows.clone().enumerate() {
+                // Taps ky whose input row iy = oy·s + ky − p lies inside the image.
+                let ky0 = p.saturating_sub(oy * s).min(k);
+                let ky1 = (self.h + p).saturating_sub(oy * s).min(k).max(ky0);
+                let step = |ox: usize| {
+                    let ix = (ox * s) as isize - p as isize;
+                    // A row with no taps inside the image (padding ≥ k) keeps nky = 0 and reads nothing.
+                    let iy = (oy * s + ky0).saturating_sub(p);
+                    Step {
+                        x: image.as_ptr().wrapping_add(c0 * self.h * w + iy * w).wrapping_offset(ix),
+                        w: weights[(c0 * k * k + ky0 * k) * CO_TILE..].as_ptr(),
+                        nc,
+                        nky: ky1 - ky0,
+                        k,
+                        s,
+                        plane: self.h * w,
+                        row: w,
+                        ix,
+                        in_w: w,
+                        out: band.wrapping_add((row * ow + ox) * BLOCK),
+                        out_stride: plane_out,
+                        accumulate: c0 > 0,
+                    }
+                };
+                // SAFETY: the caller's contract; interior tiles read only taps inside the image
+                // (columns lo..hi, rows ky0..ky1), edge pixels check each column.
+                unsafe {
+                    for ox in (0..lo).chain(hi..ow) {
+                        edge_dispatch(nb, &step(ox));
+                    }
+                    let px = PX_OF[nb];
+                    let mut ox = lo;
+                    while ox < hi {
+                        let run = px.min(hi - ox);
+                        tile_dispatch(nb, run, &step(ox));
+                        ox += run;
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn sums(&self, _: &[f32], _: &[f32], nb: usize, _: std::ops::Range<usize>, _: &mut [f32]) {
+        unreachable!("the AVX-512 level exists only on x86_64 ({nb} blocks)")
+    }
+}
+
+/// Pixels per tile for 1–4 output blocks: 24 accumulators at most (12 for one block, whose tile is
+/// bound by its broadcasts).
+const PX_OF: [usize; 5] = [0, 12, 12, 8, 6];
+
+/// One tile's operands: `nc` input channels (planes `plane` apart) × `nky` rows (`row` apart) × k
+/// columns from `x` (the first pixel's first tap; pixel i's at i·s), the weights from `w` (channel
+/// c, row ky, column kx at ((c·k + ky)·k + kx)·64), the sums to `out` (block j at j·out_stride).
+struct Step {
+    x: *const f32,
+    w: *const f32,
+    nc: usize,
+    nky: usize,
+    k: usize,
+    s: usize,
+    plane: usize,
+    row: usize,
+    /// The first pixel's first input column (negative in the padding) and the row's width, for the
+    /// edge pixels' checks.
+    ix: isize,
+    in_w: usize,
+    out: *mut f32,
+    out_stride: usize,
+    accumulate: bool,
+}
+
+/// `tile::<nb, px>` (px ≤ PX_OF[nb]), each a separate instantiation so the sums stay in registers.
+///
+/// # Safety
+/// As `tile`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile_dispatch(nb: usize, px: usize, s: &Step) {
+    macro_rules! by_px {
+        ($nb:literal, $($p:literal)*) => {
+            match px {
+                $($p => tile::<$nb, $p>(s),)*
+                _ => unreachable!("{px} pixels for {} blocks", $nb),
+            }
+        };
+    }
+    // SAFETY: the caller's contract.
+    unsafe {
+        match nb {
+            4 => by_px!(4, 1 2 3 4 5 6),
+            3 => by_px!(3, 1 2 3 4 5 6 7 8),
+            2 => by_px!(2, 1 2 3 4 5 6 7 8 9 10 11 12),
+            _ => by_px!(1, 1 2 3 4 5 6 7 8 9 10 11 12),
+        }
+    }
+}
+
+/// `edge::<nb>`.
+///
+/// # Safety
+/// As `edge`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn edge_dispatch(nb: usize, s: &Step) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match nb {
+            4 => edge::<4>(s),
+            3 => edge::<3>(s),
+            2 => edge::<2>(s),
+            _ => edge::<1>(s),
+        }
+    }
+}
+
+/// `out[j][i] = [out +] Σ w · x` for output block j < NB and pixel i < PX, every tap inside the image.
+///
+/// # Safety
+/// AVX-512F must be available; every tap of the PX pixels must lie inside `x`'s planes, `w` must hold
+/// the step's weights, `out` NB blocks of PX vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile<const NB: usize, const PX: usize>(st: &Step) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract covers every pointer formed below.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); NB]; PX];
+        if st.accumulate {
+            for (i, a) in acc.iter_mut().enumerate() {
+                for (j, v) in a.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(st.out.add(j * st.out_stride + i * BLOCK));
+                }
+            }
+        }
+        let kk = st.k * st.k;
+        for c in 0..st.nc {
+            for ky in 0..st.nky {
+                let xr = st.x.add(c * st.plane + ky * st.row);
+                let wr = st.w.add((c * kk + ky * st.k) * CO_TILE);
+                for kx in 0..st.k {
+                    let mut wv = [_mm512_setzero_ps(); NB];
+                    for (j, v) in wv.iter_mut().enumerate() {
+                        *v = _mm512_loadu_ps(wr.add(kx * CO_TILE + j * BLOCK));
+                    }
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xv = _mm512_set1_ps(*xr.add(i * st.s + kx));
+                        for (v, w) in a.iter_mut().zip(&wv) {
+                            *v = _mm512_fmadd_ps(*w, xv, *v);
+                        }
+                    }
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            for (j, v) in a.iter().enumerate() {
+                _mm512_storeu_ps(st.out.add(j * st.out_stride + i * BLOCK), *v);
+            }
+        }
+    }
+}
+
+/// `tile::<NB, 1>` for a pixel whose taps may reach the padding: columns outside the row skipped.
+///
+/// # Safety
+/// As `tile`, for the taps inside the row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn edge<const NB: usize>(st: &Step) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract; only columns ix + kx inside [0, in_w) are read.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); NB];
+        if st.accumulate {
+            for (j, v) in acc.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(st.out.add(j * st.out_stride));
+            }
+        }
+        let kk = st.k * st.k;
+        let inside = |kx: usize| (0..st.in_w as isize).contains(&(st.ix + kx as isize));
+        for c in 0..st.nc {
+            for ky in 0..st.nky {
+                let xr = st.x.wrapping_add(c * st.plane + ky * st.row);
+                let wr = st.w.add((c * kk + ky * st.k) * CO_TILE);
+                for kx in (0..st.k).filter(|&kx| inside(kx)) {
+                    let xv = _mm512_set1_ps(*xr.wrapping_add(kx));
+                    for (j, v) in acc.iter_mut().enumerate() {
+                        *v = _mm512_fmadd_ps(_mm512_loadu_ps(wr.add(kx * CO_TILE + j * BLOCK)), xv, *v);
+                    }
+                }
+            }
+        }
+        for (j, v) in acc.iter().enumerate() {
+            _mm512_storeu_ps(st.out.add(j * st.out_stride), *v);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_dispatch(nb: usize, px: usize, _: &Step) {
+    unreachable!("the AVX-512 level exists only on x86_64 ({nb} x {px})")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn edge_dispatch(nb: usize, _: &Step) {
+    unreachable!("the AVX-512 level exists only on x86_64 ({nb})")
+}
+
+/// Writes the band's sums of output channels co0.. (`nb` blocks) of image b, rows y0..y1, to their
+/// sinks: 16 pixels × 16 channels at a time transposed in registers, then `act(sum + bias [+
+/// residual])` per channel row.
+///
+/// # Safety
+/// AVX-512F must be available; the sinks' tensors must hold image b's channels, these rows theirs alone.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_back(
+    conv: &Conv,
+    sinks: &Sinks,
+    residual: Option<&[f32]>,
+    b: usize,
+    co0: usize,
+    nb: usize,
+    (y0, y1): (usize, usize),
+    (oh, ow): (usize, usize),
+    band: &[f32],
+) {
+    use crate::cpu::vec512::{act_vec, transpose16};
+    use std::arch::x86_64::*;
+    let plane_out = (y1 - y0) * ow * BLOCK;
+    let npix = (y1 - y0) * ow;
+    let first = y0 * ow;
+    // SAFETY: the loads lie inside `band` (pixels < npix), the stores and residual loads inside the
+    // channels' rows y0..y1 (the caller's contract).
+    unsafe {
+        for j in 0..nb {
+            let lanes = BLOCK.min(conv.cout - co0 - j * BLOCK);
+            let targets: [_; BLOCK] = std::array::from_fn(|c| {
+                let co = co0 + j * BLOCK + c;
+                (c < lanes).then(|| {
+                    (
+                        sinks.route(b, co, oh * ow),
+                        conv.bias[co],
+                        residual.map(|r| r.as_ptr().add((b * conv.cout + co) * oh * ow)),
+                    )
+                })
+            });
+            for q0 in (0..npix).step_by(BLOCK) {
+                let run = BLOCK.min(npix - q0);
+                let mask: __mmask16 = if run == BLOCK { 0xffff } else { (1u16 << run) - 1 };
+                let rows: [__m512; BLOCK] = std::array::from_fn(|i| {
+                    if i < run {
+                        _mm512_loadu_ps(band.as_ptr().add(j * plane_out + (q0 + i) * BLOCK))
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                });
+                let cols = transpose16(rows);
+                for (c, target) in targets.iter().enumerate() {
+                    let Some(((out, at, act), bias, res)) = *target else { continue };
+                    let mut y = _mm512_add_ps(cols[c], _mm512_set1_ps(bias));
+                    if let Some(r) = res {
+                        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, r.add(first + q0)));
+                    }
+                    _mm512_mask_storeu_ps(out.get().add(at + first + q0), mask, act_vec(y, act));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_back(
+    conv: &Conv,
+    _: &Sinks,
+    _: Option<&[f32]>,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: (usize, usize),
+    _: (usize, usize),
+    _: &[f32],
+) {
+    unreachable!("the AVX-512 level exists only on x86_64 ({})", conv.name)
+}
