@@ -529,6 +529,9 @@ fn direct_co(filter: &[String]) {
         ("direct_co ResNet 64 s2", 64, 128, 3, 2, 160, 160),
         ("direct_co ResNet 128 s2", 128, 256, 3, 2, 80, 80),
         ("direct_co ResNet 256 s2", 256, 512, 3, 2, 40, 40),
+        ("direct_co ResNet-50 downsample 2", 256, 512, 1, 2, 160, 160),
+        ("direct_co ResNet-50 downsample 3", 512, 1024, 1, 2, 80, 80),
+        ("direct_co ResNet-50 downsample 4", 1024, 2048, 1, 2, 40, 40),
     ];
     const ROUNDS: usize = 5;
     println!(

@@ -110,14 +110,15 @@ pub fn mode() -> Mode {
 /// rounds at one / two threads) had it ahead on stride 2 with 32 output channels or more (stems
 /// 1.15x / 1.55x, ResNet's downsampling 3×3 1.2–1.4x), and on 3×3 stride 1 on maps of 20² (SSH's
 /// last pair 1.1–1.9x) and of 40² up to 128 input channels (the merges and SSH pairs 0.9–1.3x), where
-/// Winograd's tile grid is short; behind Winograd on larger maps (0.7–0.8x) and on the 8- and
-/// 16-channel stems (0.7–0.85x).
+/// Winograd's tile grid is short; behind Winograd on larger maps (0.7–0.8x), on the 8- and
+/// 16-channel stems (0.7–0.85x) and on ResNet-50's 1×1 stride-2 downsampling (0.54–0.74x: one tap per
+/// input channel, so each broadcast line serves one step instead of k²).
 pub(super) fn preferred(conv: &Conv, h: usize, w: usize) -> bool {
     let (oh, ow) = (out_size(h, conv.kernel, conv.stride, conv.pad), out_size(w, conv.kernel, conv.stride, conv.pad));
     let px = oh * ow;
     match conv.stride {
         1 => conv.kernel == 3 && (px <= 400 || (px <= 1600 && conv.cin <= 128)),
-        _ => conv.cout >= 32,
+        _ => conv.kernel > 1 && conv.cout >= 32,
     }
 }
 
