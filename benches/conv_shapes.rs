@@ -499,10 +499,6 @@ fn bands(filter: &[String]) {
 /// the engine chooses without it, on the networks' dense convolutions (an SSH pair as its joint
 /// convolution), in `paired` rounds: the speed-up is the median of the rounds' ratios.
 fn direct_co(filter: &[String]) {
-    use retinaface::cpu::conv::{DirectCoMode, set_direct_co_mode};
-    if !retinaface::cpu::Isa::Avx512.supported() {
-        return;
-    }
     // (what, cin, cout, k, stride, input h, w)
     let shapes = [
         ("direct_co stem x0.25", 3, 8, 3, 2, 640, 640),
@@ -536,12 +532,27 @@ fn direct_co(filter: &[String]) {
         ("direct_co ResNet-50 downsample 3", 512, 1024, 1, 2, 80, 80),
         ("direct_co ResNet-50 downsample 4", 1024, 2048, 1, 2, 40, 40),
     ];
+    forced_vs_off(filter, "direct_co vs the chosen path", &shapes, retinaface::cpu::conv::set_direct_co_mode);
+}
+
+/// A path forced (`set(Force)`) against the engine's choice with it off, per shape, in `paired` rounds.
+#[allow(clippy::type_complexity)]
+fn forced_vs_off(
+    filter: &[String],
+    title: &str,
+    shapes: &[(&str, usize, usize, usize, usize, usize, usize)],
+    set: fn(Option<retinaface::cpu::conv::PathMode>),
+) {
+    use retinaface::cpu::conv::PathMode;
+    if !retinaface::cpu::Isa::Avx512.supported() {
+        return;
+    }
     const ROUNDS: usize = 5;
     println!(
         "\n{:<32} {:>22} {:>8} {:>7} {:>8} {:>7} {:>8} {:>10}",
-        "direct_co vs the chosen path", "shape", "dco ms", "GFLOPS", "path ms", "GFLOPS", "speed-up", "range"
+        title, "shape", "path ms", "GFLOPS", "else ms", "GFLOPS", "speed-up", "range"
     );
-    for (what, cin, cout, k, s, h, w) in shapes {
+    for &(what, cin, cout, k, s, h, w) in shapes {
         if !filter.is_empty() && !filter.iter().any(|f| what.contains(f.as_str())) {
             continue;
         }
@@ -553,15 +564,15 @@ fn direct_co(filter: &[String]) {
         let (best_d, best_p, ratios) = paired(
             ROUNDS,
             &mut || {
-                set_direct_co_mode(Some(DirectCoMode::Force));
+                set(Some(PathMode::Force));
                 conv2d(&conv, &x, 1, h, w, &mut out, cout, None)
             },
             &mut || {
-                set_direct_co_mode(Some(DirectCoMode::Off));
+                set(Some(PathMode::Off));
                 conv2d(&conv, &x, 1, h, w, &mut out2, cout, None)
             },
         );
-        set_direct_co_mode(None);
+        set(None);
         let worst = out.iter().zip(&out2).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0.0f32, f32::max);
         assert!(worst < 1e-3, "{what}: the two paths differ by {worst}");
         let flop = 2.0 * (cin * cout * k * k * oh * ow) as f64;

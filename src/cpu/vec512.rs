@@ -8,6 +8,7 @@ use crate::graph::Act;
 /// and doubles, then two rounds of 128-bit lane shuffles gather each column's four quarters.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[inline]
 pub(crate) fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
     use std::arch::x86_64::*;
     // t[2m], t[2m + 1]: rows 2m and 2m + 1 interleaved (low and high pairs of each 128-bit lane).
@@ -36,6 +37,7 @@ pub(crate) fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86
 /// `act(v)`, as `common::epilogue` computes it lane by lane.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[inline]
 pub(crate) fn act_vec(y: std::arch::x86_64::__m512, act: Act) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     let zero = _mm512_setzero_ps();

@@ -152,3 +152,52 @@ pub(crate) fn aligned(v: &mut Vec<f32>, len: usize) -> usize {
     v.resize(len + 15, 0.0);
     v.as_ptr().align_offset(64)
 }
+
+/// Where an optional path is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathMode {
+    /// Where its benchmark measured it ahead of the other paths.
+    Auto,
+    /// Never.
+    Off,
+    /// Wherever it applies.
+    Force,
+}
+
+/// A path's mode: forced by `set` (a test or a benchmark timing it against the others in one
+/// process), else its environment variable (`0` off, `1` forced, else auto), read once.
+pub(super) struct ModeSwitch {
+    /// `set`'s choice: 1 auto, 2 off, 3 forced; 0 none.
+    forced: std::sync::atomic::AtomicU8,
+    var: &'static str,
+    env: std::sync::OnceLock<PathMode>,
+}
+
+impl ModeSwitch {
+    pub(super) const fn new(var: &'static str) -> ModeSwitch {
+        ModeSwitch { forced: std::sync::atomic::AtomicU8::new(0), var, env: std::sync::OnceLock::new() }
+    }
+
+    pub(super) fn set(&self, mode: Option<PathMode>) {
+        let code = match mode {
+            None => 0,
+            Some(PathMode::Auto) => 1,
+            Some(PathMode::Off) => 2,
+            Some(PathMode::Force) => 3,
+        };
+        self.forced.store(code, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(super) fn get(&self) -> PathMode {
+        match self.forced.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => PathMode::Auto,
+            2 => PathMode::Off,
+            3 => PathMode::Force,
+            _ => *self.env.get_or_init(|| match std::env::var(self.var).as_deref() {
+                Ok("0") => PathMode::Off,
+                Ok("1") => PathMode::Force,
+                _ => PathMode::Auto,
+            }),
+        }
+    }
+}

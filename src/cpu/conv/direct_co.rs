@@ -19,7 +19,7 @@
 //! the padding run one pixel at a time with each tap checked. Each output sums its products in
 //! (ci, ky, kx) order in one task: results do not depend on the thread count.
 
-use super::common::{Sinks, aligned, min_tasks};
+use super::common::{ModeSwitch, PathMode, Sinks, aligned, min_tasks};
 use crate::cpu::isa::Isa;
 use crate::graph::Conv;
 use crate::reference::out_size;
@@ -63,49 +63,22 @@ pub(super) fn handles(conv: &Conv) -> bool {
     conv.groups == 1 && Isa::Avx512.supported()
 }
 
-/// `set_mode`'s choice (1 auto, 2 off, 3 forced), or 0: `RETINAFACE_CPU_DIRECT_CO` applies.
-static MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-/// Where the path is taken.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// Where `conv_shapes -- direct_co` measured it ahead of the other paths.
-    Auto,
-    /// Never.
-    Off,
-    /// Wherever it applies (every dense convolution at AVX-512).
-    Force,
-}
+/// Where the path is taken: `RETINAFACE_CPU_DIRECT_CO` (`0` never, `1` wherever it applies), else
+/// by the measured rule, unless `set_mode` forced a mode.
+static MODE: ModeSwitch = ModeSwitch::new("RETINAFACE_CPU_DIRECT_CO");
 
 /// Forces a mode for the whole process (`None`: back to the environment's), so a test or a benchmark
 /// can time this path against the others on one machine in one process.
-pub fn set_mode(mode: Option<Mode>) {
-    let code = match mode {
-        None => 0,
-        Some(Mode::Auto) => 1,
-        Some(Mode::Off) => 2,
-        Some(Mode::Force) => 3,
-    };
-    MODE.store(code, std::sync::atomic::Ordering::Relaxed);
+pub fn set_mode(mode: Option<PathMode>) {
+    MODE.set(mode)
 }
 
-/// The mode `set_mode` forced, else `RETINAFACE_CPU_DIRECT_CO`: `0` off, `1` forced, else auto; read
-/// once.
-pub fn mode() -> Mode {
-    static ENV: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
-    match MODE.load(std::sync::atomic::Ordering::Relaxed) {
-        1 => Mode::Auto,
-        2 => Mode::Off,
-        3 => Mode::Force,
-        _ => *ENV.get_or_init(|| match std::env::var("RETINAFACE_CPU_DIRECT_CO").as_deref() {
-            Ok("0") => Mode::Off,
-            Ok("1") => Mode::Force,
-            _ => Mode::Auto,
-        }),
-    }
+/// The mode in force.
+pub(super) fn mode() -> PathMode {
+    MODE.get()
 }
 
-/// Whether the measured rule takes this path for `conv` on a `h`×`w` input (see `Mode::Auto`):
+/// Whether the measured rule takes this path for `conv` on a `h`×`w` input (`PathMode::Auto`):
 /// `conv_shapes -- direct_co` (Ice Lake Xeon, against the path chosen without it, median of paired
 /// rounds at one / two threads) had it ahead on stride 2 with 32 output channels or more (stems
 /// 1.15x / 1.55x, ResNet's downsampling 3×3 1.2–1.4x), and on 3×3 stride 1 on maps of 20² (SSH's
@@ -156,7 +129,9 @@ pub(super) fn conv(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, sinks: 
             // `weights` the tile's, `image` the image's planes.
             unsafe { geometry.sums(image, weights, nb, y0..y1, band) };
             // SAFETY: AVX-512F; the tile's channels of rows y0..y1 of image b are this task's alone.
-            unsafe { write_back(conv, &sinks, residual, b, t * CO_TILE, nb, (y0, y1), (oh, ow), band) };
+            unsafe {
+                write_back(conv, &sinks, residual, (b, t * CO_TILE, nb), (y0 * ow, (y1 - y0) * ow), oh * ow, band)
+            };
         });
     });
 }
@@ -400,33 +375,30 @@ unsafe fn edge_dispatch(nb: usize, _: &Step) {
     unreachable!("the AVX-512 level exists only on x86_64 ({nb})")
 }
 
-/// Writes the band's sums of output channels co0.. (`nb` blocks) of image b, rows y0..y1, to their
-/// sinks: 16 pixels × 16 channels at a time transposed in registers, then `act(sum + bias [+
-/// residual])` per channel row.
+/// Writes the band's sums of output channels co0.. (`nb` blocks, `npix` vectors each in `band`) of
+/// image b, pixels first.. of its `plane`-pixel maps, to their sinks: 16 pixels × 16 channels at a
+/// time transposed in registers, then `act(sum + bias [+ residual])` per channel row.
 ///
 /// # Safety
-/// AVX-512F must be available; the sinks' tensors must hold image b's channels, these rows theirs alone.
+/// AVX-512F must be available; the sinks' tensors must hold image b's channels, these pixels theirs
+/// alone.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn write_back(
+pub(super) unsafe fn write_back(
     conv: &Conv,
     sinks: &Sinks,
     residual: Option<&[f32]>,
-    b: usize,
-    co0: usize,
-    nb: usize,
-    (y0, y1): (usize, usize),
-    (oh, ow): (usize, usize),
+    (b, co0, nb): (usize, usize, usize),
+    (first, npix): (usize, usize),
+    plane: usize,
     band: &[f32],
 ) {
     use crate::cpu::vec512::{act_vec, transpose16};
     use std::arch::x86_64::*;
-    let plane_out = (y1 - y0) * ow * BLOCK;
-    let npix = (y1 - y0) * ow;
-    let first = y0 * ow;
+    let plane_out = npix * BLOCK;
+    assert!(band.len() >= nb * plane_out && first + npix <= plane);
     // SAFETY: the loads lie inside `band` (pixels < npix), the stores and residual loads inside the
-    // channels' rows y0..y1 (the caller's contract).
+    // channels' pixels first..first + npix (the caller's contract).
     unsafe {
         for j in 0..nb {
             let lanes = BLOCK.min(conv.cout - co0 - j * BLOCK);
@@ -434,9 +406,9 @@ unsafe fn write_back(
                 let co = co0 + j * BLOCK + c;
                 (c < lanes).then(|| {
                     (
-                        sinks.route(b, co, oh * ow),
+                        sinks.route(b, co, plane),
                         conv.bias[co],
-                        residual.map(|r| r.as_ptr().add((b * conv.cout + co) * oh * ow)),
+                        residual.map(|r| r.as_ptr().add((b * conv.cout + co) * plane)),
                     )
                 })
             });
@@ -465,16 +437,13 @@ unsafe fn write_back(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn write_back(
+pub(super) unsafe fn write_back(
     conv: &Conv,
     _: &Sinks,
     _: Option<&[f32]>,
-    _: usize,
-    _: usize,
-    _: usize,
+    _: (usize, usize, usize),
     _: (usize, usize),
-    _: (usize, usize),
+    _: usize,
     _: &[f32],
 ) {
     unreachable!("the AVX-512 level exists only on x86_64 ({})", conv.name)

@@ -22,7 +22,8 @@ mod shifted3x3;
 mod tile;
 mod winograd;
 
-pub use direct_co::{Mode as DirectCoMode, set_mode as set_direct_co_mode};
+pub use common::PathMode;
+pub use direct_co::set_mode as set_direct_co_mode;
 pub use winograd::{Tile as WinogradTile, WinogradMode, set_mode as set_winograd_mode};
 
 use crate::cpu::isa::{Isa, isa};
@@ -170,9 +171,9 @@ fn choose_path(conv: &Conv, h: usize, w: usize, isa: Isa) -> ConvPath {
     let direct_co = isa == Isa::Avx512
         && direct_co::handles(conv)
         && match direct_co::mode() {
-            direct_co::Mode::Force => true,
-            direct_co::Mode::Off => false,
-            direct_co::Mode::Auto => direct_co::preferred(conv, h, w),
+            PathMode::Force => true,
+            PathMode::Off => false,
+            PathMode::Auto => direct_co::preferred(conv, h, w),
         };
     if conv.groups != 1 {
         ConvPath::Depthwise
