@@ -14,7 +14,7 @@
 //! written once, the weights read once per band (hence MIN_BAND_PIXELS).
 
 use super::blocked::{
-    BLOCK, DepthwiseWeights, DwSource, PointwiseWeights, Span, blocked_len, depthwise_span, pointwise_span,
+    BLOCK, DepthwiseWeights, DwSource, PointwiseWeights, SendPtr, Span, blocked_len, depthwise_span, pointwise_span,
 };
 use super::isa::Isa;
 use crate::reference::out_size;
@@ -222,18 +222,6 @@ impl<'a> FusedOp<'a> {
             }
             r += y1 - y0;
         }
-    }
-}
-
-/// A raw output pointer the slots share; each writes its own rows.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

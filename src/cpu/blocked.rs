@@ -328,14 +328,15 @@ unsafe fn pointwise_tile(pw: &PointwiseWeights, t: usize, span: &Span) {
     }
 }
 
-/// A raw output pointer the tasks share; each writes its own tiles.
+/// A raw output pointer the tasks (and `bands`' slots) share; each writes its own part.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    // A method, not a field access, so closures capture the Send + Sync wrapper.
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
