@@ -79,6 +79,15 @@ impl Tile {
 ///   conv3X3), 1.05x at 40²; 1.25–1.4x on 256 channels at 80² (ResNet's FPN merge and SSH), 1.15x at
 ///   40²; 1.2x on 64 channels at 160² (ResNet layer1), even at 80², 0.96x at 40²; even on 512 channels
 ///   at 20² (25 tiles: half a micro-kernel column). Where they are even, F(2×2): it rounds less.
+/// - Inside the networks F(4×4) loses those leads up to 128 input channels: per op, the same binary with
+///   `RETINAFACE_CPU_WINOGRAD=2` against the choice above, alternating runs (Ice Lake Xeon, 2026-12-01),
+///   F(2×2) ran the 128-channel FPN merge at 80² 14.4 against 18.8 ms (one thread) and 8.3 against 10.4
+///   (two), SSH's first pair 10.6 against 15.8 and 6.6 against 8.0, ResNet-18's layer1 and layer2 3×3s
+///   8–16% faster at two threads: F(4×4)'s transformed weights (2.4 MB at 128 channels, against 1 MB)
+///   come from memory once per band after the layers before them have flushed the caches, which a
+///   benchmark of the convolution alone never sees. At 256 channels F(4×4) still wins in the network
+///   (ResNet-50's merge 25.8 against 39.1 ms, its layer3 3×3s 9 against 11): F(4×4) from 129 input
+///   channels.
 /// - On the AVX2 kernel (Zen 3, `RAYON_NUM_THREADS=1`, best of three alternating runs) the implicit GEMM
 ///   is weaker and Winograd already wins from 32 output channels: F(2×2) runs x0.25's SSH conv3X3 +
 ///   conv5X5_1 (64→32+16 at 80²) 1.65–1.7x faster than the implicit GEMM, x1.0's conv5X5_1 (128→32)
@@ -86,7 +95,7 @@ impl Tile {
 pub fn choose(conv: &Conv, h: usize, w: usize, kernel: Kernel) -> Option<Tile> {
     let min_cout = if kernel == Kernel::Avx2 { 32 } else { 64 };
     let f2 = conv.cin >= 32 && conv.cout >= min_cout && h.div_ceil(2) * w.div_ceil(2) >= NR;
-    let f4 = (conv.cin > 64 && conv.cin <= 256 && w >= 40) || (conv.cin <= 64 && w >= 120);
+    let f4 = conv.cin > 128 && conv.cin <= 256 && w >= 40;
     match mode() {
         WinogradMode::Off => None,
         WinogradMode::Force(t) => f2.then_some(t),
@@ -294,11 +303,18 @@ fn schedule(tile: Tile, cin: usize, cout: usize, tiles: usize, bands: usize, co_
 /// `schedule`'s choice forced by a test (0: none, 1: bands, 2: whole image).
 static FORCED_SCHEDULE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
+/// The schedule a test forced, else `RETINAFACE_CPU_WINOGRAD_SCHEDULE` (`bands` or `whole`, for timing
+/// one against the other inside a network; read once), else none.
 fn forced_schedule() -> Option<Schedule> {
+    static ENV: std::sync::OnceLock<Option<Schedule>> = std::sync::OnceLock::new();
     match FORCED_SCHEDULE.load(std::sync::atomic::Ordering::Relaxed) {
         1 => Some(Schedule::Bands),
         2 => Some(Schedule::WholeImage),
-        _ => None,
+        _ => *ENV.get_or_init(|| match std::env::var("RETINAFACE_CPU_WINOGRAD_SCHEDULE").as_deref() {
+            Ok("bands") => Some(Schedule::Bands),
+            Ok("whole") => Some(Schedule::WholeImage),
+            _ => None,
+        }),
     }
 }
 
