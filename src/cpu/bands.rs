@@ -14,8 +14,9 @@
 //! written once, the weights read once per band (hence MIN_BAND_PIXELS).
 
 use super::blocked::{
-    BLOCK, DepthwiseWeights, DwSource, PointwiseWeights, SendPtr, Span, blocked_len, depthwise_span, pointwise_span,
+    BLOCK, DepthwiseWeights, DwSource, PointwiseWeights, Span, blocked_len, depthwise_span, pointwise_span,
 };
+use super::conv::SharedMut;
 use super::isa::Isa;
 use crate::reference::out_size;
 use rayon::prelude::*;
@@ -55,7 +56,7 @@ impl Band {
     fn new(channels: usize, s: usize, expands: bool, (h, w): (usize, usize)) -> Band {
         let (oh, ow) = (out_size(h, 3, s, 1), out_size(w, 3, s, 1));
         let mid = channels.div_ceil(BLOCK) * BLOCK;
-        let band = |rows: usize| Band { rows, cap: if expands { (rows - 1) * s + 3 } else { 0 }, mid };
+        let band = |rows: usize| Band::of(rows, s, expands, mid);
         let mut rows = 1;
         let budget = if expands { BAND_BYTES } else { DW_BAND_BYTES };
         while rows < MAX_BAND_ROWS.min(oh) && band(rows + 1).floats(w, ow) * 4 <= budget {
@@ -64,9 +65,20 @@ impl Band {
         band(rows.max(MIN_BAND_PIXELS.div_ceil(ow)).min(oh))
     }
 
+    /// Bands of `rows` output rows of a depthwise step of stride `s` and `mid` channels: the ring
+    /// holds the rows the band reads, (rows − 1)·s + 3, when there is an expansion.
+    fn of(rows: usize, s: usize, expands: bool, mid: usize) -> Band {
+        Band { rows, cap: if expands { (rows - 1) * s + 3 } else { 0 }, mid }
+    }
+
     /// Floats of the two buffers on a map `w` wide whose output is `ow` wide.
     pub fn floats(&self, w: usize, ow: usize) -> usize {
         (self.cap * w + self.rows * ow) * self.mid
+    }
+
+    /// `floats` as a whole number of blocks, so slots cut from one 64-byte aligned buffer stay aligned.
+    fn slot_floats(&self, w: usize, ow: usize) -> usize {
+        self.floats(w, ow).next_multiple_of(BLOCK)
     }
 }
 
@@ -92,7 +104,7 @@ pub struct FusedOp<'a> {
 /// Floats of one slot's buffers for a depthwise step of `channels` and stride `s` (of an expansion
 /// when `expands`) on a `h`×`w` map: what `FusedOp::slot_floats` gives for it.
 pub fn slot_floats(channels: usize, s: usize, expands: bool, (h, w): (usize, usize)) -> usize {
-    Band::new(channels, s, expands, (h, w)).floats(w, out_size(w, 3, s, 1)).next_multiple_of(BLOCK)
+    Band::new(channels, s, expands, (h, w)).slot_floats(w, out_size(w, 3, s, 1))
 }
 
 impl<'a> FusedOp<'a> {
@@ -122,9 +134,8 @@ impl<'a> FusedOp<'a> {
     /// The same op in bands of `rows` output rows (at least one), whatever their size: for
     /// benchmarks and tests of the choice.
     pub fn with_band_rows(self, rows: usize) -> FusedOp<'a> {
-        let (s, rows) = (self.dw.stride(), rows.clamp(1, self.output.1));
-        let cap = if self.ex.is_some() { (rows - 1) * s + 3 } else { 0 };
-        FusedOp { band: Band { rows, cap, ..self.band }, ..self }
+        let band = Band::of(rows.clamp(1, self.output.1), self.dw.stride(), self.ex.is_some(), self.band.mid);
+        FusedOp { band, ..self }
     }
 
     /// The bands it runs in.
@@ -132,10 +143,9 @@ impl<'a> FusedOp<'a> {
         self.band
     }
 
-    /// Floats of one slot's buffers (a whole number of blocks, so slots cut from one 64-byte aligned
-    /// buffer stay aligned).
+    /// Floats of one slot's buffers (`Band::slot_floats`).
     pub fn slot_floats(&self) -> usize {
-        self.band.floats(self.input.2, self.output.2).next_multiple_of(BLOCK)
+        self.band.slot_floats(self.input.2, self.output.2)
     }
 
     /// `x` (the op's input, and its shortcut when `residual`) into `out`, with `bands` holding the
@@ -149,7 +159,7 @@ impl<'a> FusedOp<'a> {
         assert!(Isa::Avx512.supported(), "the fused blocked op needs AVX-512F");
         let total = n * oh;
         let used = (bands.len() / slot).min(total);
-        let outp = SendPtr(out.as_mut_ptr());
+        let outp = SharedMut(out.as_mut_ptr());
         bands.par_chunks_mut(slot).take(used).enumerate().for_each(|(i, buf)| {
             let rows = i * total / used..(i + 1) * total / used;
             // SAFETY: AVX-512F was asserted; the slot's rows of the output are its alone, and the
@@ -163,7 +173,7 @@ impl<'a> FusedOp<'a> {
     /// # Safety
     /// AVX-512F must be available; `out` must hold the op's output, those rows no other thread's;
     /// `buf` the slot's floats.
-    unsafe fn band_rows(&self, x: &[f32], out: SendPtr, residual: bool, buf: &mut [f32], rows: Range<usize>) {
+    unsafe fn band_rows(&self, x: &[f32], out: SharedMut, residual: bool, buf: &mut [f32], rows: Range<usize>) {
         let ((ic, h, w), (oc, oh, ow), band) = (self.input, self.output, self.band);
         let s = self.dw.stride();
         let (in_plane, out_plane) = (h * w * BLOCK, oh * ow * BLOCK);

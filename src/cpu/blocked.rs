@@ -19,7 +19,7 @@
 //! pixels and the blocks of 64 output channels. Each output sums its products in ci order, in one
 //! task, with fused multiply-adds: results do not depend on the thread count.
 
-use crate::cpu::conv::aligned;
+use crate::cpu::conv::{SharedMut, aligned};
 use crate::cpu::isa::Isa;
 #[cfg(target_arch = "x86_64")]
 use crate::cpu::vec512::{act_vec, transpose16};
@@ -85,7 +85,7 @@ pub fn from_blocked(x: &[f32], n: usize, c: usize, npix: usize, out: &mut [f32])
     assert_eq!(out.len(), n * c * npix, "from_blocked: output size");
     let blocks = c.div_ceil(BLOCK);
     let fast = Isa::Avx512.supported();
-    let outp = SendPtr(out.as_mut_ptr());
+    let outp = SharedMut(out.as_mut_ptr());
     (0..n * blocks).into_par_iter().for_each(|nb| {
         let (b, cb) = (nb / blocks, nb % blocks);
         let lanes = BLOCK.min(c - cb * BLOCK);
@@ -246,8 +246,8 @@ pub fn pointwise(pw: &PointwiseWeights, x: &[f32], n: usize, npix: usize, out: &
     let runs = crate::cpu::conv::min_tasks().div_ceil(n * tiles).min(npix.div_ceil(PX_TILE)).max(1);
     let run = npix.div_ceil(runs).div_ceil(PX_TILE) * PX_TILE;
     let runs = npix.div_ceil(run);
-    let outp = SendPtr(out.as_mut_ptr());
-    let resp = residual.map(|r| SendPtr(r.as_ptr().cast_mut()));
+    let outp = SharedMut(out.as_mut_ptr());
+    let resp = residual.map(|r| SharedMut(r.as_ptr().cast_mut()));
     (0..n * tiles * runs).into_par_iter().for_each(|task| {
         let (b, t, r) = (task / (tiles * runs), task / runs % tiles, task % runs);
         let (p0, p1) = (r * run, ((r + 1) * run).min(npix));
@@ -325,19 +325,6 @@ unsafe fn pointwise_tile(pw: &PointwiseWeights, t: usize, span: &Span) {
                 tile_dispatch(nb, (span.npix - p).min(PX_TILE), &step);
             }
         }
-    }
-}
-
-/// A raw output pointer the tasks (and `bands`' slots) share; each writes its own part.
-#[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub(crate) *mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    // A method, not a field access, so closures capture the Send + Sync wrapper.
-    pub(crate) fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
@@ -504,7 +491,7 @@ pub fn depthwise3x3(dw: &DepthwiseWeights, x: &[f32], n: usize, h: usize, w: usi
     let bands = crate::cpu::conv::min_tasks().div_ceil(n * blocks).min(oh).max(1);
     let band = oh.div_ceil(bands);
     let bands = oh.div_ceil(band);
-    let outp = SendPtr(out.as_mut_ptr());
+    let outp = SharedMut(out.as_mut_ptr());
     (0..n * blocks * bands).into_par_iter().for_each(|task| {
         let (nb, r) = (task / bands, task % bands);
         let rows = r * band..((r + 1) * band).min(oh);

@@ -6,9 +6,10 @@
 //! --bench conv_shapes -- blocked` measures each blocked kernel against its NCHW path (1.1–3.6x on
 //! these shapes, one thread, Ice Lake Xeon); the reorders are the price, paid once per run.
 //!
-//! The run's blocked activations live in three buffers after the plan's tensors in the arena
-//! (`scratch`): `cur` holds the op's input (and shortcut), `mid` an expansion's output and then the op's
-//! output, `dw` the depthwise output; after each op `cur` and `mid` trade places. Values: the same
+//! The run's blocked activations live after the plan's tensors in the arena (`scratch`): `cur` holds
+//! the op's input (and shortcut), `mid` its output, and after each op the two trade places; an op with
+//! a depthwise step runs band by band (`cpu::bands`) in one slot of band buffers per thread, so its
+//! expansion and depthwise output never take whole maps. Values: the same
 //! operations as the NCHW paths up to summation order (the depthwise sums its taps in (ky, kx) order
 //! and adds the bias after, the pointwise sums input channels in order), so the results agree with the
 //! reference within the tolerances of every conv path; tests run the networks' goldens on this path

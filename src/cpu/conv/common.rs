@@ -6,13 +6,13 @@ use crate::graph::Act;
 
 /// A raw pointer that tasks writing disjoint parts of one buffer may share.
 #[derive(Clone, Copy)]
-pub(super) struct SharedMut(pub(super) *mut f32);
+pub(crate) struct SharedMut(pub(crate) *mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
     // A method, not a field access, so closures capture the Send + Sync wrapper rather than the raw pointer.
-    pub(super) fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

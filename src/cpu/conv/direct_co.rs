@@ -186,7 +186,6 @@ impl Geometry {
                         plane: self.h * w,
                         row: w,
                         ix,
-                        in_w: w,
                         out: band.wrapping_add((row * ow + ox) * BLOCK),
                         out_stride: plane_out,
                         accumulate: c0 > 0,
@@ -231,11 +230,10 @@ struct Step {
     k: usize,
     s: usize,
     plane: usize,
+    /// Floats between input rows: the row's width, which the edge pixels' checks also read.
     row: usize,
-    /// The first pixel's first input column (negative in the padding) and the row's width, for the
-    /// edge pixels' checks.
+    /// The first pixel's first input column (negative in the padding), for the edge pixels' checks.
     ix: isize,
-    in_w: usize,
     out: *mut f32,
     out_stride: usize,
     accumulate: bool,
@@ -337,7 +335,7 @@ unsafe fn tile<const NB: usize, const PX: usize>(st: &Step) {
 #[target_feature(enable = "avx512f")]
 unsafe fn edge<const NB: usize>(st: &Step) {
     use std::arch::x86_64::*;
-    // SAFETY: the caller's contract; only columns ix + kx inside [0, in_w) are read.
+    // SAFETY: the caller's contract; only columns ix + kx inside [0, row) are read.
     unsafe {
         let mut acc = [_mm512_setzero_ps(); NB];
         if st.accumulate {
@@ -346,7 +344,7 @@ unsafe fn edge<const NB: usize>(st: &Step) {
             }
         }
         let kk = st.k * st.k;
-        let inside = |kx: usize| (0..st.in_w as isize).contains(&(st.ix + kx as isize));
+        let inside = |kx: usize| (0..st.row as isize).contains(&(st.ix + kx as isize));
         for c in 0..st.nc {
             for ky in 0..st.nky {
                 let xr = st.x.wrapping_add(c * st.plane + ky * st.row);

@@ -29,8 +29,8 @@ pub use winograd::{Tile as WinogradTile, WinogradMode, set_mode as set_winograd_
 use crate::cpu::isa::{Isa, isa};
 use crate::graph::Conv;
 use crate::reference::out_size;
-use common::{SharedMut, Sink, Sinks};
-pub(crate) use common::{aligned, min_tasks};
+pub(crate) use common::{SharedMut, aligned, min_tasks};
+use common::{Sink, Sinks};
 use igemm::Kernel;
 
 /// `crate::reference::conv2d` (same operands, same result up to f32 rounding) on the fastest path for
