@@ -204,9 +204,9 @@ fn paired(rounds: usize, a: &mut dyn FnMut(), b: &mut dyn FnMut()) -> (f64, f64,
 /// as `blocked_pointwise` does.
 fn blocked_depthwise(filter: &[String]) {
     use retinaface::cpu::blocked::{DepthwiseWeights, blocked_len, depthwise3x3, to_blocked};
-    if !retinaface::cpu::Isa::Avx512.supported() {
+    let Some(simd) = retinaface::cpu::blocked::Simd::at(retinaface::cpu::isa()) else {
         return;
-    }
+    };
     // (what, channels, stride, input h, w)
     let shapes = [
         ("blocked dw x0.25 8ch", 8, 1, 320, 320),
@@ -238,11 +238,12 @@ fn blocked_depthwise(filter: &[String]) {
         let (mut yb_buf, yo) = aligned_zeros(blocked_len(1, c, oh * ow));
         let xb = &mut xb_buf[xo..][..blocked_len(1, c, h * w)];
         let yb = &mut yb_buf[yo..][..blocked_len(1, c, oh * ow)];
-        to_blocked(&x, 1, c, h * w, xb);
+        to_blocked(simd, &x, 1, c, h * w, xb);
         let mut out = vec![0.0; c * oh * ow];
-        let (best_b, best_n, ratios) = paired(ROUNDS, &mut || depthwise3x3(&packed, xb, 1, h, w, yb), &mut || {
-            conv2d(&conv, &x, 1, h, w, &mut out, c, None)
-        });
+        let (best_b, best_n, ratios) =
+            paired(ROUNDS, &mut || depthwise3x3(simd, &packed, xb, 1, h, w, yb), &mut || {
+                conv2d(&conv, &x, 1, h, w, &mut out, c, None)
+            });
         let shape = format!("{c}ch s{s} {h}x{w}");
         println!(
             "{what:<30} {shape:>18} {:>8.2} {:>8.2} {:>7.2}x {:>4.2}-{:<4.2}",
@@ -261,9 +262,9 @@ fn blocked_depthwise(filter: &[String]) {
 /// blocked executor would pay only at its edges, are timed apart.
 fn blocked_pointwise(filter: &[String]) {
     use retinaface::cpu::blocked::{PointwiseWeights, blocked_len, from_blocked, pointwise, to_blocked};
-    if !retinaface::cpu::Isa::Avx512.supported() {
+    let Some(simd) = retinaface::cpu::blocked::Simd::at(retinaface::cpu::isa()) else {
         return;
-    }
+    };
     // (what, cin, cout, h, w)
     let shapes = [
         ("blocked MobileNetV1 128->128", 128, 128, 160, 160),
@@ -298,14 +299,15 @@ fn blocked_pointwise(filter: &[String]) {
         let (mut yb_buf, yo) = aligned_zeros(blocked_len(1, cout, npix));
         let xb = &mut xb_buf[xo..][..blocked_len(1, cin, npix)];
         let yb = &mut yb_buf[yo..][..blocked_len(1, cout, npix)];
-        to_blocked(&x, 1, cin, npix, xb);
+        to_blocked(simd, &x, 1, cin, npix, xb);
         let mut out = vec![0.0; cout * npix];
-        let (best_b, best_n, ratios) = paired(ROUNDS, &mut || pointwise(&packed, xb, 1, npix, yb, None), &mut || {
-            conv2d(&conv, &x, 1, h, w, &mut out, cout, None)
-        });
+        let (best_b, best_n, ratios) =
+            paired(ROUNDS, &mut || pointwise(simd, &packed, xb, 1, npix, yb, None), &mut || {
+                conv2d(&conv, &x, 1, h, w, &mut out, cout, None)
+            });
         let reorders = best_of_3(&mut || {
-            to_blocked(&x, 1, cin, npix, xb);
-            from_blocked(yb, 1, cout, npix, &mut out);
+            to_blocked(simd, &x, 1, cin, npix, xb);
+            from_blocked(simd, yb, 1, cout, npix, &mut out);
         });
         let flop = 2.0 * (cin * cout * npix) as f64;
         let shape = format!("{cin}->{cout} {h}x{w}");
@@ -412,9 +414,9 @@ fn bands(filter: &[String]) {
     use retinaface::cpu::blocked::{
         DepthwiseWeights, PointwiseWeights, blocked_len, depthwise3x3, pointwise, to_blocked,
     };
-    if !retinaface::cpu::Isa::Avx512.supported() {
+    let Some(simd) = retinaface::cpu::blocked::Simd::at(retinaface::cpu::isa()) else {
         return;
-    }
+    };
     // (what, cin, expanded (0: none), cout, stride, h, w, shortcut)
     let ops = [
         ("bands MobileNetV2 features.1", 32, 0, 16, 1, 320, 320, false),
@@ -452,7 +454,7 @@ fn bands(filter: &[String]) {
         let [xb, eb, db, yb] = bufs.get_disjoint_mut([0, 1, 2, 3]).expect("four buffers");
         let (xb, eb, db, yb) =
             (&mut xb[at[0]..][..n_x], &mut eb[at[1]..][..n_e], &mut db[at[2]..][..n_d], &mut yb[at[3]..][..n_y]);
-        to_blocked(&input(cin * h * w), 1, cin, h * w, xb);
+        to_blocked(simd, &input(cin * h * w), 1, cin, h * w, xb);
         let xb = &*xb;
         let fused = FusedOp::new(exw.as_ref(), &dww, &pww, 1, (h, w));
         let variants = [fused.band().rows, 1, 16]
@@ -466,16 +468,16 @@ fn bands(filter: &[String]) {
         for op in &variants {
             let mut out = vec![0.0; n_y];
             let residual = shortcut.then_some(xb);
-            runs.push(paired(ROUNDS, &mut || op.run(xb, &mut out, shortcut, slots, slot), &mut || {
+            runs.push(paired(ROUNDS, &mut || op.run(simd, xb, &mut out, shortcut, slots, slot), &mut || {
                 let dw_in: &[f32] = match &exw {
                     Some(e) => {
-                        pointwise(e, xb, 1, h * w, eb, None);
+                        pointwise(simd, e, xb, 1, h * w, eb, None);
                         eb
                     }
                     None => xb,
                 };
-                depthwise3x3(&dww, dw_in, 1, h, w, db);
-                pointwise(&pww, db, 1, oh * ow, yb, residual);
+                depthwise3x3(simd, &dww, dw_in, 1, h, w, db);
+                pointwise(simd, &pww, db, 1, oh * ow, yb, residual);
             }));
         }
         let whole = runs.iter().map(|r| r.1).fold(f64::MAX, f64::min);

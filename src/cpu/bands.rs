@@ -14,10 +14,9 @@
 //! written once, the weights read once per band (hence MIN_BAND_PIXELS).
 
 use super::blocked::{
-    BLOCK, DepthwiseWeights, DwSource, PointwiseWeights, Span, blocked_len, depthwise_span, pointwise_span,
+    BLOCK, DepthwiseWeights, DwSource, PointwiseWeights, Simd, Span, blocked_len, depthwise_span, pointwise_span,
 };
 use super::conv::SharedMut;
-use super::isa::Isa;
 use crate::reference::out_size;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -148,32 +147,40 @@ impl<'a> FusedOp<'a> {
         self.band.slot_floats(self.input.2, self.output.2)
     }
 
-    /// `x` (the op's input, and its shortcut when `residual`) into `out`, with `bands` holding the
-    /// slots' buffers, `slot` floats each.
-    pub fn run(&self, x: &[f32], out: &mut [f32], residual: bool, bands: &mut [f32], slot: usize) {
+    /// `x` (the op's input, and its shortcut when `residual`) into `out` with the kernels of `simd`,
+    /// `bands` holding the slots' buffers, `slot` floats each.
+    pub fn run(&self, simd: Simd, x: &[f32], out: &mut [f32], residual: bool, bands: &mut [f32], slot: usize) {
         let (n, (ic, h, w), (oc, oh, ow)) = (self.n, self.input, self.output);
         assert_eq!(x.len(), blocked_len(n, ic, h * w), "fused op: input size");
         assert_eq!(out.len(), blocked_len(n, oc, oh * ow), "fused op: output size");
         assert!(slot >= self.band.floats(w, ow), "fused op: slot size");
         assert!(!residual || x.len() == out.len(), "fused op: shortcut size");
-        assert!(Isa::Avx512.supported(), "the fused blocked op needs AVX-512F");
+        simd.check();
         let total = n * oh;
         let used = (bands.len() / slot).min(total);
         let outp = SharedMut(out.as_mut_ptr());
         bands.par_chunks_mut(slot).take(used).enumerate().for_each(|(i, buf)| {
             let rows = i * total / used..(i + 1) * total / used;
-            // SAFETY: AVX-512F was asserted; the slot's rows of the output are its alone, and the
+            // SAFETY: the set was checked; the slot's rows of the output are its alone, and the
             // spans below lie inside `x`, `out` and `buf` (`band_rows`' contract).
-            unsafe { self.band_rows(x, outp, residual, buf, rows) };
+            unsafe { self.band_rows(simd, x, outp, residual, buf, rows) };
         });
     }
 
     /// Output rows `rows` of the batch (image-major) on the calling thread.
     ///
     /// # Safety
-    /// AVX-512F must be available; `out` must hold the op's output, those rows no other thread's;
-    /// `buf` the slot's floats.
-    unsafe fn band_rows(&self, x: &[f32], out: SharedMut, residual: bool, buf: &mut [f32], rows: Range<usize>) {
+    /// The processor must support `simd`; `out` must hold the op's output, those rows no other
+    /// thread's; `buf` the slot's floats.
+    unsafe fn band_rows(
+        &self,
+        simd: Simd,
+        x: &[f32],
+        out: SharedMut,
+        residual: bool,
+        buf: &mut [f32],
+        rows: Range<usize>,
+    ) {
         let ((ic, h, w), (oc, oh, ow), band) = (self.input, self.output, self.band);
         let s = self.dw.stride();
         let (in_plane, out_plane) = (h * w * BLOCK, oh * ow * BLOCK);
@@ -210,7 +217,7 @@ impl<'a> FusedOp<'a> {
                                 out_plane: win_plane,
                                 residual: None,
                             };
-                            pointwise_span(ex, &span);
+                            pointwise_span(simd, ex, &span);
                             from = to;
                         }
                         held = Some((b, lo..hi));
@@ -218,7 +225,7 @@ impl<'a> FusedOp<'a> {
                     }
                     None => (DwSource { x: image, ring: h, h, w }, in_plane),
                 };
-                depthwise_span(self.dw, &src.0, src.1, y0..y1, dwb.as_mut_ptr(), dw_plane);
+                depthwise_span(simd, self.dw, &src.0, src.1, y0..y1, dwb.as_mut_ptr(), dw_plane);
                 let at = b * oc.div_ceil(BLOCK) * out_plane + y0 * ow * BLOCK;
                 let span = Span {
                     x: dwb.as_ptr(),
@@ -228,7 +235,7 @@ impl<'a> FusedOp<'a> {
                     out_plane,
                     residual: residual.then(|| x.as_ptr().add(at)),
                 };
-                pointwise_span(self.pw, &span);
+                pointwise_span(simd, self.pw, &span);
             }
             r += y1 - y0;
         }
@@ -272,9 +279,11 @@ mod tests {
     /// row (wide expansions: the ring of three rows wraps every band) and of many.
     #[test]
     fn a_fused_op_equals_its_kernels_run_on_whole_maps() {
+        use crate::cpu::blocked::Simd;
         use crate::graph::Act;
-        if !Isa::Avx512.supported() {
-            eprintln!("no AVX-512 on this machine: the fused op is not run");
+        let sets = Simd::supported();
+        if sets.is_empty() {
+            eprintln!("no AVX2 or AVX-512 on this machine: the fused op is not run");
             return;
         }
         let mut rnd = crate::cpu::conv::tests::uniform(41);
@@ -296,32 +305,37 @@ mod tests {
             let pwc = conv(&mut rnd, (mid, cout, 1, 1), Act::None);
             let (oh, ow) = (crate::reference::out_size(h, 3, s, 1), crate::reference::out_size(w, 3, s, 1));
             let x: Vec<f32> = (0..n * cin * h * w).map(|_| rnd() * 3.0).collect();
-            let mut xb = vec![0.0; blocked_len(n, cin, h * w)];
-            to_blocked(&x, n, cin, h * w, &mut xb);
             let (exw, dww, pww) = (
                 ex.as_ref().map(|c| PointwiseWeights::new(c).unwrap()),
                 DepthwiseWeights::new(&dwc).unwrap(),
                 PointwiseWeights::new(&pwc).unwrap(),
             );
-            // The whole maps, one kernel after the other.
-            let expanded = exw.as_ref().map(|e| {
-                let mut y = vec![0.0; blocked_len(n, mid, h * w)];
-                pointwise(e, &xb, n, h * w, &mut y, None);
-                y
-            });
-            let mut dwy = vec![0.0; blocked_len(n, mid, oh * ow)];
-            depthwise3x3(&dww, expanded.as_deref().unwrap_or(&xb), n, h, w, &mut dwy);
-            let mut want = vec![0.0; blocked_len(n, cout, oh * ow)];
-            pointwise(&pww, &dwy, n, oh * ow, &mut want, shortcut.then_some(&xb[..]));
-            let op = FusedOp::new(exw.as_ref(), &dww, &pww, n, (h, w));
-            let band = op.band();
-            for slots in [1, 2, 3, 7] {
-                let slot = op.slot_floats();
-                let mut bands = vec![f32::NAN; slots * slot];
-                let mut got = vec![f32::NAN; want.len()];
-                op.run(&xb, &mut got, shortcut, &mut bands, slot);
-                let differ = got.iter().zip(&want).filter(|(g, e)| g.to_bits() != e.to_bits()).count();
-                assert_eq!(differ, 0, "{cin}->{cm}->{cout} {h}x{w} s{s} n{n} {band:?}, {slots} slots: elements differ");
+            for &simd in &sets {
+                let mut xb = vec![0.0; blocked_len(n, cin, h * w)];
+                to_blocked(simd, &x, n, cin, h * w, &mut xb);
+                // The whole maps, one kernel after the other.
+                let expanded = exw.as_ref().map(|e| {
+                    let mut y = vec![0.0; blocked_len(n, mid, h * w)];
+                    pointwise(simd, e, &xb, n, h * w, &mut y, None);
+                    y
+                });
+                let mut dwy = vec![0.0; blocked_len(n, mid, oh * ow)];
+                depthwise3x3(simd, &dww, expanded.as_deref().unwrap_or(&xb), n, h, w, &mut dwy);
+                let mut want = vec![0.0; blocked_len(n, cout, oh * ow)];
+                pointwise(simd, &pww, &dwy, n, oh * ow, &mut want, shortcut.then_some(&xb[..]));
+                let op = FusedOp::new(exw.as_ref(), &dww, &pww, n, (h, w));
+                let band = op.band();
+                for slots in [1, 2, 3, 7] {
+                    let slot = op.slot_floats();
+                    let mut bands = vec![f32::NAN; slots * slot];
+                    let mut got = vec![f32::NAN; want.len()];
+                    op.run(simd, &xb, &mut got, shortcut, &mut bands, slot);
+                    let differ = got.iter().zip(&want).filter(|(g, e)| g.to_bits() != e.to_bits()).count();
+                    assert_eq!(
+                        differ, 0,
+                        "{simd:?} {cin}->{cm}->{cout} {h}x{w} s{s} n{n} {band:?}, {slots} slots: elements differ"
+                    );
+                }
             }
         }
     }

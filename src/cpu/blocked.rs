@@ -1,6 +1,12 @@
-//! The channel-blocked activation layout (NCHW16c) and its kernels at the AVX-512 level: the 1×1
-//! convolution and the 3×3 depthwise convolution, which `chain` runs MobileNetV1's backbone with.
-//! `cargo bench --bench conv_shapes -- blocked` times each against the engine's NCHW path.
+//! The channel-blocked activation layout (NCHW16c) and its kernels at the AVX-512 and AVX2 levels
+//! (`Simd`): the 1×1 convolution and the 3×3 depthwise convolution, which `chain` runs the MobileNet
+//! backbones with. `cargo bench --bench conv_shapes -- blocked` times each against the engine's NCHW
+//! path (`RETINAFACE_CPU_ISA=avx2` for the AVX2 kernels).
+//!
+//! At AVX2 a block is two 8-lane halves: the layout, the packed weights and every output's order of
+//! summation are the AVX-512 level's, so both levels give the same bits; the micro-tiles shrink to
+//! the 16 ymm registers (16 output channels × 6 pixels for the 1×1, 4 pixels of one half for the
+//! depthwise).
 //!
 //! Why this layout: in NCHW the output channels of a GEMM micro-tile lie a plane apart, so a pointwise
 //! convolution either packs its input into panels and writes each tile's rows to separate planes, or
@@ -27,8 +33,47 @@ use crate::graph::{Act, Conv};
 use rayon::prelude::*;
 use std::ops::Range;
 
-/// Channels per block: one 16-lane register.
+/// Channels per block: one 16-lane register (two 8-lane ones at AVX2).
 pub const BLOCK: usize = 16;
+/// Lanes of an AVX2 register: half a block.
+const HALF: usize = 8;
+
+/// The instruction set the blocked kernels run with. Both sum every output in the same order (the
+/// depthwise's taps in (ky, kx) order then the bias, the pointwise's input channels in order, with
+/// fused multiply-adds), so they give the same bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Simd {
+    /// AVX-512F: a block is one register.
+    Avx512,
+    /// AVX2 + FMA: a block is two 8-lane registers.
+    Avx2,
+}
+
+impl Simd {
+    /// The kernels' set at CPU level `level`, if the level has one and the processor supports it.
+    pub fn at(level: Isa) -> Option<Simd> {
+        match level {
+            Isa::Avx512 if level.supported() => Some(Simd::Avx512),
+            Isa::Avx2 if level.supported() => Some(Simd::Avx2),
+            _ => None,
+        }
+    }
+
+    /// Every set this processor supports, widest first.
+    pub fn supported() -> Vec<Simd> {
+        Isa::supported_levels().into_iter().filter_map(Simd::at).collect()
+    }
+
+    /// Panics unless the processor supports the set (every kernel entry point checks it once, so the
+    /// `unsafe` calls below it hold).
+    pub fn check(self) {
+        let level = match self {
+            Simd::Avx512 => Isa::Avx512,
+            Simd::Avx2 => Isa::Avx2,
+        };
+        assert!(level.supported(), "the blocked kernels at {self:?} need a processor with {}", level.name());
+    }
+}
 /// Output channels per micro-tile: four registers of weights.
 const CO_TILE: usize = 4 * BLOCK;
 /// Pixels per micro-tile: 6 × 4 = 24 accumulators, four weight vectors and a broadcast of the 32 registers.
@@ -44,47 +89,33 @@ pub fn blocked_len(n: usize, c: usize, npix: usize) -> usize {
 
 /// `x` [n][c][npix] (NCHW) into `out` [n][c/16][npix][16], channels past c zero. One task per
 /// channel block; 16 pixels at a time, the 16 channel rows are read whole and written transposed (one
-/// 16×16 transpose in registers at the AVX-512 level, a plain loop elsewhere).
-pub fn to_blocked(x: &[f32], n: usize, c: usize, npix: usize, out: &mut [f32]) {
+/// 16×16 transpose in registers at AVX-512, two 8×8 ones per 8 pixels at AVX2).
+pub fn to_blocked(simd: Simd, x: &[f32], n: usize, c: usize, npix: usize, out: &mut [f32]) {
+    simd.check();
     assert_eq!(x.len(), n * c * npix, "to_blocked: input size");
     assert_eq!(out.len(), blocked_len(n, c, npix), "to_blocked: output size");
     let blocks = c.div_ceil(BLOCK);
-    let fast = Isa::Avx512.supported();
     out.par_chunks_mut(npix * BLOCK).enumerate().for_each(|(nb, dst)| {
         let (b, cb) = (nb / blocks, nb % blocks);
         let lanes = BLOCK.min(c - cb * BLOCK);
         let src = &x[(b * c + cb * BLOCK) * npix..][..lanes * npix];
-        if fast {
-            // SAFETY: AVX-512F is available; `src` holds `lanes` planes of npix and `dst` npix vectors.
-            unsafe { to_block_avx512(src, lanes, npix, dst) };
-        } else {
-            to_block_plain(src, lanes, npix, dst);
+        // SAFETY: the set was checked; `src` holds `lanes` planes of npix and `dst` npix vectors.
+        unsafe {
+            match simd {
+                Simd::Avx512 => to_block_avx512(src, lanes, npix, dst),
+                Simd::Avx2 => to_block_avx2(src, lanes, npix, dst),
+            }
         }
     });
 }
 
-/// `to_block_avx512` without SIMD.
-fn to_block_plain(src: &[f32], lanes: usize, npix: usize, dst: &mut [f32]) {
-    if lanes < BLOCK {
-        dst.fill(0.0);
-    }
-    for (p0, tile) in (0..npix).step_by(BLOCK).zip(dst.chunks_mut(BLOCK * BLOCK)) {
-        let run = BLOCK.min(npix - p0);
-        for j in 0..lanes {
-            for (i, &v) in src[j * npix + p0..][..run].iter().enumerate() {
-                tile[i * BLOCK + j] = v;
-            }
-        }
-    }
-}
-
 /// `x` [n][c/16][npix][16] back into `out` [n][c][npix] (NCHW): `to_blocked`'s inverse, one task per
 /// channel block.
-pub fn from_blocked(x: &[f32], n: usize, c: usize, npix: usize, out: &mut [f32]) {
+pub fn from_blocked(simd: Simd, x: &[f32], n: usize, c: usize, npix: usize, out: &mut [f32]) {
+    simd.check();
     assert_eq!(x.len(), blocked_len(n, c, npix), "from_blocked: input size");
     assert_eq!(out.len(), n * c * npix, "from_blocked: output size");
     let blocks = c.div_ceil(BLOCK);
-    let fast = Isa::Avx512.supported();
     let outp = SharedMut(out.as_mut_ptr());
     (0..n * blocks).into_par_iter().for_each(|nb| {
         let (b, cb) = (nb / blocks, nb % blocks);
@@ -92,25 +123,14 @@ pub fn from_blocked(x: &[f32], n: usize, c: usize, npix: usize, out: &mut [f32])
         let src = &x[nb * npix * BLOCK..][..npix * BLOCK];
         // SAFETY: the block's `lanes` planes of image b lie in `out` and are this task's alone.
         let dst = unsafe { std::slice::from_raw_parts_mut(outp.get().add((b * c + cb * BLOCK) * npix), lanes * npix) };
-        if fast {
-            // SAFETY: AVX-512F is available; the slices hold what `from_block_avx512` reads and writes.
-            unsafe { from_block_avx512(src, lanes, npix, dst) };
-        } else {
-            from_block_plain(src, npix, dst);
-        }
-    });
-}
-
-/// `from_block_avx512` without SIMD (`dst` holds the block's planes).
-fn from_block_plain(src: &[f32], npix: usize, dst: &mut [f32]) {
-    for (p0, tile) in (0..npix).step_by(BLOCK).zip(src.chunks(BLOCK * BLOCK)) {
-        let run = BLOCK.min(npix - p0);
-        for (j, plane) in dst.chunks_exact_mut(npix).enumerate() {
-            for (i, e) in plane[p0..p0 + run].iter_mut().enumerate() {
-                *e = tile[i * BLOCK + j];
+        // SAFETY: the set was checked; the slices hold what the kernels read and write.
+        unsafe {
+            match simd {
+                Simd::Avx512 => from_block_avx512(src, lanes, npix, dst),
+                Simd::Avx2 => from_block_avx2(src, lanes, npix, dst),
             }
         }
-    }
+    });
 }
 
 /// One channel block into the blocked layout: `src` holds `lanes` planes of `npix`, `dst` npix
@@ -168,6 +188,118 @@ unsafe fn from_block_avx512(src: &[f32], lanes: usize, npix: usize, dst: &mut [f
             }
         }
     }
+}
+
+/// Transposes 8 rows of 8 floats: `out[k]` lane i = `r[i]` lane k. Unpacks pair the rows' floats,
+/// shuffles gather each column's quarters within 128-bit lanes, and lane permutes join the halves.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    // t[2m], t[2m + 1]: rows 2m and 2m + 1 interleaved (low and high pairs of each 128-bit lane).
+    let t: [__m256; 8] = std::array::from_fn(|k| {
+        let (a, b) = (r[k & !1], r[k | 1]);
+        if k % 2 == 0 { _mm256_unpacklo_ps(a, b) } else { _mm256_unpackhi_ps(a, b) }
+    });
+    // u[4q + col]: in 128-bit lane L, rows 4q..4q + 4 of column 4L + col.
+    let u: [__m256; 8] = std::array::from_fn(|k| {
+        let (q, col) = (k / 4, k % 4);
+        let (a, b) = (t[4 * q + col / 2], t[4 * q + col / 2 + 2]);
+        if col % 2 == 0 { _mm256_shuffle_ps::<0x44>(a, b) } else { _mm256_shuffle_ps::<0xee>(a, b) }
+    });
+    std::array::from_fn(|k| {
+        let col = k % 4;
+        if k < 4 {
+            _mm256_permute2f128_ps::<0x20>(u[col], u[4 + col])
+        } else {
+            _mm256_permute2f128_ps::<0x31>(u[col], u[4 + col])
+        }
+    })
+}
+
+/// The AVX2 load/store mask of the first `run` (≤ 8) lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn first_lanes(run: usize) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_cmpgt_epi32(_mm256_set1_epi32(run as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+}
+
+/// `to_block_avx512` at AVX2: 8 pixels at a time, each half block by an 8×8 transpose.
+///
+/// # Safety
+/// AVX2 and FMA must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn to_block_avx2(src: &[f32], lanes: usize, npix: usize, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(src.len() >= lanes * npix && dst.len() >= npix * BLOCK && lanes <= BLOCK);
+    for p0 in (0..npix).step_by(HALF) {
+        let run = HALF.min(npix - p0);
+        let mask = first_lanes(run);
+        for h in 0..2 {
+            // SAFETY: row j's loads cover pixels p0..p0 + run of plane j < lanes (masked past `run`),
+            // the stores the half blocks of vectors p0..p0 + run of `dst`, within the asserted lengths.
+            unsafe {
+                let rows: [__m256; 8] = std::array::from_fn(|jj| {
+                    let j = h * HALF + jj;
+                    if j < lanes {
+                        _mm256_maskload_ps(src.as_ptr().add(j * npix + p0), mask)
+                    } else {
+                        _mm256_setzero_ps()
+                    }
+                });
+                let cols = transpose8(rows);
+                for (i, v) in cols.iter().enumerate().take(run) {
+                    _mm256_storeu_ps(dst.as_mut_ptr().add((p0 + i) * BLOCK + h * HALF), *v);
+                }
+            }
+        }
+    }
+}
+
+/// `from_block_avx512` at AVX2.
+///
+/// # Safety
+/// AVX2 and FMA must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn from_block_avx2(src: &[f32], lanes: usize, npix: usize, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(src.len() >= npix * BLOCK && dst.len() >= lanes * npix && lanes <= BLOCK);
+    for p0 in (0..npix).step_by(HALF) {
+        let run = HALF.min(npix - p0);
+        let mask = first_lanes(run);
+        for h in 0..2.min(lanes.div_ceil(HALF)) {
+            // SAFETY: the loads are half blocks of vectors p0..p0 + run of `src`, the stores pixels
+            // p0..p0 + run (masked) of planes j < lanes of `dst`, within the asserted lengths.
+            unsafe {
+                let rows: [__m256; 8] = std::array::from_fn(|i| {
+                    if i < run {
+                        _mm256_loadu_ps(src.as_ptr().add((p0 + i) * BLOCK + h * HALF))
+                    } else {
+                        _mm256_setzero_ps()
+                    }
+                });
+                let cols = transpose8(rows);
+                for (jj, v) in cols.iter().enumerate().take(lanes - h * HALF) {
+                    _mm256_maskstore_ps(dst.as_mut_ptr().add((h * HALF + jj) * npix + p0), mask, *v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn to_block_avx2(_: &[f32], _: usize, _: usize, _: &mut [f32]) {
+    unreachable!("the AVX2 level exists only on x86_64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn from_block_avx2(_: &[f32], _: usize, _: usize, _: &mut [f32]) {
+    unreachable!("the AVX2 level exists only on x86_64")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -230,10 +362,18 @@ impl PointwiseWeights {
 /// The 1×1 convolution `pw` of `x` [n][cin/16][npix][16] into `out` [n][cout/16][npix][16] (blocked
 /// layout), `residual` in `out`'s layout added before the activation. The input's padding channels
 /// must be zeros (as `to_blocked` writes them); `out` and `residual` from a 64-byte boundary keep each
-/// vector in one cache line (any alignment gives the same values). Runs at `Isa::Avx512` (panics
-/// without it: the caller checks `Isa::Avx512.supported()`).
-pub fn pointwise(pw: &PointwiseWeights, x: &[f32], n: usize, npix: usize, out: &mut [f32], residual: Option<&[f32]>) {
-    assert!(Isa::Avx512.supported(), "the blocked pointwise convolution needs AVX-512F");
+/// vector in one cache line (any alignment gives the same values). Panics unless the processor
+/// supports `simd`.
+pub fn pointwise(
+    simd: Simd,
+    pw: &PointwiseWeights,
+    x: &[f32],
+    n: usize,
+    npix: usize,
+    out: &mut [f32],
+    residual: Option<&[f32]>,
+) {
+    simd.check();
     assert_eq!(x.len(), blocked_len(n, pw.cin, npix), "blocked pointwise: input size");
     assert_eq!(out.len(), blocked_len(n, pw.cout, npix), "blocked pointwise: output size");
     if let Some(r) = residual {
@@ -252,7 +392,7 @@ pub fn pointwise(pw: &PointwiseWeights, x: &[f32], n: usize, npix: usize, out: &
         let (b, t, r) = (task / (tiles * runs), task / runs % tiles, task % runs);
         let (p0, p1) = (r * run, ((r + 1) * run).min(npix));
         let at = (b * out_blocks * npix + p0) * BLOCK;
-        // SAFETY: AVX-512F was asserted; image b's planes (npix apart) from pixel p0 lie in `x`,
+        // SAFETY: the set was checked; image b's planes (npix apart) from pixel p0 lie in `x`,
         // `out` and the residual for p1 − p0 pixels, and tile t of those pixels is this task's alone.
         unsafe {
             let span = Span {
@@ -263,7 +403,7 @@ pub fn pointwise(pw: &PointwiseWeights, x: &[f32], n: usize, npix: usize, out: &
                 out_plane: npix * BLOCK,
                 residual: resp.map(|r| r.get().add(at).cast_const()),
             };
-            pointwise_tile(pw, t, &span);
+            pointwise_tile(simd, pw, t, &span);
         }
     });
 }
@@ -284,21 +424,21 @@ pub struct Span {
 /// `pointwise` on one span, every output tile, on the calling thread: what a fused band runs.
 ///
 /// # Safety
-/// AVX-512F must be available; `span` must cover cin/16 input blocks and cout/16 output (and
+/// The processor must support `simd`; `span` must cover cin/16 input blocks and cout/16 output (and
 /// residual) blocks of `npix` pixels, the output no other thread's.
-pub unsafe fn pointwise_span(pw: &PointwiseWeights, span: &Span) {
+pub unsafe fn pointwise_span(simd: Simd, pw: &PointwiseWeights, span: &Span) {
     for t in 0..pw.cout.div_ceil(CO_TILE) {
         // SAFETY: the caller's contract.
-        unsafe { pointwise_tile(pw, t, span) };
+        unsafe { pointwise_tile(simd, pw, t, span) };
     }
 }
 
 /// Output tile t (64 channels) of `pw` over `span`: reduction passes of KC input channels, each
-/// sweeping the pixels in micro-tiles.
+/// sweeping the pixels in micro-tiles (at AVX2, each pixel tile's blocks one after another).
 ///
 /// # Safety
 /// As `pointwise_span`.
-unsafe fn pointwise_tile(pw: &PointwiseWeights, t: usize, span: &Span) {
+unsafe fn pointwise_tile(simd: Simd, pw: &PointwiseWeights, t: usize, span: &Span) {
     let (in_blocks, out_blocks) = (pw.cin.div_ceil(BLOCK), pw.cout.div_ceil(BLOCK));
     let nb = (out_blocks - t * 4).min(4);
     let wt = &pw.w[pw.w_at + t * in_blocks * BLOCK * CO_TILE..][..in_blocks * BLOCK * CO_TILE];
@@ -322,7 +462,15 @@ unsafe fn pointwise_tile(pw: &PointwiseWeights, t: usize, span: &Span) {
                     accumulate: k0 > 0,
                     finish: last.then(|| Finish { bias, residual: span.residual.map(|r| r.add(at)), act: pw.act }),
                 };
-                tile_dispatch(nb, (span.npix - p).min(PX_TILE), &step);
+                let px = (span.npix - p).min(PX_TILE);
+                match simd {
+                    Simd::Avx512 => tile_dispatch(nb, px, &step),
+                    Simd::Avx2 => {
+                        for j in 0..nb {
+                            tile_avx2_dispatch(px, &step, j);
+                        }
+                    }
+                }
             }
         }
     }
@@ -435,6 +583,98 @@ unsafe fn tile<const NB: usize, const PX: usize>(s: &Step) {
     }
 }
 
+/// `tile_avx2::<px>`.
+///
+/// # Safety
+/// As `tile_avx2`.
+unsafe fn tile_avx2_dispatch(px: usize, s: &Step, j: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's contract.
+    unsafe {
+        match px {
+            6 => tile_avx2::<6>(s, j),
+            5 => tile_avx2::<5>(s, j),
+            4 => tile_avx2::<4>(s, j),
+            3 => tile_avx2::<3>(s, j),
+            2 => tile_avx2::<2>(s, j),
+            _ => tile_avx2::<1>(s, j),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("the AVX2 level exists only on x86_64 ({px}, {j}, {})", s.kb)
+}
+
+/// `tile::<1, PX>` for the step's output block j, at AVX2: the block's two halves × PX pixels are
+/// 12 accumulators, beside two weight halves and a broadcast. Sums in `tile`'s order.
+///
+/// # Safety
+/// AVX2 and FMA must be available; as `tile` for block j.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2<const PX: usize>(s: &Step, j: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract covers every pointer formed below.
+    unsafe {
+        let out = s.out.add(j * s.out_stride);
+        let mut acc = [[_mm256_setzero_ps(); 2]; PX];
+        if s.accumulate {
+            for (i, halves) in acc.iter_mut().enumerate() {
+                for (h, a) in halves.iter_mut().enumerate() {
+                    *a = _mm256_loadu_ps(out.add(i * BLOCK + h * HALF));
+                }
+            }
+        }
+        for k in 0..s.kb {
+            let (xp, wp) = (s.x.add(k * s.x_stride), s.w.add(k * BLOCK * CO_TILE + j * BLOCK));
+            for c in 0..BLOCK {
+                let w0 = _mm256_loadu_ps(wp.add(c * CO_TILE));
+                let w1 = _mm256_loadu_ps(wp.add(c * CO_TILE + HALF));
+                for (i, [a0, a1]) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_broadcast_ss(&*xp.add(i * BLOCK + c));
+                    *a0 = _mm256_fmadd_ps(w0, xv, *a0);
+                    *a1 = _mm256_fmadd_ps(w1, xv, *a1);
+                }
+            }
+        }
+        for (i, halves) in acc.iter().enumerate() {
+            for (h, &a) in halves.iter().enumerate() {
+                let at = i * BLOCK + h * HALF;
+                let y = match &s.finish {
+                    None => a,
+                    Some(f) => {
+                        let mut y = _mm256_add_ps(a, _mm256_loadu_ps(f.bias.as_ptr().add(j * BLOCK + h * HALF)));
+                        if let Some(r) = f.residual {
+                            y = _mm256_add_ps(y, _mm256_loadu_ps(r.add(j * s.out_stride + at)));
+                        }
+                        act8(y, f.act)
+                    }
+                };
+                _mm256_storeu_ps(out.add(at), y);
+            }
+        }
+    }
+}
+
+/// `act(v)` on 8 lanes, as `vec512::act_vec` computes it on 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn act8(y: std::arch::x86_64::__m256, act: Act) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let zero = _mm256_setzero_ps();
+    match act {
+        Act::None => y,
+        // f32::max(y, 0): NaN gives 0, as `max_ps` returns its second operand.
+        Act::Leaky(0.0) => _mm256_max_ps(y, zero),
+        Act::Leaky(slope) => {
+            let neg = _mm256_mul_ps(y, _mm256_set1_ps(slope));
+            _mm256_blendv_ps(neg, y, _mm256_cmp_ps::<_CMP_GE_OQ>(y, zero))
+        }
+        // f32::clamp(y, 0, 6) keeps NaN: with y second, `max_ps`/`min_ps` return it.
+        Act::Relu6 => _mm256_min_ps(_mm256_set1_ps(6.0), _mm256_max_ps(zero, y)),
+    }
+}
+
 /// A 3×3 depthwise convolution's weights and biases as `depthwise3x3` reads them, packed once.
 pub struct DepthwiseWeights {
     c: usize,
@@ -479,9 +719,9 @@ impl DepthwiseWeights {
 /// The 3×3 depthwise convolution `dw` (padding 1) of `x` [n][c/16][h·w][16] into `out`
 /// [n][c/16][oh·ow][16] (blocked layout). Work: 18 flops per output element; memory: the input read
 /// once (each row serves three output rows from the cache), the output written once. Tasks split the
-/// channel blocks and the output rows. Runs at `Isa::Avx512` (panics without it).
-pub fn depthwise3x3(dw: &DepthwiseWeights, x: &[f32], n: usize, h: usize, w: usize, out: &mut [f32]) {
-    assert!(Isa::Avx512.supported(), "the blocked depthwise convolution needs AVX-512F");
+/// channel blocks and the output rows. Panics unless the processor supports `simd`.
+pub fn depthwise3x3(simd: Simd, dw: &DepthwiseWeights, x: &[f32], n: usize, h: usize, w: usize, out: &mut [f32]) {
+    simd.check();
     let s = dw.stride;
     let (oh, ow) = (crate::reference::out_size(h, 3, s, 1), crate::reference::out_size(w, 3, s, 1));
     assert_eq!(x.len(), blocked_len(n, dw.c, h * w), "blocked depthwise: input size");
@@ -495,12 +735,12 @@ pub fn depthwise3x3(dw: &DepthwiseWeights, x: &[f32], n: usize, h: usize, w: usi
     (0..n * blocks * bands).into_par_iter().for_each(|task| {
         let (nb, r) = (task / bands, task % bands);
         let rows = r * band..((r + 1) * band).min(oh);
-        // SAFETY: AVX-512F was asserted; block nb's input plane lies in `x`, its output rows in
+        // SAFETY: the set was checked; block nb's input plane lies in `x`, its output rows in
         // `out`, and those rows are this task's alone.
         unsafe {
             let src = DwSource { x: x.as_ptr().add(nb * h * w * BLOCK), ring: h, h, w };
             let orow = outp.get().add((nb * oh * ow + rows.start * ow) * BLOCK);
-            dw_block_rows(dw, nb % blocks, &src, rows, orow);
+            dw_block_rows(simd, dw, nb % blocks, &src, rows, orow);
         }
     });
 }
@@ -523,9 +763,10 @@ pub struct DwSource {
 /// (row `rows.start` first).
 ///
 /// # Safety
-/// AVX-512F must be available; the input rows those output rows read (inside the image) must lie in
-/// each block's plane, the output rows in `out`'s, no other thread's.
+/// The processor must support `simd`; the input rows those output rows read (inside the image) must
+/// lie in each block's plane, the output rows in `out`'s, no other thread's.
 pub unsafe fn depthwise_span(
+    simd: Simd,
     dw: &DepthwiseWeights,
     src: &DwSource,
     x_plane: usize,
@@ -537,7 +778,7 @@ pub unsafe fn depthwise_span(
         // SAFETY: the caller's contract.
         unsafe {
             let block = DwSource { x: src.x.add(cb * x_plane), ..*src };
-            dw_block_rows(dw, cb, &block, rows.clone(), out.add(cb * out_plane));
+            dw_block_rows(simd, dw, cb, &block, rows.clone(), out.add(cb * out_plane));
         }
     }
 }
@@ -546,7 +787,14 @@ pub unsafe fn depthwise_span(
 ///
 /// # Safety
 /// As `depthwise_span`, for one block.
-unsafe fn dw_block_rows(dw: &DepthwiseWeights, cb: usize, src: &DwSource, rows: Range<usize>, orow: *mut f32) {
+unsafe fn dw_block_rows(
+    simd: Simd,
+    dw: &DepthwiseWeights,
+    cb: usize,
+    src: &DwSource,
+    rows: Range<usize>,
+    orow: *mut f32,
+) {
     let (h, w, s) = (src.h, src.w, dw.stride);
     let ow = crate::reference::out_size(w, 3, s, 1);
     let geometry = DwRows { w, ow, s };
@@ -556,8 +804,18 @@ unsafe fn dw_block_rows(dw: &DepthwiseWeights, cb: usize, src: &DwSource, rows: 
             // SAFETY: rows inside the image lie in the source (the caller's contract).
             (iy >= 0 && (iy as usize) < h).then(|| unsafe { src.x.add(iy as usize % src.ring * w * BLOCK) })
         });
+        let (wt, bias, dst) = (&dw.w[cb], &dw.bias[cb], orow.wrapping_add(i * ow * BLOCK));
         // SAFETY: the caller's contract; row i of the output lies at `orow` + i·ow vectors.
-        unsafe { dw_row(&geometry, taps, &dw.w[cb], &dw.bias[cb], dw.act, orow.add(i * ow * BLOCK)) };
+        unsafe {
+            match simd {
+                Simd::Avx512 => dw_row(&geometry, taps, wt, bias, dw.act, dst),
+                Simd::Avx2 => {
+                    for h in 0..2 {
+                        dw_row_avx2(&geometry, taps, (wt, bias, h), dw.act, dst);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -640,6 +898,87 @@ unsafe fn dw_row(
     }
 }
 
+/// Output pixels per step of `dw_row_avx2`: four accumulators beside the nine tap weights and the
+/// bias in the 16 ymm registers.
+const DW_PX_AVX2: usize = 4;
+
+/// `dw_row` at AVX2 for half `h` of the block (lanes 8h..8h + 8), in its order of summation.
+///
+/// # Safety
+/// AVX2 and FMA must be available; as `dw_row`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dw_row_avx2(
+    g: &DwRows,
+    rows: [Option<*const f32>; 3],
+    (taps, bias, h): (&[[f32; BLOCK]; 9], &[f32; BLOCK], usize),
+    act: Act,
+    orow: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let (w, ow, s) = (g.w, g.ow, g.s);
+    let (rows, orow) = (rows.map(|r| r.map(|r| r.wrapping_add(h * HALF))), orow.wrapping_add(h * HALF));
+    // SAFETY: every load below is of a half vector inside a row (columns ix < w), the stores inside
+    // `orow` (columns < ow); the caller's contract covers the rest.
+    unsafe {
+        let wv: [__m256; 9] = std::array::from_fn(|t| _mm256_loadu_ps(taps[t][h * HALF..].as_ptr()));
+        let bv = _mm256_loadu_ps(bias[h * HALF..].as_ptr());
+        let lo = 1usize.min(ow);
+        let hi = if w >= 2 { ((w - 2) / s + 1).min(ow) } else { 0 }.max(lo);
+        let one = |ox: usize| {
+            let mut acc = _mm256_setzero_ps();
+            for (ky, row) in rows.iter().enumerate() {
+                if let Some(row) = row {
+                    for kx in 0..3 {
+                        let ix = (ox * s + kx) as isize - 1;
+                        if ix >= 0 && (ix as usize) < w {
+                            let xv = _mm256_loadu_ps(row.add(ix as usize * BLOCK));
+                            acc = _mm256_fmadd_ps(wv[ky * 3 + kx], xv, acc);
+                        }
+                    }
+                }
+            }
+            _mm256_storeu_ps(orow.add(ox * BLOCK), act8(_mm256_add_ps(acc, bv), act));
+        };
+        for ox in 0..lo {
+            one(ox);
+        }
+        let mut ox = lo;
+        while ox + DW_PX_AVX2 <= hi {
+            let mut acc = [_mm256_setzero_ps(); DW_PX_AVX2];
+            for (ky, row) in rows.iter().enumerate() {
+                if let Some(row) = row {
+                    let base = row.add((ox * s - 1) * BLOCK);
+                    for kx in 0..3 {
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            let xv = _mm256_loadu_ps(base.add((i * s + kx) * BLOCK));
+                            *a = _mm256_fmadd_ps(wv[ky * 3 + kx], xv, *a);
+                        }
+                    }
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(orow.add((ox + i) * BLOCK), act8(_mm256_add_ps(*a, bv), act));
+            }
+            ox += DW_PX_AVX2;
+        }
+        for ox in ox..ow {
+            one(ox);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dw_row_avx2(
+    g: &DwRows,
+    _: [Option<*const f32>; 3],
+    _: (&[[f32; BLOCK]; 9], &[f32; BLOCK], usize),
+    _: Act,
+    _: *mut f32,
+) {
+    unreachable!("the AVX2 level exists only on x86_64 ({} columns)", g.ow)
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn dw_row(g: &DwRows, _: [Option<*const f32>; 3], _: &[[f32; BLOCK]; 9], _: &[f32; BLOCK], _: Act, _: *mut f32) {
     unreachable!("the AVX-512 level exists only on x86_64 ({} columns)", g.ow)
@@ -651,46 +990,29 @@ mod tests {
     use crate::cpu::conv::tests::uniform;
     use crate::reference;
 
+    /// Each set's reorders against the layout's definition, with partial blocks, partial halves (at
+    /// AVX2) and partial pixel groups.
     #[test]
     fn reorders_round_trip_and_zero_the_padding_channels() {
         let mut rnd = uniform(5);
-        for (n, c, npix) in [(1, 16, 7), (2, 21, 13), (1, 3, 1), (3, 40, 50)] {
-            let x: Vec<f32> = (0..n * c * npix).map(|_| rnd()).collect();
-            let mut blocked = vec![f32::NAN; blocked_len(n, c, npix)];
-            to_blocked(&x, n, c, npix, &mut blocked);
-            let blocks = c.div_ceil(BLOCK);
-            for b in 0..n {
-                for ch in 0..blocks * BLOCK {
-                    for p in 0..npix {
-                        let got = blocked[((b * blocks + ch / BLOCK) * npix + p) * BLOCK + ch % BLOCK];
-                        let want = if ch < c { x[(b * c + ch) * npix + p] } else { 0.0 };
-                        assert_eq!(got.to_bits(), want.to_bits(), "image {b} channel {ch} pixel {p}");
+        for simd in Simd::supported() {
+            for (n, c, npix) in [(1, 16, 7), (2, 21, 13), (1, 3, 1), (3, 40, 50), (1, 27, 17)] {
+                let x: Vec<f32> = (0..n * c * npix).map(|_| rnd()).collect();
+                let mut blocked = vec![f32::NAN; blocked_len(n, c, npix)];
+                to_blocked(simd, &x, n, c, npix, &mut blocked);
+                let blocks = c.div_ceil(BLOCK);
+                for b in 0..n {
+                    for ch in 0..blocks * BLOCK {
+                        for p in 0..npix {
+                            let got = blocked[((b * blocks + ch / BLOCK) * npix + p) * BLOCK + ch % BLOCK];
+                            let want = if ch < c { x[(b * c + ch) * npix + p] } else { 0.0 };
+                            assert_eq!(got.to_bits(), want.to_bits(), "{simd:?}: image {b} channel {ch} pixel {p}");
+                        }
                     }
                 }
-            }
-            let mut back = vec![f32::NAN; x.len()];
-            from_blocked(&blocked, n, c, npix, &mut back);
-            assert_eq!(back, x);
-            // Both builds of each block's reorder, whichever the functions above took.
-            if Isa::Avx512.supported() {
-                for cb in 0..blocks {
-                    let lanes = BLOCK.min(c - cb * BLOCK);
-                    let src = &x[cb * BLOCK * npix..][..lanes * npix];
-                    let (mut fast, mut plain) = (vec![f32::NAN; npix * BLOCK], vec![f32::NAN; npix * BLOCK]);
-                    // SAFETY: AVX-512F is available; the buffers have the sizes the function takes.
-                    unsafe { to_block_avx512(src, lanes, npix, &mut fast) };
-                    to_block_plain(src, lanes, npix, &mut plain);
-                    assert_eq!(
-                        fast.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                        plain.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-                    );
-                    let (mut fast_back, mut plain_back) = (vec![f32::NAN; lanes * npix], vec![f32::NAN; lanes * npix]);
-                    // SAFETY: as above.
-                    unsafe { from_block_avx512(&plain, lanes, npix, &mut fast_back) };
-                    from_block_plain(&plain, npix, &mut plain_back);
-                    assert_eq!(fast_back, src);
-                    assert_eq!(plain_back, src);
-                }
+                let mut back = vec![f32::NAN; x.len()];
+                from_blocked(simd, &blocked, n, c, npix, &mut back);
+                assert_eq!(back, x, "{simd:?}: {n}x{c}x{npix} back");
             }
         }
     }
@@ -698,10 +1020,12 @@ mod tests {
     /// Against `reference::conv2d` through the reorders: partial channel blocks and tiles, pixel
     /// counts that leave partial micro-tiles, two reduction passes, batches, residuals, every
     /// activation, and several thread counts' worth of tasks.
+    /// Every set, and the sets agree bit for bit.
     #[test]
     fn pointwise_matches_the_reference() {
-        if !Isa::Avx512.supported() {
-            eprintln!("no AVX-512 on this machine: the blocked pointwise convolution is not run");
+        let sets = Simd::supported();
+        if sets.is_empty() {
+            eprintln!("no AVX2 or AVX-512 on this machine: the blocked pointwise convolution is not run");
             return;
         }
         let mut rnd = uniform(11);
@@ -737,29 +1061,40 @@ mod tests {
             let mut want = vec![0.0; n * cout * npix];
             reference::conv2d(&conv, &x, n, npix, 1, &mut want, cout, res.as_deref());
             let pw = PointwiseWeights::new(&conv).expect("a 1x1 conv");
-            let mut xb = vec![0.0; blocked_len(n, cin, npix)];
-            to_blocked(&x, n, cin, npix, &mut xb);
-            let rb = res.as_ref().map(|r| {
-                let mut rb = vec![0.0; blocked_len(n, cout, npix)];
-                to_blocked(r, n, cout, npix, &mut rb);
-                rb
-            });
-            let mut yb = vec![f32::NAN; blocked_len(n, cout, npix)];
-            pointwise(&pw, &xb, n, npix, &mut yb, rb.as_deref());
-            let mut got = vec![0.0; n * cout * npix];
-            from_blocked(&yb, n, cout, npix, &mut got);
-            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                let bound = 1e-4 * e.abs().max(1.0);
-                assert!((g - e).abs() <= bound, "{cin}->{cout} x{npix}: element {i}: {g} vs {e}");
-            }
-            // Padding channels of the output: the zero weights and biases past cout give act(0 [+ 0]).
-            let blocks = cout.div_ceil(BLOCK);
-            for b in 0..n {
-                for ch in cout..blocks * BLOCK {
-                    for p in 0..npix {
-                        let v = yb[((b * blocks + ch / BLOCK) * npix + p) * BLOCK + ch % BLOCK];
-                        assert_eq!(v, 0.0, "padding channel {ch} pixel {p}");
+            let mut first: Option<Vec<f32>> = None;
+            for &simd in &sets {
+                let mut xb = vec![0.0; blocked_len(n, cin, npix)];
+                to_blocked(simd, &x, n, cin, npix, &mut xb);
+                let rb = res.as_ref().map(|r| {
+                    let mut rb = vec![0.0; blocked_len(n, cout, npix)];
+                    to_blocked(simd, r, n, cout, npix, &mut rb);
+                    rb
+                });
+                let mut yb = vec![f32::NAN; blocked_len(n, cout, npix)];
+                pointwise(simd, &pw, &xb, n, npix, &mut yb, rb.as_deref());
+                let mut got = vec![0.0; n * cout * npix];
+                from_blocked(simd, &yb, n, cout, npix, &mut got);
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    let bound = 1e-4 * e.abs().max(1.0);
+                    assert!((g - e).abs() <= bound, "{simd:?} {cin}->{cout} x{npix}: element {i}: {g} vs {e}");
+                }
+                // Padding channels of the output: the zero weights and biases past cout give act(0 [+ 0]).
+                let blocks = cout.div_ceil(BLOCK);
+                for b in 0..n {
+                    for ch in cout..blocks * BLOCK {
+                        for p in 0..npix {
+                            let v = yb[((b * blocks + ch / BLOCK) * npix + p) * BLOCK + ch % BLOCK];
+                            assert_eq!(v, 0.0, "{simd:?}: padding channel {ch} pixel {p}");
+                        }
                     }
+                }
+                match &first {
+                    None => first = Some(yb),
+                    Some(f) => assert!(
+                        f.iter().zip(&yb).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{simd:?} {cin}->{cout} x{npix}: not the bits of {:?}",
+                        sets[0]
+                    ),
                 }
             }
         }
@@ -769,8 +1104,9 @@ mod tests {
     /// of one to three columns (no interior step), odd sizes, every activation, batches.
     #[test]
     fn depthwise_matches_the_reference() {
-        if !Isa::Avx512.supported() {
-            eprintln!("no AVX-512 on this machine: the blocked depthwise convolution is not run");
+        let sets = Simd::supported();
+        if sets.is_empty() {
+            eprintln!("no AVX2 or AVX-512 on this machine: the blocked depthwise convolution is not run");
             return;
         }
         let mut rnd = uniform(23);
@@ -810,17 +1146,28 @@ mod tests {
             let mut want = vec![0.0; n * c * oh * ow];
             reference::conv2d(&conv, &x, n, h, w, &mut want, c, None);
             let dw = DepthwiseWeights::new(&conv).expect("a 3x3 depthwise conv");
-            let mut xb = vec![0.0; blocked_len(n, c, h * w)];
-            to_blocked(&x, n, c, h * w, &mut xb);
-            let mut yb = vec![f32::NAN; blocked_len(n, c, oh * ow)];
-            depthwise3x3(&dw, &xb, n, h, w, &mut yb);
-            let mut got = vec![0.0; n * c * oh * ow];
-            from_blocked(&yb, n, c, oh * ow, &mut got);
-            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                let bound = 1e-5 * e.abs().max(1.0);
-                assert!((g - e).abs() <= bound, "c{c} {h}x{w} s{stride}: element {i}: {g} vs {e}");
+            let mut first: Option<Vec<f32>> = None;
+            for &simd in &sets {
+                let mut xb = vec![0.0; blocked_len(n, c, h * w)];
+                to_blocked(simd, &x, n, c, h * w, &mut xb);
+                let mut yb = vec![f32::NAN; blocked_len(n, c, oh * ow)];
+                depthwise3x3(simd, &dw, &xb, n, h, w, &mut yb);
+                let mut got = vec![0.0; n * c * oh * ow];
+                from_blocked(simd, &yb, n, c, oh * ow, &mut got);
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    let bound = 1e-5 * e.abs().max(1.0);
+                    assert!((g - e).abs() <= bound, "{simd:?} c{c} {h}x{w} s{stride}: element {i}: {g} vs {e}");
+                }
+                assert!(yb.iter().all(|v| !v.is_nan()), "{simd:?} c{c} {h}x{w} s{stride}: every output vector written");
+                match &first {
+                    None => first = Some(yb),
+                    Some(f) => assert!(
+                        f.iter().zip(&yb).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{simd:?} c{c} {h}x{w} s{stride}: not the bits of {:?}",
+                        sets[0]
+                    ),
+                }
             }
-            assert!(yb.iter().all(|v| !v.is_nan()), "c{c} {h}x{w} s{stride}: every output vector written");
         }
     }
 }

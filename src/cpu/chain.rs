@@ -1,5 +1,5 @@
 //! Runs of MobileNet backbone ops executed in the channel-blocked layout (`cpu::blocked`, NCHW16c) at
-//! the AVX-512 level: depthwise + pointwise pairs (MobileNetV1, MobileNetV2's first block), inverted
+//! the AVX-512 and AVX2 levels: depthwise + pointwise pairs (MobileNetV1, MobileNetV2's first block), inverted
 //! residuals (expansion, depthwise, projection with its shortcut) and 1×1 convolutions. The run's input
 //! is reordered into the layout once, every op runs on the blocked kernels, and only the tensors read
 //! after the run (the backbone taps) are reordered back into the plan's NCHW tensors. `cargo bench
@@ -13,10 +13,11 @@
 //! operations as the NCHW paths up to summation order (the depthwise sums its taps in (ky, kx) order
 //! and adds the bias after, the pointwise sums input channels in order), so the results agree with the
 //! reference within the tolerances of every conv path; tests run the networks' goldens on this path
-//! wherever the processor has AVX-512.
+//! wherever the processor has AVX2 or AVX-512 (tests/goldens.rs: MobileNetV1 x0.25 and MobileNetV2 at
+//! each level). Both levels' kernels give the same bits (`blocked::Simd`).
 
 use super::bands::{self, FusedOp};
-use super::blocked::{self, DepthwiseWeights, PointwiseWeights, blocked_len};
+use super::blocked::{self, DepthwiseWeights, PointwiseWeights, Simd, blocked_len};
 use crate::error::{Error, Result};
 use crate::graph::{Conv, Graph, Op, Plan};
 use std::ops::Range;
@@ -56,16 +57,17 @@ pub fn set_enabled(on: Option<bool>) {
     ENABLED.store(code, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Whether the blocked runs are taken at `level`: at AVX-512 unless turned off (`set_enabled`, else
-/// `RETINAFACE_CPU_BLOCKED=0`, read once), so that the NCHW paths can be timed against them.
-pub(super) fn enabled(level: super::isa::Isa) -> bool {
+/// The kernels the blocked runs take at `level`: its `Simd` set (AVX-512 or AVX2) unless the runs are
+/// turned off (`set_enabled`, else `RETINAFACE_CPU_BLOCKED=0`, read once), so that the NCHW paths can
+/// be timed against them; `None` at a level without blocked kernels.
+pub(super) fn enabled(level: super::isa::Isa) -> Option<Simd> {
     static ENV: OnceLock<bool> = OnceLock::new();
     let on = match ENABLED.load(std::sync::atomic::Ordering::Relaxed) {
         1 => true,
         2 => false,
         _ => *ENV.get_or_init(|| std::env::var("RETINAFACE_CPU_BLOCKED").map_or(true, |v| v != "0")),
     };
-    level == super::isa::Isa::Avx512 && on
+    Simd::at(level).filter(|_| on)
 }
 
 /// The convolutions of an op the blocked kernels compute, in order: (expansion, depthwise,
@@ -210,9 +212,11 @@ fn take_aligned(buf: &mut [f32], len: usize) -> (&mut [f32], &mut [f32]) {
     buf[at..].split_at_mut(len)
 }
 
-/// Runs `chain` (the plan's input tensor of its first op in place in `arena`) with `scratch` for the
-/// blocked buffers, writing back the tensors read after it; returns each op's time.
+/// Runs `chain` with the kernels of `simd` (the plan's input tensor of its first op in place in
+/// `arena`) with `scratch` for the blocked buffers, writing back the tensors read after it; returns
+/// each op's time.
 pub(super) fn run(
+    simd: Simd,
     graph: &Graph,
     chain: &Chain,
     plan: &Plan,
@@ -249,7 +253,7 @@ pub(super) fn run(
     let t0 = Instant::now();
     let first = input_of(steps_of(graph, chain.ops.start)?).input;
     let (c0, h0, w0, len0) = dims(first);
-    blocked::to_blocked(&arena[plan.range(first)], n, c0, h0 * w0, &mut cur[..len0]);
+    blocked::to_blocked(simd, &arena[plan.range(first)], n, c0, h0 * w0, &mut cur[..len0]);
     let mut reorder = t0.elapsed();
     for ((k, p), &export) in chain.ops.clone().zip(packed).zip(&chain.export) {
         let start = Instant::now();
@@ -263,17 +267,17 @@ pub(super) fn run(
                 if op.input != (ic, ih, iw) || op.output != (oc, oh, ow) || op.slot_floats() > slot {
                     return Err(Error::Graph(format!("blocked run: op {k}'s packed weights do not fit its maps")));
                 }
-                op.run(src, out, pw.residual.is_some(), &mut band_bufs[..slots * slot], slot);
+                op.run(simd, src, out, pw.residual.is_some(), &mut band_bufs[..slots * slot], slot);
             }
             (None, true) if ex.is_none() => {
                 // A 1x1 convolution: the whole map at once, its shortcut (if any) the op's input.
-                blocked::pointwise(&p.pw, src, n, oh * ow, out, pw.residual.map(|_| src));
+                blocked::pointwise(simd, &p.pw, src, n, oh * ow, out, pw.residual.map(|_| src));
             }
             _ => return Err(Error::Graph(format!("blocked run: op {k}'s steps and packed weights differ"))),
         }
         std::mem::swap(&mut cur, &mut mid);
         if export {
-            blocked::from_blocked(&cur[..out_len], n, oc, oh * ow, &mut arena[plan.range(pw.output)]);
+            blocked::from_blocked(simd, &cur[..out_len], n, oc, oh * ow, &mut arena[plan.range(pw.output)]);
         }
         // The reorder into the layout is booked to the run's first op.
         times.push(start.elapsed() + std::mem::take(&mut reorder));
@@ -331,8 +335,8 @@ mod tests {
     fn a_batch_runs_the_same_with_and_without_the_blocked_run() {
         use crate::exec::Executor;
         use crate::image_io::BgrImage;
-        if !crate::cpu::Isa::Avx512.supported() {
-            eprintln!("no AVX-512 on this machine: the blocked run is not taken");
+        if Simd::supported().is_empty() {
+            eprintln!("no AVX2 or AVX-512 on this machine: the blocked run is not taken");
             return;
         }
         let image = |seed: usize| {
@@ -350,9 +354,9 @@ mod tests {
                 outs.push(ex.forward(&[&a, &b], None).unwrap());
             }
             set_enabled(None);
-            // Other tests may switch the level meanwhile; the run must have been taken at least once
-            // when this processor's default level is AVX-512.
-            if crate::cpu::isa() == crate::cpu::Isa::Avx512 {
+            // The run must have been taken at least once where this process's level has blocked
+            // kernels (AVX-512 or AVX2).
+            if enabled(crate::cpu::isa()).is_some() {
                 assert!(runs_taken() > before, "{net:?}: the blocked run was taken");
             }
             for (img, (on, off)) in outs[0].iter().zip(&outs[1]).enumerate() {

@@ -29,7 +29,7 @@ impl PlanBuffers for Arena {
 pub struct CpuExecutor {
     graph: Arc<Graph>,
     plans: Mutex<PlanCache<Arena>>,
-    /// The runs of ops the blocked layout computes at the AVX-512 level (`chain`).
+    /// The runs of ops the blocked layout computes at the AVX-512 and AVX2 levels (`chain`).
     chains: Vec<chain::Chain>,
 }
 
@@ -37,8 +37,8 @@ impl CpuExecutor {
     /// The executor of `graph` with the CPU's fusions applied (each fused op runs as its composition).
     pub fn new(graph: Arc<Graph>, plan_cache_bytes: usize) -> CpuExecutor {
         let graph = Arc::new(crate::passes::fuse(&graph, crate::passes::Fusions::CPU));
-        // Only a processor with AVX-512 can run them (the level may still be forced lower per pass).
-        let chains = if super::isa::Isa::Avx512.supported() { chain::find(&graph) } else { Vec::new() };
+        // Only a processor with AVX2 or AVX-512 can run them (the level may still be forced lower per pass).
+        let chains = if super::blocked::Simd::supported().is_empty() { Vec::new() } else { chain::find(&graph) };
         CpuExecutor { graph, plans: Mutex::new(PlanCache::new(plan_cache_bytes)), chains }
     }
 
@@ -401,12 +401,12 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32], chains: &[chain::Chain]) -
     let cpu_clock = profile_var.as_deref().is_some_and(|v| v == "cpu");
     let profile = cpu_clock || profile_var.is_some_and(|v| v == "1");
     let mut op_times: Vec<(f64, String)> = Vec::new();
-    let blocked = chain::enabled(super::isa::isa()) && !plan.keep_all && arena.len() > plan.arena_elems;
+    let blocked = chain::enabled(super::isa::isa()).filter(|_| !plan.keep_all && arena.len() > plan.arena_elems);
     let (arena, scratch) = arena.split_at_mut(plan.arena_elems.min(arena.len()));
     let mut i = 0;
     while i < graph.ops.len() {
-        if let Some(ch) = chains.iter().find(|c| c.ops.start == i).filter(|_| blocked) {
-            let dts = chain::run(graph, ch, plan, arena, scratch)?;
+        if let Some((ch, simd)) = chains.iter().find(|c| c.ops.start == i).zip(blocked) {
+            let dts = chain::run(simd, graph, ch, plan, arena, scratch)?;
             for (k, dt) in ch.ops.clone().zip(dts) {
                 if profile {
                     op_times.push((dt.as_secs_f64() * 1e3, format!("blocked {}", describe(&graph.ops[k]))));
