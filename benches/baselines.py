@@ -9,7 +9,10 @@ exported to ONNX), against `retinaface bench --backend cpu`. Batch 1, same threa
 
 `--isa` lists the engine's CPU levels to time (RETINAFACE_CPU_ISA for each engine run; default: the
 level the engine picks itself); every level runs in each round, interleaved with PyTorch and ONNX
-Runtime, and gets its own row. A level the processor lacks is refused before any timing.
+Runtime, and gets its own row. A level the processor lacks is refused before any timing. On a processor
+with AVX-512 the engine's avx2 runs go under the same CPUID shim as the baselines' (below): the GEMM
+crate behind some of its NCHW 1x1 convolutions picks its kernels from CPUID itself, and would otherwise
+run AVX-512 in a row labelled avx2.
 
 Each row's baselines run at the engine's level (the `baselines at` column): PyTorch and ONNX Runtime
 run in worker processes of this script (`--worker torch|ort --level ...`, one per runtime and level,
@@ -543,6 +546,8 @@ def main():
                         env.pop("RETINAFACE_CPU_ISA", None)
                     else:
                         env["RETINAFACE_CPU_ISA"] = lv
+                    if lv == "avx2" and shim is not None:
+                        env["LD_PRELOAD"] = " ".join(v for v in (shim, env.get("LD_PRELOAD", "")) if v)
                     out = subprocess.run([BIN, "bench", "--backend", "cpu", "--network", name, "--weights", wpath, "--size", a.size, "--iters", str(a.iters), "--forward-only", "--json"], check=True, capture_output=True, text=True, env=env)
                     # The engine falls back (with a message) when the processor lacks a level: a row
                     # labelled with a level that did not run would be a wrong answer.
