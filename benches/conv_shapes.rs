@@ -546,7 +546,8 @@ fn forced_vs_off(
     set: fn(Option<retinaface::cpu::conv::PathMode>),
 ) {
     use retinaface::cpu::conv::PathMode;
-    if !retinaface::cpu::Isa::Avx512.supported() {
+    // The forced paths (direct_co) exist at the AVX-512 and AVX2 levels.
+    if retinaface::cpu::isa() == retinaface::cpu::Isa::Portable {
         return;
     }
     const ROUNDS: usize = 5;

@@ -5,8 +5,8 @@
 //! - `conv`: the convolution paths and their dispatch; `ops`: the max-pool and upsample-add.
 //! - `blocked`: the channel-blocked layout (NCHW16c) and its kernels (1x1 and 3x3 depthwise).
 //! - `bands`: depthwise-separable ops run band by band in that layout, their intermediates in cache.
-//! - `chain`: runs of depthwise + pointwise ops executed in the blocked layout at AVX-512.
-//! - `vec512`: AVX-512 register helpers (a 16x16 transpose, activations) those kernels share.
+//! - `chain`: runs of depthwise + pointwise ops executed in the blocked layout at AVX-512 and AVX2.
+//! - `vec512`, `vec256`: AVX-512 and AVX2 register helpers (transposes, activations) those kernels share.
 //! - `isa`: the SIMD level the paths run at; `rows`: row helpers shared by the paths.
 
 pub mod bands;
@@ -17,6 +17,7 @@ pub mod exec;
 pub mod isa;
 pub mod ops;
 mod rows;
+mod vec256;
 mod vec512;
 
 pub use chain::{runs_taken as blocked_runs_taken, set_enabled as set_blocked_enabled};

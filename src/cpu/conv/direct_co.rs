@@ -1,6 +1,8 @@
 //! Dense convolution (groups 1, any kernel, stride and padding) computed directly and vectorised over
-//! output channels, at the AVX-512 level. A micro-tile of 64 output channels × 6 pixels of one output
-//! row (48 × 8, 32 × 12 or 16 × 12 when fewer channels are left) keeps its 24 sums in registers; each
+//! output channels, at the AVX-512 and AVX2 levels (`Kernel`). A micro-tile of 64 output channels × 6
+//! pixels of one output row (48 × 8, 32 × 12 or 16 × 12 when fewer channels are left; at AVX2 16
+//! channels, two 8-lane halves, × 6 pixels per block of the tile, in the same order of summation, so
+//! the same bits) keeps its 24 sums in registers; each
 //! reduction step (input channel, tap ky, kx) loads four weight vectors and broadcasts one input value
 //! per pixel straight from the NCHW planes. Nothing is copied or transformed: no phase planes, no
 //! im2col, no Winograd tiles, whose overheads dominate on the 40² and 20² maps (where Winograd's 10×10
@@ -9,8 +11,8 @@
 //! Layout: the input NCHW, read in place; the weights packed once ([cout/64][cin·k·k][64], zeros past
 //! cout, from a 64-byte boundary: `PackedWeights::direct_co`); each task's sums go to a band buffer in
 //! the blocked layout ([4][rows·ow][16], in L2), written to the NCHW output (through `Sinks`, so an
-//! SSH pair's two tensors) by 16×16 register transposes with the epilogue (bias, residual,
-//! activation, in `common::epilogue`'s order).
+//! SSH pair's two tensors) by 16×16 register transposes (8×8 per half at AVX2) with the epilogue
+//! (bias, residual, activation, in `common::epilogue`'s order).
 //!
 //! Work: 2·cin·k²·cout flops per output pixel; memory: the input read once per 64 output channels (its
 //! rows from the cache), the output written once. Tasks: (image, tile of 64 output channels, band of
@@ -20,7 +22,7 @@
 //! (ci, ky, kx) order in one task: results do not depend on the thread count.
 
 use super::common::{ModeSwitch, PathMode, Sinks, aligned, min_tasks};
-use crate::cpu::isa::Isa;
+use super::igemm::Kernel;
 use crate::graph::Conv;
 use crate::reference::out_size;
 use rayon::prelude::*;
@@ -58,9 +60,9 @@ fn pack(conv: &Conv) -> Vec<f32> {
     w
 }
 
-/// Whether this path computes `conv`: dense, at a processor with AVX-512F.
-pub(super) fn handles(conv: &Conv) -> bool {
-    conv.groups == 1 && Isa::Avx512.supported()
+/// Whether this path computes `conv` with `kernel`'s instructions: dense, on a processor that has them.
+pub(super) fn handles(conv: &Conv, kernel: Kernel) -> bool {
+    conv.groups == 1 && kernel.isa().supported()
 }
 
 /// Where the path is taken: `RETINAFACE_CPU_DIRECT_CO` (`0` never, `1` wherever it applies), else
@@ -86,7 +88,16 @@ pub(super) fn mode() -> PathMode {
 /// Winograd's tile grid is short; behind Winograd on larger maps (0.7–0.8x), on the 8- and
 /// 16-channel stems (0.7–0.85x) and on ResNet-50's 1×1 stride-2 downsampling (0.54–0.74x: one tap per
 /// input channel, so each broadcast line serves one step instead of k²).
-pub(super) fn preferred(conv: &Conv, h: usize, w: usize) -> bool {
+///
+/// At AVX2 (the same benchmark under tools/cpuid/hide_avx512.so, one / two threads): ahead on the
+/// stride-2 convolutions from 16 output channels (the 16- and 32-channel stems 1.37x / 1.26x and
+/// 1.35x / 1.14x, ResNet-50's 3×3 s2 1.06–1.40x / 1.07–1.09x, ResNet's 1.01–1.06x / 1.04–1.11x except
+/// 256->512 on 40², 0.89x / 0.94x, the 7×7 stem even), behind on the 8-channel stem (0.97x / 0.74x) and
+/// on 3×3 stride 1, where Winograd and the AVX2 implicit GEMM win (0.56–0.59x on 20² maps at one thread).
+pub(super) fn preferred(conv: &Conv, h: usize, w: usize, kernel: Kernel) -> bool {
+    if kernel == Kernel::Avx2 {
+        return conv.stride > 1 && conv.kernel > 1 && conv.cout >= 16;
+    }
     let (oh, ow) = (out_size(h, conv.kernel, conv.stride, conv.pad), out_size(w, conv.kernel, conv.stride, conv.pad));
     let px = oh * ow;
     match conv.stride {
@@ -96,10 +107,19 @@ pub(super) fn preferred(conv: &Conv, h: usize, w: usize) -> bool {
 }
 
 /// `conv` of `x` [n, cin, h, w] into `sinks`, `residual` [n, cout, oh, ow] added before the
-/// activation. Panics without AVX-512F (the caller checks `handles`).
+/// activation, with `kernel`'s instructions. Panics unless `handles(conv, kernel)` (the caller checks).
 #[allow(clippy::too_many_arguments)] // the definition's operands and sizes, as every conv path takes them
-pub(super) fn conv(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, sinks: Sinks, residual: Option<&[f32]>) {
-    assert!(handles(conv), "direct_co: conv {} is not dense, or no AVX-512F", conv.name);
+pub(super) fn conv(
+    kernel: Kernel,
+    conv: &Conv,
+    x: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    sinks: Sinks,
+    residual: Option<&[f32]>,
+) {
+    assert!(handles(conv, kernel), "direct_co: conv {} is not dense, or no {kernel:?}", conv.name);
     let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
     let (oh, ow) = (out_size(h, k, s, p), out_size(w, k, s, p));
     assert_eq!(x.len(), n * conv.cin * h * w, "direct_co: conv {} input size", conv.name);
@@ -125,12 +145,16 @@ pub(super) fn conv(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, sinks: 
             let weights = &packed[w_at + t * depth * CO_TILE..][..depth * CO_TILE];
             let image = &x[b * conv.cin * h * w..][..conv.cin * h * w];
             let nb = (conv.cout.div_ceil(BLOCK) - t * 4).min(4);
-            // SAFETY: AVX-512F was asserted (`handles`); `band` holds 4 blocks of the band's pixels,
-            // `weights` the tile's, `image` the image's planes.
-            unsafe { geometry.sums(image, weights, nb, y0..y1, band) };
-            // SAFETY: AVX-512F; the tile's channels of rows y0..y1 of image b are this task's alone.
+            // SAFETY: the kernel's instructions were asserted (`handles`); `band` holds 4 blocks of
+            // the band's pixels, `weights` the tile's, `image` the image's planes.
+            unsafe { geometry.sums(kernel, image, weights, nb, y0..y1, band) };
+            let (tile, pixels) = ((b, t * CO_TILE, nb), (y0 * ow, (y1 - y0) * ow));
+            // SAFETY: as above; the tile's channels of rows y0..y1 of image b are this task's alone.
             unsafe {
-                write_back(conv, &sinks, residual, (b, t * CO_TILE, nb), (y0 * ow, (y1 - y0) * ow), oh * ow, band)
+                match kernel {
+                    Kernel::Avx512 => write_back(conv, &sinks, residual, tile, pixels, oh * ow, band),
+                    Kernel::Avx2 => write_back_avx2(conv, &sinks, residual, tile, pixels, oh * ow, band),
+                }
             };
         });
     });
@@ -153,10 +177,18 @@ impl Geometry {
     /// ([4][rows·ow][16]), every input channel in passes of KC_TAPS taps.
     ///
     /// # Safety
-    /// AVX-512F must be available; `image` must hold cin planes of h·w, `weights` cin·k²·64 floats,
-    /// `band` 4 · rows·ow · 16.
+    /// The processor must have `kernel`'s instructions; `image` must hold cin planes of h·w, `weights`
+    /// cin·k²·64 floats, `band` 4 · rows·ow · 16.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn sums(&self, image: &[f32], weights: &[f32], nb: usize, rows: std::ops::Range<usize>, band: &mut [f32]) {
+    unsafe fn sums(
+        &self,
+        kernel: Kernel,
+        image: &[f32],
+        weights: &[f32],
+        nb: usize,
+        rows: std::ops::Range<usize>,
+        band: &mut [f32],
+    ) {
         let (k, s, p, w, ow) = (self.k, self.s, self.p, self.w, self.ow);
         let plane_out = rows.len() * ow * BLOCK;
         assert!(image.len() == self.cin * self.h * w && weights.len() == self.cin * k * k * CO_TILE);
@@ -195,13 +227,22 @@ impl Geometry {
                 // (columns lo..hi, rows ky0..ky1), edge pixels check each column.
                 unsafe {
                     for ox in (0..lo).chain(hi..ow) {
-                        edge_dispatch(nb, &step(ox));
+                        match kernel {
+                            Kernel::Avx512 => edge_dispatch(nb, &step(ox)),
+                            Kernel::Avx2 => (0..nb).for_each(|j| edge_avx2(&step(ox), j)),
+                        }
                     }
-                    let px = PX_OF[nb];
+                    let px = match kernel {
+                        Kernel::Avx512 => PX_OF[nb],
+                        Kernel::Avx2 => PX_AVX2,
+                    };
                     let mut ox = lo;
                     while ox < hi {
                         let run = px.min(hi - ox);
-                        tile_dispatch(nb, run, &step(ox));
+                        match kernel {
+                            Kernel::Avx512 => tile_dispatch(nb, run, &step(ox)),
+                            Kernel::Avx2 => (0..nb).for_each(|j| tile_avx2_dispatch(run, &step(ox), j)),
+                        }
                         ox += run;
                     }
                 }
@@ -210,7 +251,7 @@ impl Geometry {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn sums(&self, _: &[f32], _: &[f32], nb: usize, _: std::ops::Range<usize>, _: &mut [f32]) {
+    unsafe fn sums(&self, _: Kernel, _: &[f32], _: &[f32], nb: usize, _: std::ops::Range<usize>, _: &mut [f32]) {
         unreachable!("the AVX-512 level exists only on x86_64 ({nb} blocks)")
     }
 }
@@ -218,6 +259,10 @@ impl Geometry {
 /// Pixels per tile for 1–4 output blocks: 24 accumulators at most (12 for one block, whose tile is
 /// bound by its broadcasts).
 const PX_OF: [usize; 5] = [0, 12, 12, 8, 6];
+
+/// Pixels per AVX2 tile (one block of 16 output channels, two 8-lane halves): 12 accumulators beside
+/// two weight halves and a broadcast in the 16 ymm registers.
+const PX_AVX2: usize = 6;
 
 /// One tile's operands: `nc` input channels (planes `plane` apart) × `nky` rows (`row` apart) × k
 /// columns from `x` (the first pixel's first tap; pixel i's at i·s), the weights from `w` (channel
@@ -363,6 +408,118 @@ unsafe fn edge<const NB: usize>(st: &Step) {
     }
 }
 
+/// `tile_avx2::<px>`.
+///
+/// # Safety
+/// As `tile_avx2`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile_avx2_dispatch(px: usize, s: &Step, j: usize) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match px {
+            6 => tile_avx2::<6>(s, j),
+            5 => tile_avx2::<5>(s, j),
+            4 => tile_avx2::<4>(s, j),
+            3 => tile_avx2::<3>(s, j),
+            2 => tile_avx2::<2>(s, j),
+            _ => tile_avx2::<1>(s, j),
+        }
+    }
+}
+
+/// `tile::<1, PX>` for the step's output block j (channels 16j..16j + 16 of the tile) at AVX2, in
+/// `tile`'s order of summation (so the same bits).
+///
+/// # Safety
+/// AVX2 and FMA must be available; as `tile` for block j.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2<const PX: usize>(st: &Step, j: usize) {
+    use std::arch::x86_64::*;
+    const HALF: usize = BLOCK / 2;
+    // SAFETY: the caller's contract covers every pointer formed below.
+    unsafe {
+        let out = st.out.add(j * st.out_stride);
+        let mut acc = [[_mm256_setzero_ps(); 2]; PX];
+        if st.accumulate {
+            for (i, halves) in acc.iter_mut().enumerate() {
+                for (h, a) in halves.iter_mut().enumerate() {
+                    *a = _mm256_loadu_ps(out.add(i * BLOCK + h * HALF));
+                }
+            }
+        }
+        let kk = st.k * st.k;
+        for c in 0..st.nc {
+            for ky in 0..st.nky {
+                let xr = st.x.add(c * st.plane + ky * st.row);
+                let wr = st.w.add((c * kk + ky * st.k) * CO_TILE + j * BLOCK);
+                for kx in 0..st.k {
+                    let w0 = _mm256_loadu_ps(wr.add(kx * CO_TILE));
+                    let w1 = _mm256_loadu_ps(wr.add(kx * CO_TILE + HALF));
+                    for (i, [a0, a1]) in acc.iter_mut().enumerate() {
+                        let xv = _mm256_broadcast_ss(&*xr.add(i * st.s + kx));
+                        *a0 = _mm256_fmadd_ps(w0, xv, *a0);
+                        *a1 = _mm256_fmadd_ps(w1, xv, *a1);
+                    }
+                }
+            }
+        }
+        for (i, halves) in acc.iter().enumerate() {
+            for (h, a) in halves.iter().enumerate() {
+                _mm256_storeu_ps(out.add(i * BLOCK + h * HALF), *a);
+            }
+        }
+    }
+}
+
+/// `edge::<1>` for output block j at AVX2.
+///
+/// # Safety
+/// AVX2 and FMA must be available; as `edge` for block j.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn edge_avx2(st: &Step, j: usize) {
+    use std::arch::x86_64::*;
+    const HALF: usize = BLOCK / 2;
+    // SAFETY: the caller's contract; only columns ix + kx inside [0, row) are read.
+    unsafe {
+        let out = st.out.add(j * st.out_stride);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        if st.accumulate {
+            for (h, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_loadu_ps(out.add(h * HALF));
+            }
+        }
+        let kk = st.k * st.k;
+        let inside = |kx: usize| (0..st.row as isize).contains(&(st.ix + kx as isize));
+        for c in 0..st.nc {
+            for ky in 0..st.nky {
+                let xr = st.x.wrapping_add(c * st.plane + ky * st.row);
+                let wr = st.w.add((c * kk + ky * st.k) * CO_TILE + j * BLOCK);
+                for kx in (0..st.k).filter(|&kx| inside(kx)) {
+                    let xv = _mm256_broadcast_ss(&*xr.wrapping_add(kx));
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(wr.add(kx * CO_TILE + h * HALF)), xv, *a);
+                    }
+                }
+            }
+        }
+        for (h, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.add(h * HALF), *a);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_avx2_dispatch(px: usize, _: &Step, j: usize) {
+    unreachable!("the AVX2 level exists only on x86_64 ({px} pixels, block {j})")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn edge_avx2(_: &Step, j: usize) {
+    unreachable!("the AVX2 level exists only on x86_64 (block {j})")
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn tile_dispatch(nb: usize, px: usize, _: &Step) {
     unreachable!("the AVX-512 level exists only on x86_64 ({nb} x {px})")
@@ -445,4 +602,79 @@ pub(super) unsafe fn write_back(
     _: &[f32],
 ) {
     unreachable!("the AVX-512 level exists only on x86_64 ({})", conv.name)
+}
+
+/// `write_back` at AVX2: per half block, 8 pixels × 8 channels transposed in registers.
+///
+/// # Safety
+/// AVX2 and FMA must be available; as `write_back`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn write_back_avx2(
+    conv: &Conv,
+    sinks: &Sinks,
+    residual: Option<&[f32]>,
+    (b, co0, nb): (usize, usize, usize),
+    (first, npix): (usize, usize),
+    plane: usize,
+    band: &[f32],
+) {
+    use crate::cpu::vec256::{act8, first_lanes, transpose8};
+    use std::arch::x86_64::*;
+    const HALF: usize = BLOCK / 2;
+    let plane_out = npix * BLOCK;
+    assert!(band.len() >= nb * plane_out && first + npix <= plane);
+    // SAFETY: the loads lie inside `band` (pixels < npix), the stores and residual loads inside the
+    // channels' pixels first..first + npix (masked past the run; the caller's contract).
+    unsafe {
+        for j in 0..nb {
+            let lanes = BLOCK.min(conv.cout - co0 - j * BLOCK);
+            for h in 0..lanes.div_ceil(HALF) {
+                let targets: [_; HALF] = std::array::from_fn(|jj| {
+                    let c = h * HALF + jj;
+                    let co = co0 + j * BLOCK + c;
+                    (c < lanes).then(|| {
+                        (
+                            sinks.route(b, co, plane),
+                            conv.bias[co],
+                            residual.map(|r| r.as_ptr().add((b * conv.cout + co) * plane)),
+                        )
+                    })
+                });
+                for q0 in (0..npix).step_by(HALF) {
+                    let run = HALF.min(npix - q0);
+                    let mask = first_lanes(run);
+                    let rows: [__m256; HALF] = std::array::from_fn(|i| {
+                        if i < run {
+                            _mm256_loadu_ps(band.as_ptr().add(j * plane_out + (q0 + i) * BLOCK + h * HALF))
+                        } else {
+                            _mm256_setzero_ps()
+                        }
+                    });
+                    let cols = transpose8(rows);
+                    for (jj, target) in targets.iter().enumerate() {
+                        let Some(((out, at, act), bias, res)) = *target else { continue };
+                        let mut y = _mm256_add_ps(cols[jj], _mm256_set1_ps(bias));
+                        if let Some(r) = res {
+                            y = _mm256_add_ps(y, _mm256_maskload_ps(r.add(first + q0), mask));
+                        }
+                        _mm256_maskstore_ps(out.get().add(at + first + q0), mask, act8(y, act));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn write_back_avx2(
+    conv: &Conv,
+    _: &Sinks,
+    _: Option<&[f32]>,
+    _: (usize, usize, usize),
+    _: (usize, usize),
+    _: usize,
+    _: &[f32],
+) {
+    unreachable!("the AVX2 level exists only on x86_64 ({})", conv.name)
 }

@@ -121,7 +121,7 @@ fn conv2d_pair_at(
     match choose_path(joint, h, w, level) {
         ConvPath::Igemm(kernel) => igemm::conv(kernel, joint, x, n, h, w, sinks, None),
         ConvPath::Winograd(kernel, tile) => winograd::conv(kernel.isa(), tile, joint, x, n, h, w, sinks, None),
-        ConvPath::DirectCo => direct_co::conv(joint, x, n, h, w, sinks, None),
+        ConvPath::DirectCo(kernel) => direct_co::conv(kernel, joint, x, n, h, w, sinks, None),
         _ => {
             conv2d_on(choose_path(a, h, w, level), level, a, x, n, h, w, out_a, oc_a, None);
             conv2d_on(choose_path(b, h, w, level), level, b, x, n, h, w, out_b, oc_b, None);
@@ -151,8 +151,8 @@ enum ConvPath {
     Winograd(Kernel, winograd::Tile),
     /// Few taps per output: direct accumulation, all output channels at once (`direct`).
     DirectSmall,
-    /// Direct, vectorised over output channels (`direct_co`, AVX-512).
-    DirectCo,
+    /// Direct, vectorised over output channels (`direct_co`, AVX-512 or AVX2).
+    DirectCo(Kernel),
     /// 3×3 stride 1: nine shifted GEMMs on a padded plane (`shifted3x3`).
     Shifted3x3,
     /// im2col + GEMM, or GEMM straight on the input for 1×1 stride 1 (`gemm`).
@@ -168,17 +168,18 @@ fn choose_path(conv: &Conv, h: usize, w: usize, isa: Isa) -> ConvPath {
     let winograd = Kernel::for_isa(isa)
         .filter(|_| winograd::handles(conv, isa))
         .and_then(|k| winograd::choose(conv, h, w, k).map(|t| (k, t)));
-    let direct_co = isa == Isa::Avx512
-        && direct_co::handles(conv)
-        && match direct_co::mode() {
-            PathMode::Force => true,
-            PathMode::Off => false,
-            PathMode::Auto => direct_co::preferred(conv, h, w),
-        };
+    let direct_co = Kernel::for_isa(isa).filter(|&k| {
+        direct_co::handles(conv, k)
+            && match direct_co::mode() {
+                PathMode::Force => true,
+                PathMode::Off => false,
+                PathMode::Auto => direct_co::preferred(conv, h, w, k),
+            }
+    });
     if conv.groups != 1 {
         ConvPath::Depthwise
-    } else if direct_co {
-        ConvPath::DirectCo
+    } else if let Some(kernel) = direct_co {
+        ConvPath::DirectCo(kernel)
     } else if let Some((kernel, tile)) = winograd {
         ConvPath::Winograd(kernel, tile)
     } else if let Some(kernel) = kernel {
@@ -214,7 +215,9 @@ fn conv2d_on(
             winograd::conv(kernel.isa(), tile, conv, x, n, h, w, Sinks::one(out, out_channels, conv), residual)
         }
         ConvPath::DirectSmall => direct::conv(level, conv, x, n, h, w, oh, ow, out, out_channels, residual),
-        ConvPath::DirectCo => direct_co::conv(conv, x, n, h, w, Sinks::one(out, out_channels, conv), residual),
+        ConvPath::DirectCo(kernel) => {
+            direct_co::conv(kernel, conv, x, n, h, w, Sinks::one(out, out_channels, conv), residual)
+        }
         ConvPath::Shifted3x3 => shifted3x3::conv(level, conv, x, n, h, w, out, out_channels, residual),
         ConvPath::Im2colGemm => gemm::conv(level, conv, x, n, h, w, oh, ow, out, out_channels, residual),
         ConvPath::Depthwise => {
@@ -323,6 +326,7 @@ pub(crate) mod tests {
             if igemm::handles(&conv) && igemm::fits(&conv, h, w) {
                 paths.extend(kernels.iter().map(|&k| ConvPath::Igemm(k)));
             }
+            paths.extend(kernels.iter().filter(|&&k| direct_co::handles(&conv, k)).map(|&k| ConvPath::DirectCo(k)));
             for tile in [winograd::Tile::F2, winograd::Tile::F4] {
                 let with = kernels.iter().filter(|k| winograd::handles(&conv, k.isa()));
                 paths.extend(with.map(|&k| ConvPath::Winograd(k, tile)));
@@ -406,25 +410,31 @@ pub(crate) mod tests {
             act: Act::None,
             packed: Default::default(),
         };
-        // The AVX-512 level may also take the direct path vectorised over output channels (an AVX-512
-        // kernel too; on 40² maps it is preferred for 3x3 stride 1 up to 128 input channels).
+        // The AVX-512 and AVX2 levels may also take the direct path vectorised over output channels
+        // with their own instructions (on 40² maps, at AVX-512, for 3x3 stride 1 up to 128 input
+        // channels; at AVX2 for the stride-2 stem).
         for c in [conv(3, 3, 2), conv(16, 1, 1), conv(8, 3, 1), conv(64, 3, 1)] {
             let at512 = choose_path(&c, 40, 40, Isa::Avx512);
-            assert!(matches!(at512, ConvPath::Igemm(Kernel::Avx512) | ConvPath::DirectCo), "{at512:?}");
-            assert_eq!(choose_path(&c, 40, 40, Isa::Avx2), ConvPath::Igemm(Kernel::Avx2));
-            assert!(!matches!(choose_path(&c, 40, 40, Isa::Portable), ConvPath::Igemm(_) | ConvPath::DirectCo));
+            assert!(matches!(at512, ConvPath::Igemm(Kernel::Avx512) | ConvPath::DirectCo(Kernel::Avx512)), "{at512:?}");
+            let at2 = choose_path(&c, 40, 40, Isa::Avx2);
+            assert!(matches!(at2, ConvPath::Igemm(Kernel::Avx2) | ConvPath::DirectCo(Kernel::Avx2)), "{at2:?}");
+            assert!(!matches!(choose_path(&c, 40, 40, Isa::Portable), ConvPath::Igemm(_) | ConvPath::DirectCo(_)));
         }
         // 3x3 stride 1 with enough channels and pixels: Winograd on the level's own kernel.
         let c = Conv { cout: 64, weight: vec![0.0; 64 * 64 * 9], bias: vec![0.0; 64], ..conv(64, 3, 1) };
         assert!(matches!(choose_path(&c, 80, 80, Isa::Avx512), ConvPath::Winograd(Kernel::Avx512, _)));
         assert!(matches!(choose_path(&c, 80, 80, Isa::Avx2), ConvPath::Winograd(Kernel::Avx2, _)));
         assert!(!matches!(choose_path(&c, 80, 80, Isa::Portable), ConvPath::Winograd(..) | ConvPath::Igemm(_)));
-        // The direct path's rule: small maps and stride 2 at AVX-512, never at the other levels.
-        assert_eq!(choose_path(&c, 20, 20, Isa::Avx512) == ConvPath::DirectCo, Isa::Avx512.supported());
-        assert_ne!(choose_path(&c, 20, 20, Isa::Avx2), ConvPath::DirectCo);
+        // The direct path's rule: small maps and stride 2 at AVX-512, not 3x3 stride 1 at AVX2.
+        assert_eq!(choose_path(&c, 20, 20, Isa::Avx512) == ConvPath::DirectCo(Kernel::Avx512), Isa::Avx512.supported());
+        assert_ne!(choose_path(&c, 20, 20, Isa::Avx2), ConvPath::DirectCo(Kernel::Avx2));
         // Not for 1x1 stride 2 (ResNet-50's downsampling, where it measured 0.54-0.74x).
         let ds = Conv { cout: 512, weight: vec![0.0; 512 * 256], bias: vec![0.0; 512], ..conv(256, 1, 2) };
-        assert_ne!(choose_path(&ds, 160, 160, Isa::Avx512), ConvPath::DirectCo);
+        assert_ne!(choose_path(&ds, 160, 160, Isa::Avx512), ConvPath::DirectCo(Kernel::Avx512));
+        assert_ne!(choose_path(&ds, 160, 160, Isa::Avx2), ConvPath::DirectCo(Kernel::Avx2));
+        // At AVX2 only stride-2 convolutions (16 output channels or more) take it.
+        let s2 = Conv { cout: 128, weight: vec![0.0; 128 * 64 * 9], bias: vec![0.0; 128], ..conv(64, 3, 2) };
+        assert_eq!(choose_path(&s2, 160, 160, Isa::Avx2) == ConvPath::DirectCo(Kernel::Avx2), Isa::Avx2.supported());
     }
 
     /// A pair as one GEMM: each conv's channels in its own tensor at its offset with its activation,
@@ -514,9 +524,6 @@ pub(crate) mod tests {
         }
         if conv.kernel == 3 && conv.stride == 1 && conv.pad == 1 {
             paths.push(ConvPath::Shifted3x3);
-        }
-        if direct_co::handles(conv) {
-            paths.push(ConvPath::DirectCo);
         }
         paths
     }
