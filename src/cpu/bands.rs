@@ -279,7 +279,6 @@ mod tests {
     /// row (wide expansions: the ring of three rows wraps every band) and of many.
     #[test]
     fn a_fused_op_equals_its_kernels_run_on_whole_maps() {
-        use crate::cpu::blocked::Simd;
         use crate::graph::Act;
         let sets = Simd::supported();
         if sets.is_empty() {

@@ -30,6 +30,8 @@ use std::cell::RefCell;
 
 /// Channels per vector.
 const BLOCK: usize = 16;
+/// Channels per AVX2 register: half a block.
+const HALF: usize = BLOCK / 2;
 /// Output channels per tile: four vectors.
 const CO_TILE: usize = 4 * BLOCK;
 /// Taps (input channel × ky × kx) per reduction pass: a tile's weights for a pass (36 KiB) stay in
@@ -227,9 +229,10 @@ impl Geometry {
                 // (columns lo..hi, rows ky0..ky1), edge pixels check each column.
                 unsafe {
                     for ox in (0..lo).chain(hi..ow) {
+                        let st = step(ox);
                         match kernel {
-                            Kernel::Avx512 => edge_dispatch(nb, &step(ox)),
-                            Kernel::Avx2 => (0..nb).for_each(|j| edge_avx2(&step(ox), j)),
+                            Kernel::Avx512 => edge_dispatch(nb, &st),
+                            Kernel::Avx2 => (0..nb).for_each(|j| edge_avx2(&st, j)),
                         }
                     }
                     let px = match kernel {
@@ -238,10 +241,10 @@ impl Geometry {
                     };
                     let mut ox = lo;
                     while ox < hi {
-                        let run = px.min(hi - ox);
+                        let (run, st) = (px.min(hi - ox), step(ox));
                         match kernel {
-                            Kernel::Avx512 => tile_dispatch(nb, run, &step(ox)),
-                            Kernel::Avx2 => (0..nb).for_each(|j| tile_avx2_dispatch(run, &step(ox), j)),
+                            Kernel::Avx512 => tile_dispatch(nb, run, &st),
+                            Kernel::Avx2 => (0..nb).for_each(|j| tile_avx2_dispatch(run, &st, j)),
                         }
                         ox += run;
                     }
@@ -436,7 +439,6 @@ unsafe fn tile_avx2_dispatch(px: usize, s: &Step, j: usize) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_avx2<const PX: usize>(st: &Step, j: usize) {
     use std::arch::x86_64::*;
-    const HALF: usize = BLOCK / 2;
     // SAFETY: the caller's contract covers every pointer formed below.
     unsafe {
         let out = st.out.add(j * st.out_stride);
@@ -480,7 +482,6 @@ unsafe fn tile_avx2<const PX: usize>(st: &Step, j: usize) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn edge_avx2(st: &Step, j: usize) {
     use std::arch::x86_64::*;
-    const HALF: usize = BLOCK / 2;
     // SAFETY: the caller's contract; only columns ix + kx inside [0, row) are read.
     unsafe {
         let out = st.out.add(j * st.out_stride);
@@ -621,7 +622,6 @@ unsafe fn write_back_avx2(
 ) {
     use crate::cpu::vec256::{act8, first_lanes, transpose8};
     use std::arch::x86_64::*;
-    const HALF: usize = BLOCK / 2;
     let plane_out = npix * BLOCK;
     assert!(band.len() >= nb * plane_out && first + npix <= plane);
     // SAFETY: the loads lie inside `band` (pixels < npix), the stores and residual loads inside the
