@@ -17,8 +17,9 @@
 //! Work: 2·cin·k²·cout flops per output pixel; memory: the input read once per 64 output channels (its
 //! rows from the cache), the output written once. Tasks: (image, tile of 64 output channels, band of
 //! output rows), at least `min_tasks()`. Input channels go in passes of KC_TAPS taps (the tile's
-//! weights for a pass, 128 KiB, stay in L2 while the pass sweeps the band). Columns whose taps reach
-//! the padding run one pixel at a time with each tap checked. Each output sums its products in
+//! weights for a pass, 36 KiB, stay in L1 while the pass sweeps the band). Columns whose taps reach
+//! the left or right padding run as tiles down the column (their taps kx the same for every row), so
+//! every tile keeps the full register tile. Each output sums its products in
 //! (ci, ky, kx) order in one task: results do not depend on the thread count.
 
 use super::common::{ModeSwitch, PathMode, Sinks, aligned, min_tasks};
@@ -175,8 +176,20 @@ struct Geometry {
 }
 
 impl Geometry {
+    /// The taps (ky or kx) of a kernel row or column that stay inside an input of `len` for the output
+    /// at `o`: those with 0 ≤ o·s + t − p < len.
+    fn taps(&self, o: usize, len: usize) -> std::ops::Range<usize> {
+        let t0 = self.p.saturating_sub(o * self.s).min(self.k);
+        t0..(len + self.p).saturating_sub(o * self.s).min(self.k).max(t0)
+    }
+
     /// The sums (no bias) of one tile of `nb` output blocks for output rows `rows` into `band`
     /// ([4][rows·ow][16]), every input channel in passes of KC_TAPS taps.
+    ///
+    /// Each pass runs the interior columns (every kx inside the row) as tiles along each output row, and
+    /// the edge columns (whose taps reach the left or right padding) as tiles down each column, over runs
+    /// of rows with the same taps ky, so every tile has one tap range for all its pixels and keeps the
+    /// full register tile: a pixel at a time, the 20² maps' two edge columns took a third of the time.
     ///
     /// # Safety
     /// The processor must have `kernel`'s instructions; `image` must hold cin planes of h·w, `weights`
@@ -199,55 +212,63 @@ impl Geometry {
         let lo = p.div_ceil(s).min(ow);
         let hi = if w + p >= k { ((w + p - k) / s + 1).min(ow) } else { 0 }.max(lo);
         let kc = (KC_TAPS / (k * k)).max(1);
+        let px_max = match kernel {
+            Kernel::Avx512 => PX_OF[nb],
+            Kernel::Avx2 => PX_AVX2,
+        };
         let band = band.as_mut_ptr();
         for c0 in (0..self.cin).step_by(kc) {
             let nc = kc.min(self.cin - c0);
-            for (row, oy) in rows.clone().enumerate() {
-                // Taps ky whose input row iy = oy·s + ky − p lies inside the image.
-                let ky0 = p.saturating_sub(oy * s).min(k);
-                let ky1 = (self.h + p).saturating_sub(oy * s).min(k).max(ky0);
-                let step = |ox: usize| {
-                    let ix = (ox * s) as isize - p as isize;
-                    // A row with no taps inside the image (padding ≥ k) keeps nky = 0 and reads nothing.
-                    let iy = (oy * s + ky0).saturating_sub(p);
-                    Step {
-                        x: image.as_ptr().wrapping_add(c0 * self.h * w + iy * w).wrapping_offset(ix),
-                        w: weights[(c0 * k * k + ky0 * k) * CO_TILE..].as_ptr(),
-                        nc,
-                        nky: ky1 - ky0,
-                        k,
-                        s,
-                        plane: self.h * w,
-                        row: w,
-                        ix,
-                        out: band.wrapping_add((row * ow + ox) * BLOCK),
-                        out_stride: plane_out,
-                        accumulate: c0 > 0,
-                    }
-                };
-                // SAFETY: the caller's contract; interior tiles read only taps inside the image
-                // (columns lo..hi, rows ky0..ky1), edge pixels check each column.
+            // The tile of `px` pixels from output (oy, ox), the next pixel `next` = (rows, columns) on,
+            // with taps ky × kx. Pointers may start in the padding: only taps inside are read.
+            let step = |oy: usize, ox: usize, ky: std::ops::Range<usize>, kx: std::ops::Range<usize>, next| {
+                let (dy, dx) = next;
+                let iy = (oy * s + ky.start).saturating_sub(p);
+                let ix = (ox * s) as isize - p as isize;
+                Step {
+                    x: image.as_ptr().wrapping_add(c0 * self.h * w + iy * w).wrapping_offset(ix),
+                    w: weights[(c0 * k * k + ky.start * k) * CO_TILE..].as_ptr(),
+                    nc,
+                    nky: ky.len(),
+                    k,
+                    kx,
+                    plane: self.h * w,
+                    row: w,
+                    dx: dy * s * w + dx * s,
+                    out: band.wrapping_add(((oy - rows.start) * ow + ox) * BLOCK),
+                    dout: (dy * ow + dx) * BLOCK,
+                    out_stride: plane_out,
+                    accumulate: c0 > 0,
+                }
+            };
+            let run_tiles = |st: &Step, px: usize| {
+                // SAFETY: the caller's contract; `step` gives each tile only taps inside the image.
                 unsafe {
-                    for ox in (0..lo).chain(hi..ow) {
-                        let st = step(ox);
-                        match kernel {
-                            Kernel::Avx512 => edge_dispatch(nb, &st),
-                            Kernel::Avx2 => (0..nb).for_each(|j| edge_avx2(&st, j)),
-                        }
+                    match kernel {
+                        Kernel::Avx512 => tile_dispatch(nb, px, st),
+                        Kernel::Avx2 => (0..nb).for_each(|j| tile_avx2_dispatch(px, st, j)),
                     }
-                    let px = match kernel {
-                        Kernel::Avx512 => PX_OF[nb],
-                        Kernel::Avx2 => PX_AVX2,
-                    };
-                    let mut ox = lo;
-                    while ox < hi {
-                        let (run, st) = (px.min(hi - ox), step(ox));
-                        match kernel {
-                            Kernel::Avx512 => tile_dispatch(nb, run, &st),
-                            Kernel::Avx2 => (0..nb).for_each(|j| tile_avx2_dispatch(run, &st, j)),
-                        }
-                        ox += run;
+                }
+            };
+            for oy in rows.clone() {
+                let mut ox = lo;
+                while ox < hi {
+                    let px = px_max.min(hi - ox);
+                    run_tiles(&step(oy, ox, self.taps(oy, self.h), 0..k, (0, 1)), px);
+                    ox += px;
+                }
+            }
+            for ox in (0..lo).chain(hi..ow) {
+                let mut oy = rows.start;
+                while oy < rows.end {
+                    // The run of rows with oy's taps ky, in tiles of px_max rows at most.
+                    let ky = self.taps(oy, self.h);
+                    let mut px = 1;
+                    while px < px_max && oy + px < rows.end && self.taps(oy + px, self.h) == ky {
+                        px += 1;
                     }
+                    run_tiles(&step(oy, ox, ky, self.taps(ox, w), (1, 0)), px);
+                    oy += px;
                 }
             }
         }
@@ -267,22 +288,22 @@ const PX_OF: [usize; 5] = [0, 12, 12, 8, 6];
 /// two weight halves and a broadcast in the 16 ymm registers.
 const PX_AVX2: usize = 6;
 
-/// One tile's operands: `nc` input channels (planes `plane` apart) × `nky` rows (`row` apart) × k
-/// columns from `x` (the first pixel's first tap; pixel i's at i·s), the weights from `w` (channel
-/// c, row ky, column kx at ((c·k + ky)·k + kx)·64), the sums to `out` (block j at j·out_stride).
+/// One tile's operands: `nc` input channels (planes `plane` apart) × `nky` rows (`row` apart) × the
+/// columns `kx` from `x` (the first pixel's tap (ky, kx = 0), which may lie in the padding; pixel i's
+/// `dx`·i on), the weights from `w` (channel c, row ky, column kx at ((c·k + ky)·k + kx)·64), the sums
+/// to `out` (pixel i's `dout`·i on, block j at j·out_stride).
 struct Step {
     x: *const f32,
     w: *const f32,
     nc: usize,
     nky: usize,
     k: usize,
-    s: usize,
+    kx: std::ops::Range<usize>,
     plane: usize,
-    /// Floats between input rows: the row's width, which the edge pixels' checks also read.
     row: usize,
-    /// The first pixel's first input column (negative in the padding), for the edge pixels' checks.
-    ix: isize,
+    dx: usize,
     out: *mut f32,
+    dout: usize,
     out_stride: usize,
     accumulate: bool,
 }
@@ -312,54 +333,37 @@ unsafe fn tile_dispatch(nb: usize, px: usize, s: &Step) {
     }
 }
 
-/// `edge::<nb>`.
+/// `out[j][i] = [out +] Σ w · x` for output block j < NB and pixel i < PX over the step's taps.
 ///
 /// # Safety
-/// As `edge`.
-#[cfg(target_arch = "x86_64")]
-unsafe fn edge_dispatch(nb: usize, s: &Step) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        match nb {
-            4 => edge::<4>(s),
-            3 => edge::<3>(s),
-            2 => edge::<2>(s),
-            _ => edge::<1>(s),
-        }
-    }
-}
-
-/// `out[j][i] = [out +] Σ w · x` for output block j < NB and pixel i < PX, every tap inside the image.
-///
-/// # Safety
-/// AVX-512F must be available; every tap of the PX pixels must lie inside `x`'s planes, `w` must hold
-/// the step's weights, `out` NB blocks of PX vectors.
+/// AVX-512F must be available; the step's taps of the PX pixels must lie inside `x`'s planes, `w` must
+/// hold the step's weights, `out` NB blocks of the PX pixels.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn tile<const NB: usize, const PX: usize>(st: &Step) {
     use std::arch::x86_64::*;
-    // SAFETY: the caller's contract covers every pointer formed below.
+    // SAFETY: the caller's contract covers every pointer read or written below.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); NB]; PX];
         if st.accumulate {
             for (i, a) in acc.iter_mut().enumerate() {
                 for (j, v) in a.iter_mut().enumerate() {
-                    *v = _mm512_loadu_ps(st.out.add(j * st.out_stride + i * BLOCK));
+                    *v = _mm512_loadu_ps(st.out.add(j * st.out_stride + i * st.dout));
                 }
             }
         }
         let kk = st.k * st.k;
         for c in 0..st.nc {
             for ky in 0..st.nky {
-                let xr = st.x.add(c * st.plane + ky * st.row);
+                let xr = st.x.wrapping_add(c * st.plane + ky * st.row);
                 let wr = st.w.add((c * kk + ky * st.k) * CO_TILE);
-                for kx in 0..st.k {
+                for kx in st.kx.clone() {
                     let mut wv = [_mm512_setzero_ps(); NB];
                     for (j, v) in wv.iter_mut().enumerate() {
                         *v = _mm512_loadu_ps(wr.add(kx * CO_TILE + j * BLOCK));
                     }
                     for (i, a) in acc.iter_mut().enumerate() {
-                        let xv = _mm512_set1_ps(*xr.add(i * st.s + kx));
+                        let xv = _mm512_set1_ps(*xr.wrapping_add(i * st.dx + kx));
                         for (v, w) in a.iter_mut().zip(&wv) {
                             *v = _mm512_fmadd_ps(*w, xv, *v);
                         }
@@ -369,44 +373,8 @@ unsafe fn tile<const NB: usize, const PX: usize>(st: &Step) {
         }
         for (i, a) in acc.iter().enumerate() {
             for (j, v) in a.iter().enumerate() {
-                _mm512_storeu_ps(st.out.add(j * st.out_stride + i * BLOCK), *v);
+                _mm512_storeu_ps(st.out.add(j * st.out_stride + i * st.dout), *v);
             }
-        }
-    }
-}
-
-/// `tile::<NB, 1>` for a pixel whose taps may reach the padding: columns outside the row skipped.
-///
-/// # Safety
-/// As `tile`, for the taps inside the row.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn edge<const NB: usize>(st: &Step) {
-    use std::arch::x86_64::*;
-    // SAFETY: the caller's contract; only columns ix + kx inside [0, row) are read.
-    unsafe {
-        let mut acc = [_mm512_setzero_ps(); NB];
-        if st.accumulate {
-            for (j, v) in acc.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(st.out.add(j * st.out_stride));
-            }
-        }
-        let kk = st.k * st.k;
-        let inside = |kx: usize| (0..st.row as isize).contains(&(st.ix + kx as isize));
-        for c in 0..st.nc {
-            for ky in 0..st.nky {
-                let xr = st.x.wrapping_add(c * st.plane + ky * st.row);
-                let wr = st.w.add((c * kk + ky * st.k) * CO_TILE);
-                for kx in (0..st.k).filter(|&kx| inside(kx)) {
-                    let xv = _mm512_set1_ps(*xr.wrapping_add(kx));
-                    for (j, v) in acc.iter_mut().enumerate() {
-                        *v = _mm512_fmadd_ps(_mm512_loadu_ps(wr.add(kx * CO_TILE + j * BLOCK)), xv, *v);
-                    }
-                }
-            }
-        }
-        for (j, v) in acc.iter().enumerate() {
-            _mm512_storeu_ps(st.out.add(j * st.out_stride), *v);
         }
     }
 }
@@ -439,27 +407,27 @@ unsafe fn tile_avx2_dispatch(px: usize, s: &Step, j: usize) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_avx2<const PX: usize>(st: &Step, j: usize) {
     use std::arch::x86_64::*;
-    // SAFETY: the caller's contract covers every pointer formed below.
+    // SAFETY: the caller's contract covers every pointer read or written below.
     unsafe {
         let out = st.out.add(j * st.out_stride);
         let mut acc = [[_mm256_setzero_ps(); 2]; PX];
         if st.accumulate {
             for (i, halves) in acc.iter_mut().enumerate() {
                 for (h, a) in halves.iter_mut().enumerate() {
-                    *a = _mm256_loadu_ps(out.add(i * BLOCK + h * HALF));
+                    *a = _mm256_loadu_ps(out.add(i * st.dout + h * HALF));
                 }
             }
         }
         let kk = st.k * st.k;
         for c in 0..st.nc {
             for ky in 0..st.nky {
-                let xr = st.x.add(c * st.plane + ky * st.row);
+                let xr = st.x.wrapping_add(c * st.plane + ky * st.row);
                 let wr = st.w.add((c * kk + ky * st.k) * CO_TILE + j * BLOCK);
-                for kx in 0..st.k {
+                for kx in st.kx.clone() {
                     let w0 = _mm256_loadu_ps(wr.add(kx * CO_TILE));
                     let w1 = _mm256_loadu_ps(wr.add(kx * CO_TILE + HALF));
                     for (i, [a0, a1]) in acc.iter_mut().enumerate() {
-                        let xv = _mm256_broadcast_ss(&*xr.add(i * st.s + kx));
+                        let xv = _mm256_broadcast_ss(&*xr.wrapping_add(i * st.dx + kx));
                         *a0 = _mm256_fmadd_ps(w0, xv, *a0);
                         *a1 = _mm256_fmadd_ps(w1, xv, *a1);
                     }
@@ -468,45 +436,8 @@ unsafe fn tile_avx2<const PX: usize>(st: &Step, j: usize) {
         }
         for (i, halves) in acc.iter().enumerate() {
             for (h, a) in halves.iter().enumerate() {
-                _mm256_storeu_ps(out.add(i * BLOCK + h * HALF), *a);
+                _mm256_storeu_ps(out.add(i * st.dout + h * HALF), *a);
             }
-        }
-    }
-}
-
-/// `edge::<1>` for output block j at AVX2.
-///
-/// # Safety
-/// AVX2 and FMA must be available; as `edge` for block j.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn edge_avx2(st: &Step, j: usize) {
-    use std::arch::x86_64::*;
-    // SAFETY: the caller's contract; only columns ix + kx inside [0, row) are read.
-    unsafe {
-        let out = st.out.add(j * st.out_stride);
-        let mut acc = [_mm256_setzero_ps(); 2];
-        if st.accumulate {
-            for (h, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_loadu_ps(out.add(h * HALF));
-            }
-        }
-        let kk = st.k * st.k;
-        let inside = |kx: usize| (0..st.row as isize).contains(&(st.ix + kx as isize));
-        for c in 0..st.nc {
-            for ky in 0..st.nky {
-                let xr = st.x.wrapping_add(c * st.plane + ky * st.row);
-                let wr = st.w.add((c * kk + ky * st.k) * CO_TILE + j * BLOCK);
-                for kx in (0..st.k).filter(|&kx| inside(kx)) {
-                    let xv = _mm256_broadcast_ss(&*xr.wrapping_add(kx));
-                    for (h, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(wr.add(kx * CO_TILE + h * HALF)), xv, *a);
-                    }
-                }
-            }
-        }
-        for (h, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(out.add(h * HALF), *a);
         }
     }
 }
@@ -517,18 +448,8 @@ unsafe fn tile_avx2_dispatch(px: usize, _: &Step, j: usize) {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn edge_avx2(_: &Step, j: usize) {
-    unreachable!("the AVX2 level exists only on x86_64 (block {j})")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
 unsafe fn tile_dispatch(nb: usize, px: usize, _: &Step) {
     unreachable!("the AVX-512 level exists only on x86_64 ({nb} x {px})")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn edge_dispatch(nb: usize, _: &Step) {
-    unreachable!("the AVX-512 level exists only on x86_64 ({nb})")
 }
 
 /// Writes the band's sums of output channels co0.. (`nb` blocks, `npix` vectors each in `band`) of
@@ -677,4 +598,66 @@ unsafe fn write_back_avx2(
     _: &[f32],
 ) {
     unreachable!("the AVX2 level exists only on x86_64 ({})", conv.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::Act;
+
+    /// The AVX2 build sums in the AVX-512 tile's order, edge columns included, so the two give the same
+    /// bits wherever the processor has both; shapes with interior and edge columns, edge columns only
+    /// (maps narrower than the kernel), stride 2, a 7x7 stem, 1x1 stride 2, partial tiles and passes.
+    #[test]
+    fn both_levels_give_the_same_bits() {
+        let kernels: Vec<Kernel> = [Kernel::Avx512, Kernel::Avx2].into_iter().filter(|k| k.isa().supported()).collect();
+        if kernels.len() < 2 {
+            eprintln!("this processor lacks AVX-512 or AVX2: nothing to compare");
+            return;
+        }
+        let mut rnd = super::super::tests::uniform(7);
+        // (n, cin, cout, k, stride, h, w)
+        for (n, cin, cout, k, s, h, w) in [
+            (1, 20, 70, 3, 1, 13, 11),
+            (2, 17, 16, 3, 1, 2, 2),
+            (1, 5, 40, 3, 1, 1, 9),
+            (1, 33, 48, 3, 2, 9, 14),
+            (1, 3, 64, 7, 2, 19, 23),
+            (1, 40, 24, 1, 2, 7, 5),
+            (1, 160, 64, 3, 1, 20, 20),
+        ] {
+            let conv = Conv {
+                name: "t".into(),
+                input: 0,
+                output: 1,
+                out_channel_offset: 0,
+                cin,
+                cout,
+                kernel: k,
+                stride: s,
+                pad: k / 2,
+                groups: 1,
+                weight: (0..cout * cin * k * k).map(|_| rnd()).collect(),
+                bias: (0..cout).map(|_| rnd()).collect(),
+                residual: None,
+                act: Act::Leaky(0.1),
+                packed: Default::default(),
+            };
+            let x: Vec<f32> = (0..n * cin * h * w).map(|_| rnd()).collect();
+            let (oh, ow) = (out_size(h, k, s, k / 2), out_size(w, k, s, k / 2));
+            let outs: Vec<Vec<f32>> = kernels
+                .iter()
+                .map(|&kernel| {
+                    let mut out = vec![f32::NAN; n * cout * oh * ow];
+                    let sinks = Sinks::one(super::super::SharedMut(out.as_mut_ptr()), cout, &conv);
+                    super::conv(kernel, &conv, &x, n, h, w, sinks, None);
+                    out
+                })
+                .collect();
+            for (i, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
+                assert!(a.is_finite(), "{cin}->{cout} k{k} s{s} {h}x{w} element {i} not written: {a}");
+                assert_eq!(a.to_bits(), b.to_bits(), "{cin}->{cout} k{k} s{s} {h}x{w} element {i}: {a} vs {b}");
+            }
+        }
+    }
 }
