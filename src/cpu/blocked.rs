@@ -84,10 +84,9 @@ const PX_TILE: usize = 6;
 /// pass sweeps the task's pixels.
 const KC: usize = 512;
 
-/// Floats of an [n][c] activation of `npix` pixels in the blocked layout.
-pub fn blocked_len(n: usize, c: usize, npix: usize) -> usize {
-    n * c.div_ceil(BLOCK) * npix * BLOCK
-}
+/// Floats of an [n][c] activation of `npix` pixels in the blocked layout (the conv paths' definition,
+/// which `conv::conv_blocked` reads and writes).
+pub use crate::cpu::conv::blocked_len;
 
 /// `x` [n][c][npix] (NCHW) into `out` [n][c/16][npix][16], channels past c zero. One task per
 /// channel block; 16 pixels at a time, the 16 channel rows are read whole and written transposed (one
@@ -134,6 +133,74 @@ pub fn from_blocked(simd: Simd, x: &[f32], n: usize, c: usize, npix: usize, out:
         }
     });
 }
+
+/// The 3×3 stride-2 max-pool with padding 1 (counted as −∞; `reference::max_pool_3x3s2`) on a
+/// blocked tensor, with `simd`'s vectors: `x` [n][c/16][h·w][16] → `out` [n][c/16][oh·ow][16]. A
+/// pixel's 16 channels are one vector, so each output row is the maximum of up to three input rows,
+/// then of up to three columns, a vector at a time. Work: 8 comparisons per output value; memory: the
+/// input read once, the output written once. Tasks: per image and channel block, bands of rows.
+pub fn max_pool3x3s2(simd: Simd, x: &[f32], n: usize, c: usize, (h, w): (usize, usize), out: &mut [f32]) {
+    simd.check();
+    let (oh, ow) = (crate::reference::out_size(h, 3, 2, 1), crate::reference::out_size(w, 3, 2, 1));
+    assert_eq!(x.len(), blocked_len(n, c, h * w), "blocked max-pool: input size");
+    assert_eq!(out.len(), blocked_len(n, c, oh * ow), "blocked max-pool: output size");
+    let planes = n * c.div_ceil(BLOCK);
+    // Bands of output rows: enough tasks for every thread.
+    let rows = oh.div_ceil(crate::cpu::conv::min_tasks().div_ceil(planes).clamp(1, oh.max(1))).max(1);
+    let level = match simd {
+        Simd::Avx512 => Isa::Avx512,
+        Simd::Avx2 => Isa::Avx2,
+    };
+    let bands = out.par_chunks_mut((oh * ow * BLOCK).max(1)).enumerate().flat_map(|(plane, o)| {
+        o.par_chunks_mut(rows * ow * BLOCK).enumerate().map(move |(r, ob)| (plane, r * rows, ob))
+    });
+    bands.for_each_init(Vec::new, |vmax: &mut Vec<[f32; BLOCK]>, (plane, oy0, o)| {
+        vmax.resize(w, [0.0; BLOCK]);
+        pool_rows_at(level, &x[plane * h * w * BLOCK..][..h * w * BLOCK], (h, w), oy0, o, vmax);
+    });
+}
+
+/// Every other pixel of every other row (the input of a 1×1 stride-2 convolution without padding):
+/// `x` [n][c/16][h·w][16] → `out` [n][c/16][⌈h/2⌉·⌈w/2⌉][16], whole vectors copied.
+pub fn subsample2(x: &[f32], n: usize, c: usize, (h, w): (usize, usize), out: &mut [f32]) {
+    let (oh, ow) = (h.div_ceil(2), w.div_ceil(2));
+    assert_eq!(x.len(), blocked_len(n, c, h * w), "blocked subsample: input size");
+    assert_eq!(out.len(), blocked_len(n, c, oh * ow), "blocked subsample: output size");
+    out.par_chunks_mut((ow * BLOCK).max(1)).enumerate().for_each(|(row, o)| {
+        let (plane, oy) = (row / oh, row % oh);
+        let src = &x[(plane * h * w + 2 * oy * w) * BLOCK..][..w * BLOCK];
+        for (ox, dst) in o.chunks_exact_mut(BLOCK).enumerate() {
+            dst.copy_from_slice(&src[2 * ox * BLOCK..][..BLOCK]);
+        }
+    });
+}
+
+/// Output rows oy0.. of one channel block's max-pool (`o` whole rows of `ow` vectors), `vmax` a row of
+/// `w` vectors.
+#[inline(always)]
+fn pool_rows(src: &[f32], (h, w): (usize, usize), oy0: usize, o: &mut [f32], vmax: &mut [[f32; BLOCK]]) {
+    let ow = crate::reference::out_size(w, 3, 2, 1);
+    for (oy, orow) in (oy0..).zip(o.chunks_exact_mut(ow * BLOCK)) {
+        // The column-wise maximum of the window's rows, then of each window's columns.
+        let window = (oy * 2).saturating_sub(1)..(oy * 2 + 2).min(h);
+        for (ix, m) in vmax.iter_mut().enumerate() {
+            m.copy_from_slice(&src[(window.start * w + ix) * BLOCK..][..BLOCK]);
+            for iy in window.start + 1..window.end {
+                let v = &src[(iy * w + ix) * BLOCK..][..BLOCK];
+                m.iter_mut().zip(v).for_each(|(m, &v)| *m = m.max(v));
+            }
+        }
+        for (ox, dst) in orow.chunks_exact_mut(BLOCK).enumerate() {
+            let cols = (ox * 2).saturating_sub(1)..(ox * 2 + 2).min(w);
+            dst.copy_from_slice(&vmax[cols.start]);
+            for m in &vmax[cols.start + 1..cols.end] {
+                dst.iter_mut().zip(m).for_each(|(d, &v)| *d = d.max(v));
+            }
+        }
+    }
+}
+
+crate::cpu::isa::avx_dispatch!(pool_rows_at, pool_rows_avx2, pool_rows_avx512, pool_rows, (src: &[f32], hw: (usize, usize), oy0: usize, o: &mut [f32], vmax: &mut [[f32; BLOCK]]));
 
 /// One channel block into the blocked layout: `src` holds `lanes` planes of `npix`, `dst` npix
 /// vectors (lanes past `lanes` zero).
@@ -934,6 +1001,57 @@ mod tests {
     use super::*;
     use crate::cpu::conv::tests::uniform;
     use crate::reference;
+
+    /// Subsampling keeps pixel (2y, 2x) of each block, odd sizes included.
+    #[test]
+    fn subsample_keeps_every_other_pixel() {
+        let (n, c, h, w) = (2, 20, 5, 7);
+        let x: Vec<f32> = (0..blocked_len(n, c, h * w)).map(|i| i as f32).collect();
+        let (oh, ow) = (3, 4);
+        let mut out = vec![f32::NAN; blocked_len(n, c, oh * ow)];
+        subsample2(&x, n, c, (h, w), &mut out);
+        for plane in 0..n * c.div_ceil(BLOCK) {
+            for (y, xx, l) in (0..oh).flat_map(|y| (0..ow).flat_map(move |xx| (0..BLOCK).map(move |l| (y, xx, l)))) {
+                let got = out[((plane * oh + y) * ow + xx) * BLOCK + l];
+                assert_eq!(
+                    got,
+                    x[((plane * h + 2 * y) * w + 2 * xx) * BLOCK + l],
+                    "plane {plane} ({y}, {xx}) lane {l}"
+                );
+            }
+        }
+    }
+
+    /// The blocked max-pool against the reference on odd and even sizes, a partial block, a batch.
+    #[test]
+    fn max_pool_matches_the_reference() {
+        let mut rnd = uniform(9);
+        for (n, c, h, w) in [(1, 16, 7, 9), (2, 21, 8, 6), (1, 32, 1, 1), (1, 16, 2, 3), (1, 48, 33, 30)] {
+            let x: Vec<f32> = (0..n * c * h * w).map(|_| rnd()).collect();
+            let (oh, ow) = (reference::out_size(h, 3, 2, 1), reference::out_size(w, 3, 2, 1));
+            let mut want = vec![0.0; n * c * oh * ow];
+            reference::max_pool_3x3s2(&x, n * c, h, w, &mut want);
+            // The layout by its definition (the reorders need a set; the pool does not).
+            let blocks = c.div_ceil(BLOCK);
+            let to_blocked = |v: &[f32], npix: usize| {
+                let mut out = vec![0.0; blocked_len(n, c, npix)];
+                for b in 0..n {
+                    for ch in 0..c {
+                        for q in 0..npix {
+                            out[((b * blocks + ch / BLOCK) * npix + q) * BLOCK + ch % BLOCK] =
+                                v[(b * c + ch) * npix + q];
+                        }
+                    }
+                }
+                out
+            };
+            for &simd in &Simd::supported() {
+                let mut got = vec![f32::NAN; blocked_len(n, c, oh * ow)];
+                max_pool3x3s2(simd, &to_blocked(&x, h * w), n, c, (h, w), &mut got);
+                assert_eq!(got, to_blocked(&want, oh * ow), "{simd:?} {n}x{c}x{h}x{w}");
+            }
+        }
+    }
 
     /// Each set's reorders against the layout's definition, with partial blocks, partial halves (at
     /// AVX2) and partial pixel groups.

@@ -2,7 +2,7 @@
 //! cached with their plans in a cache bounded in bytes, so a steady stream of frames neither allocates
 //! nor faults in fresh pages, and a stream of many sizes holds at most the budget.
 
-use super::{chain, conv, ops};
+use super::{chain, conv, dense_run, ops};
 use crate::error::{Error, Result};
 use crate::exec::{Activations, Executor, Timings, check_batch};
 use crate::graph::{Conv, Graph, Op, Plan, PlanBuffers, PlanCache, PlanKey, Stage, TensorId};
@@ -25,12 +25,31 @@ impl PlanBuffers for Arena {
     }
 }
 
+/// Floats an arena holds beyond its plan's and scratch's, so that it can start on a 64-byte boundary.
+const ALIGN_SLACK: usize = 16;
+
+/// The arena within its allocation from the first 64-byte boundary: the plan's offsets are multiples of
+/// 64 floats, so every tensor starts on a cache line, and the blocked kernels' 16-float vectors never
+/// straddle two (a large allocation starts 16 bytes into its pages).
+fn aligned_arena(data: &mut [f32]) -> &mut [f32] {
+    let at = data.as_ptr().align_offset(64).min(ALIGN_SLACK - 1);
+    &mut data[at..]
+}
+
 /// The CPU executor: the graph and the cached plans with their arenas.
 pub struct CpuExecutor {
     graph: Arc<Graph>,
     plans: Mutex<PlanCache<Arena>>,
-    /// The runs of ops the blocked layout computes at the AVX-512 and AVX2 levels (`chain`).
+    /// The runs of ops the blocked layout computes at the AVX-512 and AVX2 levels.
+    runs: BlockedRuns,
+}
+
+/// The runs of a graph's ops the blocked layout computes: depthwise runs (`chain`) and dense runs
+/// (`dense_run`), never overlapping.
+#[derive(Default)]
+struct BlockedRuns {
     chains: Vec<chain::Chain>,
+    dense: Vec<dense_run::DenseRun>,
 }
 
 impl CpuExecutor {
@@ -38,18 +57,25 @@ impl CpuExecutor {
     pub fn new(graph: Arc<Graph>, plan_cache_bytes: usize) -> CpuExecutor {
         let graph = Arc::new(crate::passes::fuse(&graph, crate::passes::Fusions::CPU));
         // Only a processor with AVX2 or AVX-512 can run them (the level may still be forced lower per pass).
-        let chains = if super::blocked::Simd::supported().is_empty() { Vec::new() } else { chain::find(&graph) };
-        CpuExecutor { graph, plans: Mutex::new(PlanCache::new(plan_cache_bytes)), chains }
+        let runs = if super::blocked::Simd::supported().is_empty() {
+            BlockedRuns::default()
+        } else {
+            let chains = chain::find(&graph);
+            let taken: Vec<_> = chains.iter().map(|c| c.ops.clone()).collect();
+            BlockedRuns { dense: dense_run::find(&graph, &taken), chains }
+        };
+        CpuExecutor { graph, plans: Mutex::new(PlanCache::new(plan_cache_bytes)), runs }
     }
 
     /// Floats an arena of `plan` holds after the plan's tensors: the blocked runs' scratch.
     fn scratch_elems(&self, plan: &Plan) -> usize {
-        self.chains.iter().map(|c| chain::scratch_elems(&self.graph, c, plan)).max().unwrap_or(0)
+        let chains = self.runs.chains.iter().map(|c| chain::scratch_elems(&self.graph, c, plan));
+        chains.chain(self.runs.dense.iter().map(|r| dense_run::scratch_elems(&self.graph, r, plan))).max().unwrap_or(0)
     }
 
     /// The cache entry of a new plan: no arena yet, and the bytes its arena (scratch included) will take.
     fn entry(&self, plan: &Plan) -> Arena {
-        Arena { data: None, bytes: plan.arena_bytes() + 4 * self.scratch_elems(plan) }
+        Arena { data: None, bytes: plan.arena_bytes() + 4 * (ALIGN_SLACK + self.scratch_elems(plan)) }
     }
 
     fn cache(&self) -> Result<std::sync::MutexGuard<'_, PlanCache<Arena>>> {
@@ -62,7 +88,8 @@ impl CpuExecutor {
         // Evicted arenas are dropped: freed to the allocator.
         let alloc = |p: &Plan, _evicted| Ok(self.entry(p));
         let (plan, arena) = cache.get(&self.graph, key, alloc)?;
-        let data = arena.data.take().unwrap_or_else(|| vec![0.0; plan.arena_elems + self.scratch_elems(&plan)]);
+        let data =
+            arena.data.take().unwrap_or_else(|| vec![0.0; ALIGN_SLACK + plan.arena_elems + self.scratch_elems(&plan)]);
         Ok((plan, data))
     }
 
@@ -88,7 +115,8 @@ impl CpuExecutor {
         let (h, w) = check_batch(images)?;
         let n = images.len();
         let key = (n, h, w, keep_all);
-        let (plan, mut arena) = self.checkout(key)?;
+        let (plan, mut data) = self.checkout(key)?;
+        let arena = aligned_arena(&mut data);
         // The whole pass on one of the pool's threads: every op's parallel loop then splits from a
         // worker (its tasks go on that worker's queue) instead of being injected from outside and waited
         // for on a futex, a hand-off per loop that cost 3–4% of a one-thread pass.
@@ -99,16 +127,16 @@ impl CpuExecutor {
                 ops::preprocess(&img.data, h, w, dst);
             }
             let pre = t0.elapsed();
-            (pre, run(&self.graph, &plan, &mut arena, &self.chains))
+            (pre, run(&self.graph, &plan, arena, &self.runs))
         });
-        let raw = if st.is_ok() { raw_outputs(&self.graph, &plan, &arena) } else { Vec::new() };
+        let raw = if st.is_ok() { raw_outputs(&self.graph, &plan, arena) } else { Vec::new() };
         let tensors = match (&st, want_tensors) {
             (Ok(_), true) => (0..self.graph.tensors.len())
                 .map(|t| (keep_all || self.graph.is_tap(t)).then(|| arena[plan.range(t)].to_vec()))
                 .collect(),
             _ => Vec::new(),
         };
-        self.checkin(key, arena);
+        self.checkin(key, data);
         let st = st?;
         if let Some(t) = timings {
             t.preprocess += pre;
@@ -338,7 +366,7 @@ pub fn run_ops(graph: &Graph, plan: &Plan, arena: &mut [f32]) -> Result<()> {
             graph.tensors.len()
         )));
     }
-    run(graph, plan, arena, &[]).map(|_| ())
+    run(graph, plan, arena, &BlockedRuns::default()).map(|_| ())
 }
 
 /// CPU time of the whole process so far (every thread), for `RETINAFACE_PROFILE=cpu`.
@@ -390,7 +418,7 @@ impl StageTimes {
 /// overwrites all of its output (SSH's three branches cover all channels), so an arena's stale values
 /// from an earlier pass never show. The `chains` run in the blocked layout where the level allows, with
 /// the arena's floats after the plan's tensors as their scratch.
-fn run(graph: &Graph, plan: &Plan, arena: &mut [f32], chains: &[chain::Chain]) -> Result<StageTimes> {
+fn run(graph: &Graph, plan: &Plan, arena: &mut [f32], runs: &BlockedRuns) -> Result<StageTimes> {
     let n = plan.n;
     let dims = |t: TensorId| plan.shapes[t];
     let mut times = StageTimes::default();
@@ -405,7 +433,20 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32], chains: &[chain::Chain]) -
     let (arena, scratch) = arena.split_at_mut(plan.arena_elems.min(arena.len()));
     let mut i = 0;
     while i < graph.ops.len() {
-        if let Some((ch, simd)) = chains.iter().find(|c| c.ops.start == i).zip(blocked) {
+        if let Some((dr, simd)) =
+            runs.dense.iter().find(|r| r.ops.start == i).zip(blocked.filter(|_| dense_run::enabled()))
+        {
+            let dts = dense_run::execute(simd, graph, dr, plan, arena, scratch)?;
+            for (k, dt) in dr.ops.clone().zip(dts) {
+                if profile {
+                    op_times.push((dt.as_secs_f64() * 1e3, format!("blocked {}", describe(&graph.ops[k]))));
+                }
+                times.add(graph.op_stages[k], dt);
+            }
+            i = dr.ops.end;
+            continue;
+        }
+        if let Some((ch, simd)) = runs.chains.iter().find(|c| c.ops.start == i).zip(blocked) {
             let dts = chain::run(simd, graph, ch, plan, arena, scratch)?;
             for (k, dt) in ch.ops.clone().zip(dts) {
                 if profile {

@@ -6,6 +6,7 @@
 //! - `blocked`: the channel-blocked layout (NCHW16c) and its kernels (1x1 and 3x3 depthwise).
 //! - `bands`: depthwise-separable ops run band by band in that layout, their intermediates in cache.
 //! - `chain`: runs of depthwise + pointwise ops executed in the blocked layout at AVX-512 and AVX2.
+//! - `dense_run`: runs of dense convolutions and max-pools (the ResNet backbones) in that layout.
 //! - `vec512`, `vec256`: AVX-512 and AVX2 register helpers (transposes, activations) those kernels share.
 //! - `isa`: the SIMD level the paths run at; `rows`: row helpers shared by the paths.
 
@@ -13,6 +14,7 @@ pub mod bands;
 pub mod blocked;
 mod chain;
 pub mod conv;
+mod dense_run;
 pub mod exec;
 pub mod isa;
 pub mod ops;
@@ -21,5 +23,6 @@ mod vec256;
 mod vec512;
 
 pub use chain::{runs_taken as blocked_runs_taken, set_enabled as set_blocked_enabled};
+pub use dense_run::{runs_taken as dense_runs_taken, set_enabled as set_dense_runs_enabled};
 pub use exec::CpuExecutor;
 pub use isa::{Isa, describe, isa, set_isa};

@@ -12,7 +12,10 @@
 //! cout, from a 64-byte boundary: `PackedWeights::direct_co`); each task's sums go to a band buffer in
 //! the blocked layout ([4][rows·ow][16], in L2), written to the NCHW output (through `Sinks`, so an
 //! SSH pair's two tensors) by 16×16 register transposes (8×8 per half at AVX2) with the epilogue
-//! (bias, residual, activation, in `common::epilogue`'s order).
+//! (bias, residual, activation, in `common::epilogue`'s order). `conv_blocked` reads and writes the
+//! channel-blocked layout (NCHW16c) instead, for `cpu::dense_run`: the same tiles broadcast each
+//! channel from its lane of a pixel's vector, and the band's vectors are stored whole with the same
+//! epilogue, so both entry points give the same bits.
 //!
 //! Work: 2·cin·k²·cout flops per output pixel; memory: the input read once per 64 output channels (its
 //! rows from the cache), the output written once. Tasks: (image, tile of 64 output channels, band of
@@ -22,9 +25,9 @@
 //! every tile keeps the full register tile. Each output sums its products in
 //! (ci, ky, kx) order in one task: results do not depend on the thread count.
 
-use super::common::{ModeSwitch, PathMode, Sinks, aligned, min_tasks};
+use super::common::{ModeSwitch, PathMode, SharedMut, Sinks, aligned, min_tasks};
 use super::igemm::Kernel;
-use crate::graph::Conv;
+use crate::graph::{Act, Conv};
 use crate::reference::out_size;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -122,13 +125,69 @@ pub(super) fn conv(
     sinks: Sinks,
     residual: Option<&[f32]>,
 ) {
-    assert!(handles(conv, kernel), "direct_co: conv {} is not dense, or no {kernel:?}", conv.name);
-    let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
-    let (oh, ow) = (out_size(h, k, s, p), out_size(w, k, s, p));
+    let (oh, ow) = (out_size(h, conv.kernel, conv.stride, conv.pad), out_size(w, conv.kernel, conv.stride, conv.pad));
     assert_eq!(x.len(), n * conv.cin * h * w, "direct_co: conv {} input size", conv.name);
     if let Some(r) = residual {
         assert_eq!(r.len(), n * conv.cout * oh * ow, "direct_co: conv {} residual size", conv.name);
     }
+    run(kernel, conv, x, false, n, (h, w), Output::Planes(sinks), residual);
+}
+
+/// Floats of an n-image tensor of `c` channels of `npix` pixels in the channel-blocked layout
+/// (NCHW16c: [n][c/16][npix][16], channels past c zero).
+pub fn blocked_len(n: usize, c: usize, npix: usize) -> usize {
+    n * c.div_ceil(BLOCK) * BLOCK * npix
+}
+
+/// `conv` as `conv` computes it, from and to the channel-blocked layout (NCHW16c, `blocked_len`) for
+/// `cpu::dense_run`: `x` [n, cin, h, w] blocked (`input_blocked`) or NCHW (a stem reading the image),
+/// `out` and `residual` blocked [n, cout, oh, ow], the lanes past cout written as zeros. No transposes:
+/// a pixel's 16 channels are one vector in both layouts, so the tiles broadcast the input in place and
+/// the epilogue stores whole vectors.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_blocked(
+    kernel: Kernel,
+    conv: &Conv,
+    x: &[f32],
+    input_blocked: bool,
+    n: usize,
+    (h, w): (usize, usize),
+    out: &mut [f32],
+    residual: Option<&[f32]>,
+) {
+    let (oh, ow) = (out_size(h, conv.kernel, conv.stride, conv.pad), out_size(w, conv.kernel, conv.stride, conv.pad));
+    let x_len = if input_blocked { blocked_len(n, conv.cin, h * w) } else { n * conv.cin * h * w };
+    assert_eq!(x.len(), x_len, "direct_co: conv {} input size", conv.name);
+    assert_eq!(out.len(), blocked_len(n, conv.cout, oh * ow), "direct_co: conv {} output size", conv.name);
+    if let Some(r) = residual {
+        assert_eq!(r.len(), out.len(), "direct_co: conv {} residual size", conv.name);
+    }
+    run(kernel, conv, x, input_blocked, n, (h, w), Output::Blocked(SharedMut(out.as_mut_ptr())), residual);
+}
+
+/// Where a task's sums go: the NCHW planes of one or two tensors, or one blocked tensor.
+enum Output {
+    Planes(Sinks),
+    Blocked(SharedMut),
+}
+
+/// The tasks of `conv`: sums into each task's band, then its write-back to `out`.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    kernel: Kernel,
+    conv: &Conv,
+    x: &[f32],
+    input_blocked: bool,
+    n: usize,
+    (h, w): (usize, usize),
+    out: Output,
+    residual: Option<&[f32]>,
+) {
+    assert!(handles(conv, kernel), "direct_co: conv {} is not dense, or no {kernel:?}", conv.name);
+    let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
+    let (oh, ow) = (out_size(h, k, s, p), out_size(w, k, s, p));
+    // Floats per input pixel of a channel, and per image.
+    let (pix, image_len) = if input_blocked { (BLOCK, blocked_len(1, conv.cin, h * w)) } else { (1, conv.cin * h * w) };
     let packed = conv.packed.direct_co.get_or_init(|| pack(conv));
     let w_at = packed.as_ptr().align_offset(64).min(15);
     let tiles = conv.cout.div_ceil(CO_TILE);
@@ -136,7 +195,7 @@ pub(super) fn conv(
     let rows = (BAND_FLOATS / (CO_TILE * ow)).clamp(1, oh);
     let rows = rows.min(oh.div_ceil(min_tasks().div_ceil(n * tiles).clamp(1, oh)));
     let bands = oh.div_ceil(rows);
-    let geometry = Geometry { cin: conv.cin, h, w, k, s, p, oh, ow };
+    let geometry = Geometry { cin: conv.cin, h, w, k, s, p, oh, ow, pix };
     (0..n * tiles * bands).into_par_iter().for_each(|task| {
         let (b, t, r) = (task / (tiles * bands), task / bands % tiles, task % bands);
         let (y0, y1) = (r * rows, ((r + 1) * rows).min(oh));
@@ -146,7 +205,7 @@ pub(super) fn conv(
             let band = &mut buf[at..][..CO_TILE * (y1 - y0) * ow];
             let depth = conv.cin * k * k;
             let weights = &packed[w_at + t * depth * CO_TILE..][..depth * CO_TILE];
-            let image = &x[b * conv.cin * h * w..][..conv.cin * h * w];
+            let image = &x[b * image_len..][..image_len];
             let nb = (conv.cout.div_ceil(BLOCK) - t * 4).min(4);
             // SAFETY: the kernel's instructions were asserted (`handles`); `band` holds 4 blocks of
             // the band's pixels, `weights` the tile's, `image` the image's planes.
@@ -154,9 +213,16 @@ pub(super) fn conv(
             let (tile, pixels) = ((b, t * CO_TILE, nb), (y0 * ow, (y1 - y0) * ow));
             // SAFETY: as above; the tile's channels of rows y0..y1 of image b are this task's alone.
             unsafe {
-                match kernel {
-                    Kernel::Avx512 => write_back(conv, &sinks, residual, tile, pixels, oh * ow, band),
-                    Kernel::Avx2 => write_back_avx2(conv, &sinks, residual, tile, pixels, oh * ow, band),
+                match (&out, kernel) {
+                    (Output::Planes(sinks), Kernel::Avx512) => {
+                        write_back(conv, sinks, residual, tile, pixels, oh * ow, band)
+                    }
+                    (Output::Planes(sinks), Kernel::Avx2) => {
+                        write_back_avx2(conv, sinks, residual, tile, pixels, oh * ow, band)
+                    }
+                    (Output::Blocked(o), _) => {
+                        write_back_blocked(kernel, conv, *o, residual, tile, pixels, oh * ow, band)
+                    }
                 }
             };
         });
@@ -173,6 +239,9 @@ struct Geometry {
     p: usize,
     oh: usize,
     ow: usize,
+    /// Floats per input pixel of one channel: 1 in NCHW, 16 in the blocked layout (whose channel c
+    /// lies at (c / 16)·16·h·w + c % 16 of a pixel's offset).
+    pix: usize,
 }
 
 impl Geometry {
@@ -192,8 +261,8 @@ impl Geometry {
     /// full register tile: a pixel at a time, the 20² maps' two edge columns took a third of the time.
     ///
     /// # Safety
-    /// The processor must have `kernel`'s instructions; `image` must hold cin planes of h·w, `weights`
-    /// cin·k²·64 floats, `band` 4 · rows·ow · 16.
+    /// The processor must have `kernel`'s instructions; `image` must hold the image (cin planes of h·w,
+    /// or their blocks), `weights` cin·k²·64 floats, `band` 4 · rows·ow · 16.
     #[cfg(target_arch = "x86_64")]
     unsafe fn sums(
         &self,
@@ -204,9 +273,10 @@ impl Geometry {
         rows: std::ops::Range<usize>,
         band: &mut [f32],
     ) {
-        let (k, s, p, w, ow) = (self.k, self.s, self.p, self.w, self.ow);
+        let (k, s, p, w, ow, pix) = (self.k, self.s, self.p, self.w, self.ow, self.pix);
         let plane_out = rows.len() * ow * BLOCK;
-        assert!(image.len() == self.cin * self.h * w && weights.len() == self.cin * k * k * CO_TILE);
+        let image_len = if pix == 1 { self.cin * self.h * w } else { self.cin.div_ceil(BLOCK) * BLOCK * self.h * w };
+        assert!(image.len() == image_len && weights.len() == self.cin * k * k * CO_TILE);
         assert!(band.len() >= 4 * plane_out && rows.end <= self.oh);
         // Output columns whose taps all lie inside the row: ox·s ≥ p and ox·s − p + k − 1 ≤ w − 1.
         let lo = p.div_ceil(s).min(ow);
@@ -225,16 +295,21 @@ impl Geometry {
                 let (dy, dx) = next;
                 let iy = (oy * s + ky.start).saturating_sub(p);
                 let ix = (ox * s) as isize - p as isize;
+                // Channel c's plane within its block and the blocks: the same formula for both layouts.
+                let plane = if pix == 1 { self.h * w } else { 1 };
                 Step {
-                    x: image.as_ptr().wrapping_add(c0 * self.h * w + iy * w).wrapping_offset(ix),
+                    x: image.as_ptr().wrapping_add(iy * w * pix).wrapping_offset(ix * pix as isize),
                     w: weights[(c0 * k * k + ky.start * k) * CO_TILE..].as_ptr(),
+                    c0,
                     nc,
                     nky: ky.len(),
                     k,
                     kx,
-                    plane: self.h * w,
-                    row: w,
-                    dx: dy * s * w + dx * s,
+                    plane,
+                    block: BLOCK * self.h * w,
+                    row: w * pix,
+                    col: pix,
+                    dx: (dy * s * w + dx * s) * pix,
                     out: band.wrapping_add(((oy - rows.start) * ow + ox) * BLOCK),
                     dout: (dy * ow + dx) * BLOCK,
                     out_stride: plane_out,
@@ -288,19 +363,23 @@ const PX_OF: [usize; 5] = [0, 12, 12, 8, 6];
 /// two weight halves and a broadcast in the 16 ymm registers.
 const PX_AVX2: usize = 6;
 
-/// One tile's operands: `nc` input channels (planes `plane` apart) × `nky` rows (`row` apart) × the
-/// columns `kx` from `x` (the first pixel's tap (ky, kx = 0), which may lie in the padding; pixel i's
-/// `dx`·i on), the weights from `w` (channel c, row ky, column kx at ((c·k + ky)·k + kx)·64), the sums
-/// to `out` (pixel i's `dout`·i on, block j at j·out_stride).
+/// One tile's operands: input channels c0..c0 + nc (channel c at (c / 16)·block + (c % 16)·plane) ×
+/// `nky` rows (`row` apart) × the columns `kx` (`col` apart) from `x` (the first pixel's tap (ky,
+/// kx = 0) of channel 0, which may lie in the padding; pixel i's `dx`·i on), the weights from `w`
+/// (channel c0 + c, row ky, column kx at ((c·k + ky)·k + kx)·64), the sums to `out` (pixel i's `dout`·i
+/// on, block j at j·out_stride).
 struct Step {
     x: *const f32,
     w: *const f32,
+    c0: usize,
     nc: usize,
     nky: usize,
     k: usize,
     kx: std::ops::Range<usize>,
     plane: usize,
+    block: usize,
     row: usize,
+    col: usize,
     dx: usize,
     out: *mut f32,
     dout: usize,
@@ -355,7 +434,8 @@ unsafe fn tile<const NB: usize, const PX: usize>(st: &Step) {
         let kk = st.k * st.k;
         for c in 0..st.nc {
             for ky in 0..st.nky {
-                let xr = st.x.wrapping_add(c * st.plane + ky * st.row);
+                let ch = st.c0 + c;
+                let xr = st.x.wrapping_add((ch / BLOCK) * st.block + (ch % BLOCK) * st.plane + ky * st.row);
                 let wr = st.w.add((c * kk + ky * st.k) * CO_TILE);
                 for kx in st.kx.clone() {
                     let mut wv = [_mm512_setzero_ps(); NB];
@@ -363,7 +443,7 @@ unsafe fn tile<const NB: usize, const PX: usize>(st: &Step) {
                         *v = _mm512_loadu_ps(wr.add(kx * CO_TILE + j * BLOCK));
                     }
                     for (i, a) in acc.iter_mut().enumerate() {
-                        let xv = _mm512_set1_ps(*xr.wrapping_add(i * st.dx + kx));
+                        let xv = _mm512_set1_ps(*xr.wrapping_add(i * st.dx + kx * st.col));
                         for (v, w) in a.iter_mut().zip(&wv) {
                             *v = _mm512_fmadd_ps(*w, xv, *v);
                         }
@@ -421,13 +501,14 @@ unsafe fn tile_avx2<const PX: usize>(st: &Step, j: usize) {
         let kk = st.k * st.k;
         for c in 0..st.nc {
             for ky in 0..st.nky {
-                let xr = st.x.wrapping_add(c * st.plane + ky * st.row);
+                let ch = st.c0 + c;
+                let xr = st.x.wrapping_add((ch / BLOCK) * st.block + (ch % BLOCK) * st.plane + ky * st.row);
                 let wr = st.w.add((c * kk + ky * st.k) * CO_TILE + j * BLOCK);
                 for kx in st.kx.clone() {
                     let w0 = _mm256_loadu_ps(wr.add(kx * CO_TILE));
                     let w1 = _mm256_loadu_ps(wr.add(kx * CO_TILE + HALF));
                     for (i, [a0, a1]) in acc.iter_mut().enumerate() {
-                        let xv = _mm256_broadcast_ss(&*xr.wrapping_add(i * st.dx + kx));
+                        let xv = _mm256_broadcast_ss(&*xr.wrapping_add(i * st.dx + kx * st.col));
                         *a0 = _mm256_fmadd_ps(w0, xv, *a0);
                         *a1 = _mm256_fmadd_ps(w1, xv, *a1);
                     }
@@ -450,6 +531,107 @@ unsafe fn tile_avx2_dispatch(px: usize, _: &Step, j: usize) {
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn tile_dispatch(nb: usize, px: usize, _: &Step) {
     unreachable!("the AVX-512 level exists only on x86_64 ({nb} x {px})")
+}
+
+/// Writes the band's sums of output channels co0.. (`nb` blocks, `npix` vectors each in `band`) of
+/// image b, pixels first.. of its `plane`-pixel maps, to the blocked tensor `out`: `act(sum + bias
+/// [+ residual])` per vector, in `write_back`'s order (so the same bits); lanes past cout get zero
+/// bias, and their sums are zero (the packed weights are), so they stay zero.
+///
+/// # Safety
+/// `kernel`'s instructions must be available; `out` and the residual must hold image b's blocks, these
+/// pixels of these blocks this task's alone.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_back_blocked(
+    kernel: Kernel,
+    conv: &Conv,
+    out: SharedMut,
+    residual: Option<&[f32]>,
+    (b, co0, nb): (usize, usize, usize),
+    (first, npix): (usize, usize),
+    plane: usize,
+    band: &[f32],
+) {
+    let blocks = conv.cout.div_ceil(BLOCK);
+    let plane_out = npix * BLOCK;
+    assert!(band.len() >= nb * plane_out && first + npix <= plane && co0.is_multiple_of(BLOCK));
+    for j in 0..nb {
+        let cb = co0 / BLOCK + j;
+        let bias: [f32; BLOCK] = std::array::from_fn(|l| conv.bias.get(cb * BLOCK + l).copied().unwrap_or(0.0));
+        let at = ((b * blocks + cb) * plane + first) * BLOCK;
+        let sums = &band[j * plane_out..][..plane_out];
+        let res = residual.map(|r| &r[at..at + plane_out]);
+        // SAFETY: the caller's contract; `at..at + plane_out` is this task's part of `out`.
+        unsafe {
+            let dst = std::slice::from_raw_parts_mut(out.get().add(at), plane_out);
+            match kernel {
+                Kernel::Avx512 => epilogue_blocked_avx512(sums, &bias, res, conv.act, dst),
+                Kernel::Avx2 => epilogue_blocked_avx2(sums, &bias, res, conv.act, dst),
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_back_blocked(
+    _: Kernel,
+    conv: &Conv,
+    _: SharedMut,
+    _: Option<&[f32]>,
+    _: (usize, usize, usize),
+    _: (usize, usize),
+    _: usize,
+    _: &[f32],
+) {
+    unreachable!("the blocked layout's kernels exist only on x86_64 ({})", conv.name)
+}
+
+/// `dst = act(sums + bias [+ res])`, 16 channels a vector.
+///
+/// # Safety
+/// AVX-512F must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn epilogue_blocked_avx512(sums: &[f32], bias: &[f32; BLOCK], res: Option<&[f32]>, act: Act, dst: &mut [f32]) {
+    use crate::cpu::vec512::act_vec;
+    use std::arch::x86_64::*;
+    assert!(dst.len() == sums.len() && res.is_none_or(|r| r.len() == sums.len()) && sums.len().is_multiple_of(BLOCK));
+    // SAFETY: every access lies within the slices' equal lengths, a whole number of vectors.
+    unsafe {
+        let bv = _mm512_loadu_ps(bias.as_ptr());
+        for q in (0..sums.len()).step_by(BLOCK) {
+            let mut y = _mm512_add_ps(_mm512_loadu_ps(sums.as_ptr().add(q)), bv);
+            if let Some(r) = res {
+                y = _mm512_add_ps(y, _mm512_loadu_ps(r.as_ptr().add(q)));
+            }
+            _mm512_storeu_ps(dst.as_mut_ptr().add(q), act_vec(y, act));
+        }
+    }
+}
+
+/// `epilogue_blocked_avx512` at AVX2: two halves a vector.
+///
+/// # Safety
+/// AVX2 and FMA must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn epilogue_blocked_avx2(sums: &[f32], bias: &[f32; BLOCK], res: Option<&[f32]>, act: Act, dst: &mut [f32]) {
+    use crate::cpu::vec256::act8;
+    use std::arch::x86_64::*;
+    assert!(dst.len() == sums.len() && res.is_none_or(|r| r.len() == sums.len()) && sums.len().is_multiple_of(BLOCK));
+    // SAFETY: every access lies within the slices' equal lengths, a whole number of half vectors.
+    unsafe {
+        let bv = [_mm256_loadu_ps(bias.as_ptr()), _mm256_loadu_ps(bias.as_ptr().add(HALF))];
+        for q in (0..sums.len()).step_by(HALF) {
+            let mut y = _mm256_add_ps(_mm256_loadu_ps(sums.as_ptr().add(q)), bv[q / HALF % 2]);
+            if let Some(r) = res {
+                y = _mm256_add_ps(y, _mm256_loadu_ps(r.as_ptr().add(q)));
+            }
+            _mm256_storeu_ps(dst.as_mut_ptr().add(q), act8(y, act));
+        }
+    }
 }
 
 /// Writes the band's sums of output channels co0.. (`nb` blocks, `npix` vectors each in `band`) of
@@ -603,7 +785,6 @@ unsafe fn write_back_avx2(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::graph::Act;
 
     /// The AVX2 build sums in the AVX-512 tile's order, edge columns included, so the two give the same
     /// bits wherever the processor has both; shapes with interior and edge columns, edge columns only
@@ -657,6 +838,81 @@ mod tests {
             for (i, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
                 assert!(a.is_finite(), "{cin}->{cout} k{k} s{s} {h}x{w} element {i} not written: {a}");
                 assert_eq!(a.to_bits(), b.to_bits(), "{cin}->{cout} k{k} s{s} {h}x{w} element {i}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// NCHW [n][c][npix] in the blocked layout (channels past c zero).
+    fn blocked(x: &[f32], n: usize, c: usize, npix: usize) -> Vec<f32> {
+        let cb = c.div_ceil(BLOCK);
+        let mut out = vec![0.0; blocked_len(n, c, npix)];
+        for b in 0..n {
+            for ch in 0..c {
+                for q in 0..npix {
+                    out[((b * cb + ch / BLOCK) * npix + q) * BLOCK + ch % BLOCK] = x[(b * c + ch) * npix + q];
+                }
+            }
+        }
+        out
+    }
+
+    /// The blocked entry point against the reference, at every level the processor has: blocked and NCHW
+    /// inputs, a blocked residual, channel counts off the 16-lane blocks (their padded lanes written as
+    /// zeros), a 7x7 stem, stride 2, 1x1 stride 2, and the same bits as the NCHW entry point.
+    #[test]
+    fn the_blocked_layout_matches_the_reference() {
+        let mut rnd = super::super::tests::uniform(11);
+        let kernels: Vec<Kernel> = [Kernel::Avx512, Kernel::Avx2].into_iter().filter(|k| k.isa().supported()).collect();
+        // (n, cin, cout, k, stride, h, w, input blocked, residual)
+        for (n, cin, cout, k, s, h, w, input_blocked, with_res) in [
+            (2, 32, 48, 3, 1, 9, 11, true, true),
+            (1, 20, 40, 3, 2, 13, 10, true, false),
+            (1, 3, 64, 7, 2, 21, 19, false, false),
+            (1, 48, 80, 1, 2, 9, 7, true, true),
+            (1, 160, 64, 3, 1, 6, 5, true, true),
+            (1, 16, 16, 3, 1, 1, 1, true, false),
+        ] {
+            let conv = Conv {
+                name: "t".into(),
+                input: 0,
+                output: 1,
+                out_channel_offset: 0,
+                cin,
+                cout,
+                kernel: k,
+                stride: s,
+                pad: k / 2,
+                groups: 1,
+                weight: (0..cout * cin * k * k).map(|_| rnd()).collect(),
+                bias: (0..cout).map(|_| rnd()).collect(),
+                residual: None,
+                act: Act::Leaky(0.1),
+                packed: Default::default(),
+            };
+            let x: Vec<f32> = (0..n * cin * h * w).map(|_| rnd()).collect();
+            let (oh, ow) = (out_size(h, k, s, k / 2), out_size(w, k, s, k / 2));
+            let res: Option<Vec<f32>> = with_res.then(|| (0..n * cout * oh * ow).map(|_| rnd()).collect());
+            let mut want = vec![0.0; n * cout * oh * ow];
+            crate::reference::conv2d(&conv, &x, n, h, w, &mut want, cout, res.as_deref());
+            let xin = if input_blocked { blocked(&x, n, cin, h * w) } else { x.clone() };
+            let res_b = res.as_deref().map(|r| blocked(r, n, cout, oh * ow));
+            for &kernel in &kernels {
+                let mut got = vec![f32::NAN; blocked_len(n, cout, oh * ow)];
+                conv_blocked(kernel, &conv, &xin, input_blocked, n, (h, w), &mut got, res_b.as_deref());
+                let want_b = blocked(&want, n, cout, oh * ow);
+                for (i, (g, e)) in got.iter().zip(&want_b).enumerate() {
+                    let what = format!("{kernel:?} {cin}->{cout} k{k} s{s} {h}x{w} element {i}");
+                    assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "{what}: {g} vs {e}");
+                }
+                // The NCHW entry point sums in the same order: the same bits.
+                let mut planes = vec![0.0; n * cout * oh * ow];
+                if !input_blocked {
+                    let sinks = Sinks::one(super::super::SharedMut(planes.as_mut_ptr()), cout, &conv);
+                    super::conv(kernel, &conv, &x, n, h, w, sinks, res.as_deref());
+                    for (i, (g, e)) in got.iter().zip(&blocked(&planes, n, cout, oh * ow)).enumerate() {
+                        assert_eq!(g.to_bits(), e.to_bits(), "{kernel:?} {cin}->{cout} element {i}");
+                    }
+                }
             }
         }
     }

@@ -31,7 +31,9 @@ use crate::graph::Conv;
 use crate::reference::out_size;
 pub(crate) use common::{SharedMut, aligned, min_tasks};
 use common::{Sink, Sinks};
-use igemm::Kernel;
+pub use direct_co::blocked_len;
+pub(crate) use direct_co::conv_blocked;
+pub(crate) use igemm::Kernel;
 
 /// `crate::reference::conv2d` (same operands, same result up to f32 rounding) on the fastest path for
 /// `conv` at the process's level (`isa()`).
@@ -191,6 +193,12 @@ fn choose_path(conv: &Conv, h: usize, w: usize, isa: Isa) -> ConvPath {
     } else {
         ConvPath::Im2colGemm
     }
+}
+
+/// Whether `conv2d` at level `isa` computes `conv` on an `h`×`w` input with the direct path vectorised
+/// over output channels (whose blocked build `conv_blocked` is), rather than Winograd or a GEMM.
+pub(crate) fn prefers_direct(conv: &Conv, h: usize, w: usize, isa: Isa) -> bool {
+    matches!(choose_path(conv, h, w, isa), ConvPath::DirectCo(_))
 }
 
 #[allow(clippy::too_many_arguments)]
