@@ -343,6 +343,7 @@ mod tests {
             let data = (0..97 * 75 * 3).map(|k| ((k * 37 + seed * 101 + k / 3 * 11) % 251) as u8).collect();
             BgrImage::new(97, 75, data).unwrap()
         };
+        let _switches = super::super::BLOCKED_SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
         let (a, b) = (image(1), image(2));
         for net in [Network::MobileNetV2, Network::MobileNetV1_025] {
             let built = crate::model::build(net, &mut crate::weights::synthetic::SyntheticSource { seed: 3 }).unwrap();

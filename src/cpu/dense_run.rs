@@ -466,6 +466,7 @@ mod tests {
             let data = (0..83 * 69 * 3).map(|k| ((k * 31 + seed * 97 + k / 3 * 7) % 251) as u8).collect();
             BgrImage::new(83, 69, data).unwrap()
         };
+        let _switches = super::super::BLOCKED_SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
         let (a, b) = (image(1), image(2));
         for net in [Network::ResNet50] {
             let built = crate::model::build(net, &mut crate::weights::synthetic::SyntheticSource { seed: 3 }).unwrap();
@@ -492,6 +493,18 @@ mod tests {
             }
             let d = outs[0][0].conf.iter().zip(&outs[0][1].conf).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
             assert!(d > 1e-3, "{net:?}: the two images give different outputs");
+            // Maps that shrink to one pixel (and below the max-pool's and the downsamples' windows).
+            for (w, h) in [(1, 1), (7, 5), (33, 17)] {
+                let img = BgrImage::new(w, h, (0..w * h * 3).map(|k| (k * 13 % 256) as u8).collect()).unwrap();
+                let mut outs = Vec::new();
+                for on in [true, false] {
+                    set_enabled(Some(on));
+                    outs.push(ex.forward(&[&img], None).unwrap());
+                }
+                set_enabled(None);
+                let d = outs[0][0].conf.iter().zip(&outs[1][0].conf).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+                assert!(d <= 1e-4, "{net:?} {w}x{h}: blocked and NCHW differ by {d}");
+            }
         }
     }
 }
