@@ -433,28 +433,22 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32], runs: &BlockedRuns) -> Res
     let (arena, scratch) = arena.split_at_mut(plan.arena_elems.min(arena.len()));
     let mut i = 0;
     while i < graph.ops.len() {
-        if let Some((dr, simd)) =
-            runs.dense.iter().find(|r| r.ops.start == i).zip(blocked.filter(|_| dense_run::enabled()))
-        {
-            let dts = dense_run::execute(simd, graph, dr, plan, arena, scratch)?;
-            for (k, dt) in dr.ops.clone().zip(dts) {
+        // A blocked run starting here: its ops' times, each booked as the op's.
+        let dense = runs.dense.iter().find(|r| r.ops.start == i).zip(blocked.filter(|_| dense_run::enabled()));
+        let chain = runs.chains.iter().find(|c| c.ops.start == i).zip(blocked);
+        let ran = match (dense, chain) {
+            (Some((dr, simd)), _) => Some((dr.ops.clone(), dense_run::execute(simd, graph, dr, plan, arena, scratch)?)),
+            (None, Some((ch, simd))) => Some((ch.ops.clone(), chain::run(simd, graph, ch, plan, arena, scratch)?)),
+            (None, None) => None,
+        };
+        if let Some((ops, dts)) = ran {
+            for (k, dt) in ops.clone().zip(dts) {
                 if profile {
                     op_times.push((dt.as_secs_f64() * 1e3, format!("blocked {}", describe(&graph.ops[k]))));
                 }
                 times.add(graph.op_stages[k], dt);
             }
-            i = dr.ops.end;
-            continue;
-        }
-        if let Some((ch, simd)) = runs.chains.iter().find(|c| c.ops.start == i).zip(blocked) {
-            let dts = chain::run(simd, graph, ch, plan, arena, scratch)?;
-            for (k, dt) in ch.ops.clone().zip(dts) {
-                if profile {
-                    op_times.push((dt.as_secs_f64() * 1e3, format!("blocked {}", describe(&graph.ops[k]))));
-                }
-                times.add(graph.op_stages[k], dt);
-            }
-            i = ch.ops.end;
+            i = ops.end;
             continue;
         }
         let op = &graph.ops[i];

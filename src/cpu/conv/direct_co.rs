@@ -786,6 +786,27 @@ unsafe fn write_back_avx2(
 mod tests {
     use super::*;
 
+    /// A dense convolution with "same" padding and random weights and bias.
+    fn random_conv(cin: usize, cout: usize, k: usize, s: usize, rnd: &mut impl FnMut() -> f32) -> Conv {
+        Conv {
+            name: "t".into(),
+            input: 0,
+            output: 1,
+            out_channel_offset: 0,
+            cin,
+            cout,
+            kernel: k,
+            stride: s,
+            pad: k / 2,
+            groups: 1,
+            weight: (0..cout * cin * k * k).map(|_| rnd()).collect(),
+            bias: (0..cout).map(|_| rnd()).collect(),
+            residual: None,
+            act: Act::Leaky(0.1),
+            packed: Default::default(),
+        }
+    }
+
     /// The AVX2 build sums in the AVX-512 tile's order, edge columns included, so the two give the same
     /// bits wherever the processor has both; shapes with interior and edge columns, edge columns only
     /// (maps narrower than the kernel), stride 2, a 7x7 stem, 1x1 stride 2, partial tiles and passes.
@@ -807,23 +828,7 @@ mod tests {
             (1, 40, 24, 1, 2, 7, 5),
             (1, 160, 64, 3, 1, 20, 20),
         ] {
-            let conv = Conv {
-                name: "t".into(),
-                input: 0,
-                output: 1,
-                out_channel_offset: 0,
-                cin,
-                cout,
-                kernel: k,
-                stride: s,
-                pad: k / 2,
-                groups: 1,
-                weight: (0..cout * cin * k * k).map(|_| rnd()).collect(),
-                bias: (0..cout).map(|_| rnd()).collect(),
-                residual: None,
-                act: Act::Leaky(0.1),
-                packed: Default::default(),
-            };
+            let conv = random_conv(cin, cout, k, s, &mut rnd);
             let x: Vec<f32> = (0..n * cin * h * w).map(|_| rnd()).collect();
             let (oh, ow) = (out_size(h, k, s, k / 2), out_size(w, k, s, k / 2));
             let outs: Vec<Vec<f32>> = kernels
@@ -872,23 +877,7 @@ mod tests {
             (1, 160, 64, 3, 1, 6, 5, true, true),
             (1, 16, 16, 3, 1, 1, 1, true, false),
         ] {
-            let conv = Conv {
-                name: "t".into(),
-                input: 0,
-                output: 1,
-                out_channel_offset: 0,
-                cin,
-                cout,
-                kernel: k,
-                stride: s,
-                pad: k / 2,
-                groups: 1,
-                weight: (0..cout * cin * k * k).map(|_| rnd()).collect(),
-                bias: (0..cout).map(|_| rnd()).collect(),
-                residual: None,
-                act: Act::Leaky(0.1),
-                packed: Default::default(),
-            };
+            let conv = random_conv(cin, cout, k, s, &mut rnd);
             let x: Vec<f32> = (0..n * cin * h * w).map(|_| rnd()).collect();
             let (oh, ow) = (out_size(h, k, s, k / 2), out_size(w, k, s, k / 2));
             let res: Option<Vec<f32>> = with_res.then(|| (0..n * cout * oh * ow).map(|_| rnd()).collect());
