@@ -36,6 +36,55 @@ fn aligned_arena(data: &mut [f32]) -> &mut [f32] {
     &mut data[at..]
 }
 
+/// CPU passes running now, in any executor of this process.
+static ACTIVE_PASSES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Keeps the pool's other workers awake for the length of a pass: each runs a task that takes the
+/// pass's work as it appears (`rayon::yield_now`) instead of going to sleep between and inside ops,
+/// where every wake of a sleeping worker costs (on a 2-vCPU VM a ResNet-50 pass kept its two threads
+/// 81% busy, with ~140 voluntary context switches a pass). Only while the pass is the process's only
+/// one: a spinner inside another pass's wait would hold that pass until its own ends, so two passes
+/// could hold each other. `RETINAFACE_KEEP_AWAKE=0` turns it off.
+struct KeepAwake {
+    running: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl KeepAwake {
+    /// Registers a pass (until the guard drops) and wakes the pool's other workers for it.
+    fn start() -> KeepAwake {
+        use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+        let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let alone = ACTIVE_PASSES.fetch_add(1, SeqCst) == 0;
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on = *ON.get_or_init(|| std::env::var_os("RETINAFACE_KEEP_AWAKE").is_none_or(|v| v != "0"));
+        if let (true, true, Some(me)) = (on, alone, rayon::current_thread_index()) {
+            for _ in 1..rayon::current_num_threads() {
+                let running = running.clone();
+                rayon::spawn(move || {
+                    // Never on the pass's own worker (it would spin on a flag only it clears), and
+                    // only while the pass is alone.
+                    while rayon::current_thread_index() != Some(me)
+                        && running.load(Relaxed)
+                        && ACTIVE_PASSES.load(SeqCst) == 1
+                    {
+                        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                            std::hint::spin_loop();
+                        }
+                    }
+                });
+            }
+        }
+        KeepAwake { running }
+    }
+}
+
+impl Drop for KeepAwake {
+    fn drop(&mut self) {
+        self.running.store(false, std::sync::atomic::Ordering::Relaxed);
+        ACTIVE_PASSES.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// The CPU executor: the graph and the cached plans with their arenas.
 pub struct CpuExecutor {
     graph: Arc<Graph>,
@@ -127,6 +176,7 @@ impl CpuExecutor {
                 ops::preprocess(&img.data, h, w, dst);
             }
             let pre = t0.elapsed();
+            let _awake = KeepAwake::start();
             (pre, run(&self.graph, &plan, arena, &self.runs))
         });
         let raw = if st.is_ok() { raw_outputs(&self.graph, &plan, arena) } else { Vec::new() };
