@@ -66,13 +66,18 @@ impl Simd {
         Isa::supported_levels().into_iter().filter_map(Simd::at).collect()
     }
 
+    /// The CPU level whose instructions the set uses.
+    pub fn isa(self) -> Isa {
+        match self {
+            Simd::Avx512 => Isa::Avx512,
+            Simd::Avx2 => Isa::Avx2,
+        }
+    }
+
     /// Panics unless the processor supports the set (every kernel entry point checks it once, so the
     /// `unsafe` calls below it hold).
     pub fn check(self) {
-        let level = match self {
-            Simd::Avx512 => Isa::Avx512,
-            Simd::Avx2 => Isa::Avx2,
-        };
+        let level = self.isa();
         assert!(level.supported(), "the blocked kernels at {self:?} need a processor with {}", level.name());
     }
 }
@@ -147,10 +152,7 @@ pub fn max_pool3x3s2(simd: Simd, x: &[f32], n: usize, c: usize, (h, w): (usize, 
     let planes = n * c.div_ceil(BLOCK);
     // Bands of output rows: enough tasks for every thread.
     let rows = oh.div_ceil(crate::cpu::conv::min_tasks().div_ceil(planes).clamp(1, oh.max(1))).max(1);
-    let level = match simd {
-        Simd::Avx512 => Isa::Avx512,
-        Simd::Avx2 => Isa::Avx2,
-    };
+    let level = simd.isa();
     let bands = out.par_chunks_mut((oh * ow * BLOCK).max(1)).enumerate().flat_map(|(plane, o)| {
         o.par_chunks_mut(rows * ow * BLOCK).enumerate().map(move |(r, ob)| (plane, r * rows, ob))
     });

@@ -318,10 +318,8 @@ pub(super) fn execute(
     scratch: &mut [f32],
 ) -> Result<Vec<Duration>> {
     let n = plan.n;
-    let kernel = match simd {
-        Simd::Avx512 => Kernel::Avx512,
-        Simd::Avx2 => Kernel::Avx2,
-    };
+    let kernel = Kernel::for_isa(simd.isa())
+        .ok_or_else(|| Error::Graph(format!("blocked run: no direct-path kernel at {simd:?}")))?;
     // The exports' slots, from the scratch's first 64-byte boundary.
     let base = scratch.as_ptr().align_offset(64).min(15);
     let mut slots = Vec::with_capacity(run.exports.len());
