@@ -361,16 +361,11 @@ mod tests {
                 assert!(runs_taken() > before, "{net:?}: the blocked run was taken");
             }
             for (img, (on, off)) in outs[0].iter().zip(&outs[1]).enumerate() {
-                for (what, x, y) in [
-                    ("loc", &on.loc, &off.loc),
-                    ("conf", &on.conf, &off.conf),
-                    ("landmarks", &on.landmarks, &off.landmarks),
-                ] {
-                    let d = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+                for (what, d) in super::super::raw_differences(on, off) {
                     assert!(d <= 1e-4, "{net:?} image {img} {what}: blocked and NCHW differ by {d}");
                 }
             }
-            let d = outs[0][0].conf.iter().zip(&outs[0][1].conf).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+            let d = super::super::max_abs_diff(&outs[0][0].conf, &outs[0][1].conf);
             assert!(d > 1e-3, "{net:?}: the two images give different outputs");
         }
     }

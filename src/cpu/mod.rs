@@ -30,4 +30,21 @@ pub use exec::CpuExecutor;
 /// another's switch.
 #[cfg(test)]
 pub(crate) static BLOCKED_SWITCHES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The largest absolute difference between two equally long slices.
+#[cfg(test)]
+pub(crate) fn max_abs_diff(x: &[f32], y: &[f32]) -> f32 {
+    x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max)
+}
+
+/// `max_abs_diff` of two raw outputs of one image, per output, for the tests that run a network two
+/// ways.
+#[cfg(test)]
+pub(crate) fn raw_differences(a: &crate::post::RawOutput, b: &crate::post::RawOutput) -> [(&'static str, f32); 3] {
+    [
+        ("loc", max_abs_diff(&a.loc, &b.loc)),
+        ("conf", max_abs_diff(&a.conf, &b.conf)),
+        ("landmarks", max_abs_diff(&a.landmarks, &b.landmarks)),
+    ]
+}
 pub use isa::{Isa, describe, isa, set_isa};
