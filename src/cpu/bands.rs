@@ -8,13 +8,16 @@
 //! Per band of output rows the expansion computes the input rows the band reads into a ring of rows
 //! (the rows the slot's previous band expanded stay: no row is expanded twice), the depthwise writes
 //! the band's rows into a second buffer, and the projection reads them from the cache into the output
-//! (with the shortcut). The values are the whole-map kernels' (the same kernels on the same operands,
-//! bit for bit). Threads: the batch's output rows are split evenly into one contiguous run per slot,
-//! each slot a thread's buffers; work per band: the three steps' flops, the input and output read and
-//! written once, the weights read once per band (hence MIN_BAND_PIXELS).
+//! (with the shortcut). A pair reading an NCHW input (a blocked run's first op) fills the same ring
+//! with the band's input rows reordered into the layout. The values are the whole-map kernels' (the
+//! same kernels on the same operands, bit for bit). Threads: the batch's output rows are split evenly
+//! into one contiguous run per slot, each slot a thread's buffers; work per band: the three steps'
+//! flops, the input and output read and written once, the weights read once per band (hence
+//! MIN_BAND_PIXELS).
 
 use super::blocked::{
     BLOCK, DepthwiseWeights, DwSource, PointwiseWeights, Simd, Span, blocked_len, depthwise_span, pointwise_span,
+    to_blocked_span,
 };
 use super::conv::SharedMut;
 use crate::reference::out_size;
@@ -42,22 +45,22 @@ const MIN_BAND_PIXELS: usize = 128;
 pub struct Band {
     /// Output rows per band.
     pub rows: usize,
-    /// Input rows the expansion's ring holds.
+    /// Input rows the ring holds (an expansion's, or an NCHW input reordered; 0: none).
     pub cap: usize,
     /// Channels of either buffer (whole blocks).
     pub mid: usize,
 }
 
 impl Band {
-    /// The band for a depthwise step of `channels` and stride `s` (of an expansion when `expands`)
-    /// on a `h`×`w` map: as many output rows as keep both buffers within BAND_BYTES, at least
-    /// MIN_BAND_PIXELS.
-    fn new(channels: usize, s: usize, expands: bool, (h, w): (usize, usize)) -> Band {
+    /// The band for a depthwise step of `channels` and stride `s` on a `h`×`w` map, its input rows
+    /// made in a ring when `ring` (by an expansion, or reordered from an NCHW input): as many output
+    /// rows as keep both buffers within BAND_BYTES, at least MIN_BAND_PIXELS.
+    fn new(channels: usize, s: usize, ring: bool, (h, w): (usize, usize)) -> Band {
         let (oh, ow) = (out_size(h, 3, s, 1), out_size(w, 3, s, 1));
         let mid = channels.div_ceil(BLOCK) * BLOCK;
-        let band = |rows: usize| Band::of(rows, s, expands, mid);
+        let band = |rows: usize| Band::of(rows, s, ring, mid);
         let mut rows = 1;
-        let budget = if expands { BAND_BYTES } else { DW_BAND_BYTES };
+        let budget = if ring { BAND_BYTES } else { DW_BAND_BYTES };
         while rows < MAX_BAND_ROWS.min(oh) && band(rows + 1).floats(w, ow) * 4 <= budget {
             rows += 1;
         }
@@ -65,9 +68,9 @@ impl Band {
     }
 
     /// Bands of `rows` output rows of a depthwise step of stride `s` and `mid` channels: the ring
-    /// holds the rows the band reads, (rows − 1)·s + 3, when there is an expansion.
-    fn of(rows: usize, s: usize, expands: bool, mid: usize) -> Band {
-        Band { rows, cap: if expands { (rows - 1) * s + 3 } else { 0 }, mid }
+    /// holds the rows the band reads, (rows − 1)·s + 3, when there is one.
+    fn of(rows: usize, s: usize, ring: bool, mid: usize) -> Band {
+        Band { rows, cap: if ring { (rows - 1) * s + 3 } else { 0 }, mid }
     }
 
     /// Floats of the two buffers on a map `w` wide whose output is `ow` wide.
@@ -89,8 +92,13 @@ impl Band {
 /// the largest tensor of an inverted residual (six times its input), never goes to memory.
 ///
 /// Threads: the output rows of the batch are split evenly into one contiguous range per slot.
+#[derive(Clone, Copy)]
 pub struct FusedOp<'a> {
     ex: Option<&'a PointwiseWeights>,
+    /// The input is in NCHW (the first op of a run): the ring takes each band's input rows reordered
+    /// into the blocked layout, the step an expansion would take, so the run's input is never written
+    /// whole in the layout and read back (for MobileNetV1 x1.0 and MobileNetV2, 13 MB each way).
+    nchw: bool,
     dw: &'a DepthwiseWeights,
     pw: &'a PointwiseWeights,
     band: Band,
@@ -100,10 +108,10 @@ pub struct FusedOp<'a> {
     pub(super) output: (usize, usize, usize),
 }
 
-/// Floats of one slot's buffers for a depthwise step of `channels` and stride `s` (of an expansion
-/// when `expands`) on a `h`×`w` map: what `FusedOp::slot_floats` gives for it.
-pub fn slot_floats(channels: usize, s: usize, expands: bool, (h, w): (usize, usize)) -> usize {
-    Band::new(channels, s, expands, (h, w)).slot_floats(w, out_size(w, 3, s, 1))
+/// Floats of one slot's buffers for a depthwise step of `channels` and stride `s` (its input rows in
+/// a ring when `ring`) on a `h`×`w` map: what `FusedOp::slot_floats` gives for it.
+pub fn slot_floats(channels: usize, s: usize, ring: bool, (h, w): (usize, usize)) -> usize {
+    Band::new(channels, s, ring, (h, w)).slot_floats(w, out_size(w, 3, s, 1))
 }
 
 impl<'a> FusedOp<'a> {
@@ -121,6 +129,7 @@ impl<'a> FusedOp<'a> {
         let cin = ex.map_or(dw.channels(), |e| e.cin());
         FusedOp {
             ex,
+            nchw: false,
             dw,
             pw,
             band,
@@ -130,10 +139,28 @@ impl<'a> FusedOp<'a> {
         }
     }
 
+    /// The op of a depthwise step and its projection reading its input in NCHW (no shortcut): each
+    /// band's input rows are reordered into the slot's row buffer, as an expansion would compute them.
+    pub fn from_nchw(
+        dw: &'a DepthwiseWeights,
+        pw: &'a PointwiseWeights,
+        n: usize,
+        (h, w): (usize, usize),
+    ) -> FusedOp<'a> {
+        let band = Band::new(dw.channels(), dw.stride(), true, (h, w));
+        FusedOp { nchw: true, band, ..FusedOp::new(None, dw, pw, n, (h, w)) }
+    }
+
+    /// Whether the op reads its input in NCHW (`from_nchw`).
+    pub fn reads_nchw(&self) -> bool {
+        self.nchw
+    }
+
     /// The same op in bands of `rows` output rows (at least one), whatever their size: for
     /// benchmarks and tests of the choice.
     pub fn with_band_rows(self, rows: usize) -> FusedOp<'a> {
-        let band = Band::of(rows.clamp(1, self.output.1), self.dw.stride(), self.ex.is_some(), self.band.mid);
+        let band =
+            Band::of(rows.clamp(1, self.output.1), self.dw.stride(), self.ex.is_some() || self.nchw, self.band.mid);
         FusedOp { band, ..self }
     }
 
@@ -151,7 +178,9 @@ impl<'a> FusedOp<'a> {
     /// `bands` holding the slots' buffers, `slot` floats each.
     pub fn run(&self, simd: Simd, x: &[f32], out: &mut [f32], residual: bool, bands: &mut [f32], slot: usize) {
         let (n, (ic, h, w), (oc, oh, ow)) = (self.n, self.input, self.output);
-        assert_eq!(x.len(), blocked_len(n, ic, h * w), "fused op: input size");
+        let in_len = if self.nchw { n * ic * h * w } else { blocked_len(n, ic, h * w) };
+        assert_eq!(x.len(), in_len, "fused op: input size");
+        assert!(!(self.nchw && residual), "fused op: a shortcut from an NCHW input");
         assert_eq!(out.len(), blocked_len(n, oc, oh * ow), "fused op: output size");
         assert!(slot >= self.band.floats(w, ow), "fused op: slot size");
         assert!(!residual || x.len() == out.len(), "fused op: shortcut size");
@@ -192,38 +221,46 @@ impl<'a> FusedOp<'a> {
         while r < rows.end {
             let (b, y0) = (r / oh, r % oh);
             let y1 = (y0 + band.rows).min(oh).min(y0 + rows.end - r);
-            let image = x.as_ptr().wrapping_add(b * ic.div_ceil(BLOCK) * in_plane);
+            let image =
+                x.as_ptr().wrapping_add(if self.nchw { b * ic * h * w } else { b * ic.div_ceil(BLOCK) * in_plane });
             // SAFETY: the function's contract; every offset below stays inside image b's planes of
             // `x`, `out`, or the slot's buffers (the band's input rows number at most `cap`).
             unsafe {
-                let src = match self.ex {
-                    Some(ex) => {
-                        // Input rows [lo, hi) feed output rows [y0, y1); those the previous band
-                        // expanded are still in the ring.
-                        let (lo, hi) = ((y0 * s).saturating_sub(1), ((y1 - 1) * s + 2).min(h));
-                        let mut from = match &held {
-                            Some((hb, kept)) if *hb == b && kept.start <= lo && lo < kept.end => kept.end,
-                            _ => lo,
-                        };
-                        // The new rows, in runs that do not wrap around the ring.
-                        while from < hi {
-                            let at = from % band.cap;
-                            let to = hi.min(from + band.cap - at);
-                            let span = Span {
-                                x: image.add(from * w * BLOCK),
-                                x_plane: in_plane,
-                                npix: (to - from) * w,
-                                out: ring.as_mut_ptr().add(at * w * BLOCK),
-                                out_plane: win_plane,
-                                residual: None,
-                            };
-                            pointwise_span(simd, ex, &span);
-                            from = to;
+                let src = if self.ex.is_some() || self.nchw {
+                    // Input rows [lo, hi) feed output rows [y0, y1); those the previous band
+                    // made (expanded or reordered) are still in the ring.
+                    let (lo, hi) = ((y0 * s).saturating_sub(1), ((y1 - 1) * s + 2).min(h));
+                    let mut from = match &held {
+                        Some((hb, kept)) if *hb == b && kept.start <= lo && lo < kept.end => kept.end,
+                        _ => lo,
+                    };
+                    // The new rows, in runs that do not wrap around the ring.
+                    while from < hi {
+                        let at = from % band.cap;
+                        let to = hi.min(from + band.cap - at);
+                        let dst = ring.as_mut_ptr().add(at * w * BLOCK);
+                        match self.ex {
+                            Some(ex) => {
+                                let span = Span {
+                                    x: image.add(from * w * BLOCK),
+                                    x_plane: in_plane,
+                                    npix: (to - from) * w,
+                                    out: dst,
+                                    out_plane: win_plane,
+                                    residual: None,
+                                };
+                                pointwise_span(simd, ex, &span);
+                            }
+                            None => {
+                                to_blocked_span(simd, image.add(from * w), ic, h * w, (to - from) * w, dst, win_plane)
+                            }
                         }
-                        held = Some((b, lo..hi));
-                        (DwSource { x: ring.as_ptr(), ring: band.cap, h, w }, win_plane)
+                        from = to;
                     }
-                    None => (DwSource { x: image, ring: h, h, w }, in_plane),
+                    held = Some((b, lo..hi));
+                    (DwSource { x: ring.as_ptr(), ring: band.cap, h, w }, win_plane)
+                } else {
+                    (DwSource { x: image, ring: h, h, w }, in_plane)
                 };
                 depthwise_span(simd, self.dw, &src.0, src.1, y0..y1, dwb.as_mut_ptr(), dw_plane);
                 let at = b * oc.div_ceil(BLOCK) * out_plane + y0 * ow * BLOCK;
@@ -296,6 +333,8 @@ mod tests {
             (1, 20, 960, 36, 6, 50, 2, false),
             (3, 16, 16, 16, 1, 1, 1, true),
             (1, 16, 48, 16, 2, 3, 2, false),
+            (2, 24, 0, 40, 9, 31, 2, false),
+            (1, 8, 0, 16, 1, 5, 1, false),
         ];
         for (n, cin, cm, cout, h, w, s, shortcut) in cases {
             let ex = (cm > 0).then(|| conv(&mut rnd, (cin, cm, 1, 1), Act::Relu6));
@@ -334,6 +373,28 @@ mod tests {
                         differ, 0,
                         "{simd:?} {cin}->{cm}->{cout} {h}x{w} s{s} n{n} {band:?}, {slots} slots: elements differ"
                     );
+                }
+                // Without an expansion or a shortcut, the same op reading the NCHW input (each band's
+                // rows reordered into the ring) gives the same bits, in its own bands and in bands of
+                // one row (the ring of three rows wraps every band).
+                if cm == 0 && !shortcut {
+                    let nchw = FusedOp::from_nchw(&dww, &pww, n, (h, w));
+                    assert!(nchw.reads_nchw() && nchw.band().cap > 0);
+                    for (op, slots) in
+                        [(nchw, 1), (nchw, 3), (FusedOp::from_nchw(&dww, &pww, n, (h, w)).with_band_rows(1), 2)]
+                    {
+                        let slot = op.slot_floats();
+                        let mut bands = vec![f32::NAN; slots * slot];
+                        let mut got = vec![f32::NAN; want.len()];
+                        op.run(simd, &x, &mut got, false, &mut bands, slot);
+                        let differ = got.iter().zip(&want).filter(|(g, e)| g.to_bits() != e.to_bits()).count();
+                        assert_eq!(
+                            differ,
+                            0,
+                            "{simd:?} NCHW input {cin}->{cout} {h}x{w} s{s} n{n} {:?}, {slots} slots",
+                            op.band()
+                        );
+                    }
                 }
             }
         }

@@ -108,8 +108,8 @@ pub fn to_blocked(simd: Simd, x: &[f32], n: usize, c: usize, npix: usize, out: &
         // SAFETY: the set was checked; `src` holds `lanes` planes of npix and `dst` npix vectors.
         unsafe {
             match simd {
-                Simd::Avx512 => to_block_avx512(src, lanes, npix, dst),
-                Simd::Avx2 => to_block_avx2(src, lanes, npix, dst),
+                Simd::Avx512 => to_block_avx512(src, npix, lanes, npix, dst),
+                Simd::Avx2 => to_block_avx2(src, npix, lanes, npix, dst),
             }
         }
     });
@@ -137,6 +137,37 @@ pub fn from_blocked(simd: Simd, x: &[f32], n: usize, c: usize, npix: usize, out:
             }
         }
     });
+}
+
+/// `npix` pixels of one image's NCHW planes (`c` of them, `plane` floats apart from `x`) into the
+/// blocked layout at `out` (block cb at `out` + cb · `out_plane`, channels past c zero), on the calling
+/// thread: `to_blocked` on a band of rows, which a fused op's first step makes in its row buffer.
+///
+/// # Safety
+/// The processor must support `simd`; `x` must hold the c planes' pixels from it (`(c − 1)·plane +
+/// npix` floats), `out` c/16 blocks of `npix` vectors at `out_plane` strides, no other thread's.
+pub unsafe fn to_blocked_span(
+    simd: Simd,
+    x: *const f32,
+    c: usize,
+    plane: usize,
+    npix: usize,
+    out: *mut f32,
+    out_plane: usize,
+) {
+    for cb in 0..c.div_ceil(BLOCK) {
+        let lanes = BLOCK.min(c - cb * BLOCK);
+        // SAFETY: the caller's contract: block cb's `lanes` rows of npix pixels, `plane` apart, and
+        // its npix output vectors.
+        unsafe {
+            let src = std::slice::from_raw_parts(x.add(cb * BLOCK * plane), (lanes - 1) * plane + npix);
+            let dst = std::slice::from_raw_parts_mut(out.add(cb * out_plane), npix * BLOCK);
+            match simd {
+                Simd::Avx512 => to_block_avx512(src, plane, lanes, npix, dst),
+                Simd::Avx2 => to_block_avx2(src, plane, lanes, npix, dst),
+            }
+        }
+    }
 }
 
 /// The 3×3 stride-2 max-pool with padding 1 (counted as −∞; `reference::max_pool_3x3s2`) on a
@@ -204,16 +235,17 @@ fn pool_rows(src: &[f32], (h, w): (usize, usize), oy0: usize, o: &mut [f32], vma
 
 crate::cpu::isa::avx_dispatch!(pool_rows_at, pool_rows_avx2, pool_rows_avx512, pool_rows, (src: &[f32], hw: (usize, usize), oy0: usize, o: &mut [f32], vmax: &mut [[f32; BLOCK]]));
 
-/// One channel block into the blocked layout: `src` holds `lanes` planes of `npix`, `dst` npix
-/// vectors (lanes past `lanes` zero).
+/// One channel block into the blocked layout: `src` holds `lanes` rows of `npix` pixels, `stride`
+/// floats apart (a plane, or a longer one of which they are a run), `dst` npix vectors (lanes past
+/// `lanes` zero).
 ///
 /// # Safety
 /// AVX-512F must be available.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn to_block_avx512(src: &[f32], lanes: usize, npix: usize, dst: &mut [f32]) {
+unsafe fn to_block_avx512(src: &[f32], stride: usize, lanes: usize, npix: usize, dst: &mut [f32]) {
     use std::arch::x86_64::*;
-    assert!(src.len() >= lanes * npix && dst.len() >= npix * BLOCK && lanes <= BLOCK);
+    assert!(lanes <= BLOCK && dst.len() >= npix * BLOCK && (lanes == 0 || src.len() >= (lanes - 1) * stride + npix));
     for p0 in (0..npix).step_by(BLOCK) {
         let run = BLOCK.min(npix - p0);
         let mask = ((1u32 << run) - 1) as u16;
@@ -222,7 +254,7 @@ unsafe fn to_block_avx512(src: &[f32], lanes: usize, npix: usize, dst: &mut [f32
         unsafe {
             let rows: [__m512; 16] = std::array::from_fn(|j| {
                 if j < lanes {
-                    _mm512_maskz_loadu_ps(mask, src.as_ptr().add(j * npix + p0))
+                    _mm512_maskz_loadu_ps(mask, src.as_ptr().add(j * stride + p0))
                 } else {
                     _mm512_setzero_ps()
                 }
@@ -267,9 +299,9 @@ unsafe fn from_block_avx512(src: &[f32], lanes: usize, npix: usize, dst: &mut [f
 /// AVX2 and FMA must be available.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn to_block_avx2(src: &[f32], lanes: usize, npix: usize, dst: &mut [f32]) {
+unsafe fn to_block_avx2(src: &[f32], stride: usize, lanes: usize, npix: usize, dst: &mut [f32]) {
     use std::arch::x86_64::*;
-    assert!(src.len() >= lanes * npix && dst.len() >= npix * BLOCK && lanes <= BLOCK);
+    assert!(lanes <= BLOCK && dst.len() >= npix * BLOCK && (lanes == 0 || src.len() >= (lanes - 1) * stride + npix));
     for p0 in (0..npix).step_by(HALF) {
         let run = HALF.min(npix - p0);
         let mask = first_lanes(run);
@@ -280,7 +312,7 @@ unsafe fn to_block_avx2(src: &[f32], lanes: usize, npix: usize, dst: &mut [f32])
                 let rows: [__m256; 8] = std::array::from_fn(|jj| {
                     let j = h * HALF + jj;
                     if j < lanes {
-                        _mm256_maskload_ps(src.as_ptr().add(j * npix + p0), mask)
+                        _mm256_maskload_ps(src.as_ptr().add(j * stride + p0), mask)
                     } else {
                         _mm256_setzero_ps()
                     }
@@ -327,7 +359,7 @@ unsafe fn from_block_avx2(src: &[f32], lanes: usize, npix: usize, dst: &mut [f32
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn to_block_avx2(_: &[f32], _: usize, _: usize, _: &mut [f32]) {
+unsafe fn to_block_avx2(_: &[f32], _: usize, _: usize, _: usize, _: &mut [f32]) {
     unreachable!("the AVX2 level exists only on x86_64")
 }
 
@@ -337,7 +369,7 @@ unsafe fn from_block_avx2(_: &[f32], _: usize, _: usize, _: &mut [f32]) {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn to_block_avx512(_: &[f32], _: usize, _: usize, _: &mut [f32]) {
+unsafe fn to_block_avx512(_: &[f32], _: usize, _: usize, _: usize, _: &mut [f32]) {
     unreachable!("the AVX-512 level exists only on x86_64")
 }
 

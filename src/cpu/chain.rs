@@ -1,7 +1,8 @@
 //! Runs of MobileNet backbone ops executed in the channel-blocked layout (`cpu::blocked`, NCHW16c) at
 //! the AVX-512 and AVX2 levels: depthwise + pointwise pairs (MobileNetV1, MobileNetV2's first block), inverted
 //! residuals (expansion, depthwise, projection with its shortcut) and 1×1 convolutions. The run's input
-//! is reordered into the layout once, every op runs on the blocked kernels, and only the tensors read
+//! is reordered into the layout once (band by band, inside the first op's row buffer, when that op is a
+//! depthwise + pointwise pair: the reordered map never goes to memory), every op runs on the blocked kernels, and only the tensors read
 //! after the run (the backbone taps) are reordered back into the plan's NCHW tensors. `cargo bench
 //! --bench conv_shapes -- blocked` measures each blocked kernel against its NCHW path (1.1–3.6x on
 //! these shapes, one thread, Ice Lake Xeon); the reorders are the price, paid once per run.
@@ -175,6 +176,13 @@ pub fn runs_taken() -> usize {
     RUNS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Whether op `k` of `chain` (of these steps) reads the run's input in NCHW: the run's first op when it
+/// is a depthwise step and its projection with no shortcut (`FusedOp::from_nchw` reorders its input
+/// band by band); any other first op reads the input reordered whole.
+fn reads_nchw(chain: &Chain, k: usize, steps: Steps) -> bool {
+    k == chain.ops.start && matches!(steps, (None, Some(_), pw) if pw.residual.is_none())
+}
+
 /// The plan's sizes of the run: the longest blocked input or output of an op (`cur` and `mid`), and
 /// the floats of one slot's band buffers.
 fn buffer_lens(graph: &Graph, chain: &Chain, plan: &Plan) -> (usize, usize) {
@@ -188,7 +196,8 @@ fn buffer_lens(graph: &Graph, chain: &Chain, plan: &Plan) -> (usize, usize) {
             big = big.max(blen(input_of(st).input)).max(blen(pw.output));
             if let Some(dw) = dw {
                 let (_, h, w) = plan.shapes[dw.input];
-                slot = slot.max(bands::slot_floats(dw.cin, dw.stride, ex.is_some(), (h, w)));
+                let ring = ex.is_some() || reads_nchw(chain, k, st);
+                slot = slot.max(bands::slot_floats(dw.cin, dw.stride, ring, (h, w)));
             }
         }
     }
@@ -251,19 +260,29 @@ pub(super) fn run(
     RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut times = Vec::with_capacity(chain.ops.len());
     let t0 = Instant::now();
-    let first = input_of(steps_of(graph, chain.ops.start)?).input;
-    let (c0, h0, w0, len0) = dims(first);
-    blocked::to_blocked(simd, &arena[plan.range(first)], n, c0, h0 * w0, &mut cur[..len0]);
+    let first_steps = steps_of(graph, chain.ops.start)?;
+    let first = input_of(first_steps).input;
+    let first_reads_nchw = reads_nchw(chain, chain.ops.start, first_steps);
+    if !first_reads_nchw {
+        let (c0, h0, w0, len0) = dims(first);
+        blocked::to_blocked(simd, &arena[plan.range(first)], n, c0, h0 * w0, &mut cur[..len0]);
+    }
     let mut reorder = t0.elapsed();
     for ((k, p), &export) in chain.ops.clone().zip(packed).zip(&chain.export) {
         let start = Instant::now();
         let st @ (ex, dw, pw) = steps_of(graph, k)?;
         let (ic, ih, iw, in_len) = dims(input_of(st).input);
         let (oc, oh, ow, out_len) = dims(pw.output);
-        let (src, out) = (&cur[..in_len], &mut mid[..out_len]);
+        let nchw = first_reads_nchw && k == chain.ops.start;
+        let (src, out) =
+            if nchw { (&arena[plan.range(first)], &mut mid[..out_len]) } else { (&cur[..in_len], &mut mid[..out_len]) };
         match (dw.zip(p.dw.as_ref()), ex.is_some() == p.ex.is_some()) {
             (Some((_, dww)), true) => {
-                let op = FusedOp::new(p.ex.as_ref(), dww, &p.pw, n, (ih, iw));
+                let op = if nchw {
+                    FusedOp::from_nchw(dww, &p.pw, n, (ih, iw))
+                } else {
+                    FusedOp::new(p.ex.as_ref(), dww, &p.pw, n, (ih, iw))
+                };
                 if op.input != (ic, ih, iw) || op.output != (oc, oh, ow) || op.slot_floats() > slot {
                     return Err(Error::Graph(format!("blocked run: op {k}'s packed weights do not fit its maps")));
                 }
