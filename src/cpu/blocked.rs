@@ -26,7 +26,6 @@
 //! task, with fused multiply-adds: results do not depend on the thread count.
 
 use crate::cpu::conv::{SharedMut, aligned};
-use crate::cpu::isa::Isa;
 #[cfg(target_arch = "x86_64")]
 use crate::cpu::vec256::{act8, first_lanes, transpose8};
 #[cfg(target_arch = "x86_64")]
@@ -40,47 +39,9 @@ pub const BLOCK: usize = 16;
 /// Lanes of an AVX2 register: half a block.
 const HALF: usize = 8;
 
-/// The instruction set the blocked kernels run with. Both sum every output in the same order (the
-/// depthwise's taps in (ky, kx) order then the bias, the pointwise's input channels in order, with
-/// fused multiply-adds), so they give the same bits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Simd {
-    /// AVX-512F: a block is one register.
-    Avx512,
-    /// AVX2 + FMA: a block is two 8-lane registers.
-    Avx2,
-}
+/// The instruction set the blocked kernels run with (both give the same bits).
+pub use crate::cpu::isa::Simd;
 
-impl Simd {
-    /// The kernels' set at CPU level `level`, if the level has one and the processor supports it.
-    pub fn at(level: Isa) -> Option<Simd> {
-        match level {
-            Isa::Avx512 if level.supported() => Some(Simd::Avx512),
-            Isa::Avx2 if level.supported() => Some(Simd::Avx2),
-            _ => None,
-        }
-    }
-
-    /// Every set this processor supports, widest first.
-    pub fn supported() -> Vec<Simd> {
-        Isa::supported_levels().into_iter().filter_map(Simd::at).collect()
-    }
-
-    /// The CPU level whose instructions the set uses.
-    pub fn isa(self) -> Isa {
-        match self {
-            Simd::Avx512 => Isa::Avx512,
-            Simd::Avx2 => Isa::Avx2,
-        }
-    }
-
-    /// Panics unless the processor supports the set (every kernel entry point checks it once, so the
-    /// `unsafe` calls below it hold).
-    pub fn check(self) {
-        let level = self.isa();
-        assert!(level.supported(), "the blocked kernels at {self:?} need a processor with {}", level.name());
-    }
-}
 /// Output channels per micro-tile: four registers of weights.
 const CO_TILE: usize = 4 * BLOCK;
 /// Pixels per micro-tile: 6 × 4 = 24 accumulators, four weight vectors and a broadcast of the 32 registers.

@@ -22,7 +22,7 @@
 //! off at every level.
 
 use super::blocked::{self, PointwiseWeights, Simd, blocked_len};
-use super::conv::{self, Kernel, conv_blocked};
+use super::conv::{self, conv_blocked};
 use crate::error::{Error, Result};
 use crate::graph::{Conv, Graph, Op, Plan, TensorId};
 use std::ops::Range;
@@ -318,8 +318,6 @@ pub(super) fn execute(
     scratch: &mut [f32],
 ) -> Result<Vec<Duration>> {
     let n = plan.n;
-    let kernel = Kernel::for_isa(simd.isa())
-        .ok_or_else(|| Error::Graph(format!("blocked run: no direct-path kernel at {simd:?}")))?;
     // The exports' slots, from the scratch's first 64-byte boundary.
     let base = scratch.as_ptr().align_offset(64).min(15);
     let mut slots = Vec::with_capacity(run.exports.len());
@@ -383,7 +381,7 @@ pub(super) fn execute(
                         _ if island_preferred(c, (h, w), (oh, ow), level) => {
                             island(simd, c, x, !first, plan, o, r, temp)?
                         }
-                        _ => conv_blocked(kernel, c, x, !first, n, (h, w), o, r),
+                        _ => conv_blocked(simd, c, x, !first, n, (h, w), o, r),
                     }
                 }
             }

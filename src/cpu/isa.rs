@@ -16,6 +16,55 @@ pub enum Isa {
     Avx512,
 }
 
+/// The vector instruction sets the CPU's fast kernels are written for: the levels above `Portable`.
+/// Every kernel family (implicit GEMM, Winograd, the direct path, the fused depthwise + pointwise,
+/// the blocked layout's) has one variant per set and shares the rest (packing, task split,
+/// epilogue); the blocked kernels and the direct path sum in the same order at both, so they give the
+/// same bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Simd {
+    /// AVX-512F: 16-lane registers (the implicit GEMM's 8×48 tile; a channel block in one register).
+    Avx512,
+    /// AVX2 + FMA: 8-lane registers (the implicit GEMM's 4×24 tiles; a block in two registers).
+    Avx2,
+}
+
+impl Simd {
+    /// The set of CPU level `level`, if it has one (whether or not this processor supports it).
+    pub fn of(level: Isa) -> Option<Simd> {
+        match level {
+            Isa::Avx512 => Some(Simd::Avx512),
+            Isa::Avx2 => Some(Simd::Avx2),
+            Isa::Portable => None,
+        }
+    }
+
+    /// The set of CPU level `level`, if it has one and this processor supports it.
+    pub fn at(level: Isa) -> Option<Simd> {
+        Simd::of(level).filter(|_| level.supported())
+    }
+
+    /// Every set this processor supports, widest first.
+    pub fn supported() -> Vec<Simd> {
+        Isa::supported_levels().into_iter().filter_map(Simd::at).collect()
+    }
+
+    /// The CPU level whose instructions the set uses.
+    pub fn isa(self) -> Isa {
+        match self {
+            Simd::Avx512 => Isa::Avx512,
+            Simd::Avx2 => Isa::Avx2,
+        }
+    }
+
+    /// Panics unless the processor supports the set (kernel entry points check it once, so the
+    /// `unsafe` calls below them hold).
+    pub fn check(self) {
+        let level = self.isa();
+        assert!(level.supported(), "the {self:?} kernels need a processor with {}", level.name());
+    }
+}
+
 impl Isa {
     /// From highest to lowest: the order dispatch tries them in.
     pub const ALL: [Isa; 3] = [Isa::Avx512, Isa::Avx2, Isa::Portable];

@@ -1,5 +1,5 @@
 //! Dense convolution (groups 1, any kernel, stride and padding) computed directly and vectorised over
-//! output channels, at the AVX-512 and AVX2 levels (`Kernel`). A micro-tile of 64 output channels × 6
+//! output channels, at the AVX-512 and AVX2 levels (`Simd`). A micro-tile of 64 output channels × 6
 //! pixels of one output row (48 × 8, 32 × 12 or 16 × 12 when fewer channels are left; at AVX2 16
 //! channels, two 8-lane halves, × 6 pixels per block of the tile, in the same order of summation, so
 //! the same bits) keeps its 24 sums in registers; each
@@ -26,7 +26,7 @@
 //! (ci, ky, kx) order in one task: results do not depend on the thread count.
 
 use super::common::{ModeSwitch, PathMode, SharedMut, Sinks, aligned, min_tasks};
-use super::igemm::Kernel;
+use crate::cpu::isa::Simd;
 use crate::graph::{Act, Conv};
 use crate::reference::out_size;
 use rayon::prelude::*;
@@ -67,7 +67,7 @@ fn pack(conv: &Conv) -> Vec<f32> {
 }
 
 /// Whether this path computes `conv` with `kernel`'s instructions: dense, on a processor that has them.
-pub(super) fn handles(conv: &Conv, kernel: Kernel) -> bool {
+pub(super) fn handles(conv: &Conv, kernel: Simd) -> bool {
     conv.groups == 1 && kernel.isa().supported()
 }
 
@@ -100,8 +100,8 @@ pub(super) fn mode() -> PathMode {
 /// 1.35x / 1.14x, ResNet-50's 3×3 s2 1.06–1.40x / 1.07–1.09x, ResNet's 1.01–1.06x / 1.04–1.11x except
 /// 256->512 on 40², 0.89x / 0.94x, the 7×7 stem even), behind on the 8-channel stem (0.97x / 0.74x) and
 /// on 3×3 stride 1, where Winograd and the AVX2 implicit GEMM win (0.56–0.59x on 20² maps at one thread).
-pub(super) fn preferred(conv: &Conv, h: usize, w: usize, kernel: Kernel) -> bool {
-    if kernel == Kernel::Avx2 {
+pub(super) fn preferred(conv: &Conv, h: usize, w: usize, kernel: Simd) -> bool {
+    if kernel == Simd::Avx2 {
         return conv.stride > 1 && conv.kernel > 1 && conv.cout >= 16;
     }
     let (oh, ow) = (out_size(h, conv.kernel, conv.stride, conv.pad), out_size(w, conv.kernel, conv.stride, conv.pad));
@@ -116,7 +116,7 @@ pub(super) fn preferred(conv: &Conv, h: usize, w: usize, kernel: Kernel) -> bool
 /// activation, with `kernel`'s instructions. Panics unless `handles(conv, kernel)` (the caller checks).
 #[allow(clippy::too_many_arguments)] // the definition's operands and sizes, as every conv path takes them
 pub(super) fn conv(
-    kernel: Kernel,
+    kernel: Simd,
     conv: &Conv,
     x: &[f32],
     n: usize,
@@ -146,7 +146,7 @@ pub fn blocked_len(n: usize, c: usize, npix: usize) -> usize {
 /// the epilogue stores whole vectors.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv_blocked(
-    kernel: Kernel,
+    kernel: Simd,
     conv: &Conv,
     x: &[f32],
     input_blocked: bool,
@@ -174,7 +174,7 @@ enum Output {
 /// The tasks of `conv`: sums into each task's band, then its write-back to `out`.
 #[allow(clippy::too_many_arguments)]
 fn run(
-    kernel: Kernel,
+    kernel: Simd,
     conv: &Conv,
     x: &[f32],
     input_blocked: bool,
@@ -214,10 +214,10 @@ fn run(
             // SAFETY: as above; the tile's channels of rows y0..y1 of image b are this task's alone.
             unsafe {
                 match (&out, kernel) {
-                    (Output::Planes(sinks), Kernel::Avx512) => {
+                    (Output::Planes(sinks), Simd::Avx512) => {
                         write_back(conv, sinks, residual, tile, pixels, oh * ow, band)
                     }
-                    (Output::Planes(sinks), Kernel::Avx2) => {
+                    (Output::Planes(sinks), Simd::Avx2) => {
                         write_back_avx2(conv, sinks, residual, tile, pixels, oh * ow, band)
                     }
                     (Output::Blocked(o), _) => {
@@ -266,7 +266,7 @@ impl Geometry {
     #[cfg(target_arch = "x86_64")]
     unsafe fn sums(
         &self,
-        kernel: Kernel,
+        kernel: Simd,
         image: &[f32],
         weights: &[f32],
         nb: usize,
@@ -283,8 +283,8 @@ impl Geometry {
         let hi = if w + p >= k { ((w + p - k) / s + 1).min(ow) } else { 0 }.max(lo);
         let kc = (KC_TAPS / (k * k)).max(1);
         let px_max = match kernel {
-            Kernel::Avx512 => PX_OF[nb],
-            Kernel::Avx2 => PX_AVX2,
+            Simd::Avx512 => PX_OF[nb],
+            Simd::Avx2 => PX_AVX2,
         };
         let band = band.as_mut_ptr();
         for c0 in (0..self.cin).step_by(kc) {
@@ -320,8 +320,8 @@ impl Geometry {
                 // SAFETY: the caller's contract; `step` gives each tile only taps inside the image.
                 unsafe {
                     match kernel {
-                        Kernel::Avx512 => tile_dispatch(nb, px, st),
-                        Kernel::Avx2 => (0..nb).for_each(|j| tile_avx2_dispatch(px, st, j)),
+                        Simd::Avx512 => tile_dispatch(nb, px, st),
+                        Simd::Avx2 => (0..nb).for_each(|j| tile_avx2_dispatch(px, st, j)),
                     }
                 }
             };
@@ -350,7 +350,7 @@ impl Geometry {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn sums(&self, _: Kernel, _: &[f32], _: &[f32], nb: usize, _: std::ops::Range<usize>, _: &mut [f32]) {
+    unsafe fn sums(&self, _: Simd, _: &[f32], _: &[f32], nb: usize, _: std::ops::Range<usize>, _: &mut [f32]) {
         unreachable!("the AVX-512 level exists only on x86_64 ({nb} blocks)")
     }
 }
@@ -544,7 +544,7 @@ unsafe fn tile_dispatch(nb: usize, px: usize, _: &Step) {
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn write_back_blocked(
-    kernel: Kernel,
+    kernel: Simd,
     conv: &Conv,
     out: SharedMut,
     residual: Option<&[f32]>,
@@ -566,8 +566,8 @@ unsafe fn write_back_blocked(
         unsafe {
             let dst = std::slice::from_raw_parts_mut(out.get().add(at), plane_out);
             match kernel {
-                Kernel::Avx512 => epilogue_blocked_avx512(sums, &bias, res, conv.act, dst),
-                Kernel::Avx2 => epilogue_blocked_avx2(sums, &bias, res, conv.act, dst),
+                Simd::Avx512 => epilogue_blocked_avx512(sums, &bias, res, conv.act, dst),
+                Simd::Avx2 => epilogue_blocked_avx2(sums, &bias, res, conv.act, dst),
             }
         }
     }
@@ -576,7 +576,7 @@ unsafe fn write_back_blocked(
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
 unsafe fn write_back_blocked(
-    _: Kernel,
+    _: Simd,
     conv: &Conv,
     _: SharedMut,
     _: Option<&[f32]>,
@@ -812,7 +812,7 @@ mod tests {
     /// (maps narrower than the kernel), stride 2, a 7x7 stem, 1x1 stride 2, partial tiles and passes.
     #[test]
     fn both_levels_give_the_same_bits() {
-        let kernels: Vec<Kernel> = [Kernel::Avx512, Kernel::Avx2].into_iter().filter(|k| k.isa().supported()).collect();
+        let kernels: Vec<Simd> = [Simd::Avx512, Simd::Avx2].into_iter().filter(|k| k.isa().supported()).collect();
         if kernels.len() < 2 {
             eprintln!("this processor lacks AVX-512 or AVX2: nothing to compare");
             return;
@@ -867,7 +867,7 @@ mod tests {
     #[test]
     fn the_blocked_layout_matches_the_reference() {
         let mut rnd = super::super::tests::uniform(11);
-        let kernels: Vec<Kernel> = [Kernel::Avx512, Kernel::Avx2].into_iter().filter(|k| k.isa().supported()).collect();
+        let kernels: Vec<Simd> = [Simd::Avx512, Simd::Avx2].into_iter().filter(|k| k.isa().supported()).collect();
         // (n, cin, cout, k, stride, h, w, input blocked, residual)
         for (n, cin, cout, k, s, h, w, input_blocked, with_res) in [
             (2, 32, 48, 3, 1, 9, 11, true, true),

@@ -14,9 +14,10 @@
 //! the same k order.
 
 use super::common::{SharedMut, aligned, epilogue_fast, min_tasks, store_grid};
-use super::igemm::{self, Kernel, conflict_free_stride};
+use super::igemm::{self, conflict_free_stride};
 use super::tile::{MR, NR};
 use crate::cpu::isa::Isa;
+use crate::cpu::isa::Simd;
 use crate::cpu::rows::split_padded;
 use crate::graph::{Act, Conv};
 use crate::reference::out_size;
@@ -27,7 +28,7 @@ const BAND_BUDGET: usize = 1 << 18;
 
 /// Whether `dw` then `pw` is a pair this path computes at `level` (else the caller runs the composition).
 pub fn fuses(dw: &Conv, pw: &Conv, level: Isa) -> bool {
-    Kernel::for_isa(level).is_some()
+    Simd::of(level).is_some()
         && dw.groups == dw.cin
         && dw.cin == dw.cout
         && dw.kernel == 3
@@ -130,7 +131,7 @@ fn run_bands(
     out_channels: usize,
     residual: Option<&[f32]>,
 ) {
-    let Some(kernel) = Kernel::for_isa(level) else {
+    let Some(kernel) = Simd::of(level) else {
         unreachable!("dwpw::conv at a level without a micro-kernel: `fuses` was not checked")
     };
     assert!(kernel.isa().supported(), "dwpw: the {kernel:?} kernel was chosen on a processor without it");
@@ -191,7 +192,7 @@ struct Scratch {
 
 struct Band<'a> {
     level: Isa,
-    kernel: Kernel,
+    kernel: Simd,
     /// The expansion and its packed weights (an inverted residual); `x` is then its input.
     expand: Option<(&'a Conv, &'a [f32])>,
     dw: &'a Conv,
@@ -785,7 +786,7 @@ mod tests {
             (1, 300, 17, 1, 6, 5, false, 1),
             (1, 32, 64, 2, 160, 161, false, 0),
         ];
-        let levels: Vec<Isa> = Isa::supported_levels().into_iter().filter(|l| Kernel::for_isa(*l).is_some()).collect();
+        let levels: Vec<Isa> = Isa::supported_levels().into_iter().filter(|l| Simd::of(*l).is_some()).collect();
         for (n, c, cout, s, h, w, with_res, off) in cases {
             let dw = conv("dw", c, c, 3, s, c, Act::Leaky(0.1), &mut rnd);
             let mut pw = conv("pw", c, cout, 1, 1, 1, Act::Relu6, &mut rnd);
@@ -835,7 +836,7 @@ mod tests {
             (1, 8, 300, 7, 1, 6, 5, false, 1),
             (2, 70, 13, 9, 2, 9, 12, false, 0),
         ];
-        let levels: Vec<Isa> = Isa::supported_levels().into_iter().filter(|l| Kernel::for_isa(*l).is_some()).collect();
+        let levels: Vec<Isa> = Isa::supported_levels().into_iter().filter(|l| Simd::of(*l).is_some()).collect();
         for (n, cin, hid, cout, s, h, w, with_res, off) in cases {
             let ex = conv("ex", cin, hid, 1, 1, 1, Act::Relu6, &mut rnd);
             let dw = conv("dw", hid, hid, 3, s, hid, Act::Relu6, &mut rnd);
@@ -853,7 +854,7 @@ mod tests {
             let mut want = vec![f32::NAN; n * oc * oh * ow];
             reference::conv2d(&pw, &mid, n, oh, ow, &mut want, oc, res.as_deref());
             for &level in &levels {
-                let kernel = Kernel::for_isa(level).expect("a level with a kernel");
+                let kernel = Simd::of(level).expect("a level with a kernel");
                 let mut fast_e = vec![0.0; n * hid * h * w];
                 let path = crate::cpu::conv::ConvPath::Igemm(kernel);
                 crate::cpu::conv::conv2d_on(path, level, &ex, &x, n, h, w, &mut fast_e, hid, None);

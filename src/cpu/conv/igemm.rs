@@ -20,7 +20,7 @@
 
 use super::common::{Sinks, aligned, min_tasks, store_grid};
 use super::tile::{MR, NR};
-use crate::cpu::isa::{Isa, avx_dispatch};
+use crate::cpu::isa::{Simd, avx_dispatch};
 use crate::cpu::rows::valid_columns;
 use crate::graph::Conv;
 use crate::reference::out_size;
@@ -38,34 +38,6 @@ thread_local! {
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
     /// Whole-image phase planes (`Planes::Whole`), reused across calls.
     static WHOLE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The micro-kernel that computes an MR×NR tile. Both share everything else here (planes, offsets,
-/// packed weights, task split, bands, epilogue); only the inner loop differs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kernel {
-    /// One 8×48 tile of 16-lane registers (24 accumulators).
-    Avx512,
-    /// The tile as four 4×24 tiles of 8-lane registers (12 accumulators, `igemm_avx2`).
-    Avx2,
-}
-
-impl Kernel {
-    /// The kernel a level runs, if it has one.
-    pub fn for_isa(isa: Isa) -> Option<Kernel> {
-        match isa {
-            Isa::Avx512 => Some(Kernel::Avx512),
-            Isa::Avx2 => Some(Kernel::Avx2),
-            Isa::Portable => None,
-        }
-    }
-
-    pub fn isa(self) -> Isa {
-        match self {
-            Kernel::Avx512 => Isa::Avx512,
-            Kernel::Avx2 => Isa::Avx2,
-        }
-    }
 }
 
 /// Whether `conv` has a shape this path computes.
@@ -225,7 +197,7 @@ enum Planes {
 /// The convolution of `conv::conv2d`, on `kernel`. Call only when `handles(conv)` and `fits`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn conv(
-    kernel: Kernel,
+    kernel: Simd,
     conv: &Conv,
     x: &[f32],
     n: usize,
@@ -326,7 +298,7 @@ pub(super) fn conv(
 }
 
 struct Task<'a> {
-    kernel: Kernel,
+    kernel: Simd,
     conv: &'a Conv,
     g: &'a Geometry,
     /// The input [n, cin, h, w]: read in place, or copied into planes as `mode` says.
@@ -430,7 +402,7 @@ impl Task<'_> {
 /// nblk·depth·MR floats; `c` must hold nblk·MR rows of `ld ≥ ntiles·NR` floats.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn gemm_tiles(
-    kernel: Kernel,
+    kernel: Simd,
     a: &[f32],
     offsets: &[u32],
     src: &[f32],
@@ -441,7 +413,7 @@ pub(super) unsafe fn gemm_tiles(
     ld: usize,
 ) {
     let g = Gemm { kernel, a, offsets, src, len, ntiles, nblk, ld };
-    if kernel == Kernel::Avx2 && nblk >= PACK_MIN_BLOCKS && offsets.len() >= PACK_MIN_DEPTH {
+    if kernel == Simd::Avx2 && nblk >= PACK_MIN_BLOCKS && offsets.len() >= PACK_MIN_DEPTH {
         PANEL.with_borrow_mut(|(panel, poffs)| {
             panel.resize(KC_PACK * NR + 16, 0.0);
             let at = panel.as_ptr().align_offset(64);
@@ -475,7 +447,7 @@ thread_local! {
 
 /// `gemm_tiles`' operands.
 struct Gemm<'a> {
-    kernel: Kernel,
+    kernel: Simd,
     a: &'a [f32],
     offsets: &'a [u32],
     src: &'a [f32],
@@ -549,7 +521,7 @@ impl Gemm<'_> {
 /// of NR floats `ldc` apart; `a` must hold `offsets.len() · MR` floats.
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_dispatch(
-    kernel: Kernel,
+    kernel: Simd,
     a: &[f32],
     offsets: &[u32],
     src: &[f32],
@@ -562,7 +534,7 @@ unsafe fn tile_dispatch(
     debug_assert!(a.len() >= offsets.len() * MR && c.len() >= (MR - 1) * ldc + NR);
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        if kernel == Kernel::Avx2 {
+        if kernel == Simd::Avx2 {
             // It prefetches in every call (see `igemm_avx2::tile`).
             super::igemm_avx2::tile(a.as_ptr(), offsets, src.as_ptr(), c.as_mut_ptr(), ldc, accumulate, valid)
         } else if valid == NR && prefetch {

@@ -26,14 +26,13 @@ pub use common::PathMode;
 pub use direct_co::set_mode as set_direct_co_mode;
 pub use winograd::{Tile as WinogradTile, WinogradMode, set_mode as set_winograd_mode};
 
-use crate::cpu::isa::{Isa, isa};
+use crate::cpu::isa::{Isa, Simd, isa};
 use crate::graph::Conv;
 use crate::reference::out_size;
 pub(crate) use common::{SharedMut, aligned, min_tasks};
 use common::{Sink, Sinks};
 pub use direct_co::blocked_len;
 pub(crate) use direct_co::conv_blocked;
-pub(crate) use igemm::Kernel;
 
 /// `crate::reference::conv2d` (same operands, same result up to f32 rounding) on the fastest path for
 /// `conv` at the process's level (`isa()`).
@@ -148,13 +147,13 @@ fn joint_conv(a: &Conv, b: &Conv) -> Conv {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ConvPath {
     /// Implicit GEMM on an AVX-512 or AVX2 micro-kernel (`igemm`), for any dense convolution.
-    Igemm(Kernel),
+    Igemm(Simd),
     /// 3×3 stride 1 by Winograd's F(2×2, 3×3) on the same micro-kernels (`winograd`).
-    Winograd(Kernel, winograd::Tile),
+    Winograd(Simd, winograd::Tile),
     /// Few taps per output: direct accumulation, all output channels at once (`direct`).
     DirectSmall,
     /// Direct, vectorised over output channels (`direct_co`, AVX-512 or AVX2).
-    DirectCo(Kernel),
+    DirectCo(Simd),
     /// 3×3 stride 1: nine shifted GEMMs on a padded plane (`shifted3x3`).
     Shifted3x3,
     /// im2col + GEMM, or GEMM straight on the input for 1×1 stride 1 (`gemm`).
@@ -166,11 +165,11 @@ enum ConvPath {
 /// The path for `conv` at level `isa` (which the caller has checked the processor supports).
 fn choose_path(conv: &Conv, h: usize, w: usize, isa: Isa) -> ConvPath {
     let k = conv.kernel;
-    let kernel = Kernel::for_isa(isa).filter(|_| igemm::preferred(conv) && igemm::fits(conv, h, w));
-    let winograd = Kernel::for_isa(isa)
+    let kernel = Simd::of(isa).filter(|_| igemm::preferred(conv) && igemm::fits(conv, h, w));
+    let winograd = Simd::of(isa)
         .filter(|_| winograd::handles(conv, isa))
         .and_then(|k| winograd::choose(conv, h, w, k).map(|t| (k, t)));
-    let direct_co = Kernel::for_isa(isa).filter(|&k| {
+    let direct_co = Simd::of(isa).filter(|&k| {
         direct_co::handles(conv, k)
             && match direct_co::mode() {
                 PathMode::Force => true,
@@ -294,7 +293,7 @@ pub(crate) mod tests {
             (1, 2, 2, 3, 1, 2, 40, 40, Act::None, false, 0),
         ];
         let levels = Isa::supported_levels();
-        let kernels: Vec<Kernel> = levels.iter().filter_map(|&l| Kernel::for_isa(l)).collect();
+        let kernels: Vec<Simd> = levels.iter().filter_map(|&l| Simd::of(l)).collect();
         let mut exercised = std::collections::HashSet::new();
         let mut winograd_exercised = std::collections::HashSet::new();
         for (n, cin, cout, k, stride, groups, h, w, act, with_res, off) in cases {
@@ -423,26 +422,26 @@ pub(crate) mod tests {
         // channels; at AVX2 for the stride-2 stem).
         for c in [conv(3, 3, 2), conv(16, 1, 1), conv(8, 3, 1), conv(64, 3, 1)] {
             let at512 = choose_path(&c, 40, 40, Isa::Avx512);
-            assert!(matches!(at512, ConvPath::Igemm(Kernel::Avx512) | ConvPath::DirectCo(Kernel::Avx512)), "{at512:?}");
+            assert!(matches!(at512, ConvPath::Igemm(Simd::Avx512) | ConvPath::DirectCo(Simd::Avx512)), "{at512:?}");
             let at2 = choose_path(&c, 40, 40, Isa::Avx2);
-            assert!(matches!(at2, ConvPath::Igemm(Kernel::Avx2) | ConvPath::DirectCo(Kernel::Avx2)), "{at2:?}");
+            assert!(matches!(at2, ConvPath::Igemm(Simd::Avx2) | ConvPath::DirectCo(Simd::Avx2)), "{at2:?}");
             assert!(!matches!(choose_path(&c, 40, 40, Isa::Portable), ConvPath::Igemm(_) | ConvPath::DirectCo(_)));
         }
         // 3x3 stride 1 with enough channels and pixels: Winograd on the level's own kernel.
         let c = Conv { cout: 64, weight: vec![0.0; 64 * 64 * 9], bias: vec![0.0; 64], ..conv(64, 3, 1) };
-        assert!(matches!(choose_path(&c, 80, 80, Isa::Avx512), ConvPath::Winograd(Kernel::Avx512, _)));
-        assert!(matches!(choose_path(&c, 80, 80, Isa::Avx2), ConvPath::Winograd(Kernel::Avx2, _)));
+        assert!(matches!(choose_path(&c, 80, 80, Isa::Avx512), ConvPath::Winograd(Simd::Avx512, _)));
+        assert!(matches!(choose_path(&c, 80, 80, Isa::Avx2), ConvPath::Winograd(Simd::Avx2, _)));
         assert!(!matches!(choose_path(&c, 80, 80, Isa::Portable), ConvPath::Winograd(..) | ConvPath::Igemm(_)));
         // The direct path's rule: small maps and stride 2 at AVX-512, not 3x3 stride 1 at AVX2.
-        assert_eq!(choose_path(&c, 20, 20, Isa::Avx512) == ConvPath::DirectCo(Kernel::Avx512), Isa::Avx512.supported());
-        assert_ne!(choose_path(&c, 20, 20, Isa::Avx2), ConvPath::DirectCo(Kernel::Avx2));
+        assert_eq!(choose_path(&c, 20, 20, Isa::Avx512) == ConvPath::DirectCo(Simd::Avx512), Isa::Avx512.supported());
+        assert_ne!(choose_path(&c, 20, 20, Isa::Avx2), ConvPath::DirectCo(Simd::Avx2));
         // Not for 1x1 stride 2 (ResNet-50's downsampling, where it measured 0.54-0.74x).
         let ds = Conv { cout: 512, weight: vec![0.0; 512 * 256], bias: vec![0.0; 512], ..conv(256, 1, 2) };
-        assert_ne!(choose_path(&ds, 160, 160, Isa::Avx512), ConvPath::DirectCo(Kernel::Avx512));
-        assert_ne!(choose_path(&ds, 160, 160, Isa::Avx2), ConvPath::DirectCo(Kernel::Avx2));
+        assert_ne!(choose_path(&ds, 160, 160, Isa::Avx512), ConvPath::DirectCo(Simd::Avx512));
+        assert_ne!(choose_path(&ds, 160, 160, Isa::Avx2), ConvPath::DirectCo(Simd::Avx2));
         // At AVX2 only stride-2 convolutions (16 output channels or more) take it.
         let s2 = Conv { cout: 128, weight: vec![0.0; 128 * 64 * 9], bias: vec![0.0; 128], ..conv(64, 3, 2) };
-        assert_eq!(choose_path(&s2, 160, 160, Isa::Avx2) == ConvPath::DirectCo(Kernel::Avx2), Isa::Avx2.supported());
+        assert_eq!(choose_path(&s2, 160, 160, Isa::Avx2) == ConvPath::DirectCo(Simd::Avx2), Isa::Avx2.supported());
     }
 
     /// A pair as one GEMM: each conv's channels in its own tensor at its offset with its activation,
@@ -516,7 +515,7 @@ pub(crate) mod tests {
                 }
             }
         }
-        if Isa::supported_levels().iter().any(|l| Kernel::for_isa(*l).is_some()) {
+        if Isa::supported_levels().iter().any(|l| Simd::of(*l).is_some()) {
             assert_eq!(paths_seen.len(), 3, "the joint conv took each kind of path: {paths_seen:?}");
         }
     }

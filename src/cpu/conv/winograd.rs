@@ -26,9 +26,10 @@
 //! the goldens with it forced everywhere.
 
 use super::common::{Sinks, aligned, store_epilogue_fast};
-use super::igemm::{self, Kernel, conflict_free_stride};
+use super::igemm::{self, conflict_free_stride};
 use super::tile::{MR, NR};
 use crate::cpu::isa::Isa;
+use crate::cpu::isa::Simd;
 use crate::cpu::rows::{deinterleave, interleave, split_padded};
 use crate::graph::Conv;
 use rayon::prelude::*;
@@ -39,7 +40,7 @@ const BAND_BUDGET: usize = 1 << 19;
 
 /// Whether `conv` is a convolution this path computes at `level`.
 pub fn handles(conv: &Conv, level: Isa) -> bool {
-    Kernel::for_isa(level).is_some() && conv.groups == 1 && conv.kernel == 3 && conv.stride == 1 && conv.pad == 1
+    Simd::of(level).is_some() && conv.groups == 1 && conv.kernel == 3 && conv.stride == 1 && conv.pad == 1
 }
 
 /// Winograd's output tile: F(m×m, 3×3) reads (m + 2)² inputs per tile and runs (m + 2)² GEMMs.
@@ -92,8 +93,8 @@ impl Tile {
 ///   is weaker and Winograd already wins from 32 output channels: F(2×2) runs x0.25's SSH conv3X3 +
 ///   conv5X5_1 (64→32+16 at 80²) 1.65–1.7x faster than the implicit GEMM, x1.0's conv5X5_1 (128→32)
 ///   1.23–1.41x.
-pub fn choose(conv: &Conv, h: usize, w: usize, kernel: Kernel) -> Option<Tile> {
-    let min_cout = if kernel == Kernel::Avx2 { 32 } else { 64 };
+pub fn choose(conv: &Conv, h: usize, w: usize, kernel: Simd) -> Option<Tile> {
+    let min_cout = if kernel == Simd::Avx2 { 32 } else { 64 };
     let f2 = conv.cin >= 32 && conv.cout >= min_cout && h.div_ceil(2) * w.div_ceil(2) >= NR;
     let f4 = conv.cin > 128 && conv.cin <= 256 && w >= 40;
     match mode() {
@@ -233,7 +234,7 @@ pub(super) fn conv(
     sinks: Sinks,
     residual: Option<&[f32]>,
 ) {
-    let Some(kernel) = Kernel::for_isa(level) else {
+    let Some(kernel) = Simd::of(level) else {
         unreachable!("winograd::conv at a level without a micro-kernel: `handles` was not checked")
     };
     assert!(kernel.isa().supported(), "winograd: the {kernel:?} kernel was chosen on a processor without it");
@@ -345,7 +346,7 @@ struct Scratch {
 
 struct Band<'a> {
     level: Isa,
-    kernel: Kernel,
+    kernel: Simd,
     tile: Tile,
     conv: &'a Conv,
     packed: &'a [f32],
