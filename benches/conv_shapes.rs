@@ -44,23 +44,12 @@ fn best(f: &mut dyn FnMut()) -> f64 {
 
 /// A convolution (pad k/2, bias 0.1) with deterministic weights in [−0.5, 0.5).
 fn conv(name: &str, cin: usize, cout: usize, k: usize, stride: usize, groups: usize, act: Act) -> Conv {
-    Conv {
-        name: name.into(),
-        input: 0,
-        output: 1,
-        out_channel_offset: 0,
-        cin,
-        cout,
-        kernel: k,
-        stride,
-        pad: k / 2,
-        groups,
-        weight: (0..cout * (cin / groups) * k * k).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect(),
-        bias: vec![0.1; cout],
-        residual: None,
-        act,
-        packed: Default::default(),
-    }
+    let mut i = 0usize;
+    let mut weights = || {
+        i += 1;
+        ((i - 1) * 7919 % 1000) as f32 * 1e-3 - 0.5
+    };
+    Conv { bias: vec![0.1; cout], ..Conv::with_values(name, [cin, cout, k, stride, groups], act, &mut weights) }
 }
 
 /// A deterministic input of `len` values in [0, 1).

@@ -43,21 +43,13 @@ fn conv(
 ) -> Conv {
     let fan = (cin / groups * k * k) as f32;
     Conv {
-        name: name.into(),
         input,
         output,
         out_channel_offset: off,
-        cin,
-        cout,
-        kernel: k,
-        stride,
-        pad: k / 2,
-        groups,
         weight: rng.vec(cout * cin / groups * k * k, 1.0 / fan.sqrt()),
         bias: rng.vec(cout, 0.5),
         residual,
-        act,
-        packed: Default::default(),
+        ..Conv::with_values(name, [cin, cout, k, stride, groups], act, &mut || 0.0)
     }
 }
 
@@ -446,21 +438,9 @@ fn dwpw_f16_case(
     let mk = |name: &str, cin, cout, k, stride, groups, act, rng: &mut Rng| {
         let fan = (cin / groups * k * k) as f32;
         Conv {
-            name: name.into(),
-            input: 0,
-            output: 1,
-            out_channel_offset: 0,
-            cin,
-            cout,
-            kernel: k,
-            stride,
-            pad: k / 2,
-            groups,
             weight: rng.vec16(cout * cin / groups * k * k, 1.0 / fan.sqrt()),
             bias: rng.vec16(cout, 0.5),
-            residual: None,
-            act,
-            packed: Default::default(),
+            ..Conv::with_values(name, [cin, cout, k, stride, groups], act, &mut || 0.0)
         }
     };
     let dw = mk("dw", c, c, 3, s, c, act_dw, &mut rng);
@@ -649,21 +629,9 @@ fn f16_bound(got: &[u16], want: &[f32], (cs, ct): (usize, usize), what: &str) ->
 fn conv16(name: &str, (cin, cout, k, stride): (usize, usize, usize, usize), act: Act, rng: &mut Rng) -> Conv {
     let fan = (cin * k * k) as f32;
     Conv {
-        name: name.into(),
-        input: 0,
-        output: 1,
-        out_channel_offset: 0,
-        cin,
-        cout,
-        kernel: k,
-        stride,
-        pad: k / 2,
-        groups: 1,
         weight: rng.vec16(cout * cin * k * k, 1.0 / fan.sqrt()),
         bias: rng.vec16(cout, 0.5),
-        residual: None,
-        act,
-        packed: Default::default(),
+        ..Conv::with_values(name, [cin, cout, k, stride, 1], act, &mut || 0.0)
     }
 }
 

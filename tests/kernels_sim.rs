@@ -36,21 +36,10 @@ fn conv(
 ) -> Conv {
     let fan = (cin / groups * k * k) as f32;
     Conv {
-        name: name.into(),
-        input: 0,
-        output: 1,
         out_channel_offset: off,
-        cin,
-        cout,
-        kernel: k,
-        stride,
-        pad: k / 2,
-        groups,
         weight: rng.vec(cout * cin / groups * k * k, 1.0 / fan.sqrt()),
         bias: rng.vec(cout, 0.5),
-        residual: None,
-        act,
-        packed: Default::default(),
+        ..Conv::with_values(name, [cin, cout, k, stride, groups], act, &mut || 0.0)
     }
 }
 

@@ -292,23 +292,7 @@ mod tests {
         act: crate::graph::Act,
     ) -> Conv {
         let groups = if kernel == 3 { cin } else { 1 };
-        Conv {
-            name: "c".into(),
-            input: 0,
-            output: 1,
-            out_channel_offset: 0,
-            cin,
-            cout,
-            kernel,
-            stride,
-            pad: kernel / 2,
-            groups,
-            weight: (0..cout * cin / groups * kernel * kernel).map(|_| rnd()).collect(),
-            bias: (0..cout).map(|_| rnd()).collect(),
-            residual: None,
-            act,
-            packed: Default::default(),
-        }
+        Conv::with_values("c", [cin, cout, kernel, stride, groups], act, rnd)
     }
 
     /// The band-by-band op against the whole-map kernels it is made of, bit for bit: with and without

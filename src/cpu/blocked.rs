@@ -1097,23 +1097,7 @@ mod tests {
             (1, 128, 256, 1600, Act::Leaky(0.1), true),
         ];
         for (n, cin, cout, npix, act, with_res) in cases {
-            let conv = Conv {
-                name: "pw".into(),
-                input: 0,
-                output: 1,
-                out_channel_offset: 0,
-                cin,
-                cout,
-                kernel: 1,
-                stride: 1,
-                pad: 0,
-                groups: 1,
-                weight: (0..cout * cin).map(|_| rnd()).collect(),
-                bias: (0..cout).map(|_| rnd()).collect(),
-                residual: None,
-                act,
-                packed: Default::default(),
-            };
+            let conv = Conv::with_values("pw", [cin, cout, 1, 1, 1], act, &mut rnd);
             let x: Vec<f32> = (0..n * cin * npix).map(|_| rnd() * 3.0).collect();
             let res: Option<Vec<f32>> = with_res.then(|| (0..n * cout * npix).map(|_| rnd()).collect());
             let mut want = vec![0.0; n * cout * npix];
@@ -1182,23 +1166,7 @@ mod tests {
             (3, 48, 19, 37, 1, Act::Leaky(0.1)),
         ];
         for (n, c, h, w, stride, act) in cases {
-            let conv = Conv {
-                name: "dw".into(),
-                input: 0,
-                output: 1,
-                out_channel_offset: 0,
-                cin: c,
-                cout: c,
-                kernel: 3,
-                stride,
-                pad: 1,
-                groups: c,
-                weight: (0..c * 9).map(|_| rnd()).collect(),
-                bias: (0..c).map(|_| rnd()).collect(),
-                residual: None,
-                act,
-                packed: Default::default(),
-            };
+            let conv = Conv::with_values("dw", [c, c, 3, stride, c], act, &mut rnd);
             let (oh, ow) = (reference::out_size(h, 3, stride, 1), reference::out_size(w, 3, stride, 1));
             let x: Vec<f32> = (0..n * c * h * w).map(|_| rnd() * 3.0).collect();
             let mut want = vec![0.0; n * c * oh * ow];

@@ -76,6 +76,38 @@ pub struct Conv {
     pub packed: PackedWeights,
 }
 
+impl Conv {
+    /// A convolution from tensor 0 into tensor 1 with "same" padding (`kernel / 2`), no channel offset,
+    /// no shortcut and nothing packed, its weights ([cout, cin/groups, k, k]) then its biases drawn
+    /// from `values`: the convolution tests and benchmarks start from (other fields by struct update).
+    pub fn with_values(
+        name: &str,
+        [cin, cout, kernel, stride, groups]: [usize; 5],
+        act: Act,
+        values: &mut dyn FnMut() -> f32,
+    ) -> Conv {
+        let weight = (0..cout * (cin / groups.max(1)) * kernel * kernel).map(|_| values()).collect();
+        let bias = (0..cout).map(|_| values()).collect();
+        Conv {
+            name: name.into(),
+            input: 0,
+            output: 1,
+            out_channel_offset: 0,
+            cin,
+            cout,
+            kernel,
+            stride,
+            pad: kernel / 2,
+            groups,
+            weight,
+            bias,
+            residual: None,
+            act,
+            packed: Default::default(),
+        }
+    }
+}
+
 /// `Conv::weight` as the CPU's micro-kernels read it, each layout made on first use (a conv may run on
 /// either path, at different input sizes).
 #[derive(Clone, Debug, Default)]

@@ -83,23 +83,7 @@ mod tests {
     use crate::graph::Act;
 
     fn conv(cin: usize, cout: usize, k: usize, stride: usize, groups: usize, weight: Vec<f32>) -> Conv {
-        Conv {
-            name: "t".into(),
-            input: 0,
-            output: 1,
-            out_channel_offset: 0,
-            cin,
-            cout,
-            kernel: k,
-            stride,
-            pad: k / 2,
-            groups,
-            weight,
-            bias: vec![0.0; cout],
-            residual: None,
-            act: Act::None,
-            packed: Default::default(),
-        }
+        Conv { weight, ..Conv::with_values("t", [cin, cout, k, stride, groups], Act::None, &mut || 0.0) }
     }
 
     #[test]

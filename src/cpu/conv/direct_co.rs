@@ -788,23 +788,7 @@ mod tests {
 
     /// A dense convolution with "same" padding and random weights and bias.
     fn random_conv(cin: usize, cout: usize, k: usize, s: usize, rnd: &mut impl FnMut() -> f32) -> Conv {
-        Conv {
-            name: "t".into(),
-            input: 0,
-            output: 1,
-            out_channel_offset: 0,
-            cin,
-            cout,
-            kernel: k,
-            stride: s,
-            pad: k / 2,
-            groups: 1,
-            weight: (0..cout * cin * k * k).map(|_| rnd()).collect(),
-            bias: (0..cout).map(|_| rnd()).collect(),
-            residual: None,
-            act: Act::Leaky(0.1),
-            packed: Default::default(),
-        }
+        Conv::with_values("t", [cin, cout, k, s, 1], Act::Leaky(0.1), rnd)
     }
 
     /// The AVX2 build sums in the AVX-512 tile's order, edge columns included, so the two give the same

@@ -723,23 +723,7 @@ mod tests {
         act: Act,
         rnd: &mut impl FnMut() -> f32,
     ) -> Conv {
-        Conv {
-            name: name.into(),
-            input: 0,
-            output: 1,
-            out_channel_offset: 0,
-            cin,
-            cout,
-            kernel: k,
-            stride,
-            pad: k / 2,
-            groups,
-            weight: (0..cout * (cin / groups) * k * k).map(|_| rnd()).collect(),
-            bias: (0..cout).map(|_| rnd()).collect(),
-            residual: None,
-            act,
-            packed: Default::default(),
-        }
+        Conv::with_values(name, [cin, cout, k, stride, groups], act, rnd)
     }
 
     /// `got` against the reference `want` (f32 rounding) and bit for bit against `composed`, channels

@@ -587,23 +587,7 @@ pub(super) mod tests {
     }
 
     fn conv(cin: usize, k: usize, s: usize) -> Conv {
-        Conv {
-            name: "t".into(),
-            input: 0,
-            output: 1,
-            out_channel_offset: 0,
-            cin,
-            cout: 8,
-            kernel: k,
-            stride: s,
-            pad: k / 2,
-            groups: 1,
-            weight: vec![0.0; 8 * cin * k * k],
-            bias: vec![0.0; 8],
-            residual: None,
-            act: Act::None,
-            packed: Default::default(),
-        }
+        Conv::with_values("t", [cin, 8, k, s, 1], Act::None, &mut || 0.0)
     }
 
     #[test]

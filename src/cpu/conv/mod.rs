@@ -298,21 +298,8 @@ pub(crate) mod tests {
         let mut winograd_exercised = std::collections::HashSet::new();
         for (n, cin, cout, k, stride, groups, h, w, act, with_res, off) in cases {
             let conv = Conv {
-                name: "test".into(),
-                input: 0,
-                output: 1,
                 out_channel_offset: off,
-                cin,
-                cout,
-                kernel: k,
-                stride,
-                pad: (k - 1) / 2,
-                groups,
-                weight: (0..cout * (cin / groups) * k * k).map(|_| rnd()).collect(),
-                bias: (0..cout).map(|_| rnd()).collect(),
-                residual: None,
-                act,
-                packed: Default::default(),
+                ..Conv::with_values("test", [cin, cout, k, stride, groups], act, &mut rnd)
             };
             let x: Vec<f32> = (0..n * cin * h * w).map(|_| rnd() * 3.0).collect();
             let (oh, ow) = (reference::out_size(h, k, stride, conv.pad), reference::out_size(w, k, stride, conv.pad));
@@ -400,23 +387,7 @@ pub(crate) mod tests {
 
     #[test]
     fn each_level_chooses_only_its_own_kernel() {
-        let conv = |cin, k, stride| Conv {
-            name: "t".into(),
-            input: 0,
-            output: 1,
-            out_channel_offset: 0,
-            cin,
-            cout: 16,
-            kernel: k,
-            stride,
-            pad: k / 2,
-            groups: 1,
-            weight: vec![0.0; 16 * cin * k * k],
-            bias: vec![0.0; 16],
-            residual: None,
-            act: Act::None,
-            packed: Default::default(),
-        };
+        let conv = |cin, k, stride| Conv::with_values("t", [cin, 16, k, stride, 1], Act::None, &mut || 0.0);
         // The AVX-512 and AVX2 levels may also take the direct path vectorised over output channels
         // with their own instructions (on 40² maps, at AVX-512, for 3x3 stride 1 up to 128 input
         // channels; at AVX2 for the stride-2 stem).
@@ -462,21 +433,8 @@ pub(crate) mod tests {
         for level in Isa::supported_levels() {
             for (n, cin, ca, cb, k, h, w) in cases {
                 let mk = |cout: usize, act: Act, off: usize, rnd: &mut dyn FnMut() -> f32| Conv {
-                    name: format!("c{cout}"),
-                    input: 0,
-                    output: 1,
                     out_channel_offset: off,
-                    cin,
-                    cout,
-                    kernel: k,
-                    stride: 1,
-                    pad: k / 2,
-                    groups: 1,
-                    weight: (0..cout * cin * k * k).map(|_| rnd()).collect(),
-                    bias: (0..cout).map(|_| rnd()).collect(),
-                    residual: None,
-                    act,
-                    packed: Default::default(),
+                    ..Conv::with_values(&format!("c{cout}"), [cin, cout, k, 1, 1], act, rnd)
                 };
                 let a = mk(ca, Act::Leaky(0.0), 2, &mut rnd);
                 let b = mk(cb, Act::Leaky(0.1), 0, &mut rnd);

@@ -751,21 +751,8 @@ mod tests {
         // (n, cin, cout, h, w): several bands, output blocks not filling the tasks, odd sizes, a batch.
         for (n, cin, cout, h, w) in [(2, 40, 36, 13, 11), (1, 300, 64, 9, 30), (1, 8, 8, 1, 1)] {
             let conv = Conv {
-                name: "t".into(),
-                input: 0,
-                output: 1,
                 out_channel_offset: 1,
-                cin,
-                cout,
-                kernel: 3,
-                stride: 1,
-                pad: 1,
-                groups: 1,
-                weight: (0..cout * cin * 9).map(|_| rnd()).collect(),
-                bias: (0..cout).map(|_| rnd()).collect(),
-                residual: None,
-                act: Act::Leaky(0.1),
-                packed: Default::default(),
+                ..Conv::with_values("t", [cin, cout, 3, 1, 1], Act::Leaky(0.1), &mut rnd)
             };
             let x: Vec<f32> = (0..n * cin * h * w).map(|_| rnd()).collect();
             let res: Vec<f32> = (0..n * cout * h * w).map(|_| rnd()).collect();
