@@ -19,7 +19,8 @@ use super::blocked::{
     BLOCK, DepthwiseWeights, DwSource, PointwiseWeights, Simd, Span, blocked_len, depthwise_span, pointwise_span,
     to_blocked_span,
 };
-use super::conv::SharedMut;
+use super::conv::{SharedMut, rows_blocked};
+use crate::graph::Conv;
 use crate::reference::out_size;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -99,6 +100,10 @@ pub struct FusedOp<'a> {
     /// into the blocked layout, the step an expansion would take, so the run's input is never written
     /// whole in the layout and read back (for MobileNetV1 x1.0 and MobileNetV2, 13 MB each way).
     nchw: bool,
+    /// With `nchw`: a dense convolution (the network's stem) whose output the depthwise step reads;
+    /// the ring takes each band's rows of it computed from the op's input, so that output never goes
+    /// to memory (13 MB for MobileNetV1 x1.0 and MobileNetV2, written and read back otherwise).
+    stem: Option<&'a Conv>,
     dw: &'a DepthwiseWeights,
     pw: &'a PointwiseWeights,
     band: Band,
@@ -106,6 +111,8 @@ pub struct FusedOp<'a> {
     /// (channels, height, width) of the op's input and output.
     pub(super) input: (usize, usize, usize),
     pub(super) output: (usize, usize, usize),
+    /// Height and width of the depthwise step's input (the stem's output; else the op's input).
+    dw_in: (usize, usize),
 }
 
 /// Floats of one slot's buffers for a depthwise step of `channels` and stride `s` (its input rows in
@@ -130,12 +137,14 @@ impl<'a> FusedOp<'a> {
         FusedOp {
             ex,
             nchw: false,
+            stem: None,
             dw,
             pw,
             band,
             n,
             input: (cin, h, w),
             output: (pw.cout(), out_size(h, 3, s, 1), out_size(w, 3, s, 1)),
+            dw_in: (h, w),
         }
     }
 
@@ -151,7 +160,27 @@ impl<'a> FusedOp<'a> {
         FusedOp { nchw: true, band, ..FusedOp::new(None, dw, pw, n, (h, w)) }
     }
 
-    /// Whether the op reads its input in NCHW (`from_nchw`).
+    /// The op of a dense convolution `stem` (any kernel and stride, its output the depthwise step's
+    /// input, with `simd`'s direct path), a depthwise step and its projection, reading the stem's input
+    /// in NCHW (`n` images of `h`×`w`): each band's depthwise input rows are computed into the slot's
+    /// row buffer. `None` unless the stem writes the depthwise step's channels with the direct path.
+    pub fn from_stem(
+        simd: Simd,
+        stem: &'a Conv,
+        dw: &'a DepthwiseWeights,
+        pw: &'a PointwiseWeights,
+        n: usize,
+        (h, w): (usize, usize),
+    ) -> Option<FusedOp<'a>> {
+        if stem.cout != dw.channels() || !crate::cpu::conv::handles_blocked(stem, simd) {
+            return None;
+        }
+        let dw_in = (out_size(h, stem.kernel, stem.stride, stem.pad), out_size(w, stem.kernel, stem.stride, stem.pad));
+        let op = FusedOp::from_nchw(dw, pw, n, dw_in);
+        Some(FusedOp { stem: Some(stem), input: (stem.cin, h, w), ..op })
+    }
+
+    /// Whether the op reads its input in NCHW (`from_nchw`, `from_stem`).
     pub fn reads_nchw(&self) -> bool {
         self.nchw
     }
@@ -171,7 +200,7 @@ impl<'a> FusedOp<'a> {
 
     /// Floats of one slot's buffers (`Band::slot_floats`).
     pub fn slot_floats(&self) -> usize {
-        self.band.slot_floats(self.input.2, self.output.2)
+        self.band.slot_floats(self.dw_in.1, self.output.2)
     }
 
     /// `x` (the op's input, and its shortcut when `residual`) into `out` with the kernels of `simd`,
@@ -182,7 +211,7 @@ impl<'a> FusedOp<'a> {
         assert_eq!(x.len(), in_len, "fused op: input size");
         assert!(!(self.nchw && residual), "fused op: a shortcut from an NCHW input");
         assert_eq!(out.len(), blocked_len(n, oc, oh * ow), "fused op: output size");
-        assert!(slot >= self.band.floats(w, ow), "fused op: slot size");
+        assert!(slot >= self.band.floats(self.dw_in.1, ow), "fused op: slot size");
         assert!(!residual || x.len() == out.len(), "fused op: shortcut size");
         simd.check();
         let total = n * oh;
@@ -210,9 +239,11 @@ impl<'a> FusedOp<'a> {
         buf: &mut [f32],
         rows: Range<usize>,
     ) {
-        let ((ic, h, w), (oc, oh, ow), band) = (self.input, self.output, self.band);
+        let ((ic, ih, iw), (oc, oh, ow), band) = (self.input, self.output, self.band);
+        // The depthwise step's input: the stem's output, else the op's input.
+        let (h, w) = self.dw_in;
         let s = self.dw.stride();
-        let (in_plane, out_plane) = (h * w * BLOCK, oh * ow * BLOCK);
+        let (in_plane, out_plane) = (ih * iw * BLOCK, oh * ow * BLOCK);
         let (win_plane, dw_plane) = (band.cap * w * BLOCK, band.rows * ow * BLOCK);
         let (ring, dwb) = buf.split_at_mut(band.cap * w * band.mid);
         // The expanded rows the ring holds (image b's row iy at row iy % cap): (image, rows).
@@ -222,13 +253,13 @@ impl<'a> FusedOp<'a> {
             let (b, y0) = (r / oh, r % oh);
             let y1 = (y0 + band.rows).min(oh).min(y0 + rows.end - r);
             let image =
-                x.as_ptr().wrapping_add(if self.nchw { b * ic * h * w } else { b * ic.div_ceil(BLOCK) * in_plane });
+                x.as_ptr().wrapping_add(if self.nchw { b * ic * ih * iw } else { b * ic.div_ceil(BLOCK) * in_plane });
             // SAFETY: the function's contract; every offset below stays inside image b's planes of
             // `x`, `out`, or the slot's buffers (the band's input rows number at most `cap`).
             unsafe {
                 let src = if self.ex.is_some() || self.nchw {
                     // Input rows [lo, hi) feed output rows [y0, y1); those the previous band
-                    // made (expanded or reordered) are still in the ring.
+                    // made (expanded, reordered or computed by the stem) are still in the ring.
                     let (lo, hi) = ((y0 * s).saturating_sub(1), ((y1 - 1) * s + 2).min(h));
                     let mut from = match &held {
                         Some((hb, kept)) if *hb == b && kept.start <= lo && lo < kept.end => kept.end,
@@ -239,8 +270,8 @@ impl<'a> FusedOp<'a> {
                         let at = from % band.cap;
                         let to = hi.min(from + band.cap - at);
                         let dst = ring.as_mut_ptr().add(at * w * BLOCK);
-                        match self.ex {
-                            Some(ex) => {
+                        match (self.ex, self.stem) {
+                            (Some(ex), _) => {
                                 let span = Span {
                                     x: image.add(from * w * BLOCK),
                                     x_plane: in_plane,
@@ -251,7 +282,12 @@ impl<'a> FusedOp<'a> {
                                 };
                                 pointwise_span(simd, ex, &span);
                             }
-                            None => {
+                            (None, Some(stem)) => {
+                                let input = std::slice::from_raw_parts(image, ic * ih * iw);
+                                let (plane, first) = (band.cap * w, at * w);
+                                rows_blocked(simd, stem, input, (ih, iw), from..to, ring.as_mut_ptr(), plane, first);
+                            }
+                            (None, None) => {
                                 to_blocked_span(simd, image.add(from * w), ic, h * w, (to - from) * w, dst, win_plane)
                             }
                         }
@@ -382,5 +418,67 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A stem computed band by band into the first pair's ring (`FusedOp::from_stem`) against the stem
+    /// on the whole map (`conv_blocked`) then the pair on the whole maps, bit for bit: 3x3 stride-2 and
+    /// 7x7 stems, partial channel blocks, depthwise strides 1 and 2, odd sizes, a batch, one to three
+    /// slots, bands of one row.
+    #[test]
+    fn a_stem_computed_into_the_ring_equals_the_stem_then_the_pair() {
+        use crate::cpu::conv::{conv_blocked, handles_blocked};
+        use crate::graph::Act;
+        let sets = Simd::supported();
+        if sets.is_empty() {
+            eprintln!("no AVX2 or AVX-512 on this machine: the fused op is not run");
+            return;
+        }
+        let mut rnd = crate::cpu::conv::tests::uniform(43);
+        // (n, stem cin, stem cout, stem kernel, stem stride, pair cout, dw stride, h, w)
+        let cases = [
+            (1, 3, 16, 3, 2, 32, 1, 37, 29),
+            (2, 3, 24, 3, 2, 16, 2, 21, 18),
+            (1, 3, 32, 7, 2, 40, 1, 19, 25),
+            (1, 5, 16, 3, 1, 16, 1, 6, 9),
+            (1, 3, 16, 3, 2, 16, 2, 2, 3),
+        ];
+        for (n, cin, c, k, ks, cout, s, h, w) in cases {
+            let stem = Conv::with_values("stem", [cin, c, k, ks, 1], Act::Leaky(0.1), &mut rnd);
+            let dwc = conv(&mut rnd, (c, c, 3, s), Act::Relu6);
+            let pwc = conv(&mut rnd, (c, cout, 1, 1), Act::None);
+            let (dww, pww) = (DepthwiseWeights::new(&dwc).unwrap(), PointwiseWeights::new(&pwc).unwrap());
+            let (sh, sw) = (out_size(h, k, ks, k / 2), out_size(w, k, ks, k / 2));
+            let (oh, ow) = (out_size(sh, 3, s, 1), out_size(sw, 3, s, 1));
+            let x: Vec<f32> = (0..n * cin * h * w).map(|_| rnd() * 3.0).collect();
+            for &simd in &sets {
+                assert!(handles_blocked(&stem, simd));
+                let mut y = vec![0.0; blocked_len(n, c, sh * sw)];
+                conv_blocked(simd, &stem, &x, false, n, (h, w), &mut y, None);
+                let mut dwy = vec![0.0; blocked_len(n, c, oh * ow)];
+                depthwise3x3(simd, &dww, &y, n, sh, sw, &mut dwy);
+                let mut want = vec![0.0; blocked_len(n, cout, oh * ow)];
+                pointwise(simd, &pww, &dwy, n, oh * ow, &mut want, None);
+                let op = FusedOp::from_stem(simd, &stem, &dww, &pww, n, (h, w)).expect("a dense stem");
+                assert!(op.reads_nchw() && op.input == (cin, h, w) && op.output == (cout, oh, ow));
+                for (op, slots) in [(op, 1), (op, 3), (op.with_band_rows(1), 2)] {
+                    let slot = op.slot_floats();
+                    let mut bands = vec![f32::NAN; slots * slot];
+                    let mut got = vec![f32::NAN; want.len()];
+                    op.run(simd, &x, &mut got, false, &mut bands, slot);
+                    let differ = got.iter().zip(&want).filter(|(g, e)| g.to_bits() != e.to_bits()).count();
+                    assert_eq!(
+                        differ,
+                        0,
+                        "{simd:?} stem {cin}->{c} k{k} s{ks}, pair s{s} -> {cout}, {h}x{w} n{n} {:?}, {slots} slots",
+                        op.band()
+                    );
+                }
+            }
+        }
+        // A stem of other channels than the depthwise step's is not taken.
+        let stem = Conv::with_values("stem", [3, 16, 3, 2, 1], Act::None, &mut rnd);
+        let dw = DepthwiseWeights::new(&conv(&mut rnd, (32, 32, 3, 1), Act::None)).unwrap();
+        let pw = PointwiseWeights::new(&conv(&mut rnd, (32, 16, 1, 1), Act::None)).unwrap();
+        assert!(FusedOp::from_stem(sets[0], &stem, &dw, &pw, 1, (8, 8)).is_none());
     }
 }

@@ -2,8 +2,12 @@
 //! the AVX-512 and AVX2 levels: depthwise + pointwise pairs (MobileNetV1, MobileNetV2's first block), inverted
 //! residuals (expansion, depthwise, projection with its shortcut) and 1×1 convolutions. The run's input
 //! is reordered into the layout once (band by band, inside the first op's row buffer, when that op is a
-//! depthwise + pointwise pair: the reordered map never goes to memory), every op runs on the blocked kernels, and only the tensors read
-//! after the run (the backbone taps) are reordered back into the plan's NCHW tensors. `cargo bench
+//! depthwise + pointwise pair: the reordered map never goes to memory), every op runs on the blocked
+//! kernels, and only the tensors read after the run (the backbone taps) are reordered back into the
+//! plan's NCHW tensors. Where the pair reads the network's stem (MobileNetV1 x0.5 and x1.0, MobileNetV2)
+//! the run starts at the stem and the pair computes the stem's rows into its ring with the direct path
+//! (`FusedOp::from_stem`), so the stem's output (13 MB at 640x640 for x1.0) is neither written nor read
+//! back; the profile books the stem's time to the pair. `cargo bench
 //! --bench conv_shapes -- blocked` measures each blocked kernel against its NCHW path (1.1–3.6x on
 //! these shapes, one thread, Ice Lake Xeon); the reorders are the price, paid once per run.
 //!
@@ -35,13 +39,25 @@ const MIN_CHANNELS: usize = 16;
 
 /// One run of ops the blocked layout computes.
 pub(super) struct Chain {
-    /// The run: `graph.ops[ops]`, each an op `steps` takes.
+    /// The ops the run executes: `graph.ops[ops]`, the stem (if any) then the blocked ops.
     pub(super) ops: Range<usize>,
-    /// Per op of the run: whether its output is read after the run (or is a tap), so it is written
+    /// The ops in the blocked layout, each an op `steps` takes: `ops` without the stem.
+    blocked: Range<usize>,
+    /// Per blocked op: whether its output is read after the run (or is a tap), so it is written
     /// back to the plan's tensor.
     export: Vec<bool>,
-    /// Per op: the packed weights, made on the first run.
+    /// Per blocked op: the packed weights, made on the first run.
     packed: OnceLock<Vec<Packed>>,
+}
+
+impl Chain {
+    /// The network's stem the run computes inside its first op (`stem_of`), if it does.
+    fn stem<'g>(&self, graph: &'g Graph) -> Option<&'g Conv> {
+        match &graph.ops[self.ops.start] {
+            Op::Conv(c) if self.ops.start < self.blocked.start => Some(c),
+            _ => None,
+        }
+    }
 }
 
 /// `set_enabled`'s choice (1 on, 2 off), or 0: `RETINAFACE_CPU_BLOCKED` applies (`0` off, else on).
@@ -135,9 +151,31 @@ pub(super) fn find(graph: &Graph) -> Vec<Chain> {
                     || graph.ops.iter().enumerate().any(|(j, op)| !ops.contains(&j) && op.reads().contains(&t))
             })
             .collect();
-        chains.push(Chain { ops, export, packed: OnceLock::new() });
+        let first = if stem_of(graph, ops.start) { ops.start - 1 } else { ops.start };
+        chains.push(Chain { ops: first..ops.end, blocked: ops, export, packed: OnceLock::new() });
     }
     chains
+}
+
+/// Whether the op before op `k` (a run's first) is a stem the run computes inside op k: a dense
+/// convolution (groups 1, no shortcut, whole output) whose output only op k reads, op k a depthwise
+/// step of its channels and a projection without a shortcut (`FusedOp::from_stem`: the stem's rows
+/// are computed into the pair's ring, band by band, and its output never goes to memory).
+fn stem_of(graph: &Graph, k: usize) -> bool {
+    let (Some(Op::Conv(c)), Some(Op::DwPw { dw, pw })) = (k.checked_sub(1).map(|j| &graph.ops[j]), graph.ops.get(k))
+    else {
+        return false;
+    };
+    let read_elsewhere = graph.ops.iter().enumerate().any(|(j, op)| j != k && op.reads().contains(&c.output));
+    c.groups == 1
+        && c.residual.is_none()
+        && c.out_channel_offset == 0
+        && graph.tensors[c.output].channels == c.cout
+        && dw.input == c.output
+        && dw.cin == c.cout
+        && pw.residual.is_none()
+        && !graph.is_tap(c.output)
+        && !read_elsewhere
 }
 
 /// The steps of op `k` (only called on ops `find` accepted).
@@ -176,11 +214,12 @@ pub fn runs_taken() -> usize {
     RUNS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Whether op `k` of `chain` (of these steps) reads the run's input in NCHW: the run's first op when it
-/// is a depthwise step and its projection with no shortcut (`FusedOp::from_nchw` reorders its input
-/// band by band); any other first op reads the input reordered whole.
+/// Whether op `k` of `chain` (of these steps) reads the run's input in NCHW: the first blocked op when
+/// it is a depthwise step and its projection with no shortcut (`FusedOp::from_nchw` reorders its input
+/// band by band, `FusedOp::from_stem` computes it from the stem's); any other first op reads the
+/// input reordered whole.
 fn reads_nchw(chain: &Chain, k: usize, steps: Steps) -> bool {
-    k == chain.ops.start && matches!(steps, (None, Some(_), pw) if pw.residual.is_none())
+    k == chain.blocked.start && matches!(steps, (None, Some(_), pw) if pw.residual.is_none())
 }
 
 /// The plan's sizes of the run: the longest blocked input or output of an op (`cur` and `mid`), and
@@ -191,7 +230,7 @@ fn buffer_lens(graph: &Graph, chain: &Chain, plan: &Plan) -> (usize, usize) {
         blocked_len(plan.n, c, h * w)
     };
     let (mut big, mut slot) = (0, 0);
-    for k in chain.ops.clone() {
+    for k in chain.blocked.clone() {
         if let Ok(st @ (ex, dw, pw)) = steps_of(graph, k) {
             big = big.max(blen(input_of(st).input)).max(blen(pw.output));
             if let Some(dw) = dw {
@@ -243,10 +282,10 @@ pub(super) fn run(
             scratch_for((big, slot), 1)
         )));
     }
-    let packed = chain
-        .packed
-        .get_or_init(|| chain.ops.clone().filter_map(|k| steps_of(graph, k).ok()).filter_map(Packed::new).collect());
-    if packed.len() != chain.ops.len() {
+    let packed = chain.packed.get_or_init(|| {
+        chain.blocked.clone().filter_map(|k| steps_of(graph, k).ok()).filter_map(Packed::new).collect()
+    });
+    if packed.len() != chain.blocked.len() {
         return Err(Error::Graph("blocked run: an op's weights could not be packed".into()));
     }
     let n = plan.n;
@@ -259,31 +298,43 @@ pub(super) fn run(
     };
     RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut times = Vec::with_capacity(chain.ops.len());
+    let stem = chain.stem(graph);
+    if stem.is_some() {
+        // The stem's time is booked to the op that computes its rows.
+        times.push(Duration::ZERO);
+    }
     let t0 = Instant::now();
-    let first_steps = steps_of(graph, chain.ops.start)?;
-    let first = input_of(first_steps).input;
-    let first_reads_nchw = reads_nchw(chain, chain.ops.start, first_steps);
+    let first_steps = steps_of(graph, chain.blocked.start)?;
+    // The tensor the run reads: the stem's input, else its first blocked op's.
+    let first = stem.map_or(input_of(first_steps).input, |c| c.input);
+    let first_reads_nchw = reads_nchw(chain, chain.blocked.start, first_steps);
     if !first_reads_nchw {
         let (c0, h0, w0, len0) = dims(first);
         blocked::to_blocked(simd, &arena[plan.range(first)], n, c0, h0 * w0, &mut cur[..len0]);
     }
     let mut reorder = t0.elapsed();
-    for ((k, p), &export) in chain.ops.clone().zip(packed).zip(&chain.export) {
+    for ((k, p), &export) in chain.blocked.clone().zip(packed).zip(&chain.export) {
         let start = Instant::now();
         let st @ (ex, dw, pw) = steps_of(graph, k)?;
         let (ic, ih, iw, in_len) = dims(input_of(st).input);
         let (oc, oh, ow, out_len) = dims(pw.output);
-        let nchw = first_reads_nchw && k == chain.ops.start;
+        let nchw = first_reads_nchw && k == chain.blocked.start;
         let (src, out) =
             if nchw { (&arena[plan.range(first)], &mut mid[..out_len]) } else { (&cur[..in_len], &mut mid[..out_len]) };
         match (dw.zip(p.dw.as_ref()), ex.is_some() == p.ex.is_some()) {
             (Some((_, dww)), true) => {
-                let op = if nchw {
-                    FusedOp::from_nchw(dww, &p.pw, n, (ih, iw))
-                } else {
-                    FusedOp::new(p.ex.as_ref(), dww, &p.pw, n, (ih, iw))
+                let (op, want_in) = match (nchw, stem) {
+                    (true, Some(c)) => {
+                        let (sc, sh, sw) = plan.shapes[c.input];
+                        let op = FusedOp::from_stem(simd, c, dww, &p.pw, n, (sh, sw)).ok_or_else(|| {
+                            Error::Graph(format!("blocked run: the stem {} does not run on the direct path", c.name))
+                        })?;
+                        (op, (sc, sh, sw))
+                    }
+                    (true, None) => (FusedOp::from_nchw(dww, &p.pw, n, (ih, iw)), (ic, ih, iw)),
+                    (false, _) => (FusedOp::new(p.ex.as_ref(), dww, &p.pw, n, (ih, iw)), (ic, ih, iw)),
                 };
-                if op.input != (ic, ih, iw) || op.output != (oc, oh, ow) || op.slot_floats() > slot {
+                if op.input != want_in || op.output != (oc, oh, ow) || op.slot_floats() > slot {
                     return Err(Error::Graph(format!("blocked run: op {k}'s packed weights do not fit its maps")));
                 }
                 op.run(simd, src, out, pw.residual.is_some(), &mut band_bufs[..slots * slot], slot);
@@ -312,34 +363,43 @@ mod tests {
     /// One run per MobileNet: every backbone op from 16 channels on (MobileNetV1's depthwise +
     /// pointwise pairs; MobileNetV2's first pair, its inverted residuals and its last 1x1) and the FPN
     /// lateral 1x1 that reads the last tap, written back exactly where a later op reads the output or
-    /// it is a tap; the ResNets have none.
+    /// it is a tap, with the stem computed inside the first pair where the pair reads it (not x0.25,
+    /// whose run starts after its 8-channel pair); the ResNets have none.
     #[test]
     fn runs_are_the_mobilenet_backbones() {
         let graph_of = |net| {
             let built = crate::model::build(net, &mut crate::weights::synthetic::SyntheticSource { seed: 1 }).unwrap();
             crate::passes::fuse(&built, crate::passes::Fusions::CPU)
         };
-        // (network, ops in the run)
-        for (net, want_ops) in [
-            (Network::MobileNetV1_025, 13),
-            (Network::MobileNetV1_050, 14),
-            (Network::MobileNetV1, 14),
-            (Network::MobileNetV2, 19),
+        // (network, blocked ops in the run, whether the run computes the stem)
+        for (net, want_ops, want_stem) in [
+            (Network::MobileNetV1_025, 13, false),
+            (Network::MobileNetV1_050, 14, true),
+            (Network::MobileNetV1, 14, true),
+            (Network::MobileNetV2, 19, true),
         ] {
             let graph = graph_of(net);
             let chains = find(&graph);
             assert_eq!(chains.len(), 1, "{net:?}");
             let ch = &chains[0];
             println!("{net:?}: ops {:?}: {:?}", ch.ops, ch.ops.clone().map(|k| graph.op_stages[k]).collect::<Vec<_>>());
-            assert_eq!(ch.ops.len(), want_ops, "{net:?}");
-            for (k, &export) in ch.ops.clone().zip(&ch.export) {
+            assert_eq!(ch.blocked.len(), want_ops, "{net:?}");
+            assert_eq!(ch.blocked.end, ch.ops.end, "{net:?}");
+            match ch.stem(&graph) {
+                Some(c) => {
+                    assert!(want_stem, "{net:?}: no stem expected");
+                    assert_eq!((ch.ops.start + 1, c.input), (ch.blocked.start, graph.input), "{net:?}: the stem");
+                }
+                None => assert!(!want_stem && ch.ops == ch.blocked, "{net:?}: the stem is in the run"),
+            }
+            for (k, &export) in ch.blocked.clone().zip(&ch.export) {
                 let t = graph.ops[k].output();
                 let read_later = graph.ops[ch.ops.end..].iter().any(|op| op.reads().contains(&t));
                 assert_eq!(export, graph.is_tap(t) || read_later || k + 1 == ch.ops.end, "{net:?} op {k}");
                 assert!(blockable(&graph, &graph.ops[k]), "{net:?} op {k}");
             }
             // The three backbone taps are inside the run and written back.
-            let taps = ch.ops.clone().filter(|&k| graph.taps.backbone.contains(&graph.ops[k].output())).count();
+            let taps = ch.blocked.clone().filter(|&k| graph.taps.backbone.contains(&graph.ops[k].output())).count();
             assert_eq!(taps, 3, "{net:?}: the three backbone taps");
         }
         for net in [Network::ResNet18, Network::ResNet34, Network::ResNet50] {

@@ -67,7 +67,7 @@ fn pack(conv: &Conv) -> Vec<f32> {
 }
 
 /// Whether this path computes `conv` with `kernel`'s instructions: dense, on a processor that has them.
-pub(super) fn handles(conv: &Conv, kernel: Simd) -> bool {
+pub(crate) fn handles(conv: &Conv, kernel: Simd) -> bool {
     conv.groups == 1 && kernel.isa().supported()
 }
 
@@ -163,6 +163,56 @@ pub(crate) fn conv_blocked(
         assert_eq!(r.len(), out.len(), "direct_co: conv {} residual size", conv.name);
     }
     run(kernel, conv, x, input_blocked, n, (h, w), Output::Blocked(SharedMut(out.as_mut_ptr())), residual);
+}
+
+/// Output rows `rows` of one image of `conv` (NCHW input `image`, h×w) in the blocked layout on the
+/// calling thread, row `rows.start` from pixel `first` of `out`'s blocks, `plane` pixels apart: a
+/// network's stem computing the rows a fused op's ring needs (`cpu::bands`). The same tiles, sums and
+/// epilogue as `conv_blocked`, so the same bits.
+///
+/// # Safety
+/// The processor must have `kernel`'s instructions; `out` must hold cout/16 blocks of `plane` pixels,
+/// pixels `first..first + rows.len()·ow` of each this thread's alone.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn rows_blocked(
+    kernel: Simd,
+    conv: &Conv,
+    image: &[f32],
+    (h, w): (usize, usize),
+    rows: std::ops::Range<usize>,
+    out: *mut f32,
+    plane: usize,
+    first: usize,
+) {
+    assert!(handles(conv, kernel), "direct_co: conv {} is not dense, or no {kernel:?}", conv.name);
+    let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
+    let (oh, ow) = (out_size(h, k, s, p), out_size(w, k, s, p));
+    assert!(image.len() == conv.cin * h * w && rows.end <= oh, "direct_co: conv {} rows", conv.name);
+    assert!(first + rows.len() * ow <= plane, "direct_co: conv {} output plane", conv.name);
+    let packed = conv.packed.direct_co.get_or_init(|| pack(conv));
+    let w_at = packed.as_ptr().align_offset(64).min(15);
+    let depth = conv.cin * k * k;
+    let geometry = Geometry { cin: conv.cin, h, w, k, s, p, oh, ow, pix: 1 };
+    let chunk = (BAND_FLOATS / (CO_TILE * ow)).max(1);
+    for t in 0..conv.cout.div_ceil(CO_TILE) {
+        let weights = &packed[w_at + t * depth * CO_TILE..][..depth * CO_TILE];
+        let nb = (conv.cout.div_ceil(BLOCK) - t * 4).min(4);
+        for y0 in rows.clone().step_by(chunk) {
+            let y1 = (y0 + chunk).min(rows.end);
+            BAND.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                let at = aligned(&mut buf, CO_TILE * (y1 - y0) * ow);
+                let band = &mut buf[at..][..CO_TILE * (y1 - y0) * ow];
+                let pixels = (first + (y0 - rows.start) * ow, (y1 - y0) * ow);
+                // SAFETY: `handles` asserted the instructions; `band` holds 4 blocks of the rows'
+                // pixels, `weights` the tile's; the caller's contract covers `out`.
+                unsafe {
+                    geometry.sums(kernel, image, weights, nb, y0..y1, band);
+                    write_back_blocked(kernel, conv, SharedMut(out), None, (0, t * CO_TILE, nb), pixels, plane, band);
+                }
+            });
+        }
+    }
 }
 
 /// Where a task's sums go: the NCHW planes of one or two tensors, or one blocked tensor.

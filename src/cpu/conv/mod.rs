@@ -32,7 +32,7 @@ use crate::reference::out_size;
 pub(crate) use common::{SharedMut, aligned, min_tasks};
 use common::{Sink, Sinks};
 pub use direct_co::blocked_len;
-pub(crate) use direct_co::conv_blocked;
+pub(crate) use direct_co::{conv_blocked, handles as handles_blocked, rows_blocked};
 
 /// `crate::reference::conv2d` (same operands, same result up to f32 rounding) on the fastest path for
 /// `conv` at the process's level (`isa()`).
