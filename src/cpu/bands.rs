@@ -331,6 +331,16 @@ mod tests {
         Conv::with_values("c", [cin, cout, kernel, stride, groups], act, rnd)
     }
 
+    /// Elements of `op`'s output (run on `x` with `slots` slots of band buffers, all NaN at first) whose
+    /// bits differ from `want`'s.
+    fn differing_bits(simd: Simd, op: &FusedOp, x: &[f32], residual: bool, slots: usize, want: &[f32]) -> usize {
+        let slot = op.slot_floats();
+        let mut bands = vec![f32::NAN; slots * slot];
+        let mut got = vec![f32::NAN; want.len()];
+        op.run(simd, x, &mut got, residual, &mut bands, slot);
+        got.iter().zip(want).filter(|(g, e)| g.to_bits() != e.to_bits()).count()
+    }
+
     /// The band-by-band op against the whole-map kernels it is made of, bit for bit: with and without
     /// an expansion, strides 1 and 2, shortcuts, odd sizes, batches, one to seven slots, bands of one
     /// row (wide expansions: the ring of three rows wraps every band) and of many.
@@ -384,11 +394,7 @@ mod tests {
                 let op = FusedOp::new(exw.as_ref(), &dww, &pww, n, (h, w));
                 let band = op.band();
                 for slots in [1, 2, 3, 7] {
-                    let slot = op.slot_floats();
-                    let mut bands = vec![f32::NAN; slots * slot];
-                    let mut got = vec![f32::NAN; want.len()];
-                    op.run(simd, &xb, &mut got, shortcut, &mut bands, slot);
-                    let differ = got.iter().zip(&want).filter(|(g, e)| g.to_bits() != e.to_bits()).count();
+                    let differ = differing_bits(simd, &op, &xb, shortcut, slots, &want);
                     assert_eq!(
                         differ, 0,
                         "{simd:?} {cin}->{cm}->{cout} {h}x{w} s{s} n{n} {band:?}, {slots} slots: elements differ"
@@ -403,11 +409,7 @@ mod tests {
                     for (op, slots) in
                         [(nchw, 1), (nchw, 3), (FusedOp::from_nchw(&dww, &pww, n, (h, w)).with_band_rows(1), 2)]
                     {
-                        let slot = op.slot_floats();
-                        let mut bands = vec![f32::NAN; slots * slot];
-                        let mut got = vec![f32::NAN; want.len()];
-                        op.run(simd, &x, &mut got, false, &mut bands, slot);
-                        let differ = got.iter().zip(&want).filter(|(g, e)| g.to_bits() != e.to_bits()).count();
+                        let differ = differing_bits(simd, &op, &x, false, slots, &want);
                         assert_eq!(
                             differ,
                             0,
@@ -461,11 +463,7 @@ mod tests {
                 let op = FusedOp::from_stem(simd, &stem, &dww, &pww, n, (h, w)).expect("a dense stem");
                 assert!(op.reads_nchw() && op.input == (cin, h, w) && op.output == (cout, oh, ow));
                 for (op, slots) in [(op, 1), (op, 3), (op.with_band_rows(1), 2)] {
-                    let slot = op.slot_floats();
-                    let mut bands = vec![f32::NAN; slots * slot];
-                    let mut got = vec![f32::NAN; want.len()];
-                    op.run(simd, &x, &mut got, false, &mut bands, slot);
-                    let differ = got.iter().zip(&want).filter(|(g, e)| g.to_bits() != e.to_bits()).count();
+                    let differ = differing_bits(simd, &op, &x, false, slots, &want);
                     assert_eq!(
                         differ,
                         0,
