@@ -88,7 +88,13 @@ impl Tile {
 ///   come from memory once per band after the layers before them have flushed the caches, which a
 ///   benchmark of the convolution alone never sees. At 256 channels F(4×4) still wins in the network
 ///   (ResNet-50's merge 25.8 against 39.1 ms, its layer3 3×3s 9 against 11): F(4×4) from 129 input
-///   channels.
+///   channels at AVX-512. Paired in one process (`cargo bench --bench paired -- f4from=129 f4from=128`,
+///   2026-12-02, two threads) the AVX-512 networks were even (0.96–1.035, quartiles either side of 1).
+/// - On the AVX2 kernel, whose GEMM runs at half the rate, the streamed weights weigh less and F(4×4)
+///   wins from 128 input channels: paired (as above, under tools/cpuid/hide_avx512.so, time with F(2×2) over time with F(4×4)
+///   for 128 channels) MobileNetV1 x0.5 1.10x at two threads (quartiles 1.08–1.14) and 1.07x at one
+///   (1.03–1.14), ResNet-18 and -34 1.04x, x1.0 1.02x / 0.99x; from 64 channels (ResNet layer1, x0.25's
+///   neck) even or behind (0.97–1.01x).
 /// - On the AVX2 kernel (Zen 3, `RAYON_NUM_THREADS=1`, best of three alternating runs) the implicit GEMM
 ///   is weaker and Winograd already wins from 32 output channels: F(2×2) runs x0.25's SSH conv3X3 +
 ///   conv5X5_1 (64→32+16 at 80²) 1.65–1.7x faster than the implicit GEMM, x1.0's conv5X5_1 (128→32)
@@ -96,12 +102,31 @@ impl Tile {
 pub fn choose(conv: &Conv, h: usize, w: usize, kernel: Simd) -> Option<Tile> {
     let min_cout = if kernel == Simd::Avx2 { 32 } else { 64 };
     let f2 = conv.cin >= 32 && conv.cout >= min_cout && h.div_ceil(2) * w.div_ceil(2) >= NR;
-    let f4 = conv.cin > 128 && conv.cin <= 256 && w >= 40;
+    let f4 = conv.cin >= f4_from(kernel) && conv.cin <= 256 && w >= 40;
     match mode() {
         WinogradMode::Off => None,
         WinogradMode::Force(t) => f2.then_some(t),
         WinogradMode::Auto => f2.then_some(if f4 { Tile::F4 } else { Tile::F2 }),
     }
+}
+
+/// The fewest input channels from which `choose` takes F(4×4) (up to 256, on maps 40 wide or more), unless
+/// `set_f4_from` set another: 128 on the AVX2 kernel, 129 on AVX-512 (see `choose`).
+pub fn f4_from(kernel: Simd) -> usize {
+    match F4_FROM.load(std::sync::atomic::Ordering::Relaxed) {
+        0 if kernel == Simd::Avx2 => 128,
+        0 => 129,
+        forced => forced,
+    }
+}
+
+/// `set_f4_from`'s threshold, or 0: the measured one.
+static F4_FROM: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sets the threshold `f4_from` returns at every level (`None`: back to the measured one), so a benchmark
+/// can time the measured rule against another in one process (`benches/paired.rs`).
+pub fn set_f4_from(cin: Option<usize>) {
+    F4_FROM.store(cin.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
 }
 
 /// How the Winograd path is chosen: by measurement, never, or always with one tile where it applies.
@@ -741,6 +766,33 @@ mod tests {
     use super::*;
     use crate::graph::Act;
     use std::sync::atomic::Ordering;
+
+    /// The measured rule: F(4×4) from 128 input channels on the AVX2 kernel, from 129 on AVX-512, up to
+    /// 256 and on maps at least 40 wide; F(2×2) elsewhere the path applies. (Read without `set_f4_from`,
+    /// which would change other tests' paths while they run.)
+    #[test]
+    fn f4_from_128_channels_at_avx2_and_129_at_avx512() {
+        if mode() != WinogradMode::Auto {
+            eprintln!("RETINAFACE_CPU_WINOGRAD forces a mode: the rule is not in force, not checked");
+            return;
+        }
+        let mut rnd = crate::cpu::conv::tests::uniform(5);
+        let mut tile = |cin: usize, w: usize, kernel: Simd| {
+            let conv = Conv::with_values("t", [cin, 128, 3, 1, 1], Act::None, &mut rnd);
+            choose(&conv, w, w, kernel)
+        };
+        assert_eq!((f4_from(Simd::Avx2), f4_from(Simd::Avx512)), (128, 129));
+        for (cin, w, avx2, avx512) in [
+            (64, 160, Tile::F2, Tile::F2),
+            (128, 80, Tile::F4, Tile::F2),
+            (128, 20, Tile::F2, Tile::F2),
+            (256, 40, Tile::F4, Tile::F4),
+            (512, 40, Tile::F2, Tile::F2),
+        ] {
+            assert_eq!(tile(cin, w, Simd::Avx2), Some(avx2), "{cin} channels, {w}² at AVX2");
+            assert_eq!(tile(cin, w, Simd::Avx512), Some(avx512), "{cin} channels, {w}² at AVX-512");
+        }
+    }
 
     /// Both schedules run the same sums in the same order (per tile, per input channel, the same
     /// reduction passes), so they agree bit for bit, at every level and with each tile; and both match
