@@ -95,15 +95,9 @@ impl Band {
 /// Threads: the output rows of the batch are split evenly into one contiguous range per slot.
 #[derive(Clone, Copy)]
 pub struct FusedOp<'a> {
-    ex: Option<&'a PointwiseWeights>,
-    /// The input is in NCHW (the first op of a run): the ring takes each band's input rows reordered
-    /// into the blocked layout, the step an expansion would take, so the run's input is never written
-    /// whole in the layout and read back (for MobileNetV1 x1.0 and MobileNetV2, 13 MB each way).
-    nchw: bool,
-    /// With `nchw`: a dense convolution (the network's stem) whose output the depthwise step reads;
-    /// the ring takes each band's rows of it computed from the op's input, so that output never goes
-    /// to memory (13 MB for MobileNetV1 x1.0 and MobileNetV2, written and read back otherwise).
-    stem: Option<&'a Conv>,
+    /// How the depthwise step's input rows are made in the ring; `None`: it reads the op's input (in
+    /// the blocked layout) in place.
+    ring: Option<Ring<'a>>,
     dw: &'a DepthwiseWeights,
     pw: &'a PointwiseWeights,
     band: Band,
@@ -113,6 +107,21 @@ pub struct FusedOp<'a> {
     pub(super) output: (usize, usize, usize),
     /// Height and width of the depthwise step's input (the stem's output; else the op's input).
     dw_in: (usize, usize),
+}
+
+/// What a fused op computes into its ring of rows, a band's new rows at a time.
+#[derive(Clone, Copy)]
+enum Ring<'a> {
+    /// The expansion of an inverted residual (a 1x1 convolution of the op's blocked input).
+    Expanded(&'a PointwiseWeights),
+    /// The op's input reordered from NCHW (the first op of a run), the step an expansion would take,
+    /// so the run's input is never written whole in the layout and read back (for MobileNetV1 x1.0
+    /// and MobileNetV2, 13 MB each way).
+    Reordered,
+    /// A dense convolution (the network's stem) of the op's NCHW input, whose output the depthwise
+    /// step reads: that output never goes to memory (13 MB for MobileNetV1 x1.0 and MobileNetV2,
+    /// written and read back otherwise).
+    Stem(&'a Conv),
 }
 
 /// Floats of one slot's buffers for a depthwise step of `channels` and stride `s` (its input rows in
@@ -135,9 +144,7 @@ impl<'a> FusedOp<'a> {
         let band = Band::new(dw.channels(), s, ex.is_some(), (h, w));
         let cin = ex.map_or(dw.channels(), |e| e.cin());
         FusedOp {
-            ex,
-            nchw: false,
-            stem: None,
+            ring: ex.map(Ring::Expanded),
             dw,
             pw,
             band,
@@ -157,7 +164,7 @@ impl<'a> FusedOp<'a> {
         (h, w): (usize, usize),
     ) -> FusedOp<'a> {
         let band = Band::new(dw.channels(), dw.stride(), true, (h, w));
-        FusedOp { nchw: true, band, ..FusedOp::new(None, dw, pw, n, (h, w)) }
+        FusedOp { ring: Some(Ring::Reordered), band, ..FusedOp::new(None, dw, pw, n, (h, w)) }
     }
 
     /// The op of a dense convolution `stem` (any kernel and stride, its output the depthwise step's
@@ -177,19 +184,18 @@ impl<'a> FusedOp<'a> {
         }
         let dw_in = (out_size(h, stem.kernel, stem.stride, stem.pad), out_size(w, stem.kernel, stem.stride, stem.pad));
         let op = FusedOp::from_nchw(dw, pw, n, dw_in);
-        Some(FusedOp { stem: Some(stem), input: (stem.cin, h, w), ..op })
+        Some(FusedOp { ring: Some(Ring::Stem(stem)), input: (stem.cin, h, w), ..op })
     }
 
     /// Whether the op reads its input in NCHW (`from_nchw`, `from_stem`).
     pub fn reads_nchw(&self) -> bool {
-        self.nchw
+        matches!(self.ring, Some(Ring::Reordered | Ring::Stem(_)))
     }
 
     /// The same op in bands of `rows` output rows (at least one), whatever their size: for
     /// benchmarks and tests of the choice.
     pub fn with_band_rows(self, rows: usize) -> FusedOp<'a> {
-        let band =
-            Band::of(rows.clamp(1, self.output.1), self.dw.stride(), self.ex.is_some() || self.nchw, self.band.mid);
+        let band = Band::of(rows.clamp(1, self.output.1), self.dw.stride(), self.ring.is_some(), self.band.mid);
         FusedOp { band, ..self }
     }
 
@@ -207,9 +213,10 @@ impl<'a> FusedOp<'a> {
     /// `bands` holding the slots' buffers, `slot` floats each.
     pub fn run(&self, simd: Simd, x: &[f32], out: &mut [f32], residual: bool, bands: &mut [f32], slot: usize) {
         let (n, (ic, h, w), (oc, oh, ow)) = (self.n, self.input, self.output);
-        let in_len = if self.nchw { n * ic * h * w } else { blocked_len(n, ic, h * w) };
+        let nchw = self.reads_nchw();
+        let in_len = if nchw { n * ic * h * w } else { blocked_len(n, ic, h * w) };
         assert_eq!(x.len(), in_len, "fused op: input size");
-        assert!(!(self.nchw && residual), "fused op: a shortcut from an NCHW input");
+        assert!(!(nchw && residual), "fused op: a shortcut from an NCHW input");
         assert_eq!(out.len(), blocked_len(n, oc, oh * ow), "fused op: output size");
         assert!(slot >= self.band.floats(self.dw_in.1, ow), "fused op: slot size");
         assert!(!residual || x.len() == out.len(), "fused op: shortcut size");
@@ -246,6 +253,7 @@ impl<'a> FusedOp<'a> {
         let (in_plane, out_plane) = (ih * iw * BLOCK, oh * ow * BLOCK);
         let (win_plane, dw_plane) = (band.cap * w * BLOCK, band.rows * ow * BLOCK);
         let (ring, dwb) = buf.split_at_mut(band.cap * w * band.mid);
+        let nchw = self.reads_nchw();
         // The expanded rows the ring holds (image b's row iy at row iy % cap): (image, rows).
         let mut held: Option<(usize, Range<usize>)> = None;
         let mut r = rows.start;
@@ -253,11 +261,11 @@ impl<'a> FusedOp<'a> {
             let (b, y0) = (r / oh, r % oh);
             let y1 = (y0 + band.rows).min(oh).min(y0 + rows.end - r);
             let image =
-                x.as_ptr().wrapping_add(if self.nchw { b * ic * ih * iw } else { b * ic.div_ceil(BLOCK) * in_plane });
+                x.as_ptr().wrapping_add(if nchw { b * ic * ih * iw } else { b * ic.div_ceil(BLOCK) * in_plane });
             // SAFETY: the function's contract; every offset below stays inside image b's planes of
             // `x`, `out`, or the slot's buffers (the band's input rows number at most `cap`).
             unsafe {
-                let src = if self.ex.is_some() || self.nchw {
+                let src = if let Some(fill) = self.ring {
                     // Input rows [lo, hi) feed output rows [y0, y1); those the previous band
                     // made (expanded, reordered or computed by the stem) are still in the ring.
                     let (lo, hi) = ((y0 * s).saturating_sub(1), ((y1 - 1) * s + 2).min(h));
@@ -270,8 +278,8 @@ impl<'a> FusedOp<'a> {
                         let at = from % band.cap;
                         let to = hi.min(from + band.cap - at);
                         let dst = ring.as_mut_ptr().add(at * w * BLOCK);
-                        match (self.ex, self.stem) {
-                            (Some(ex), _) => {
+                        match fill {
+                            Ring::Expanded(ex) => {
                                 let span = Span {
                                     x: image.add(from * w * BLOCK),
                                     x_plane: in_plane,
@@ -282,12 +290,12 @@ impl<'a> FusedOp<'a> {
                                 };
                                 pointwise_span(simd, ex, &span);
                             }
-                            (None, Some(stem)) => {
+                            Ring::Stem(stem) => {
                                 let input = std::slice::from_raw_parts(image, ic * ih * iw);
                                 let (plane, first) = (band.cap * w, at * w);
                                 rows_blocked(simd, stem, input, (ih, iw), from..to, ring.as_mut_ptr(), plane, first);
                             }
-                            (None, None) => {
+                            Ring::Reordered => {
                                 to_blocked_span(simd, image.add(from * w), ic, h * w, (to - from) * w, dst, win_plane)
                             }
                         }
