@@ -43,6 +43,16 @@ const CO_TILE: usize = 4 * BLOCK;
 /// `conv_shapes -- direct_co` at 64 / 144 / 512 taps: 84–141 / 122–147 / 112–136 GFLOPS (one thread,
 /// Ice Lake Xeon).
 const KC_TAPS: usize = 144;
+/// Input channels per reduction pass of a k×k convolution of `cin` inputs: KC_TAPS taps' worth (one
+/// channel at least), or all of them in one pass when they are at most an eighth more than KC_TAPS, as
+/// ResNet's 7×7 stem's 147 taps are (144 would split them into passes of two channels and one: the
+/// second pass re-reads the band's sums and re-sweeps the input rows for a third of the work).
+/// Continuing a sum in registers or from the band buffer adds the same products in the same order:
+/// the same bits either way.
+fn passes_channels(cin: usize, k: usize) -> usize {
+    if cin * k * k <= KC_TAPS + KC_TAPS / 8 { cin.max(1) } else { (KC_TAPS / (k * k)).max(1) }
+}
+
 /// Floats of a task's band buffer, at most (128 KiB; at least one output row).
 const BAND_FLOATS: usize = 32 << 10;
 
@@ -331,7 +341,7 @@ impl Geometry {
         // Output columns whose taps all lie inside the row: ox·s ≥ p and ox·s − p + k − 1 ≤ w − 1.
         let lo = p.div_ceil(s).min(ow);
         let hi = if w + p >= k { ((w + p - k) / s + 1).min(ow) } else { 0 }.max(lo);
-        let kc = (KC_TAPS / (k * k)).max(1);
+        let kc = passes_channels(self.cin, k);
         let px_max = match kernel {
             Simd::Avx512 => PX_OF[nb],
             Simd::Avx2 => PX_AVX2,
