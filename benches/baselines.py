@@ -27,6 +27,11 @@ get_cpu_capability() and oneDNN's ISA and convolution kernels (its verbose outpu
 the shim active, CPUID leaf 7 without AVX512F, and the shim's SIGSEGV handler still in place. The
 portable level has no counterpart (baselines `auto`, as without `--isa`: the runtimes' own choice).
 
+The last column pairs each round's ONNX Runtime median with the engine's p50 of the same round
+(measured seconds apart) and gives the median of those ratios and their range: a slow spell of a
+shared machine that lasts longer than a round falls on both sides of its ratio, where the overall
+medians may take it on one side only.
+
 Needs a throwaway venv with torch, onnx and onnxruntime (not part of the engine or its tests).
 Weights: the synthetic recipe (`retinaface synthetic`), the same for all three, so all three compute
 the same function; each network's PyTorch output is first checked against the reference goldens (in
@@ -503,8 +508,8 @@ def main():
     # the runtimes to AVX2 (the workers check which).
     shim = build_shim(top.name) if "avx2" in blevels and "avx512f" in cpu_flags() else None
 
-    print("| network | engine level | baselines at | engine ms (median / min) | PyTorch ms | ONNX Runtime ms | speed-up vs PyTorch (median / min) | vs ORT (median / min) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| network | engine level | baselines at | engine ms (median / min) | PyTorch ms | ONNX Runtime ms | speed-up vs PyTorch (median / min) | vs ORT (median / min) | vs ORT by round (median, range) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in a.networks.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             wpath = os.path.join(tmp, "w.safetensors")
@@ -561,14 +566,19 @@ def main():
             for wk in workers.values():
                 wk.close()
             med = lambda xs: float(np.median([v[0] for v in xs]))
+            # Each round's own ratio (ORT's median over the engine's p50 of that round, measured seconds
+            # apart): a slow spell of the machine lasting longer than a round falls on both sides of it.
+            by_round = lambda xs, ys: sorted(y[0] / x[0] for x, y in zip(xs, ys))
             low = lambda xs: min(v[1] for v in xs)
             for lv in levels:
                 bl = BASELINE_LEVEL[lv]
                 o = (med(ours[lv]), low(ours[lv]))
                 p = (med(base[("torch", bl)]), low(base[("torch", bl)]))
                 x_ = (med(base[("ort", bl)]), low(base[("ort", bl)]))
+                r = by_round(ours[lv], base[("ort", bl)])
                 print(f"| {name} | {lv or 'auto'} | {bl} | {o[0]:.1f} / {o[1]:.1f} | {p[0]:.1f} / {p[1]:.1f} | {x_[0]:.1f} / {x_[1]:.1f} | "
-                      f"{p[0] / o[0]:.2f}x / {p[1] / o[1]:.2f}x | {x_[0] / o[0]:.2f}x / {x_[1] / o[1]:.2f}x |", flush=True)
+                      f"{p[0] / o[0]:.2f}x / {p[1] / o[1]:.2f}x | {x_[0] / o[0]:.2f}x / {x_[1] / o[1]:.2f}x | "
+                      f"{float(np.median(r)):.2f}x, {r[0]:.2f}–{r[-1]:.2f} |", flush=True)
     top.cleanup()
 
 
