@@ -25,8 +25,7 @@ mod winograd;
 pub use common::PathMode;
 pub use direct_co::set_mode as set_direct_co_mode;
 pub use winograd::{
-    Tile as WinogradTile, WinogradMode, f4_from as winograd_f4_from, set_f4_from as set_winograd_f4_from,
-    set_mode as set_winograd_mode,
+    Tile as WinogradTile, WinogradMode, set_f4_from as set_winograd_f4_from, set_mode as set_winograd_mode,
 };
 
 use crate::cpu::isa::{Isa, Simd, isa};
