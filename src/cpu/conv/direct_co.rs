@@ -200,27 +200,19 @@ pub(crate) unsafe fn rows_blocked(
     assert!(image.len() == conv.cin * h * w && rows.end <= oh, "direct_co: conv {} rows", conv.name);
     assert!(first + rows.len() * ow <= plane, "direct_co: conv {} output plane", conv.name);
     let packed = conv.packed.direct_co.get_or_init(|| pack(conv));
-    let w_at = packed.as_ptr().align_offset(64).min(15);
-    let depth = conv.cin * k * k;
     let geometry = Geometry { cin: conv.cin, h, w, k, s, p, oh, ow, pix: 1 };
     let chunk = (BAND_FLOATS / (CO_TILE * ow)).max(1);
     for t in 0..conv.cout.div_ceil(CO_TILE) {
-        let weights = &packed[w_at + t * depth * CO_TILE..][..depth * CO_TILE];
-        let nb = (conv.cout.div_ceil(BLOCK) - t * 4).min(4);
         for y0 in rows.clone().step_by(chunk) {
             let y1 = (y0 + chunk).min(rows.end);
-            BAND.with(|buf| {
-                let mut buf = buf.borrow_mut();
-                let at = aligned(&mut buf, CO_TILE * (y1 - y0) * ow);
-                let band = &mut buf[at..][..CO_TILE * (y1 - y0) * ow];
-                let pixels = (first + (y0 - rows.start) * ow, (y1 - y0) * ow);
-                // SAFETY: `handles` asserted the instructions; `band` holds 4 blocks of the rows'
-                // pixels, `weights` the tile's; the caller's contract covers `out`.
-                unsafe {
-                    geometry.sums(kernel, image, weights, nb, y0..y1, band);
-                    write_back_blocked(kernel, conv, SharedMut(out), None, (0, t * CO_TILE, nb), pixels, plane, band);
-                }
-            });
+            let pixels = (first + (y0 - rows.start) * ow, (y1 - y0) * ow);
+            // SAFETY: `handles` asserted the instructions; `image` is the image's planes; the caller's
+            // contract covers these pixels of `out`.
+            unsafe {
+                geometry.tile_rows(kernel, conv, packed, image, t, y0..y1, |nb, band| {
+                    write_back_blocked(kernel, conv, SharedMut(out), None, (0, t * CO_TILE, nb), pixels, plane, band)
+                })
+            };
         }
     }
 }
@@ -249,7 +241,6 @@ fn run(
     // Floats per input pixel of a channel, and per image.
     let (pix, image_len) = if input_blocked { (BLOCK, blocked_len(1, conv.cin, h * w)) } else { (1, conv.cin * h * w) };
     let packed = conv.packed.direct_co.get_or_init(|| pack(conv));
-    let w_at = packed.as_ptr().align_offset(64).min(15);
     let tiles = conv.cout.div_ceil(CO_TILE);
     // Bands of output rows: within the buffer budget, and enough tasks for every thread.
     let rows = (BAND_FLOATS / (CO_TILE * ow)).clamp(1, oh);
@@ -259,20 +250,12 @@ fn run(
     (0..n * tiles * bands).into_par_iter().for_each(|task| {
         let (b, t, r) = (task / (tiles * bands), task / bands % tiles, task % bands);
         let (y0, y1) = (r * rows, ((r + 1) * rows).min(oh));
-        BAND.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            let at = aligned(&mut buf, CO_TILE * (y1 - y0) * ow);
-            let band = &mut buf[at..][..CO_TILE * (y1 - y0) * ow];
-            let depth = conv.cin * k * k;
-            let weights = &packed[w_at + t * depth * CO_TILE..][..depth * CO_TILE];
-            let image = &x[b * image_len..][..image_len];
-            let nb = (conv.cout.div_ceil(BLOCK) - t * 4).min(4);
-            // SAFETY: the kernel's instructions were asserted (`handles`); `band` holds 4 blocks of
-            // the band's pixels, `weights` the tile's, `image` the image's planes.
-            unsafe { geometry.sums(kernel, image, weights, nb, y0..y1, band) };
-            let (tile, pixels) = ((b, t * CO_TILE, nb), (y0 * ow, (y1 - y0) * ow));
-            // SAFETY: as above; the tile's channels of rows y0..y1 of image b are this task's alone.
-            unsafe {
+        let image = &x[b * image_len..][..image_len];
+        // SAFETY: the kernel's instructions were asserted (`handles`); `image` is the image's planes;
+        // the tile's channels of rows y0..y1 of image b are this task's alone.
+        unsafe {
+            geometry.tile_rows(kernel, conv, packed, image, t, y0..y1, |nb, band| {
+                let (tile, pixels) = ((b, t * CO_TILE, nb), (y0 * ow, (y1 - y0) * ow));
                 match (&out, kernel) {
                     (Output::Planes(sinks), Simd::Avx512) => {
                         write_back(conv, sinks, residual, tile, pixels, oh * ow, band)
@@ -284,8 +267,8 @@ fn run(
                         write_back_blocked(kernel, conv, *o, residual, tile, pixels, oh * ow, band)
                     }
                 }
-            };
-        });
+            })
+        };
     });
 }
 
@@ -305,6 +288,40 @@ struct Geometry {
 }
 
 impl Geometry {
+    /// The sums of `conv`'s tile t (output channels 64t.., its `nb` blocks) for output rows `rows` of
+    /// `image` into the thread's band buffer ([4][rows·ow][16]), then `write(nb, band)`: the one task
+    /// body of `run` and `rows_blocked`.
+    ///
+    /// # Safety
+    /// The processor must have `kernel`'s instructions; `image` must hold the image (cin planes of h·w,
+    /// or their blocks); `packed` is `conv`'s `pack`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_rows(
+        &self,
+        kernel: Simd,
+        conv: &Conv,
+        packed: &[f32],
+        image: &[f32],
+        t: usize,
+        rows: std::ops::Range<usize>,
+        write: impl FnOnce(usize, &[f32]),
+    ) {
+        let depth = self.cin * self.k * self.k;
+        let w_at = packed.as_ptr().align_offset(64).min(15);
+        let weights = &packed[w_at + t * depth * CO_TILE..][..depth * CO_TILE];
+        let nb = (conv.cout.div_ceil(BLOCK) - t * 4).min(4);
+        let len = CO_TILE * rows.len() * self.ow;
+        BAND.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let at = aligned(&mut buf, len);
+            let band = &mut buf[at..][..len];
+            // SAFETY: the caller's contract; `band` holds 4 blocks of the rows' pixels, `weights` the
+            // tile's.
+            unsafe { self.sums(kernel, image, weights, nb, rows, band) };
+            write(nb, band);
+        });
+    }
+
     /// The taps (ky or kx) of a kernel row or column that stay inside an input of `len` for the output
     /// at `o`: those with 0 ≤ o·s + t − p < len.
     fn taps(&self, o: usize, len: usize) -> std::ops::Range<usize> {
