@@ -8,7 +8,8 @@
 //!
 //! A and B are comma-separated `switch=value` lists (`auto`: every switch at its measured rule):
 //! `winograd=auto|off|f2|f4`, `f4from=CHANNELS` (the fewest input channels for F(4×4)),
-//! `directco=auto|off|force`, `blocked=on|off`, `dense=on|off`. The level is the process's
+//! `directco=auto|off|force`, `blocked=on|off`, `dense=on|off`, `convpool=auto|off|force` (the
+//! stem's fused max-pool). The level is the process's
 //! (`RETINAFACE_CPU_ISA`; at avx2 on an AVX-512 processor, run under tools/cpuid/hide_avx512.so as
 //! benches/baselines.py does, or the GEMM crate's kernels run AVX-512), the threads rayon's
 //! (`RAYON_NUM_THREADS`). Synthetic weights (seed 1), a 640x640 image, batch 1; default networks: all.
@@ -24,6 +25,7 @@ enum Switch {
     Winograd(WinogradMode),
     F4From(usize),
     DirectCo(PathMode),
+    ConvPool(PathMode),
     Blocked(bool),
     Dense(bool),
 }
@@ -46,11 +48,14 @@ fn parse(setting: &str) -> Result<Vec<Switch>, String> {
                 ("directco", "auto") => Switch::DirectCo(PathMode::Auto),
                 ("directco", "off") => Switch::DirectCo(PathMode::Off),
                 ("directco", "force") => Switch::DirectCo(PathMode::Force),
+                ("convpool", "auto") => Switch::ConvPool(PathMode::Auto),
+                ("convpool", "off") => Switch::ConvPool(PathMode::Off),
+                ("convpool", "force") => Switch::ConvPool(PathMode::Force),
                 ("blocked" | "dense", "on" | "off") => {
                     let on = v == "on";
                     if k == "blocked" { Switch::Blocked(on) } else { Switch::Dense(on) }
                 }
-                ("winograd" | "directco" | "blocked" | "dense", _) => return Err(bad()),
+                ("winograd" | "directco" | "convpool" | "blocked" | "dense", _) => return Err(bad()),
                 _ => return Err(format!("{kv:?}: unknown switch {k}")),
             })
         })
@@ -62,6 +67,7 @@ fn apply(setting: &[Switch]) {
     conv::set_winograd_mode(None);
     conv::set_winograd_f4_from(None);
     conv::set_direct_co_mode(None);
+    conv::set_conv_pool_mode(None);
     set_blocked_enabled(None);
     set_dense_runs_enabled(None);
     for s in setting {
@@ -69,6 +75,7 @@ fn apply(setting: &[Switch]) {
             Switch::Winograd(m) => conv::set_winograd_mode(Some(m)),
             Switch::F4From(n) => conv::set_winograd_f4_from(Some(n)),
             Switch::DirectCo(m) => conv::set_direct_co_mode(Some(m)),
+            Switch::ConvPool(m) => conv::set_conv_pool_mode(Some(m)),
             Switch::Blocked(on) => set_blocked_enabled(Some(on)),
             Switch::Dense(on) => set_dense_runs_enabled(Some(on)),
         }

@@ -53,7 +53,7 @@ pub(super) struct DenseRun {
 /// The convolutions an op of a run computes, in order.
 fn convs(op: &Op) -> Vec<&Conv> {
     match op {
-        Op::Conv(c) => vec![c],
+        Op::Conv(c) | Op::ConvMaxPool { conv: c, .. } => vec![c],
         Op::ConvPair { a, b } => vec![a, b],
         _ => Vec::new(),
     }
@@ -78,6 +78,8 @@ fn takes(graph: &Graph, op: &Op, made: &[TensorId], first: bool) -> bool {
                 && c.residual.is_none_or(|r| inside(&r))
         }),
         Op::MaxPool { input, .. } => graph.tensors[*input].channels.is_multiple_of(blocked::BLOCK) && inside(input),
+        // The conv's output is the pool's input: both whole blocks with `dense`.
+        Op::ConvMaxPool { conv: c, .. } => dense(graph, c) && (first || inside(&c.input)),
         _ => false,
     }
 }
@@ -86,6 +88,7 @@ fn takes(graph: &Graph, op: &Op, made: &[TensorId], first: bool) -> bool {
 fn outputs(op: &Op) -> Vec<TensorId> {
     match op {
         Op::MaxPool { output, .. } => vec![*output],
+        Op::ConvMaxPool { conv, output } => vec![*output, conv.output],
         _ => convs(op).iter().map(|c| c.output).collect(),
     }
 }
@@ -356,6 +359,22 @@ pub(super) fn execute(
         let start = Instant::now();
         let first = k == run.ops.start;
         match &graph.ops[k] {
+            // The stem and its max-pool (the run's first op, reading the image): pooled as its rows are
+            // computed where the level fuses them, else the conv into the run's slot for its output.
+            Op::ConvMaxPool { conv: c, output } => {
+                let (_, h, w) = plan.shapes[c.input];
+                let src = if first { Loc::Arena(plan.range(c.input)) } else { loc(c.input) };
+                if conv::max_pool_kernel(c, h, w, level).is_some() {
+                    let (o, [x]) = views(arena, scratch, &loc(*output), [&src])?;
+                    conv::conv_max_pool_blocked(simd, c, x, !first, n, (h, w), o);
+                } else {
+                    let (o, [x]) = views(arena, scratch, &loc(c.output), [&src])?;
+                    conv_blocked(simd, c, x, !first, n, (h, w), o, None);
+                    let (ch, oh, ow) = plan.shapes[c.output];
+                    let (o, [x]) = views(arena, scratch, &loc(*output), [&loc(c.output)])?;
+                    blocked::max_pool3x3s2(simd, x, n, ch, (oh, ow), o);
+                }
+            }
             Op::MaxPool { input, output } => {
                 let (c, h, w) = plan.shapes[*input];
                 let (o, [x]) = views(arena, scratch, &loc(*output), [&loc(*input)])?;
@@ -429,7 +448,7 @@ mod tests {
             assert!(share > 0.4, "{net:?}: {share} of the work in 1x1s");
             let run = &runs[0];
             assert_eq!(run.ops.start, 0, "{net:?}: the run starts at the stem");
-            assert!(matches!(&graph.ops[1], Op::MaxPool { .. }), "{net:?}");
+            assert!(matches!(&graph.ops[0], Op::ConvMaxPool { .. }), "{net:?}: the stem takes its max-pool");
             let made: Vec<TensorId> = run.ops.clone().flat_map(|k| outputs(&graph.ops[k])).collect();
             for &t in &graph.taps.backbone {
                 assert!(made.contains(&t) && run.exports.contains(&t), "{net:?}: tap {t} made and exported");
@@ -445,6 +464,39 @@ mod tests {
             let graph = graph_of(net);
             let taken: Vec<_> = super::super::chain::find(&graph).iter().map(|c| c.ops.clone()).collect();
             assert!(find(&graph, &taken).is_empty(), "{net:?}");
+        }
+    }
+
+    /// The ResNets' stem and max-pool fused (`Op::ConvMaxPool` on the direct path: NCHW in ResNet-18 and
+    /// -34, blocked in ResNet-50's dense run) and as their composition (`set_pool_mode(Off)`) give the
+    /// same bits: the same sums, pooled before the epilogue or after it. Odd and even map sizes.
+    #[test]
+    fn the_fused_stem_and_max_pool_give_the_composition_s_bits() {
+        use crate::cpu::conv::{PathMode, pools_taken, set_conv_pool_mode};
+        use crate::exec::Executor;
+        use crate::image_io::BgrImage;
+        let _switches = super::super::BLOCKED_SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
+        for net in [Network::ResNet18, Network::ResNet50] {
+            let built = crate::model::build(net, &mut crate::weights::synthetic::SyntheticSource { seed: 5 }).unwrap();
+            let ex = super::super::CpuExecutor::new(std::sync::Arc::new(built), 1 << 30);
+            for (w, h) in [(83, 69), (64, 48), (1, 1)] {
+                let img =
+                    BgrImage::new(w, h, (0..w * h * 3).map(|k| ((k * 29 + k / 3 * 5) % 253) as u8).collect()).unwrap();
+                let before = pools_taken();
+                set_conv_pool_mode(Some(PathMode::Force));
+                let fused = ex.forward(&[&img], None).unwrap();
+                let taken = pools_taken() > before;
+                set_conv_pool_mode(Some(PathMode::Off));
+                let composed = ex.forward(&[&img], None).unwrap();
+                set_conv_pool_mode(None);
+                assert!(
+                    taken || Simd::of(crate::cpu::isa()).is_none(),
+                    "{net:?} {w}x{h}: the fused path was not taken"
+                );
+                for (what, d) in super::super::raw_differences(&fused[0], &composed[0]) {
+                    assert_eq!(d, 0.0, "{net:?} {w}x{h} {what}: fused and composed differ by {d}");
+                }
+            }
         }
     }
 

@@ -362,6 +362,27 @@ fn conv_op(c: &Conv, plan: &Plan, arena: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
+/// The 3×3 stride-2 max-pool of `input` into `output`.
+fn max_pool_op(input: TensorId, output: TensorId, plan: &Plan, arena: &mut [f32]) -> Result<()> {
+    let (ic, ih, iw) = plan.shapes[input];
+    let (o, [x]) = views(arena, plan.range(output), [plan.range(input)])?;
+    ops::max_pool_3x3s2(x, plan.n * ic, ih, iw, o);
+    Ok(())
+}
+
+/// A conv and the max-pool of its output: fused on the direct path where the level has it there (the
+/// conv's output never written), the composition otherwise, and where the plan keeps every tensor.
+fn conv_max_pool_op(c: &Conv, output: TensorId, plan: &Plan, arena: &mut [f32]) -> Result<()> {
+    let (_, ih, iw) = plan.shapes[c.input];
+    if plan.keep_all || conv::max_pool_kernel(c, ih, iw, super::isa::isa()).is_none() {
+        conv_op(c, plan, arena)?;
+        return max_pool_op(c.output, output, plan, arena);
+    }
+    let (o, [x]) = views(arena, plan.range(output), [plan.range(c.input)])?;
+    conv::conv2d_max_pool(c, x, plan.n, ih, iw, o);
+    Ok(())
+}
+
 /// A depthwise + pointwise pair: fused per row band where the level has a kernel for it and that is the
 /// faster way, so the depthwise output never leaves the cache; the composition otherwise, and where the
 /// plan keeps every tensor (the depthwise output is then one the caller asked for).
@@ -438,6 +459,9 @@ fn describe(op: &Op) -> String {
         }
         Op::Heads { conv: c, level } => format!("heads {level} {} {}->{}", c.name, c.cin, c.cout),
         Op::MaxPool { .. } => "maxpool".to_string(),
+        Op::ConvMaxPool { conv: c, .. } => {
+            format!("conv+maxpool {} {}x{} s{} {}->{}", c.name, c.kernel, c.kernel, c.stride, c.cin, c.cout)
+        }
         Op::UpsampleAdd { .. } => "upsample+add".to_string(),
         Op::ConvUpsampleAdd { conv: c, .. } => format!("conv+upsample-add {} {}->{}", c.name, c.cin, c.cout),
         Op::ConvPair { a, b } => format!("conv pair {} + {}", a.name, b.name),
@@ -470,7 +494,6 @@ impl StageTimes {
 /// the arena's floats after the plan's tensors as their scratch.
 fn run(graph: &Graph, plan: &Plan, arena: &mut [f32], runs: &BlockedRuns) -> Result<StageTimes> {
     let n = plan.n;
-    let dims = |t: TensorId| plan.shapes[t];
     let mut times = StageTimes::default();
     // RETINAFACE_PROFILE=1 prints each op's wall time (slowest first) after the pass, for tuning;
     // RETINAFACE_PROFILE=cpu prints the process's CPU time per op instead, which other tenants of a
@@ -515,11 +538,8 @@ fn run(graph: &Graph, plan: &Plan, arena: &mut [f32], runs: &BlockedRuns) -> Res
             Op::ConvPair { a, b } => pair_op(a, b, plan, arena)?,
             Op::DwPw { dw, pw } => dwpw_op(dw, pw, plan, arena)?,
             Op::InvRes { ex, dw, pw } => invres_op(ex, dw, pw, plan, arena)?,
-            Op::MaxPool { input, output } => {
-                let (ic, ih, iw) = dims(*input);
-                let (o, [x]) = views(arena, plan.range(*output), [plan.range(*input)])?;
-                ops::max_pool_3x3s2(x, n * ic, ih, iw, o);
-            }
+            Op::MaxPool { input, output } => max_pool_op(*input, *output, plan, arena)?,
+            Op::ConvMaxPool { conv, output } => conv_max_pool_op(conv, *output, plan, arena)?,
             Op::UpsampleAdd { src, dst } => upsample_add_op(*src, *dst, plan, arena)?,
         }
         let dt = start.elapsed();

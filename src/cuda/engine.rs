@@ -680,6 +680,10 @@ impl GpuEngine {
                     }
                     ops::upsample::launch(r.as_mut(), buf(*src).ptr, buf(*dst).ptr, n, (sh, sw), (dh, dw), dc)?;
                 }
+                // Fusions::CUDA_F32 leaves it out: no kernel pools a conv's rows yet.
+                Op::ConvMaxPool { conv, .. } => {
+                    return Err(Error::Cuda(format!("conv {} + max-pool: no fused CUDA kernel", conv.name)));
+                }
                 Op::ConvUpsampleAdd { .. } | Op::ConvPair { .. } | Op::DwPw { .. } | Op::InvRes { .. } => {
                     let wts: Vec<_> = self.weights[i].into_iter().chain(self.fused_rest[i].iter().copied()).collect();
                     launch_fused(r.as_mut(), op, &wts, n, &|t| (buf(t).ptr, dims(t)))?;

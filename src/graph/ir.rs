@@ -170,6 +170,14 @@ pub enum Op {
         dw: Conv,
         pw: Conv,
     },
+    /// `conv`, then the 3×3 stride-2 max-pool (padding −∞) of its output into `output` (made by
+    /// `passes::fuse_pool`: ResNet's stem), where only the pool reads the conv's output. `conv.output`
+    /// is scratch, as `DwPw`'s depthwise output: the plan gives it arena space for the composition; the
+    /// CPU's direct path pools the conv's rows as it computes them and never writes it.
+    ConvMaxPool {
+        conv: Conv,
+        output: TensorId,
+    },
     /// MobileNetV2's inverted residual (made by `passes::fuse_invres`): the 1×1 expansion `ex`, the
     /// depthwise conv `dw` of its output and the 1×1 projection `pw` of that (with the shortcut as
     /// `pw.residual`). `ex.output` and `dw.output` are scratch, as `DwPw`'s: the CUDA kernel keeps
@@ -192,6 +200,7 @@ impl Op {
         match self {
             Op::Conv(c) | Op::Heads { conv: c, .. } => std::iter::once(c.input).chain(c.residual).collect(),
             Op::MaxPool { input, .. } => vec![*input],
+            Op::ConvMaxPool { conv, .. } => vec![conv.input],
             Op::UpsampleAdd { src, dst } => vec![*src, *dst],
             Op::ConvUpsampleAdd { conv, src } => [conv.input, *src].into_iter().chain(conv.residual).collect(),
             Op::ConvPair { a, b } => [a.input, b.input].into_iter().chain(a.residual).chain(b.residual).collect(),
@@ -208,6 +217,7 @@ impl Op {
         match self {
             Op::ConvPair { a, b } => vec![a.output, b.output],
             Op::DwPw { dw, pw } => vec![pw.output, dw.output],
+            Op::ConvMaxPool { conv, output } => vec![*output, conv.output],
             Op::InvRes { ex, dw, pw } => vec![pw.output, dw.output, ex.output],
             _ => vec![self.output()],
         }
@@ -217,6 +227,7 @@ impl Op {
     pub fn convs(&self) -> Vec<&Conv> {
         match self {
             Op::Conv(c) | Op::Heads { conv: c, .. } | Op::ConvUpsampleAdd { conv: c, .. } => vec![c],
+            Op::ConvMaxPool { conv, .. } => vec![conv],
             Op::ConvPair { a, b } => vec![a, b],
             Op::DwPw { dw, pw } => vec![dw, pw],
             Op::InvRes { ex, dw, pw } => vec![ex, dw, pw],
@@ -269,7 +280,7 @@ impl Graph {
     pub fn op_output(op: &Op) -> TensorId {
         match op {
             Op::Conv(c) | Op::Heads { conv: c, .. } | Op::ConvUpsampleAdd { conv: c, .. } => c.output,
-            Op::MaxPool { output, .. } => *output,
+            Op::MaxPool { output, .. } | Op::ConvMaxPool { output, .. } => *output,
             Op::UpsampleAdd { dst, .. } => *dst,
             Op::ConvPair { a, .. } => a.output,
             Op::DwPw { pw, .. } | Op::InvRes { pw, .. } => pw.output,

@@ -283,6 +283,25 @@ impl<'g> Writer<'g> {
         Ok(())
     }
 
+    /// The 3×3 stride-2 max-pool of `input` (padding 1: ONNX pads MaxPool with −∞, as PyTorch does).
+    fn max_pool(&mut self, input: TensorId, output: TensorId) -> Result<()> {
+        let x = self.value(input)?;
+        let name = self.graph.tensors[output].name.clone();
+        let y = self.node(
+            "MaxPool",
+            &name,
+            vec![x],
+            vec![
+                attr_int("ceil_mode", 0),
+                attr_ints("kernel_shape", &[3, 3]),
+                attr_ints("pads", &[1, 1, 1, 1]),
+                attr_ints("strides", &[2, 2]),
+            ],
+        );
+        self.current[output] = Some(y);
+        Ok(())
+    }
+
     fn upsample_add(&mut self, src: TensorId, dst: TensorId) -> Result<()> {
         let (s, d) = (self.value(src)?, self.value(dst)?);
         let name = format!("{}.upsample", self.graph.tensors[dst].name);
@@ -332,28 +351,17 @@ pub fn export(graph: &Graph, opts: &ExportOptions) -> Result<ModelProto> {
     for op in &graph.ops {
         match op {
             Op::Conv(c) => w.conv(c)?,
-            Op::MaxPool { input, output } => {
-                let x = w.value(*input)?;
-                let name = graph.tensors[*output].name.clone();
-                let y = w.node(
-                    "MaxPool",
-                    &name,
-                    vec![x],
-                    vec![
-                        attr_int("ceil_mode", 0),
-                        attr_ints("kernel_shape", &[3, 3]),
-                        attr_ints("pads", &[1, 1, 1, 1]),
-                        attr_ints("strides", &[2, 2]),
-                    ],
-                );
-                w.current[*output] = Some(y);
-            }
+            Op::MaxPool { input, output } => w.max_pool(*input, *output)?,
             Op::UpsampleAdd { src, dst } => w.upsample_add(*src, *dst)?,
             Op::Heads { level, conv } => w.head(conv, *level)?,
             // A fused op exports as the ops it fuses: ONNX runtimes fuse for themselves.
             Op::ConvUpsampleAdd { conv, src } => {
                 w.conv(conv)?;
                 w.upsample_add(*src, conv.output)?;
+            }
+            Op::ConvMaxPool { conv, output } => {
+                w.conv(conv)?;
+                w.max_pool(conv.output, *output)?;
             }
             Op::ConvPair { a: first, b: second } | Op::DwPw { dw: first, pw: second } => {
                 w.conv(first)?;

@@ -828,7 +828,11 @@ impl<'a> Matcher<'a> {
                     .map_err(|e| format!("at the upsampling into `{}`: {e}", g.tensors[*dst].name)),
                 Op::Heads { level, conv } => self.head(oi, conv, *level).map_err(|e| format!("at `head.{level}`: {e}")),
                 // model::build makes no fused ops; the executors fuse their own copies.
-                Op::ConvUpsampleAdd { .. } | Op::ConvPair { .. } | Op::DwPw { .. } | Op::InvRes { .. } => {
+                Op::ConvUpsampleAdd { .. }
+                | Op::ConvPair { .. }
+                | Op::DwPw { .. }
+                | Op::InvRes { .. }
+                | Op::ConvMaxPool { .. } => {
                     Err("a fused op in the graph the import matches against (it must be unfused)".to_string())
                 }
             };

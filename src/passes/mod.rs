@@ -3,8 +3,8 @@
 //!
 //! - [`fold_bn`]: BatchNorm into the conv before it (applied by the builder per conv, see there);
 //! - [`fuse_heads`]: each level's 1×1 head conv into an explicit `Op::Heads`;
-//! - [`fuse_fpn`], [`fuse_pair`], [`fuse_invres`], [`fuse_dwpw`]: the optional fusions of
-//!   [`Fusions`]. Each executor applies those it has kernels for to the engine's graph (the CPU runs
+//! - [`fuse_fpn`], [`fuse_pair`], [`fuse_invres`], [`fuse_dwpw`], [`fuse_pool`]: the optional fusions
+//!   of [`Fusions`]. Each executor applies those it has kernels for to the engine's graph (the CPU runs
 //!   every fused op it enables as its composition of reference ops; the f16 CUDA path all but
 //!   the inverted residual), and taps are never fused away, so every executor's taps stay comparable.
 //!
@@ -18,6 +18,7 @@ pub mod fuse_fpn;
 pub mod fuse_heads;
 pub mod fuse_invres;
 pub mod fuse_pair;
+pub mod fuse_pool;
 
 use crate::error::Result;
 use crate::graph::{Graph, Op, TensorId};
@@ -39,19 +40,24 @@ pub struct Fusions {
     /// MobileNetV2's expand + depthwise + project through shared memory (`Op::InvRes`); applied
     /// before `dw_pw`, which takes the blocks it leaves.
     pub inv_res: bool,
+    /// A conv with the max-pool of its output (`Op::ConvMaxPool`: ResNet's stem), pooled as its rows
+    /// are computed.
+    pub conv_max_pool: bool,
 }
 
 impl Fusions {
-    pub const NONE: Fusions = Fusions { fpn_upsample_add: false, conv_pair: false, dw_pw: false, inv_res: false };
-    pub const ALL: Fusions = Fusions { fpn_upsample_add: true, conv_pair: true, dw_pw: true, inv_res: true };
-    /// The CPU runs each fused op as its composition, or fused per row band where it has a faster
-    /// path for it (depthwise + pointwise, the inverted residual): the same results, and the same plan
-    /// as the f32 CUDA executor.
+    pub const NONE: Fusions =
+        Fusions { fpn_upsample_add: false, conv_pair: false, dw_pw: false, inv_res: false, conv_max_pool: false };
+    pub const ALL: Fusions =
+        Fusions { fpn_upsample_add: true, conv_pair: true, dw_pw: true, inv_res: true, conv_max_pool: true };
+    /// The CPU runs each fused op as its composition, or fused where it has a faster path for it
+    /// (depthwise + pointwise and the inverted residual per row band, the conv + max-pool on the direct
+    /// path): the same results, and the f32 CUDA executor's plan but for the ResNets' stem and pool.
     pub const CPU: Fusions = Fusions::ALL;
-    /// kernels/conv.cu has a kernel for each fused op.
-    pub const CUDA_F32: Fusions = Fusions::ALL;
-    /// kernels/conv_f16.cu's fused kernels: all but the inverted residual.
-    pub const CUDA_F16: Fusions = Fusions { inv_res: false, ..Fusions::ALL };
+    /// kernels/conv.cu has a kernel for each fused op but the conv + max-pool.
+    pub const CUDA_F32: Fusions = Fusions { conv_max_pool: false, ..Fusions::ALL };
+    /// kernels/conv_f16.cu's fused kernels: all but the inverted residual and the conv + max-pool.
+    pub const CUDA_F16: Fusions = Fusions { inv_res: false, conv_max_pool: false, ..Fusions::ALL };
 }
 
 /// `graph` with the fusions of `f` applied. A fusion only rewrites patterns it can prove equal, so
@@ -69,6 +75,9 @@ pub fn fuse(graph: &Graph, f: Fusions) -> Graph {
     }
     if f.dw_pw {
         g = fuse_dwpw::run(g);
+    }
+    if f.conv_max_pool {
+        g = fuse_pool::run(g);
     }
     g
 }

@@ -272,6 +272,268 @@ fn run(
     });
 }
 
+/// Whether `conv_max_pool` computes `conv` with the 3×3 stride-2 max-pool of its output (padding 1,
+/// counted as −∞) fused: no residual, and an activation that never decreases, so that pooling the
+/// sums before the epilogue gives the same values: with g(s) = act(s + bias) non-decreasing (rounding
+/// s + bias is monotone too), max g(sᵢ) = g(max sᵢ). ReLU, ReLU6, no activation and LeakyReLU with a
+/// slope ≥ 0 qualify.
+pub(crate) fn pools(conv: &Conv) -> bool {
+    let monotone = match conv.act {
+        Act::None | Act::Relu6 => true,
+        Act::Leaky(a) => a >= 0.0,
+    };
+    conv.groups == 1 && conv.residual.is_none() && conv.out_channel_offset == 0 && monotone
+}
+
+/// Where the fused conv + max-pool is taken: `RETINAFACE_CPU_CONV_POOL` (`0` never, `1` wherever
+/// `pools` allows, the conv then on this path whatever the rule prefers), else where the rule puts the
+/// conv on this path (`preferred`), unless `set_pool_mode` forced a mode.
+static POOL_MODE: ModeSwitch = ModeSwitch::new("RETINAFACE_CPU_CONV_POOL");
+
+/// Forces the fused conv + max-pool's mode for the whole process (`None`: back to the environment's).
+pub fn set_pool_mode(mode: Option<PathMode>) {
+    POOL_MODE.set(mode)
+}
+
+/// The fused conv + max-pool's mode in force.
+pub(super) fn pool_mode() -> PathMode {
+    POOL_MODE.get()
+}
+
+/// Floats of conv rows a pooling task computes per call of the tiles (640 KiB, in L2): ResNet's stem
+/// at 640² (64 channels × 320 columns a row) ran 12.9 / 11.9 / 11.5 / 12.0 ms with 2 / 4 / 8 / 16 rows
+/// a call (`RETINAFACE_PROFILE=1`, one thread, Sapphire Rapids-class Xeon, 2 MiB L2): more rows make
+/// longer runs down the edge columns and fewer calls, until the band outgrows L2.
+const POOL_BAND_FLOATS: usize = 160 << 10;
+
+/// Fused conv + max-pool ops run by this process so far, for tests that must know the path was taken.
+static POOLED_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many fused conv + max-pool ops this process has run.
+#[cfg(test)]
+pub(crate) fn pools_taken() -> usize {
+    POOLED_RUNS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+thread_local! {
+    /// A pooling task's buffers (the carried row's maxima and the pooled rows), reused across calls.
+    static POOLED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `conv`, then the 3×3 stride-2 max-pool (padding 1) of its output, as one op: `x` NCHW [n, cin, h,
+/// w], `out` the pooled [n, cout, ph, pw] in NCHW. The conv's output never leaves the cache: ResNet's
+/// stem wrote 26 MB at 640² (a quarter of the stem's time went to its transposed write-back) that the
+/// max-pool read back. Values: the pooled maxima of the conv's sums, then its epilogue (`pools`), which
+/// equals the pool of the conv's output; the sums are `conv`'s, so the same bits as the two ops.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_max_pool(kernel: Simd, conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: &mut [f32]) {
+    let (oh, ow) = (out_size(h, conv.kernel, conv.stride, conv.pad), out_size(w, conv.kernel, conv.stride, conv.pad));
+    assert_eq!(x.len(), n * conv.cin * h * w, "direct_co: conv {} input size", conv.name);
+    let pooled = n * conv.cout * out_size(oh, 3, 2, 1) * out_size(ow, 3, 2, 1);
+    assert_eq!(out.len(), pooled, "direct_co: conv {} + max-pool output size", conv.name);
+    let sinks = Sinks::one(SharedMut(out.as_mut_ptr()), conv.cout, conv);
+    run_pooled(kernel, conv, x, false, n, (h, w), Output::Planes(sinks));
+}
+
+/// `conv_max_pool` from and to the channel-blocked layout, as `conv_blocked` (`x` blocked or NCHW, `out`
+/// the pooled [n, cout, ph, pw] blocked): ResNet-50's stem and max-pool in `cpu::dense_run`.
+pub(crate) fn conv_max_pool_blocked(
+    kernel: Simd,
+    conv: &Conv,
+    x: &[f32],
+    input_blocked: bool,
+    n: usize,
+    (h, w): (usize, usize),
+    out: &mut [f32],
+) {
+    let (oh, ow) = (out_size(h, conv.kernel, conv.stride, conv.pad), out_size(w, conv.kernel, conv.stride, conv.pad));
+    let x_len = if input_blocked { blocked_len(n, conv.cin, h * w) } else { n * conv.cin * h * w };
+    assert_eq!(x.len(), x_len, "direct_co: conv {} input size", conv.name);
+    let pooled = blocked_len(n, conv.cout, out_size(oh, 3, 2, 1) * out_size(ow, 3, 2, 1));
+    assert_eq!(out.len(), pooled, "direct_co: conv {} + max-pool output size", conv.name);
+    run_pooled(kernel, conv, x, input_blocked, n, (h, w), Output::Blocked(SharedMut(out.as_mut_ptr())));
+}
+
+/// The tasks of a fused conv + max-pool: bands of pooled rows, each computing the conv rows its windows
+/// cover two at a time (the sums of `run`'s tiles) and pooling them as they come: each conv row's
+/// horizontal maxima (columns 2x − 1, 2x, 2x + 1) and, down the rows, the maximum of the row above
+/// (carried from the previous pair), the pair's first and its second (carried on). A band's first
+/// window also needs the conv row above it, which the band before computes too: one row in
+/// 2·(band rows) again.
+fn run_pooled(
+    kernel: Simd,
+    conv: &Conv,
+    x: &[f32],
+    input_blocked: bool,
+    n: usize,
+    (h, w): (usize, usize),
+    out: Output,
+) {
+    assert!(handles(conv, kernel) && pools(conv), "direct_co: conv {} does not fuse a max-pool", conv.name);
+    let (k, s, p) = (conv.kernel, conv.stride, conv.pad);
+    let (oh, ow) = (out_size(h, k, s, p), out_size(w, k, s, p));
+    let (ph, pw) = (out_size(oh, 3, 2, 1), out_size(ow, 3, 2, 1));
+    let (pix, image_len) = if input_blocked { (BLOCK, blocked_len(1, conv.cin, h * w)) } else { (1, conv.cin * h * w) };
+    let packed = conv.packed.direct_co.get_or_init(|| pack(conv));
+    let tiles = conv.cout.div_ceil(CO_TILE);
+    let rows = ph.div_ceil(min_tasks().div_ceil(n * tiles).clamp(1, ph));
+    let bands = ph.div_ceil(rows);
+    // Pooled rows per call of the tiles: their conv rows within the pooling band's budget.
+    let step = (POOL_BAND_FLOATS / (2 * CO_TILE * ow)).clamp(1, rows);
+    let geometry = Geometry { cin: conv.cin, h, w, k, s, p, oh, ow, pix };
+    let row_len = pw * BLOCK;
+    POOLED_RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (0..n * tiles * bands).into_par_iter().for_each(|task| {
+        let (b, t, r) = (task / (tiles * bands), task / bands % tiles, task % bands);
+        let (q0, q1) = (r * rows, ((r + 1) * rows).min(ph));
+        let image = &x[b * image_len..][..image_len];
+        POOLED.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let at = aligned(&mut buf, 4 * row_len * (1 + step));
+            // carry: [4][pw][16], the horizontal maxima of the conv row above the next window;
+            // pooled: [4][pooled rows · pw][16], as the write-backs read a band.
+            let (carry, pooled) = buf[at..][..4 * row_len * (1 + step)].split_at_mut(4 * row_len);
+            // SAFETY (both calls): the kernel's instructions were asserted (`handles`); `image` is the
+            // image's planes; the tile's channels of pooled rows q0..q1 of image b are this task's alone.
+            if q0 > 0 {
+                unsafe {
+                    geometry.tile_rows(kernel, conv, packed, image, t, 2 * q0 - 1..2 * q0, |nb, band| {
+                        for j in 0..nb {
+                            hmax_row(
+                                kernel,
+                                &band[j * ow * BLOCK..][..ow * BLOCK],
+                                &mut carry[j * row_len..][..row_len],
+                                false,
+                            );
+                        }
+                    })
+                };
+            }
+            let mut carried = q0 > 0;
+            for q in (q0..q1).step_by(step) {
+                let qn = step.min(q1 - q);
+                let conv_rows = 2 * q..(2 * (q + qn)).min(oh);
+                let plane_in = conv_rows.len() * ow * BLOCK;
+                let plane_out = qn * row_len;
+                unsafe {
+                    geometry.tile_rows(kernel, conv, packed, image, t, conv_rows, |nb, band| {
+                        for j in 0..nb {
+                            let carry = &mut carry[j * row_len..][..row_len];
+                            let row = |y: usize| &band[j * plane_in + y * ow * BLOCK..][..ow * BLOCK];
+                            let mut have = carried;
+                            for i in 0..qn {
+                                let dst = &mut pooled[j * plane_out + i * row_len..][..row_len];
+                                if have {
+                                    dst.copy_from_slice(carry);
+                                }
+                                hmax_row(kernel, row(2 * i), dst, have);
+                                // The window's last row, the next window's first: absent only below an
+                                // odd map's last window.
+                                if 2 * (q + i) + 1 < oh {
+                                    hmax_row(kernel, row(2 * i + 1), carry, false);
+                                    max_into(dst, carry);
+                                    have = true;
+                                }
+                            }
+                        }
+                        let (tile, pixels) = ((b, t * CO_TILE, nb), (q * pw, qn * pw));
+                        let pooled = &pooled[..nb * plane_out];
+                        match (&out, kernel) {
+                            (Output::Planes(sinks), Simd::Avx512) => {
+                                write_back(conv, sinks, None, tile, pixels, ph * pw, pooled)
+                            }
+                            (Output::Planes(sinks), Simd::Avx2) => {
+                                write_back_avx2(conv, sinks, None, tile, pixels, ph * pw, pooled)
+                            }
+                            (Output::Blocked(o), _) => {
+                                write_back_blocked(kernel, conv, *o, None, tile, pixels, ph * pw, pooled)
+                            }
+                        }
+                    })
+                };
+                carried = true;
+            }
+        });
+    });
+}
+
+/// `dst[x] = max(src[2x − 1], src[2x], src[2x + 1])` over a row of 16-channel vectors (`src` a conv
+/// row, `dst` its pooled width; columns outside the row left out), or `dst[x] = max(dst[x], …)` with
+/// `acc`. The maximum is the instruction's (`maxps`), which for finite sums is the reference's.
+fn hmax_row(kernel: Simd, src: &[f32], dst: &mut [f32], acc: bool) {
+    let (width, pw) = (src.len() / BLOCK, dst.len() / BLOCK);
+    assert!(src.len() == width * BLOCK && dst.len() == pw * BLOCK && pw <= width.div_ceil(2) && width > 0);
+    kernel.check();
+    // SAFETY: `check` asserted the instructions; every window's columns lie inside `src` (column
+    // 2x − 1 ≥ 0 and 2x < width as x < pw ≤ ⌈width / 2⌉), every x inside `dst`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        match kernel {
+            Simd::Avx512 => hmax_row_avx512(src, dst, acc),
+            Simd::Avx2 => hmax_row_avx2(src, dst, acc),
+        }
+    }
+}
+
+/// `hmax_row` at AVX-512.
+///
+/// # Safety
+/// AVX-512F must be available; as `hmax_row`'s assertions.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn hmax_row_avx512(src: &[f32], dst: &mut [f32], acc: bool) {
+    use std::arch::x86_64::*;
+    let width = src.len() / BLOCK;
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    // SAFETY: the caller's contract.
+    unsafe {
+        for x in 0..dst.len() / BLOCK {
+            let cols = (2 * x).saturating_sub(1)..(2 * x + 2).min(width);
+            let mut m = _mm512_loadu_ps(s.add(cols.start * BLOCK));
+            for c in cols.start + 1..cols.end {
+                m = _mm512_max_ps(m, _mm512_loadu_ps(s.add(c * BLOCK)));
+            }
+            if acc {
+                m = _mm512_max_ps(_mm512_loadu_ps(d.add(x * BLOCK)), m);
+            }
+            _mm512_storeu_ps(d.add(x * BLOCK), m);
+        }
+    }
+}
+
+/// `hmax_row` at AVX2: two halves a vector.
+///
+/// # Safety
+/// AVX2 must be available; as `hmax_row`'s assertions.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn hmax_row_avx2(src: &[f32], dst: &mut [f32], acc: bool) {
+    use std::arch::x86_64::*;
+    let width = src.len() / BLOCK;
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    // SAFETY: the caller's contract.
+    unsafe {
+        for x in 0..dst.len() / BLOCK {
+            let cols = (2 * x).saturating_sub(1)..(2 * x + 2).min(width);
+            for half in [0, HALF] {
+                let mut m = _mm256_loadu_ps(s.add(cols.start * BLOCK + half));
+                for c in cols.start + 1..cols.end {
+                    m = _mm256_max_ps(m, _mm256_loadu_ps(s.add(c * BLOCK + half)));
+                }
+                if acc {
+                    m = _mm256_max_ps(_mm256_loadu_ps(d.add(x * BLOCK + half)), m);
+                }
+                _mm256_storeu_ps(d.add(x * BLOCK + half), m);
+            }
+        }
+    }
+}
+
+/// `dst = max(dst, src)` elementwise (`src` a row of `hmax_row`'s).
+fn max_into(dst: &mut [f32], src: &[f32]) {
+    dst.iter_mut().zip(src).for_each(|(d, &v)| *d = if v > *d { v } else { *d });
+}
+
 /// The convolution's shape, as the tiles read it.
 struct Geometry {
     cin: usize,
@@ -904,6 +1166,58 @@ mod tests {
             for (i, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
                 assert!(a.is_finite(), "{cin}->{cout} k{k} s{s} {h}x{w} element {i} not written: {a}");
                 assert_eq!(a.to_bits(), b.to_bits(), "{cin}->{cout} k{k} s{s} {h}x{w} element {i}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// The fused conv + max-pool against its two ops, at every level the processor has: the pooled
+    /// NCHW output the same bits as the direct path's conv output pooled by `reference::max_pool_3x3s2`,
+    /// and within 1e-4 of the reference conv pooled; the blocked entry point the same bits as the NCHW
+    /// one. Odd and even conv maps (a last window with and without its third row, one-column and
+    /// one-row maps), several bands per image and batches (so bands start mid-image, recomputing the
+    /// row above), channel counts off the 64-channel tiles, every monotone activation, blocked and NCHW
+    /// inputs.
+    #[test]
+    fn a_fused_max_pool_equals_the_conv_then_the_pool() {
+        let mut rnd = super::super::tests::uniform(13);
+        let kernels: Vec<Simd> = [Simd::Avx512, Simd::Avx2].into_iter().filter(|k| k.isa().supported()).collect();
+        // (n, cin, cout, k, stride, h, w, act, input blocked)
+        for (n, cin, cout, k, s, h, w, act, input_blocked) in [
+            (1, 3, 64, 7, 2, 43, 38, Act::Leaky(0.0), false),
+            (2, 3, 40, 7, 2, 21, 17, Act::Leaky(0.1), false),
+            (1, 5, 70, 3, 1, 29, 11, Act::None, false),
+            (2, 16, 16, 3, 2, 9, 2, Act::Relu6, true),
+            (1, 32, 48, 3, 1, 1, 7, Act::Leaky(0.0), true),
+            (1, 3, 64, 7, 2, 70, 33, Act::Leaky(0.0), false),
+        ] {
+            let conv = Conv::with_values("t", [cin, cout, k, s, 1], act, &mut rnd);
+            assert!(pools(&conv));
+            let x: Vec<f32> = (0..n * cin * h * w).map(|_| rnd() * 4.0).collect();
+            let (oh, ow) = (out_size(h, k, s, k / 2), out_size(w, k, s, k / 2));
+            let (ph, pw) = (out_size(oh, 3, 2, 1), out_size(ow, 3, 2, 1));
+            let mut want = vec![0.0; n * cout * oh * ow];
+            crate::reference::conv2d(&conv, &x, n, h, w, &mut want, cout, None);
+            let mut want_pooled = vec![0.0; n * cout * ph * pw];
+            crate::reference::max_pool_3x3s2(&want, n * cout, oh, ow, &mut want_pooled);
+            for &kernel in &kernels {
+                let what = format!("{kernel:?} {cin}->{cout} k{k} s{s} {h}x{w} {act:?}");
+                // The two ops: the direct path's conv, then the reference pool.
+                let mut planes = vec![0.0; n * cout * oh * ow];
+                super::conv(kernel, &conv, &x, n, h, w, Sinks::one(SharedMut(planes.as_mut_ptr()), cout, &conv), None);
+                let mut composed = vec![0.0; n * cout * ph * pw];
+                crate::reference::max_pool_3x3s2(&planes, n * cout, oh, ow, &mut composed);
+                let mut got = vec![f32::NAN; n * cout * ph * pw];
+                conv_max_pool(kernel, &conv, &x, n, h, w, &mut got);
+                for (i, ((g, c), e)) in got.iter().zip(&composed).zip(&want_pooled).enumerate() {
+                    assert_eq!(g.to_bits(), c.to_bits(), "{what}: element {i}: {g} vs the two ops' {c}");
+                    assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "{what}: element {i}: {g} vs {e}");
+                }
+                let xin = if input_blocked { blocked(&x, n, cin, h * w) } else { x.clone() };
+                let mut got_b = vec![f32::NAN; blocked_len(n, cout, ph * pw)];
+                conv_max_pool_blocked(kernel, &conv, &xin, input_blocked, n, (h, w), &mut got_b);
+                for (i, (g, e)) in got_b.iter().zip(&blocked(&got, n, cout, ph * pw)).enumerate() {
+                    assert_eq!(g.to_bits(), e.to_bits(), "{what}: blocked element {i}: {g} vs {e}");
+                }
             }
         }
     }

@@ -23,7 +23,7 @@ mod tile;
 mod winograd;
 
 pub use common::PathMode;
-pub use direct_co::set_mode as set_direct_co_mode;
+pub use direct_co::{set_mode as set_direct_co_mode, set_pool_mode as set_conv_pool_mode};
 pub use winograd::{
     Tile as WinogradTile, WinogradMode, set_f4_from as set_winograd_f4_from, set_mode as set_winograd_mode,
 };
@@ -34,7 +34,9 @@ use crate::reference::out_size;
 pub(crate) use common::{SharedMut, aligned, min_tasks};
 use common::{Sink, Sinks};
 pub use direct_co::blocked_len;
-pub(crate) use direct_co::{conv_blocked, handles as handles_blocked, rows_blocked};
+#[cfg(test)]
+pub(crate) use direct_co::pools_taken;
+pub(crate) use direct_co::{conv_blocked, conv_max_pool_blocked, handles as handles_blocked, rows_blocked};
 
 /// `crate::reference::conv2d` (same operands, same result up to f32 rounding) on the fastest path for
 /// `conv` at the process's level (`isa()`).
@@ -200,6 +202,29 @@ fn choose_path(conv: &Conv, h: usize, w: usize, isa: Isa) -> ConvPath {
 /// over output channels (whose blocked build `conv_blocked` is), rather than Winograd or a GEMM.
 pub(crate) fn prefers_direct(conv: &Conv, h: usize, w: usize, isa: Isa) -> bool {
     matches!(choose_path(conv, h, w, isa), ConvPath::DirectCo(_))
+}
+
+/// The instructions `conv2d_max_pool` runs `conv` (on an h×w input) and the 3×3 stride-2 max-pool of its
+/// output with at level `isa`, if it fuses them there: where the direct path computes the conv
+/// (`prefers_direct`; anywhere it applies with `RETINAFACE_CPU_CONV_POOL=1`) and the epilogue commutes
+/// with the maximum (`direct_co::pools`).
+pub(crate) fn max_pool_kernel(conv: &Conv, h: usize, w: usize, isa: Isa) -> Option<Simd> {
+    let simd = Simd::of(isa).filter(|&k| direct_co::handles(conv, k) && direct_co::pools(conv))?;
+    match direct_co::pool_mode() {
+        PathMode::Off => None,
+        PathMode::Force => Some(simd),
+        PathMode::Auto => prefers_direct(conv, h, w, isa).then_some(simd),
+    }
+}
+
+/// `reference::max_pool_3x3s2` of `conv2d`'s output, without that output: `x` is [n, conv.cin, h, w],
+/// `out` the pooled [n, conv.cout, ph, pw]. Only where `max_pool_kernel` fuses them at the process's
+/// level (panics elsewhere).
+pub fn conv2d_max_pool(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: &mut [f32]) {
+    let Some(kernel) = max_pool_kernel(conv, h, w, isa()) else {
+        panic!("conv {}: no fused max-pool at {:?}", conv.name, isa());
+    };
+    direct_co::conv_max_pool(kernel, conv, x, n, h, w, out)
 }
 
 #[allow(clippy::too_many_arguments)]
