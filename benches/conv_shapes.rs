@@ -262,6 +262,8 @@ fn blocked_pointwise(filter: &[String]) {
         ("blocked MobileNetV1 1024->1024", 1024, 1024, 20, 20),
         ("blocked ResNet-50 64->256", 64, 256, 160, 160),
         ("blocked ResNet-50 256->64", 256, 64, 160, 160),
+        ("blocked ResNet-50 256->128", 256, 128, 160, 160),
+        ("blocked ResNet-50 128->512", 128, 512, 80, 80),
         ("blocked ResNet-50 512->128", 512, 128, 80, 80),
         ("blocked ResNet-50 1024->256", 1024, 256, 40, 40),
         ("blocked ResNet-50 2048->512", 2048, 512, 20, 20),
