@@ -325,7 +325,6 @@ thread_local! {
 /// stem wrote 26 MB at 640² (a quarter of the stem's time went to its transposed write-back) that the
 /// max-pool read back. Values: the pooled maxima of the conv's sums, then its epilogue (`pools`), which
 /// equals the pool of the conv's output; the sums are `conv`'s, so the same bits as the two ops.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn conv_max_pool(kernel: Simd, conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: &mut [f32]) {
     let (oh, ow) = (out_size(h, conv.kernel, conv.stride, conv.pad), out_size(w, conv.kernel, conv.stride, conv.pad));
     assert_eq!(x.len(), n * conv.cin * h * w, "direct_co: conv {} input size", conv.name);
@@ -355,11 +354,11 @@ pub(crate) fn conv_max_pool_blocked(
 }
 
 /// The tasks of a fused conv + max-pool: bands of pooled rows, each computing the conv rows its windows
-/// cover two at a time (the sums of `run`'s tiles) and pooling them as they come: each conv row's
-/// horizontal maxima (columns 2x − 1, 2x, 2x + 1) and, down the rows, the maximum of the row above
-/// (carried from the previous pair), the pair's first and its second (carried on). A band's first
-/// window also needs the conv row above it, which the band before computes too: one row in
-/// 2·(band rows) again.
+/// cover `step` pairs at a time (the sums of `run`'s tiles) and pooling them as they come: each conv
+/// row's horizontal maxima (columns 2x − 1, 2x, 2x + 1) and, down the rows, for pooled row q the maximum
+/// of row 2q − 1's (carried from the pair before), row 2q's and row 2q + 1's (carried on). A band's
+/// first window also needs the conv row above it, which the band before computes too: one row in
+/// 2·(band rows) computed twice.
 fn run_pooled(
     kernel: Simd,
     conv: &Conv,
