@@ -364,9 +364,9 @@ pub(super) fn execute(
             Op::ConvMaxPool { conv: c, output } => {
                 let (_, h, w) = plan.shapes[c.input];
                 let src = if first { Loc::Arena(plan.range(c.input)) } else { loc(c.input) };
-                if conv::max_pool_kernel(c, h, w, level).is_some() {
+                if let Some(kernel) = conv::max_pool_kernel(c, h, w, level) {
                     let (o, [x]) = views(arena, scratch, &loc(*output), [&src])?;
-                    conv::conv_max_pool_blocked(simd, c, x, !first, n, (h, w), o);
+                    conv::conv_max_pool_blocked(kernel, c, x, !first, n, (h, w), o);
                 } else {
                     let (o, [x]) = views(arena, scratch, &loc(c.output), [&src])?;
                     conv_blocked(simd, c, x, !first, n, (h, w), o, None);

@@ -374,12 +374,13 @@ fn max_pool_op(input: TensorId, output: TensorId, plan: &Plan, arena: &mut [f32]
 /// conv's output never written), the composition otherwise, and where the plan keeps every tensor.
 fn conv_max_pool_op(c: &Conv, output: TensorId, plan: &Plan, arena: &mut [f32]) -> Result<()> {
     let (_, ih, iw) = plan.shapes[c.input];
-    if plan.keep_all || conv::max_pool_kernel(c, ih, iw, super::isa::isa()).is_none() {
+    let kernel = conv::max_pool_kernel(c, ih, iw, super::isa::isa()).filter(|_| !plan.keep_all);
+    let Some(kernel) = kernel else {
         conv_op(c, plan, arena)?;
         return max_pool_op(c.output, output, plan, arena);
-    }
+    };
     let (o, [x]) = views(arena, plan.range(output), [plan.range(c.input)])?;
-    conv::conv2d_max_pool(c, x, plan.n, ih, iw, o);
+    conv::conv_max_pool(kernel, c, x, plan.n, ih, iw, o);
     Ok(())
 }
 

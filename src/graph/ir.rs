@@ -77,6 +77,18 @@ pub struct Conv {
 }
 
 impl Conv {
+    /// Whether the maximum of the conv's outputs is its epilogue applied to the maximum of its sums:
+    /// no residual, and an activation that never decreases (ReLU, ReLU6, none, LeakyReLU of slope ≥ 0),
+    /// so with g(s) = act(s + bias) non-decreasing (rounding s + bias is monotone too), max g(sᵢ) =
+    /// g(max sᵢ) exactly. What lets a max-pool run on the sums (`Op::ConvMaxPool`).
+    pub fn epilogue_commutes_with_max(&self) -> bool {
+        let non_decreasing = match self.act {
+            Act::None | Act::Relu6 => true,
+            Act::Leaky(a) => a >= 0.0,
+        };
+        non_decreasing && self.residual.is_none()
+    }
+
     /// A convolution from tensor 0 into tensor 1 with "same" padding (`kernel / 2`), no channel offset,
     /// no shortcut and nothing packed, its weights ([cout, cin/groups, k, k]) then its biases drawn
     /// from `values`: the convolution tests and benchmarks start from (other fields by struct update).

@@ -1,21 +1,15 @@
 //! A convolution whose output only the 3×3 stride-2 max-pool after it reads (ResNet's stem) becomes
 //! `Op::ConvMaxPool`, so an executor can pool the conv's rows as it computes them instead of writing
 //! the conv's output (64 channels at half the input size: 26 MB at 640²) and reading it back. Only
-//! where pooling before the epilogue gives the same values: no residual, an activation that never
-//! decreases (`cpu::conv::direct_co::pools`), the conv writing its whole tensor; taps are never fused
-//! away.
+//! where pooling before the epilogue gives the same values (`Conv::epilogue_commutes_with_max`), the
+//! conv dense and writing its whole tensor; taps are never fused away.
 
-use crate::graph::ir::{Act, Conv, Graph, Op};
+use crate::graph::ir::{Conv, Graph, Op};
 
-/// Whether max(act(sᵢ + b)) = act(max(sᵢ) + b) for `c`'s epilogue, and `c` writes its whole tensor.
+/// Whether the pool of `c`'s output can run on its sums, and `c` is dense and writes its whole tensor.
 fn poolable(graph: &Graph, c: &Conv) -> bool {
-    let monotone = match c.act {
-        Act::None | Act::Relu6 => true,
-        Act::Leaky(a) => a >= 0.0,
-    };
-    monotone
+    c.epilogue_commutes_with_max()
         && c.groups == 1
-        && c.residual.is_none()
         && c.out_channel_offset == 0
         && graph.tensors[c.output].channels == c.cout
         && !graph.is_tap(c.output)

@@ -273,16 +273,10 @@ fn run(
 }
 
 /// Whether `conv_max_pool` computes `conv` with the 3×3 stride-2 max-pool of its output (padding 1,
-/// counted as −∞) fused: no residual, and an activation that never decreases, so that pooling the
-/// sums before the epilogue gives the same values: with g(s) = act(s + bias) non-decreasing (rounding
-/// s + bias is monotone too), max g(sᵢ) = g(max sᵢ). ReLU, ReLU6, no activation and LeakyReLU with a
-/// slope ≥ 0 qualify.
+/// counted as −∞) fused: pooling the sums before the epilogue gives the same values
+/// (`Conv::epilogue_commutes_with_max`), and the pooled tensor is the conv's channels from 0.
 pub(crate) fn pools(conv: &Conv) -> bool {
-    let monotone = match conv.act {
-        Act::None | Act::Relu6 => true,
-        Act::Leaky(a) => a >= 0.0,
-    };
-    conv.groups == 1 && conv.residual.is_none() && conv.out_channel_offset == 0 && monotone
+    conv.epilogue_commutes_with_max() && conv.groups == 1 && conv.out_channel_offset == 0
 }
 
 /// Where the fused conv + max-pool is taken: `RETINAFACE_CPU_CONV_POOL` (`0` never, `1` wherever

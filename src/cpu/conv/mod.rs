@@ -36,7 +36,9 @@ use common::{Sink, Sinks};
 pub use direct_co::blocked_len;
 #[cfg(test)]
 pub(crate) use direct_co::pools_taken;
-pub(crate) use direct_co::{conv_blocked, conv_max_pool_blocked, handles as handles_blocked, rows_blocked};
+pub(crate) use direct_co::{
+    conv_blocked, conv_max_pool, conv_max_pool_blocked, handles as handles_blocked, rows_blocked,
+};
 
 /// `crate::reference::conv2d` (same operands, same result up to f32 rounding) on the fastest path for
 /// `conv` at the process's level (`isa()`).
@@ -204,7 +206,7 @@ pub(crate) fn prefers_direct(conv: &Conv, h: usize, w: usize, isa: Isa) -> bool 
     matches!(choose_path(conv, h, w, isa), ConvPath::DirectCo(_))
 }
 
-/// The instructions `conv2d_max_pool` runs `conv` (on an h×w input) and the 3×3 stride-2 max-pool of its
+/// The instructions `conv_max_pool` (`conv_max_pool_blocked`) runs `conv` (on an h×w input) and the 3×3 stride-2 max-pool of its
 /// output with at level `isa`, if it fuses them there: where the direct path computes the conv
 /// (`prefers_direct`; anywhere it applies with `RETINAFACE_CPU_CONV_POOL=1`) and the epilogue commutes
 /// with the maximum (`direct_co::pools`).
@@ -215,16 +217,6 @@ pub(crate) fn max_pool_kernel(conv: &Conv, h: usize, w: usize, isa: Isa) -> Opti
         PathMode::Force => Some(simd),
         PathMode::Auto => prefers_direct(conv, h, w, isa).then_some(simd),
     }
-}
-
-/// `reference::max_pool_3x3s2` of `conv2d`'s output, without that output: `x` is [n, conv.cin, h, w],
-/// `out` the pooled [n, conv.cout, ph, pw]. Only where `max_pool_kernel` fuses them at the process's
-/// level (panics elsewhere).
-pub fn conv2d_max_pool(conv: &Conv, x: &[f32], n: usize, h: usize, w: usize, out: &mut [f32]) {
-    let Some(kernel) = max_pool_kernel(conv, h, w, isa()) else {
-        panic!("conv {}: no fused max-pool at {:?}", conv.name, isa());
-    };
-    direct_co::conv_max_pool(kernel, conv, x, n, h, w, out)
 }
 
 #[allow(clippy::too_many_arguments)]
