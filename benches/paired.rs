@@ -9,13 +9,14 @@
 //! A and B are comma-separated `switch=value` lists (`auto`: every switch at its measured rule):
 //! `winograd=auto|off|f2|f4`, `f4from=CHANNELS` (the fewest input channels for F(4×4)),
 //! `directco=auto|off|force`, `blocked=on|off`, `dense=on|off`, `convpool=auto|off|force` (the
-//! stem's fused max-pool). The level is the process's
+//! stem's fused max-pool), `island=PIXELS` (at AVX-512, the largest output map a dense run's Winograd
+//! convolution leaves the blocked direct path for the NCHW paths on). The level is the process's
 //! (`RETINAFACE_CPU_ISA`; at avx2 on an AVX-512 processor, run under tools/cpuid/hide_avx512.so as
 //! benches/baselines.py does, or the GEMM crate's kernels run AVX-512), the threads rayon's
 //! (`RAYON_NUM_THREADS`). Synthetic weights (seed 1), a 640x640 image, batch 1; default networks: all.
 
 use retinaface::cpu::conv::{PathMode, WinogradMode, WinogradTile};
-use retinaface::cpu::{conv, set_blocked_enabled, set_dense_runs_enabled};
+use retinaface::cpu::{conv, set_blocked_enabled, set_dense_runs_enabled, set_island_max_pixels};
 use retinaface::{BgrImage, Engine, Network, WeightsSpec};
 use std::time::Instant;
 
@@ -28,6 +29,7 @@ enum Switch {
     ConvPool(PathMode),
     Blocked(bool),
     Dense(bool),
+    Island(usize),
 }
 
 fn parse(setting: &str) -> Result<Vec<Switch>, String> {
@@ -45,6 +47,7 @@ fn parse(setting: &str) -> Result<Vec<Switch>, String> {
                 ("winograd", "f2") => Switch::Winograd(WinogradMode::Force(WinogradTile::F2)),
                 ("winograd", "f4") => Switch::Winograd(WinogradMode::Force(WinogradTile::F4)),
                 ("f4from", n) => Switch::F4From(n.parse().map_err(|_| bad())?),
+                ("island", n) => Switch::Island(n.parse().map_err(|_| bad())?),
                 ("directco", "auto") => Switch::DirectCo(PathMode::Auto),
                 ("directco", "off") => Switch::DirectCo(PathMode::Off),
                 ("directco", "force") => Switch::DirectCo(PathMode::Force),
@@ -70,6 +73,7 @@ fn apply(setting: &[Switch]) {
     conv::set_conv_pool_mode(None);
     set_blocked_enabled(None);
     set_dense_runs_enabled(None);
+    set_island_max_pixels(None);
     for s in setting {
         match *s {
             Switch::Winograd(m) => conv::set_winograd_mode(Some(m)),
@@ -78,6 +82,7 @@ fn apply(setting: &[Switch]) {
             Switch::ConvPool(m) => conv::set_conv_pool_mode(Some(m)),
             Switch::Blocked(on) => set_blocked_enabled(Some(on)),
             Switch::Dense(on) => set_dense_runs_enabled(Some(on)),
+            Switch::Island(p) => set_island_max_pixels(Some(p)),
         }
     }
 }

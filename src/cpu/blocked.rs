@@ -46,9 +46,15 @@ pub use crate::cpu::isa::Simd;
 const CO_TILE: usize = 4 * BLOCK;
 /// Pixels per micro-tile: 6 × 4 = 24 accumulators, four weight vectors and a broadcast of the 32 registers.
 const PX_TILE: usize = 6;
-/// Input channels per reduction pass: a tile's weights (KC·64 floats, 128 KiB) stay in L2 while the
-/// pass sweeps the task's pixels.
-const KC: usize = 512;
+/// Input channels per reduction pass: a tile's weights (KC·64 floats, 32 KiB) stay in the 48 KiB L1
+/// while the pass sweeps the task's pixels; the sums go through the output once per pass, from L2.
+/// With 512 (128 KiB of weights, from L2 at every micro-tile: four 64-byte loads per 24 FMAs) the
+/// ResNet-50 1x1s of 512–2048 inputs ran at 182–186 GFLOPS, with 128 at 199–207 (`conv_shapes --
+/// blocked`, one thread, Sapphire Rapids-class VM); whole passes, `paired` KC 512 against 128: ResNet-50
+/// 1.023 / 1.017 (one / two threads), MobileNetV1 1.020 / 1.022, MobileNetV2 1.009 / 1.012, x0.25 even;
+/// at AVX2 (hide_avx512.so) ResNet-50 1.021 / 1.023, MobileNetV1 1.017 / 1.015. 256 measured as 512;
+/// 64 and bounding the pixels a pass sweeps (240–1920) no better than 128 alone.
+const KC: usize = 128;
 
 /// Floats of an [n][c] activation of `npix` pixels in the blocked layout (the conv paths' definition,
 /// which `conv::conv_blocked` reads and writes).

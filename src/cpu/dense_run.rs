@@ -246,8 +246,26 @@ pub(super) fn enabled() -> bool {
 /// Winograd (`conv_shapes -- direct_co`: 141 against 144 GFLOPS at 160², 145 against 162 at 80²) and
 /// the island's reorders of 3–6 MB tensors cost more (per op in the network, one thread: 64 channels at
 /// 160² 16.1–16.8 ms on the NCHW paths, 17.7–20.8 ms as islands); on 40² Winograd's lead (184 against
-/// 148) pays for them.
+/// 148) pays for them. On the Sapphire Rapids-class VM (where NCHW Winograd leads the direct path by
+/// 25–30% in `conv_shapes -- direct_co` at 160² and 80²), `paired -- auto island=25600` still measured
+/// ResNet-50 1.003 / 1.008 (one / two threads) and `island=6400` 0.986 / 1.009: the reorders eat the lead.
 const ISLAND_MAX_PIXELS: usize = 40 * 40;
+
+/// `set_island_max_pixels`'s value, or 0: `ISLAND_MAX_PIXELS` applies.
+static ISLAND_MAX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Overrides `ISLAND_MAX_PIXELS` for the whole process (`None`: back to it), so a benchmark can set the
+/// threshold against the measured rule pass by pass (benches/paired.rs `island=PIXELS`).
+pub fn set_island_max_pixels(pixels: Option<usize>) {
+    ISLAND_MAX.store(pixels.map_or(0, |p| p.max(1)), std::sync::atomic::Ordering::Relaxed);
+}
+
+fn island_max_pixels() -> usize {
+    match ISLAND_MAX.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => ISLAND_MAX_PIXELS,
+        p => p,
+    }
+}
 
 /// Whether a convolution of the run is better computed as an island (`island`) than on the blocked
 /// direct path: where the NCHW paths would not take the direct path themselves (Winograd's 3x3 stride
@@ -256,7 +274,7 @@ const ISLAND_MAX_PIXELS: usize = 40 * 40;
 fn island_preferred(c: &Conv, (h, w): (usize, usize), (oh, ow): (usize, usize), level: super::isa::Isa) -> bool {
     may_island(c)
         && !conv::prefers_direct(c, h, w, level)
-        && (level != super::isa::Isa::Avx512 || oh * ow <= ISLAND_MAX_PIXELS)
+        && (level != super::isa::Isa::Avx512 || oh * ow <= island_max_pixels())
 }
 
 /// A convolution of the run on the NCHW paths (`conv::conv2d`, Winograd where it wins): its blocked

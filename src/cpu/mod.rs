@@ -23,7 +23,7 @@ mod vec256;
 mod vec512;
 
 pub use chain::{runs_taken as blocked_runs_taken, set_enabled as set_blocked_enabled};
-pub use dense_run::{runs_taken as dense_runs_taken, set_enabled as set_dense_runs_enabled};
+pub use dense_run::{runs_taken as dense_runs_taken, set_enabled as set_dense_runs_enabled, set_island_max_pixels};
 pub use exec::CpuExecutor;
 
 /// Held by the unit tests that switch the blocked runs on and off process-wide, so that none runs under
