@@ -319,6 +319,22 @@ fn island(
     Ok(())
 }
 
+/// The run's 3x3 stride-2 max-pool of tensor `input` (at `src`) into `dst`.
+fn max_pool(
+    simd: Simd,
+    plan: &Plan,
+    input: TensorId,
+    arena: &mut [f32],
+    scratch: &mut [f32],
+    src: &Loc,
+    dst: &Loc,
+) -> Result<()> {
+    let (c, h, w) = plan.shapes[input];
+    let (o, [x]) = views(arena, scratch, dst, [src])?;
+    blocked::max_pool3x3s2(simd, x, plan.n, c, (h, w), o);
+    Ok(())
+}
+
 /// Blocked runs executed by this process so far, for tests that must know the path was taken.
 static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -388,16 +404,10 @@ pub(super) fn execute(
                 } else {
                     let (o, [x]) = views(arena, scratch, &loc(c.output), [&src])?;
                     conv_blocked(simd, c, x, !first, n, (h, w), o, None);
-                    let (ch, oh, ow) = plan.shapes[c.output];
-                    let (o, [x]) = views(arena, scratch, &loc(*output), [&loc(c.output)])?;
-                    blocked::max_pool3x3s2(simd, x, n, ch, (oh, ow), o);
+                    max_pool(simd, plan, c.output, arena, scratch, &loc(c.output), &loc(*output))?;
                 }
             }
-            Op::MaxPool { input, output } => {
-                let (c, h, w) = plan.shapes[*input];
-                let (o, [x]) = views(arena, scratch, &loc(*output), [&loc(*input)])?;
-                blocked::max_pool3x3s2(simd, x, n, c, (h, w), o);
-            }
+            Op::MaxPool { input, output } => max_pool(simd, plan, *input, arena, scratch, &loc(*input), &loc(*output))?,
             op => {
                 for (c, pw) in convs(op).into_iter().zip(packs) {
                     let (_, h, w) = plan.shapes[c.input];
