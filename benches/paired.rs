@@ -9,14 +9,16 @@
 //! A and B are comma-separated `switch=value` lists (`auto`: every switch at its measured rule):
 //! `winograd=auto|off|f2|f4`, `f4from=CHANNELS` (the fewest input channels for F(4×4)),
 //! `directco=auto|off|force`, `blocked=on|off`, `dense=on|off`, `convpool=auto|off|force` (the
-//! stem's fused max-pool), `island=PIXELS` (at AVX-512, the largest output map a dense run's Winograd
-//! convolution leaves the blocked direct path for the NCHW paths on). The level is the process's
+//! stem's fused max-pool), `island=PIXELS` (with `bwino=off`, at AVX-512, the largest output map a
+//! dense run's Winograd convolution leaves the blocked direct path for the NCHW paths on),
+//! `bwino=auto|on|off` (a dense run's 3x3s by Winograd in the blocked layout), `wband=KIB` (the bytes
+//! of its bands). The level is the process's
 //! (`RETINAFACE_CPU_ISA`; at avx2 on an AVX-512 processor, run under tools/cpuid/hide_avx512.so as
 //! benches/baselines.py does, or the GEMM crate's kernels run AVX-512), the threads rayon's
 //! (`RAYON_NUM_THREADS`). Synthetic weights (seed 1), a 640x640 image, batch 1; default networks: all.
 
 use retinaface::cpu::conv::{PathMode, WinogradMode, WinogradTile};
-use retinaface::cpu::{conv, set_blocked_enabled, set_dense_runs_enabled, set_island_max_pixels};
+use retinaface::cpu::{conv, set_blocked_enabled, set_dense_runs_enabled, set_dense_winograd, set_island_max_pixels};
 use retinaface::{BgrImage, Engine, Network, WeightsSpec};
 use std::time::Instant;
 
@@ -30,6 +32,8 @@ enum Switch {
     Blocked(bool),
     Dense(bool),
     Island(usize),
+    Wino(Option<bool>),
+    WBand(usize),
 }
 
 fn parse(setting: &str) -> Result<Vec<Switch>, String> {
@@ -47,6 +51,10 @@ fn parse(setting: &str) -> Result<Vec<Switch>, String> {
                 ("winograd", "f2") => Switch::Winograd(WinogradMode::Force(WinogradTile::F2)),
                 ("winograd", "f4") => Switch::Winograd(WinogradMode::Force(WinogradTile::F4)),
                 ("f4from", n) => Switch::F4From(n.parse().map_err(|_| bad())?),
+                ("bwino", "auto") => Switch::Wino(None),
+                ("bwino", "on") => Switch::Wino(Some(true)),
+                ("bwino", "off") => Switch::Wino(Some(false)),
+                ("wband", n) => Switch::WBand(n.parse::<usize>().map_err(|_| bad())? << 10),
                 ("island", n) => Switch::Island(n.parse().map_err(|_| bad())?),
                 ("directco", "auto") => Switch::DirectCo(PathMode::Auto),
                 ("directco", "off") => Switch::DirectCo(PathMode::Off),
@@ -58,7 +66,7 @@ fn parse(setting: &str) -> Result<Vec<Switch>, String> {
                     let on = v == "on";
                     if k == "blocked" { Switch::Blocked(on) } else { Switch::Dense(on) }
                 }
-                ("winograd" | "directco" | "convpool" | "blocked" | "dense", _) => return Err(bad()),
+                ("winograd" | "directco" | "convpool" | "blocked" | "dense" | "bwino", _) => return Err(bad()),
                 _ => return Err(format!("{kv:?}: unknown switch {k}")),
             })
         })
@@ -74,6 +82,8 @@ fn apply(setting: &[Switch]) {
     set_blocked_enabled(None);
     set_dense_runs_enabled(None);
     set_island_max_pixels(None);
+    set_dense_winograd(None);
+    retinaface::cpu::winograd_blocked::set_band_bytes(None);
     for s in setting {
         match *s {
             Switch::Winograd(m) => conv::set_winograd_mode(Some(m)),
@@ -83,6 +93,8 @@ fn apply(setting: &[Switch]) {
             Switch::Blocked(on) => set_blocked_enabled(Some(on)),
             Switch::Dense(on) => set_dense_runs_enabled(Some(on)),
             Switch::Island(p) => set_island_max_pixels(Some(p)),
+            Switch::Wino(m) => set_dense_winograd(m),
+            Switch::WBand(b) => retinaface::cpu::winograd_blocked::set_band_bytes(Some(b)),
         }
     }
 }

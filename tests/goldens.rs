@@ -210,33 +210,41 @@ fn mobilenet_cases_match_with_the_blocked_run_on_and_off() {
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }
 
-/// The ResNet-50 cases with the backbone's dense blocked run (NCHW16c: the blocked 1x1, the direct path
-/// reading and writing the layout, the blocked max-pool, the 3x3s Winograd takes as NCHW islands (at
-/// AVX2) on and off, at every level the processor runs: each way must hold every tolerance, and the run
-/// must have been taken wherever the level has blocked kernels.
+/// The ResNet-50 cases with the backbone's dense blocked run (NCHW16c: the blocked 1x1, the 3x3s by
+/// Winograd in the layout or, with that switched off, on the direct path reading and writing the layout
+/// and as NCHW islands, the blocked max-pool) on and off, at every level the processor runs: each way
+/// must hold every tolerance, and the run and its Winograd path must have been taken wherever the level
+/// has blocked kernels.
 #[test]
 fn resnet50_cases_match_with_the_dense_run_on_and_off() {
-    use retinaface::cpu::{Isa, dense_runs_taken, set_dense_runs_enabled, set_isa};
+    use retinaface::cpu::winograd_blocked::convs_taken;
+    use retinaface::cpu::{Isa, dense_runs_taken, set_dense_runs_enabled, set_dense_winograd, set_isa};
     let _settings = SETTINGS.lock().unwrap_or_else(|e| e.into_inner());
     let mut failures = Vec::new();
     for level in Isa::supported_levels() {
         set_isa(Some(level)).unwrap();
-        for on in [true, false] {
+        for (on, winograd) in [(true, true), (true, false), (false, false)] {
             set_dense_runs_enabled(Some(on));
-            let before = dense_runs_taken();
+            set_dense_winograd(Some(winograd));
+            let (before, wino_before) = (dense_runs_taken(), convs_taken());
             let names = ["synthetic-resnet50-seed1-301x203", "synthetic-resnet50-seed1-320x256"];
             for name in names {
-                println!("level {} dense run {on}:", level.name());
-                failures.extend(check_case(name).into_iter().map(|f| format!("{level:?} dense {on}: {f}")));
+                println!("level {} dense run {on}, its Winograd {winograd}:", level.name());
+                let what = format!("{level:?} dense {on} winograd {winograd}");
+                failures.extend(check_case(name).into_iter().map(|f| format!("{what}: {f}")));
             }
             // (Other tests of this binary may run ResNets alongside: only a lower bound holds.)
             let taken = dense_runs_taken() - before;
             if on && level != Isa::Portable {
                 assert!(taken >= names.len(), "{level:?}: the dense run was taken on every case ({taken})");
+                if winograd {
+                    assert!(convs_taken() > wino_before, "{level:?}: the run's Winograd path was taken");
+                }
             }
         }
     }
     set_dense_runs_enabled(None);
+    set_dense_winograd(None);
     set_isa(None).unwrap();
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }

@@ -365,20 +365,25 @@ impl PointwiseWeights {
         if (conv.kernel, conv.stride, conv.pad, conv.groups) != (1, 1, 0, 1) {
             return None;
         }
-        let (cin, cout) = (conv.cin, conv.cout);
+        Some(PointwiseWeights::from_matrix(conv.cin, conv.cout, &conv.weight, &conv.bias, conv.act))
+    }
+
+    /// The 1×1 convolution of `weight` [cout][cin] and `bias` [cout] followed by `act`, packed.
+    pub fn from_matrix(cin: usize, cout: usize, weight: &[f32], bias: &[f32], act: Act) -> PointwiseWeights {
+        assert!(weight.len() == cout * cin && bias.len() == cout, "pointwise weights: {cout}x{cin} matrix");
         let (kp, tiles) = (cin.div_ceil(BLOCK) * BLOCK, cout.div_ceil(CO_TILE));
         let mut w = Vec::new();
         let w_at = aligned(&mut w, tiles * kp * CO_TILE);
         for co in 0..cout {
             for ci in 0..cin {
-                w[w_at + ((co / CO_TILE) * kp + ci) * CO_TILE + co % CO_TILE] = conv.weight[co * cin + ci];
+                w[w_at + ((co / CO_TILE) * kp + ci) * CO_TILE + co % CO_TILE] = weight[co * cin + ci];
             }
         }
-        let mut bias = vec![[0.0f32; CO_TILE]; tiles];
-        for (co, &b) in conv.bias.iter().enumerate() {
-            bias[co / CO_TILE][co % CO_TILE] = b;
+        let mut packed_bias = vec![[0.0f32; CO_TILE]; tiles];
+        for (co, &b) in bias.iter().enumerate() {
+            packed_bias[co / CO_TILE][co % CO_TILE] = b;
         }
-        Some(PointwiseWeights { cin, cout, act: conv.act, w, w_at, bias })
+        PointwiseWeights { cin, cout, act, w, w_at, bias: packed_bias }
     }
 
     /// Input channels.

@@ -13,16 +13,19 @@
 //! is reordered into its NCHW range once it is made. The run's first op reads its input (the image)
 //! in NCHW.
 //!
-//! Ops: a 1x1 stride-1 convolution on the blocked pointwise kernel; any other convolution (the 7x7
-//! stem, 3x3 of stride 1 or 2, 1x1 stride-2 downsampling) on `conv::conv_blocked` (the direct path
+//! Ops: a 1x1 stride-1 convolution on the blocked pointwise kernel (stride 2 on its input's even
+//! pixels); the 3x3 stride-1 convolutions by Winograd's F(4×4) in the layout (`winograd_blocked`);
+//! any other convolution (the 7x7 stem, 3x3 of stride 2) on `conv::conv_blocked` (the direct path
 //! vectorised over output channels); a conv pair (ResNet-50's first downsample and conv1) as its two
-//! convolutions; the max-pool on `blocked::max_pool3x3s2`; the 3x3 stride-1 convolutions Winograd wins
-//! on as NCHW islands (`island_preferred`). Values: the same sums as the NCHW paths up to summation
-//! order, within the tolerance of every conv path; tests run the ResNet-50 goldens with the run on and
-//! off at every level.
+//! convolutions; the max-pool on `blocked::max_pool3x3s2`. With the Winograd path switched off
+//! (`set_winograd`), the 3x3 stride-1 convolutions Winograd wins on in NCHW run as NCHW islands
+//! (`island_preferred`), the others on the direct path. Values: the same sums as the NCHW paths up to
+//! summation order and F(4×4)'s rounding, within the tolerance of every conv path; tests run the
+//! ResNet-50 goldens with the run on (its Winograd path on and off) and off at every level.
 
 use super::blocked::{self, PointwiseWeights, Simd, blocked_len};
 use super::conv::{self, conv_blocked};
+use super::winograd_blocked::{self, WinogradWeights};
 use crate::error::{Error, Result};
 use crate::graph::{Conv, Graph, Op, Plan, TensorId};
 use std::ops::Range;
@@ -48,6 +51,9 @@ pub(super) struct DenseRun {
     exports: Vec<TensorId>,
     /// Per op, per convolution: the packed 1x1 weights (`None` for other kernels), made on first use.
     packed: OnceLock<Vec<Vec<Option<PointwiseWeights>>>>,
+    /// Per op, per convolution: the Winograd weights of a 3x3 stride-1 convolution, made the first time
+    /// `blocked_winograd` takes it.
+    winograd: OnceLock<Vec<Vec<OnceLock<Option<WinogradWeights>>>>>,
 }
 
 /// The convolutions an op of a run computes, in order.
@@ -121,7 +127,7 @@ pub(super) fn find(graph: &Graph, taken: &[Range<usize>]) -> Vec<DenseRun> {
             graph.is_tap(t) || graph.ops.iter().enumerate().any(|(j, op)| !ops.contains(&j) && op.reads().contains(&t))
         };
         let exports = made.iter().copied().filter(|&t| read_after(t)).collect();
-        runs.push(DenseRun { ops, exports, packed: OnceLock::new() });
+        runs.push(DenseRun { ops, exports, packed: OnceLock::new(), winograd: OnceLock::new() });
     }
     runs
 }
@@ -335,6 +341,39 @@ fn max_pool(
     Ok(())
 }
 
+/// `set_winograd`'s choice (1 on, 2 off), or 0: `RETINAFACE_CPU_BLOCKED_WINOGRAD` applies (`0` off,
+/// else on).
+static WINOGRAD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Turns the run's Winograd path on or off for the whole process (`None`: back to the environment's),
+/// so a test or a benchmark can run both ways in one process; off, its convolutions run on the direct
+/// path or as NCHW islands (`island_preferred`).
+pub fn set_winograd(on: Option<bool>) {
+    let code = match on {
+        None => 0,
+        Some(true) => 1,
+        Some(false) => 2,
+    };
+    WINOGRAD.store(code, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether a convolution of the run (not its first op, which reads NCHW) runs by Winograd in the
+/// blocked layout (`winograd_blocked`): every dense 3x3 of stride 1 and padding 1, unless switched off.
+/// Per op in ResNet-50 (one thread, AVX-512, Sapphire Rapids-class VM) it beat the direct path and the
+/// NCHW islands on every map (64 channels at 160² 5.2–5.8 against 9.8 ms, 128 at 80² 4.8–5.2 against
+/// 9.6, 256 at 40² 4.0–4.8 against 7.7 as islands, 512 at 20² 6.5–6.8 against 10.1); whole passes,
+/// `paired -- bwino=off auto`: 1.126 / 1.085 (one / two threads), at AVX2 (hide_avx512.so) 1.081 /
+/// 1.060.
+fn winograd_preferred(c: &Conv) -> bool {
+    static ENV: OnceLock<bool> = OnceLock::new();
+    let on = match WINOGRAD.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => *ENV.get_or_init(|| std::env::var("RETINAFACE_CPU_BLOCKED_WINOGRAD").map_or(true, |v| v != "0")),
+    };
+    on && (c.kernel, c.stride, c.pad, c.groups) == (3, 1, 1, 1)
+}
+
 /// Blocked runs executed by this process so far, for tests that must know the path was taken.
 static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -389,7 +428,10 @@ pub(super) fn execute(
     let level = super::isa::isa();
     RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut times = Vec::with_capacity(run.ops.len());
-    for (k, packs) in run.ops.clone().zip(packed) {
+    let winograd = run.winograd.get_or_init(|| {
+        run.ops.clone().map(|k| convs(&graph.ops[k]).iter().map(|_| OnceLock::new()).collect()).collect()
+    });
+    for ((k, packs), wino) in run.ops.clone().zip(packed).zip(winograd) {
         let start = Instant::now();
         let first = k == run.ops.start;
         match &graph.ops[k] {
@@ -409,7 +451,7 @@ pub(super) fn execute(
             }
             Op::MaxPool { input, output } => max_pool(simd, plan, *input, arena, scratch, &loc(*input), &loc(*output))?,
             op => {
-                for (c, pw) in convs(op).into_iter().zip(packs) {
+                for ((c, pw), wino) in convs(op).into_iter().zip(packs).zip(wino) {
                     let (_, h, w) = plan.shapes[c.input];
                     let (_, oh, ow) = plan.shapes[c.output];
                     let src = if first { Loc::Arena(plan.range(c.input)) } else { loc(c.input) };
@@ -425,6 +467,10 @@ pub(super) fn execute(
                             blocked::pointwise(simd, pw, sub, n, oh * ow, o, r);
                         }
                         Some(pw) if !first => blocked::pointwise(simd, pw, x, n, oh * ow, o, r),
+                        _ if !first && winograd_preferred(c) => match wino.get_or_init(|| WinogradWeights::new(c)) {
+                            Some(ww) => winograd_blocked::conv3x3(simd, ww, x, n, (h, w), o, r),
+                            None => return Err(Error::Graph(format!("blocked run: {} is no 3x3 stride 1", c.name))),
+                        },
                         _ if island_preferred(c, (h, w), (oh, ow), level) => {
                             island(simd, c, x, !first, plan, o, r, temp)?
                         }
@@ -547,19 +593,27 @@ mod tests {
         for net in [Network::ResNet50] {
             let built = crate::model::build(net, &mut crate::weights::synthetic::SyntheticSource { seed: 3 }).unwrap();
             let ex = super::super::CpuExecutor::new(std::sync::Arc::new(built), 1 << 30);
-            let before = runs_taken();
+            let (before, wino_before) = (runs_taken(), winograd_blocked::convs_taken());
             let mut outs = Vec::new();
             for on in [true, false] {
                 set_enabled(Some(on));
                 outs.push(ex.forward(&[&a, &b], None).unwrap());
             }
+            // The run with its 3x3s on the direct path and as islands instead.
+            set_enabled(Some(true));
+            set_winograd(Some(false));
+            outs.push(ex.forward(&[&a, &b], None).unwrap());
+            set_winograd(None);
             set_enabled(None);
             if super::super::chain::enabled(crate::cpu::isa()).is_some() {
                 assert!(runs_taken() > before, "{net:?}: the dense run was taken");
+                assert!(winograd_blocked::convs_taken() > wino_before, "{net:?}: its Winograd path was taken");
             }
-            for (img, (on, off)) in outs[0].iter().zip(&outs[1]).enumerate() {
-                for (what, d) in super::super::raw_differences(on, off) {
-                    assert!(d <= 1e-4, "{net:?} image {img} {what}: blocked and NCHW differ by {d}");
+            for other in [1, 2] {
+                for (img, (on, off)) in outs[0].iter().zip(&outs[other]).enumerate() {
+                    for (what, d) in super::super::raw_differences(on, off) {
+                        assert!(d <= 1e-4, "{net:?} image {img} {what}: blocked and way {other} differ by {d}");
+                    }
                 }
             }
             let d = super::super::max_abs_diff(&outs[0][0].conf, &outs[0][1].conf);

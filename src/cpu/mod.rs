@@ -6,7 +6,8 @@
 //! - `blocked`: the channel-blocked layout (NCHW16c) and its kernels (1x1 and 3x3 depthwise).
 //! - `bands`: depthwise-separable ops run band by band in that layout, their intermediates in cache.
 //! - `chain`: runs of depthwise + pointwise ops executed in the blocked layout at AVX-512 and AVX2.
-//! - `dense_run`: runs of dense convolutions and max-pools (the ResNet backbones) in that layout.
+//! - `dense_run`: runs of dense convolutions and max-pools (the ResNet backbones) in that layout;
+//!   `winograd_blocked`: their 3x3 stride-1 convolutions by Winograd's F(4×4) in that layout.
 //! - `vec512`, `vec256`: AVX-512 and AVX2 register helpers (transposes, activations) those kernels share.
 //! - `isa`: the SIMD level the paths run at; `rows`: row helpers shared by the paths.
 
@@ -21,9 +22,13 @@ pub mod ops;
 mod rows;
 mod vec256;
 mod vec512;
+pub mod winograd_blocked;
 
 pub use chain::{runs_taken as blocked_runs_taken, set_enabled as set_blocked_enabled};
-pub use dense_run::{runs_taken as dense_runs_taken, set_enabled as set_dense_runs_enabled, set_island_max_pixels};
+pub use dense_run::{
+    runs_taken as dense_runs_taken, set_enabled as set_dense_runs_enabled, set_island_max_pixels,
+    set_winograd as set_dense_winograd,
+};
 pub use exec::CpuExecutor;
 
 /// Held by the unit tests that switch the blocked runs on and off process-wide, so that none runs under

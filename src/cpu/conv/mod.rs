@@ -39,6 +39,7 @@ pub(crate) use direct_co::pools_taken;
 pub(crate) use direct_co::{
     conv_blocked, conv_max_pool, conv_max_pool_blocked, handles as handles_blocked, rows_blocked,
 };
+pub(crate) use winograd::{transform_a, transform_b, transform_weight4};
 
 /// `crate::reference::conv2d` (same operands, same result up to f32 rounding) on the fastest path for
 /// `conv` at the process's level (`isa()`).

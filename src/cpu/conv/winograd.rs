@@ -195,7 +195,7 @@ fn transform_weight(g: &[f32]) -> [f32; 16] {
 
 /// G g Gᵀ for F(4×4, 3×3), row-major 6×6, computed in f64 and rounded once:
 /// G = [[¼, 0, 0], [−⅙, −⅙, −⅙], [−⅙, ⅙, −⅙], [1/24, 1/12, ⅙], [1/24, −1/12, ⅙], [0, 0, 1]].
-fn transform_weight4(g: &[f32]) -> [f32; 36] {
+pub(crate) fn transform_weight4(g: &[f32]) -> [f32; 36] {
     const G: [[f64; 3]; 6] = [
         [0.25, 0.0, 0.0],
         [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
@@ -662,7 +662,7 @@ fn input_transform4(
 /// (d3 + d4) − 4(d1 + d2), (d4 − d3) + 4(d1 − d2), (d4 − d2) + 2(d3 − d1), (d4 − d2) − 2(d3 − d1),
 /// 4d1 − 5d3 + d5.
 #[inline(always)]
-fn transform_b(i: usize, d: [&[f32]; 6], out: &mut [f32]) {
+pub(crate) fn transform_b(i: usize, d: [&[f32]; 6], out: &mut [f32]) {
     let n = out.len();
     let (d0, d1, d2, d3, d4, d5) = (&d[0][..n], &d[1][..n], &d[2][..n], &d[3][..n], &d[4][..n], &d[5][..n]);
     // Plain indexed loops over equal-length slices: they vectorise inside the caller's level build
@@ -704,7 +704,7 @@ fn transform_b(i: usize, d: [&[f32]; 6], out: &mut [f32]) {
 /// One Aᵀ row of F(4×4, 3×3) over runs of tiles: output row `dy` of `Σ_k Aᵀ[dy][k] · x_k` with
 /// Aᵀ = [[1, 1, 1, 1, 1, 0], [0, 1, −1, 2, −2, 0], [0, 1, 1, 4, 4, 0], [0, 1, −1, 8, −8, 1]].
 #[inline(always)]
-fn transform_a(dy: usize, x: [&[f32]; 6], out: &mut [f32]) {
+pub(crate) fn transform_a(dy: usize, x: [&[f32]; 6], out: &mut [f32]) {
     let n = out.len();
     let (x0, x1, x2, x3, x4, x5) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n], &x[4][..n], &x[5][..n]);
     match dy {
