@@ -1,10 +1,13 @@
-//! Runs of dense convolutions and max-pools (ResNet-50's backbone, stem to last block: runs with at
-//! least `MIN_POINTWISE_SHARE` of their work in 1x1s) executed in the channel-blocked layout (NCHW16c,
-//! `cpu::blocked`) at the AVX-512 and AVX2 levels. In NCHW a 1x1
+//! Runs of dense convolutions and max-pools (the ResNet backbones, stem to last block) executed in the
+//! channel-blocked layout (NCHW16c, `cpu::blocked`) at the AVX-512 and AVX2 levels. In NCHW a 1x1
 //! convolution's micro-tile writes each output channel a plane away and reads a plane per reduction
 //! step, and ResNet-50's bottleneck 1x1s ran on the GEMM crate at 65–110 GFLOPS where the blocked 1x1
 //! runs at 100–150 (`conv_shapes -- blocked`, Ice Lake Xeon, one thread); the direct path reads and
-//! writes the layout with no transposes.
+//! writes the layout with no transposes; Winograd's transforms take whole 16-channel vectors
+//! (`winograd_blocked`). ResNet-18 and -34 (2% of their work in 1x1s) were left in NCHW while their
+//! 3x3s on 80²–160² maps ran faster by Winograd there than on the blocked direct path; with Winograd
+//! in the layout, `paired -- dense=off auto` measured them 1.32x / 1.45x (ResNet-18 / -34, one thread)
+//! and 1.20x / 1.29x (two threads) with the run, at AVX2 1.23x / 1.32x and 1.18x / 1.25x.
 //!
 //! Memory: every channel count of such a run is a multiple of 16, so a tensor's blocked form has the
 //! length of its NCHW one and takes its place in the plan's arena (the plan's live ranges hold for it
@@ -34,14 +37,6 @@ use std::time::{Duration, Instant};
 
 /// Ops in a run below which the reorders cost more than the blocked kernels save.
 const MIN_OPS: usize = 4;
-
-/// The share of a run's multiply-adds in 1x1 convolutions below which the run is not taken. The blocked
-/// 1x1 is where the layout pays (1.3–1.8x the NCHW GEMM in ResNet-50's network, per op, one thread);
-/// the 3x3 stride-1 convolutions on 80²–160² maps lose to Winograd in NCHW by 10–20% in the network
-/// (ResNet-18 per op, one thread: 64 channels at 160² 15.8–17.0 ms on Winograd, 19.3–20.4 ms blocked
-/// direct or as islands), so ResNet-18 and -34 (2% of their work in 1x1s) ran 0.90–0.96x with the run
-/// and ResNet-50 (45%) 1.08–1.18x (`retinaface bench`, three alternating rounds, one thread).
-const MIN_POINTWISE_SHARE: f64 = 0.25;
 
 /// One run of ops the blocked layout computes.
 pub(super) struct DenseRun {
@@ -120,9 +115,6 @@ pub(super) fn find(graph: &Graph, taken: &[Range<usize>]) -> Vec<DenseRun> {
         if ops.len() < MIN_OPS {
             continue;
         }
-        if pointwise_share(graph, ops.clone()) < MIN_POINTWISE_SHARE {
-            continue;
-        }
         let read_after = |t: TensorId| {
             graph.is_tap(t) || graph.ops.iter().enumerate().any(|(j, op)| !ops.contains(&j) && op.reads().contains(&t))
         };
@@ -130,21 +122,6 @@ pub(super) fn find(graph: &Graph, taken: &[Range<usize>]) -> Vec<DenseRun> {
         runs.push(DenseRun { ops, exports, packed: OnceLock::new(), winograd: OnceLock::new() });
     }
     runs
-}
-
-/// The share of the multiply-adds of `ops`' convolutions in 1x1 convolutions (at any input size: every
-/// map scales with it).
-fn pointwise_share(graph: &Graph, ops: Range<usize>) -> f64 {
-    let (mut pointwise, mut all) = (0.0, 0.0);
-    for c in ops.flat_map(|k| convs(&graph.ops[k])) {
-        let out = &graph.tensors[c.output];
-        let macs = (c.cin * c.cout * c.kernel * c.kernel) as f64 / (out.stride * out.stride) as f64;
-        all += macs;
-        if c.kernel == 1 {
-            pointwise += macs;
-        }
-    }
-    if all > 0.0 { pointwise / all } else { 0.0 }
 }
 
 /// A tensor's blocked floats in `plan` (its NCHW length: whole blocks).
@@ -503,23 +480,13 @@ mod tests {
 
     /// One run in ResNet-50, from the stem through the last block (and the FPN lateral 1x1 that reads
     /// the last tap), its exports exactly the tensors read after it (the three backbone taps among
-    /// them); none in ResNet-18 and -34 (2% of their work in 1x1s) nor in the MobileNets, whose
-    /// backbones are depthwise runs.
+    /// them); none in the MobileNets, whose backbones are depthwise runs.
     #[test]
     fn runs_are_the_resnet_backbones() {
-        for net in [Network::ResNet18, Network::ResNet34] {
-            let graph = graph_of(net);
-            let ops = 0..graph.ops.iter().position(|op| matches!(op, Op::ConvUpsampleAdd { .. })).unwrap();
-            let share = pointwise_share(&graph, ops);
-            assert!(share < 0.05, "{net:?}: {share} of the work in 1x1s");
-            assert!(find(&graph, &[]).is_empty(), "{net:?}: no dense run");
-        }
-        for net in [Network::ResNet50] {
+        for net in [Network::ResNet18, Network::ResNet34, Network::ResNet50] {
             let graph = graph_of(net);
             let runs = find(&graph, &[]);
             assert_eq!(runs.len(), 1, "{net:?}");
-            let share = pointwise_share(&graph, runs[0].ops.clone());
-            assert!(share > 0.4, "{net:?}: {share} of the work in 1x1s");
             let run = &runs[0];
             assert_eq!(run.ops.start, 0, "{net:?}: the run starts at the stem");
             assert!(matches!(&graph.ops[0], Op::ConvMaxPool { .. }), "{net:?}: the stem takes its max-pool");
@@ -541,9 +508,9 @@ mod tests {
         }
     }
 
-    /// The ResNets' stem and max-pool fused (`Op::ConvMaxPool` on the direct path: NCHW in ResNet-18 and
-    /// -34, blocked in ResNet-50's dense run) and as their composition (`set_pool_mode(Off)`) give the
-    /// same bits: the same sums, pooled before the epilogue or after it. Odd and even map sizes.
+    /// The ResNets' stem and max-pool fused (`Op::ConvMaxPool` on the direct path: blocked in the dense
+    /// run, NCHW with the run off) and as their composition (`set_pool_mode(Off)`) give the same bits:
+    /// the same sums, pooled before the epilogue or after it. Odd and even map sizes.
     #[test]
     fn the_fused_stem_and_max_pool_give_the_composition_s_bits() {
         use crate::cpu::conv::{PathMode, pools_taken, set_conv_pool_mode};
@@ -553,7 +520,8 @@ mod tests {
         for net in [Network::ResNet18, Network::ResNet50] {
             let built = crate::model::build(net, &mut crate::weights::synthetic::SyntheticSource { seed: 5 }).unwrap();
             let ex = super::super::CpuExecutor::new(std::sync::Arc::new(built), 1 << 30);
-            for (w, h) in [(83, 69), (64, 48), (1, 1)] {
+            for ((w, h), dense) in [(83, 69), (64, 48), (1, 1)].into_iter().flat_map(|s| [(s, true), (s, false)]) {
+                set_enabled(Some(dense));
                 let img =
                     BgrImage::new(w, h, (0..w * h * 3).map(|k| ((k * 29 + k / 3 * 5) % 253) as u8).collect()).unwrap();
                 let before = pools_taken();
@@ -563,18 +531,19 @@ mod tests {
                 set_conv_pool_mode(Some(PathMode::Off));
                 let composed = ex.forward(&[&img], None).unwrap();
                 set_conv_pool_mode(None);
+                set_enabled(None);
                 assert!(
                     taken || Simd::of(crate::cpu::isa()).is_none(),
-                    "{net:?} {w}x{h}: the fused path was not taken"
+                    "{net:?} {w}x{h} dense {dense}: the fused path was not taken"
                 );
                 for (what, d) in super::super::raw_differences(&fused[0], &composed[0]) {
-                    assert_eq!(d, 0.0, "{net:?} {w}x{h} {what}: fused and composed differ by {d}");
+                    assert_eq!(d, 0.0, "{net:?} {w}x{h} dense {dense} {what}: fused and composed differ by {d}");
                 }
             }
         }
     }
 
-    /// A batch of two different images through ResNet-50 with the dense run on and off:
+    /// A batch of two different images through ResNet-18 and -50 with the dense run on and off:
     /// the raw outputs agree within the goldens' tolerance, image by image, and the run was taken.
     #[test]
     fn a_batch_runs_the_same_with_and_without_the_dense_run() {
@@ -590,7 +559,7 @@ mod tests {
         };
         let _switches = super::super::BLOCKED_SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
         let (a, b) = (image(1), image(2));
-        for net in [Network::ResNet50] {
+        for net in [Network::ResNet18, Network::ResNet50] {
             let built = crate::model::build(net, &mut crate::weights::synthetic::SyntheticSource { seed: 3 }).unwrap();
             let ex = super::super::CpuExecutor::new(std::sync::Arc::new(built), 1 << 30);
             let (before, wino_before) = (runs_taken(), winograd_blocked::convs_taken());
