@@ -215,8 +215,48 @@ macro_rules! avx2_dispatch {
 pub(crate) use avx2_dispatch;
 
 /// As `avx2_dispatch`, with a third build at AVX-512 (16-lane vectors) when `level` is AVX-512. Only
-/// vector width changes (no FMA contraction): the results are the same bits at every level.
+/// vector width changes (no FMA contraction): the results are the same bits at every level. With
+/// `unsafe` first, the body is an `unsafe fn` (one that writes through a pointer other tasks share) and
+/// so is the dispatcher, with the body's safety contract.
 macro_rules! avx_dispatch {
+    (unsafe $vis:vis $name:ident, $avx2:ident, $avx512:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $avx2($($arg: $ty),*) {
+            // SAFETY: the body's contract, which the dispatcher's caller upholds.
+            unsafe { $body_fn($($arg),*) }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $avx512($($arg: $ty),*) {
+            // SAFETY: as above.
+            unsafe { $body_fn($($arg),*) }
+        }
+
+        /// # Safety
+        /// The contract of the body this dispatches to.
+        #[allow(clippy::too_many_arguments)]
+        $vis unsafe fn $name(level: $crate::cpu::isa::Isa, $($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if level >= $crate::cpu::isa::Isa::Avx512 && $crate::cpu::isa::Isa::Avx512.supported() {
+                    // SAFETY: the processor supports AVX-512F (and AVX2), checked just above; the rest
+                    // is the caller's contract.
+                    return unsafe { $avx512($($arg),*) };
+                }
+                if level >= $crate::cpu::isa::Isa::Avx2 && $crate::cpu::isa::Isa::Avx2.supported() {
+                    // SAFETY: the processor supports AVX2, checked just above; as above.
+                    return unsafe { $avx2($($arg),*) };
+                }
+            }
+            let _ = level;
+            // SAFETY: the caller's contract.
+            unsafe { $body_fn($($arg),*) }
+        }
+    };
     ($vis:vis $name:ident, $avx2:ident, $avx512:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*)) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2")]

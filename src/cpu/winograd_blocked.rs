@@ -147,17 +147,9 @@ pub fn conv3x3(
             let base = b * ob * BLOCK * h * w;
             let r = residual.map(|r| &r[base..][..ob * BLOCK * h * w]);
             let ep = Epilogue { bias: &ww.bias, residual: r, act: ww.act };
-            // SAFETY: the processor supports `simd` (checked); image b's output planes lie in `out`
-            // (checked) and the band's output rows (tile rows `ty`) are this task's alone.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                match simd {
-                    Simd::Avx512 => output_transform_avx512(m, ob, (h, w), ty, tw, &ep, outp.get().add(base)),
-                    Simd::Avx2 => output_transform_avx2(m, ob, (h, w), ty, tw, &ep, outp.get().add(base)),
-                }
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("the AVX levels exist only on x86_64 ({:?}, {base}, {ty:?})", ep.act);
+            // SAFETY: image b's output planes lie in `out` (checked) and the band's output rows (tile
+            // rows `ty`) are this task's alone.
+            unsafe { output_transform_at(simd.isa(), m, ob, (h, w), ty, tw, &ep, outp.get().add(base)) };
         });
     });
 }
@@ -290,45 +282,7 @@ unsafe fn output_transform(
 }
 
 crate::cpu::isa::avx_dispatch!(input_transform_at, input_transform_avx2, input_transform_avx512, input_transform, (x: &[f32], ib: usize, hw: (usize, usize), ty: std::ops::Range<usize>, tw: usize, v: &mut [f32]));
-/// `output_transform` compiled for AVX2.
-///
-/// # Safety
-/// AVX2 must be available; as `output_transform`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn output_transform_avx2(
-    m: &[f32],
-    ob: usize,
-    hw: (usize, usize),
-    ty: std::ops::Range<usize>,
-    tw: usize,
-    ep: &Epilogue,
-    out: *mut f32,
-) {
-    // SAFETY: the caller's contract.
-    unsafe { output_transform(m, ob, hw, ty, tw, ep, out) }
-}
-
-/// `output_transform` compiled for AVX-512.
-///
-/// # Safety
-/// AVX-512F must be available; as `output_transform`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn output_transform_avx512(
-    m: &[f32],
-    ob: usize,
-    hw: (usize, usize),
-    ty: std::ops::Range<usize>,
-    tw: usize,
-    ep: &Epilogue,
-    out: *mut f32,
-) {
-    // SAFETY: the caller's contract.
-    unsafe { output_transform(m, ob, hw, ty, tw, ep, out) }
-}
+crate::cpu::isa::avx_dispatch!(unsafe output_transform_at, output_transform_avx2, output_transform_avx512, output_transform, (m: &[f32], ob: usize, hw: (usize, usize), ty: std::ops::Range<usize>, tw: usize, ep: &Epilogue, out: *mut f32));
 
 #[cfg(test)]
 mod tests {
