@@ -1,7 +1,7 @@
 //! 3×3 stride-1 convolutions (pad 1, dense) by Winograd's F(4×4, 3×3) in the channel-blocked layout
-//! (NCHW16c), at the AVX-512 and AVX2 levels, for `cpu::dense_run`: ResNet-50's 3×3s on 160², 80² and
-//! 40² maps, which ran on the direct path (~190 GFLOPS, one thread) or as NCHW islands whose reorders
-//! ate Winograd's lead.
+//! (NCHW16c), at the AVX-512 and AVX2 levels, for `cpu::dense_run`: the ResNets' 3×3s on 160²–20²
+//! maps, which ran on the blocked direct path (~190 GFLOPS, one thread) or as NCHW islands whose
+//! reorders ate Winograd's lead (and kept ResNet-18 and -34 out of the blocked layout).
 //!
 //! The transforms are those of `conv::winograd` (Bᵀ d B row by row then column by column, Aᵀ m A column
 //! then row, the same f32 operations in the same order) with one 16-channel vector per element instead
