@@ -27,7 +27,7 @@
 //! ResNet-50 goldens with the run on (its Winograd path on and off) and off at every level.
 
 use super::blocked::{self, PointwiseWeights, Simd, blocked_len};
-use super::conv::{self, conv_blocked};
+use super::conv::{self, ModeSwitch, PathMode, conv_blocked};
 use super::winograd_blocked::{self, WinogradWeights};
 use crate::error::{Error, Result};
 use crate::graph::{Conv, Graph, Op, Plan, TensorId};
@@ -46,9 +46,9 @@ pub(super) struct DenseRun {
     exports: Vec<TensorId>,
     /// Per op, per convolution: the packed 1x1 weights (`None` for other kernels), made on first use.
     packed: OnceLock<Vec<Vec<Option<PointwiseWeights>>>>,
-    /// Per op, per convolution: the Winograd weights of a 3x3 stride-1 convolution, made the first time
-    /// `blocked_winograd` takes it.
-    winograd: OnceLock<Vec<Vec<OnceLock<Option<WinogradWeights>>>>>,
+    /// Per op, per convolution: its Winograd weights, made the first time `winograd_preferred` takes it
+    /// (a switch may turn the path on after the run's first pass).
+    winograd: Vec<Vec<OnceLock<Option<WinogradWeights>>>>,
 }
 
 /// The convolutions an op of a run computes, in order.
@@ -119,7 +119,8 @@ pub(super) fn find(graph: &Graph, taken: &[Range<usize>]) -> Vec<DenseRun> {
             graph.is_tap(t) || graph.ops.iter().enumerate().any(|(j, op)| !ops.contains(&j) && op.reads().contains(&t))
         };
         let exports = made.iter().copied().filter(|&t| read_after(t)).collect();
-        runs.push(DenseRun { ops, exports, packed: OnceLock::new(), winograd: OnceLock::new() });
+        let winograd = ops.clone().map(|k| convs(&graph.ops[k]).iter().map(|_| OnceLock::new()).collect()).collect();
+        runs.push(DenseRun { ops, exports, packed: OnceLock::new(), winograd });
     }
     runs
 }
@@ -199,29 +200,24 @@ fn views<'a, const K: usize>(
     Ok((o, res))
 }
 
-/// `set_enabled`'s choice (1 on, 2 off), or 0: `RETINAFACE_CPU_DENSE_RUN` applies (`0` off, else on).
-static ENABLED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// `set_enabled`'s choice, else `RETINAFACE_CPU_DENSE_RUN` (`0` off, else on).
+static ENABLED: ModeSwitch = ModeSwitch::new("RETINAFACE_CPU_DENSE_RUN");
+
+/// An on/off switch's setting as the `ModeSwitch` both of this module's switches are (on: `Force`).
+fn mode_of(on: Option<bool>) -> Option<PathMode> {
+    on.map(|on| if on { PathMode::Force } else { PathMode::Off })
+}
 
 /// Turns the dense runs on or off for the whole process (`None`: back to the environment's), so a test
 /// or a benchmark can run both ways in one process.
 pub fn set_enabled(on: Option<bool>) {
-    let code = match on {
-        None => 0,
-        Some(true) => 1,
-        Some(false) => 2,
-    };
-    ENABLED.store(code, std::sync::atomic::Ordering::Relaxed);
+    ENABLED.set(mode_of(on))
 }
 
 /// Whether the dense runs are on (`set_enabled`, else `RETINAFACE_CPU_DENSE_RUN=0` turns them off; read
 /// once); the blocked layout's own switch (`chain::enabled`) applies too.
 pub(super) fn enabled() -> bool {
-    static ENV: OnceLock<bool> = OnceLock::new();
-    match ENABLED.load(std::sync::atomic::Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => *ENV.get_or_init(|| std::env::var("RETINAFACE_CPU_DENSE_RUN").map_or(true, |v| v != "0")),
-    }
+    ENABLED.get() != PathMode::Off
 }
 
 /// Output pixels above which, at AVX-512, a convolution the NCHW paths would run by Winograd runs on
@@ -318,37 +314,25 @@ fn max_pool(
     Ok(())
 }
 
-/// `set_winograd`'s choice (1 on, 2 off), or 0: `RETINAFACE_CPU_BLOCKED_WINOGRAD` applies (`0` off,
-/// else on).
-static WINOGRAD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// `set_winograd`'s choice, else `RETINAFACE_CPU_BLOCKED_WINOGRAD` (`0` off, else on).
+static WINOGRAD: ModeSwitch = ModeSwitch::new("RETINAFACE_CPU_BLOCKED_WINOGRAD");
 
 /// Turns the run's Winograd path on or off for the whole process (`None`: back to the environment's),
 /// so a test or a benchmark can run both ways in one process; off, its convolutions run on the direct
 /// path or as NCHW islands (`island_preferred`).
 pub fn set_winograd(on: Option<bool>) {
-    let code = match on {
-        None => 0,
-        Some(true) => 1,
-        Some(false) => 2,
-    };
-    WINOGRAD.store(code, std::sync::atomic::Ordering::Relaxed);
+    WINOGRAD.set(mode_of(on))
 }
 
 /// Whether a convolution of the run (not its first op, which reads NCHW) runs by Winograd in the
-/// blocked layout (`winograd_blocked`): every dense 3x3 of stride 1 and padding 1, unless switched off.
+/// blocked layout: every one `winograd_blocked` handles, unless switched off.
 /// Per op in ResNet-50 (one thread, AVX-512, Sapphire Rapids-class VM) it beat the direct path and the
 /// NCHW islands on every map (64 channels at 160² 5.2–5.8 against 9.8 ms, 128 at 80² 4.8–5.2 against
 /// 9.6, 256 at 40² 4.0–4.8 against 7.7 as islands, 512 at 20² 6.5–6.8 against 10.1); whole passes,
 /// `paired -- bwino=off auto`: 1.126 / 1.085 (one / two threads), at AVX2 (hide_avx512.so) 1.081 /
 /// 1.060.
 fn winograd_preferred(c: &Conv) -> bool {
-    static ENV: OnceLock<bool> = OnceLock::new();
-    let on = match WINOGRAD.load(std::sync::atomic::Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => *ENV.get_or_init(|| std::env::var("RETINAFACE_CPU_BLOCKED_WINOGRAD").map_or(true, |v| v != "0")),
-    };
-    on && (c.kernel, c.stride, c.pad, c.groups) == (3, 1, 1, 1)
+    WINOGRAD.get() != PathMode::Off && winograd_blocked::handles(c)
 }
 
 /// Blocked runs executed by this process so far, for tests that must know the path was taken.
@@ -405,10 +389,7 @@ pub(super) fn execute(
     let level = super::isa::isa();
     RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut times = Vec::with_capacity(run.ops.len());
-    let winograd = run.winograd.get_or_init(|| {
-        run.ops.clone().map(|k| convs(&graph.ops[k]).iter().map(|_| OnceLock::new()).collect()).collect()
-    });
-    for ((k, packs), wino) in run.ops.clone().zip(packed).zip(winograd) {
+    for ((k, packs), wino) in run.ops.clone().zip(packed).zip(&run.winograd) {
         let start = Instant::now();
         let first = k == run.ops.start;
         match &graph.ops[k] {

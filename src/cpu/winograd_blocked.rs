@@ -41,6 +41,11 @@ const BAND_BYTES: usize = 1 << 20;
 /// MiB); on large images the 512-channel maps run in bands of this size rather than of 75 MiB.
 const MAX_BAND_BYTES: usize = 16 << 20;
 
+/// Whether this path computes `conv`: a dense 3×3 of stride 1 and padding 1.
+pub fn handles(conv: &Conv) -> bool {
+    (conv.kernel, conv.stride, conv.pad, conv.groups) == (3, 1, 1, 1)
+}
+
 /// A convolution's transformed weights, packed once: per element e, the cin × cout matrix (G g Gᵀ)[e]
 /// as the blocked 1x1 kernel reads it (no bias, no activation: those come after the output transform).
 pub struct WinogradWeights {
@@ -56,7 +61,7 @@ impl WinogradWeights {
     /// `conv`'s weights transformed for F(4×4, 3×3); `None` unless it is a dense 3×3 of stride 1 and
     /// padding 1.
     pub fn new(conv: &Conv) -> Option<WinogradWeights> {
-        if (conv.kernel, conv.stride, conv.pad, conv.groups) != (3, 1, 1, 1) {
+        if !handles(conv) {
             return None;
         }
         let (cin, cout) = (conv.cin, conv.cout);

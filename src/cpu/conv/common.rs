@@ -166,7 +166,7 @@ pub enum PathMode {
 
 /// A path's mode: forced by `set` (a test or a benchmark timing it against the others in one
 /// process), else its environment variable (`0` off, `1` forced, else auto), read once.
-pub(super) struct ModeSwitch {
+pub(crate) struct ModeSwitch {
     /// `set`'s choice: 1 auto, 2 off, 3 forced; 0 none.
     forced: std::sync::atomic::AtomicU8,
     var: &'static str,
@@ -174,11 +174,11 @@ pub(super) struct ModeSwitch {
 }
 
 impl ModeSwitch {
-    pub(super) const fn new(var: &'static str) -> ModeSwitch {
+    pub(crate) const fn new(var: &'static str) -> ModeSwitch {
         ModeSwitch { forced: std::sync::atomic::AtomicU8::new(0), var, env: std::sync::OnceLock::new() }
     }
 
-    pub(super) fn set(&self, mode: Option<PathMode>) {
+    pub(crate) fn set(&self, mode: Option<PathMode>) {
         let code = match mode {
             None => 0,
             Some(PathMode::Auto) => 1,
@@ -188,7 +188,7 @@ impl ModeSwitch {
         self.forced.store(code, std::sync::atomic::Ordering::Relaxed);
     }
 
-    pub(super) fn get(&self) -> PathMode {
+    pub(crate) fn get(&self) -> PathMode {
         match self.forced.load(std::sync::atomic::Ordering::Relaxed) {
             1 => PathMode::Auto,
             2 => PathMode::Off,

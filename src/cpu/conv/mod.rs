@@ -31,7 +31,7 @@ pub use winograd::{
 use crate::cpu::isa::{Isa, Simd, isa};
 use crate::graph::Conv;
 use crate::reference::out_size;
-pub(crate) use common::{SharedMut, aligned, min_tasks};
+pub(crate) use common::{ModeSwitch, SharedMut, aligned, min_tasks};
 use common::{Sink, Sinks};
 pub use direct_co::blocked_len;
 #[cfg(test)]
