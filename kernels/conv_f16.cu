@@ -25,6 +25,18 @@
 //   M·cout/2, 256 threads) sums them in z order, so the result does not depend on timing, and applies
 //   the epilogue. Extra traffic: 2·splits·M·cout·4 B.
 //
+// conv_f16_wg128xBN (sm_90a only; BN 128 or 64): the same implicit GEMM, the same loads into the same
+//   3-stage ring, on Hopper's warpgroup MMAs. The ring's rows (32 halves, chunk c at c ^ ((row/2) % 4))
+//   are exactly wgmma's K-major 64-byte-swizzle layout (8-row groups 512 bytes apart), so the tiles are
+//   read by the tensor cores straight from shared memory through descriptors: no ldmatrix, no A/B
+//   fragments in registers. 256 threads = two warpgroups, each 64 pixel rows × BN channels with
+//   wgmma.m64nBNk16 (BN/2 f32 accumulators per thread), two per k-tile, committed and waited per
+//   k-tile (fence.proxy.async before the barrier hands the cp.async data to the async proxy). One
+//   HGMMA m64n128k16 does the work of 64 HMMA m16n8k16 (SASS: ~100 instructions per HGMMA in the loop
+//   against ~7 per HMMA, i.e. ~9x fewer issue slots per multiply-add). Fused flavours:
+//   conv_dwpw_f16_wg*, conv_ex_f16_wg*. Shared memory and cost as conv_f16_BMxBN; ptxas must not
+//   serialise the wgmmas (tests/conv_f16_sass.rs fails on its C7511-style advisories).
+//
 // conv_dwpw_f16_BMxBN (DwPwF16Params): depthwise k×k (any stride) + pointwise 1×1 (MobileNet blocks),
 //   the depthwise output never written: conv_f16_igemm with K = c, whose A tiles (BM pixels × 32
 //   channels) are not copied from memory but made by the depthwise conv itself, 8 channels of one
@@ -56,6 +68,7 @@
 #include "conv_f16.cuh"
 #include "mma.cuh"
 #include "nearest.cuh"
+#include "wgmma.cuh"
 
 #define CONVH_BK 32
 #define CONVH_STAGES 3
@@ -157,40 +170,35 @@ __device__ __forceinline__ void convh_load_a(const DwPwF16Params& p, unsigned sh
     *reinterpret_cast<uint4*>(dst) = o;
 }
 
-// P: ConvF16Params or ConvExF16Params (A copied from x), or DwPwF16Params (A made by the depthwise conv).
-template <int BM, int BN, int WM, int WN, class P>
-__device__ __forceinline__ void conv_f16_igemm(const P& p) {
-    constexpr int WARPS_M = BM / WM, WARPS_N = BN / WN;
-    constexpr int THREADS = WARPS_M * WARPS_N * 32;
-    constexpr int MT = WM / 16, NT = WN / 8;
-    constexpr int A_ITERS = BM * 4 / THREADS;
-    constexpr int B_ITERS = (BN * 4 + THREADS - 1) / THREADS;
+// The copies of one k-tile of a BM×BN block's A (pixels) and B (output channels) into the swizzled
+// ring, by THREADS threads, 4 chunks of 8 channels per 32-deep row. P: ConvF16Params or ConvExF16Params
+// (A copied from x), or DwPwF16Params (A made by the depthwise conv).
+template <int BM, int BN, int THREADS, class P>
+struct ConvhTileLoader {
+    static constexpr int A_ITERS = BM * 4 / THREADS;
+    static constexpr int B_ITERS = (BN * 4 + THREADS - 1) / THREADS;
     static_assert(BM * 4 % THREADS == 0, "A tile chunks must split evenly over the threads");
-    static_assert(NT == 1 || NT % 2 == 0, "B fragments load in pairs of n8 tiles, or one");
-    __shared__ __align__(128) unsigned short As[CONVH_STAGES][BM * CONVH_BK];
-    __shared__ __align__(128) unsigned short Bs[CONVH_STAGES][BN * CONVH_BK];
-
-    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-    const int M = p.n * p.oh * p.ow;
-    const int K = p.k * p.k * p.cin;
-    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-    const int wm0 = (warp % WARPS_M) * WM, wn0 = (warp / WARPS_M) * WN;
-    const int chunk = tid % 4;
-
+    int tid, K, n0;
     // The pixels whose A rows this thread copies: rows tid/4 + i·THREADS/4 of the tile. A row past M
     // gets an origin no tap can bring into the image, so its copies zero-fill.
     int a_base[A_ITERS], a_iy0[A_ITERS], a_ix0[A_ITERS];
+
+    __device__ __forceinline__ ConvhTileLoader(const P& p, int m0, int n0_, int tid_) : tid(tid_), K(p.k * p.k * p.cin), n0(n0_) {
+        const int M = p.n * p.oh * p.ow;
 #pragma unroll
-    for (int i = 0; i < A_ITERS; ++i) {
-        const int m = m0 + tid / 4 + i * (THREADS / 4);
-        const int ox = m % p.ow, r = m / p.ow;
-        const int oy = r % p.oh, b = r / p.oh;
-        a_base[i] = b * p.h * p.w * p.cin;
-        a_iy0[i] = m < M ? oy * p.stride - p.pad : -(1 << 24);
-        a_ix0[i] = ox * p.stride - p.pad;
+        for (int i = 0; i < A_ITERS; ++i) {
+            const int m = m0 + tid / 4 + i * (THREADS / 4);
+            const int ox = m % p.ow, r = m / p.ow;
+            const int oy = r % p.oh, b = r / p.oh;
+            a_base[i] = b * p.h * p.w * p.cin;
+            a_iy0[i] = m < M ? oy * p.stride - p.pad : -(1 << 24);
+            a_ix0[i] = ox * p.stride - p.pad;
+        }
     }
 
-    auto load_stage = [&](int slot, int kt) {
+    // k-tile kt into the stage at as (BM rows) and bs (BN rows).
+    __device__ __forceinline__ void load(const P& p, unsigned short* as, unsigned short* bs, int kt) const {
+        const int chunk = tid % 4;
         const int kidx = kt * CONVH_BK + chunk * 8;
         const bool kin = kidx < K;
         const int tap = kin ? kidx / p.cin : 0;
@@ -199,7 +207,7 @@ __device__ __forceinline__ void conv_f16_igemm(const P& p) {
 #pragma unroll
         for (int i = 0; i < A_ITERS; ++i) {
             const int row = tid / 4 + i * (THREADS / 4);
-            convh_load_a(p, &As[slot][convh_swz(row, chunk)], kin, ci, ky, kx, a_base[i], a_iy0[i], a_ix0[i]);
+            convh_load_a(p, as + convh_swz(row, chunk), kin, ci, ky, kx, a_base[i], a_iy0[i], a_ix0[i]);
         }
 #pragma unroll
         for (int i = 0; i < B_ITERS; ++i) {
@@ -208,9 +216,49 @@ __device__ __forceinline__ void conv_f16_igemm(const P& p) {
             const int co = n0 + row;
             const bool ok = kin && co < p.cout;
             const unsigned short* src = ok ? p.wt + co * K + kidx : p.wt;
-            cp_async_16(&Bs[slot][convh_swz(row, chunk)], src, ok ? 16 : 0);
+            cp_async_16(bs + convh_swz(row, chunk), src, ok ? 16 : 0);
         }
-    };
+    }
+};
+
+// The k-tiles this block reduces: all of them, or split-K block z's range.
+template <class P>
+__device__ __forceinline__ void convh_k_range(const P& p, int K, int& kt0, int& KT) {
+    kt0 = 0;
+    KT = (K + CONVH_BK - 1) / CONVH_BK;
+    if (p.ws) {
+        kt0 = blockIdx.z * p.kt_per_split;
+        KT = min(KT - kt0, p.kt_per_split);
+    }
+}
+
+// Output channels co, co + 1 of pixel m from the accumulators: split-K's f32 partials, or the epilogue.
+template <class P>
+__device__ __forceinline__ void convh_out2(const P& p, int M, int m, int co, float v0, float v1) {
+    if (m >= M || co >= p.cout) return;
+    if (p.ws) {
+        float* w = p.ws + ((long long)blockIdx.z * M + m) * p.cout + co;
+        w[0] = v0;
+        w[1] = v1;
+    } else {
+        convh_store2(p, m, co, v0, v1);
+    }
+}
+
+template <int BM, int BN, int WM, int WN, class P>
+__device__ __forceinline__ void conv_f16_igemm(const P& p) {
+    constexpr int WARPS_M = BM / WM, WARPS_N = BN / WN;
+    constexpr int THREADS = WARPS_M * WARPS_N * 32;
+    constexpr int MT = WM / 16, NT = WN / 8;
+    static_assert(NT == 1 || NT % 2 == 0, "B fragments load in pairs of n8 tiles, or one");
+    __shared__ __align__(128) unsigned short As[CONVH_STAGES][BM * CONVH_BK];
+    __shared__ __align__(128) unsigned short Bs[CONVH_STAGES][BN * CONVH_BK];
+
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int M = p.n * p.oh * p.ow;
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const int wm0 = (warp % WARPS_M) * WM, wn0 = (warp / WARPS_M) * WN;
+    const ConvhTileLoader<BM, BN, THREADS, P> loader(p, m0, n0, tid);
 
     float acc[MT][NT][4];
 #pragma unroll
@@ -220,14 +268,11 @@ __device__ __forceinline__ void conv_f16_igemm(const P& p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-    int kt0 = 0, KT = (K + CONVH_BK - 1) / CONVH_BK;
-    if (p.ws) {
-        kt0 = blockIdx.z * p.kt_per_split;
-        KT = min(KT - kt0, p.kt_per_split);
-    }
+    int kt0, KT;
+    convh_k_range(p, loader.K, kt0, KT);
 #pragma unroll
     for (int s = 0; s < CONVH_STAGES - 1; ++s) {
-        if (s < KT) load_stage(s, kt0 + s);
+        if (s < KT) loader.load(p, As[s], Bs[s], kt0 + s);
         cp_async_commit();
     }
     for (int kt = 0; kt < KT; ++kt) {
@@ -236,7 +281,7 @@ __device__ __forceinline__ void conv_f16_igemm(const P& p) {
         cp_async_wait<CONVH_STAGES - 2>();
         __syncthreads();
         const int nk = kt + CONVH_STAGES - 1;
-        if (nk < KT) load_stage(nk % CONVH_STAGES, kt0 + nk);
+        if (nk < KT) loader.load(p, As[nk % CONVH_STAGES], Bs[nk % CONVH_STAGES], kt0 + nk);
         cp_async_commit();
 
         const unsigned short* as = As[kt % CONVH_STAGES];
@@ -274,22 +319,90 @@ __device__ __forceinline__ void conv_f16_igemm(const P& p) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            const int co = n0 + wn0 + nt * 8 + 2 * t;
-            if (co >= p.cout) continue;
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int m = m0 + wm0 + mt * 16 + g + 8 * h;
-                if (m >= M) continue;
-                if (p.ws) {
-                    float* w = p.ws + ((long long)blockIdx.z * M + m) * p.cout + co;
-                    w[0] = acc[mt][nt][2 * h];
-                    w[1] = acc[mt][nt][2 * h + 1];
-                } else {
-                    convh_store2(p, m, co, acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
-                }
-            }
+            for (int h = 0; h < 2; ++h)
+                convh_out2(p, M, m0 + wm0 + mt * 16 + g + 8 * h, n0 + wn0 + nt * 8 + 2 * t, acc[mt][nt][2 * h],
+                           acc[mt][nt][2 * h + 1]);
+}
+
+// The same GEMM on Hopper's warpgroup MMAs (sm_90a): a 128×BN block is two warpgroups, each computing
+// 64 pixel rows × BN channels with wgmma.m64nBNk16 straight from the swizzled ring (no ldmatrix: the
+// ring's layout is the 64-byte-swizzle K-major layout the descriptors name), two per k-tile.
+template <int BN>
+__device__ __forceinline__ void wgmma_m64k16(float* acc, unsigned long long da, unsigned long long db);
+template <>
+__device__ __forceinline__ void wgmma_m64k16<128>(float* acc, unsigned long long da, unsigned long long db) {
+    wgmma_m64n128k16(acc, da, db, 1);
+}
+template <>
+__device__ __forceinline__ void wgmma_m64k16<64>(float* acc, unsigned long long da, unsigned long long db) {
+    wgmma_m64n64k16(acc, da, db, 1);
+}
+
+template <int BN, class P>
+__device__ __forceinline__ void conv_f16_wgmma(const P& p) {
+    constexpr int BM = 128, THREADS = 256, NREG = BN / 2;
+    // One array, so that every tile lies at a fixed offset from a 1024-aligned base: the descriptors'
+    // swizzle works on absolute shared addresses.
+    __shared__ __align__(1024) unsigned short smem[CONVH_STAGES * (BM + BN) * CONVH_BK];
+    unsigned short* const As = smem;
+    unsigned short* const Bs = smem + CONVH_STAGES * BM * CONVH_BK;
+    wgmma_shared_window(smem, sizeof smem);
+
+    const int tid = threadIdx.x, wg = tid / 128;
+    const int M = p.n * p.oh * p.ow;
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const ConvhTileLoader<BM, BN, THREADS, P> loader(p, m0, n0, tid);
+
+    float acc[NREG];
+#pragma unroll
+    for (int i = 0; i < NREG; ++i) acc[i] = 0.0f;
+
+    int kt0, KT;
+    convh_k_range(p, loader.K, kt0, KT);
+#pragma unroll
+    for (int s = 0; s < CONVH_STAGES - 1; ++s) {
+        if (s < KT) loader.load(p, As + s * BM * CONVH_BK, Bs + s * BN * CONVH_BK, kt0 + s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < KT; ++kt) {
+        // Stage kt has landed for this thread; the proxy fence hands its writes (and the depthwise
+        // tiles' stores) to wgmma's async proxy; the barrier publishes everyone's and says that slot
+        // (kt - 1) % STAGES, whose wgmmas every warpgroup waited for, may be refilled.
+        cp_async_wait<CONVH_STAGES - 2>();
+        wgmma_fence_proxy();
+        __syncthreads();
+        const int nk = kt + CONVH_STAGES - 1;
+        if (nk < KT) {
+            const int slot = nk % CONVH_STAGES;
+            loader.load(p, As + slot * BM * CONVH_BK, Bs + slot * BN * CONVH_BK, kt0 + nk);
         }
+        cp_async_commit();
+
+        const int slot = kt % CONVH_STAGES;
+        const unsigned short* as = As + slot * BM * CONVH_BK + wg * 64 * CONVH_BK;
+        const unsigned short* bs = Bs + slot * BN * CONVH_BK;
+        wgmma_fence_operands<NREG>(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < CONVH_BK; kk += 16) wgmma_m64k16<BN>(acc, wgmma_desc_k64b(as + kk), wgmma_desc_k64b(bs + kk));
+        wgmma_commit();
+        // Another resident block's wgmmas fill the tensor cores while this one waits.
+        wgmma_wait<0>();
+        wgmma_fence_operands<NREG>(acc);
+    }
+    cp_async_wait<0>();
+
+    // Epilogue: register 4j + i of thread (warp w of the group, lane l) is pixel row 16w + l/4 + 8·(i/2)
+    // of the group's 64, channel 8j + 2·(l%4) + i%2.
+    const int w = (tid % 128) / 32, lane = tid % 32;
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            convh_out2(p, M, m0 + 64 * wg + 16 * w + g + 8 * h, n0 + 8 * j + 2 * t, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
 }
 
 extern "C" __global__ void __launch_bounds__(256) conv_f16_128x128(const ConvF16Params p) { conv_f16_igemm<128, 128, 64, 32>(p); }
@@ -298,6 +411,8 @@ extern "C" __global__ void __launch_bounds__(128) conv_f16_64x64(const ConvF16Pa
 extern "C" __global__ void __launch_bounds__(128) conv_f16_128x32(const ConvF16Params p) { conv_f16_igemm<128, 32, 32, 32>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_f16_128x16(const ConvF16Params p) { conv_f16_igemm<128, 16, 32, 16>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_f16_128x8(const ConvF16Params p) { conv_f16_igemm<128, 8, 32, 8>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_f16_wg128x128(const ConvF16Params p) { conv_f16_wgmma<128>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_f16_wg128x64(const ConvF16Params p) { conv_f16_wgmma<64>(p); }
 
 extern "C" __global__ void __launch_bounds__(256) conv_dwpw_f16_128x128(const DwPwF16Params p) { conv_f16_igemm<128, 128, 64, 32>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_128x64(const DwPwF16Params p) { conv_f16_igemm<128, 64, 64, 32>(p); }
@@ -305,6 +420,8 @@ extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_64x64(const DwPw
 extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_128x32(const DwPwF16Params p) { conv_f16_igemm<128, 32, 32, 32>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_128x16(const DwPwF16Params p) { conv_f16_igemm<128, 16, 32, 16>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_128x8(const DwPwF16Params p) { conv_f16_igemm<128, 8, 32, 8>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_dwpw_f16_wg128x128(const DwPwF16Params p) { conv_f16_wgmma<128>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_dwpw_f16_wg128x64(const DwPwF16Params p) { conv_f16_wgmma<64>(p); }
 
 extern "C" __global__ void __launch_bounds__(256) conv_ex_f16_128x128(const ConvExF16Params p) { conv_f16_igemm<128, 128, 64, 32>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_128x64(const ConvExF16Params p) { conv_f16_igemm<128, 64, 64, 32>(p); }
@@ -312,6 +429,8 @@ extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_64x64(const ConvEx
 extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_128x32(const ConvExF16Params p) { conv_f16_igemm<128, 32, 32, 32>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_128x16(const ConvExF16Params p) { conv_f16_igemm<128, 16, 32, 16>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_128x8(const ConvExF16Params p) { conv_f16_igemm<128, 8, 32, 8>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_ex_f16_wg128x128(const ConvExF16Params p) { conv_f16_wgmma<128>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_ex_f16_wg128x64(const ConvExF16Params p) { conv_f16_wgmma<64>(p); }
 
 // Sums split-K partials in z order and applies P's epilogue.
 template <class P>

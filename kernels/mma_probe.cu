@@ -13,7 +13,14 @@
 //   in two commit groups, records what it sees before and after the waits.
 // probe_barrier: block `threads`; thread i writes s[i] and reads s[i-1], with or without a barrier
 //   between (a missing barrier must show as a wrong value under a random thread order).
+// probe_wgmma (wgmma.cuh): block 128 (one warpgroup); src holds A [64][16] then B [n][16] halves
+//   (n = threads: 64 or 128), placed in shared memory in K-major layout `mode` (0 interleave with
+//   LBO 128 / SBO 256, 1/2/3 the 128/64/32-byte swizzles, 8-row groups dense); c and d are each
+//   thread's n/2 accumulator registers. token: scale-d. misalign: 0 one wgmma; 1 the same wgmma twice
+//   in one group (D = C + 2AB); 2 thread 0 rewrites an A element before the wait (must trap); 3 each
+//   thread stores its first register to out before the wait (must be NaN: in flight).
 #include "mma.cuh"
+#include "wgmma.cuh"
 
 struct ProbeParams {
     const unsigned* a;
@@ -87,4 +94,43 @@ extern "C" __global__ void probe_barrier(const ProbeParams p) {
     s[i] = p.token + i;
     if (p.mode == 1) __syncthreads();
     p.out[i] = (unsigned)s[i > 0 ? i - 1 : 0];
+}
+
+// Byte offset of element (r, k) of a K-major operand in layout `mode` (see probe_wgmma above).
+__device__ int probe_kmajor_byte(int mode, int r, int k) {
+    if (mode == 0) return (r / 8) * 256 + (r % 8) * 16 + (k / 8) * 128 + (k % 8) * 2;
+    const int width = mode == 1 ? 128 : mode == 2 ? 64 : 32, bits = mode == 1 ? 3 : mode == 2 ? 2 : 1;
+    int a = (r / 8) * 8 * width + (r % 8) * width + (k / 8) * 16 + (k % 8) * 2;
+    return a ^ (((a >> 7) & ((1 << bits) - 1)) << 4);
+}
+
+extern "C" __global__ void __launch_bounds__(128) probe_wgmma(const ProbeParams p) {
+    // A at 0 (64 rows of up to 128 bytes), B at 8 KiB (up to 128 rows).
+    __shared__ __align__(1024) unsigned char s[8192 + 16384];
+    wgmma_shared_window(s, sizeof s);
+    const int t = threadIdx.x, n = p.threads;
+    for (int i = t; i < 64 * 16; i += blockDim.x)
+        *reinterpret_cast<unsigned short*>(s + probe_kmajor_byte(p.mode, i / 16, i % 16)) = p.src[i];
+    for (int i = t; i < n * 16; i += blockDim.x)
+        *reinterpret_cast<unsigned short*>(s + 8192 + probe_kmajor_byte(p.mode, i / 16, i % 16)) = p.src[64 * 16 + i];
+    wgmma_fence_proxy();
+    __syncthreads();
+    const unsigned lbo = p.mode == 0 ? 128 : 16;
+    const unsigned sbo = p.mode == 0 ? 256 : 8 * (p.mode == 1 ? 128 : p.mode == 2 ? 64 : 32);
+    const unsigned long long da = wgmma_desc(s, p.mode, lbo, sbo), db = wgmma_desc(s + 8192, p.mode, lbo, sbo);
+    float acc[64];
+    for (int i = 0; i < n / 2; ++i) acc[i] = p.c[t * (n / 2) + i];
+    wgmma_fence_operands<64>(acc);
+    wgmma_fence();
+    const int times = p.misalign == 1 ? 2 : 1;
+    for (int i = 0; i < times; ++i) {
+        if (n == 128) wgmma_m64n128k16(acc, da, db, p.token);
+        else wgmma_m64n64k16(acc, da, db, p.token);
+    }
+    wgmma_commit();
+    if (p.misalign == 2 && t == 0) s[0] ^= 1;
+    if (p.misalign == 3) p.out[t] = __float_as_uint(acc[0]);
+    wgmma_wait<0>();
+    wgmma_fence_operands<64>(acc);
+    for (int i = 0; i < n / 2; ++i) p.d[t * (n / 2) + i] = acc[i];
 }

@@ -133,8 +133,8 @@ fn half_ulp16(v: f64) -> f64 {
 }
 
 /// Runs one variant; returns the worst error as a fraction of the bound, the worst error beyond the
-/// final rounding (relative to max(1, max |ref|)), and the launch's counters.
-fn run(r: &mut SimRunner, cs: &Case, p: &Prepared, v: &Variant) -> (f64, f64, conv_f16::SimCounters) {
+/// final rounding (relative to max(1, max |ref|)), the launch's counters and the output's f16 bits.
+fn run(r: &mut SimRunner, cs: &Case, p: &Prepared, v: &Variant) -> (f64, f64, conv_f16::SimCounters, Vec<u16>) {
     let up16 = |r: &mut SimRunner, v: &[u16]| {
         let b = r.alloc(v.len() * 2).unwrap();
         r.upload(b, 0, bytemuck::cast_slice(v)).unwrap();
@@ -203,7 +203,7 @@ fn run(r: &mut SimRunner, cs: &Case, p: &Prepared, v: &Variant) -> (f64, f64, co
             acc = acc.max((err - half_ulp16(want)).max(0.0) / mag);
         }
     }
-    (worst, acc, counters)
+    (worst, acc, counters, raw)
 }
 
 #[test]
@@ -215,7 +215,7 @@ fn every_variant_matches_the_reference_on_every_shape() {
     for cs in cases() {
         let p = prepare(&cs, &mut rng);
         for v in VARIANTS {
-            let (worst, acc, _) = run(&mut r, &cs, &p, v);
+            let (worst, acc, _, _) = run(&mut r, &cs, &p, v);
             println!("{:<18} {:<18} {:>10.3} {:>10.2e}", cs.name, v.name, worst, acc);
             if worst > 1.0 {
                 failures.push(format!("{} on {}: error {worst:.3} of the bound", v.name, cs.name));
@@ -223,6 +223,28 @@ fn every_variant_matches_the_reference_on_every_shape() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The Hopper tiles (wgmma from the swizzled ring) sum every output over the same k16 steps in the
+/// same order as the mma.sync tiles, so in the simulation (whose two emulations both add in k order in
+/// f32) they give the same bits on every shape; on the device the instructions' internal order may
+/// differ within f32 rounding, which the reference bound above covers.
+#[test]
+fn wgmma_tiles_equal_the_mma_sync_tiles_bit_for_bit() {
+    let mut rng = Rng(0x5a_90a);
+    let mut r = SimRunner::new();
+    let base = conv_f16::variant("conv_f16_128x128").unwrap();
+    let wg: Vec<&Variant> = VARIANTS.iter().filter(|v| v.is_wgmma()).collect();
+    assert_eq!(wg.len(), 2, "the Hopper tiles: {wg:?}");
+    for cs in cases() {
+        let p = prepare(&cs, &mut rng);
+        let (_, _, _, want) = run(&mut r, &cs, &p, base);
+        for v in &wg {
+            let (_, _, _, got) = run(&mut r, &cs, &p, v);
+            let diff = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            assert_eq!(diff, 0, "{} on {}: {diff} of {} outputs differ from {}", v.name, cs.name, got.len(), base.name);
+        }
+    }
 }
 
 /// The shapes that dominate the networks' time, on the variant the heuristic picks for them.
@@ -249,7 +271,7 @@ fn hot_kernels_are_conflict_free_and_sector_efficient() {
         // marks the heuristic's pick.
         let pick = conv_f16::heuristic(&p.shape, conv_f16::DEFAULT_SMS);
         for v in VARIANTS.iter().filter(|v| v.split_k == 1) {
-            let (worst, _, c) = run(&mut r, &cs, &p, v);
+            let (worst, _, c, _) = run(&mut r, &cs, &p, v);
             println!(
                 "{:<14} {:<18} {:>9} {:>10} {:>9} {:>11.2} {:>7.1}%",
                 cs.name,

@@ -5,6 +5,10 @@
 //!   against an f64 matrix product (error bound: f32 accumulation of 16 exact f16 products, 1e-6).
 //! - ldmatrix .x1/.x2/.x4 with and without .trans: every lane's registers.
 //! - cp.async: destinations poisoned until their group is waited for, zero-fill, alignment trap.
+//! - wgmma.mma_async (kernels/wgmma.cuh) m64n64k16 / m64n128k16 from shared-memory descriptors in every
+//!   K-major layout (interleaved, 128/64/32-byte swizzles), accumulator fragment placed by the ISA's
+//!   formula written here, scale-d 0 and 1, two wgmmas chained in one group; an operand rewritten in
+//!   flight traps, registers read before wgmma.wait_group are NaN, a partial warpgroup is an error.
 //! - the random thread order between barriers exposes a missing __syncthreads.
 //! - the counters: bank conflicts and sectors per request on known access patterns.
 #![cfg(feature = "cuda-sim")]
@@ -285,4 +289,116 @@ fn random_thread_order_exposes_a_missing_barrier() {
     for seed in [1u64, 2, 3, 0xdead_beef] {
         assert_eq!(run(&mut r, seed, true, 3000 + seed as i32), 0, "seed {seed}");
     }
+}
+
+/// The m64nNk16 accumulator fragment (PTX ISA, wgmma "Register Fragments"): register 4j + i of thread
+/// t of the warpgroup is (row 16·(t/32) + (t%32)/4 + 8·(i/2), column 8j + 2·(t%4) + i%2).
+fn wg_pos(t: usize, reg: usize) -> (usize, usize) {
+    let (w, l, j, i) = (t / 32, t % 32, reg / 4, reg % 4);
+    (16 * w + l / 4 + 8 * (i / 2), 8 * j + 2 * (l % 4) + i % 2)
+}
+
+/// Runs probe_wgmma: A [64][16], B [n][16] (K-major, f16 values as f32), C [64][n]; returns D [64][n]
+/// (or the launch's error) and `out`.
+fn run_wgmma(
+    r: &mut SimRunner,
+    (a, b, c): (&[f32], &[f32], &[f32]),
+    n: usize,
+    layout: i32,
+    scale_d: bool,
+    mode: i32,
+) -> Result<(Vec<f32>, Vec<u32>), String> {
+    let src: Vec<u16> = a.iter().chain(b).map(|&v| h(v)).collect();
+    let mut cf = vec![0f32; 128 * n / 2];
+    for t in 0..128 {
+        for reg in 0..n / 2 {
+            let (m, col) = wg_pos(t, reg);
+            cf[t * n / 2 + reg] = c[m * n + col];
+        }
+    }
+    let sb = r.alloc(src.len() * 2).unwrap();
+    r.upload(sb, 0, bytemuck::cast_slice(&src)).unwrap();
+    let cb = r.alloc_f32(&cf).unwrap();
+    let db = r.alloc(cf.len() * 4).unwrap();
+    let ob = r.alloc(128 * 4).unwrap();
+    let p = ProbeParams {
+        c: cb.ptr,
+        d: db.ptr,
+        src: sb.ptr,
+        out: ob.ptr,
+        mode: layout,
+        threads: n as i32,
+        misalign: mode,
+        token: scale_d as i32,
+        ..Default::default()
+    };
+    let res = r.launch("probe_wgmma", LaunchDims { grid: [1, 1, 1], block: [128, 1, 1] }, &p);
+    let out = res.as_ref().ok().map(|_| {
+        let df = r.download_f32(db, cf.len()).unwrap();
+        let o: Vec<u32> = bytemuck::cast_slice(&download_all(r, ob)).to_vec();
+        let mut d = vec![f32::NAN; 64 * n];
+        for t in 0..128 {
+            for reg in 0..n / 2 {
+                let (m, col) = wg_pos(t, reg);
+                d[m * n + col] = df[t * n / 2 + reg];
+            }
+        }
+        (d, o)
+    });
+    for buf in [sb, cb, db, ob] {
+        r.free(buf).unwrap();
+    }
+    match (res, out) {
+        (Ok(()), Some(v)) => Ok(v),
+        (Err(e), _) => Err(e.to_string()),
+        (Ok(()), None) => unreachable!(),
+    }
+}
+
+#[test]
+fn wgmma_matches_matrix_product_in_every_layout() {
+    let mut r = SimRunner::new();
+    let mut rng = Rng(0x9_6a3a);
+    for n in [64usize, 128] {
+        let a = rng.vec16(64 * 16, 1.0);
+        let b = rng.vec16(n * 16, 1.0);
+        let c = rng.vec(64 * n, 4.0);
+        for layout in 0..4 {
+            for (scale_d, times) in [(true, 1), (false, 1), (true, 2)] {
+                let (d, _) = run_wgmma(&mut r, (&a, &b, &c), n, layout, scale_d, (times == 2) as i32).unwrap();
+                for m in 0..64 {
+                    for col in 0..n {
+                        let ab: f64 = (0..16).map(|k| a[m * 16 + k] as f64 * b[col * 16 + k] as f64).sum();
+                        let want = if scale_d { c[m * n + col] as f64 } else { 0.0 } + times as f64 * ab;
+                        let got = d[m * n + col] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "n {n} layout {layout} scale-d {scale_d} x{times}: D[{m}][{col}] = {got}, want {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn wgmma_in_flight_hazards_show() {
+    let mut r = SimRunner::new();
+    let a = vec![0.5f32; 64 * 16];
+    let b = vec![0.25f32; 64 * 16];
+    let c = vec![1.0f32; 64 * 64];
+    // Shared memory under an operand rewritten before the wait: the retiring wait traps.
+    let e = run_wgmma(&mut r, (&a, &b, &c), 64, 2, true, 2).unwrap_err();
+    assert!(e.contains("changed before wgmma.wait_group"), "{e}");
+    // Accumulator registers read before the wait are poisoned; after it they hold the result.
+    let (d, out) = run_wgmma(&mut r, (&a, &b, &c), 64, 2, true, 3).unwrap();
+    assert!(out.iter().all(|&w| f32::from_bits(w).is_nan()), "registers read in flight: {:?}", &out[..4]);
+    assert!(d.iter().all(|&v| v == 1.0 + 16.0 * 0.125), "{:?}", &d[..4]);
+    // A warpgroup instruction needs all 128 threads.
+    let buf = r.alloc(1 << 16).unwrap();
+    let p =
+        ProbeParams { c: buf.ptr, d: buf.ptr, src: buf.ptr, out: buf.ptr, mode: 2, threads: 64, ..Default::default() };
+    let e = r.launch("probe_wgmma", LaunchDims { grid: [1, 1, 1], block: [96, 1, 1] }, &p).unwrap_err();
+    assert!(e.to_string().contains("warpgroup"), "{e}");
 }

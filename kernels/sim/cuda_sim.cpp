@@ -43,6 +43,7 @@ constexpr size_t kGuard = 4096;
 
 enum State { IDLE, RUNNABLE, AT_BLOCK_BARRIER, AT_WARP, DONE };
 constexpr int W_CALL = 100;
+constexpr int W_GROUP_CALL = 101;
 
 // One cp.async in flight: the bytes read at issue (the source is global memory, read-only for the
 // kernel's life), written to dst when its group retires.
@@ -97,10 +98,34 @@ struct Worker {
     std::vector<unsigned> order;
     uint64_t rng = 0;
     Counters counters;
+    unsigned char* shared_base = nullptr;
+    size_t shared_bytes = 0;
+    uint64_t block_serial = 0;
 };
+std::atomic<uint64_t> g_block_serial{0};
 
 thread_local Worker* t_worker = nullptr;
 thread_local int t_index = 0;
+// True while a warp or warpgroup collective runs on the scheduler's stack: a trap there cannot jump
+// to the scheduler (it is the scheduler), so it throws to the collective's caller instead.
+thread_local bool t_in_collective = false;
+struct CollectiveTrap {
+    std::string msg;
+};
+
+// Runs a collective's body; false (with err) if it trapped.
+bool run_collective(WarpFn fn, void* const* lanes, std::string& err) {
+    t_in_collective = true;
+    try {
+        fn(lanes);
+    } catch (const CollectiveTrap& t) {
+        t_in_collective = false;
+        err = "kernel trapped: " + t.msg;
+        return false;
+    }
+    t_in_collective = false;
+    return true;
+}
 
 void fiber_entry() {
     Worker* w = t_worker;
@@ -256,7 +281,32 @@ bool resolve_call(Worker* w, unsigned warp, unsigned lo, unsigned hi, unsigned p
         if (fs[i].call != fs[lo].call) { err = "lanes of warp " + std::to_string(warp) + " execute different warp instructions"; return false; }
         lanes[i - lo] = reinterpret_cast<void*>(fs[i].value);
     }
-    fs[lo].call(lanes);
+    if (!run_collective(fs[lo].call, lanes, err)) return false;
+    for (unsigned i = lo; i < hi; ++i) fs[i].state = RUNNABLE;
+    return true;
+}
+
+// A warpgroup collective, resolved by the group's first warp once all 128 threads posted it.
+bool resolve_group(Worker* w, unsigned warp, unsigned nthreads, std::string& err) {
+    if (warp % 4 != 0) return true;
+    const unsigned lo = warp * 32, hi = lo + 128;
+    const std::string name = "warpgroup " + std::to_string(warp / 4);
+    if (hi > nthreads) {
+        err = name + ": a .sync.aligned warpgroup instruction (wgmma) in a block of " + std::to_string(nthreads) + " threads";
+        return false;
+    }
+    Fiber* fs = &w->fibers[0];
+    void* lanes[128];
+    for (unsigned i = lo; i < hi; ++i) {
+        if (fs[i].state == DONE) { err = name + ": a thread exited while the others wait at a wgmma instruction"; return false; }
+        if (fs[i].state != AT_WARP) return true;  // not every thread has arrived yet
+        if (fs[i].op != W_GROUP_CALL || fs[i].call != fs[lo].call) {
+            err = name + ": threads execute different warpgroup instructions";
+            return false;
+        }
+        lanes[i - lo] = reinterpret_cast<void*>(fs[i].value);
+    }
+    if (!run_collective(fs[lo].call, lanes, err)) return false;
     for (unsigned i = lo; i < hi; ++i) fs[i].state = RUNNABLE;
     return true;
 }
@@ -277,6 +327,7 @@ bool resolve_warp(Worker* w, unsigned warp, unsigned nthreads, std::string& err)
     }
     if (op < 0) return true;
     if (op == W_CALL) return resolve_call(w, warp, lo, hi, posted, err);
+    if (op == W_GROUP_CALL) return resolve_group(w, warp, nthreads, err);
     for (unsigned i = lo; i < hi; ++i) {
         if (fs[i].state != AT_WARP) continue;
         unsigned m = fs[i].mask;
@@ -326,6 +377,9 @@ bool run_block(Worker* w, unsigned nthreads) {
         f.tc.linear = i;
         f.tc.tid = uint3{i % bd.x, (i / bd.x) % bd.y, i / (bd.x * bd.y)};
     }
+    w->shared_base = nullptr;
+    w->shared_bytes = 0;
+    w->block_serial = g_block_serial.fetch_add(1) + 1;
     w->order.resize(nthreads);
     for (unsigned i = 0; i < nthreads; ++i) w->order[i] = i;
     for (;;) {
@@ -395,6 +449,39 @@ void warp_call(WarpFn fn, void* mine) {
     yield_current();
 }
 
+void group_call(WarpFn fn, void* mine) {
+    Fiber& f = t_worker->fibers[t_index];
+    f.state = AT_WARP;
+    f.op = W_GROUP_CALL;
+    f.mask = 0xffffffffu;
+    f.value = reinterpret_cast<uint64_t>(mine);
+    f.call = fn;
+    yield_current();
+}
+
+void set_shared_window(void* base, size_t bytes) {
+    t_worker->shared_base = static_cast<unsigned char*>(base);
+    t_worker->shared_bytes = bytes;
+}
+
+unsigned char* shared_at(unsigned addr, unsigned bytes) {
+    Worker* w = t_worker;
+    if (!w->shared_base) trap("a shared address was used before the kernel set its shared window");
+    if ((size_t)addr + bytes > w->shared_bytes) trap("a shared address lies outside the block's shared window");
+    return w->shared_base + addr;
+}
+
+unsigned shared_addr_of(const void* p) {
+    Worker* w = t_worker;
+    const unsigned char* c = static_cast<const unsigned char*>(p);
+    if (!w->shared_base || c < w->shared_base || c >= w->shared_base + w->shared_bytes)
+        trap("a pointer outside the block's shared window was converted to a shared address");
+    return (unsigned)(c - w->shared_base);
+}
+
+unsigned thread_linear() { return t_cur->linear; }
+uint64_t block_serial() { return t_worker->block_serial; }
+
 void count_shared(const void* const* addrs, unsigned nlanes, int bytes) { count_shared_into(t_worker->counters, addrs, nlanes, bytes); }
 
 void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
@@ -434,6 +521,7 @@ void cp_async_wait(int pending_groups) {
 }
 
 void trap(const char* msg) {
+    if (t_in_collective) throw CollectiveTrap{msg};
     Worker* w = t_worker;
     w->error = std::string("kernel trapped: ") + msg;
     w->fibers[t_index].state = DONE;

@@ -49,6 +49,20 @@ uint64_t warp_collective(int op, unsigned mask, uint64_t value, int arg, int wid
 // so in-place accumulation (d == c) is safe.
 typedef void (*WarpFn)(void* const* lanes);
 void warp_call(WarpFn fn, void* mine);
+// A warpgroup collective (a `.sync.aligned` wgmma instruction): the 128 threads of an aligned
+// warpgroup (warps 4i..4i+3) must all post it; `fn` runs once with lanes[0..128) in thread order.
+void group_call(WarpFn fn, void* mine);
+// The block's shared-memory window for instructions that take shared addresses as numbers (wgmma's
+// matrix descriptors): `base` is address 0 of the window, `bytes` its size. Set by the kernel (on the
+// device the window is the hardware's and this is not called).
+void set_shared_window(void* base, size_t bytes);
+// The host pointer of shared address `addr` (`bytes` long) in the window; traps outside it.
+unsigned char* shared_at(unsigned addr, unsigned bytes);
+unsigned shared_addr_of(const void* p);
+// The calling thread's linear index in its block (lane = % 32, warp = / 32, warpgroup = / 128).
+unsigned thread_linear();
+// A number unique to the block being run (over all launches), for per-block state kept outside it.
+uint64_t block_serial();
 // cp.async as the hardware defines it for one thread: `bytes` (4, 8 or 16) from src to dst, of which
 // src_bytes are copied and the rest zero-filled; both addresses aligned to `bytes`. The destination
 // is poisoned (0xff bytes: NaN in f16 and f32) at issue and written only when a cp.async.wait_group

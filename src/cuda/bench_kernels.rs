@@ -235,7 +235,7 @@ pub fn run(
     tune_mode: TuneMode,
     cache: &mut TuneCache,
 ) -> Result<Vec<Row>> {
-    let arch = dev.map_or("sm_90".to_string(), |d| format!("sm_{}{}", d.compute_capability.0, d.compute_capability.1));
+    let arch = dev.map_or("sm_90a".to_string(), |d| nvrtc::arch_for(d.compute_capability.0, d.compute_capability.1));
     let sm = dev.map_or(90, |d| d.compute_capability.0 * 10 + d.compute_capability.1);
     let sassm = sass_metrics(&arch);
     let mut rows = Vec::new();

@@ -137,7 +137,8 @@ impl GpuRunner {
             .ok_or_else(|| Error::Cuda(format!("no CUDA device {ordinal} ({} present)", devs.len())))?;
         nvrtc::available()?;
         let ctx = CudaContext::new(ordinal).map_err(drv("creating the CUDA context"))?;
-        let arch = format!("sm_{}{}", info.compute_capability.0, info.compute_capability.1);
+        let (major, minor) = info.compute_capability;
+        let arch = nvrtc::arch_for(major.max(0) as u32, minor.max(0) as u32);
         ctx.bind_to_thread().map_err(drv("binding the CUDA context"))?;
         let stream = || result::stream::create(result::stream::StreamKind::NonBlocking).map_err(drv("cuStreamCreate"));
         let streams = [stream()?, stream()?];

@@ -102,6 +102,13 @@ pub fn full_source(family: &str) -> Result<String> {
     Ok(kernels::splice_headers(src))
 }
 
+/// The architecture to compile for on a device of compute capability `cc`: "sm_XY", except that
+/// Hopper (9.0) gets "sm_90a", whose arch-specific instructions (wgmma) the conv_f16_wg* kernels use;
+/// an sm_90a cubin runs on 9.0 devices only, which is the device it is compiled for.
+pub fn arch_for(major: u32, minor: u32) -> String {
+    if (major, minor) == (9, 0) { "sm_90a".to_string() } else { format!("sm_{major}{minor}") }
+}
+
 /// The options every compile uses, for `arch` like "sm_90". SASS, not PTX: the driver does not JIT,
 /// and ptxas checks (and reports resources of) what actually runs.
 pub fn options(arch: &str) -> Vec<String> {

@@ -68,7 +68,7 @@ impl KernelSass {
     /// The innermost loop holding the MMAs: the shortest backward branch range [target, branch] that
     /// contains an HMMA, as (instructions in it, HMMAs in it).
     pub fn mma_loop(&self) -> Option<(usize, usize)> {
-        let is_mma = |o: &String| o.starts_with("HMMA");
+        let is_mma = |o: &String| o.starts_with("HMMA") || o.starts_with("HGMMA");
         self.branches
             .iter()
             .filter_map(|(at, target)| {

@@ -95,7 +95,7 @@ pub fn op_key(dev: &DeviceKey, s: &ConvShape, fused: Fused, dtype: &str) -> Stri
 
 /// Whether `v` can run `s` on a device of compute capability `sm` (e.g. 90).
 pub fn supported(v: &Variant, s: &ConvShape, sm: u32) -> bool {
-    sm >= v.min_sm && (v.split_k == 1 || s.k_tiles() >= 2 * v.split_k)
+    (v.min_sm..=v.max_sm).contains(&sm) && (v.split_k == 1 || s.k_tiles() >= 2 * v.split_k)
 }
 
 /// Whether `v` can run `s` as `fused` on `sm`: [`supported`], and the fused family has `v`'s tile.

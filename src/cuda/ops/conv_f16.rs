@@ -1,7 +1,7 @@
 //! The f16 tensor-core convolutions (kernels/conv_f16.cu): the variant registry, the deterministic
 //! choice of a variant per shape, parameter checks, f16 packing of weights and activations, and the
-//! launch. One entry per kernel of the family; a later sm_90a (wgmma/TMA) variant is one more entry
-//! with `min_sm: 90` and its own kernel name.
+//! launch. One entry per kernel of the family: the mma.sync tiles run on sm_80 and later, the wgmma
+//! tiles (`conv_f16_wg*`) on sm_90 only (Hopper's arch-specific sm_90a instructions).
 //!
 //! Every variant computes the same convolution; they differ only in the tile (and so in how many
 //! blocks a shape gets, and how much of a tile is wasted on narrow outputs). With a GPU the tuner times
@@ -26,11 +26,18 @@ pub struct Variant {
     pub threads: u32,
     /// The oldest architecture the kernel runs on (mma.sync and cp.async need sm_80).
     pub min_sm: u32,
+    /// The newest: wgmma is sm_90a's alone (Blackwell has other tensor-core instructions).
+    pub max_sm: u32,
     /// K split over this many blocks (1: none), partial sums reduced by conv_f16_splitk_reduce.
     pub split_k: usize,
 }
 
 impl Variant {
+    /// Whether this is a warpgroup (wgmma) tile: two warpgroups of 64 pixel rows each.
+    pub fn is_wgmma(&self) -> bool {
+        self.max_sm == 90
+    }
+
     /// Static shared memory: 3 stages of A (bm × 32) and B (bn × 32) f16 tiles.
     pub fn shared_bytes(&self) -> usize {
         3 * (self.bm + self.bn) * 32 * 2
@@ -38,7 +45,12 @@ impl Variant {
 }
 
 const fn tile(name: &'static str, bm: usize, bn: usize, threads: u32, split_k: usize) -> Variant {
-    Variant { name, kernel: name, bm, bn, threads, min_sm: 80, split_k }
+    Variant { name, kernel: name, bm, bn, threads, min_sm: 80, max_sm: u32::MAX, split_k }
+}
+
+/// A Hopper tile: 128 pixels (two warpgroups) × bn channels on wgmma.m64n{bn}k16.
+const fn wg_tile(name: &'static str, bn: usize) -> Variant {
+    Variant { min_sm: 90, max_sm: 90, ..tile(name, 128, bn, 256, 1) }
 }
 
 /// Every way to run an f16 groups-1 convolution, widest tile first.
@@ -51,6 +63,8 @@ pub const VARIANTS: &[Variant] = &[
     tile("conv_f16_128x8", 128, 8, 128, 1),
     Variant { name: "conv_f16_64x64_sk4", ..tile("conv_f16_64x64", 64, 64, 128, 4) },
     Variant { name: "conv_f16_64x64_sk8", ..tile("conv_f16_64x64", 64, 64, 128, 8) },
+    wg_tile("conv_f16_wg128x128", 128),
+    wg_tile("conv_f16_wg128x64", 64),
 ];
 
 /// The f16 depthwise kernel (its own family member; no variants).

@@ -20,6 +20,8 @@ pub fn dwpw_kernel(v: &Variant) -> Result<&'static str> {
         "conv_f16_128x32" => "conv_dwpw_f16_128x32",
         "conv_f16_128x16" => "conv_dwpw_f16_128x16",
         "conv_f16_128x8" => "conv_dwpw_f16_128x8",
+        "conv_f16_wg128x128" => "conv_dwpw_f16_wg128x128",
+        "conv_f16_wg128x64" => "conv_dwpw_f16_wg128x64",
         other => {
             return Err(Error::Cuda(format!("f16 variant {} ({other}) has no depthwise + pointwise kernel", v.name)));
         }
@@ -137,6 +139,8 @@ pub fn ex_kernel(v: &Variant) -> Result<&'static str> {
         "conv_f16_128x32" => "conv_ex_f16_128x32",
         "conv_f16_128x16" => "conv_ex_f16_128x16",
         "conv_f16_128x8" => "conv_ex_f16_128x8",
+        "conv_f16_wg128x128" => "conv_ex_f16_wg128x128",
+        "conv_f16_wg128x64" => "conv_ex_f16_wg128x64",
         other => return Err(Error::Cuda(format!("f16 variant {} ({other}) has no fused-epilogue kernel", v.name))),
     })
 }
