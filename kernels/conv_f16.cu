@@ -25,13 +25,17 @@
 //   M·cout/2, 256 threads) sums them in z order, so the result does not depend on timing, and applies
 //   the epilogue. Extra traffic: 2·splits·M·cout·4 B.
 //
-// conv_f16_wg128xBN (sm_90a only; BN 128 or 64): the same implicit GEMM, the same loads into the same
-//   3-stage ring, on Hopper's warpgroup MMAs. The ring's rows (32 halves, chunk c at c ^ ((row/2) % 4))
+// conv_f16_wgBMxBN (sm_90a only; 128x128, 128x64, 64x128): the same implicit GEMM, the same loads into
+//   the same ring, on Hopper's warpgroup MMAs. The ring's rows (32 halves, chunk c at c ^ ((row/2) % 4))
 //   are exactly wgmma's K-major 64-byte-swizzle layout (8-row groups 512 bytes apart), so the tiles are
 //   read by the tensor cores straight from shared memory through descriptors: no ldmatrix, no A/B
-//   fragments in registers. 256 threads = two warpgroups, each 64 pixel rows × BN channels with
-//   wgmma.m64nBNk16 (BN/2 f32 accumulators per thread), two per k-tile, committed and waited per
-//   k-tile (fence.proxy.async before the barrier hands the cp.async data to the async proxy). One
+//   fragments in registers. BM/64 warpgroups, each 64 pixel rows × BN channels with wgmma.m64nBNk16
+//   (BN/2 f32 accumulators per thread), two per k-tile (fence.proxy.async before the barrier hands the
+//   cp.async data to the async proxy). 128x128: a 3-stage ring, each k-tile's wgmmas waited for before
+//   the next barrier (another resident block keeps the tensor cores busy). 128x64 and 64x128: 4 stages
+//   in the 48 KiB, the ring two k-tiles ahead and one k-tile's wgmmas left running while the next
+//   ones issue (wait_group 1; the SASS shows WARPGROUP.DEPBAR.LE gsb0, 0x1). The simulation traps if a
+//   refill ever lands on a slot whose wgmmas are still in flight. One
 //   HGMMA m64n128k16 does the work of 64 HMMA m16n8k16 (SASS: ~100 instructions per HGMMA in the loop
 //   against ~7 per HMMA, i.e. ~9x fewer issue slots per multiply-add). Fused flavours:
 //   conv_dwpw_f16_wg*, conv_ex_f16_wg*. Shared memory and cost as conv_f16_BMxBN; ptxas must not
@@ -340,14 +344,21 @@ __device__ __forceinline__ void wgmma_m64k16<64>(float* acc, unsigned long long 
     wgmma_m64n64k16(acc, da, db, 1);
 }
 
-template <int BN, class P>
+// WGS warpgroups (64 pixel rows each) × BN channels, a STAGES-deep ring. Three stages: each k-tile's
+// wgmmas are waited for before the next barrier (another resident block fills the tensor cores
+// meanwhile). Four: a k-tile's wgmmas run while the next ones are issued (wait_group 1), the ring two
+// k-tiles ahead of the math, its refill target the slot whose wgmmas the previous wait retired.
+template <int WGS, int BN, int STAGES, class P>
 __device__ __forceinline__ void conv_f16_wgmma(const P& p) {
-    constexpr int BM = 128, THREADS = 256, NREG = BN / 2;
+    constexpr int BM = 64 * WGS, THREADS = 128 * WGS, NREG = BN / 2;
+    constexpr int AHEAD = STAGES == 3 ? 2 : STAGES - 2;  // k-tiles in flight in the ring
+    constexpr int IN_FLIGHT = STAGES == 3 ? 0 : 1;       // wgmma groups left running at each wait
+    static_assert(STAGES == 3 || STAGES == 4, "3 stages (wait 0) or 4 (wait 1)");
     // One array, so that every tile lies at a fixed offset from a 1024-aligned base: the descriptors'
     // swizzle works on absolute shared addresses.
-    __shared__ __align__(1024) unsigned short smem[CONVH_STAGES * (BM + BN) * CONVH_BK];
+    __shared__ __align__(1024) unsigned short smem[STAGES * (BM + BN) * CONVH_BK];
     unsigned short* const As = smem;
-    unsigned short* const Bs = smem + CONVH_STAGES * BM * CONVH_BK;
+    unsigned short* const Bs = smem + STAGES * BM * CONVH_BK;
     wgmma_shared_window(smem, sizeof smem);
 
     const int tid = threadIdx.x, wg = tid / 128;
@@ -362,25 +373,25 @@ __device__ __forceinline__ void conv_f16_wgmma(const P& p) {
     int kt0, KT;
     convh_k_range(p, loader.K, kt0, KT);
 #pragma unroll
-    for (int s = 0; s < CONVH_STAGES - 1; ++s) {
+    for (int s = 0; s < AHEAD; ++s) {
         if (s < KT) loader.load(p, As + s * BM * CONVH_BK, Bs + s * BN * CONVH_BK, kt0 + s);
         cp_async_commit();
     }
     for (int kt = 0; kt < KT; ++kt) {
         // Stage kt has landed for this thread; the proxy fence hands its writes (and the depthwise
-        // tiles' stores) to wgmma's async proxy; the barrier publishes everyone's and says that slot
-        // (kt - 1) % STAGES, whose wgmmas every warpgroup waited for, may be refilled.
-        cp_async_wait<CONVH_STAGES - 2>();
+        // tiles' stores) to wgmma's async proxy; the barrier publishes everyone's, and says that every
+        // warpgroup retired the wgmmas of k-tile kt + AHEAD - STAGES, whose slot is refilled next.
+        cp_async_wait<AHEAD - 1>();
         wgmma_fence_proxy();
         __syncthreads();
-        const int nk = kt + CONVH_STAGES - 1;
+        const int nk = kt + AHEAD;
         if (nk < KT) {
-            const int slot = nk % CONVH_STAGES;
+            const int slot = nk % STAGES;
             loader.load(p, As + slot * BM * CONVH_BK, Bs + slot * BN * CONVH_BK, kt0 + nk);
         }
         cp_async_commit();
 
-        const int slot = kt % CONVH_STAGES;
+        const int slot = kt % STAGES;
         const unsigned short* as = As + slot * BM * CONVH_BK + wg * 64 * CONVH_BK;
         const unsigned short* bs = Bs + slot * BN * CONVH_BK;
         wgmma_fence_operands<NREG>(acc);
@@ -388,10 +399,11 @@ __device__ __forceinline__ void conv_f16_wgmma(const P& p) {
 #pragma unroll
         for (int kk = 0; kk < CONVH_BK; kk += 16) wgmma_m64k16<BN>(acc, wgmma_desc_k64b(as + kk), wgmma_desc_k64b(bs + kk));
         wgmma_commit();
-        // Another resident block's wgmmas fill the tensor cores while this one waits.
-        wgmma_wait<0>();
+        wgmma_wait<IN_FLIGHT>();
         wgmma_fence_operands<NREG>(acc);
     }
+    wgmma_wait<0>();
+    wgmma_fence_operands<NREG>(acc);
     cp_async_wait<0>();
 
     // Epilogue: register 4j + i of thread (warp w of the group, lane l) is pixel row 16w + l/4 + 8·(i/2)
@@ -402,7 +414,8 @@ __device__ __forceinline__ void conv_f16_wgmma(const P& p) {
     for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-            convh_out2(p, M, m0 + 64 * wg + 16 * w + g + 8 * h, n0 + 8 * j + 2 * t, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+            convh_out2(p, M, m0 + 64 * wg + 16 * w + g + 8 * h, n0 + 8 * j + 2 * t, acc[4 * j + 2 * h],
+                       acc[4 * j + 2 * h + 1]);
 }
 
 extern "C" __global__ void __launch_bounds__(256) conv_f16_128x128(const ConvF16Params p) { conv_f16_igemm<128, 128, 64, 32>(p); }
@@ -411,8 +424,9 @@ extern "C" __global__ void __launch_bounds__(128) conv_f16_64x64(const ConvF16Pa
 extern "C" __global__ void __launch_bounds__(128) conv_f16_128x32(const ConvF16Params p) { conv_f16_igemm<128, 32, 32, 32>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_f16_128x16(const ConvF16Params p) { conv_f16_igemm<128, 16, 32, 16>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_f16_128x8(const ConvF16Params p) { conv_f16_igemm<128, 8, 32, 8>(p); }
-extern "C" __global__ void __launch_bounds__(256) conv_f16_wg128x128(const ConvF16Params p) { conv_f16_wgmma<128>(p); }
-extern "C" __global__ void __launch_bounds__(256) conv_f16_wg128x64(const ConvF16Params p) { conv_f16_wgmma<64>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_f16_wg128x128(const ConvF16Params p) { conv_f16_wgmma<2, 128, 3>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_f16_wg128x64(const ConvF16Params p) { conv_f16_wgmma<2, 64, 4>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_f16_wg64x128(const ConvF16Params p) { conv_f16_wgmma<1, 128, 4>(p); }
 
 extern "C" __global__ void __launch_bounds__(256) conv_dwpw_f16_128x128(const DwPwF16Params p) { conv_f16_igemm<128, 128, 64, 32>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_128x64(const DwPwF16Params p) { conv_f16_igemm<128, 64, 64, 32>(p); }
@@ -420,8 +434,9 @@ extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_64x64(const DwPw
 extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_128x32(const DwPwF16Params p) { conv_f16_igemm<128, 32, 32, 32>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_128x16(const DwPwF16Params p) { conv_f16_igemm<128, 16, 32, 16>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_128x8(const DwPwF16Params p) { conv_f16_igemm<128, 8, 32, 8>(p); }
-extern "C" __global__ void __launch_bounds__(256) conv_dwpw_f16_wg128x128(const DwPwF16Params p) { conv_f16_wgmma<128>(p); }
-extern "C" __global__ void __launch_bounds__(256) conv_dwpw_f16_wg128x64(const DwPwF16Params p) { conv_f16_wgmma<64>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_dwpw_f16_wg128x128(const DwPwF16Params p) { conv_f16_wgmma<2, 128, 3>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_dwpw_f16_wg128x64(const DwPwF16Params p) { conv_f16_wgmma<2, 64, 4>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_wg64x128(const DwPwF16Params p) { conv_f16_wgmma<1, 128, 4>(p); }
 
 extern "C" __global__ void __launch_bounds__(256) conv_ex_f16_128x128(const ConvExF16Params p) { conv_f16_igemm<128, 128, 64, 32>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_128x64(const ConvExF16Params p) { conv_f16_igemm<128, 64, 64, 32>(p); }
@@ -429,8 +444,9 @@ extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_64x64(const ConvEx
 extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_128x32(const ConvExF16Params p) { conv_f16_igemm<128, 32, 32, 32>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_128x16(const ConvExF16Params p) { conv_f16_igemm<128, 16, 32, 16>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_128x8(const ConvExF16Params p) { conv_f16_igemm<128, 8, 32, 8>(p); }
-extern "C" __global__ void __launch_bounds__(256) conv_ex_f16_wg128x128(const ConvExF16Params p) { conv_f16_wgmma<128>(p); }
-extern "C" __global__ void __launch_bounds__(256) conv_ex_f16_wg128x64(const ConvExF16Params p) { conv_f16_wgmma<64>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_ex_f16_wg128x128(const ConvExF16Params p) { conv_f16_wgmma<2, 128, 3>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_ex_f16_wg128x64(const ConvExF16Params p) { conv_f16_wgmma<2, 64, 4>(p); }
+extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_wg64x128(const ConvExF16Params p) { conv_f16_wgmma<1, 128, 4>(p); }
 
 // Sums split-K partials in z order and applies P's epilogue.
 template <class P>

@@ -39,6 +39,11 @@ fn f16_conv_kernels_use_tensor_cores_without_local_memory() {
     for arch in ["sm_80", "sm_90", "sm_90a"] {
         let c = nvrtc::compile("conv_f16", arch).expect("NVRTC compiles conv_f16");
         let funcs = sass::disassemble(&c.cubin).expect("nvdisasm");
+        // RETINAFACE_SASS_DUMP_DIR=DIR keeps the cubins for reading with nvdisasm.
+        if let Some(dir) = std::env::var_os("RETINAFACE_SASS_DUMP_DIR") {
+            let path = std::path::Path::new(&dir).join(format!("conv_f16-{arch}.cubin"));
+            std::fs::write(&path, &c.cubin).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
         // ptxas says when it must serialise wgmmas (a wait after each, or registers it cannot keep
         // across them): the pipeline the Hopper tiles are written for would not exist.
         for line in c.log.lines().filter(|l| l.contains("wgmma") || l.contains("Performance")) {
@@ -58,7 +63,11 @@ fn f16_conv_kernels_use_tensor_cores_without_local_memory() {
                 continue;
             };
             let threads =
-                if wgmma || k.ends_with("_128x128") || !k.contains('x') || k.ends_with("reduce") { 256 } else { 128 };
+                if k.contains("_wg128") || k.ends_with("_128x128") || !k.contains('x') || k.ends_with("reduce") {
+                    256
+                } else {
+                    128
+                };
             let occ = sass::occupancy(arch, r.registers, threads, r.shared_bytes);
             let (hmma, ldsm, ldgsts) = (f.count("HMMA") + f.count("HGMMA"), f.count("LDSM"), f.count("LDGSTS"));
             println!(

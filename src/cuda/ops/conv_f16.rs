@@ -28,29 +28,32 @@ pub struct Variant {
     pub min_sm: u32,
     /// The newest: wgmma is sm_90a's alone (Blackwell has other tensor-core instructions).
     pub max_sm: u32,
+    /// Depth of the shared-memory ring of 32-deep k-tiles.
+    pub stages: usize,
     /// K split over this many blocks (1: none), partial sums reduced by conv_f16_splitk_reduce.
     pub split_k: usize,
 }
 
 impl Variant {
-    /// Whether this is a warpgroup (wgmma) tile: two warpgroups of 64 pixel rows each.
+    /// Whether this is a warpgroup (wgmma) tile: warpgroups of 64 pixel rows each.
     pub fn is_wgmma(&self) -> bool {
         self.max_sm == 90
     }
 
-    /// Static shared memory: 3 stages of A (bm × 32) and B (bn × 32) f16 tiles.
+    /// Static shared memory: the ring's stages of A (bm × 32) and B (bn × 32) f16 tiles.
     pub fn shared_bytes(&self) -> usize {
-        3 * (self.bm + self.bn) * 32 * 2
+        self.stages * (self.bm + self.bn) * 32 * 2
     }
 }
 
 const fn tile(name: &'static str, bm: usize, bn: usize, threads: u32, split_k: usize) -> Variant {
-    Variant { name, kernel: name, bm, bn, threads, min_sm: 80, max_sm: u32::MAX, split_k }
+    Variant { name, kernel: name, bm, bn, threads, min_sm: 80, max_sm: u32::MAX, stages: 3, split_k }
 }
 
-/// A Hopper tile: 128 pixels (two warpgroups) × bn channels on wgmma.m64n{bn}k16.
-const fn wg_tile(name: &'static str, bn: usize) -> Variant {
-    Variant { min_sm: 90, max_sm: 90, ..tile(name, 128, bn, 256, 1) }
+/// A Hopper tile: bm pixels (a warpgroup per 64) × bn channels on wgmma.m64n{bn}k16, a ring of
+/// `stages` (3: each k-tile's wgmmas waited for; 4: one k-tile's left running while the next issue).
+const fn wg_tile(name: &'static str, bm: usize, bn: usize, stages: usize) -> Variant {
+    Variant { min_sm: 90, max_sm: 90, stages, ..tile(name, bm, bn, 2 * bm as u32, 1) }
 }
 
 /// Every way to run an f16 groups-1 convolution, widest tile first.
@@ -63,8 +66,9 @@ pub const VARIANTS: &[Variant] = &[
     tile("conv_f16_128x8", 128, 8, 128, 1),
     Variant { name: "conv_f16_64x64_sk4", ..tile("conv_f16_64x64", 64, 64, 128, 4) },
     Variant { name: "conv_f16_64x64_sk8", ..tile("conv_f16_64x64", 64, 64, 128, 8) },
-    wg_tile("conv_f16_wg128x128", 128),
-    wg_tile("conv_f16_wg128x64", 64),
+    wg_tile("conv_f16_wg128x128", 128, 128, 3),
+    wg_tile("conv_f16_wg128x64", 128, 64, 4),
+    wg_tile("conv_f16_wg64x128", 64, 128, 4),
 ];
 
 /// The f16 depthwise kernel (its own family member; no variants).

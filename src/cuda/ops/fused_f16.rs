@@ -22,6 +22,7 @@ pub fn dwpw_kernel(v: &Variant) -> Result<&'static str> {
         "conv_f16_128x8" => "conv_dwpw_f16_128x8",
         "conv_f16_wg128x128" => "conv_dwpw_f16_wg128x128",
         "conv_f16_wg128x64" => "conv_dwpw_f16_wg128x64",
+        "conv_f16_wg64x128" => "conv_dwpw_f16_wg64x128",
         other => {
             return Err(Error::Cuda(format!("f16 variant {} ({other}) has no depthwise + pointwise kernel", v.name)));
         }
@@ -141,6 +142,7 @@ pub fn ex_kernel(v: &Variant) -> Result<&'static str> {
         "conv_f16_128x8" => "conv_ex_f16_128x8",
         "conv_f16_wg128x128" => "conv_ex_f16_wg128x128",
         "conv_f16_wg128x64" => "conv_ex_f16_wg128x64",
+        "conv_f16_wg64x128" => "conv_ex_f16_wg64x128",
         other => return Err(Error::Cuda(format!("f16 variant {} ({other}) has no fused-epilogue kernel", v.name))),
     })
 }
