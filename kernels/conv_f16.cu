@@ -25,21 +25,23 @@
 //   M·cout/2, 256 threads) sums them in z order, so the result does not depend on timing, and applies
 //   the epilogue. Extra traffic: 2·splits·M·cout·4 B.
 //
-// conv_f16_wgBMxBN (sm_90a only; 128x128, 128x64, 64x128): the same implicit GEMM, the same loads into
-//   the same ring, on Hopper's warpgroup MMAs. The ring's rows (32 halves, chunk c at c ^ ((row/2) % 4))
-//   are exactly wgmma's K-major 64-byte-swizzle layout (8-row groups 512 bytes apart), so the tiles are
-//   read by the tensor cores straight from shared memory through descriptors: no ldmatrix, no A/B
-//   fragments in registers. BM/64 warpgroups, each 64 pixel rows × BN channels with wgmma.m64nBNk16
-//   (BN/2 f32 accumulators per thread), two per k-tile (fence.proxy.async before the barrier hands the
-//   cp.async data to the async proxy). 128x128: a 3-stage ring, each k-tile's wgmmas waited for before
-//   the next barrier (another resident block keeps the tensor cores busy). 128x64 and 64x128: 4 stages
-//   in the 48 KiB, the ring two k-tiles ahead and one k-tile's wgmmas left running while the next
-//   ones issue (wait_group 1; the SASS shows WARPGROUP.DEPBAR.LE gsb0, 0x1). The simulation traps if a
-//   refill ever lands on a slot whose wgmmas are still in flight. One
-//   HGMMA m64n128k16 does the work of 64 HMMA m16n8k16 (SASS: ~100 instructions per HGMMA in the loop
-//   against ~7 per HMMA, i.e. ~9x fewer issue slots per multiply-add). Fused flavours:
-//   conv_dwpw_f16_wg*, conv_ex_f16_wg*. Shared memory and cost as conv_f16_BMxBN; ptxas must not
-//   serialise the wgmmas (tests/conv_f16_sass.rs fails on its C7511-style advisories).
+// conv_f16_wgBMxBN (sm_90a only; 128x256, 128x128, 128x64, 64x128): the same implicit GEMM, the same
+//   loads into the same swizzled ring, on Hopper's warpgroup MMAs. The ring's rows (32 halves, chunk c
+//   at c ^ ((row/2) % 4)) are exactly wgmma's K-major 64-byte-swizzle layout (8-row groups 512 bytes
+//   apart), so the tensor cores read the tiles straight from shared memory through descriptors: no
+//   ldmatrix, no A/B fragments in registers. BM/64 warpgroups, each 64 pixel rows × BN channels with
+//   wgmma.m64nBNk16 (BN/2 f32 accumulators per thread), two per k-tile; fence.proxy.async before the
+//   barrier hands the cp.async data to the async proxy. A 4-stage ring in dynamic shared memory
+//   (4·(BM+BN)·64 B: 96 KiB at 128x256, plus 1 KiB in which the kernel aligns it to 1024 bytes), kept
+//   two k-tiles ahead of the math; each k-tile ends with wgmma.wait_group 1, so one k-tile's wgmmas run
+//   while the next ones issue (SASS: WARPGROUP.DEPBAR.LE gsb0, 0x1), and the refill after the next
+//   barrier targets the slot that wait retired (the simulation traps if a refill ever lands under
+//   wgmmas in flight). One HGMMA m64n128k16 does the work of 64 HMMA m16n8k16 (~100 instructions per
+//   HGMMA in the loop against ~7 per HMMA). Shared-memory traffic per multiply-add falls with the tile:
+//   each warpgroup reads its A and the whole B per k-tile, so 128x256 moves about 125 B per clock per SM
+//   at the tensor cores' rate where 64x128 would need ~190 (an SM serves 128): the tuner decides per
+//   shape. Fused flavours: conv_dwpw_f16_wg*, conv_ex_f16_wg*. ptxas must not serialise the wgmmas
+//   (tests/conv_f16_sass.rs fails on its advisories).
 //
 // conv_dwpw_f16_BMxBN (DwPwF16Params): depthwise k×k (any stride) + pointwise 1×1 (MobileNet blocks),
 //   the depthwise output never written: conv_f16_igemm with K = c, whose A tiles (BM pixels × 32
@@ -343,23 +345,29 @@ template <>
 __device__ __forceinline__ void wgmma_m64k16<64>(float* acc, unsigned long long da, unsigned long long db) {
     wgmma_m64n64k16(acc, da, db, 1);
 }
+template <>
+__device__ __forceinline__ void wgmma_m64k16<256>(float* acc, unsigned long long da, unsigned long long db) {
+    wgmma_m64n256k16(acc, da, db, 1);
+}
 
-// WGS warpgroups (64 pixel rows each) × BN channels, a STAGES-deep ring. Three stages: each k-tile's
-// wgmmas are waited for before the next barrier (another resident block fills the tensor cores
-// meanwhile). Four: a k-tile's wgmmas run while the next ones are issued (wait_group 1), the ring two
-// k-tiles ahead of the math, its refill target the slot whose wgmmas the previous wait retired.
+// WGS warpgroups (64 pixel rows each) × BN channels, a STAGES-deep ring: a k-tile's wgmmas run while
+// the next ones are issued (wait_group 1), the ring STAGES - 2 k-tiles ahead of the math, its refill
+// target the slot whose wgmmas the previous wait retired.
 template <int WGS, int BN, int STAGES, class P>
 __device__ __forceinline__ void conv_f16_wgmma(const P& p) {
     constexpr int BM = 64 * WGS, THREADS = 128 * WGS, NREG = BN / 2;
-    constexpr int AHEAD = STAGES == 3 ? 2 : STAGES - 2;  // k-tiles in flight in the ring
-    constexpr int IN_FLIGHT = STAGES == 3 ? 0 : 1;       // wgmma groups left running at each wait
-    static_assert(STAGES == 3 || STAGES == 4, "3 stages (wait 0) or 4 (wait 1)");
-    // One array, so that every tile lies at a fixed offset from a 1024-aligned base: the descriptors'
-    // swizzle works on absolute shared addresses.
-    __shared__ __align__(1024) unsigned short smem[STAGES * (BM + BN) * CONVH_BK];
-    unsigned short* const As = smem;
-    unsigned short* const Bs = smem + STAGES * BM * CONVH_BK;
-    wgmma_shared_window(smem, sizeof smem);
+    constexpr int AHEAD = STAGES - 2;  // k-tiles the ring holds ahead of the math
+    static_assert(STAGES >= 4, "a slot for the math, one for the wgmmas in flight, two or more ahead");
+    // The ring in dynamic shared memory (up to 96 KiB), from a 1024-aligned base: the descriptors'
+    // swizzle works on absolute shared addresses, so the base is rounded up inside the 1 KiB of slack
+    // the host adds (conv_f16::dynamic_shared_bytes) rather than trusted to the declaration.
+    constexpr unsigned RING = STAGES * (BM + BN) * CONVH_BK * 2;
+    DYNAMIC_SHARED(convh_dyn);
+    require(dynamic_shared_size() >= RING + 1024, "conv_f16_wgmma: launched with less dynamic shared memory than its ring");
+    unsigned char* const base = convh_dyn + shared_pad_to_1024(convh_dyn);
+    wgmma_shared_window(base, RING);
+    unsigned short* const As = reinterpret_cast<unsigned short*>(base);
+    unsigned short* const Bs = As + STAGES * BM * CONVH_BK;
 
     const int tid = threadIdx.x, wg = tid / 128;
     const int M = p.n * p.oh * p.ow;
@@ -399,7 +407,7 @@ __device__ __forceinline__ void conv_f16_wgmma(const P& p) {
 #pragma unroll
         for (int kk = 0; kk < CONVH_BK; kk += 16) wgmma_m64k16<BN>(acc, wgmma_desc_k64b(as + kk), wgmma_desc_k64b(bs + kk));
         wgmma_commit();
-        wgmma_wait<IN_FLIGHT>();
+        wgmma_wait<1>();
         wgmma_fence_operands<NREG>(acc);
     }
     wgmma_wait<0>();
@@ -424,7 +432,8 @@ extern "C" __global__ void __launch_bounds__(128) conv_f16_64x64(const ConvF16Pa
 extern "C" __global__ void __launch_bounds__(128) conv_f16_128x32(const ConvF16Params p) { conv_f16_igemm<128, 32, 32, 32>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_f16_128x16(const ConvF16Params p) { conv_f16_igemm<128, 16, 32, 16>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_f16_128x8(const ConvF16Params p) { conv_f16_igemm<128, 8, 32, 8>(p); }
-extern "C" __global__ void __launch_bounds__(256) conv_f16_wg128x128(const ConvF16Params p) { conv_f16_wgmma<2, 128, 3>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_f16_wg128x256(const ConvF16Params p) { conv_f16_wgmma<2, 256, 4>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_f16_wg128x128(const ConvF16Params p) { conv_f16_wgmma<2, 128, 4>(p); }
 extern "C" __global__ void __launch_bounds__(256) conv_f16_wg128x64(const ConvF16Params p) { conv_f16_wgmma<2, 64, 4>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_f16_wg64x128(const ConvF16Params p) { conv_f16_wgmma<1, 128, 4>(p); }
 
@@ -434,7 +443,8 @@ extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_64x64(const DwPw
 extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_128x32(const DwPwF16Params p) { conv_f16_igemm<128, 32, 32, 32>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_128x16(const DwPwF16Params p) { conv_f16_igemm<128, 16, 32, 16>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_128x8(const DwPwF16Params p) { conv_f16_igemm<128, 8, 32, 8>(p); }
-extern "C" __global__ void __launch_bounds__(256) conv_dwpw_f16_wg128x128(const DwPwF16Params p) { conv_f16_wgmma<2, 128, 3>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_dwpw_f16_wg128x256(const DwPwF16Params p) { conv_f16_wgmma<2, 256, 4>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_dwpw_f16_wg128x128(const DwPwF16Params p) { conv_f16_wgmma<2, 128, 4>(p); }
 extern "C" __global__ void __launch_bounds__(256) conv_dwpw_f16_wg128x64(const DwPwF16Params p) { conv_f16_wgmma<2, 64, 4>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_dwpw_f16_wg64x128(const DwPwF16Params p) { conv_f16_wgmma<1, 128, 4>(p); }
 
@@ -444,7 +454,8 @@ extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_64x64(const ConvEx
 extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_128x32(const ConvExF16Params p) { conv_f16_igemm<128, 32, 32, 32>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_128x16(const ConvExF16Params p) { conv_f16_igemm<128, 16, 32, 16>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_128x8(const ConvExF16Params p) { conv_f16_igemm<128, 8, 32, 8>(p); }
-extern "C" __global__ void __launch_bounds__(256) conv_ex_f16_wg128x128(const ConvExF16Params p) { conv_f16_wgmma<2, 128, 3>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_ex_f16_wg128x256(const ConvExF16Params p) { conv_f16_wgmma<2, 256, 4>(p); }
+extern "C" __global__ void __launch_bounds__(256) conv_ex_f16_wg128x128(const ConvExF16Params p) { conv_f16_wgmma<2, 128, 4>(p); }
 extern "C" __global__ void __launch_bounds__(256) conv_ex_f16_wg128x64(const ConvExF16Params p) { conv_f16_wgmma<2, 64, 4>(p); }
 extern "C" __global__ void __launch_bounds__(128) conv_ex_f16_wg64x128(const ConvExF16Params p) { conv_f16_wgmma<1, 128, 4>(p); }
 

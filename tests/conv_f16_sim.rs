@@ -235,7 +235,7 @@ fn wgmma_tiles_equal_the_mma_sync_tiles_bit_for_bit() {
     let mut r = SimRunner::new();
     let base = conv_f16::variant("conv_f16_128x128").unwrap();
     let wg: Vec<&Variant> = VARIANTS.iter().filter(|v| v.is_wgmma()).collect();
-    assert_eq!(wg.len(), 3, "the Hopper tiles: {wg:?}");
+    assert_eq!(wg.len(), 4, "the Hopper tiles: {wg:?}");
     for cs in cases() {
         let p = prepare(&cs, &mut rng);
         let (_, _, _, want) = run(&mut r, &cs, &p, base);

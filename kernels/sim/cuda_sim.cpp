@@ -70,6 +70,7 @@ struct Counters {
 thread_local Counters t_last_counters;
 thread_local uint64_t t_seed = 0;
 thread_local bool t_seed_set = false;
+thread_local unsigned t_dynamic_shared = 0;  // the next launch's dynamic shared memory
 
 struct Fiber {
     jmp_buf ctx;
@@ -101,6 +102,8 @@ struct Worker {
     unsigned char* shared_base = nullptr;
     size_t shared_bytes = 0;
     uint64_t block_serial = 0;
+    unsigned char* dynamic = nullptr;  // this worker's dynamic shared memory (1024-aligned)
+    unsigned dynamic_bytes = 0;
 };
 std::atomic<uint64_t> g_block_serial{0};
 
@@ -380,6 +383,8 @@ bool run_block(Worker* w, unsigned nthreads) {
     w->shared_base = nullptr;
     w->shared_bytes = 0;
     w->block_serial = g_block_serial.fetch_add(1) + 1;
+    // Shared memory starts undefined on the device: poison it, so a read of what no thread wrote shows.
+    if (w->dynamic) std::memset(w->dynamic, 0xff, w->dynamic_bytes);
     w->order.resize(nthreads);
     for (unsigned i = 0; i < nthreads; ++i) w->order[i] = i;
     for (;;) {
@@ -480,6 +485,8 @@ unsigned shared_addr_of(const void* p) {
 }
 
 unsigned thread_linear() { return t_cur->linear; }
+unsigned char* dynamic_shared() { return t_worker->dynamic; }
+unsigned dynamic_shared_bytes() { return t_worker->dynamic_bytes; }
 uint64_t block_serial() { return t_worker->block_serial; }
 
 void count_shared(const void* const* addrs, unsigned nlanes, int bytes) { count_shared_into(t_worker->counters, addrs, nlanes, bytes); }
@@ -552,6 +559,9 @@ extern "C" int cudasim_run(void (*fn)(const void*), const void* params, const un
     }
     Counters launch_counters;
     t_last_counters = Counters{};
+    const unsigned dynamic_bytes = t_dynamic_shared;
+    t_dynamic_shared = 0;
+    if (dynamic_bytes > 227 * 1024) return fail("dynamic shared memory of " + std::to_string(dynamic_bytes) + " bytes (227 KiB at most)");
     std::atomic<unsigned long long> next{0};
     std::atomic<bool> failed{false};
     std::mutex m;
@@ -564,6 +574,10 @@ extern "C" int cudasim_run(void (*fn)(const void*), const void* params, const un
         t_blockDim = dim3(block[0], block[1], block[2]);
         t_gridDim = dim3(grid[0], grid[1], grid[2]);
         bool ok = create_fibers(&w, nthreads);
+        if (dynamic_bytes > 0) {
+            w.dynamic = static_cast<unsigned char*>(std::aligned_alloc(1024, (dynamic_bytes + 1023) / 1024 * 1024));
+            w.dynamic_bytes = dynamic_bytes;
+        }
         while (ok && !failed.load(std::memory_order_relaxed)) {
             unsigned long long b = next.fetch_add(1);
             if (b >= nblocks) break;
@@ -587,6 +601,7 @@ extern "C" int cudasim_run(void (*fn)(const void*), const void* params, const un
             launch_counters.global_bytes += w.counters.global_bytes;
         }
         if (w.stacks) munmap(w.stacks, w.stacks_len);
+        std::free(w.dynamic);
         t_worker = nullptr;
         t_cur = nullptr;
     };
@@ -601,6 +616,9 @@ extern "C" int cudasim_run(void (*fn)(const void*), const void* params, const un
     if (failed) return fail(first_error);
     return 0;
 }
+
+// Dynamic shared memory for the calling thread's next launch (the launch's third configuration value).
+extern "C" void cudasim_set_dynamic_shared(unsigned bytes) { t_dynamic_shared = bytes; }
 
 // The order seed for the following launches: 0 runs threads in index order between barriers; any other
 // value a random order derived from it and the block index. Overrides RETINAFACE_SIM_SEED; applies to

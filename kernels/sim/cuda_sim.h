@@ -61,6 +61,9 @@ unsigned char* shared_at(unsigned addr, unsigned bytes);
 unsigned shared_addr_of(const void* p);
 // The calling thread's linear index in its block (lane = % 32, warp = / 32, warpgroup = / 128).
 unsigned thread_linear();
+// The launch's dynamic shared memory (extern __shared__) and its size.
+unsigned char* dynamic_shared();
+unsigned dynamic_shared_bytes();
 // A number unique to the block being run (over all launches), for per-block state kept outside it.
 uint64_t block_serial();
 // cp.async as the hardware defines it for one thread: `bytes` (4, 8 or 16) from src to dst, of which

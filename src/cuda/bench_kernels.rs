@@ -218,7 +218,8 @@ pub fn sass_metrics(arch: &str) -> Option<HashMap<String, SassMetrics>> {
     for f in funcs {
         let Some(res) = c.resources.iter().find(|r| r.kernel == f.name) else { continue };
         let threads = VARIANTS.iter().find(|v| v.kernel == f.name).map_or(256, |v| v.threads);
-        let occ = sass::occupancy(arch, res.registers, threads, res.shared_bytes);
+        let shared = res.shared_bytes + conv_f16::dynamic_shared_bytes(&f.name);
+        let occ = sass::occupancy(arch, res.registers, threads, shared);
         let per_mma = f.mma_loop().map(|(len, mmas)| len as f64 / mmas as f64);
         m.insert(f.name.clone(), (res.registers, occ, per_mma));
     }

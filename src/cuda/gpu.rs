@@ -273,6 +273,15 @@ impl GpuRunner {
         // SAFETY: module is loaded and not unloaded before self drops.
         let f = unsafe { result::module::get_function(module, name) }
             .map_err(|e| Error::Cuda(format!("cuModuleGetFunction({kernel}): {e}")))?;
+        // Above 48 KiB of dynamic shared memory a kernel must opt in once.
+        let shared = super::ops::conv_f16::dynamic_shared_bytes(kernel);
+        if shared > 48 * 1024 {
+            let attr = sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            // SAFETY: f was just obtained from the loaded module.
+            unsafe { result::function::set_function_attribute(f, attr, shared as i32) }.map_err(|e| {
+                Error::Cuda(format!("cuFuncSetAttribute({kernel}, max dynamic shared memory {shared} bytes): {e}"))
+            })?;
+        }
         self.functions.insert(kernel.to_string(), f);
         Ok(f)
     }
@@ -406,7 +415,8 @@ impl KernelRunner for GpuRunner {
         let b = (dims.block[0], dims.block[1], dims.block[2]);
         // SAFETY: f comes from a module compiled from the same common.cuh the params mirror; pointers
         // inside the params are live allocations of this runner (the executor owns them).
-        unsafe { result::launch_kernel(f, g, b, 0, self.streams[0], &mut args) }
+        let shared = super::ops::conv_f16::dynamic_shared_bytes(kernel);
+        unsafe { result::launch_kernel(f, g, b, shared, self.streams[0], &mut args) }
             .map_err(|e| self.fail(&format!("launching {kernel} grid {g:?} block {b:?}"), e))?;
         self.clocks[0].enqueue();
         if self.sync_each_launch && !self.capturing {

@@ -30,6 +30,7 @@ unsafe extern "C" {
         err: *mut c_char,
         errlen: usize,
     ) -> c_int;
+    fn cudasim_set_dynamic_shared(bytes: u32);
 }
 
 /// cudaMalloc aligns to 256 bytes; so do we, so vector loads behave alike.
@@ -281,6 +282,7 @@ impl SimRunner {
         // SAFETY: the arrays outlive the call; params is the kernel's parameter struct (size checked by
         // the registry against the C sizeof); the kernel's pointers are live allocations of this runner.
         let rc = unsafe {
+            cudasim_set_dynamic_shared(super::ops::conv_f16::dynamic_shared_bytes(kernel));
             cudasim_launch(
                 name.as_ptr(),
                 dims.grid.as_ptr(),

@@ -40,7 +40,8 @@ impl Variant {
         self.max_sm == 90
     }
 
-    /// Static shared memory: the ring's stages of A (bm × 32) and B (bn × 32) f16 tiles.
+    /// Shared memory: the ring's stages of A (bm × 32) and B (bn × 32) f16 tiles (static in the
+    /// mma.sync tiles, dynamic in the Hopper ones: [`dynamic_shared_bytes`]).
     pub fn shared_bytes(&self) -> usize {
         self.stages * (self.bm + self.bn) * 32 * 2
     }
@@ -51,7 +52,7 @@ const fn tile(name: &'static str, bm: usize, bn: usize, threads: u32, split_k: u
 }
 
 /// A Hopper tile: bm pixels (a warpgroup per 64) × bn channels on wgmma.m64n{bn}k16, a ring of
-/// `stages` (3: each k-tile's wgmmas waited for; 4: one k-tile's left running while the next issue).
+/// `stages` (one k-tile's wgmmas left running while the next issue, `stages` − 2 k-tiles loading).
 const fn wg_tile(name: &'static str, bm: usize, bn: usize, stages: usize) -> Variant {
     Variant { min_sm: 90, max_sm: 90, stages, ..tile(name, bm, bn, 2 * bm as u32, 1) }
 }
@@ -66,7 +67,8 @@ pub const VARIANTS: &[Variant] = &[
     tile("conv_f16_128x8", 128, 8, 128, 1),
     Variant { name: "conv_f16_64x64_sk4", ..tile("conv_f16_64x64", 64, 64, 128, 4) },
     Variant { name: "conv_f16_64x64_sk8", ..tile("conv_f16_64x64", 64, 64, 128, 8) },
-    wg_tile("conv_f16_wg128x128", 128, 128, 3),
+    wg_tile("conv_f16_wg128x256", 128, 256, 4),
+    wg_tile("conv_f16_wg128x128", 128, 128, 4),
     wg_tile("conv_f16_wg128x64", 128, 64, 4),
     wg_tile("conv_f16_wg64x128", 64, 128, 4),
 ];
@@ -74,6 +76,18 @@ pub const VARIANTS: &[Variant] = &[
 /// The f16 depthwise kernel (its own family member; no variants).
 pub const DEPTHWISE_KERNEL: &str = "conv_dw_f16";
 pub const SPLITK_REDUCE: &str = "conv_f16_splitk_reduce";
+
+/// Dynamic shared memory `kernel` needs at launch: the Hopper tiles' rings (up to 96 KiB, over the
+/// 48 KiB a kernel may declare statically) plus 1 KiB in which the kernel aligns the ring to 1024 bytes,
+/// for every flavour (plain, dwpw, ex); 0 for any other kernel. The kernels check what they got and
+/// trap on less.
+pub fn dynamic_shared_bytes(kernel: &str) -> u32 {
+    let Some(tile) = kernel.find("_wg").map(|i| &kernel[i + 1..]) else { return 0 };
+    VARIANTS
+        .iter()
+        .find(|v| v.is_wgmma() && v.kernel.ends_with(tile) && v.kernel.len() - tile.len() == "conv_f16_".len())
+        .map_or(0, |v| v.shared_bytes() as u32 + 1024)
+}
 
 pub fn variant(name: &str) -> Option<&'static Variant> {
     VARIANTS.iter().find(|v| v.name == name)
