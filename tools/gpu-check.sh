@@ -219,6 +219,28 @@ else
   "$BIN" bench --backend cuda --network mobilenetv1_0.25 --size 64x64 --iters 1 >"$OUT/warm-up.log" 2>&1 ||
     { echo "gpu-check: the CUDA warm-up failed (see warm-up.log); nothing timed" >&2; exit 1; }
 fi
+# The Hopper tiles (conv_f16_wg*: wgmma, sm_90a, compute capability 9.0 only) meet a device here for the
+# first time: in a process of their own, on small maps, before anything else tunes with them. A tile
+# that computes wrongly is rejected by the tuner's validation anyway; one that faults would end the
+# CUDA context of whatever ran it, so when this guard fails they are withdrawn for the whole run
+# (RETINAFACE_WGMMA=0) and the table says so. Untimed, like the warm-up.
+GUARD_WHAT="the Hopper (wgmma) conv tiles validated and timed on resnet50 at 64x64 in a process of their own (untimed)"
+if [ "$DRY" = 1 ]; then
+  echo "plan: wgmma-guard (0 s, untimed): $GUARD_WHAT: $BIN bench-kernels --network resnet50 --size 64x64 --batch 2 --backend cuda --tune full; on failure RETINAFACE_WGMMA=0 for the rest"
+  printf '{"step":"wgmma-guard","status":"planned","budget_s":0,"seconds":0,"what":"%s"}\n' "$GUARD_WHAT" >>"$STEPS"
+else
+  t0=$(date +%s)
+  if timeout --kill-after=5 120 "$BIN" bench-kernels --network resnet50 --size 64x64 --batch 2 --backend cuda \
+    --tune full >"$OUT/wgmma-guard.log" 2>&1; then
+    guard="PASS"
+  else
+    guard="FAIL (exit $?): Hopper tiles withdrawn for this run (RETINAFACE_WGMMA=0)"
+    export RETINAFACE_WGMMA=0
+  fi
+  note "wgmma guard: $guard"
+  printf '{"step":"wgmma-guard","status":"%s","budget_s":0,"seconds":%s,"what":"%s","log":"wgmma-guard.log"}\n' \
+    "$guard" "$(($(date +%s) - t0))" "$GUARD_WHAT" >>"$STEPS"
+fi
 PY="$VENV/bin/python"
 [ -x "$PY" ] || PY=python3
 T_START=$(date +%s)

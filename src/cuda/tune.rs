@@ -93,9 +93,24 @@ pub fn op_key(dev: &DeviceKey, s: &ConvShape, fused: Fused, dtype: &str) -> Stri
     }
 }
 
-/// Whether `v` can run `s` on a device of compute capability `sm` (e.g. 90).
+/// Whether `v` can run `s` on a device of compute capability `sm` (e.g. 90). `RETINAFACE_WGMMA=0`
+/// withdraws the Hopper tiles ([`wgmma_enabled`]).
 pub fn supported(v: &Variant, s: &ConvShape, sm: u32) -> bool {
-    (v.min_sm..=v.max_sm).contains(&sm) && (v.split_k == 1 || s.k_tiles() >= 2 * v.split_k)
+    supported_with(v, s, sm, wgmma_enabled())
+}
+
+/// [`supported`] with the Hopper tiles allowed or not.
+pub fn supported_with(v: &Variant, s: &ConvShape, sm: u32, wgmma: bool) -> bool {
+    (wgmma || !v.is_wgmma()) && (v.min_sm..=v.max_sm).contains(&sm) && (v.split_k == 1 || s.k_tiles() >= 2 * v.split_k)
+}
+
+/// Whether the Hopper (wgmma) tiles may run: yes unless `RETINAFACE_WGMMA=0` (read once), the way out
+/// if they ever fault on a device (a fault ends the CUDA context, and with it the tuning that would
+/// have rejected a tile that merely computes wrongly). tools/gpu-check.sh sets it when its guard run
+/// of them fails.
+pub fn wgmma_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RETINAFACE_WGMMA").map_or(true, |v| v.trim() != "0"))
 }
 
 /// Whether `v` can run `s` as `fused` on `sm`: [`supported`], and the fused family has `v`'s tile.
@@ -245,6 +260,25 @@ pub fn device_key(info: &super::gpu::DeviceInfo) -> DeviceKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hopper_tiles_run_on_compute_capability_9_0_only_and_can_be_withdrawn() {
+        let s = shape();
+        let wg: Vec<&Variant> = VARIANTS.iter().filter(|v| v.is_wgmma()).collect();
+        assert!(!wg.is_empty());
+        for v in &wg {
+            assert!(supported_with(v, &s, 90, true), "{}", v.name);
+            for sm in [80, 86, 89, 100, 120] {
+                assert!(!supported_with(v, &s, sm, true), "{} on sm_{sm}", v.name);
+            }
+            assert!(!supported_with(v, &s, 90, false), "{} withdrawn", v.name);
+        }
+        // The mma.sync tiles stay, on every architecture from sm_80.
+        let plain = conv_f16::variant("conv_f16_128x128").unwrap();
+        for sm in [80, 90, 100] {
+            assert!(supported_with(plain, &s, sm, false) && supported_with(plain, &s, sm, true));
+        }
+    }
 
     fn shape() -> ConvShape {
         ConvShape { n: 1, h: 40, w: 40, cin: 64, cout: 128, k: 3, stride: 1, pad: 1 }
