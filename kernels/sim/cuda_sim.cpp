@@ -444,25 +444,21 @@ uint64_t warp_collective(int op, unsigned mask, uint64_t value, int arg, int wid
     return t_worker->fibers[t_index].result;
 }
 
-void warp_call(WarpFn fn, void* mine) {
+namespace {
+// Parks the calling thread at a collective computed once for its warp (W_CALL) or warpgroup.
+void post_call(int op, WarpFn fn, void* mine) {
     Fiber& f = t_worker->fibers[t_index];
     f.state = AT_WARP;
-    f.op = W_CALL;
+    f.op = op;
     f.mask = 0xffffffffu;
     f.value = reinterpret_cast<uint64_t>(mine);
     f.call = fn;
     yield_current();
 }
+}  // namespace
 
-void group_call(WarpFn fn, void* mine) {
-    Fiber& f = t_worker->fibers[t_index];
-    f.state = AT_WARP;
-    f.op = W_GROUP_CALL;
-    f.mask = 0xffffffffu;
-    f.value = reinterpret_cast<uint64_t>(mine);
-    f.call = fn;
-    yield_current();
-}
+void warp_call(WarpFn fn, void* mine) { post_call(W_CALL, fn, mine); }
+void group_call(WarpFn fn, void* mine) { post_call(W_GROUP_CALL, fn, mine); }
 
 void set_shared_window(void* base, size_t bytes) {
     t_worker->shared_base = static_cast<unsigned char*>(base);
