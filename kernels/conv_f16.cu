@@ -36,8 +36,11 @@
 //   two k-tiles ahead of the math; each k-tile ends with wgmma.wait_group 1, so one k-tile's wgmmas run
 //   while the next ones issue (SASS: WARPGROUP.DEPBAR.LE gsb0, 0x1), and the refill after the next
 //   barrier targets the slot that wait retired (the simulation traps if a refill ever lands under
-//   wgmmas in flight). One HGMMA m64n128k16 does the work of 64 HMMA m16n8k16 (~100 instructions per
-//   HGMMA in the loop against ~7 per HMMA). Shared-memory traffic per multiply-add falls with the tile:
+//   wgmmas in flight). Issue slots are not what changes: per warp, the loop spends about as many
+//   instructions per 2048 multiply-adds as the mma.sync tiles (6.2 at 128x128 against 6.8; 3.7 at
+//   128x256), most of them the loader's address arithmetic; what changes is the instruction the
+//   tensor cores run (wgmma is Hopper's full-rate path, mma.sync is not) and that no A/B fragment
+//   passes through registers. Shared-memory traffic per multiply-add falls with the tile:
 //   each warpgroup reads its A and the whole B per k-tile, so 128x256 moves about 125 B per clock per SM
 //   at the tensor cores' rate where 64x128 would need ~190 (an SM serves 128): the tuner decides per
 //   shape. Fused flavours: conv_dwpw_f16_wg*, conv_ex_f16_wg*. ptxas must not serialise the wgmmas

@@ -4,8 +4,9 @@
 //! Hopper tile (`*_wg*`, sm_90a only: elsewhere they are stubs the registry never launches) warpgroup
 //! MMAs (HGMMA) fed by LDGSTS and no LDSM, all with no spills and no local memory at all;
 //! the depthwise kernel must use 128-bit global loads. Prints registers, shared memory, occupancy, and
-//! the instructions per HMMA in the main loop (the f32 conv3x3 issues 589 instructions per 16-deep
-//! k-step for 256 FMAs per thread; one HMMA is 2048 multiply-adds per warp).
+//! the main loop's instructions per HMMA's worth of multiply-adds (2048 per warp; an HGMMA.64x128x16
+//! counts 16, its warp's quarter of the warpgroup's work; the f32 conv3x3 issues 589 instructions per
+//! 16-deep k-step for 256 FMAs per thread).
 //!
 //! Needs NVRTC (RETINAFACE_NVRTC_LIB) and nvdisasm (PyPI nvidia-cuda-nvdisasm; see cuda::sass). Without
 //! them the test prints SKIP and passes, unless RETINAFACE_REQUIRE_NVRTC=1 (CI), where it fails.
@@ -84,7 +85,7 @@ fn f16_conv_kernels_use_tensor_cores_without_local_memory() {
                 ldsm,
                 ldgsts,
                 f.local_memory_ops(),
-                f.mma_loop().map_or("-".into(), |(len, mmas)| format!("{:.2}", len as f64 / mmas as f64))
+                f.mma_loop().map_or("-".into(), |(len, work)| format!("{:.2}", len as f64 / work))
             );
             if r.spill_store_bytes + r.spill_load_bytes > 0 || r.stack_bytes > 0 || f.local_memory_ops() > 0 {
                 failures.push(format!(

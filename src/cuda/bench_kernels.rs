@@ -6,7 +6,8 @@
 //!   (compulsory traffic: x, w, y once) and the percentage of the roofline;
 //! - in the simulation: the launch's shared-memory bank conflicts and global sectors per request.
 //!
-//! In both, the SASS metrics of the kernel (registers, occupancy, main-loop instructions per HMMA) when
+//! In both, the SASS metrics of the kernel (registers, occupancy, main-loop instructions per HMMA's
+//! worth of multiply-adds: 2048 per warp, `sass::KernelSass::mma_loop`) when
 //! NVRTC and nvdisasm are present, and which variant the tuner keeps (timed on a GPU, heuristic
 //! otherwise). Like llm.c's dev/cuda: one file per kernel family holds the variants; this is the
 //! harness that validates and times them.
@@ -88,7 +89,7 @@ pub fn layers(network: Network, w: usize, h: usize, batch: usize) -> Result<Vec<
     Ok(out)
 }
 
-/// (registers, occupancy, main-loop instructions per HMMA) of a kernel.
+/// (registers, occupancy, main-loop instructions per 2048 multiply-adds per warp) of a kernel.
 pub type SassMetrics = (u32, f64, Option<f64>);
 
 /// One row of the table.
@@ -220,7 +221,7 @@ pub fn sass_metrics(arch: &str) -> Option<HashMap<String, SassMetrics>> {
         let threads = VARIANTS.iter().find(|v| v.kernel == f.name).map_or(256, |v| v.threads);
         let shared = res.shared_bytes + conv_f16::dynamic_shared_bytes(&f.name);
         let occ = sass::occupancy(arch, res.registers, threads, shared);
-        let per_mma = f.mma_loop().map(|(len, mmas)| len as f64 / mmas as f64);
+        let per_mma = f.mma_loop().map(|(len, work)| len as f64 / work);
         m.insert(f.name.clone(), (res.registers, occ, per_mma));
     }
     Some(m)

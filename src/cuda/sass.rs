@@ -66,9 +66,10 @@ impl KernelSass {
     }
 
     /// The innermost loop holding the MMAs: the shortest backward branch range [target, branch] that
-    /// contains an HMMA, as (instructions in it, HMMAs in it).
-    pub fn mma_loop(&self) -> Option<(usize, usize)> {
-        let is_mma = |o: &String| o.starts_with("HMMA") || o.starts_with("HGMMA");
+    /// contains an HMMA or HGMMA, as (instructions in it, the multiply-adds its MMAs do per warp in units
+    /// of one HMMA.16816's 2048). Per warp, because every warp issues the loop: an HGMMA.64xNx16 is the
+    /// whole warpgroup's 64·N·16, a quarter of it per warp (N = 128: 16 HMMAs' worth).
+    pub fn mma_loop(&self) -> Option<(usize, f64)> {
         self.branches
             .iter()
             .filter_map(|(at, target)| {
@@ -77,11 +78,22 @@ impl KernelSass {
             })
             .filter_map(|(start, end)| {
                 let body = &self.opcodes[start..=end];
-                let mmas = body.iter().filter(|o| is_mma(o)).count();
-                (mmas > 0).then_some((body.len(), mmas))
+                let work: f64 = body.iter().filter_map(|o| mma_work(o)).sum();
+                (work > 0.0).then_some((body.len(), work))
             })
             .min_by_key(|(len, _)| *len)
     }
+}
+
+/// Multiply-adds per warp of one MMA instruction, in HMMA.16816 units (2048); None for anything else.
+fn mma_work(opcode: &str) -> Option<f64> {
+    if opcode.starts_with("HMMA.16816") {
+        return Some(1.0);
+    }
+    let shape = opcode.strip_prefix("HGMMA.")?.split('.').next()?;
+    let dims: Vec<f64> = shape.split('x').filter_map(|d| d.parse().ok()).collect();
+    let [m, n, k] = dims[..] else { return None };
+    Some(m * n * k / 4.0 / 2048.0)
 }
 
 /// Disassembles a cubin into its kernels.
@@ -196,7 +208,10 @@ mod tests {
         assert_eq!(f.len(), 2);
         assert_eq!(f[0].name, "k1");
         assert_eq!(f[0].opcodes, ["LDC", "HMMA.16816.F32", "LDSM.16.M88.4", "BRA"]);
-        assert_eq!(f[0].mma_loop(), Some((3, 1)));
+        assert_eq!(f[0].mma_loop(), Some((3, 1.0)));
+        assert_eq!(mma_work("HGMMA.64x128x16.F32"), Some(16.0));
+        assert_eq!(mma_work("HGMMA.64x256x16.F32"), Some(32.0));
+        assert_eq!(mma_work("LDSM.16.M88.4"), None);
         assert_eq!((f[0].count("HMMA"), f[0].count("LDSM"), f[0].count("LDS")), (1, 1, 0));
         assert_eq!((f[1].count("LDGSTS"), f[1].local_memory_ops()), (1, 0));
     }
