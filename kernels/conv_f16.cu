@@ -37,7 +37,7 @@
 //   while the next ones issue (SASS: WARPGROUP.DEPBAR.LE gsb0, 0x1), and the refill after the next
 //   barrier targets the slot that wait retired (the simulation traps if a refill ever lands under
 //   wgmmas in flight). Issue slots are not what changes: per warp, the loop spends about as many
-//   instructions per 2048 multiply-adds as the mma.sync tiles (6.2 at 128x128 against 6.8; 3.7 at
+//   instructions per 2048 multiply-adds as the mma.sync tiles (4.8 at 128x128 against 5.8; 3.1 at
 //   128x256), most of them the loader's address arithmetic; what changes is the instruction the
 //   tensor cores run (wgmma is Hopper's full-rate path, mma.sync is not) and that no A/B fragment
 //   passes through registers. Shared-memory traffic per multiply-add falls with the tile:
@@ -191,8 +191,14 @@ struct ConvhTileLoader {
     // The pixels whose A rows this thread copies: rows tid/4 + i·THREADS/4 of the tile. A row past M
     // gets an origin no tap can bring into the image, so its copies zero-fill.
     int a_base[A_ITERS], a_iy0[A_ITERS], a_ix0[A_ITERS];
+    // This thread's chunk of the next k-tile to load: its K index and (channel, tap), advanced by one
+    // k-tile per load instead of divided out of the K index each time (two integer divisions per
+    // k-tile were a large share of the main loop's instructions).
+    int kidx, ci, ky, kx;
 
-    __device__ __forceinline__ ConvhTileLoader(const P& p, int m0, int n0_, int tid_) : tid(tid_), K(p.k * p.k * p.cin), n0(n0_) {
+    // kt0: the first k-tile this block loads; the loads then go k-tile after k-tile.
+    __device__ __forceinline__ ConvhTileLoader(const P& p, int m0, int n0_, int tid_, int kt0)
+        : tid(tid_), K(p.k * p.k * p.cin), n0(n0_) {
         const int M = p.n * p.oh * p.ow;
 #pragma unroll
         for (int i = 0; i < A_ITERS; ++i) {
@@ -203,16 +209,17 @@ struct ConvhTileLoader {
             a_iy0[i] = m < M ? oy * p.stride - p.pad : -(1 << 24);
             a_ix0[i] = ox * p.stride - p.pad;
         }
+        kidx = kt0 * CONVH_BK + (tid % 4) * 8;
+        const int tap = kidx / p.cin;
+        ci = kidx - tap * p.cin;
+        ky = tap / p.k;
+        kx = tap - ky * p.k;
     }
 
-    // k-tile kt into the stage at as (BM rows) and bs (BN rows).
-    __device__ __forceinline__ void load(const P& p, unsigned short* as, unsigned short* bs, int kt) const {
+    // The next k-tile into the stage at as (BM rows) and bs (BN rows).
+    __device__ __forceinline__ void load_next(const P& p, unsigned short* as, unsigned short* bs) {
         const int chunk = tid % 4;
-        const int kidx = kt * CONVH_BK + chunk * 8;
         const bool kin = kidx < K;
-        const int tap = kin ? kidx / p.cin : 0;
-        const int ci = kidx - tap * p.cin;
-        const int ky = tap / p.k, kx = tap - ky * p.k;
 #pragma unroll
         for (int i = 0; i < A_ITERS; ++i) {
             const int row = tid / 4 + i * (THREADS / 4);
@@ -226,6 +233,16 @@ struct ConvhTileLoader {
             const bool ok = kin && co < p.cout;
             const unsigned short* src = ok ? p.wt + co * K + kidx : p.wt;
             cp_async_16(bs + convh_swz(row, chunk), src, ok ? 16 : 0);
+        }
+        // Past K the position runs on unused (kin is false from then on).
+        kidx += CONVH_BK;
+        ci += CONVH_BK;
+        while (ci >= p.cin) {
+            ci -= p.cin;
+            if (++kx == p.k) {
+                kx = 0;
+                ++ky;
+            }
         }
     }
 };
@@ -267,7 +284,9 @@ __device__ __forceinline__ void conv_f16_igemm(const P& p) {
     const int M = p.n * p.oh * p.ow;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int wm0 = (warp % WARPS_M) * WM, wn0 = (warp / WARPS_M) * WN;
-    const ConvhTileLoader<BM, BN, THREADS, P> loader(p, m0, n0, tid);
+    int kt0, KT;
+    convh_k_range(p, p.k * p.k * p.cin, kt0, KT);
+    ConvhTileLoader<BM, BN, THREADS, P> loader(p, m0, n0, tid, kt0);
 
     float acc[MT][NT][4];
 #pragma unroll
@@ -277,11 +296,9 @@ __device__ __forceinline__ void conv_f16_igemm(const P& p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-    int kt0, KT;
-    convh_k_range(p, loader.K, kt0, KT);
 #pragma unroll
     for (int s = 0; s < CONVH_STAGES - 1; ++s) {
-        if (s < KT) loader.load(p, As[s], Bs[s], kt0 + s);
+        if (s < KT) loader.load_next(p, As[s], Bs[s]);
         cp_async_commit();
     }
     for (int kt = 0; kt < KT; ++kt) {
@@ -290,7 +307,7 @@ __device__ __forceinline__ void conv_f16_igemm(const P& p) {
         cp_async_wait<CONVH_STAGES - 2>();
         __syncthreads();
         const int nk = kt + CONVH_STAGES - 1;
-        if (nk < KT) loader.load(p, As[nk % CONVH_STAGES], Bs[nk % CONVH_STAGES], kt0 + nk);
+        if (nk < KT) loader.load_next(p, As[nk % CONVH_STAGES], Bs[nk % CONVH_STAGES]);
         cp_async_commit();
 
         const unsigned short* as = As[kt % CONVH_STAGES];
@@ -375,17 +392,17 @@ __device__ __forceinline__ void conv_f16_wgmma(const P& p) {
     const int tid = threadIdx.x, wg = tid / 128;
     const int M = p.n * p.oh * p.ow;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-    const ConvhTileLoader<BM, BN, THREADS, P> loader(p, m0, n0, tid);
+    int kt0, KT;
+    convh_k_range(p, p.k * p.k * p.cin, kt0, KT);
+    ConvhTileLoader<BM, BN, THREADS, P> loader(p, m0, n0, tid, kt0);
 
     float acc[NREG];
 #pragma unroll
     for (int i = 0; i < NREG; ++i) acc[i] = 0.0f;
 
-    int kt0, KT;
-    convh_k_range(p, loader.K, kt0, KT);
 #pragma unroll
     for (int s = 0; s < AHEAD; ++s) {
-        if (s < KT) loader.load(p, As + s * BM * CONVH_BK, Bs + s * BN * CONVH_BK, kt0 + s);
+        if (s < KT) loader.load_next(p, As + s * BM * CONVH_BK, Bs + s * BN * CONVH_BK);
         cp_async_commit();
     }
     for (int kt = 0; kt < KT; ++kt) {
@@ -398,7 +415,7 @@ __device__ __forceinline__ void conv_f16_wgmma(const P& p) {
         const int nk = kt + AHEAD;
         if (nk < KT) {
             const int slot = nk % STAGES;
-            loader.load(p, As + slot * BM * CONVH_BK, Bs + slot * BN * CONVH_BK, kt0 + nk);
+            loader.load_next(p, As + slot * BM * CONVH_BK, Bs + slot * BN * CONVH_BK);
         }
         cp_async_commit();
 
