@@ -37,8 +37,8 @@
 //   while the next ones issue (SASS: WARPGROUP.DEPBAR.LE gsb0, 0x1), and the refill after the next
 //   barrier targets the slot that wait retired (the simulation traps if a refill ever lands under
 //   wgmmas in flight). Issue slots are not what changes: per warp, the loop spends about as many
-//   instructions per 2048 multiply-adds as the mma.sync tiles (4.8 at 128x128 against 5.8; 3.1 at
-//   128x256), most of them the loader's address arithmetic; what changes is the instruction the
+//   instructions per 2048 multiply-adds as the mma.sync tiles (4.2 at 128x128 against 5.0; 2.6 at
+//   128x256), most of them the loader's; what changes is the instruction the
 //   tensor cores run (wgmma is Hopper's full-rate path, mma.sync is not) and that no A/B fragment
 //   passes through registers. Shared-memory traffic per multiply-add falls with the tile:
 //   each warpgroup reads its A and the whole B per k-tile, so 128x256 moves about 125 B per clock per SM
@@ -133,20 +133,20 @@ __device__ __forceinline__ void convh_store2(const ConvExF16Params& p, int m, in
 
 // One 16-byte chunk of an A tile: 8 input channels ci.. of tap (ky, kx) of the pixel whose batch
 // offset is base and whose first tap is (iy0, ix0), copied asynchronously (zero outside the image or
-// past K).
+// past K). at: the chunk's offset in x, the pixel's first-tap offset plus the tap's (computed by the
+// caller once per k-tile, not per chunk).
 template <class P>
-__device__ __forceinline__ void convh_load_a(const P& p, unsigned short* dst, bool kin, int ci, int ky, int kx,
-                                             int base, int iy0, int ix0) {
+__device__ __forceinline__ void convh_load_a(const P& p, unsigned short* dst, bool kin, int, int ky, int kx, int,
+                                             int iy0, int ix0, int at) {
     const int iy = iy0 + ky, ix = ix0 + kx;
     const bool ok = kin && (unsigned)iy < (unsigned)p.h && (unsigned)ix < (unsigned)p.w;
-    const unsigned short* src = ok ? p.x + base + (iy * p.w + ix) * p.cin + ci : p.x;
-    cp_async_16(dst, src, ok ? 16 : 0);
+    cp_async_16(dst, p.x + (ok ? at : 0), ok ? 16 : 0);
 }
 
 // conv_dwpw_f16's A chunk: the depthwise outputs of channels ci..ci+8 at the pixel, computed as
 // conv_dw_f16 computes them and stored to shared memory (zero past K).
 __device__ __forceinline__ void convh_load_a(const DwPwF16Params& p, unsigned short* dst, bool kin, int ci, int,
-                                             int, int base, int iy0, int ix0) {
+                                             int, int base, int iy0, int ix0, int) {
     uint4 o;
     o.x = o.y = o.z = o.w = 0u;
     if (kin) {
@@ -191,6 +191,11 @@ struct ConvhTileLoader {
     // The pixels whose A rows this thread copies: rows tid/4 + i·THREADS/4 of the tile. A row past M
     // gets an origin no tap can bring into the image, so its copies zero-fill.
     int a_base[A_ITERS], a_iy0[A_ITERS], a_ix0[A_ITERS];
+    // Each pixel's offset of its first tap (iy0, ix0) in x, which may lie outside the image: a chunk's
+    // offset is this plus its tap's (ky·w + kx)·cin + ci, valid only when the tap is inside.
+    int a_org[A_ITERS];
+    // The weight rows (output channels) this thread copies: their offset in wt, or -1 past cout.
+    int b_row[B_ITERS];
     // This thread's chunk of the next k-tile to load: its K index and (channel, tap), advanced by one
     // k-tile per load instead of divided out of the K index each time (two integer divisions per
     // k-tile were a large share of the main loop's instructions).
@@ -208,6 +213,12 @@ struct ConvhTileLoader {
             a_base[i] = b * p.h * p.w * p.cin;
             a_iy0[i] = m < M ? oy * p.stride - p.pad : -(1 << 24);
             a_ix0[i] = ox * p.stride - p.pad;
+            a_org[i] = m < M ? a_base[i] + (a_iy0[i] * p.w + a_ix0[i]) * p.cin : 0;
+        }
+#pragma unroll
+        for (int i = 0; i < B_ITERS; ++i) {
+            const int co = n0 + tid / 4 + i * (THREADS / 4);
+            b_row[i] = co < p.cout ? co * K : -1;
         }
         kidx = kt0 * CONVH_BK + (tid % 4) * 8;
         const int tap = kidx / p.cin;
@@ -220,19 +231,19 @@ struct ConvhTileLoader {
     __device__ __forceinline__ void load_next(const P& p, unsigned short* as, unsigned short* bs) {
         const int chunk = tid % 4;
         const bool kin = kidx < K;
+        const int tap_at = (ky * p.w + kx) * p.cin + ci;
 #pragma unroll
         for (int i = 0; i < A_ITERS; ++i) {
             const int row = tid / 4 + i * (THREADS / 4);
-            convh_load_a(p, as + convh_swz(row, chunk), kin, ci, ky, kx, a_base[i], a_iy0[i], a_ix0[i]);
+            convh_load_a(p, as + convh_swz(row, chunk), kin, ci, ky, kx, a_base[i], a_iy0[i], a_ix0[i],
+                         a_org[i] + tap_at);
         }
 #pragma unroll
         for (int i = 0; i < B_ITERS; ++i) {
             const int row = tid / 4 + i * (THREADS / 4);
             if (BN * 4 % THREADS != 0 && row >= BN) break;
-            const int co = n0 + row;
-            const bool ok = kin && co < p.cout;
-            const unsigned short* src = ok ? p.wt + co * K + kidx : p.wt;
-            cp_async_16(bs + convh_swz(row, chunk), src, ok ? 16 : 0);
+            const bool ok = kin && b_row[i] >= 0;
+            cp_async_16(bs + convh_swz(row, chunk), p.wt + (ok ? b_row[i] + kidx : 0), ok ? 16 : 0);
         }
         // Past K the position runs on unused (kin is false from then on).
         kidx += CONVH_BK;
