@@ -386,6 +386,12 @@ __device__ __forceinline__ void wgmma_m64k16<256>(float* acc, unsigned long long
 // target the slot whose wgmmas the previous wait retired.
 template <int WGS, int BN, int STAGES, class P>
 __device__ __forceinline__ void conv_f16_wgmma(const P& p) {
+#if !defined(CUDASIM) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    // Not sm_90a: a stub the registry never launches (it offers these tiles on compute capability 9.0
+    // only, where the engine compiles for sm_90a), so no target compiles a body it cannot run.
+    (void)p;
+    __trap();
+#else
     constexpr int BM = 64 * WGS, THREADS = 128 * WGS, NREG = BN / 2;
     constexpr int AHEAD = STAGES - 2;  // k-tiles the ring holds ahead of the math
     static_assert(STAGES >= 4, "a slot for the math, one for the wgmmas in flight, two or more ahead");
@@ -455,6 +461,7 @@ __device__ __forceinline__ void conv_f16_wgmma(const P& p) {
         for (int h = 0; h < 2; ++h)
             convh_out2(p, M, m0 + 64 * wg + 16 * w + g + 8 * h, n0 + 8 * j + 2 * t, acc[4 * j + 2 * h],
                        acc[4 * j + 2 * h + 1]);
+#endif
 }
 
 extern "C" __global__ void __launch_bounds__(256) conv_f16_128x128(const ConvF16Params p) { conv_f16_igemm<128, 128, 64, 32>(p); }
