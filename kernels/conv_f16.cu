@@ -260,9 +260,9 @@ struct ConvhTileLoader {
 
 // The k-tiles this block reduces: all of them, or split-K block z's range.
 template <class P>
-__device__ __forceinline__ void convh_k_range(const P& p, int K, int& kt0, int& KT) {
+__device__ __forceinline__ void convh_k_range(const P& p, int& kt0, int& KT) {
     kt0 = 0;
-    KT = (K + CONVH_BK - 1) / CONVH_BK;
+    KT = (p.k * p.k * p.cin + CONVH_BK - 1) / CONVH_BK;
     if (p.ws) {
         kt0 = blockIdx.z * p.kt_per_split;
         KT = min(KT - kt0, p.kt_per_split);
@@ -296,7 +296,7 @@ __device__ __forceinline__ void conv_f16_igemm(const P& p) {
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int wm0 = (warp % WARPS_M) * WM, wn0 = (warp / WARPS_M) * WN;
     int kt0, KT;
-    convh_k_range(p, p.k * p.k * p.cin, kt0, KT);
+    convh_k_range(p, kt0, KT);
     ConvhTileLoader<BM, BN, THREADS, P> loader(p, m0, n0, tid, kt0);
 
     float acc[MT][NT][4];
@@ -363,9 +363,7 @@ __device__ __forceinline__ void conv_f16_igemm(const P& p) {
                            acc[mt][nt][2 * h + 1]);
 }
 
-// The same GEMM on Hopper's warpgroup MMAs (sm_90a): a 128×BN block is two warpgroups, each computing
-// 64 pixel rows × BN channels with wgmma.m64nBNk16 straight from the swizzled ring (no ldmatrix: the
-// ring's layout is the 64-byte-swizzle K-major layout the descriptors name), two per k-tile.
+// wgmma.m64nBNk16 for the tile widths the Hopper tiles use (each a fixed register list in PTX).
 template <int BN>
 __device__ __forceinline__ void wgmma_m64k16(float* acc, unsigned long long da, unsigned long long db);
 template <>
@@ -410,7 +408,7 @@ __device__ __forceinline__ void conv_f16_wgmma(const P& p) {
     const int M = p.n * p.oh * p.ow;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     int kt0, KT;
-    convh_k_range(p, p.k * p.k * p.cin, kt0, KT);
+    convh_k_range(p, kt0, KT);
     ConvhTileLoader<BM, BN, THREADS, P> loader(p, m0, n0, tid, kt0);
 
     float acc[NREG];

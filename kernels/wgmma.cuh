@@ -42,12 +42,17 @@ struct Pending {
     std::vector<unsigned short> a, b;
     float* key;
 };
+// An accumulator with wgmmas in flight: its value after every issued one, and the 128 threads'
+// registers that receive it when the last of them retires.
+struct Accumulator {
+    std::vector<float> value;
+    std::vector<float*> regs;
+};
 struct Group {
     uint64_t block = 0;  // cudasim::block_serial of the block it belongs to
     unsigned open = 0;  // wgmmas issued now belong to commit group `open`
     std::vector<Pending> pending;
-    std::map<float*, std::vector<float>> result;  // per accumulator (lane 0's registers): its value after every issued wgmma
-    std::map<float*, std::vector<float*>> regs;   // per accumulator: the 128 threads' registers
+    std::map<float*, Accumulator> in_flight;  // keyed by lane 0's registers
 };
 inline thread_local Group t_groups[8];
 
@@ -105,10 +110,10 @@ inline void issue_group(void* const* lanes) {
     const int n = l0.n;
     Pending p{g.open, l0.da, l0.db, n, read_operand(l0.da, 64), read_operand(l0.db, n), l0.d};
     std::vector<float> acc((size_t)64 * n, 0.0f);
-    auto it = g.result.find(l0.d);
+    auto it = g.in_flight.find(l0.d);
     if (l0.scale_d) {
-        if (it != g.result.end()) {
-            acc = it->second;
+        if (it != g.in_flight.end()) {
+            acc = it->second.value;
         } else {
             for (int t = 0; t < 128; ++t)
                 for (int r = 0; r < n / 2; ++r) acc[acc_index(t, r, n)] = static_cast<const Lane*>(lanes[t])->d[r];
@@ -120,13 +125,12 @@ inline void issue_group(void* const* lanes) {
             for (int k = 0; k < 16; ++k) s += mma_sim::h2f(p.a[(size_t)m * 16 + k]) * mma_sim::h2f(p.b[(size_t)c * 16 + k]);
             acc[(size_t)m * n + c] = s;
         }
-    g.result[l0.d] = acc;
     std::vector<float*> regs(128);
     for (int t = 0; t < 128; ++t) {
         regs[t] = static_cast<const Lane*>(lanes[t])->d;
         for (int r = 0; r < n / 2; ++r) regs[t][r] = __builtin_nanf("");
     }
-    g.regs[l0.d] = regs;
+    g.in_flight[l0.d] = Accumulator{std::move(acc), std::move(regs)};
     g.pending.push_back(std::move(p));
 }
 
@@ -155,19 +159,18 @@ inline void wait_group(void* const* lanes) {
             ::cudasim::trap("wgmma: shared memory under an operand changed before wgmma.wait_group retired it");
     }
     g.pending = std::move(left);
-    for (auto it = g.result.begin(); it != g.result.end();) {
+    for (auto it = g.in_flight.begin(); it != g.in_flight.end();) {
         bool busy = false;
         for (const Pending& p : g.pending) busy |= p.key == it->first;
         if (busy) {
             ++it;
             continue;
         }
-        const std::vector<float*>& regs = g.regs[it->first];
-        const int n = (int)(it->second.size() / 64);
+        const Accumulator& a = it->second;
+        const int n = (int)(a.value.size() / 64);
         for (int t = 0; t < 128; ++t)
-            for (int r = 0; r < n / 2; ++r) regs[t][r] = it->second[acc_index(t, r, n)];
-        g.regs.erase(it->first);
-        it = g.result.erase(it);
+            for (int r = 0; r < n / 2; ++r) a.regs[t][r] = a.value[acc_index(t, r, n)];
+        it = g.in_flight.erase(it);
     }
 }
 inline void fence_group(void* const*) {}

@@ -102,7 +102,8 @@ pub struct GpuRunner {
     info: DeviceInfo,
     arch: String,
     modules: HashMap<&'static str, sys::CUmodule>,
-    functions: HashMap<String, sys::CUfunction>,
+    /// Each kernel loaded so far, with the dynamic shared memory it is launched with.
+    functions: HashMap<String, (sys::CUfunction, u32)>,
     allocs: HashSet<u64>,
     /// The compute stream, then the copy stream.
     streams: [sys::CUstream; 2],
@@ -252,7 +253,8 @@ impl GpuRunner {
         Ok(())
     }
 
-    fn function(&mut self, kernel: &str) -> Result<sys::CUfunction> {
+    /// The kernel's function and its dynamic shared memory, loaded on first use.
+    fn function(&mut self, kernel: &str) -> Result<(sys::CUfunction, u32)> {
         if let Some(&f) = self.functions.get(kernel) {
             return Ok(f);
         }
@@ -282,8 +284,8 @@ impl GpuRunner {
                 Error::Cuda(format!("cuFuncSetAttribute({kernel}, max dynamic shared memory {shared} bytes): {e}"))
             })?;
         }
-        self.functions.insert(kernel.to_string(), f);
-        Ok(f)
+        self.functions.insert(kernel.to_string(), (f, shared));
+        Ok((f, shared))
     }
 }
 
@@ -407,7 +409,7 @@ impl KernelRunner for GpuRunner {
 
     fn launch_raw(&mut self, kernel: &str, dims: LaunchDims, params: &[u8]) -> Result<()> {
         self.ready(&format!("launching {kernel}"))?;
-        let f = self.function(kernel)?;
+        let (f, shared) = self.function(kernel)?;
         // Each kernel takes one struct by value: kernelParams[0] points at its bytes, which the driver
         // copies at launch time (and into the graph node during a capture).
         let mut args = [params.as_ptr() as *mut c_void];
@@ -415,7 +417,6 @@ impl KernelRunner for GpuRunner {
         let b = (dims.block[0], dims.block[1], dims.block[2]);
         // SAFETY: f comes from a module compiled from the same common.cuh the params mirror; pointers
         // inside the params are live allocations of this runner (the executor owns them).
-        let shared = super::ops::conv_f16::dynamic_shared_bytes(kernel);
         unsafe { result::launch_kernel(f, g, b, shared, self.streams[0], &mut args) }
             .map_err(|e| self.fail(&format!("launching {kernel} grid {g:?} block {b:?}"), e))?;
         self.clocks[0].enqueue();
